@@ -1,0 +1,1 @@
+"""jaxrm: a JAX research library for RLHF reward models."""
