@@ -1,0 +1,142 @@
+"""Train many small reward models at once: vmap over seeds, ``lax.scan`` over steps.
+
+For studies of small reward models (the synthetic world, seed sweeps) the host loop, not the
+arithmetic, dominates a step. Here the pairs live on the device, each seed draws its own
+epoch-wise shuffles with ``jax.random.permutation``, and a whole chunk of steps of all seeds
+runs in one compiled call of :func:`jaxrm.rm_step.reward_model_step` under ``jax.vmap`` and
+``lax.scan``. The host only logs between chunks.
+
+Example::
+
+  sweep = RewardModelSweep(init_fn=lambda k: model.init(k, tokens[:1], mask[:1]),
+                           apply_fn=model.apply, loss_fn=preference.bradley_terry_loss,
+                           optimizer=optax.adamw(1e-3), batch_size=64)
+  states = sweep.init(jax.random.split(jax.random.key(0), 3))       # 3 seeds
+  states, metrics = sweep.train(states, pairs, num_steps=500)        # metrics [3, 500]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+from jax import lax
+
+from jaxrm import rm_step
+from jaxrm import train_state as train_state_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModelSweep:
+  """Trains one reward model per seed on the same in-memory pairs, all seeds in one jit.
+
+  Attributes:
+    init_fn: ``init_fn(key) -> params`` for one seed.
+    apply_fn: ``apply_fn(params, tokens [b, s], mask [b, s]) -> rewards [b]``.
+    loss_fn: pairwise loss ``(rewards_chosen, rewards_rejected, *, weights, labels) -> ()``.
+    optimizer: optax transformation shared by all seeds.
+    batch_size: pairs per step and seed.
+    nonfinite: ``'skip'`` or ``'raise'``, see :func:`jaxrm.train_state.apply_if_finite`.
+  """
+
+  init_fn: Callable[[jax.Array], Any]
+  apply_fn: Callable[..., jax.Array]
+  loss_fn: Callable[..., jax.Array]
+  optimizer: optax.GradientTransformation
+  batch_size: int
+  nonfinite: str = "skip"
+
+  def init(self, keys: jax.Array) -> train_state_lib.TrainState:
+    """Stacked train states ``[num_seeds, ...]``, one per key of ``keys [num_seeds]``."""
+    if keys.ndim != 1:
+      raise ValueError(f"keys must be a 1-D array of typed PRNG keys [num_seeds], got shape "
+                       f"{keys.shape}")
+    return _init(self, keys)
+
+  def train(self, states: train_state_lib.TrainState, pairs: Mapping[str, jax.Array], *,
+            num_steps: int, chunk: int = 100, log_every_chunk: bool = True):
+    """Runs ``num_steps`` steps of every seed; each seed shuffles the pairs every epoch.
+
+    Args:
+      states: stacked states from :meth:`init` (or a previous :meth:`train`).
+      pairs: preference arrays with leading axis ``num_pairs`` (see :mod:`jaxrm.rm_step`).
+      num_steps: steps to run (continuing from ``states.step``).
+      chunk: steps per compiled call; the host logs progress between calls.
+      log_every_chunk: log step, pairs/s and ETA after each chunk.
+
+    Returns:
+      ``(states, metrics)``; every metric has shape ``[num_seeds, num_steps]``.
+    """
+    num_pairs = _num_pairs(pairs)
+    if num_pairs < self.batch_size:
+      raise ValueError(f"need at least batch_size={self.batch_size} pairs, got {num_pairs}")
+    if num_steps < 1 or chunk < 1:
+      raise ValueError(f"num_steps and chunk must be >= 1, got {num_steps} and {chunk}")
+    pairs = {k: jnp.asarray(v) for k, v in pairs.items()}
+    all_metrics = []
+    done, start = 0, time.perf_counter()
+    num_seeds = states.step.shape[0]
+    while done < num_steps:
+      n = min(chunk, num_steps - done)
+      states, metrics = _train_chunk(self, states, pairs, n)
+      all_metrics.append(metrics)
+      done += n
+      if log_every_chunk:
+        jax.block_until_ready(metrics)
+        elapsed = time.perf_counter() - start
+        rate = done * self.batch_size * num_seeds / elapsed
+        logging.info("rm sweep: step %d/%d  loss %.4f  acc %.3f  %.0f pairs/s  ETA %.0fs",
+                     done, num_steps, float(metrics["loss"][:, -1].mean()),
+                     float(metrics["accuracy"][:, -1].mean()), rate,
+                     elapsed / done * (num_steps - done))
+    metrics = {k: jnp.concatenate([m[k] for m in all_metrics], axis=1) for k in all_metrics[0]}
+    return states, metrics
+
+
+def _num_pairs(pairs: Mapping[str, Any]) -> int:
+  sizes = {k: jnp.shape(v)[0] for k, v in pairs.items()}
+  if len(set(sizes.values())) != 1:
+    raise ValueError(f"all pair arrays must share the leading axis, got {sizes}")
+  return next(iter(sizes.values()))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(sweep: RewardModelSweep, keys: jax.Array):
+  def one(key):
+    k_init, k_state = jax.random.split(key)
+    return train_state_lib.create_train_state(sweep.init_fn(k_init), sweep.optimizer, k_state)
+  return jax.vmap(one)(keys)
+
+
+def _batch_indices(key: jax.Array, step: jax.Array, num_pairs: int, batch_size: int):
+  """Indices of the pairs of ``step``: epoch-wise permutations, remainder dropped."""
+  steps_per_epoch = num_pairs // batch_size
+  epoch, pos = step // steps_per_epoch, step % steps_per_epoch
+  perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_pairs)
+  return lax.dynamic_slice_in_dim(perm, pos * batch_size, batch_size)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=1)
+def _train_chunk(sweep: RewardModelSweep, states, pairs, num_steps: int):
+  num_pairs = _num_pairs(pairs)
+  step_fn = functools.partial(rm_step.reward_model_step, apply_fn=sweep.apply_fn,
+                              loss_fn=sweep.loss_fn, optimizer=sweep.optimizer,
+                              nonfinite=sweep.nonfinite)
+
+  def one_seed(state):
+    data_key = jax.random.fold_in(state.key, 0x7FFFFFFF)  # not a step index
+
+    def body(state, _):
+      idx = _batch_indices(data_key, state.step, num_pairs, sweep.batch_size)
+      batch = {k: v[idx] for k, v in pairs.items()}
+      return step_fn(state, batch)
+
+    return lax.scan(body, state, None, length=num_steps)
+
+  return jax.vmap(one_seed)(states)

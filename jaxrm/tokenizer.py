@@ -1,0 +1,184 @@
+"""Byte-level tokenizer: UTF-8 bytes plus three special tokens, nothing to download.
+
+Token ids:
+
+* ``PAD_ID = 0`` pads sequences (its mask entry is False),
+* ``BOS_ID = 1`` begins a sequence, ``EOS_ID = 2`` ends one,
+* byte ``b`` (0..255) of the UTF-8 encoding is token ``b + 3`` (``BYTE_OFFSET``),
+
+so ``VOCAB_SIZE = 259``. Every string round-trips exactly through :func:`encode` and
+:func:`decode`. A sequence cut inside a multi-byte character (e.g. by truncation) is not valid
+UTF-8; :func:`decode` then replaces the broken bytes with U+FFFD (``errors='replace'``) instead of
+raising, so decoding never fails on model output.
+
+Example::
+
+  >>> encode("hi", add_bos=True, add_eos=True)
+  [1, 107, 108, 2]
+  >>> decode([1, 107, 108, 2])
+  'hi'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+PAD_ID = 0
+BOS_ID = 1
+EOS_ID = 2
+BYTE_OFFSET = 3
+VOCAB_SIZE = 256 + BYTE_OFFSET
+
+_SIDES = ("left", "right")
+
+
+def encode(text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+  """Encodes a string as byte tokens.
+
+  Args:
+    text: the string; encoded as UTF-8 (strictly: a lone surrogate raises
+      ``UnicodeEncodeError``).
+    add_bos: prepend ``BOS_ID``.
+    add_eos: append ``EOS_ID``.
+
+  Returns:
+    A list of ``len(text.encode('utf-8')) + add_bos + add_eos`` token ids.
+  """
+  if not isinstance(text, str):
+    raise TypeError(f"text must be a str, got {type(text).__name__}")
+  ids = [b + BYTE_OFFSET for b in text.encode("utf-8")]
+  if add_bos:
+    ids.insert(0, BOS_ID)
+  if add_eos:
+    ids.append(EOS_ID)
+  return ids
+
+
+def decode(ids: Iterable[int]) -> str:
+  """Decodes byte tokens to a string, skipping ``PAD_ID``, ``BOS_ID`` and ``EOS_ID``.
+
+  Byte sequences that are not valid UTF-8 (e.g. a character cut by truncation) become U+FFFD
+  (Python's ``errors='replace'``).
+
+  Args:
+    ids: token ids, any iterable of ints (a list or a 1-D integer array).
+
+  Returns:
+    The decoded string.
+
+  Raises:
+    ValueError: if an id is outside ``[0, VOCAB_SIZE)``.
+  """
+  arr = np.asarray(ids) if hasattr(ids, "__array__") else np.asarray(list(ids))
+  if arr.size == 0:
+    return ""
+  if arr.ndim != 1:
+    raise ValueError(f"ids must be 1-D, got shape {arr.shape}")
+  if not np.issubdtype(arr.dtype, np.integer):
+    raise ValueError(f"ids must be integers, got dtype {arr.dtype}")
+  bad = (arr < 0) | (arr >= VOCAB_SIZE)
+  if bad.any():
+    raise ValueError(
+        f"ids must lie in [0, {VOCAB_SIZE}), got {int(arr[bad][0])} at position "
+        f"{int(np.flatnonzero(bad)[0])}")
+  byte_ids = arr[arr >= BYTE_OFFSET] - BYTE_OFFSET
+  return bytes(byte_ids.astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+
+
+class BatchEncoding(NamedTuple):
+  """Output of :func:`batch_encode`."""
+
+  tokens: np.ndarray  # [batch, max_len] int32, PAD_ID where mask is False
+  mask: np.ndarray  # [batch, max_len] bool, True on real tokens
+  truncated: np.ndarray  # [batch] bool, True where the text was cut to fit max_len
+
+  @property
+  def num_truncated(self) -> int:
+    """How many texts were truncated."""
+    return int(self.truncated.sum())
+
+
+def _check_side(value: str, name: str) -> None:
+  if value not in _SIDES:
+    raise ValueError(f"{name} must be 'left' or 'right', got {value!r}")
+
+
+def batch_encode(
+    texts: Sequence[str],
+    *,
+    max_len: int,
+    truncation_side: str = "left",
+    padding_side: str = "right",
+    add_bos: bool = False,
+    add_eos: bool = False,
+) -> BatchEncoding:
+  """Encodes a batch of strings into fixed-shape token and mask arrays.
+
+  Truncation removes text bytes only: BOS and EOS (when requested) are always kept, so a
+  left-truncated sequence is ``[BOS, last bytes..., EOS]`` and a right-truncated one is
+  ``[BOS, first bytes..., EOS]``.
+
+  Args:
+    texts: ``batch`` strings.
+    max_len: length of the output sequences; must exceed the number of special tokens.
+    truncation_side: ``'left'`` keeps the end of an over-long text (the usual choice for
+      prompts), ``'right'`` keeps its beginning.
+    padding_side: where ``PAD_ID`` goes, ``'right'`` or ``'left'`` (positions are derived
+      from the mask, so models give the same result for both).
+    add_bos: prepend ``BOS_ID`` to each sequence.
+    add_eos: append ``EOS_ID`` to each sequence.
+
+  Returns:
+    ``BatchEncoding(tokens [batch, max_len] int32, mask [batch, max_len] bool,
+    truncated [batch] bool)``; ``.num_truncated`` counts the truncated texts.
+  """
+  if isinstance(texts, str):
+    raise TypeError("texts must be a sequence of strings, got a single str")
+  num_special = int(add_bos) + int(add_eos)
+  if not isinstance(max_len, (int, np.integer)) or max_len <= num_special:
+    raise ValueError(
+        f"max_len must be an int > {num_special} (the number of special tokens), "
+        f"got {max_len!r}")
+  _check_side(truncation_side, "truncation_side")
+  _check_side(padding_side, "padding_side")
+  budget = max_len - num_special
+  tokens = np.full((len(texts), max_len), PAD_ID, dtype=np.int32)
+  mask = np.zeros((len(texts), max_len), dtype=np.bool_)
+  truncated = np.zeros((len(texts),), dtype=np.bool_)
+  for i, text in enumerate(texts):
+    body = encode(text)
+    if len(body) > budget:
+      truncated[i] = True
+      body = body[len(body) - budget:] if truncation_side == "left" else body[:budget]
+    ids = ([BOS_ID] if add_bos else []) + body + ([EOS_ID] if add_eos else [])
+    start = 0 if padding_side == "right" else max_len - len(ids)
+    tokens[i, start:start + len(ids)] = ids
+    mask[i, start:start + len(ids)] = True
+  return BatchEncoding(tokens, mask, truncated)
+
+
+class ByteTokenizer:
+  """The byte tokenizer as an object, for code that expects a tokenizer instance.
+
+  Stateless: its methods are the module functions and its attributes the module constants.
+  """
+
+  pad_id = PAD_ID
+  bos_id = BOS_ID
+  eos_id = EOS_ID
+  vocab_size = VOCAB_SIZE
+
+  def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    """See :func:`encode`."""
+    return encode(text, add_bos=add_bos, add_eos=add_eos)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """See :func:`decode`."""
+    return decode(ids)
+
+  def batch_encode(self, texts: Sequence[str], **kwargs) -> BatchEncoding:
+    """See :func:`batch_encode`."""
+    return batch_encode(texts, **kwargs)
