@@ -1,0 +1,277 @@
+"""Stages of the reward over-optimisation study (Gao et al. 2022) in the synthetic world.
+
+Each stage is a function of the study config and the outputs of earlier stages, and caches
+its result under ``workdir`` (``world.npz``, ``proxies/size_*.npz``, ``bon.npz``, ``rl/*``), so
+a re-run (or a run resumed after a crash) recomputes only what is missing. A cache written by
+a different config is detected by the config's fingerprint and recomputed, never reused.
+
+The stages:
+1. ``build_world``: ``pi_init``, gold and gold-labelled comparisons (``jaxrm.synthetic``).
+2. ``train_proxies``: proxy reward models of several sizes, all seeds of one size at once
+   (``jaxrm.rm_sweep``), with held-out accuracy against noise-free gold labels.
+3. ``best_of_n``: ``N`` samples per prompt from ``pi_init``, scored by gold and every proxy;
+   the unbiased best-of-n estimator for n = 1 .. ``bon_max_n`` (``jaxrm.best_of_n``).
+4. ``rl``: PPO against each proxy, all seeds at once, recording gold, proxy and KL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from jaxrm import best_of_n as bon_lib
+from jaxrm import metrics as metrics_lib
+from jaxrm import preference
+from jaxrm import synthetic
+from jaxrm.reward_model import RewardModel
+from jaxrm.rm_sweep import RewardModelSweep
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxySize:
+  """A proxy reward model architecture."""
+  num_layers: int
+  width: int
+  num_heads: int
+
+  @property
+  def name(self) -> str:
+    return f"L{self.num_layers}W{self.width}"
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+  """All settings of one study; every stage's cache is keyed by the fields it reads."""
+  world: synthetic.WorldConfig = synthetic.WorldConfig()
+  world_seed: int = 0
+  num_comparisons: int = 5000
+  data_sizes: tuple[int, ...] = ()  # extra comparison-data sizes for the largest-data sweep
+  num_heldout: int = 2000
+  labels: str = "deterministic"
+  label_noise: float = 0.0
+  proxy_sizes: tuple[ProxySize, ...] = (
+      ProxySize(1, 8, 2), ProxySize(1, 16, 2), ProxySize(2, 24, 2), ProxySize(2, 48, 4),
+      ProxySize(2, 96, 4))
+  num_seeds: int = 3
+  rm_epochs: int = 3
+  rm_batch_size: int = 64
+  rm_learning_rate: float = 1e-3
+  bon_prompts: int = 8
+  bon_samples: int = 8192
+  bon_max_n: int = 4096
+  rl_steps: int = 200
+  rl_batch_size: int = 64
+  rl_learning_rate: float = 3e-4
+  kl_coef: float = 0.0
+  rl_log_every: int = 10
+
+  def fingerprint(self, *fields: str) -> str:
+    """A short hash of the named fields (all fields when none are named)."""
+    d = dataclasses.asdict(self)
+    if fields:
+      d = {f: d[f] for f in fields}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_WORLD_FIELDS = ("world", "world_seed", "num_comparisons", "data_sizes", "num_heldout",
+                 "labels", "label_noise")
+_PROXY_FIELDS = _WORLD_FIELDS + ("num_seeds", "rm_epochs", "rm_batch_size", "rm_learning_rate")
+
+
+# ----------------------------------------------------------------------------- caching
+def save_tree(path: str, tree: Any, meta: dict[str, Any]) -> None:
+  """Writes the leaves of ``tree`` and a JSON ``meta`` dict to ``path`` atomically."""
+  leaves = jax.tree.leaves(tree)
+  arrays = {f"leaf_{i}": np.asarray(x) for i, x in enumerate(leaves)}
+  arrays["meta"] = np.asarray(json.dumps(meta))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def load_tree(path: str, template: Any, fingerprint: str) -> tuple[Any, dict] | None:
+  """Loads a tree saved by :func:`save_tree` if it exists and its fingerprint matches."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with np.load(path) as f:
+      meta = json.loads(str(f["meta"]))
+      if meta.get("fingerprint") != fingerprint:
+        logging.info("%s was written by another config; recomputing", path)
+        return None
+      treedef = jax.tree.structure(template)
+      leaves = [jnp.asarray(f[f"leaf_{i}"]) for i in range(treedef.num_leaves)]
+  except (OSError, ValueError, KeyError) as e:  # a partial or corrupt file: recompute
+    logging.warning("could not read %s (%s); recomputing", path, e)
+    return None
+  return jax.tree.unflatten(treedef, leaves), meta
+
+
+# ----------------------------------------------------------------------------- stage 1
+@dataclasses.dataclass
+class WorldData:
+  world: synthetic.World
+  train: synthetic.Comparisons  # the largest comparison set; smaller ones are its prefixes
+  heldout: synthetic.Comparisons  # noise-free deterministic gold labels
+
+
+def build_world(cfg: StudyConfig, workdir: str) -> WorldData:
+  """Builds (or loads) the world and its comparisons."""
+  path = os.path.join(workdir, "world.npz")
+  fp = cfg.fingerprint(*_WORLD_FIELDS)
+  key = jax.random.key(cfg.world_seed)
+  k_world, k_train, k_heldout = jax.random.split(key, 3)
+  num_train = max((cfg.num_comparisons,) + tuple(cfg.data_sizes))
+
+  def make():
+    world = synthetic.init_world(cfg.world, k_world)
+    train = synthetic.make_comparisons(world, cfg.world, k_train, num=num_train,
+                                       labels=cfg.labels, label_noise=cfg.label_noise)
+    heldout = synthetic.make_comparisons(world, cfg.world, k_heldout, num=cfg.num_heldout)
+    return world, train, heldout
+
+  template = jax.eval_shape(make)
+  loaded = load_tree(path, template, fp)
+  if loaded is None:
+    t = time.perf_counter()
+    tree = make()
+    save_tree(path, tree, {"fingerprint": fp})
+    logging.info("world built in %.1fs", time.perf_counter() - t)
+  else:
+    tree = loaded[0]
+  return WorldData(*tree)
+
+
+# ----------------------------------------------------------------------------- stage 2
+def proxy_model(cfg: StudyConfig, size: ProxySize) -> RewardModel:
+  return RewardModel(cfg.world.reward_config(num_layers=size.num_layers, width=size.width,
+                                             num_heads=size.num_heads))
+
+
+def param_count(tree: Any) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def train_proxies(cfg: StudyConfig, data: WorldData, workdir: str, *,
+                  num_comparisons: int | None = None) -> list[dict[str, Any]]:
+  """Trains ``num_seeds`` proxies of every size on the first ``num_comparisons`` pairs.
+
+  Returns:
+    One dict per size: ``size``, ``params`` (stacked over seeds), ``num_params``,
+    ``heldout_accuracy`` (per seed), ``train_loss`` (final, per seed).
+  """
+  num = cfg.num_comparisons if num_comparisons is None else num_comparisons
+  pairs = jax.tree.map(lambda x: x[:num], data.train.as_batch())
+  steps = cfg.rm_epochs * num // cfg.rm_batch_size
+  fp = cfg.fingerprint(*_PROXY_FIELDS)
+  results = []
+  for i, size in enumerate(cfg.proxy_sizes):
+    path = os.path.join(workdir, "proxies", f"n{num}_{size.name}.npz")
+    model = proxy_model(cfg, size)
+    sweep = RewardModelSweep(
+        init_fn=lambda k, m=model: m.init(k, pairs["chosen"][:1], pairs["chosen_mask"][:1]),
+        apply_fn=model.apply, loss_fn=preference.bradley_terry_loss,
+        optimizer=optax.adamw(cfg.rm_learning_rate), batch_size=cfg.rm_batch_size)
+    keys = jax.random.split(jax.random.key(1000 + i), cfg.num_seeds)
+    template = jax.eval_shape(lambda: sweep.init(keys).params)
+    loaded = load_tree(path, template, fp)
+    if loaded is not None:
+      params, meta = loaded
+    else:
+      t = time.perf_counter()
+      logging.info("training %d proxies %s on %d pairs for %d steps", cfg.num_seeds,
+                   size.name, num, steps)
+      states, metrics = sweep.train(sweep.init(keys), pairs, num_steps=steps)
+      params = states.params
+      acc = heldout_accuracy(model, params, data.heldout)
+      meta = {"fingerprint": fp, "size": size.name, "num_comparisons": num,
+              "num_params": param_count(template) // cfg.num_seeds,
+              "heldout_accuracy": acc.tolist(),
+              "train_loss": np.asarray(metrics["loss"][:, -50:].mean(axis=1)).tolist(),
+              "num_skipped": np.asarray(states.num_skipped).tolist(),
+              "seconds": time.perf_counter() - t}
+      save_tree(path, params, meta)
+      logging.info("proxy %s: %d params, held-out accuracy %s (%.0fs)", size.name,
+                   meta["num_params"], np.round(acc, 3), meta["seconds"])
+    results.append(dict(meta, size=size, params=params))
+  return results
+
+
+def score_batches(apply_fn, stacked_params, tokens, mask, *, chunk: int = 8192) -> np.ndarray:
+  """Scores ``tokens [n, s]`` with every stacked member: ``[k, n]`` float32 numpy."""
+  fn = jax.jit(jax.vmap(apply_fn, in_axes=(0, None, None)))
+  return np.concatenate([np.asarray(fn(stacked_params, tokens[i:i + chunk], mask[i:i + chunk]))
+                         for i in range(0, tokens.shape[0], chunk)], axis=1)
+
+
+def heldout_accuracy(model, stacked_params, heldout: synthetic.Comparisons) -> np.ndarray:
+  """Per-member accuracy ``[k]`` on pairs whose chosen side has the higher gold score."""
+  rc = score_batches(model.apply, stacked_params, heldout.chosen, heldout.mask)
+  rr = score_batches(model.apply, stacked_params, heldout.rejected, heldout.mask)
+  return np.array([metrics_lib.pairwise_accuracy(c, r) for c, r in zip(rc, rr)])
+
+
+# ----------------------------------------------------------------------------- stage 3
+def bon_ns(max_n: int) -> np.ndarray:
+  """n = 1, 2, 3, 4, 6, 8, 11, ... (half powers of two, rounded) up to ``max_n``."""
+  ns = np.unique(np.round(2.0 ** np.arange(0, np.log2(max_n) + 1e-9, 0.5)).astype(int))
+  return ns[ns <= max_n]
+
+
+def best_of_n(cfg: StudyConfig, data: WorldData, proxies: list[dict[str, Any]],
+              workdir: str) -> dict[str, Any]:
+  """Best-of-n against every proxy: gold and proxy reward for each n, per seed.
+
+  Returns:
+    ``ns [n_values]``, ``kl [n_values]`` (``kl_bon``), ``gold`` and ``proxy`` of shape
+    ``[num_sizes, num_seeds, n_values]`` (proxy re-centred so ``pi_init`` scores 0).
+  """
+  path = os.path.join(workdir, "bon.npz")
+  fp = cfg.fingerprint(*(_PROXY_FIELDS + ("proxy_sizes", "bon_prompts", "bon_samples",
+                                          "bon_max_n")))
+  ns = bon_ns(cfg.bon_max_n)
+  shape = (len(proxies), cfg.num_seeds, len(ns))
+  template = {"gold": jax.ShapeDtypeStruct(shape, jnp.float32),
+              "proxy": jax.ShapeDtypeStruct(shape, jnp.float32)}
+  loaded = load_tree(path, template, fp)
+  if loaded is None:
+    t = time.perf_counter()
+    wc = cfg.world
+    k_prompts, k_samples = jax.random.split(jax.random.key(cfg.world_seed + 7))
+    prompts = synthetic.sample_prompts(wc, k_prompts, cfg.bon_prompts)
+    prompts = jnp.repeat(prompts, cfg.bon_samples, axis=0)
+    sample = jax.jit(lambda p, k: synthetic.sample_responses(data.world, wc, p, k))
+    tokens, mask = [], []
+    for i in range(0, prompts.shape[0], 8192):
+      tk, mk = sample(prompts[i:i + 8192], jax.random.fold_in(k_samples, i))
+      tokens.append(tk)
+      mask.append(mk)
+    tokens, mask = jnp.concatenate(tokens), jnp.concatenate(mask)
+    gold_fn = lambda params, tk, mk: synthetic.gold_reward(params, wc, tk, mk)
+    gold = score_batches(gold_fn, jax.tree.map(lambda x: x[None], data.world), tokens, mask)[0]
+    gold = gold.reshape(cfg.bon_prompts, cfg.bon_samples)
+    out_gold, out_proxy = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    for i, p in enumerate(proxies):
+      scores = score_batches(proxy_model(cfg, p["size"]).apply, p["params"], tokens, mask)
+      scores = scores - scores.mean(axis=1, keepdims=True)
+      for s in range(cfg.num_seeds):
+        g, pr = bon_lib.batched_best_of_n_expected_reward(
+            scores[s].reshape(cfg.bon_prompts, cfg.bon_samples), gold, ns)
+        out_gold[i, s], out_proxy[i, s] = g, pr
+    result = {"gold": out_gold, "proxy": out_proxy}
+    save_tree(path, result, {"fingerprint": fp, "seconds": time.perf_counter() - t})
+    logging.info("best-of-n done in %.1fs", time.perf_counter() - t)
+  else:
+    result = loaded[0]
+  return dict(result, ns=ns, kl=np.asarray(bon_lib.kl_bon(ns)))
