@@ -1,0 +1,354 @@
+"""Orbax checkpoints of a training pytree plus a JSON dict, keeping the last N and the best.
+
+:class:`CheckpointManager` is a thin wrapper around ``orbax.checkpoint.CheckpointManager``.
+Each checkpoint (one directory per step) holds two items:
+
+* ``state``: any pytree of arrays (``ocp.args.StandardSave``) — a ``TrainState`` (params,
+  optimizer state, step, PRNG key, skip counter), controller states, ... Typed PRNG keys are
+  stored as their key data (``jax.random.key_data``) and re-wrapped on restore with the
+  template's key implementation.
+* ``extra``: a JSON dict (``ocp.args.JsonSave``) — data-iterator position, config, metrics.
+  NumPy/JAX scalars and arrays in it are converted to Python numbers/lists.
+
+Retention: the ``max_to_keep`` most recent checkpoints are kept, and, when ``best_metric`` is
+set, also the one with the best value of ``metrics[best_metric]`` (orbax
+``AnyPreservationPolicy([LatestN, BestN])``).
+
+Saves are synchronous by default (``async_save=False``): when ``save`` returns, the
+checkpoint is complete on disk, which keeps the resume logic simple and is cheap for the model
+sizes of this library. With ``async_save=True`` orbax writes in a background thread; the next
+``save``, ``restore``, ``wait_until_finished`` and ``close`` (also on leaving a ``with`` block)
+wait for it.
+
+Crash safety: orbax writes each step to ``<step>.orbax-checkpoint-tmp-<n>`` and renames it to
+``<step>`` only once complete, so a process killed mid-save (SIGKILL, preemption) leaves a tmp
+directory that is never listed as a step; orbax deletes such directories in the background
+when a manager is created (``cleanup_tmp_directories``), finishing before the first save.
+A finalized checkpoint whose files were later damaged (truncated, deleted) is detected when reading it: :meth:`CheckpointManager.restore_latest`
+logs a warning naming the step and the error and falls back to the previous checkpoint; once a
+previous one restores, the damaged newer ones are moved aside to ``<step>.corrupt`` so that
+the resumed run can save those steps again.
+
+Example::
+
+  with CheckpointManager(workdir / "checkpoints", max_to_keep=3,
+                         best_metric="eval_accuracy") as ckpt:
+    restored = ckpt.restore_latest(template=state)
+    if restored is not None:
+      state, extra, step = restored
+      data_iter.set_state(extra["data"])
+    ...
+    ckpt.save(step, state, {"data": data_iter.get_state()},
+              metrics={"eval_accuracy": acc})
+"""
+
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+_STATE = "state"
+_EXTRA = "extra"
+_METRICS_ITEM = "metrics"  # orbax's reserved item holding the metrics of a step
+
+
+def _is_key(x: Any) -> bool:
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _keys_to_data(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _template_for_restore(template: Any) -> Any:
+  """Typed keys -> their key-data template; keeps arrays (and their shardings) otherwise."""
+  def leaf(x):
+    if _is_key(x):
+      if isinstance(x, jax.ShapeDtypeStruct):
+        data = jax.eval_shape(jax.random.key_data, x)
+        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=x.sharding)
+      return jax.random.key_data(x)
+    return x
+  return jax.tree.map(leaf, template)
+
+
+def _key_impl(x: Any) -> Any:
+  if isinstance(x, jax.ShapeDtypeStruct):  # key_impl needs an array; the dtype knows it
+    return x.dtype._impl  # pylint: disable=protected-access
+  return jax.random.key_impl(x)
+
+
+def _rewrap_keys(restored: Any, template: Any) -> Any:
+  def leaf(r, t):
+    if _is_key(t):
+      return jax.random.wrap_key_data(r, impl=_key_impl(t))
+    return r
+  return jax.tree.map(leaf, restored, template)
+
+
+def _check_matches_template(restored: Any, template: Any, step: int) -> None:
+  paths_r = jax.tree_util.tree_leaves_with_path(restored)
+  paths_t = jax.tree_util.tree_leaves_with_path(template)
+  if len(paths_r) != len(paths_t):
+    raise ValueError(
+        f"checkpoint at step {step} has {len(paths_r)} arrays, the template {len(paths_t)}")
+  for (path, r), (_, t) in zip(paths_r, paths_t):
+    if np.shape(r) != np.shape(t) or np.dtype(r.dtype) != np.dtype(t.dtype):
+      raise ValueError(
+          f"checkpoint at step {step}: {jax.tree_util.keystr(path)} has shape "
+          f"{np.shape(r)} and dtype {r.dtype}, the template {np.shape(t)} and {t.dtype}")
+
+
+def _to_json(x: Any) -> Any:
+  if isinstance(x, (np.generic, np.ndarray, jax.Array)):
+    return np.asarray(x).tolist()
+  raise TypeError(f"object of type {type(x).__name__} is not JSON serialisable")
+
+
+def _jsonable(extra: dict[str, Any]) -> dict[str, Any]:
+  if not isinstance(extra, dict):
+    raise ValueError(f"extra must be a dict, got {type(extra).__name__}")
+  try:
+    return json.loads(json.dumps(extra, default=_to_json))
+  except TypeError as e:
+    raise ValueError(f"extra must be JSON-serialisable: {e}") from e
+
+
+class CheckpointManager:
+  """Saves and restores ``(state pytree, JSON dict)`` checkpoints with orbax.
+
+  Args:
+    directory: root directory; one sub-directory per saved step.
+    max_to_keep: number of most recent checkpoints to keep (``None``: keep all).
+    best_metric: name of a metric passed to :meth:`save`; if given, the checkpoint with the
+      best value is kept in addition to the most recent ones. Non-finite values rank last.
+    best_mode: ``'max'`` or ``'min'``: whether larger or smaller ``best_metric`` is better.
+    async_save: write checkpoints in a background thread (see the module docstring).
+  """
+
+  def __init__(
+      self,
+      directory: str | os.PathLike,
+      *,
+      max_to_keep: int | None = 3,
+      best_metric: str | None = None,
+      best_mode: str = "max",
+      async_save: bool = False,
+  ):
+    if best_mode not in ("max", "min"):
+      raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+    if max_to_keep is not None and max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be None or >= 1, got {max_to_keep}")
+    self._directory = epath.Path(directory).absolute()
+    self._best_metric = best_metric
+    self._best_mode = best_mode
+    self._quarantine_unreadable_metrics()
+
+    policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
+    best_fn = None
+    if best_metric is not None:
+      best_fn = self._metric_value
+      policies.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=best_fn, reverse=(best_mode == "min"), n=1,
+          keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        best_fn=best_fn,
+        best_mode=best_mode,
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+        create=True,
+    )
+    self._manager = ocp.CheckpointManager(self._directory, options=options,
+                                          item_names=(_STATE, _EXTRA))
+
+  # ---- helpers ---------------------------------------------------------------------------
+
+  def _metric_value(self, metrics: Any) -> float:
+    value = float(metrics[self._best_metric])
+    if not math.isfinite(value):
+      return -math.inf if self._best_mode == "max" else math.inf
+    return value
+
+  def _quarantine(self, step: int, reason: str) -> None:
+    """Moves ``<dir>/<step>`` to ``<dir>/<step>.corrupt[-k]`` (never deleted)."""
+    if jax.process_index() != 0:
+      return
+    src = self._directory / str(step)
+    dst = self._directory / f"{step}.corrupt"
+    k = 1
+    while dst.exists():
+      dst = self._directory / f"{step}.corrupt-{k}"
+      k += 1
+    src.rename(dst)
+    logging.warning("Moved damaged checkpoint at step %d (%s) to %s", step, reason, dst)
+
+  def _quarantine_unreadable_metrics(self) -> None:
+    """Orbax reads every step's metrics JSON when it starts; a damaged one would crash it."""
+    if not self._directory.exists():
+      return
+    for path in self._directory.iterdir():
+      metrics_file = path / _METRICS_ITEM / _METRICS_ITEM
+      if not (path.name.isdigit() and metrics_file.exists()):
+        continue
+      try:
+        json.loads(metrics_file.read_text())
+      except (ValueError, OSError) as e:
+        logging.warning("Checkpoint at step %s has an unreadable metrics file %s: %s",
+                        path.name, metrics_file, e)
+        self._quarantine(int(path.name), f"unreadable metrics: {e}")
+
+  # ---- public API ------------------------------------------------------------------------
+
+  @property
+  def directory(self) -> epath.Path:
+    """The root checkpoint directory."""
+    return self._directory
+
+  def all_steps(self) -> list[int]:
+    """Steps of the finalized checkpoints on disk, ascending (tmp directories excluded)."""
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """Most recent saved step, or ``None``."""
+    return self._manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """Step with the best ``best_metric`` (the latest step if no ``best_metric``)."""
+    return self._manager.best_step()
+
+  def save(
+      self,
+      step: int,
+      state: Any,
+      extra: dict[str, Any] | None = None,
+      *,
+      metrics: dict[str, Any] | None = None,
+  ) -> bool:
+    """Saves ``state`` and ``extra`` as checkpoint ``step``; then prunes old checkpoints.
+
+    Args:
+      step: training step (non-negative int); the directory name.
+      state: pytree of arrays (jax or NumPy; typed PRNG keys allowed). A ``pmap``-replicated
+        state should be unreplicated first (``ParallelStep.unreplicate``).
+      extra: JSON-serialisable dict (data-iterator state, config, ...).
+      metrics: dict of numbers; must contain ``best_metric`` if that is set.
+
+    Returns:
+      True if a checkpoint was written; False if ``step`` is already saved (logged, the
+      existing checkpoint is left untouched).
+    """
+    step = int(step)
+    if step < 0:
+      raise ValueError(f"step must be non-negative, got {step}")
+    extra = _jsonable({} if extra is None else extra)
+    if metrics is not None:
+      metrics = _jsonable(metrics)
+      if self._best_metric is not None and self._best_metric not in metrics:
+        raise ValueError(
+            f"metrics must contain best_metric {self._best_metric!r}, got keys "
+            f"{sorted(metrics)}")
+    elif self._best_metric is not None:
+      logging.warning("Checkpoint at step %d is saved without metrics; it can be kept only "
+                      "as one of the latest, not as the best", step)
+    if step in self._manager.all_steps():
+      logging.info("Checkpoint at step %d already exists in %s; not saving it again",
+                   step, self._directory)
+      return False
+    args = ocp.args.Composite(**{
+        _STATE: ocp.args.StandardSave(_keys_to_data(state)),
+        _EXTRA: ocp.args.JsonSave(extra),
+    })
+    return self._manager.save(step, args=args, metrics=metrics, force=True)
+
+  def restore(self, step: int, template: Any) -> tuple[Any, dict[str, Any]]:
+    """Restores checkpoint ``step``.
+
+    Args:
+      step: a step in :meth:`all_steps`.
+      template: pytree with the structure, shapes and dtypes of the saved state: concrete
+        arrays (restored onto their shardings/devices) or ``jax.ShapeDtypeStruct`` with
+        shardings. Typed PRNG key leaves are restored as typed keys.
+
+    Returns:
+      ``(state, extra)``.
+
+    Raises:
+      ValueError, OSError, ...: if the checkpoint is damaged or does not match ``template``.
+    """
+    self._manager.wait_until_finished()
+    restored = self._manager.restore(int(step), args=ocp.args.Composite(**{
+        _STATE: ocp.args.StandardRestore(_template_for_restore(template)),
+        _EXTRA: ocp.args.JsonRestore(),
+    }))
+    state = restored[_STATE]
+    _check_matches_template(state, _template_for_restore(template), step)
+    extra = restored[_EXTRA]
+    if not isinstance(extra, dict):
+      raise ValueError(f"checkpoint at step {step}: extra is {type(extra).__name__}, "
+                       "expected a dict")
+    return _rewrap_keys(state, template), extra
+
+  def restore_latest(self, template: Any) -> tuple[Any, dict[str, Any], int] | None:
+    """Restores the newest readable checkpoint.
+
+    Steps are tried newest first. A checkpoint that cannot be read is reported with
+    ``absl.logging.warning`` (naming the step and the error) and the previous one is tried;
+    once one restores, the unreadable newer ones are moved aside to ``<step>.corrupt``.
+
+    Args:
+      template: see :meth:`restore`.
+
+    Returns:
+      ``(state, extra, step)``, or ``None`` if the directory holds no checkpoint.
+
+    Raises:
+      RuntimeError: if checkpoints exist but none can be restored (nothing is moved: the
+        cause may be a template that does not match, not damage). The message lists the
+        error of each step.
+    """
+    self._manager.wait_until_finished()
+    failures = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        state, extra = self.restore(step, template)
+      except Exception as e:  # pylint: disable=broad-except  # any read error means damage
+        logging.warning("Could not restore the checkpoint at step %d in %s (%s: %s); "
+                        "trying the previous checkpoint", step, self._directory,
+                        type(e).__name__, e)
+        failures.append((step, e))
+        continue
+      for bad_step, err in failures:
+        self._quarantine(bad_step, f"{type(err).__name__}: {err}")
+      if failures:
+        self._manager.reload()
+        logging.warning("Resuming from the checkpoint at step %d instead of %d", step,
+                        failures[0][0])
+      return state, extra, step
+    if failures:
+      details = "; ".join(f"step {s}: {type(e).__name__}: {e}" for s, e in failures)
+      raise RuntimeError(f"no checkpoint in {self._directory} could be restored: {details}")
+    return None
+
+  def wait_until_finished(self) -> None:
+    """Blocks until pending asynchronous saves are written."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases orbax resources."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> "CheckpointManager":
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self.close()

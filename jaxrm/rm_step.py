@@ -1,0 +1,261 @@
+"""Reward-model training and evaluation steps on preference pairs (model-agnostic).
+
+``reward_model_step`` is a pure ``(state, batch) -> (state, metrics)`` function that scores the
+chosen and rejected sequences with one call of a user ``apply_fn``, evaluates a preference loss
+(e.g. Bradley–Terry), averages loss and gradients over ``axis_name`` with ``lax.pmean`` and
+applies the optax update through :func:`jaxrm.train_state.apply_if_finite`. The same body runs
+under ``jax.jit`` (``axis_name=None``), ``jax.shard_map`` and ``jax.pmap``; see
+:mod:`jaxrm.parallel` for the launchers.
+
+Preference batch (dict of arrays, leading axis = the local batch):
+  ``'chosen'`` ``[batch, seq]`` int32, ``'chosen_mask'`` ``[batch, seq]`` bool,
+  ``'rejected'`` ``[batch, seq]`` int32, ``'rejected_mask'`` ``[batch, seq]`` bool,
+  optional ``'weight'`` ``[batch]`` float (per-example weight) and ``'label'`` ``[batch]`` float
+  (soft label P(chosen > rejected)).
+
+References:
+  Ouyang et al., 2022. Training language models to follow instructions with human
+  feedback. https://arxiv.org/abs/2203.02155
+"""
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from jaxrm import train_state as train_state_lib
+
+_REQUIRED_KEYS = ("chosen", "chosen_mask", "rejected", "rejected_mask")
+
+
+def _check_batch(batch: Mapping[str, Any]) -> int:
+  """Checks ranks and shapes of a preference batch at trace time; returns the batch size."""
+  missing = [k for k in _REQUIRED_KEYS if k not in batch]
+  if missing:
+    raise ValueError(
+        f"preference batch is missing keys {missing}; got keys {sorted(batch)}")
+  for name in _REQUIRED_KEYS:
+    if jnp.ndim(batch[name]) != 2:
+      raise ValueError(
+          f"batch['{name}'] must have shape [batch, seq], got {jnp.shape(batch[name])}")
+  for tokens, mask in (("chosen", "chosen_mask"), ("rejected", "rejected_mask")):
+    if jnp.shape(batch[tokens]) != jnp.shape(batch[mask]):
+      raise ValueError(
+          f"batch['{tokens}'] and batch['{mask}'] must have the same shape, got "
+          f"{jnp.shape(batch[tokens])} and {jnp.shape(batch[mask])}")
+  b = jnp.shape(batch["chosen"])[0]
+  if jnp.shape(batch["rejected"])[0] != b:
+    raise ValueError(
+        "batch['chosen'] and batch['rejected'] must have the same batch size, got "
+        f"{jnp.shape(batch['chosen'])} and {jnp.shape(batch['rejected'])}")
+  for name in ("weight", "label"):
+    if batch.get(name) is not None and jnp.shape(batch[name]) != (b,):
+      raise ValueError(
+          f"batch['{name}'] must have shape [batch] = ({b},), got {jnp.shape(batch[name])}")
+  return b
+
+
+def _score_pairs(
+    apply_fn: Callable[..., jax.Array],
+    params: Any,
+    batch: Mapping[str, Any],
+    key: jax.Array | None,
+) -> tuple[jax.Array, jax.Array]:
+  """Scores chosen and rejected sequences; one ``apply_fn`` call when the lengths agree."""
+  b = _check_batch(batch)
+  extra = {} if key is None else {"key": key}
+  if jnp.shape(batch["chosen"])[1] == jnp.shape(batch["rejected"])[1]:
+    tokens = jnp.concatenate([batch["chosen"], batch["rejected"]], axis=0)
+    mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
+    rewards = apply_fn(params, tokens, mask, **extra)
+    if jnp.shape(rewards) != (2 * b,):
+      raise ValueError(
+          f"apply_fn must return rewards of shape [batch] = ({2 * b},), got "
+          f"{jnp.shape(rewards)}")
+    return rewards[:b], rewards[b:]
+  if key is not None:
+    key_c, key_r = jax.random.split(key)
+    extra_c, extra_r = {"key": key_c}, {"key": key_r}
+  else:
+    extra_c = extra_r = {}
+  rewards_c = apply_fn(params, batch["chosen"], batch["chosen_mask"], **extra_c)
+  rewards_r = apply_fn(params, batch["rejected"], batch["rejected_mask"], **extra_r)
+  for name, r in (("chosen", rewards_c), ("rejected", rewards_r)):
+    if jnp.shape(r) != (b,):
+      raise ValueError(
+          f"apply_fn must return rewards of shape [batch] = ({b},) for the {name} "
+          f"sequences, got {jnp.shape(r)}")
+  return rewards_c, rewards_r
+
+
+def _mark_varying(tree: Any, axis_name: Any) -> Any:
+  """Marks device-invariant leaves as varying over ``axis_name`` (``lax.pcast``).
+
+  Under ``shard_map`` with ``check_vma=True``, the gradient with respect to an invariant
+  input is implicitly summed over the axis; marking the parameters varying first keeps the
+  gradients per-device, exactly as under ``pmap``, so the explicit ``pmean`` is correct in
+  every mode.
+  """
+  if axis_name is None:
+    return tree
+  axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+  def cast(x):
+    varying = getattr(getattr(jax.typeof(x), "mat", None), "varying", frozenset())
+    missing = tuple(a for a in axes if a not in varying)
+    return lax.pcast(x, missing, to="varying") if missing else x
+
+  return jax.tree.map(cast, tree)
+
+
+def _pmean(x: Any, axis_name: Any) -> Any:
+  return x if axis_name is None else lax.pmean(x, axis_name)
+
+
+def preference_accuracy(
+    rewards_chosen: jax.typing.ArrayLike,
+    rewards_rejected: jax.typing.ArrayLike,
+) -> jax.Array:
+  """Fraction of pairs with ``r_chosen > r_rejected``, ties counting one half.
+
+  Args:
+    rewards_chosen: ``[batch]`` rewards of the chosen sequences.
+    rewards_rejected: ``[batch]`` rewards of the rejected sequences.
+
+  Returns:
+    Scalar accuracy in [0, 1] (float32).
+  """
+  rc = jnp.asarray(rewards_chosen, jnp.float32)
+  rr = jnp.asarray(rewards_rejected, jnp.float32)
+  if rc.ndim != 1 or rc.shape != rr.shape:
+    raise ValueError(
+        "rewards_chosen and rewards_rejected must both have shape [batch], got "
+        f"{rc.shape} and {rr.shape}")
+  return jnp.mean((rc > rr).astype(jnp.float32) + 0.5 * (rc == rr).astype(jnp.float32))
+
+
+def reward_model_step(
+    state: train_state_lib.TrainState,
+    batch: Mapping[str, jax.Array],
+    *,
+    apply_fn: Callable[..., jax.Array],
+    loss_fn: Callable[..., jax.Array],
+    optimizer: optax.GradientTransformation,
+    axis_name: Any = None,
+    nonfinite: str = "skip",
+    weights_normalized: bool = True,
+    apply_takes_key: bool = False,
+) -> tuple[train_state_lib.TrainState, dict[str, jax.Array]]:
+  """One optimizer step of a reward model on a batch of preference pairs.
+
+  The chosen and rejected sequences are scored in one ``apply_fn`` call on the concatenated
+  ``[2 * batch, seq]`` tokens (two calls if their lengths differ). The loss and gradients are
+  averaged over ``axis_name`` with ``lax.pmean``; the parameters are first marked
+  device-varying (``lax.pcast``), so the gradients are per-device and the average is correct
+  under ``pmap`` and under ``shard_map`` with or without ``check_vma``.
+
+  Equivalence across modes: every device must hold the same number of pairs, and ``loss_fn``
+  must be a (weighted) mean over the batch. With ``weights_normalized=True`` (the convention
+  of :mod:`jaxrm.preference`) it is ``sum(w * l) / sum(w)``: each device's loss is then
+  rescaled by ``sum(w_device) / pmean(sum(w_device))`` before averaging, so that loss and
+  gradients equal those of the global batch on one device. With ``weights_normalized=False``
+  it is ``mean(w * l)`` and plain averaging is exact. Without ``'weight'`` both are the same.
+
+  Randomness: the step key is ``jax.random.fold_in(state.key, state.step)``
+  (:func:`jaxrm.train_state.step_key`), folded with ``lax.axis_index(axis_name)`` under a
+  mapped axis so devices draw different dropout masks. It is passed to ``apply_fn`` as
+  ``key=`` only when ``apply_takes_key=True`` (deterministic models need nothing).
+
+  Args:
+    state: the current :class:`jaxrm.train_state.TrainState`.
+    batch: preference batch (see the module docstring); ``'weight'`` and ``'label'`` are
+      optional and forwarded to ``loss_fn`` as ``weights=`` and ``labels=``.
+    apply_fn: ``apply_fn(params, tokens [b, s] int32, mask [b, s] bool) -> rewards [b]``
+      (plus ``key=`` if ``apply_takes_key``).
+    loss_fn: ``loss_fn(rewards_chosen [b], rewards_rejected [b], *, weights=None,
+      labels=None) -> scalar``, e.g. the Bradley–Terry loss ``-mean(log sigmoid(rc - rr))``.
+    optimizer: optax gradient transformation matching ``state.opt_state``.
+    axis_name: mapped axis to average over (``None`` under plain ``jit``).
+    nonfinite: ``'skip'`` or ``'raise'``, see :func:`jaxrm.train_state.apply_if_finite`.
+    weights_normalized: whether ``loss_fn`` divides by ``sum(weights)`` (True) or by the
+      batch size (False); only matters with ``'weight'`` in the batch and a mapped axis.
+    apply_takes_key: pass the step key to ``apply_fn`` as ``key=``.
+
+  Returns:
+    ``(new_state, metrics)`` where metrics are scalars averaged over devices:
+    ``loss``; ``accuracy`` (fraction of pairs with ``r_chosen > r_rejected``, ties half);
+    ``margin`` (mean ``r_chosen - r_rejected``); ``grad_norm`` (global L2 norm of the
+    averaged gradient); ``nonfinite`` (bool, the update was not applied); ``num_skipped``
+    (int32, after this step).
+  """
+  key = None
+  if apply_takes_key:
+    key = train_state_lib.step_key(state)
+    if axis_name is not None:
+      key = jax.random.fold_in(key, lax.axis_index(axis_name))
+
+  params = _mark_varying(state.params, axis_name)
+  weights = batch.get("weight")
+  loss_scale = jnp.float32(1.0)
+  if axis_name is not None and weights is not None and weights_normalized:
+    # This device's share of the global weight, relative to an equal share.
+    w_local = jnp.sum(jnp.asarray(weights, jnp.float32))
+    w_mean = lax.pmean(w_local, axis_name)
+    positive = w_mean > 0
+    loss_scale = jnp.where(positive, w_local / jnp.where(positive, w_mean, 1.0), 0.0)
+
+  def objective(p):
+    rewards_c, rewards_r = _score_pairs(apply_fn, p, batch, key)
+    loss = loss_fn(rewards_c, rewards_r, weights=weights, labels=batch.get("label"))
+    if jnp.shape(loss) != ():
+      raise ValueError(f"loss_fn must return a scalar, got shape {jnp.shape(loss)}")
+    return loss * loss_scale, (rewards_c, rewards_r)
+
+  (loss, (rewards_c, rewards_r)), grads = jax.value_and_grad(
+      objective, has_aux=True)(params)
+  grads = _pmean(grads, axis_name)
+  loss = _pmean(loss, axis_name)
+  new_state, is_nonfinite = train_state_lib.apply_if_finite(
+      state, grads, loss, optimizer, nonfinite=nonfinite, axis_name=axis_name)
+  metrics = {
+      "loss": loss,
+      "accuracy": _pmean(preference_accuracy(rewards_c, rewards_r), axis_name),
+      "margin": _pmean(jnp.mean(rewards_c - rewards_r), axis_name),
+      "grad_norm": optax.tree.norm(grads),
+      "nonfinite": is_nonfinite,
+      "num_skipped": new_state.num_skipped,
+  }
+  return new_state, metrics
+
+
+def reward_model_eval_step(
+    params: Any,
+    batch: Mapping[str, jax.Array],
+    *,
+    apply_fn: Callable[..., jax.Array],
+    axis_name: Any = None,
+) -> dict[str, jax.Array]:
+  """Scores a batch of preference pairs for evaluation (no gradients, no state change).
+
+  Args:
+    params: reward-model parameters.
+    batch: preference batch (only the token and mask keys are used).
+    apply_fn: ``apply_fn(params, tokens [b, s], mask [b, s]) -> rewards [b]``.
+    axis_name: mapped axis; when given, the per-device rewards are gathered with
+      ``lax.all_gather(..., tiled=True, to='invarying')``, so every device returns the
+      global batch in device order (the order of the batch split by
+      ``ParallelStep.shard_batch``).
+
+  Returns:
+    dict with ``'rewards_chosen'`` and ``'rewards_rejected'``, each ``[global_batch]``
+    float32.
+  """
+  rewards_c, rewards_r = _score_pairs(apply_fn, params, batch, None)
+  out = {"rewards_chosen": rewards_c.astype(jnp.float32),
+         "rewards_rejected": rewards_r.astype(jnp.float32)}
+  if axis_name is not None:
+    out = jax.tree.map(lambda x: lax.all_gather(x, axis_name, tiled=True, to="invarying"),
+                       out)
+  return out

@@ -1,0 +1,186 @@
+"""Training state and a non-finite-safe optimizer update shared by all training steps.
+
+A :class:`TrainState` holds everything a step changes (parameters, optimizer state, step
+counter, count of skipped updates) plus the run's base PRNG key. :func:`apply_if_finite` is the
+one place where an optax update is applied; it refuses updates whose loss or gradients are not
+finite, entirely inside ``jit`` (no host synchronisation), so a single bad batch cannot poison
+the parameters. The host loop reads ``metrics['nonfinite']`` after the step and, in ``'raise'``
+mode, calls :func:`raise_if_nonfinite`.
+
+Example::
+
+  state = create_train_state(params, optax.adamw(1e-3), jax.random.key(0))
+  loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+  state, nonfinite = apply_if_finite(state, grads, loss, optimizer)
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+NONFINITE_MODES = ("skip", "raise")
+
+
+class TrainState(NamedTuple):
+  """State of a gradient-based training run.
+
+  Attributes:
+    step: number of steps taken (including skipped ones).  # shape=(), int32
+    params: model parameters pytree.
+    opt_state: optax optimizer state for ``params``.
+    key: base PRNG key of the run; step ``t`` uses ``jax.random.fold_in(key, t)``.
+    num_skipped: number of updates not applied because the loss or a gradient was not
+      finite.  # shape=(), int32
+  """
+  step: jax.Array  # shape=(), int32
+  params: Any
+  opt_state: Any
+  key: jax.Array
+  num_skipped: jax.Array  # shape=(), int32
+
+
+def create_train_state(
+    params: Any,
+    optimizer: optax.GradientTransformation,
+    key: jax.Array,
+) -> TrainState:
+  """Creates a :class:`TrainState` at step 0.
+
+  Args:
+    params: model parameters pytree.
+    optimizer: optax gradient transformation; its state is initialised from ``params``.
+    key: PRNG key, typed (``jax.random.key``) or raw ``uint32[2]`` (``jax.random.PRNGKey``).
+
+  Returns:
+    A ``TrainState`` with ``step = 0`` and ``num_skipped = 0`` (int32 scalars).
+  """
+  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and (
+      key.dtype != jnp.uint32 or key.ndim != 1):
+    raise ValueError(
+        "key must be a typed PRNG key (jax.random.key) or a raw uint32 key "
+        f"(jax.random.PRNGKey), got dtype {key.dtype} and shape {key.shape}")
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=optimizer.init(params),
+      key=key,
+      num_skipped=jnp.zeros((), jnp.int32),
+  )
+
+
+def step_key(state: Any) -> jax.Array:
+  """Returns the PRNG key of the current step, ``fold_in(state.key, state.step)``."""
+  return jax.random.fold_in(state.key, state.step)
+
+
+def tree_all_finite(tree: Any) -> jax.Array:
+  """Returns a bool scalar: True iff every inexact leaf of ``tree`` is finite everywhere."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  if not flags:
+    return jnp.array(True)
+  return jnp.all(jnp.stack(flags))
+
+
+def _replace(state: Any, **fields: Any) -> Any:
+  if hasattr(state, "_replace"):  # NamedTuple
+    return state._replace(**fields)
+  if hasattr(state, "replace"):  # flax.struct.dataclass
+    return state.replace(**fields)
+  raise TypeError(
+      "state must be a NamedTuple or flax.struct.dataclass with fields step, params, "
+      f"opt_state, num_skipped; got {type(state).__name__}")
+
+
+def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def apply_if_finite(
+    state: Any,
+    grads: Any,
+    loss: jax.typing.ArrayLike,
+    optimizer: optax.GradientTransformation,
+    *,
+    nonfinite: str = "skip",
+    axis_name: Any = None,
+) -> tuple[Any, jax.Array]:
+  """Applies an optax update unless the loss or any gradient is not finite.
+
+  Pure and jit-compatible: the decision is a traced boolean, the update is computed
+  unconditionally and selected with ``jnp.where`` (no host synchronisation).
+
+  Behaviour when the loss or a gradient is NaN/inf:
+
+  * ``nonfinite='skip'``: params and opt_state are left unchanged, ``num_skipped`` is
+    incremented and ``step`` advances, so training continues with the next batch (and the
+    next step key).
+  * ``nonfinite='raise'``: the whole input state is returned unchanged (``step`` included,
+    so ``state.step`` names the failing step and re-running it is exactly reproducible). The
+    host loop must check the returned flag (``metrics['nonfinite']``) and raise, e.g. with
+    :func:`raise_if_nonfinite`.
+
+  When the update is finite both modes apply it, advance ``step`` and leave ``num_skipped``.
+
+  Args:
+    state: a ``TrainState`` or any NamedTuple / ``flax.struct.dataclass`` with fields
+      ``step``, ``params``, ``opt_state`` and ``num_skipped``; other fields pass through.
+    grads: gradients, same structure as ``state.params``; already averaged over devices.
+    loss: scalar loss (already averaged over devices).
+    optimizer: optax gradient transformation whose state is ``state.opt_state``.
+    nonfinite: ``'skip'`` or ``'raise'`` (see above).
+    axis_name: optional mapped axis name(s). When given, the finite flag is combined with
+      ``lax.pmin`` over it, so that every device takes the same decision even if the caller
+      did not average some input.
+
+  Returns:
+    ``(new_state, is_nonfinite)`` with ``is_nonfinite`` a bool scalar.
+  """
+  if nonfinite not in NONFINITE_MODES:
+    raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+  loss = jnp.asarray(loss)
+  if loss.shape != ():
+    raise ValueError(f"loss must be a scalar, got shape {loss.shape}")
+  finite = jnp.logical_and(jnp.all(jnp.isfinite(loss)), tree_all_finite(grads))
+  if axis_name is not None:
+    finite = lax.pmin(finite.astype(jnp.int32), axis_name).astype(bool)
+
+  updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  params = _select(finite, new_params, state.params)
+  opt_state = _select(finite, new_opt_state, state.opt_state)
+  skipped = jnp.logical_not(finite).astype(jnp.int32)
+  if nonfinite == "skip":
+    step = state.step + 1
+    num_skipped = state.num_skipped + skipped
+  else:
+    step = state.step + finite.astype(state.step.dtype)
+    num_skipped = state.num_skipped
+  new_state = _replace(state, step=step, params=params, opt_state=opt_state,
+                       num_skipped=num_skipped)
+  return new_state, jnp.logical_not(finite)
+
+
+def raise_if_nonfinite(metrics: Any, *, step: Any) -> None:
+  """Host-side check: raises ``FloatingPointError`` if ``metrics['nonfinite']`` is set.
+
+  This transfers one scalar from the device (a synchronisation point); call it after every
+  step in ``'raise'`` mode, or after each metrics fetch to amortise the cost.
+
+  Args:
+    metrics: metrics dict returned by a step (unreplicated; e.g. via
+      ``ParallelStep.unreplicate``), containing a bool ``'nonfinite'``.
+    step: the step the metrics belong to (the input ``state.step``), named in the error.
+  """
+  flag = np.asarray(jax.device_get(metrics["nonfinite"]))
+  if flag.any():
+    loss = metrics.get("loss")
+    loss_str = "" if loss is None else f" (loss={np.asarray(jax.device_get(loss))})"
+    raise FloatingPointError(
+        f"non-finite loss or gradient at step {int(np.asarray(jax.device_get(step)).ravel()[0])}"
+        f"{loss_str}; the update was not applied")
