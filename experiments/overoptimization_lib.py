@@ -230,14 +230,15 @@ def bon_ns(max_n: int) -> np.ndarray:
 
 
 def best_of_n(cfg: StudyConfig, data: WorldData, proxies: list[dict[str, Any]],
-              workdir: str) -> dict[str, Any]:
+              workdir: str, *, num_comparisons: int | None = None) -> dict[str, Any]:
   """Best-of-n against every proxy: gold and proxy reward for each n, per seed.
 
   Returns:
     ``ns [n_values]``, ``kl [n_values]`` (``kl_bon``), ``gold`` and ``proxy`` of shape
     ``[num_sizes, num_seeds, n_values]`` (proxy re-centred so ``pi_init`` scores 0).
   """
-  path = os.path.join(workdir, "bon.npz")
+  num = cfg.num_comparisons if num_comparisons is None else num_comparisons
+  path = os.path.join(workdir, f"bon_n{num}.npz")
   fp = cfg.fingerprint(*(_PROXY_FIELDS + ("proxy_sizes", "bon_prompts", "bon_samples",
                                           "bon_max_n")))
   ns = bon_ns(cfg.bon_max_n)
@@ -275,3 +276,65 @@ def best_of_n(cfg: StudyConfig, data: WorldData, proxies: list[dict[str, Any]],
   else:
     result = loaded[0]
   return dict(result, ns=ns, kl=np.asarray(bon_lib.kl_bon(ns)))
+
+
+# ----------------------------------------------------------------------------- driver
+def validate(cfg: StudyConfig) -> None:
+  """Raises ValueError naming the offending setting."""
+  if cfg.num_seeds < 1:
+    raise ValueError(f"seeds must be >= 1, got {cfg.num_seeds}")
+  if not cfg.proxy_sizes:
+    raise ValueError("proxy_sizes must name at least one proxy architecture")
+  for n in (cfg.num_comparisons,) + tuple(cfg.data_sizes):
+    if n < cfg.rm_batch_size:
+      raise ValueError(f"comparison-data size {n} is smaller than the batch size "
+                       f"{cfg.rm_batch_size}")
+  if cfg.bon_max_n < 1 or cfg.bon_samples < cfg.bon_max_n:
+    raise ValueError(f"need 1 <= bon_max_n <= bon_samples, got bon_max_n={cfg.bon_max_n}, "
+                     f"bon_samples={cfg.bon_samples}")
+  if cfg.labels not in ("deterministic", "bradley_terry"):
+    raise ValueError(f"labels must be 'deterministic' or 'bradley_terry', got {cfg.labels!r}")
+  if not 0.0 <= cfg.label_noise <= 0.5:
+    raise ValueError(f"label_noise must lie in [0, 0.5], got {cfg.label_noise}")
+  if cfg.rl_steps < 0 or cfg.kl_coef < 0:
+    raise ValueError(f"rl_steps and kl_coef must be >= 0, got {cfg.rl_steps}, {cfg.kl_coef}")
+
+
+def _proxy_summary(proxies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  return [{"name": p["size"].name, "num_layers": p["size"].num_layers,
+           "width": p["size"].width, "num_params": p["num_params"],
+           "heldout_accuracy": p["heldout_accuracy"], "train_loss": p["train_loss"]}
+          for p in proxies]
+
+
+def run_study(cfg: StudyConfig, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) every stage and returns the raw measurements as a JSON-able dict."""
+  validate(cfg)
+  timing, results = {}, {"config": json.loads(json.dumps(dataclasses.asdict(cfg),
+                                                         default=str))}
+
+  def timed(name, fn, *args, **kw):
+    t = time.perf_counter()
+    out = fn(*args, **kw)
+    timing[name] = time.perf_counter() - t
+    logging.info("stage %s: %.1fs", name, timing[name])
+    return out
+
+  data = timed("world", build_world, cfg, workdir)
+  proxies = timed("proxies", train_proxies, cfg, data, workdir)
+  results["proxies"] = _proxy_summary(proxies)
+  bon = timed("best_of_n", best_of_n, cfg, data, proxies, workdir)
+  results["bon"] = {k: np.asarray(v).tolist() for k, v in bon.items()}
+  if cfg.rl_steps > 0:
+    rl_out = timed("rl", run_rl, cfg, data, proxies, workdir)
+    results["rl"] = {k: np.asarray(v).tolist() for k, v in rl_out.items()}
+  if cfg.data_sizes:
+    sweep = []
+    for n in sorted(set(cfg.data_sizes)):
+      px = timed(f"proxies_n{n}", train_proxies, cfg, data, workdir, num_comparisons=n)
+      b = timed(f"best_of_n_n{n}", best_of_n, cfg, data, px, workdir, num_comparisons=n)
+      sweep.append({"num_comparisons": n, "proxies": _proxy_summary(px),
+                    "bon_gold": np.asarray(b["gold"]).tolist()})
+    results["data_sweep"] = sweep
+  results["timing"] = timing
+  return results
