@@ -1,0 +1,83 @@
+"""Scalar reward model: transformer backbone plus a linear head pooled over each sequence.
+
+The reward of a sequence is read at its last real token (``pooling='last'``, the usual RLHF
+choice; e.g. Ouyang et al. 2022) or from the masked mean of the hidden states
+(``pooling='mean'``). Both use only the mask, so left- and right-padded batches give the
+same rewards.
+
+Example::
+
+  model = RewardModel(config)
+  params = model.init(key, tokens, mask)
+  rewards = model.apply(params, tokens, mask)  # [batch] float32
+
+References:
+  Ouyang et al. 2022, "Training language models to follow instructions with human feedback".
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxrm.transformer import Transformer, TransformerConfig
+
+_POOLINGS = ("last", "mean")
+
+
+def pool_hidden(hidden: jax.typing.ArrayLike, mask: jax.typing.ArrayLike, *,
+                pooling: str = "last") -> jax.Array:
+  """Pools ``hidden [batch, seq, width]`` to ``[batch, width]`` using ``mask [batch, seq]``.
+
+  Args:
+    hidden: per-token features.
+    mask: bool, True on real tokens.
+    pooling: ``'last'`` takes the features at the last True position of each row (works
+      for left and right padding); ``'mean'`` averages over the True positions. A row with
+      no True position pools to zeros.
+
+  Returns:
+    ``[batch, width]`` in the dtype of ``hidden``.
+  """
+  hidden = jnp.asarray(hidden)
+  mask = jnp.asarray(mask).astype(bool)
+  if hidden.ndim != 3:
+    raise ValueError(f"hidden must have shape [batch, seq, width], got {hidden.shape}")
+  if mask.shape != hidden.shape[:2]:
+    raise ValueError(
+        f"mask must have shape {hidden.shape[:2]} to match hidden {hidden.shape}, got "
+        f"{mask.shape}")
+  if pooling == "last":
+    counts = jnp.cumsum(mask, axis=1)
+    weights = mask & (counts == counts[:, -1:])  # one-hot at the last real token
+  elif pooling == "mean":
+    weights = mask / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1)
+  else:
+    raise ValueError(f"pooling must be one of {_POOLINGS}, got {pooling!r}")
+  return jnp.einsum("bs,bsw->bw", weights.astype(hidden.dtype), hidden)
+
+
+class RewardModel(nn.Module):
+  """Backbone + scalar head: ``(tokens [batch, seq], mask [batch, seq]) -> rewards [batch]``.
+
+  Parameters live under ``'backbone'`` (a :class:`jaxrm.transformer.Transformer`, same
+  layout as in :class:`jaxrm.policy.PolicyModel`) and ``'head'``.
+
+  Attributes:
+    config: backbone configuration.
+    pooling: ``'last'`` (reward read at the last real token) or ``'mean'``.
+  """
+
+  config: TransformerConfig
+  pooling: str = "last"
+
+  @nn.compact
+  def __call__(self, tokens: jax.typing.ArrayLike, mask: jax.typing.ArrayLike) -> jax.Array:
+    """Returns float32 rewards ``[batch]``; see :func:`pool_hidden` for the pooling."""
+    if self.pooling not in _POOLINGS:
+      raise ValueError(f"pooling must be one of {_POOLINGS}, got {self.pooling!r}")
+    hidden = Transformer(self.config, name="backbone")(tokens, mask)
+    pooled = pool_hidden(hidden, mask, pooling=self.pooling)
+    reward = nn.Dense(1, dtype=jnp.float32, param_dtype=jnp.float32, name="head")(pooled)
+    return reward[:, 0].astype(jnp.float32)

@@ -1,0 +1,273 @@
+"""Tests for jaxrm.transformer: causality, padding invariance, KV cache, dtypes, validation."""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrm.transformer import (KVCache, Transformer, TransformerConfig, check_token_range,
+                               init_cache, is_concrete)
+
+VOCAB = 41
+CFG = TransformerConfig(vocab_size=VOCAB, num_layers=2, width=32, num_heads=2, max_len=24)
+LEARNED = dataclasses.replace(CFG, position="learned")
+
+
+B, S = 2, 10  # one input shape for (almost) every test: one compile per config
+
+
+def _random_params(model, shape, seed=0, scale=0.2):
+  """Random parameters with the model's tree (eval_shape: no init compile, keeps tests fast)."""
+  tree = jax.eval_shape(model.init, jax.random.key(0), jnp.ones(shape, jnp.int32),
+                        jnp.ones(shape, bool))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    x = rng.normal(size=leaf.shape) * scale
+    return jnp.asarray(1.0 + x if path[-1].key == "scale" else x, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, tree)
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(cfg):
+  """(model, params, jitted apply) per config, shared across tests to avoid recompiles."""
+  model = Transformer(cfg)
+  params = _random_params(model, (B, S))
+  return model, params, jax.jit(model.apply)
+
+
+def _random_tokens(seed, shape):
+  return np.random.default_rng(seed).integers(3, VOCAB, size=shape).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _np_layer_norm(x, p, eps):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _np_gelu(x):
+  return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _np_rotary(x, pos, base):
+  half = x.shape[-1] // 2
+  inv = 1.0 / base ** (np.arange(half) / half)
+  ang = pos[..., None] * inv  # [b, s, half]
+  sin, cos = np.sin(ang)[:, :, None], np.cos(ang)[:, :, None]
+  x1, x2 = x[..., :half], x[..., half:]
+  return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+def _np_transformer(params, tokens, mask, cfg):
+  """Independent float64 NumPy forward pass of the backbone."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
+  mask = np.asarray(mask, bool)
+  pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+  x = p["embed"]["embedding"][tokens]
+  if cfg.position == "learned":
+    x = x + p["pos_embed"]["embedding"][pos]
+  b, s = tokens.shape
+  allowed = np.tril(np.ones((s, s), bool))[None] & mask[:, None, :]  # [b, q, k]
+  for layer in range(cfg.num_layers):
+    lp = p[f"block_{layer}"]
+    h = _np_layer_norm(x, lp["ln_attn"], cfg.layer_norm_eps)
+    qkv = np.einsum("bsw,wthd->bsthd", h, lp["qkv"]["kernel"]) + lp["qkv"]["bias"]
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if cfg.position == "rotary":
+      q, k = _np_rotary(q, pos, cfg.rope_base), _np_rotary(k, pos, cfg.rope_base)
+    att = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.head_dim)
+    out = np.zeros_like(q)
+    for bi in range(b):
+      for qi in range(s):
+        keys = allowed[bi, qi]
+        if not keys.any():
+          continue
+        logits = att[bi][:, qi][:, keys]  # [h, n]
+        w = np.exp(logits - logits.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
+        out[bi, qi] = np.einsum("hn,nhd->hd", w, v[bi, keys])
+    x = x + np.einsum("bshd,hdw->bsw", out, lp["attn_out"]["kernel"]) + lp["attn_out"]["bias"]
+    h = _np_layer_norm(x, lp["ln_mlp"], cfg.layer_norm_eps)
+    h = _np_gelu(h @ lp["mlp_in"]["kernel"] + lp["mlp_in"]["bias"])
+    x = x + h @ lp["mlp_out"]["kernel"] + lp["mlp_out"]["bias"]
+  return _np_layer_norm(x, p["ln_final"], cfg.layer_norm_eps)
+
+
+@pytest.mark.parametrize("cfg", [CFG, LEARNED], ids=["rotary", "learned"])
+def test_forward_matches_float64_numpy_reference(cfg):
+  _, params, apply = _setup(cfg)
+  tokens = _random_tokens(0, (B, S))
+  mask = np.array([[1] * 10, [0, 0, 1, 1, 1, 1, 1, 1, 0, 0]], bool)
+  got = apply(params, tokens, mask)
+  want = _np_transformer(params, tokens, mask, cfg)
+  assert got.dtype == jnp.float32 and got.shape == (B, S, cfg.width)
+  np.testing.assert_allclose(np.asarray(got)[mask], want[mask], atol=2e-4, rtol=2e-4)
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+@pytest.mark.parametrize("cfg", [CFG, LEARNED], ids=["rotary", "learned"])
+def test_changing_a_future_token_never_changes_earlier_outputs(cfg):
+  _, params, apply = _setup(cfg)
+  tokens = _random_tokens(1, (B, S))
+  mask = np.ones((B, S), bool)
+  base = np.asarray(apply(params, tokens, mask))
+  for t in (3, 9):
+    changed = tokens.copy()
+    changed[:, t] = (changed[:, t] + 5) % VOCAB
+    out = np.asarray(apply(params, changed, mask))
+    np.testing.assert_array_equal(out[:, :t], base[:, :t])
+    assert np.abs(out[:, t] - base[:, t]).max() > 1e-3  # the change is visible at t
+
+
+@pytest.mark.parametrize("cfg", [CFG, LEARNED], ids=["rotary", "learned"])
+def test_hidden_states_are_invariant_to_left_and_right_padding(cfg):
+  _, params, apply = _setup(cfg)
+  real = _random_tokens(2, (6,))
+  junk = _random_tokens(3, (4,))  # pad slots hold arbitrary ids: they must not matter
+  # Row 0: unpadded prefix of the batch layout; row 1: the same 6 tokens left-padded.
+  tokens = np.stack([np.concatenate([real, junk]), np.concatenate([junk, real])])
+  mask = np.stack([np.arange(S) < 6, np.arange(S) >= 4])
+  out = np.asarray(apply(params, tokens, mask))
+  bare = np.asarray(apply(params, np.stack([np.concatenate([real, junk[::-1]])] * 2),
+                          np.stack([np.arange(S) < 6] * 2)))[0, :6]
+  np.testing.assert_allclose(out[0, :6], bare, atol=1e-5)  # right padding, other pad ids
+  np.testing.assert_allclose(out[1, 4:], bare, atol=1e-5)  # left padding
+
+
+def test_fully_masked_rows_produce_finite_outputs():
+  _, params, apply = _setup(CFG)
+  tokens = _random_tokens(4, (B, S))
+  mask = np.array([[0] * 10, [0, 0, 0, 1, 1, 1, 1, 1, 1, 1]], bool)
+  out = np.asarray(apply(params, tokens, mask))
+  assert np.isfinite(out).all()
+  # gradients through such rows: tests/test_reward_model.py
+
+
+@pytest.mark.parametrize("cfg", [CFG, LEARNED], ids=["rotary", "learned"])
+def test_kv_cached_decoding_matches_full_forward(cfg):
+  model, params, apply = _setup(cfg)
+  prompt = _random_tokens(5, (B, 6))
+  prompt_mask = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], bool)
+  steps = _random_tokens(6, (B, 4))
+  step_mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0]], bool)  # rows that "ended" early
+  full_tokens = np.concatenate([prompt, steps], 1)
+  full_mask = np.concatenate([prompt_mask, step_mask], 1)
+  want = np.asarray(apply(params, full_tokens, full_mask))
+
+  @jax.jit
+  def decode(params):
+    cache = init_cache(cfg, B, S + 2)  # spare slots stay empty
+    hidden, cache = model.apply(params, prompt, prompt_mask, cache=cache)
+
+    def step(cache, xs):
+      token, token_mask = xs
+      h, cache = model.apply(params, token[:, None], token_mask[:, None], cache=cache)
+      return cache, h[:, 0]
+
+    cache, hs = jax.lax.scan(step, cache, (steps.T, step_mask.T))
+    return jnp.concatenate([hidden, hs.transpose(1, 0, 2)], 1), cache
+
+  got, cache = decode(params)
+  np.testing.assert_allclose(np.asarray(got)[full_mask], want[full_mask], atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(cache.mask)[:, :S], full_mask)
+  assert not np.asarray(cache.mask)[:, S:].any()
+  assert int(cache.index) == S
+  assert cache.keys.shape == (cfg.num_layers, B, S + 2, cfg.num_heads, cfg.head_dim)
+
+
+def test_init_cache_is_empty_and_rejects_oversized_cache():
+  cache = init_cache(CFG, 3)
+  assert isinstance(cache, KVCache)
+  assert cache.mask.shape == (3, CFG.max_len) and not np.asarray(cache.mask).any()
+  assert int(cache.index) == 0
+  with pytest.raises(ValueError, match="cache_len"):
+    init_cache(CFG, 3, CFG.max_len + 1)
+
+
+def test_bfloat16_compute_runs_and_is_close_to_float32():
+  cfg16 = dataclasses.replace(CFG, dtype=jnp.bfloat16)
+  _, params, apply32 = _setup(CFG)
+  model16 = Transformer(cfg16)
+  shapes16 = jax.eval_shape(model16.init, jax.random.key(0), jnp.ones((B, S), jnp.int32),
+                            jnp.ones((B, S), bool))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(shapes16))
+  tokens = _random_tokens(7, (B, S))
+  mask = np.array([[1] * 10, [0, 0] + [1] * 8], bool)
+  out32 = np.asarray(apply32(params, tokens, mask))
+  out16 = jax.jit(model16.apply)(params, tokens, mask)
+  assert out16.dtype == jnp.float32
+  diff = np.abs(np.asarray(out16) - out32)[mask]
+  assert diff.max() < 0.15, diff.max()  # hidden states are unit-scale after the final LN
+  assert diff.max() > 0  # bfloat16 really was used
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("tokens, mask, pattern", [
+    (np.ones((2, 3, 4), np.int32), np.ones((2, 3, 4), bool), r"tokens.*\[batch, seq\].*\(2, 3, 4\)"),
+    (np.ones((5,), np.int32), np.ones((5,), bool), r"tokens.*\(5,\)"),
+    (np.full((2, 4), VOCAB, np.int32), np.ones((2, 4), bool), r"tokens.*vocab_size=41.*\(2, 4\)"),
+    (np.full((2, 4), -1, np.int32), np.ones((2, 4), bool), r"tokens.*min -1"),
+    (np.ones((2, 25), np.int32), np.ones((2, 25), bool), r"tokens.*25.*\(2, 25\).*max_len=24"),
+    (np.ones((2, 4), np.int32), np.ones((2, 5), bool), r"mask.*\(2, 4\).*\(2, 5\)"),
+    (np.ones((2, 4), np.float32), np.ones((2, 4), bool), r"tokens.*integer"),
+])
+def test_bad_input_raises_value_error_naming_argument_and_shape(tokens, mask, pattern):
+  model, params, _ = _setup(CFG)
+  with pytest.raises(ValueError, match=pattern):
+    model.apply(params, tokens, mask)
+
+
+def test_shape_errors_are_raised_at_trace_time_under_jit():
+  model, params, _ = _setup(CFG)
+  with pytest.raises(ValueError, match=r"mask.*\(2, 4\).*\(2, 5\)"):
+    jax.jit(model.apply)(params, np.ones((2, 4), np.int32), np.ones((2, 5), bool))
+
+
+def test_token_range_is_checked_only_on_concrete_values():
+  check_token_range(np.array([0, 40]), VOCAB)  # in range: no error
+  with pytest.raises(ValueError, match="labels"):
+    check_token_range(np.array([0, 41]), VOCAB, name="labels")
+  seen = []
+
+  @jax.jit
+  def traced(x):
+    seen.append(is_concrete(x))
+    check_token_range(x, VOCAB)  # a tracer: skipped, must not raise or concretise
+    return x
+
+  traced(jnp.array([100]))
+  assert seen == [False] and is_concrete(jnp.array([1]))
+
+
+def test_kv_cache_rejects_more_tokens_than_slots():
+  model, params, _ = _setup(CFG)
+  cache = init_cache(CFG, 2, 4)
+  with pytest.raises(ValueError, match=r"tokens has length 5.*cache_len=4"):
+    model.apply(params, np.ones((2, 5), np.int32), np.ones((2, 5), bool), cache=cache)
+  with pytest.raises(ValueError, match=r"cache has batch size 2"):
+    model.apply(params, np.ones((3, 1), np.int32), np.ones((3, 1), bool), cache=cache)
+
+
+@pytest.mark.parametrize("fields, pattern", [
+    (dict(width=30, num_heads=4), "width must be divisible by num_heads"),
+    (dict(position="alibi"), "position"),
+    (dict(width=6, num_heads=2), "even head_dim"),
+    (dict(dtype=jnp.float16), "dtype"),
+    (dict(num_layers=0), "num_layers"),
+])
+def test_config_rejects_invalid_hyperparameters(fields, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    dataclasses.replace(CFG, **fields)
