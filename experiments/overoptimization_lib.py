@@ -32,6 +32,7 @@ from absl import logging
 from jaxrm import best_of_n as bon_lib
 from jaxrm import metrics as metrics_lib
 from jaxrm import preference
+from jaxrm import rl as rl_lib
 from jaxrm import synthetic
 from jaxrm.reward_model import RewardModel
 from jaxrm.rm_sweep import RewardModelSweep
@@ -54,14 +55,14 @@ class StudyConfig:
   """All settings of one study; every stage's cache is keyed by the fields it reads."""
   world: synthetic.WorldConfig = synthetic.WorldConfig()
   world_seed: int = 0
-  num_comparisons: int = 5000
+  num_comparisons: int = 2000
   data_sizes: tuple[int, ...] = ()  # extra comparison-data sizes for the largest-data sweep
   num_heldout: int = 2000
   labels: str = "deterministic"
   label_noise: float = 0.0
   proxy_sizes: tuple[ProxySize, ...] = (
-      ProxySize(1, 8, 2), ProxySize(1, 16, 2), ProxySize(2, 24, 2), ProxySize(2, 48, 4),
-      ProxySize(2, 96, 4))
+      ProxySize(1, 8, 2), ProxySize(1, 16, 2), ProxySize(2, 24, 2), ProxySize(2, 40, 4),
+      ProxySize(2, 64, 4))
   num_seeds: int = 3
   rm_epochs: int = 3
   rm_batch_size: int = 64
@@ -235,7 +236,8 @@ def best_of_n(cfg: StudyConfig, data: WorldData, proxies: list[dict[str, Any]],
 
   Returns:
     ``ns [n_values]``, ``kl [n_values]`` (``kl_bon``), ``gold`` and ``proxy`` of shape
-    ``[num_sizes, num_seeds, n_values]`` (proxy re-centred so ``pi_init`` scores 0).
+    ``[num_sizes, num_seeds, n_values]``, both re-centred so that ``pi_init`` (n = 1)
+    scores 0.
   """
   num = cfg.num_comparisons if num_comparisons is None else num_comparisons
   path = os.path.join(workdir, f"bon_n{num}.npz")
@@ -270,12 +272,106 @@ def best_of_n(cfg: StudyConfig, data: WorldData, proxies: list[dict[str, Any]],
         g, pr = bon_lib.batched_best_of_n_expected_reward(
             scores[s].reshape(cfg.bon_prompts, cfg.bon_samples), gold, ns)
         out_gold[i, s], out_proxy[i, s] = g, pr
+    # Re-centre so that pi_init (n = 1) scores 0 on these prompts, as in Gao et al.
+    out_gold -= out_gold[..., :1]
+    out_proxy -= out_proxy[..., :1]
     result = {"gold": out_gold, "proxy": out_proxy}
     save_tree(path, result, {"fingerprint": fp, "seconds": time.perf_counter() - t})
     logging.info("best-of-n done in %.1fs", time.perf_counter() - t)
   else:
     result = loaded[0]
   return dict(result, ns=ns, kl=np.asarray(bon_lib.kl_bon(ns)))
+
+
+# ----------------------------------------------------------------------------- stage 4
+def _rl_config(cfg: StudyConfig) -> rl_lib.RLConfig:
+  return rl_lib.RLConfig(policy=cfg.world.policy_config(), max_new_tokens=cfg.world.response_len,
+                         eos_id=None, num_epochs=2, num_minibatches=2)
+
+
+def _proxy_offsets(cfg: StudyConfig, data: WorldData, proxy: dict[str, Any]) -> np.ndarray:
+  """Mean proxy score ``[seeds]`` under ``pi_init`` on fresh prompts (to re-centre RL)."""
+  k_prompts, k_samples = jax.random.split(jax.random.key(cfg.world_seed + 11))
+  prompts = synthetic.sample_prompts(cfg.world, k_prompts, 4096)
+  tokens, mask = jax.jit(lambda p, k: synthetic.sample_responses(data.world, cfg.world, p, k))(
+      prompts, k_samples)
+  scores = score_batches(proxy_model(cfg, proxy["size"]).apply, proxy["params"], tokens, mask)
+  return scores.mean(axis=1)
+
+
+def run_rl(cfg: StudyConfig, data: WorldData, proxies: list[dict[str, Any]],
+           workdir: str) -> dict[str, Any]:
+  """PPO from ``pi_init`` against every proxy (all seeds of a size vmapped together).
+
+  Every step samples ``rl_batch_size`` fresh prompts, and gold is scored on the same
+  responses as the proxy. KL is the mean over the batch of the sequence KL
+  ``sum_t log pi(y_t) - log pi_init(y_t)`` (the k1 estimator, unbiased).
+
+  Returns:
+    ``step [T]`` and ``kl``, ``gold``, ``proxy`` of shape ``[num_sizes, num_seeds, T]``
+    (T = ``rl_steps``; proxy re-centred so that ``pi_init`` scores 0).
+  """
+  wc = cfg.world
+  fp = cfg.fingerprint(*(_PROXY_FIELDS + ("rl_steps", "rl_batch_size", "rl_learning_rate",
+                                          "kl_coef")))
+  rl_cfg = _rl_config(cfg)
+  optimizer = optax.adam(cfg.rl_learning_rate)
+  ref_params = data.world.policy_params
+  start = rl_lib.init_value_head(ref_params, jax.random.key(0), config=wc.policy_config())
+  shape = (cfg.num_seeds, cfg.rl_steps)
+  template = {k: jax.ShapeDtypeStruct(shape, jnp.float32) for k in ("kl", "gold", "proxy")}
+  out = {k: np.zeros((len(proxies),) + shape, np.float32) for k in template}
+  for i, proxy in enumerate(proxies):
+    path = os.path.join(workdir, "rl", f"{proxy['size'].name}.npz")
+    loaded = load_tree(path, template, fp)
+    if loaded is None:
+      t = time.perf_counter()
+      curves = _run_rl_one(cfg, data, proxy, rl_cfg, optimizer, ref_params, start, seed=i)
+      curves["proxy"] = curves["proxy"] - _proxy_offsets(cfg, data, proxy)[:, None]
+      save_tree(path, curves, {"fingerprint": fp, "seconds": time.perf_counter() - t})
+    else:
+      curves = loaded[0]
+    for k in out:
+      out[k][i] = np.asarray(curves[k])
+  return dict(out, step=np.arange(1, cfg.rl_steps + 1))
+
+
+def _run_rl_one(cfg, data, proxy, rl_cfg, optimizer, ref_params, start, *, seed):
+  wc = cfg.world
+  reward_fn = proxy_model(cfg, proxy["size"]).apply
+  ones = jnp.ones((cfg.rl_batch_size, wc.prompt_len), bool)
+
+  def one_step(state, reward_params):
+    key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), 2)
+    prompts = synthetic.sample_prompts(wc, key, cfg.rl_batch_size)
+    state, metrics, ro = rl_lib.ppo_step(
+        state, {"prompts": prompts, "prompt_mask": ones}, reward_params, ref_params,
+        config=rl_cfg, reward_fn=reward_fn, optimizer=optimizer, return_rollout=True)
+    gold = synthetic.gold_reward(data.world, wc, ro["tokens"], ro["mask"])
+    return state, {"kl": metrics["kl"], "proxy": metrics["score"], "gold": gold.mean()}
+
+  @jax.jit
+  def chunk(states, reward_params, length):
+    del length
+    def seed_scan(state, rp):
+      return jax.lax.scan(lambda s, _: one_step(s, rp), state, None, length=chunk_len)
+    return jax.vmap(seed_scan)(states, reward_params)
+
+  keys = jax.random.split(jax.random.key(2000 + seed), cfg.num_seeds)
+  states = jax.vmap(lambda k: rl_lib.create_rl_state(start, optimizer, k,
+                                                     kl_coef=cfg.kl_coef))(keys)
+  logs, done, t0 = [], 0, time.perf_counter()
+  chunk_len = min(cfg.rl_log_every, cfg.rl_steps)
+  while done < cfg.rl_steps:
+    states, m = chunk(states, proxy["params"], None)
+    logs.append(jax.device_get(m))
+    done += chunk_len
+    elapsed = time.perf_counter() - t0
+    logging.info("rl %s: step %d/%d  kl %.2f  proxy %.3f  gold %.3f  %.1f steps/s  ETA %.0fs",
+                 proxy["size"].name, done, cfg.rl_steps, m["kl"][:, -1].mean(),
+                 m["proxy"][:, -1].mean(), m["gold"][:, -1].mean(), done / elapsed,
+                 elapsed / done * (cfg.rl_steps - done))
+  return {k: np.concatenate([l[k] for l in logs], axis=1)[:, :cfg.rl_steps] for k in logs[0]}
 
 
 # ----------------------------------------------------------------------------- driver

@@ -1,0 +1,61 @@
+r"""Writes the reward-model report of a saved checkpoint of a training run.
+
+Restores checkpoint ``--step`` (default: the latest) of a run of
+``experiments/train_reward_model.py``, scores its held-out pairs (the training pairs if the
+run has no held-out split) and writes ``rm_report.json``, ``rm_report.md``,
+``reliability.png`` and ``reward_histogram.png`` (see :mod:`jaxrm.report`) into
+``--out_dir`` (default: the run directory for the latest step, else
+``<workdir>/reports/step_<step>``)::
+
+  python experiments/rm_report.py --workdir=runs/rm_hh
+  python experiments/rm_report.py --workdir=runs/rm_hh --step=200
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxrm import rm_train  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of train_reward_model.py.",
+                               required=True)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).",
+                             lower_bound=0)
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory (see the docstring).")
+
+
+def _die(message: str) -> None:
+  print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flags parser that reports a bad flag in one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _die(str(e))
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    _die(f"unexpected arguments {argv[1:]}")
+  rm_train.quiet_orbax_logging()
+  try:
+    paths = rm_train.write_run_report(_WORKDIR.value, step=_STEP.value, out_dir=_OUT_DIR.value)
+  except FileNotFoundError as e:
+    _die(str(e))
+  for kind, path in paths.items():
+    logging.info("%s: %s", kind, path)
+    print(path)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)
