@@ -49,7 +49,10 @@ _BON_MAX_N = flags.DEFINE_integer("bon_max_n", None, "Largest n of best-of-n.")
 _BON_SAMPLES = flags.DEFINE_integer("bon_samples", None, "Samples per prompt (N >= max n).")
 _RL_STEPS = flags.DEFINE_integer("rl_steps", None, "PPO steps per proxy (0 skips RL).")
 _KL_COEF = flags.DEFINE_float("kl_coef", None, "KL penalty coefficient of PPO.")
+_RL_LEARNING_RATE = flags.DEFINE_float("rl_learning_rate", None, "Adam learning rate of PPO.")
 _WORLD_SEED = flags.DEFINE_integer("world_seed", None, "Seed of the world.")
+_WORLD = flags.DEFINE_string("world", "", "WorldConfig overrides, e.g. "
+                             "'feature_quantile=0.9,gold_width=32' (see jaxrm.synthetic).")
 
 
 def _parse_sizes(values: list[str]) -> tuple[lib.ProxySize, ...]:
@@ -81,8 +84,15 @@ def config_from_flags() -> lib.StudyConfig:
       "num_seeds": _SEEDS.value, "num_comparisons": _NUM_COMPARISONS.value,
       "labels": _LABELS.value, "label_noise": _LABEL_NOISE.value,
       "bon_max_n": _BON_MAX_N.value, "bon_samples": _BON_SAMPLES.value,
-      "rl_steps": _RL_STEPS.value, "kl_coef": _KL_COEF.value, "world_seed": _WORLD_SEED.value}
+      "rl_steps": _RL_STEPS.value, "kl_coef": _KL_COEF.value,
+      "rl_learning_rate": _RL_LEARNING_RATE.value, "world_seed": _WORLD_SEED.value}
   overrides = {k: v for k, v in overrides.items() if v is not None}
+  if _WORLD.value:
+    try:
+      overrides["world"] = dataclasses.replace(
+          cfg.world, **synthetic.parse_world_overrides(_WORLD.value))
+    except ValueError as e:
+      raise app.UsageError(f"--world: {e}") from None
   if _PROXY_SIZES.value is not None:
     overrides["proxy_sizes"] = _parse_sizes(_PROXY_SIZES.value)
   if _DATA_SIZES.value:

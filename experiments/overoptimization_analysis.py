@@ -47,6 +47,48 @@ def fit_curves(results: dict[str, Any]) -> dict[str, Any]:
   return fits
 
 
+def fit_data_sweep(results: dict[str, Any]) -> list[dict[str, Any]]:
+  """R_bon fits for every (comparison-data size, proxy size) of the ``--data_sizes`` sweep."""
+  d = np.sqrt(np.asarray(results["bon"]["kl"]))
+  out = []
+  for entry in results.get("data_sweep", []):
+    fits = []
+    for gold in np.asarray(entry["bon_gold"]):  # [seeds, n]
+      dd = np.broadcast_to(d, gold.shape).ravel()
+      fits.append(_fit_dict(scaling.fit_bon(dd, gold.ravel())))
+    out.append({"num_comparisons": entry["num_comparisons"], "fits": fits,
+                "heldout_accuracy": [float(np.mean(p["heldout_accuracy"]))
+                                     for p in entry["proxies"]]})
+  return out
+
+
+def plot_data_sweep(results: dict[str, Any], path: str) -> None:
+  """alpha_bon, beta_bon and the fitted gold peak against comparison-data size."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  sweep = results["data_fits"]
+  sizes = [e["num_comparisons"] for e in sweep]
+  colours = _colours(len(results["proxies"]))
+  fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+  for i, p in enumerate(results["proxies"]):
+    series = {"alpha_bon": [e["fits"][i]["alpha"] for e in sweep],
+              "beta_bon": [e["fits"][i]["beta"] for e in sweep],
+              "fitted gold peak": [e["fits"][i]["peak_gold"] for e in sweep],
+              "held-out accuracy": [e["heldout_accuracy"][i] for e in sweep]}
+    for ax, (name, values) in zip(axes, series.items()):
+      ax.plot(sizes, values, "o-", color=colours[i], label=p["name"])
+      ax.set_title(name)
+  for ax in axes:
+    ax.set_xscale("log")
+    ax.set_xlabel("comparisons")
+  axes[0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def _first_reach(d: np.ndarray, r: np.ndarray, target: float) -> float:
   """Smallest d at which the curve ``r(d)`` (sorted by d) reaches ``target`` (inf if never)."""
   order = np.argsort(d)
@@ -232,6 +274,9 @@ def write_summary(results: dict[str, Any], path: str) -> None:
   lines.append("\n## Trends across proxy size\n")
   for k, v in results["trend"].items():
     lines.append(f"- {k}: {v if isinstance(v, list) else f'{v:.3f}'}")
+  for entry in results.get("data_fits", []):
+    lines.append(f"- {entry['num_comparisons']} comparisons: beta_bon " + ", ".join(
+        f"{p['name']} {f['beta']:.3f}" for p, f in zip(results["proxies"], entry["fits"])))
   lines.append("\n## Checks\n")
   for c in results["checks"]:
     lines.append(f"- **{'PASS' if c['passed'] else 'FAIL'}** {c['name']}: {c['detail']}")
@@ -246,6 +291,9 @@ def analyse(results: dict[str, Any], workdir: str) -> dict[str, Any]:
   """Adds fits, trends and checks to ``results``; writes results.json, figures, summary.md."""
   results["fits"] = fit_curves(results)
   results["checks"], results["trend"] = run_checks(results, results["fits"])
+  if results.get("data_sweep"):
+    results["data_fits"] = fit_data_sweep(results)
+    plot_data_sweep(results, os.path.join(workdir, "data_sizes.png"))
   plot_figure1(results, results["fits"], os.path.join(workdir, "figure1.png"))
   plot_coefficients(results, results["fits"], os.path.join(workdir, "coefficients.png"))
   write_summary(results, os.path.join(workdir, "summary.md"))

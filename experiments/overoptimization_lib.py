@@ -67,12 +67,12 @@ class StudyConfig:
   rm_epochs: int = 3
   rm_batch_size: int = 64
   rm_learning_rate: float = 1e-3
-  bon_prompts: int = 8
+  bon_prompts: int = 4
   bon_samples: int = 8192
   bon_max_n: int = 4096
-  rl_steps: int = 200
+  rl_steps: int = 300
   rl_batch_size: int = 64
-  rl_learning_rate: float = 3e-4
+  rl_learning_rate: float = 1e-5
   kl_coef: float = 0.0
   rl_log_every: int = 10
 

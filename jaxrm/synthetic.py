@@ -119,6 +119,28 @@ class WorldConfig:
                              num_heads=num_heads, max_len=self.seq_len)
 
 
+def parse_world_overrides(text: str) -> dict[str, Any]:
+  """Parses ``'feature_quantile=0.9,gold_width=32'`` into typed :class:`WorldConfig` fields.
+
+  Raises:
+    ValueError: naming the malformed item, the unknown field or the mistyped value.
+  """
+  types = {f.name: type(f.default) for f in dataclasses.fields(WorldConfig)}
+  out = {}
+  for item in filter(None, (s.strip() for s in text.split(","))):
+    key, sep, value = (s.strip() for s in item.partition("="))
+    if not sep:
+      raise ValueError(f"{item!r} is not FIELD=VALUE")
+    if key not in types:
+      raise ValueError(f"unknown WorldConfig field {key!r}; valid: {sorted(types)}")
+    try:
+      out[key] = types[key](value)
+    except ValueError:
+      raise ValueError(f"WorldConfig.{key} must be a {types[key].__name__}, "
+                       f"got {value!r}") from None
+  return out
+
+
 class GoldStats(NamedTuple):
   """Normalising statistics of gold, measured on ``pi_init`` samples (all shape=(), float32)."""
   raw_mean: jax.Array  # shape=(), float32: mean of the transformer part
