@@ -18,7 +18,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -52,8 +51,7 @@ def main(argv: list[str]) -> None:
     paths = rm_train.write_run_report(_WORKDIR.value, step=_STEP.value, out_dir=_OUT_DIR.value)
   except FileNotFoundError as e:
     _die(str(e))
-  for kind, path in paths.items():
-    logging.info("%s: %s", kind, path)
+  for path in paths.values():
     print(path)
 
 

@@ -1,0 +1,409 @@
+"""Tests of the reward-model training loop (jaxrm.rm_train) and its scripts.
+
+* smoke runs of the library loop on synthetic data under ``shard_map`` and ``pmap`` (8 forced
+  host devices), and on the HH-RLHF sample through the TFDS builder;
+* the training script killed with SIGKILL at random moments and restarted ends with
+  parameters bitwise identical to an uninterrupted run (subprocesses, one CPU device);
+* a damaged latest checkpoint makes the resumed run fall back to the previous one (the
+  checkpoint manager's own cases are in tests/test_checkpoint.py, e.g.
+  ``test_damaged_latest_checkpoint_falls_back_to_previous_with_warning``);
+* bad flags stop the script with one line naming the flag; ``rm_report.py`` writes the report
+  of an earlier checkpoint.
+"""
+
+import gzip
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from absl import flags
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from experiments import train_reward_model as script
+from jaxrm import presets
+from jaxrm import rm_io
+from jaxrm import rm_train
+from jaxrm.reward_model import RewardModel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_SCRIPT = os.path.join(ROOT, "experiments", "train_reward_model.py")
+REPORT_SCRIPT = os.path.join(ROOT, "experiments", "rm_report.py")
+SAMPLE = os.path.join(ROOT, "tests", "data", "hh_rlhf_sample.jsonl.gz")
+TINY_WORLD = {"policy_layers": 1, "policy_width": 16, "gold_layers": 1, "gold_width": 32,
+              "num_calibration": 256}
+WORLD_FLAG = ",".join(f"{k}={v}" for k, v in TINY_WORLD.items())
+
+
+def _config(**overrides):
+  base = dict(data=("synthetic",), synthetic_pairs=256, synthetic_world=TINY_WORLD,
+              test_fraction=0.25, model="tiny", batch_size=16, steps=8, learning_rate=1e-3,
+              warmup_steps=2, eval_every=4, log_every=2, checkpoint_every=4)
+  base.update(overrides)
+  return rm_train.TrainConfig(**base)
+
+
+def _rows(workdir):
+  return rm_train.read_metrics(os.path.join(workdir, rm_train.METRICS_FILE))
+
+
+def _leaves(state):
+  return [np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype,
+                                                                     jax.dtypes.prng_key)
+                     else x) for x in jax.tree.leaves(state)]
+
+
+def _assert_bitwise_equal(state_a, state_b):
+  a, b = _leaves(state_a), _leaves(state_b)
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.dtype == y.dtype and np.array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def synthetic_npz(tmp_path_factory):
+  """The tiny world's comparisons, made once and copied into each run's data directory."""
+  workdir = tmp_path_factory.mktemp("synthetic_cache")
+  rm_train.synthetic_comparisons(_config(), workdir)
+  return workdir / rm_train.DATA_DIR / rm_train.SYNTHETIC_FILE
+
+
+def _seeded_workdir(path, synthetic_npz):
+  os.makedirs(path / rm_train.DATA_DIR)
+  shutil.copy(synthetic_npz, path / rm_train.DATA_DIR)
+  return path
+
+
+# ----------------------------------------------------------------------------- library loop
+
+
+@pytest.fixture(scope="module")
+def shard_map_run(tmp_path_factory, synthetic_npz):
+  workdir = _seeded_workdir(tmp_path_factory.mktemp("shard_map_run"), synthetic_npz)
+  summary = rm_train.train_and_evaluate(_config(parallel="shard_map"), workdir)
+  return workdir, summary
+
+
+def test_shard_map_run_writes_metrics_checkpoints_and_report(shard_map_run, synthetic_npz):
+  workdir, summary = shard_map_run
+  assert summary["step"] == 8 and summary["resumed_from"] is None
+  rows = _rows(workdir)
+  assert [(r["split"], r["step"]) for r in rows] == [
+      ("train", 2), ("train", 4), ("eval", 4), ("train", 6), ("train", 8), ("eval", 8)]
+  for row in rows[:2]:
+    assert {"loss", "accuracy", "pairs_per_sec", "eta_sec", "learning_rate"} <= set(row)
+  assert {"accuracy", "log_loss", "ece", "brier"} <= set(rows[-1])
+  assert sorted(os.listdir(workdir / rm_train.CHECKPOINT_DIR)) == ["4", "8"]
+  # The cached comparisons were reused, not made again.
+  assert (workdir / "data" / rm_train.SYNTHETIC_FILE).read_bytes() == synthetic_npz.read_bytes()
+
+  with open(workdir / "rm_report.json") as f:
+    rep = json.load(f)
+  model_config = presets.preset("tiny", vocab_size=16, max_len=16)
+  assert rep["model"]["num_params"] == presets.param_count(model_config)
+  assert rep["run"]["step"] == 8 and rep["run"]["evaluated_on"] == "test"
+  assert rep["data"]["train_pairs"] == 192 and rep["heldout"]["num_pairs"] == 64
+  assert rep["heldout"]["accuracy"] == pytest.approx(rows[-1]["accuracy"], abs=1 / 64)
+  assert rep["gold"]["pairwise_accuracy"] is not None
+  assert rep["length"]["constant_length"] and rep["subsets"] is None
+  for name in ("rm_report.md", "reliability.png", "reward_histogram.png"):
+    assert (workdir / name).stat().st_size > 0
+  assert (workdir / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoint_extra_follows_the_reward_model_format(shard_map_run):
+  workdir, _ = shard_map_run
+  extra = rm_train.read_checkpoint_extra(workdir, 8)
+  assert rm_io.config_from_json(extra["model_config"]) == presets.preset(
+      "tiny", vocab_size=16, max_len=16)
+  assert extra["pooling"] == "last" and extra["tokenizer"] == "synthetic"
+  assert extra["data"]["epoch"] == 0 and extra["data"]["batch_in_epoch"] == 8
+  assert extra["metrics"]["eval_accuracy"] == _rows(workdir)[-1]["accuracy"]
+  assert rm_train.TrainConfig.from_json(extra["config"]) == _config(parallel="shard_map")
+  apply_fn, params, _ = rm_io.load_reward_model(str(workdir))
+  run = rm_train.restore_run(workdir)
+  _assert_bitwise_equal(params, run.state.params)
+  tokens = np.arange(32, dtype=np.int32).reshape(2, 16) % 16
+  mask = np.ones((2, 16), bool)
+  np.testing.assert_array_equal(
+      apply_fn(params, tokens, mask),
+      RewardModel(run.model_config).apply(run.state.params, tokens, mask))
+
+
+def test_pmap_run_trains_the_same_model_as_shard_map(shard_map_run, tmp_path, synthetic_npz):
+  workdir = _seeded_workdir(tmp_path / "pmap", synthetic_npz)
+  summary = rm_train.train_and_evaluate(
+      _config(parallel="pmap", eval_every=8, checkpoint_every=8, report=False), workdir)
+  assert summary["eval"]["num_pairs"] == 64
+  reference = rm_train.restore_run(shard_map_run[0]).state.params
+  got = rm_train.restore_run(workdir).state.params
+  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(reference)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+  assert [r["step"] for r in _rows(workdir)] == [2, 4, 6, 8, 8]
+
+
+def test_report_of_an_earlier_checkpoint_goes_to_its_own_directory(shard_map_run):
+  workdir, _ = shard_map_run
+  paths = rm_train.write_run_report(workdir, step=4)
+  assert paths["json"] == str(workdir / "reports" / "step_4" / "rm_report.json")
+  with open(paths["json"]) as f:
+    rep = json.load(f)
+  eval_4 = [r for r in _rows(workdir) if r["split"] == "eval" and r["step"] == 4][0]
+  assert rep["run"]["step"] == 4
+  assert rep["heldout"]["log_loss"] == pytest.approx(eval_4["log_loss"], rel=1e-4)
+  with pytest.raises(FileNotFoundError, match="no checkpoint at step 5"):
+    rm_train.write_run_report(workdir, step=5)
+
+
+def test_resume_refuses_changed_settings_and_a_finished_run_only_reports(
+    shard_map_run, tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(shard_map_run[0], workdir)
+  before = _rows(workdir)
+  with pytest.raises(rm_train.ConfigError, match="learning_rate") as e:
+    rm_train.train_and_evaluate(_config(parallel="shard_map", learning_rate=2e-3), workdir)
+  assert e.value.flag_message().startswith("flag --learning_rate=0.002: differs")
+  # A changed execution mode is allowed; the finished run is not trained again.
+  summary = rm_train.train_and_evaluate(_config(parallel="jit", report=False), workdir)
+  assert summary["resumed_from"] == 8 and summary["step"] == 8
+  assert _rows(workdir) == before
+
+
+def test_hh_sample_trains_through_tfds_and_reports_without_the_source_files(tmp_path):
+  with gzip.open(SAMPLE, "rt") as f:
+    lines = f.readlines()
+  files = [tmp_path / "helpful-base.jsonl", tmp_path / "harmless-base.jsonl"]
+  files[0].write_text("".join(lines[:32]))
+  files[1].write_text("".join(lines[32:]))
+  workdir = tmp_path / "run"
+  config = rm_train.TrainConfig(
+      data=tuple(map(str, files)), test_fraction=0.25, max_len=128, model="tiny",
+      batch_size=8, steps=6, warmup_steps=2, learning_rate=1e-3, eval_every=3, log_every=3,
+      checkpoint_every=3, parallel="jit")
+  summary = rm_train.train_and_evaluate(config, workdir)
+  assert 0.0 <= summary["eval"]["accuracy"] <= 1.0
+  builder = tfds.builder_from_directory(rm_train._dataset_dir(str(workdir)))
+  stats = builder.info.metadata["splits"]
+  with open(workdir / "rm_report.json") as f:
+    rep = json.load(f)
+  splits = rep["data"]["splits"]
+  assert splits["train"]["pairs"] + splits["test"]["pairs"] == 64
+  for split in ("train", "test"):
+    assert splits[split]["truncated_pairs"] == stats[split]["truncated_pairs"]
+    assert splits[split]["skipped"] == 0
+    assert splits[split]["sequence_length"]["max"] <= 128
+  assert splits["train"]["truncated_pairs"] > 0  # HH dialogues exceed 128 bytes
+  assert rep["model"]["config"]["vocab_size"] == 259 and rep["model"]["tokenizer"] == "byte"
+  assert not rep["length"]["constant_length"] and rep["length"]["pearson"] is not None
+  test_subsets = {e.subset for e in rm_train.data_lib.get_examples(
+      builder.as_data_source(split="test"), range(splits["test"]["pairs"]))}
+  assert sorted(s["name"] for s in rep["subsets"] or []) == (
+      sorted(test_subsets) if len(test_subsets) > 1 else [])
+  # The report of a checkpoint reads the prepared dataset; the JSONL files are not needed.
+  for path in files:
+    path.unlink()
+  paths = rm_train.write_run_report(workdir, step=3)
+  with open(paths["json"]) as f:
+    assert json.load(f)["run"]["step"] == 3
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+def test_flags_parse_into_the_train_config():
+  fv = flags.FlagValues()
+  script.define_flags(fv)
+  fv(["prog", "--workdir=/tmp/x", "--data=a.jsonl,b.jsonl.gz", "--test_data=c.jsonl",
+      "--model=small", "--loss=hinge", "--margin=0.5", "--batch_size=64", "--nobucket",
+      "--synthetic_world=policy_layers=1,feature_coef=0.5", "--parallel=pmap"])
+  config = script.config_from_flags(fv)
+  assert config.data == ("a.jsonl", "b.jsonl.gz") and config.test_data == ("c.jsonl",)
+  assert (config.model, config.loss, config.margin, config.batch_size, config.bucket,
+          config.parallel) == ("small", "hinge", 0.5, 64, False, "pmap")
+  assert config.synthetic_world == {"policy_layers": 1, "feature_coef": 0.5}
+  fv = flags.FlagValues()
+  script.define_flags(fv)
+  fv(["prog", "--workdir=/tmp/x"])
+  assert script.config_from_flags(fv) == rm_train.TrainConfig()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("batch_size", 0, "must be an int >= 1"),
+    ("test_fraction", 1.0, "must be in \\[0, 1\\)"),
+    ("data", ("/nonexistent/pairs.jsonl",), "file not found: /nonexistent/pairs.jsonl"),
+    ("test_data", (SAMPLE,), "must be empty with --data=synthetic"),
+    ("model", "huge", "must be one of"),
+    ("label_smoothing", 1.5, "must be in \\[0, 1\\]"),
+    ("synthetic_world", {"vocab_size": 0}, "vocab_size must be >= 1"),
+])
+def test_validate_config_names_the_bad_setting(field, value, message):
+  config = rm_train.TrainConfig(**{field: value})
+  with pytest.raises(rm_train.ConfigError, match=message) as e:
+    rm_train.validate_config(config, num_devices=1)
+  assert e.value.field == field
+  assert e.value.flag_message().startswith(f"flag --{field}=")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("colour=3", "unknown WorldConfig field 'colour'"),
+    ("policy_layers=two", "policy_layers must be a int"),
+    ("policy_layers", "is not FIELD=VALUE"),
+])
+def test_malformed_world_overrides_name_the_flag(text, message):
+  with pytest.raises(rm_train.ConfigError, match=message) as e:
+    rm_train.parse_world_overrides(text)
+  assert e.value.flag_message().startswith(f"flag --synthetic_world={text}:")
+
+
+def test_batch_size_must_divide_among_the_devices_of_the_mode():
+  rm_train.validate_config(rm_train.TrainConfig(batch_size=12, parallel="jit"), num_devices=8)
+  with pytest.raises(rm_train.ConfigError, match="divisible by the 8 devices"):
+    rm_train.validate_config(rm_train.TrainConfig(batch_size=12, parallel="auto"),
+                             num_devices=8)
+
+
+def _env(cache_dir=None):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # one CPU device, as a user's run
+  if cache_dir is not None:  # persistent compilation cache shared by the runs of a test
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return env
+
+
+def test_bad_flags_stop_the_script_with_one_line_naming_the_flag(tmp_path):
+  # More cases of the same checks run in-process in test_validate_config_names_the_bad_setting.
+  cases = [(["--batch_size=0"], "--batch_size=0"),
+           (["--model=huge"], "--model=huge"),
+           ([f"--data={tmp_path}/missing.jsonl"], f"--data={tmp_path}/missing.jsonl")]
+  procs = [subprocess.Popen([sys.executable, TRAIN_SCRIPT, f"--workdir={tmp_path}/w", *args],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+           for args, _ in cases]
+  missing_workdir = subprocess.run([sys.executable, REPORT_SCRIPT], env=_env(),
+                                   capture_output=True, text=True, timeout=120)
+  for (args, flag), proc in zip(cases, procs):
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, (args, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0] and "error" in lines[0], (args, err)
+  assert missing_workdir.returncode == 2
+  assert missing_workdir.stderr.strip().count("\n") == 0
+  assert "--workdir" in missing_workdir.stderr
+  assert not os.path.exists(tmp_path / "w" / rm_train.CHECKPOINT_DIR)
+
+
+# ----------------------------------------------------------------------------- SIGKILL
+
+
+def _train_command(workdir):
+  return [sys.executable, TRAIN_SCRIPT, f"--workdir={workdir}", "--data=synthetic",
+          "--synthetic_pairs=256", f"--synthetic_world={WORLD_FLAG}", "--test_fraction=0.25",
+          "--model=tiny", "--batch_size=16", "--steps=40", "--learning_rate=1e-3",
+          "--warmup_steps=5", "--eval_every=10", "--log_every=5", "--checkpoint_every=5",
+          "--keep_checkpoints=2", "--parallel=jit", "--noreport"]
+
+
+def _saved_steps(workdir):
+  directory = workdir / rm_train.CHECKPOINT_DIR
+  if not directory.is_dir():
+    return set()
+  return {int(p.name) for p in directory.iterdir() if p.name.isdigit()}
+
+
+@pytest.fixture(scope="module")
+def killed_and_reference_runs(tmp_path_factory, synthetic_npz):
+  """An uninterrupted run and a run SIGKILLed three times at random moments, then finished."""
+  base = tmp_path_factory.mktemp("sigkill")
+  env = _env(cache_dir=base / "jax_cache")
+  reference = _seeded_workdir(base / "reference", synthetic_npz)
+  proc = subprocess.run(_train_command(reference), env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  killed = _seeded_workdir(base / "killed", synthetic_npz)
+  rng = np.random.default_rng(0)
+  kills = []
+  for _ in range(3):
+    before = _saved_steps(killed)
+    proc = subprocess.Popen(_train_command(killed), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    # Kill at a random moment after this process has written its first checkpoint.
+    while not (_saved_steps(killed) - before) and proc.poll() is None:
+      assert time.time() < deadline, "no checkpoint within 120 s"
+      time.sleep(0.01)
+    time.sleep(rng.uniform(0.0, 0.4))
+    alive = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kills.append((alive, sorted(_saved_steps(killed))))
+  assert sum(alive for alive, _ in kills) >= 2, kills  # most kills hit a running process
+  proc = subprocess.run(_train_command(killed), env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return reference, killed, env, kills, proc.stderr
+
+
+def test_run_killed_with_sigkill_resumes_to_bitwise_identical_state(killed_and_reference_runs):
+  reference, killed, _, _, stderr = killed_and_reference_runs
+  assert "Resuming from the checkpoint at step" in stderr
+  ref, got = rm_train.restore_run(reference), rm_train.restore_run(killed)
+  assert ref.step == got.step == 40
+  _assert_bitwise_equal(got.state, ref.state)  # params, Adam moments, step, key
+  assert got.extra["data"] == ref.extra["data"]
+
+
+def test_resumed_run_metrics_hold_each_step_once_with_the_uninterrupted_values(
+    killed_and_reference_runs):
+  reference, killed, _, _, _ = killed_and_reference_runs
+  ref_rows, got_rows = _rows(reference), _rows(killed)
+  assert [(r["split"], r["step"]) for r in got_rows] == [
+      (r["split"], r["step"]) for r in ref_rows]
+  timing = {"pairs_per_sec", "eta_sec"}
+  for a, b in zip(got_rows, ref_rows):
+    assert {k: v for k, v in a.items() if k not in timing} == {
+        k: v for k, v in b.items() if k not in timing}
+
+
+def test_damaged_latest_checkpoint_is_reported_and_the_previous_one_used(
+    killed_and_reference_runs, tmp_path):
+  reference, killed, env, _, _ = killed_and_reference_runs
+  workdir = tmp_path / "damaged"
+  shutil.copytree(killed, workdir)
+  data_files = [p for p in (workdir / rm_train.CHECKPOINT_DIR / "40" / "state").rglob("*")
+                if p.is_file() and p.parent.name == "d"]
+  assert data_files
+  for path in data_files:
+    path.unlink()
+  proc = subprocess.run(_train_command(workdir), env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Could not restore the checkpoint at step 40" in proc.stderr
+  assert "Resuming from the checkpoint at step 35" in proc.stderr
+  assert (workdir / rm_train.CHECKPOINT_DIR / "40.corrupt").is_dir()
+  _assert_bitwise_equal(rm_train.restore_run(workdir).state,
+                        rm_train.restore_run(reference).state)
+
+
+def test_rm_report_script_writes_the_report_of_an_earlier_checkpoint(
+    killed_and_reference_runs):
+  reference, _, env, _, _ = killed_and_reference_runs
+  assert 35 in _saved_steps(reference)
+  proc = subprocess.run([sys.executable, REPORT_SCRIPT, f"--workdir={reference}", "--step=35"],
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out_dir = reference / "reports" / "step_35"
+  with open(out_dir / "rm_report.json") as f:
+    rep = json.load(f)
+  assert rep["run"]["step"] == 35 and rep["gold"] is not None
+  assert str(out_dir / "rm_report.md") in proc.stdout
+  assert pathlib.Path(out_dir / "reliability.png").read_bytes()[:4] == b"\x89PNG"
