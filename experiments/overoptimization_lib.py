@@ -55,13 +55,13 @@ class StudyConfig:
   """All settings of one study; every stage's cache is keyed by the fields it reads."""
   world: synthetic.WorldConfig = synthetic.WorldConfig()
   world_seed: int = 0
-  num_comparisons: int = 2000
+  num_comparisons: int = 2500
   data_sizes: tuple[int, ...] = ()  # extra comparison-data sizes for the largest-data sweep
   num_heldout: int = 2000
   labels: str = "deterministic"
   label_noise: float = 0.0
   proxy_sizes: tuple[ProxySize, ...] = (
-      ProxySize(1, 8, 2), ProxySize(1, 16, 2), ProxySize(2, 24, 2), ProxySize(2, 40, 4),
+      ProxySize(1, 4, 1), ProxySize(1, 8, 2), ProxySize(1, 16, 2), ProxySize(2, 32, 4),
       ProxySize(2, 64, 4))
   num_seeds: int = 3
   rm_epochs: int = 3
@@ -76,16 +76,20 @@ class StudyConfig:
   kl_coef: float = 0.0
   rl_log_every: int = 10
 
+  @property
+  def num_train(self) -> int:
+    """Size of the generated comparison set (smaller data sizes use its prefixes)."""
+    return max((self.num_comparisons,) + tuple(self.data_sizes))
+
   def fingerprint(self, *fields: str) -> str:
-    """A short hash of the named fields (all fields when none are named)."""
-    d = dataclasses.asdict(self)
-    if fields:
-      d = {f: d[f] for f in fields}
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A short hash of the named fields and properties."""
+    d = {f: getattr(self, f) for f in fields}
+    d = json.loads(json.dumps(d, default=lambda x: dataclasses.asdict(x)
+                              if dataclasses.is_dataclass(x) else str(x)))
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_WORLD_FIELDS = ("world", "world_seed", "num_comparisons", "data_sizes", "num_heldout",
-                 "labels", "label_noise")
+_WORLD_FIELDS = ("world", "world_seed", "num_train", "num_heldout", "labels", "label_noise")
 _PROXY_FIELDS = _WORLD_FIELDS + ("num_seeds", "rm_epochs", "rm_batch_size", "rm_learning_rate")
 
 
@@ -133,7 +137,7 @@ def build_world(cfg: StudyConfig, workdir: str) -> WorldData:
   fp = cfg.fingerprint(*_WORLD_FIELDS)
   key = jax.random.key(cfg.world_seed)
   k_world, k_train, k_heldout = jax.random.split(key, 3)
-  num_train = max((cfg.num_comparisons,) + tuple(cfg.data_sizes))
+  num_train = cfg.num_train
 
   def make():
     world = synthetic.init_world(cfg.world, k_world)

@@ -8,8 +8,9 @@ No pretrained model or human data is needed. The world has:
 * a **gold** reward (the "human"): a larger frozen random transformer
   (:class:`jaxrm.reward_model.RewardModel`) plus a planted *feature* term: the count ``c`` of
   one token in the response is rewarded linearly (``feature_coef`` per standard deviation of
-  ``c`` under ``pi_init``) up to its ``feature_quantile`` quantile under ``pi_init`` and
-  penalised quadratically beyond it (``- feature_penalty * (c - c_q)**2``). This is the
+  ``c`` under ``pi_init``) and penalised beyond its ``feature_quantile`` quantile ``c_q`` under
+  ``pi_init`` (``- feature_penalty * (c - c_q) ** feature_penalty_power``; the default linear
+  penalty outweighs the gain, so gold falls linearly in ``c`` past ``c_q``). This is the
   extremal-Goodhart mechanism: a proxy fitted on ``pi_init`` data sees few responses past
   ``c_q`` and extrapolates "more is better", like a verbosity bias (Singhal et al. 2023).
   The transformer part adds a complex target that small proxies fit worse than large ones.
@@ -66,7 +67,10 @@ class WorldConfig:
     gold_layers, gold_width, gold_heads: the gold reward model's transformer.
     feature_token: the token whose response count is the planted feature.
     feature_coef: gold reward per standard deviation of the feature count.
-    feature_penalty: quadratic penalty per squared count beyond the threshold.
+    feature_penalty: penalty per (count beyond the threshold) ** feature_penalty_power.
+    feature_penalty_power: 1 (default) makes gold fall linearly past the threshold; best-of-n
+      then moves the count roughly like d**2 = KL, so gold vs d has Gao et al.'s
+      ``d (alpha - beta d)`` shape. 2 (a quadratic penalty) makes the fall much steeper.
     feature_quantile: the threshold is this quantile of the count under ``pi_init``.
     num_calibration: ``pi_init`` samples used to measure the normalising statistics.
   """
@@ -84,8 +88,9 @@ class WorldConfig:
   gold_heads: int = 4
   feature_token: int = 3
   feature_coef: float = 0.7
-  feature_penalty: float = 0.7
-  feature_quantile: float = 0.95
+  feature_penalty: float = 1.5
+  feature_penalty_power: float = 1.0
+  feature_quantile: float = 0.9
   num_calibration: int = 16384
 
   def __post_init__(self):
@@ -222,7 +227,8 @@ def _combine(cfg: WorldConfig, stats: GoldStats, raw, count):
   """Un-normalised gold: standardised transformer part + planted feature term."""
   linear = cfg.feature_coef * (count - stats.count_mean) / stats.count_std
   excess = jnp.maximum(count - stats.count_threshold, 0.0)
-  return (raw - stats.raw_mean) / stats.raw_std + linear - cfg.feature_penalty * excess ** 2
+  penalty = cfg.feature_penalty * excess ** cfg.feature_penalty_power
+  return (raw - stats.raw_mean) / stats.raw_std + linear - penalty
 
 
 def gold_reward(world: World, cfg: WorldConfig, tokens: jax.Array, mask: jax.Array) -> jax.Array:

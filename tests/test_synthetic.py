@@ -37,7 +37,8 @@ def test_gold_matches_numpy_formula(world):
   count = (np.asarray(tokens)[:, CFG.prompt_len:] == CFG.feature_token).sum(1)
   expected = ((raw - s.raw_mean) / s.raw_std
               + CFG.feature_coef * (count - s.count_mean) / s.count_std
-              - CFG.feature_penalty * np.maximum(count - s.count_threshold, 0) ** 2)
+              - CFG.feature_penalty * np.maximum(count - s.count_threshold, 0)
+              ** CFG.feature_penalty_power)
   expected = (expected - s.mean) / s.std
   np.testing.assert_allclose(synthetic.gold_reward(world, CFG, tokens, mask), expected,
                              rtol=1e-4, atol=1e-4)
