@@ -28,6 +28,7 @@ from absl import logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from experiments import cli  # noqa: E402
 from experiments import overoptimization_analysis as analysis  # noqa: E402
 from experiments import overoptimization_lib as lib  # noqa: E402
 from jaxrm import synthetic  # noqa: E402
@@ -123,4 +124,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -21,6 +21,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from experiments import cli  # noqa: E402
 from jaxrm import rm_train  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of train_reward_model.py.",
@@ -30,30 +31,19 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory (see the docstring).")
 
 
-def _die(message: str) -> None:
-  print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flags parser that reports a bad flag in one line."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _die(str(e))
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    _die(f"unexpected arguments {argv[1:]}")
+    cli.die(f"unexpected arguments {argv[1:]}")
   rm_train.quiet_orbax_logging()
   try:
     paths = rm_train.write_run_report(_WORKDIR.value, step=_STEP.value, out_dir=_OUT_DIR.value)
   except FileNotFoundError as e:
-    _die(str(e))
+    cli.die(str(e))
   for path in paths.values():
     print(path)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -36,6 +36,7 @@ import tensorflow_datasets as tfds
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from experiments import cli  # noqa: E402
 from jaxrm import data as data_lib  # noqa: E402
 from jaxrm import preference  # noqa: E402
 from jaxrm import presets  # noqa: E402
@@ -118,22 +119,11 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> rm_train.T
       **{n: f[n].value for n in names})
 
 
-def _die(message: str) -> None:
-  print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flags parser that reports a bad flag in one line (instead of usage text)."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _die(str(e))
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    _die(f"unexpected arguments {argv[1:]}")
+    cli.die(f"unexpected arguments {argv[1:]}")
   rm_train.quiet_orbax_logging()
   tfds.disable_progress_bar()
   try:
@@ -141,13 +131,13 @@ def main(argv: list[str]) -> None:
     rm_train.validate_config(config)
     summary = rm_train.train_and_evaluate(config, flags.FLAGS.workdir)
   except rm_train.ConfigError as e:
-    _die(e.flag_message())
+    cli.die(e.flag_message())
   except data_lib.PreferenceDataError as e:
-    _die(f"malformed data (pass --skip_malformed to skip such lines): {e}")
+    cli.die(f"malformed data (pass --skip_malformed to skip such lines): {e}")
   if summary["report"]:
     logging.info("Report: %s", summary["report"]["markdown"])
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

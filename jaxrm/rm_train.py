@@ -239,21 +239,10 @@ def parse_world_overrides(text: str) -> dict[str, Any]:
   Raises:
     ConfigError: for a malformed item, an unknown field or a value of the wrong type.
   """
-  out = {}
-  types = _world_field_types()
-  for item in filter(None, (s.strip() for s in text.split(","))):
-    if "=" not in item:
-      raise ConfigError("synthetic_world", text, f"{item!r} is not FIELD=VALUE")
-    key, value = (s.strip() for s in item.split("=", 1))
-    if key not in types:
-      raise ConfigError("synthetic_world", text,
-                        f"unknown WorldConfig field {key!r}; valid: {sorted(types)}")
-    try:
-      out[key] = types[key](value)
-    except ValueError:
-      raise ConfigError("synthetic_world", text,
-                        f"{key} must be a {types[key].__name__}, got {value!r}") from None
-  return out
+  try:
+    return synthetic.parse_world_overrides(text)
+  except ValueError as e:
+    raise ConfigError("synthetic_world", text, str(e)) from None
 
 
 def validate_config(config: TrainConfig, *, num_devices: int | None = None) -> None:
