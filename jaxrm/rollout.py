@@ -1,0 +1,228 @@
+"""RLHF rollouts: sample responses from the policy, score them, and measure log-probs and KL.
+
+A rollout (:func:`rollout`) takes a batch of LEFT-padded prompts and
+
+1. samples one response per prompt from the current policy with the KV-cached sampler
+   (:func:`jaxrm.sampling.sample`), each example with its own key
+   ``fold_in(key, global_example_index)`` (:func:`example_keys`), so a data-parallel run
+   whose devices each sample a shard of the prompts draws exactly the samples of a
+   single-device run on the global batch;
+2. scores the full sequences with any pure ``reward_fn(reward_params, tokens [b, s],
+   mask [b, s]) -> [b]`` (a reward model, an ensemble objective, or a rule with
+   ``reward_params=None``);
+3. recomputes the policy's log-probs, entropies and values with a full forward pass (not
+   the sampler's cached ones, so that the PPO ratio is exactly 1 before the first update)
+   and the reference policy's log-probs;
+4. estimates the per-token ``KL(pi || pi_ref)`` with the chosen estimator (k1/k2/k3,
+   :mod:`jaxrm.kl`).
+
+Log-probs are those of the *sampling* distribution ``softmax(logits / temperature)``, for
+the policy and for the reference (as in TRL), so with ``temperature=1`` they are the model's
+own. Every per-token array is aligned with ``tokens`` (:mod:`jaxrm.policy` convention: entry
+``t`` concerns ``tokens[:, t]``) and is 0 outside the response. ``values[:, t]`` is the value
+of the state in which ``tokens[:, t]`` is chosen, i.e. the value head read at ``t - 1`` (the
+alignment :mod:`jaxrm.advantages` expects).
+
+:func:`token_frequency` is a rule-based reward (the fraction of response tokens equal to
+one id) used by tests and the experiment scripts.
+
+Example::
+
+  out = rollout(params, ref_params, None, prompts, prompt_mask, key, config=cfg,
+                reward_fn=lambda _, t, m: token_frequency(t, m, token_id=5,
+                                                          prompt_len=prompts.shape[1]),
+                max_new_tokens=8, eos_id=None)
+  out.scores            # [batch]
+  out.kl.sum(-1)        # per-sequence KL estimate
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxrm import kl as kl_lib
+from jaxrm import sampling
+from jaxrm.policy import PolicyModel, token_entropy, token_logprobs
+from jaxrm.transformer import TransformerConfig
+
+RewardFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+
+
+class Rollout(NamedTuple):
+  """A batch of sampled responses with everything the policy-gradient losses need.
+
+  All per-token fields are ``[batch, prompt_len + max_new_tokens]``, aligned with
+  ``tokens`` and 0 where ``response_mask`` is False.
+  """
+
+  tokens: jax.Array  # int32; left-padded prompt, then the response, then PAD
+  mask: jax.Array  # bool; True on real prompt and response tokens
+  response_mask: jax.Array  # bool; True on response tokens (EOS included)
+  logprobs: jax.Array  # float32; log pi(tokens[t] | tokens[:t]) from a full forward pass
+  ref_logprobs: jax.Array  # float32; the same under the reference policy
+  entropy: jax.Array  # float32; entropy of the distribution tokens[t] was drawn from
+  values: jax.Array | None  # float32; value of the state in which tokens[t] is chosen
+  kl: jax.Array  # float32; per-token KL(pi || pi_ref) estimate (the chosen estimator)
+  scores: jax.Array  # [batch] float32; reward_fn of each full sequence
+
+
+def token_frequency(tokens: jax.typing.ArrayLike, mask: jax.typing.ArrayLike, *,
+                    token_id: int, prompt_len: int) -> jax.Array:
+  """Fraction of the response tokens equal to ``token_id`` (a rule-based reward).
+
+  The response is the real tokens at positions ``>= prompt_len`` (prompts are left-padded
+  to ``prompt_len``, so the response always starts there).
+
+  Args:
+    tokens: ``[batch, seq]`` int prompt + response tokens.
+    mask: ``[batch, seq]`` bool, True on real tokens.
+    token_id: the rewarded token.
+    prompt_len: length of the (padded) prompt part.
+
+  Returns:
+    ``[batch]`` float32 in ``[0, 1]``; 0 for a row without response tokens.
+  """
+  tokens, mask = jnp.asarray(tokens), jnp.asarray(mask).astype(bool)
+  if tokens.ndim != 2 or mask.shape != tokens.shape:
+    raise ValueError(f"tokens and mask must have the same shape [batch, seq], got "
+                     f"{tokens.shape} and {mask.shape}")
+  if not 0 <= prompt_len < tokens.shape[1]:
+    raise ValueError(f"prompt_len must be in [0, seq={tokens.shape[1]}), got {prompt_len}")
+  response = mask & (jnp.arange(tokens.shape[1]) >= prompt_len)[None, :]
+  hits = jnp.sum(response & (tokens == token_id), axis=1, dtype=jnp.float32)
+  return hits / jnp.maximum(jnp.sum(response, axis=1, dtype=jnp.float32), 1.0)
+
+
+def example_keys(key: jax.Array, batch_size: int, *, offset: Any = 0) -> jax.Array:
+  """Per-example keys ``fold_in(key, offset + i)`` for ``i < batch_size`` -> ``[batch_size]``.
+
+  With ``offset`` the global index of the first local example (``axis_index * batch_size``
+  under data parallelism) every example gets the same key on any number of devices.
+  """
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(offset + jnp.arange(batch_size))
+
+
+def global_offset(local_size: int, axis_name: Any) -> jax.Array:
+  """Global index of this device's first example: ``axis_index * local_size`` (0 unmapped)."""
+  if axis_name is None:
+    return jnp.zeros((), jnp.int32)
+  return lax.axis_index(axis_name) * local_size
+
+
+def check_prompts(prompts: Any, prompt_mask: Any, *, config: TransformerConfig,
+                  max_new_tokens: int) -> None:
+  """Trace-time checks of a prompt batch; raises ``ValueError`` naming the argument."""
+  shape, mask_shape = jnp.shape(prompts), jnp.shape(prompt_mask)
+  if len(shape) != 2:
+    raise ValueError(f"prompts must have shape [batch, prompt_len], got {shape}")
+  if mask_shape != shape:
+    raise ValueError(f"prompt_mask must have the shape of prompts {shape}, got {mask_shape}")
+  if not jnp.issubdtype(jnp.result_type(prompts), jnp.integer):
+    raise ValueError(f"prompts must be an integer array, got dtype {jnp.result_type(prompts)}")
+  if shape[1] + max_new_tokens > config.max_len:
+    raise ValueError(f"prompts length {shape[1]} (shape {shape}) + max_new_tokens "
+                     f"{max_new_tokens} exceeds the policy's max_len={config.max_len}")
+
+
+def sample_per_example(params: Any, prompts: jax.Array, prompt_mask: jax.Array,
+                       keys: jax.Array, *, config: TransformerConfig, max_new_tokens: int,
+                       temperature: float = 1.0,
+                       eos_id: int | None = sampling.EOS_ID) -> sampling.SampleOutput:
+  """:func:`jaxrm.sampling.sample` with one key per example (``keys [batch]``).
+
+  Row ``i`` depends only on ``prompts[i]`` and ``keys[i]``, not on the rest of the batch
+  (``sample`` itself draws a whole batch from one key).
+  """
+  def one(prompt, mask, key):
+    out = sampling.sample(params, prompt[None], mask[None], key, config=config,
+                          max_new_tokens=max_new_tokens, temperature=temperature,
+                          eos_id=eos_id)
+    return jax.tree.map(lambda x: x[0], out)
+
+  return jax.vmap(one)(prompts, prompt_mask, keys)
+
+
+def policy_outputs(params: Any, tokens: jax.Array, mask: jax.Array, *,
+                   config: TransformerConfig, value_head: bool = False,
+                   temperature: float = 1.0) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """Full forward pass of a :class:`jaxrm.policy.PolicyModel`.
+
+  Args:
+    params: policy variables (with a ``value_head`` if ``value_head``).
+    tokens: ``[batch, seq]`` int.
+    mask: ``[batch, seq]`` bool.
+    config: backbone configuration.
+    value_head: evaluate the value head.
+    temperature: the logits are divided by it (the sampling distribution).
+
+  Returns:
+    ``(logprobs, entropy, values)``, each ``[batch, seq]`` aligned with ``tokens`` (entry 0
+    is 0); ``values[:, t]`` is the value head read at ``t - 1`` (None without a value head).
+  """
+  logits, values = PolicyModel(config, value_head=value_head).apply(params, tokens, mask)
+  logits = logits / temperature
+  logp = token_logprobs(logits, tokens)
+  entropy = token_entropy(logits)
+  if values is not None:
+    values = jnp.pad(values[:, :-1], ((0, 0), (1, 0)))
+  return logp, entropy, values
+
+
+def rollout(policy_params: Any, ref_params: Any, reward_params: Any,
+            prompts: jax.typing.ArrayLike, prompt_mask: jax.typing.ArrayLike,
+            key: jax.Array, *, config: TransformerConfig, reward_fn: RewardFn,
+            max_new_tokens: int, temperature: float = 1.0,
+            eos_id: int | None = sampling.EOS_ID, kl_estimator: str = "k1",
+            value_head: bool = False, example_offset: Any = 0) -> Rollout:
+  """Samples one response per prompt, scores it, and computes log-probs, values and KL.
+
+  Args:
+    policy_params: variables of ``PolicyModel(config, value_head=value_head)``.
+    ref_params: variables of the reference policy (same architecture; a value head, if any,
+      is ignored).
+    reward_params: first argument of ``reward_fn`` (any pytree, or None).
+    prompts: ``[batch, prompt_len]`` int, LEFT-padded.
+    prompt_mask: ``[batch, prompt_len]`` bool, ``False...False True...True`` per row.
+    key: PRNG key; example ``i`` samples with ``fold_in(key, example_offset + i)``.
+    config: the policy's backbone configuration (static).
+    reward_fn: ``reward_fn(reward_params, tokens [b, s], mask [b, s]) -> [b]``.
+    max_new_tokens: response length budget (static).
+    temperature: sampling temperature (static); log-probs are those of
+      ``softmax(logits / temperature)`` for the policy and the reference.
+    eos_id: token that ends a response (kept in it), or None for fixed-length responses.
+    kl_estimator: ``'k1'``, ``'k2'`` or ``'k3'`` for :attr:`Rollout.kl`.
+    value_head: evaluate the policy's value head (PPO).
+    example_offset: global index of the first example (see :func:`example_keys`).
+
+  Returns:
+    A :class:`Rollout`.
+  """
+  check_prompts(prompts, prompt_mask, config=config, max_new_tokens=max_new_tokens)
+  kl_lib.kl_estimate(jnp.zeros(()), jnp.zeros(()), estimator=kl_estimator)  # validates
+  prompts = jnp.asarray(prompts, jnp.int32)
+  prompt_mask = jnp.asarray(prompt_mask).astype(bool)
+  batch = prompts.shape[0]
+  keys = example_keys(key, batch, offset=example_offset)
+  out = sample_per_example(policy_params, prompts, prompt_mask, keys, config=config,
+                           max_new_tokens=max_new_tokens, temperature=temperature,
+                           eos_id=eos_id)
+  tokens, mask, response = out.tokens, out.mask, out.response_mask
+  scores = jnp.asarray(reward_fn(reward_params, tokens, mask))
+  if scores.shape != (batch,):
+    raise ValueError(f"reward_fn must return rewards of shape [batch] = ({batch},), got "
+                     f"{scores.shape}")
+  scores = scores.astype(jnp.float32)
+  logp, entropy, values = policy_outputs(policy_params, tokens, mask, config=config,
+                                         value_head=value_head, temperature=temperature)
+  ref_logp, _, _ = policy_outputs(ref_params, tokens, mask, config=config,
+                                  temperature=temperature)
+  zero = lambda x: None if x is None else jnp.where(response, x, 0.0)
+  logp, ref_logp, entropy, values = map(zero, (logp, ref_logp, entropy, values))
+  kl = jnp.where(response, kl_lib.kl_estimate(logp, ref_logp, estimator=kl_estimator), 0.0)
+  return Rollout(tokens=tokens, mask=mask, response_mask=response, logprobs=logp,
+                 ref_logprobs=ref_logp, entropy=entropy, values=values, kl=kl,
+                 scores=scores)
