@@ -49,6 +49,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from experiments import cli  # noqa: E402
 from jaxrm import checkpoint as checkpoint_lib  # noqa: E402
 from jaxrm import ensemble as ensemble_lib  # noqa: E402
 from jaxrm import objectives  # noqa: E402
@@ -569,31 +570,20 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> PolicyRunC
                          **{n: f[n].value for n in names})
 
 
-def _die(message: str) -> None:
-  print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flags parser that reports a bad flag in one line (instead of usage text)."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _die(str(e))
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    _die(f"unexpected arguments {argv[1:]}")
+    cli.die(f"unexpected arguments {argv[1:]}")
   rm_train.quiet_orbax_logging()
   try:
     config = config_from_flags()
     summary = train_policy(config, flags.FLAGS.workdir)
   except ConfigError as e:
-    _die(e.flag_message())
+    cli.die(e.flag_message())
   logging.info("Done: %s", json.dumps(summary["final"]))
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -3,7 +3,8 @@
 Layers (imports point downward only): math (preference losses, metrics, KL, advantages,
 policy-gradient losses, best-of-n, scaling fits) -> models (transformer, reward model, policy,
 ensembles, sampler) -> steps (reward-model step, RL steps, launchers) -> data and I/O
-(``jaxrm.data``, tokenizer, checkpoints, reports). ``jaxrm.data`` (TFDS) is imported on use.
+(``jaxrm.data``, tokenizer, checkpoints, reports). ``jaxrm.data``, ``jaxrm.rm_train`` and
+``jaxrm.report`` (which import TFDS and matplotlib) are imported on use.
 """
 
 from jaxrm import advantages
@@ -20,6 +21,7 @@ from jaxrm import preference
 from jaxrm import presets
 from jaxrm import reward_model
 from jaxrm import rl
+from jaxrm import rm_io
 from jaxrm import rm_step
 from jaxrm import rm_sweep
 from jaxrm import rollout
@@ -78,16 +80,21 @@ from jaxrm.rl import RLConfig
 from jaxrm.rl import RLState
 from jaxrm.rl import create_rl_state
 from jaxrm.rl import grpo_step
+from jaxrm.rl import init_value_head
+from jaxrm.rl import make_step
 from jaxrm.rl import ppo_step
 from jaxrm.rl import reinforce_step
 from jaxrm.rl import rloo_step
 from jaxrm.rm_step import reward_model_step
 from jaxrm.rm_sweep import RewardModelSweep
+from jaxrm.rollout import Rollout
 from jaxrm.train_state import TrainState
 from jaxrm.train_state import create_train_state
 
 # I/O.
 from jaxrm.checkpoint import CheckpointManager
+from jaxrm.rm_io import load_reward_ensemble
+from jaxrm.rm_io import load_reward_model
 from jaxrm.tokenizer import ByteTokenizer
 
 __version__ = "0.1.0"
