@@ -116,7 +116,10 @@ def benchmark_sampler(cfg, *, batch: int, prompt_len: int, new_tokens: int, reps
   jax.block_until_ready(run())
   first_s = time.perf_counter() - start
   seconds = _best_time(run, reps)
+  # Forward FLOPs of the generated tokens (attention at the full length: an upper bound).
+  flops = batch * new_tokens * flops_per_token(cfg, prompt_len + new_tokens, head="policy")
   return dict(sample_s=seconds, sampler_tokens_per_s=batch * new_tokens / seconds,
+              sampler_flops_per_s=flops / seconds,
               sampler_compile_s=max(first_s - seconds, 0.0))
 
 
@@ -140,7 +143,7 @@ def main(argv):
         f"sampler: batch {FLAGS.sampler_batch}, prompt {FLAGS.prompt_len}, "
         f"{FLAGS.new_tokens} new tokens")
   header = ("preset", "params", "step ms", "tokens/s", "pairs/s", "GFLOP/s", "MFU",
-            "compile s", "sampler tok/s", "sampler compile s")
+            "compile s", "sampler tok/s", "sampler MFU", "sampler compile s")
   rows = []
   for name in FLAGS.presets:
     max_len = max(FLAGS.seq_len, FLAGS.prompt_len + FLAGS.new_tokens)
@@ -153,7 +156,8 @@ def main(argv):
                  f"{rm['tokens_per_s']:,.0f}", f"{rm['pairs_per_s']:.1f}",
                  f"{rm['model_flops_per_s'] / 1e9:.1f}",
                  f"{rm['model_flops_per_s'] / peak:.1%}", f"{rm['compile_s']:.1f}",
-                 f"{sm['sampler_tokens_per_s']:,.0f}", f"{sm['sampler_compile_s']:.1f}"))
+                 f"{sm['sampler_tokens_per_s']:,.0f}",
+                 f"{sm['sampler_flops_per_s'] / peak:.1%}", f"{sm['sampler_compile_s']:.1f}"))
   widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
   line = lambda r: " | ".join(c.rjust(w) for c, w in zip(r, widths))
   print(line(header))

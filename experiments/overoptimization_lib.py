@@ -63,7 +63,7 @@ class StudyConfig:
   proxy_sizes: tuple[ProxySize, ...] = (
       ProxySize(1, 4, 1), ProxySize(1, 8, 2), ProxySize(1, 16, 2), ProxySize(2, 32, 4),
       ProxySize(2, 64, 4))
-  num_seeds: int = 3
+  num_seeds: int = 5
   rm_epochs: int = 3
   rm_batch_size: int = 64
   rm_learning_rate: float = 1e-3
@@ -309,20 +309,23 @@ def run_rl(cfg: StudyConfig, data: WorldData, proxies: list[dict[str, Any]],
 
   Every step samples ``rl_batch_size`` fresh prompts, and gold is scored on the same
   responses as the proxy. KL is the mean over the batch of the sequence KL
-  ``sum_t log pi(y_t) - log pi_init(y_t)`` (the k1 estimator, unbiased).
+  ``sum_t log pi(y_t) - log pi_init(y_t)`` (the k1 estimator, unbiased). One step's batch is
+  small (its gold mean has a standard error of about 0.1), so a curve point is the mean over
+  a window of ``rl_log_every`` steps (KL, gold and proxy alike).
 
   Returns:
-    ``step [T]`` and ``kl``, ``gold``, ``proxy`` of shape ``[num_sizes, num_seeds, T]``
-    (T = ``rl_steps``; proxy re-centred so that ``pi_init`` scores 0).
+    ``step [T]`` (last step of each window) and ``kl``, ``gold``, ``proxy`` of shape
+    ``[num_sizes, num_seeds, T]`` (T = ``rl_steps // rl_log_every``; proxy re-centred so
+    that ``pi_init`` scores 0).
   """
   wc = cfg.world
   fp = cfg.fingerprint(*(_PROXY_FIELDS + ("rl_steps", "rl_batch_size", "rl_learning_rate",
-                                          "kl_coef")))
+                                          "kl_coef", "rl_log_every")))
   rl_cfg = _rl_config(cfg)
   optimizer = optax.adam(cfg.rl_learning_rate)
   ref_params = data.world.policy_params
   start = rl_lib.init_value_head(ref_params, jax.random.key(0), config=wc.policy_config())
-  shape = (cfg.num_seeds, cfg.rl_steps)
+  shape = (cfg.num_seeds, cfg.rl_steps // cfg.rl_log_every)
   template = {k: jax.ShapeDtypeStruct(shape, jnp.float32) for k in ("kl", "gold", "proxy")}
   out = {k: np.zeros((len(proxies),) + shape, np.float32) for k in template}
   for i, proxy in enumerate(proxies):
@@ -337,7 +340,7 @@ def run_rl(cfg: StudyConfig, data: WorldData, proxies: list[dict[str, Any]],
       curves = loaded[0]
     for k in out:
       out[k][i] = np.asarray(curves[k])
-  return dict(out, step=np.arange(1, cfg.rl_steps + 1))
+  return dict(out, step=np.arange(1, shape[1] + 1) * cfg.rl_log_every)
 
 
 def _run_rl_one(cfg, data, proxy, rl_cfg, optimizer, ref_params, start, *, seed):
@@ -365,17 +368,18 @@ def _run_rl_one(cfg, data, proxy, rl_cfg, optimizer, ref_params, start, *, seed)
   states = jax.vmap(lambda k: rl_lib.create_rl_state(start, optimizer, k,
                                                      kl_coef=cfg.kl_coef))(keys)
   logs, done, t0 = [], 0, time.perf_counter()
-  chunk_len = min(cfg.rl_log_every, cfg.rl_steps)
-  while done < cfg.rl_steps:
+  chunk_len = cfg.rl_log_every
+  num_steps = cfg.rl_steps // chunk_len * chunk_len
+  while done < num_steps:
     states, m = chunk(states, proxy["params"], None)
-    logs.append(jax.device_get(m))
+    m = {k: v.mean(axis=1) for k, v in jax.device_get(m).items()}  # [seeds], window means
+    logs.append(m)
     done += chunk_len
     elapsed = time.perf_counter() - t0
     logging.info("rl %s: step %d/%d  kl %.2f  proxy %.3f  gold %.3f  %.1f steps/s  ETA %.0fs",
-                 proxy["size"].name, done, cfg.rl_steps, m["kl"][:, -1].mean(),
-                 m["proxy"][:, -1].mean(), m["gold"][:, -1].mean(), done / elapsed,
-                 elapsed / done * (cfg.rl_steps - done))
-  return {k: np.concatenate([l[k] for l in logs], axis=1)[:, :cfg.rl_steps] for k in logs[0]}
+                 proxy["size"].name, done, num_steps, m["kl"].mean(), m["proxy"].mean(),
+                 m["gold"].mean(), done / elapsed, elapsed / done * (num_steps - done))
+  return {k: np.stack([l[k] for l in logs], axis=1) for k in logs[0]}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -398,6 +402,9 @@ def validate(cfg: StudyConfig) -> None:
     raise ValueError(f"label_noise must lie in [0, 0.5], got {cfg.label_noise}")
   if cfg.rl_steps < 0 or cfg.kl_coef < 0:
     raise ValueError(f"rl_steps and kl_coef must be >= 0, got {cfg.rl_steps}, {cfg.kl_coef}")
+  if cfg.rl_steps and not 1 <= cfg.rl_log_every <= cfg.rl_steps:
+    raise ValueError(f"rl_log_every must lie in [1, rl_steps={cfg.rl_steps}], "
+                     f"got {cfg.rl_log_every}")
 
 
 def _proxy_summary(proxies: list[dict[str, Any]]) -> list[dict[str, Any]]:

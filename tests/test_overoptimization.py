@@ -48,9 +48,10 @@ def test_quick_results_follow_the_schema(quick_run):
   assert np.shape(r["bon"]["proxy"]) == (sizes, seeds, n_values)
   assert r["bon"]["ns"][0] == 1 and r["bon"]["ns"][-1] == r["config"]["bon_max_n"]
   np.testing.assert_allclose(np.asarray(r["bon"]["gold"])[..., 0], 0.0, atol=1e-6)
-  steps = r["config"]["rl_steps"]
+  windows = r["config"]["rl_steps"] // r["config"]["rl_log_every"]
+  assert r["rl"]["step"] == [(i + 1) * r["config"]["rl_log_every"] for i in range(windows)]
   for key in ("kl", "gold", "proxy"):
-    assert np.shape(r["rl"][key]) == (sizes, seeds, steps)
+    assert np.shape(r["rl"][key]) == (sizes, seeds, windows)
     assert np.all(np.isfinite(r["rl"][key]))
   for kind in ("bon", "rl"):
     assert len(r["fits"][kind]) == sizes
