@@ -17,6 +17,7 @@ The stages:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -348,7 +349,10 @@ def _run_rl_one(cfg, data, proxy, rl_cfg, optimizer, ref_params, start, *, seed)
   reward_fn = proxy_model(cfg, proxy["size"]).apply
   ones = jnp.ones((cfg.rl_batch_size, wc.prompt_len), bool)
 
+  chunk_len = cfg.rl_log_every
+
   def one_step(state, reward_params):
+    # Prompts use stream 2 of the step key (ppo_step uses 0 for sampling, 1 for minibatches).
     key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), 2)
     prompts = synthetic.sample_prompts(wc, key, cfg.rl_batch_size)
     state, metrics, ro = rl_lib.ppo_step(
@@ -357,9 +361,9 @@ def _run_rl_one(cfg, data, proxy, rl_cfg, optimizer, ref_params, start, *, seed)
     gold = synthetic.gold_reward(data.world, wc, ro["tokens"], ro["mask"])
     return state, {"kl": metrics["kl"], "proxy": metrics["score"], "gold": gold.mean()}
 
-  @jax.jit
-  def chunk(states, reward_params, length):
-    del length
+  @functools.partial(jax.jit, donate_argnums=0)
+  def chunk(states, reward_params):
+    """``chunk_len`` PPO steps of every seed (vmapped over seeds, scanned over steps)."""
     def seed_scan(state, rp):
       return jax.lax.scan(lambda s, _: one_step(s, rp), state, None, length=chunk_len)
     return jax.vmap(seed_scan)(states, reward_params)
@@ -368,10 +372,9 @@ def _run_rl_one(cfg, data, proxy, rl_cfg, optimizer, ref_params, start, *, seed)
   states = jax.vmap(lambda k: rl_lib.create_rl_state(start, optimizer, k,
                                                      kl_coef=cfg.kl_coef))(keys)
   logs, done, t0 = [], 0, time.perf_counter()
-  chunk_len = cfg.rl_log_every
   num_steps = cfg.rl_steps // chunk_len * chunk_len
   while done < num_steps:
-    states, m = chunk(states, proxy["params"], None)
+    states, m = chunk(states, proxy["params"])
     m = {k: v.mean(axis=1) for k, v in jax.device_get(m).items()}  # [seeds], window means
     logs.append(m)
     done += chunk_len

@@ -12,6 +12,7 @@ from experiments import overoptimization_analysis as analysis
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "overoptimization.py")
+_DATA_SIZES = ("--data_sizes=256,384",)  # prefixes of the quick run's 512 comparisons
 
 
 def _run(*args, timeout=600):
@@ -24,14 +25,15 @@ def _run(*args, timeout=600):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("overopt_quick"))
-  proc = _run(f"--workdir={workdir}", "--quick")
+  proc = _run(f"--workdir={workdir}", "--quick", *_DATA_SIZES)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, proc
 
 
 def test_quick_run_writes_every_output(quick_run):
   workdir, proc = quick_run
-  for name in ("results.json", "summary.md", "figure1.png", "coefficients.png"):
+  for name in ("results.json", "summary.md", "figure1.png", "coefficients.png",
+               "data_sizes.png"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   with open(os.path.join(workdir, "figure1.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -64,13 +66,17 @@ def test_quick_results_follow_the_schema(quick_run):
           "beta_bon_falls_with_size", "gold_peak_rises_with_size",
           "rl_spends_more_kl_than_bon", "seeds"} == names
   assert all(isinstance(c["passed"], bool) for c in r["checks"])
+  assert [e["num_comparisons"] for e in r["data_sweep"]] == [256, 384]
+  for entry, fits in zip(r["data_sweep"], r["data_fits"]):
+    assert np.shape(entry["bon_gold"]) == (sizes, seeds, n_values)
+    assert len(fits["fits"]) == sizes and len(entry["proxies"]) == sizes
 
 
 def test_rerun_reuses_the_cached_stages(quick_run):
   workdir, _ = quick_run
   with open(os.path.join(workdir, "results.json")) as f:
     first = json.load(f)
-  proc = _run(f"--workdir={workdir}", "--quick")
+  proc = _run(f"--workdir={workdir}", "--quick", *_DATA_SIZES)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, "results.json")) as f:
     second = json.load(f)
