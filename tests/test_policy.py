@@ -9,6 +9,7 @@ from jax.test_util import check_grads
 
 from jaxrm.policy import PolicyModel, sequence_logprobs, token_entropy, token_logprobs
 from jaxrm.transformer import TransformerConfig
+from model_helpers import random_params
 
 VOCAB = 41
 CFG = TransformerConfig(vocab_size=VOCAB, num_layers=2, width=32, num_heads=2, max_len=16,
@@ -16,17 +17,6 @@ CFG = TransformerConfig(vocab_size=VOCAB, num_layers=2, width=32, num_heads=2, m
 B, S = 2, 10
 
 
-def _random_params(model, shape, seed=0, scale=0.2):
-  """Random parameters with the model's tree (eval_shape: no init compile, keeps tests fast)."""
-  tree = jax.eval_shape(model.init, jax.random.key(0), jnp.ones(shape, jnp.int32),
-                        jnp.ones(shape, bool))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    x = rng.normal(size=leaf.shape) * scale
-    return jnp.asarray(1.0 + x if path[-1].key == "scale" else x, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, tree)
 
 
 def _np_log_softmax(x):
@@ -92,7 +82,7 @@ def test_helpers_reject_mismatched_shapes_naming_the_argument():
 
 def test_policy_outputs_are_causal_and_padding_invariant_with_value_head():
   model = PolicyModel(CFG, value_head=True)
-  params = _random_params(model, (B, S))
+  params = random_params(model, (B, S))
   apply = jax.jit(model.apply)
   rng = np.random.default_rng(4)
   real = rng.integers(3, VOCAB, size=7)

@@ -10,6 +10,7 @@ import pytest
 
 from jaxrm.reward_model import RewardModel, pool_hidden
 from jaxrm.transformer import Transformer, TransformerConfig
+from model_helpers import random_params
 
 VOCAB = 41
 CFG = TransformerConfig(vocab_size=VOCAB, num_layers=2, width=32, num_heads=2, max_len=16)
@@ -17,23 +18,12 @@ LEARNED = dataclasses.replace(CFG, position="learned")
 B, S = 3, 10
 
 
-def _random_params(model, shape, seed=0, scale=0.2):
-  """Random parameters with the model's tree (eval_shape: no init compile, keeps tests fast)."""
-  tree = jax.eval_shape(model.init, jax.random.key(0), jnp.ones(shape, jnp.int32),
-                        jnp.ones(shape, bool))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    x = rng.normal(size=leaf.shape) * scale
-    return jnp.asarray(1.0 + x if path[-1].key == "scale" else x, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, tree)
 
 
 @functools.lru_cache(maxsize=None)
 def _setup(cfg, pooling):
   model = RewardModel(cfg, pooling=pooling)
-  params = _random_params(model, (B, S))
+  params = random_params(model, (B, S))
   return model, params, jax.jit(model.apply)
 
 

@@ -16,6 +16,7 @@ from jaxrm.policy import PolicyModel, token_logprobs
 from jaxrm.sampling import (EOS_ID, PAD_ID, SampleOutput, filter_logits, sample,
                             sample_with_apply_fn)
 from jaxrm.transformer import TransformerConfig
+from model_helpers import random_params
 
 VOCAB = 41
 CFG = TransformerConfig(vocab_size=VOCAB, num_layers=2, width=32, num_heads=2, max_len=16)
@@ -24,21 +25,10 @@ SETTING_A = dict(top_k=0, top_p=1.0, eos_id=None)
 SETTING_B = dict(top_k=5, top_p=0.9, eos_id=EOS_ID)
 
 
-def _random_params(model, shape, seed=0, scale=0.3):
-  """Random parameters with the model's tree (eval_shape: no init compile, keeps tests fast)."""
-  tree = jax.eval_shape(model.init, jax.random.key(0), jnp.ones(shape, jnp.int32),
-                        jnp.ones(shape, bool))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    x = rng.normal(size=leaf.shape) * scale
-    return jnp.asarray(1.0 + x if path[-1].key == "scale" else x, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, tree)
 
 
-PARAMS_VALUE_HEAD = _random_params(PolicyModel(CFG, value_head=True), (B, P), seed=1)
-PARAMS = _random_params(PolicyModel(CFG), (B, P), seed=2)
+PARAMS_VALUE_HEAD = random_params(PolicyModel(CFG, value_head=True), (B, P), seed=1)
+PARAMS = random_params(PolicyModel(CFG), (B, P), seed=2)
 
 
 def _prompts(seed=0):

@@ -11,6 +11,7 @@ import pytest
 
 from jaxrm.transformer import (KVCache, Transformer, TransformerConfig, check_token_range,
                                init_cache, is_concrete)
+from model_helpers import random_params
 
 VOCAB = 41
 CFG = TransformerConfig(vocab_size=VOCAB, num_layers=2, width=32, num_heads=2, max_len=24)
@@ -20,24 +21,13 @@ LEARNED = dataclasses.replace(CFG, position="learned")
 B, S = 2, 10  # one input shape for (almost) every test: one compile per config
 
 
-def _random_params(model, shape, seed=0, scale=0.2):
-  """Random parameters with the model's tree (eval_shape: no init compile, keeps tests fast)."""
-  tree = jax.eval_shape(model.init, jax.random.key(0), jnp.ones(shape, jnp.int32),
-                        jnp.ones(shape, bool))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    x = rng.normal(size=leaf.shape) * scale
-    return jnp.asarray(1.0 + x if path[-1].key == "scale" else x, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, tree)
 
 
 @functools.lru_cache(maxsize=None)
 def _setup(cfg):
   """(model, params, jitted apply) per config, shared across tests to avoid recompiles."""
   model = Transformer(cfg)
-  params = _random_params(model, (B, S))
+  params = random_params(model, (B, S))
   return model, params, jax.jit(model.apply)
 
 
