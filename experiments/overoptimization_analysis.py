@@ -52,14 +52,17 @@ def fit_curves(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def fit_data_sweep(results: dict[str, Any]) -> list[dict[str, Any]]:
-  """R_bon fits for every (comparison-data size, proxy size) of the ``--data_sizes`` sweep."""
+  """R_bon fits for every (comparison-data size, proxy size): the main run and ``--data_sizes``."""
   d = np.sqrt(np.asarray(results["bon"]["kl"]))
+  main = {"num_comparisons": results["config"]["num_comparisons"],
+          "proxies": results["proxies"], "bon_gold": results["bon"]["gold"]}
+  entries = {e["num_comparisons"]: e for e in results.get("data_sweep", [])}
+  entries.setdefault(main["num_comparisons"], main)
   out = []
-  for entry in results.get("data_sweep", []):
+  for entry in (entries[n] for n in sorted(entries)):
     fits = []
-    for gold in np.asarray(entry["bon_gold"]):  # [seeds, n]
-      dd = np.broadcast_to(d, gold.shape).ravel()
-      fits.append(_fit_dict(scaling.fit_bon(dd, gold.ravel())))
+    for gold in np.asarray(entry["bon_gold"]):  # [seeds, n]: fitted on the seed mean
+      fits.append(_fit_dict(scaling.fit_bon(d, gold.mean(0))))
     out.append({"num_comparisons": entry["num_comparisons"], "fits": fits,
                 "heldout_accuracy": [float(np.mean(p["heldout_accuracy"]))
                                      for p in entry["proxies"]]})
@@ -86,6 +89,8 @@ def plot_data_sweep(results: dict[str, Any], path: str) -> None:
       ax.set_title(name)
   for ax in axes:
     ax.set_xscale("log")
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.minorticks_off()
     ax.set_xlabel("comparisons")
   axes[0].legend(fontsize=7)
   fig.tight_layout()

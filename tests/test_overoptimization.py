@@ -67,9 +67,11 @@ def test_quick_results_follow_the_schema(quick_run):
           "rl_spends_more_kl_than_bon", "seeds"} == names
   assert all(isinstance(c["passed"], bool) for c in r["checks"])
   assert [e["num_comparisons"] for e in r["data_sweep"]] == [256, 384]
-  for entry, fits in zip(r["data_sweep"], r["data_fits"]):
+  for entry in r["data_sweep"]:
     assert np.shape(entry["bon_gold"]) == (sizes, seeds, n_values)
-    assert len(fits["fits"]) == sizes and len(entry["proxies"]) == sizes
+    assert len(entry["proxies"]) == sizes
+  assert [e["num_comparisons"] for e in r["data_fits"]] == [256, 384, 512]  # with the main run
+  assert all(len(e["fits"]) == sizes for e in r["data_fits"])
 
 
 def test_rerun_reuses_the_cached_stages(quick_run):
