@@ -19,3 +19,14 @@ def random_params(model, shape, seed=0, scale=0.2):
     return jnp.asarray(1.0 + x if path[-1].key == "scale" else x, leaf.dtype)
 
   return jax.tree_util.tree_map_with_path(draw, tree)
+
+def bt_loss(rc, rr, *, weights=None, labels=None):
+  """Bradley–Terry loss, weighted mean sum(w * l) / sum(w) (the jaxrm.preference convention).
+
+  l = -[y log s(d) + (1 - y) log s(-d)], d = rc - rr.
+  """
+  d = rc - rr
+  y = jnp.ones_like(d) if labels is None else labels
+  w = jnp.ones_like(d) if weights is None else weights
+  losses = -(y * jax.nn.log_sigmoid(d) + (1 - y) * jax.nn.log_sigmoid(-d))
+  return jnp.sum(w * losses) / jnp.sum(w)

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 from jaxrm import parallel
 from jaxrm import rm_step
 from jaxrm import train_state as ts
+from model_helpers import bt_loss
 
 VOCAB, WIDTH, SEQ = 16, 8, 6
 NUM_DEVICES = 8
@@ -36,16 +37,6 @@ def apply_fn(params, tokens, mask):
   return params["scale"] * (pooled @ params["w"])
 
 
-def bt_loss(rc, rr, *, weights=None, labels=None):
-  """Bradley–Terry loss, weighted mean sum(w * l) / sum(w) (the jaxrm.preference convention).
-
-  l = -[y log s(d) + (1 - y) log s(-d)], d = rc - rr.
-  """
-  d = rc - rr
-  y = jnp.ones_like(d) if labels is None else labels
-  w = jnp.ones_like(d) if weights is None else weights
-  losses = -(y * jax.nn.log_sigmoid(d) + (1 - y) * jax.nn.log_sigmoid(-d))
-  return jnp.sum(w * losses) / jnp.sum(w)
 
 
 def make_batch(seed, b=GLOBAL_BATCH):

@@ -11,6 +11,7 @@ import pytest
 
 from jaxrm import rm_step
 from jaxrm import train_state as ts
+from model_helpers import bt_loss
 
 VOCAB, WIDTH, BATCH, SEQ = 11, 4, 6, 5
 
@@ -29,16 +30,6 @@ def apply_fn(params, tokens, mask):
   return pooled @ params["w"] + params["b"]
 
 
-def bt_loss(rc, rr, *, weights=None, labels=None):
-  """Bradley–Terry loss, weighted mean sum(w * l) / sum(w) (the jaxrm.preference convention).
-
-  l = -[y log s(d) + (1 - y) log s(-d)], d = rc - rr.
-  """
-  d = rc - rr
-  y = jnp.ones_like(d) if labels is None else labels
-  w = jnp.ones_like(d) if weights is None else weights
-  losses = -(y * jax.nn.log_sigmoid(d) + (1 - y) * jax.nn.log_sigmoid(-d))
-  return jnp.sum(w * losses) / jnp.sum(w)
 
 
 def make_batch(seed, b=BATCH, s=SEQ, with_weight=True, with_label=True):
