@@ -6,8 +6,8 @@ For each preset it measures, on this machine and in one run:
 * reward-model forward+backward: a jitted ``value_and_grad`` of the Bradley-Terry loss on
   a batch of (chosen, rejected) pairs -> pairs/s and tokens/s;
 * model FLOPs utilisation (MFU) = achieved model FLOP/s / measured matmul FLOP/s, with
-  model FLOPs from :func:`jaxrm.presets.flops_per_token` (``6 N + 12 L T w`` per token);
-* KV-cached sampler tokens/s (:func:`jaxrm.sampling.sample`, left-padded prompts,
+  model FLOPs from :func:`jaxrm.models.presets.flops_per_token` (``6 N + 12 L T w`` per token);
+* KV-cached sampler tokens/s (:func:`jaxrm.models.sampling.sample`, left-padded prompts,
   ``eos_id=None`` so every response has ``--new_tokens`` tokens).
 
 Timings use ``block_until_ready``; warm-up calls are excluded; compile time is reported
@@ -35,10 +35,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxrm.policy import PolicyModel  # noqa: E402
-from jaxrm.presets import flops_per_token, param_count, preset  # noqa: E402
-from jaxrm.reward_model import RewardModel  # noqa: E402
-from jaxrm.sampling import sample  # noqa: E402
+from jaxrm.models.policy import PolicyModel  # noqa: E402
+from jaxrm.models.presets import flops_per_token, param_count, preset  # noqa: E402
+from jaxrm.models.reward_model import RewardModel  # noqa: E402
+from jaxrm.models.sampling import sample  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("presets", ["small", "medium"], "Presets to benchmark.")
@@ -71,7 +71,7 @@ def measure_matmul_flops(n: int, reps: int) -> float:
   b = jax.random.normal(keys[1], (n, n), jnp.float32)
   matmul = jax.jit(jnp.matmul)
   jax.block_until_ready(matmul(a, b))  # compile + warm-up
-  return 2.0 * n ** 3 / _best_time(lambda: matmul(a, b), reps)
+  return 2.0 * n**3 / _best_time(lambda: matmul(a, b), reps)
 
 
 def benchmark_reward_step(cfg, *, seq_len: int, batch_pairs: int, steps: int) -> dict:
@@ -81,14 +81,12 @@ def benchmark_reward_step(cfg, *, seq_len: int, batch_pairs: int, steps: int) ->
   shape = (batch_pairs, seq_len)
   lengths = rng.integers(seq_len // 2, seq_len + 1, size=(2, batch_pairs))
   masks = np.arange(seq_len)[None, None, :] < lengths[:, :, None]  # right-padded
-  chosen, rejected = (np.where(m, rng.integers(3, cfg.vocab_size, size=shape), 0)
-                      for m in masks)
+  chosen, rejected = (np.where(m, rng.integers(3, cfg.vocab_size, size=shape), 0) for m in masks)
   batch = tuple(jnp.asarray(x) for x in (chosen, masks[0], rejected, masks[1]))
   params = jax.jit(model.init)(jax.random.key(0), batch[0], batch[1])
 
   def loss_fn(params, chosen, chosen_mask, rejected, rejected_mask):
-    margin = model.apply(params, chosen, chosen_mask) - model.apply(params, rejected,
-                                                                    rejected_mask)
+    margin = model.apply(params, chosen, chosen_mask) - model.apply(params, rejected, rejected_mask)
     return -jnp.mean(jax.nn.log_sigmoid(margin))
 
   start = time.perf_counter()
@@ -98,8 +96,13 @@ def benchmark_reward_step(cfg, *, seq_len: int, batch_pairs: int, steps: int) ->
   seconds = _best_time(lambda: step(params, *batch), steps)
   tokens = 2 * batch_pairs * seq_len
   flops = tokens * flops_per_token(cfg, seq_len, head="reward", backward=True)
-  return dict(step_s=seconds, pairs_per_s=batch_pairs / seconds, tokens_per_s=tokens / seconds,
-              model_flops_per_s=flops / seconds, compile_s=compile_s)
+  return dict(
+    step_s=seconds,
+    pairs_per_s=batch_pairs / seconds,
+    tokens_per_s=tokens / seconds,
+    model_flops_per_s=flops / seconds,
+    compile_s=compile_s,
+  )
 
 
 def benchmark_sampler(cfg, *, batch: int, prompt_len: int, new_tokens: int, reps: int) -> dict:
@@ -110,17 +113,28 @@ def benchmark_sampler(cfg, *, batch: int, prompt_len: int, new_tokens: int, reps
   mask = np.arange(prompt_len)[None, :] >= (prompt_len - lengths)[:, None]  # left-padded
   tokens = np.where(mask, rng.integers(3, cfg.vocab_size, size=(batch, prompt_len)), 0)
   params = jax.jit(model.init)(jax.random.key(0), jnp.asarray(tokens), jnp.asarray(mask))
-  run = lambda: sample(params, tokens, mask, jax.random.key(1), config=cfg,
-                       max_new_tokens=new_tokens, temperature=1.0, eos_id=None)
+  run = lambda: sample(
+    params,
+    tokens,
+    mask,
+    jax.random.key(1),
+    config=cfg,
+    max_new_tokens=new_tokens,
+    temperature=1.0,
+    eos_id=None,
+  )
   start = time.perf_counter()
   jax.block_until_ready(run())
   first_s = time.perf_counter() - start
   seconds = _best_time(run, reps)
   # Forward FLOPs of the generated tokens (attention at the full length: an upper bound).
   flops = batch * new_tokens * flops_per_token(cfg, prompt_len + new_tokens, head="policy")
-  return dict(sample_s=seconds, sampler_tokens_per_s=batch * new_tokens / seconds,
-              sampler_flops_per_s=flops / seconds,
-              sampler_compile_s=max(first_s - seconds, 0.0))
+  return dict(
+    sample_s=seconds,
+    sampler_tokens_per_s=batch * new_tokens / seconds,
+    sampler_flops_per_s=flops / seconds,
+    sampler_compile_s=max(first_s - seconds, 0.0),
+  )
 
 
 def main(argv):
@@ -133,31 +147,63 @@ def main(argv):
     FLAGS.prompt_len, FLAGS.new_tokens, FLAGS.sampler_reps = 8, 16, 2
   dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
   device = jax.devices()[0]
-  print(f"device: {device.platform} {device.device_kind} x{jax.device_count()} | "
-        f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus | "
-        f"jax {jax.__version__} | compute dtype {FLAGS.dtype}")
+  print(
+    f"device: {device.platform} {device.device_kind} x{jax.device_count()} | "
+    f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus | "
+    f"jax {jax.__version__} | compute dtype {FLAGS.dtype}"
+  )
   peak = measure_matmul_flops(FLAGS.matmul_size, FLAGS.matmul_reps)
-  print(f"float32 matmul ceiling ({FLAGS.matmul_size}^2, best of {FLAGS.matmul_reps}): "
-        f"{peak / 1e9:.1f} GFLOP/s")
-  print(f"reward step: {FLAGS.batch_pairs} pairs x {FLAGS.seq_len} tokens, value_and_grad | "
-        f"sampler: batch {FLAGS.sampler_batch}, prompt {FLAGS.prompt_len}, "
-        f"{FLAGS.new_tokens} new tokens")
-  header = ("preset", "params", "step ms", "tokens/s", "pairs/s", "GFLOP/s", "MFU",
-            "compile s", "sampler tok/s", "sampler MFU", "sampler compile s")
+  print(
+    f"float32 matmul ceiling ({FLAGS.matmul_size}^2, best of {FLAGS.matmul_reps}): "
+    f"{peak / 1e9:.1f} GFLOP/s"
+  )
+  print(
+    f"reward step: {FLAGS.batch_pairs} pairs x {FLAGS.seq_len} tokens, value_and_grad | "
+    f"sampler: batch {FLAGS.sampler_batch}, prompt {FLAGS.prompt_len}, "
+    f"{FLAGS.new_tokens} new tokens"
+  )
+  header = (
+    "preset",
+    "params",
+    "step ms",
+    "tokens/s",
+    "pairs/s",
+    "GFLOP/s",
+    "MFU",
+    "compile s",
+    "sampler tok/s",
+    "sampler MFU",
+    "sampler compile s",
+  )
   rows = []
   for name in FLAGS.presets:
     max_len = max(FLAGS.seq_len, FLAGS.prompt_len + FLAGS.new_tokens)
     cfg = preset(name, max_len=max_len, dtype=dtype)
-    rm = benchmark_reward_step(cfg, seq_len=FLAGS.seq_len, batch_pairs=FLAGS.batch_pairs,
-                               steps=FLAGS.steps)
-    sm = benchmark_sampler(cfg, batch=FLAGS.sampler_batch, prompt_len=FLAGS.prompt_len,
-                           new_tokens=FLAGS.new_tokens, reps=FLAGS.sampler_reps)
-    rows.append((name, f"{param_count(cfg):,}", f"{rm['step_s'] * 1e3:.1f}",
-                 f"{rm['tokens_per_s']:,.0f}", f"{rm['pairs_per_s']:.1f}",
-                 f"{rm['model_flops_per_s'] / 1e9:.1f}",
-                 f"{rm['model_flops_per_s'] / peak:.1%}", f"{rm['compile_s']:.1f}",
-                 f"{sm['sampler_tokens_per_s']:,.0f}",
-                 f"{sm['sampler_flops_per_s'] / peak:.1%}", f"{sm['sampler_compile_s']:.1f}"))
+    rm = benchmark_reward_step(
+      cfg, seq_len=FLAGS.seq_len, batch_pairs=FLAGS.batch_pairs, steps=FLAGS.steps
+    )
+    sm = benchmark_sampler(
+      cfg,
+      batch=FLAGS.sampler_batch,
+      prompt_len=FLAGS.prompt_len,
+      new_tokens=FLAGS.new_tokens,
+      reps=FLAGS.sampler_reps,
+    )
+    rows.append(
+      (
+        name,
+        f"{param_count(cfg):,}",
+        f"{rm['step_s'] * 1e3:.1f}",
+        f"{rm['tokens_per_s']:,.0f}",
+        f"{rm['pairs_per_s']:.1f}",
+        f"{rm['model_flops_per_s'] / 1e9:.1f}",
+        f"{rm['model_flops_per_s'] / peak:.1%}",
+        f"{rm['compile_s']:.1f}",
+        f"{sm['sampler_tokens_per_s']:,.0f}",
+        f"{sm['sampler_flops_per_s'] / peak:.1%}",
+        f"{sm['sampler_compile_s']:.1f}",
+      )
+    )
   widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
   line = lambda r: " | ".join(c.rjust(w) for c, w in zip(r, widths))
   print(line(header))

@@ -1,4 +1,4 @@
-r"""Seeds per second of vmapped reward-model seed sweeps (jaxrm.rm_sweep) against seed count.
+r"""Seeds per second of vmapped reward-model seed sweeps (jaxrm.steps.rm_sweep) against seed count.
 
 Trains ``k`` synthetic-world proxies at once (one ``lax.scan`` chunk per call, all seeds under
 ``jax.vmap``) and reports steps/s, seed-steps/s and the speed-up over one seed, with compile
@@ -9,15 +9,14 @@ time separately. Command (the figures in BUILD_NOTES.md)::
 
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import jax
 import optax
 
-from jaxrm import preference
-from jaxrm import synthetic
-from jaxrm.reward_model import RewardModel
-from jaxrm.rm_sweep import RewardModelSweep
+from jaxrm.data import synthetic
+from jaxrm.math import preference
+from jaxrm.models.reward_model import RewardModel
+from jaxrm.steps.rm_sweep import RewardModelSweep
 
 _SEEDS = flags.DEFINE_list("seeds", ["1", "4", "16"], "Seed counts to time.")
 _WIDTH = flags.DEFINE_integer("width", 16, "Proxy width.")
@@ -31,32 +30,40 @@ def main(argv):
   cfg = synthetic.WorldConfig(num_calibration=2048)
   world = synthetic.init_world(cfg, jax.random.key(0))
   pairs = synthetic.make_comparisons(world, cfg, jax.random.key(1), num=2048).as_batch()
-  model = RewardModel(cfg.reward_config(num_layers=_LAYERS.value, width=_WIDTH.value,
-                                        num_heads=2))
+  model = RewardModel(cfg.reward_config(num_layers=_LAYERS.value, width=_WIDTH.value, num_heads=2))
   sweep = RewardModelSweep(
-      init_fn=lambda k: model.init(k, pairs["chosen"][:1], pairs["chosen_mask"][:1]),
-      apply_fn=model.apply, loss_fn=preference.bradley_terry_loss,
-      optimizer=optax.adamw(1e-3), batch_size=_BATCH.value)
-  print(f"device: {jax.devices()[0].platform} | proxy L{_LAYERS.value}W{_WIDTH.value} | "
-        f"batch {_BATCH.value} pairs x {cfg.seq_len} tokens | {_STEPS.value} steps per call")
+    init_fn=lambda k: model.init(k, pairs["chosen"][:1], pairs["chosen_mask"][:1]),
+    apply_fn=model.apply,
+    loss_fn=preference.bradley_terry_loss,
+    optimizer=optax.adamw(1e-3),
+    batch_size=_BATCH.value,
+  )
+  print(
+    f"device: {jax.devices()[0].platform} | proxy L{_LAYERS.value}W{_WIDTH.value} | "
+    f"batch {_BATCH.value} pairs x {cfg.seq_len} tokens | {_STEPS.value} steps per call"
+  )
   print("seeds | compile s | steps/s | seed-steps/s | speed-up vs 1 seed")
   base = None
   for k in (int(s) for s in _SEEDS.value):
     states = sweep.init(jax.random.split(jax.random.key(2), k))
     t = time.perf_counter()
-    states, m = sweep.train(states, pairs, num_steps=_STEPS.value, chunk=_STEPS.value,
-                            log_every_chunk=False)
+    states, m = sweep.train(
+      states, pairs, num_steps=_STEPS.value, chunk=_STEPS.value, log_every_chunk=False
+    )
     jax.block_until_ready(m)
     first = time.perf_counter() - t
     t = time.perf_counter()
-    states, m = sweep.train(states, pairs, num_steps=_STEPS.value, chunk=_STEPS.value,
-                            log_every_chunk=False)
+    states, m = sweep.train(
+      states, pairs, num_steps=_STEPS.value, chunk=_STEPS.value, log_every_chunk=False
+    )
     jax.block_until_ready(m)
     seconds = time.perf_counter() - t
     rate = _STEPS.value / seconds
     base = base or rate * k
-    print(f"{k:5d} | {max(first - seconds, 0):9.1f} | {rate:7.1f} | {rate * k:12.1f} | "
-          f"{rate * k / base:5.2f}x")
+    print(
+      f"{k:5d} | {max(first - seconds, 0):9.1f} | {rate:7.1f} | {rate * k:12.1f} | "
+      f"{rate * k / base:5.2f}x"
+    )
 
 
 if __name__ == "__main__":

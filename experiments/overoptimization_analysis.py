@@ -21,15 +21,22 @@ from typing import Any
 
 import numpy as np
 
-from jaxrm import scaling
-from jaxrm.metrics import spearman
+from jaxrm.math import scaling
+from jaxrm.math.metrics import spearman
 
 
 def _fit_dict(fit: scaling.Fit) -> dict[str, Any]:
   peak_d, peak_r = scaling.gold_peak(fit)
-  return {"alpha": fit.alpha, "beta": fit.beta, "alpha_ci": list(fit.alpha_ci),
-          "beta_ci": list(fit.beta_ci), "r_squared": fit.r_squared,
-          "num_points": fit.num_points, "peak_sqrt_kl": peak_d, "peak_gold": peak_r}
+  return {
+    "alpha": fit.alpha,
+    "beta": fit.beta,
+    "alpha_ci": list(fit.alpha_ci),
+    "beta_ci": list(fit.beta_ci),
+    "r_squared": fit.r_squared,
+    "num_points": fit.num_points,
+    "peak_sqrt_kl": peak_d,
+    "peak_gold": peak_r,
+  }
 
 
 def fit_curves(results: dict[str, Any]) -> dict[str, Any]:
@@ -54,8 +61,11 @@ def fit_curves(results: dict[str, Any]) -> dict[str, Any]:
 def fit_data_sweep(results: dict[str, Any]) -> list[dict[str, Any]]:
   """R_bon fits for every (comparison-data size, proxy size): the main run and ``--data_sizes``."""
   d = np.sqrt(np.asarray(results["bon"]["kl"]))
-  main = {"num_comparisons": results["config"]["num_comparisons"],
-          "proxies": results["proxies"], "bon_gold": results["bon"]["gold"]}
+  main = {
+    "num_comparisons": results["config"]["num_comparisons"],
+    "proxies": results["proxies"],
+    "bon_gold": results["bon"]["gold"],
+  }
   entries = {e["num_comparisons"]: e for e in results.get("data_sweep", [])}
   entries.setdefault(main["num_comparisons"], main)
   out = []
@@ -63,15 +73,20 @@ def fit_data_sweep(results: dict[str, Any]) -> list[dict[str, Any]]:
     fits = []
     for gold in np.asarray(entry["bon_gold"]):  # [seeds, n]: fitted on the seed mean
       fits.append(_fit_dict(scaling.fit_bon(d, gold.mean(0))))
-    out.append({"num_comparisons": entry["num_comparisons"], "fits": fits,
-                "heldout_accuracy": [float(np.mean(p["heldout_accuracy"]))
-                                     for p in entry["proxies"]]})
+    out.append(
+      {
+        "num_comparisons": entry["num_comparisons"],
+        "fits": fits,
+        "heldout_accuracy": [float(np.mean(p["heldout_accuracy"])) for p in entry["proxies"]],
+      }
+    )
   return out
 
 
 def plot_data_sweep(results: dict[str, Any], path: str) -> None:
   """alpha_bon, beta_bon and the fitted gold peak against comparison-data size."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -80,10 +95,12 @@ def plot_data_sweep(results: dict[str, Any], path: str) -> None:
   colours = _colours(len(results["proxies"]))
   fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
   for i, p in enumerate(results["proxies"]):
-    series = {"alpha_bon": [e["fits"][i]["alpha"] for e in sweep],
-              "beta_bon": [e["fits"][i]["beta"] for e in sweep],
-              "fitted gold peak": [e["fits"][i]["peak_gold"] for e in sweep],
-              "held-out accuracy": [e["heldout_accuracy"][i] for e in sweep]}
+    series = {
+      "alpha_bon": [e["fits"][i]["alpha"] for e in sweep],
+      "beta_bon": [e["fits"][i]["beta"] for e in sweep],
+      "fitted gold peak": [e["fits"][i]["peak_gold"] for e in sweep],
+      "held-out accuracy": [e["heldout_accuracy"][i] for e in sweep],
+    }
     for ax, (name, values) in zip(axes, series.items()):
       ax.plot(sizes, values, "o-", color=colours[i], label=p["name"])
       ax.set_title(name)
@@ -128,9 +145,12 @@ def run_checks(results: dict[str, Any], fits: dict[str, Any]) -> tuple[list[dict
   num_seeds = gold.shape[1]
 
   mono = [bool(np.all(np.diff(proxy[i].mean(0)) >= -1e-6)) for i in range(len(sizes))]
-  check("bon_proxy_monotone", all(mono),
-        "proxy best-of-n score non-decreasing in n for " +
-        ", ".join(f"{s}: {m}" for s, m in zip(sizes, mono)))
+  check(
+    "bon_proxy_monotone",
+    all(mono),
+    "proxy best-of-n score non-decreasing in n for "
+    + ", ".join(f"{s}: {m}" for s, m in zip(sizes, mono)),
+  )
 
   # Gold rises, peaks and falls: the seed-mean curve has an interior maximum above pi_init,
   # and the fall from that n to the largest n, paired within seeds, exceeds two standard
@@ -142,37 +162,52 @@ def run_checks(results: dict[str, Any], fits: dict[str, Any]) -> tuple[list[dict
     peak = int(np.argmax(mean))
     drop = gold[i][:, peak] - gold[i][:, -1]  # [seeds]
     se = drop.std(ddof=1) / math.sqrt(num_seeds) if num_seeds > 1 else math.inf
-    se_unpaired = (gold[i][:, -1].std(ddof=1) / math.sqrt(num_seeds) if num_seeds > 1
-                   else math.inf)
+    se_unpaired = gold[i][:, -1].std(ddof=1) / math.sqrt(num_seeds) if num_seeds > 1 else math.inf
     falls.append(bool(0 < peak < len(mean) - 1 and mean[peak] > 0 and drop.mean() > 2 * se))
-    details.append(f"{sizes[i]}: {falls[-1]} (peak {mean[peak]:.2f} at n={bon['ns'][peak]}, "
-                   f"fall {drop.mean():.2f}, paired s.e. {se:.2f}, unpaired s.e. "
-                   f"{se_unpaired:.2f})")
+    details.append(
+      f"{sizes[i]}: {falls[-1]} (peak {mean[peak]:.2f} at n={bon['ns'][peak]}, "
+      f"fall {drop.mean():.2f}, paired s.e. {se:.2f}, unpaired s.e. "
+      f"{se_unpaired:.2f})"
+    )
   smaller = list(range(len(sizes) // 2)) or [0]
-  check("bon_gold_peaks_for_smaller_proxies", all(falls[i] for i in smaller),
-        "gold rises, peaks and falls (fall from the peak to the largest n > 2 paired s.e.): " +
-        "; ".join(details) + f"; required for the {len(smaller)} smallest")
+  check(
+    "bon_gold_peaks_for_smaller_proxies",
+    all(falls[i] for i in smaller),
+    "gold rises, peaks and falls (fall from the peak to the largest n > 2 paired s.e.): "
+    + "; ".join(details)
+    + f"; required for the {len(smaller)} smallest",
+  )
 
   r2 = [f["r_squared"] for f in fits["bon"]]
-  check("bon_fit_r2", all(r >= 0.9 for r in r2),
-        "R^2 of R_bon fits: " + ", ".join(f"{s}: {r:.3f}" for s, r in zip(sizes, r2)))
+  check(
+    "bon_fit_r2",
+    all(r >= 0.9 for r in r2),
+    "R^2 of R_bon fits: " + ", ".join(f"{s}: {r:.3f}" for s, r in zip(sizes, r2)),
+  )
 
   betas = [f["beta"] for f in fits["bon"]]
   peaks = [f["peak_gold"] for f in fits["bon"]]
   observed_peaks = gold.mean(1).max(1)
-  trend = {"spearman_beta_bon_log_params": _spearman_or_nan(np.log(params), betas),
-           "spearman_peak_gold_log_params": _spearman_or_nan(np.log(params), peaks),
-           "spearman_observed_peak_log_params": _spearman_or_nan(np.log(params),
-                                                                 observed_peaks),
-           "spearman_alpha_bon_log_params": _spearman_or_nan(
-               np.log(params), [f["alpha"] for f in fits["bon"]])}
-  check("beta_bon_falls_with_size", trend["spearman_beta_bon_log_params"] <= -0.8,
-        f"Spearman(beta_bon, log params) = {trend['spearman_beta_bon_log_params']:.2f} "
-        "(need <= -0.8)")
-  check("gold_peak_rises_with_size", trend["spearman_peak_gold_log_params"] >= 0.8,
-        f"Spearman(fitted gold peak, log params) = "
-        f"{trend['spearman_peak_gold_log_params']:.2f} (need >= 0.8); observed-maximum "
-        f"version {trend['spearman_observed_peak_log_params']:.2f}")
+  trend = {
+    "spearman_beta_bon_log_params": _spearman_or_nan(np.log(params), betas),
+    "spearman_peak_gold_log_params": _spearman_or_nan(np.log(params), peaks),
+    "spearman_observed_peak_log_params": _spearman_or_nan(np.log(params), observed_peaks),
+    "spearman_alpha_bon_log_params": _spearman_or_nan(
+      np.log(params), [f["alpha"] for f in fits["bon"]]
+    ),
+  }
+  check(
+    "beta_bon_falls_with_size",
+    trend["spearman_beta_bon_log_params"] <= -0.8,
+    f"Spearman(beta_bon, log params) = {trend['spearman_beta_bon_log_params']:.2f} (need <= -0.8)",
+  )
+  check(
+    "gold_peak_rises_with_size",
+    trend["spearman_peak_gold_log_params"] >= 0.8,
+    f"Spearman(fitted gold peak, log params) = "
+    f"{trend['spearman_peak_gold_log_params']:.2f} (need >= 0.8); observed-maximum "
+    f"version {trend['spearman_observed_peak_log_params']:.2f}",
+  )
 
   rl = results.get("rl")
   if rl is not None:
@@ -199,6 +234,7 @@ def run_checks(results: dict[str, Any], fits: dict[str, Any]) -> tuple[list[dict
 
 def _colours(n: int):
   import matplotlib
+
   cmap = matplotlib.colormaps["viridis"]
   return [cmap(0.85 * i / max(n - 1, 1)) for i in range(n)]
 
@@ -206,6 +242,7 @@ def _colours(n: int):
 def plot_figure1(results: dict[str, Any], fits: dict[str, Any], path: str) -> None:
   """Gao et al. Figure 1 layout: gold (solid), proxy (dashed), fits (thin) vs sqrt(KL)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -229,8 +266,9 @@ def plot_figure1(results: dict[str, Any], fits: dict[str, Any], path: str) -> No
       fit = fits[kind][i]
       grid = np.linspace(0, dm.max(), 200)
       form = scaling.bon_reward if kind == "bon" else scaling.rl_reward
-      ax.plot(grid, form(grid, alpha=fit["alpha"], beta=fit["beta"]), "-", color=c, lw=0.7,
-              alpha=0.8)
+      ax.plot(
+        grid, form(grid, alpha=fit["alpha"], beta=fit["beta"]), "-", color=c, lw=0.7, alpha=0.8
+      )
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("sqrt(KL(pi || pi_init))  [nats^0.5]")
     ax.set_ylabel("reward (pi_init = 0)")
@@ -244,6 +282,7 @@ def plot_figure1(results: dict[str, Any], fits: dict[str, Any], path: str) -> No
 def plot_coefficients(results: dict[str, Any], fits: dict[str, Any], path: str) -> None:
   """Fitted alpha, beta (95% CI) and gold peak against proxy parameter count."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -254,8 +293,14 @@ def plot_coefficients(results: dict[str, Any], fits: dict[str, Any], path: str) 
     for ax, name in zip(axes[:2], ("alpha", "beta")):
       values = np.array([f[name] for f in fits[kind]])
       ci = np.array([f[f"{name}_ci"] for f in fits[kind]])
-      ax.errorbar(params, values, yerr=[values - ci[:, 0], ci[:, 1] - values], fmt=marker + "-",
-                  capsize=3, label=f"{name}_{kind}")
+      ax.errorbar(
+        params,
+        values,
+        yerr=[values - ci[:, 0], ci[:, 1] - values],
+        fmt=marker + "-",
+        capsize=3,
+        label=f"{name}_{kind}",
+      )
     peaks = np.array([f["peak_gold"] for f in fits[kind]], float)
     finite = np.isfinite(peaks)
     axes[2].plot(params[finite], peaks[finite], marker + "-", label=f"fitted peak ({kind})")
@@ -275,30 +320,34 @@ def write_summary(results: dict[str, Any], path: str) -> None:
   """Markdown summary: proxies, fitted coefficients, trend statistics and checks."""
   fits, lines = results["fits"], []
   lines.append("# Reward over-optimisation study (synthetic world)\n")
-  lines.append("| proxy | params | held-out acc. | alpha_bon | beta_bon | R² bon | "
-               "peak gold (bon fit) | alpha_RL | beta_RL | R² RL |")
+  lines.append(
+    "| proxy | params | held-out acc. | alpha_bon | beta_bon | R² bon | "
+    "peak gold (bon fit) | alpha_RL | beta_RL | R² RL |"
+  )
   lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
   for i, p in enumerate(results["proxies"]):
     b = fits["bon"][i]
     r = fits["rl"][i] if fits.get("rl") else None
-    rl_cols = (f"{r['alpha']:.3f} | {r['beta']:.3f} | {r['r_squared']:.3f}" if r
-               else "– | – | –")
-    lines.append(f"| {p['name']} | {p['num_params']:,} | "
-                 f"{np.mean(p['heldout_accuracy']):.3f} | {b['alpha']:.3f} | {b['beta']:.3f} | "
-                 f"{b['r_squared']:.3f} | {b['peak_gold']:.3f} | {rl_cols} |")
+    rl_cols = f"{r['alpha']:.3f} | {r['beta']:.3f} | {r['r_squared']:.3f}" if r else "– | – | –"
+    lines.append(
+      f"| {p['name']} | {p['num_params']:,} | "
+      f"{np.mean(p['heldout_accuracy']):.3f} | {b['alpha']:.3f} | {b['beta']:.3f} | "
+      f"{b['r_squared']:.3f} | {b['peak_gold']:.3f} | {rl_cols} |"
+    )
   lines.append("\n## Trends across proxy size\n")
   for k, v in results["trend"].items():
     lines.append(f"- {k}: {v if isinstance(v, list) else f'{v:.3f}'}")
   for entry in results.get("data_fits", []):
-    lines.append(f"- {entry['num_comparisons']} comparisons: beta_bon " + ", ".join(
-        f"{p['name']} {f['beta']:.3f}" for p, f in zip(results["proxies"], entry["fits"])))
+    lines.append(
+      f"- {entry['num_comparisons']} comparisons: beta_bon "
+      + ", ".join(f"{p['name']} {f['beta']:.3f}" for p, f in zip(results["proxies"], entry["fits"]))
+    )
   lines.append("\n## Checks\n")
   for c in results["checks"]:
     lines.append(f"- **{'PASS' if c['passed'] else 'FAIL'}** {c['name']}: {c['detail']}")
   if "timing_this_invocation" in results:
     lines.append("\n## Wall-clock of this invocation (s; stages loaded from cache take ~1 s)\n")
-    lines.append(", ".join(f"{k}: {v:.0f}"
-                           for k, v in results["timing_this_invocation"].items()))
+    lines.append(", ".join(f"{k}: {v:.0f}" for k, v in results["timing_this_invocation"].items()))
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
 

@@ -6,11 +6,11 @@ a re-run (or a run resumed after a crash) recomputes only what is missing. A cac
 a different config is detected by the config's fingerprint and recomputed, never reused.
 
 The stages:
-1. ``build_world``: ``pi_init``, gold and gold-labelled comparisons (``jaxrm.synthetic``).
+1. ``build_world``: ``pi_init``, gold and gold-labelled comparisons (``jaxrm.data.synthetic``).
 2. ``train_proxies``: proxy reward models of several sizes, all seeds of one size at once
-   (``jaxrm.rm_sweep``), with held-out accuracy against noise-free gold labels.
+   (``jaxrm.steps.rm_sweep``), with held-out accuracy against noise-free gold labels.
 3. ``best_of_n``: ``N`` samples per prompt from ``pi_init``, scored by gold and every proxy;
-   the unbiased best-of-n estimator for n = 1 .. ``bon_max_n`` (``jaxrm.best_of_n``).
+   the unbiased best-of-n estimator for n = 1 .. ``bon_max_n`` (``jaxrm.math.best_of_n``).
 4. ``rl``: PPO against each proxy, all seeds at once, recording gold, proxy and KL.
 """
 
@@ -24,24 +24,25 @@ import os
 import time
 from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 
-from jaxrm import best_of_n as bon_lib
-from jaxrm import metrics as metrics_lib
-from jaxrm import preference
-from jaxrm import rl as rl_lib
-from jaxrm import synthetic
-from jaxrm.reward_model import RewardModel
-from jaxrm.rm_sweep import RewardModelSweep
+from jaxrm.data import synthetic
+from jaxrm.math import best_of_n as bon_lib
+from jaxrm.math import metrics as metrics_lib
+from jaxrm.math import preference
+from jaxrm.models.reward_model import RewardModel
+from jaxrm.steps import rl as rl_lib
+from jaxrm.steps.rm_sweep import RewardModelSweep
 
 
 @dataclasses.dataclass(frozen=True)
 class ProxySize:
   """A proxy reward model architecture."""
+
   num_layers: int
   width: int
   num_heads: int
@@ -54,6 +55,7 @@ class ProxySize:
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
   """All settings of one study; every stage's cache is keyed by the fields it reads."""
+
   world: synthetic.WorldConfig = synthetic.WorldConfig()
   world_seed: int = 0
   num_comparisons: int = 2500
@@ -62,8 +64,12 @@ class StudyConfig:
   labels: str = "deterministic"
   label_noise: float = 0.0
   proxy_sizes: tuple[ProxySize, ...] = (
-      ProxySize(1, 4, 1), ProxySize(1, 8, 2), ProxySize(1, 16, 2), ProxySize(2, 32, 4),
-      ProxySize(2, 64, 4))
+    ProxySize(1, 4, 1),
+    ProxySize(1, 8, 2),
+    ProxySize(1, 16, 2),
+    ProxySize(2, 32, 4),
+    ProxySize(2, 64, 4),
+  )
   num_seeds: int = 5
   rm_epochs: int = 3
   rm_batch_size: int = 64
@@ -85,8 +91,11 @@ class StudyConfig:
   def fingerprint(self, *fields: str) -> str:
     """A short hash of the named fields and properties."""
     d = {f: getattr(self, f) for f in fields}
-    d = json.loads(json.dumps(d, default=lambda x: dataclasses.asdict(x)
-                              if dataclasses.is_dataclass(x) else str(x)))
+    d = json.loads(
+      json.dumps(
+        d, default=lambda x: dataclasses.asdict(x) if dataclasses.is_dataclass(x) else str(x)
+      )
+    )
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -142,8 +151,9 @@ def build_world(cfg: StudyConfig, workdir: str) -> WorldData:
 
   def make():
     world = synthetic.init_world(cfg.world, k_world)
-    train = synthetic.make_comparisons(world, cfg.world, k_train, num=num_train,
-                                       labels=cfg.labels, label_noise=cfg.label_noise)
+    train = synthetic.make_comparisons(
+      world, cfg.world, k_train, num=num_train, labels=cfg.labels, label_noise=cfg.label_noise
+    )
     heldout = synthetic.make_comparisons(world, cfg.world, k_heldout, num=cfg.num_heldout)
     return world, train, heldout
 
@@ -161,16 +171,18 @@ def build_world(cfg: StudyConfig, workdir: str) -> WorldData:
 
 # ----------------------------------------------------------------------------- stage 2
 def proxy_model(cfg: StudyConfig, size: ProxySize) -> RewardModel:
-  return RewardModel(cfg.world.reward_config(num_layers=size.num_layers, width=size.width,
-                                             num_heads=size.num_heads))
+  return RewardModel(
+    cfg.world.reward_config(num_layers=size.num_layers, width=size.width, num_heads=size.num_heads)
+  )
 
 
 def param_count(tree: Any) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def train_proxies(cfg: StudyConfig, data: WorldData, workdir: str, *,
-                  num_comparisons: int | None = None) -> list[dict[str, Any]]:
+def train_proxies(
+  cfg: StudyConfig, data: WorldData, workdir: str, *, num_comparisons: int | None = None
+) -> list[dict[str, Any]]:
   """Trains ``num_seeds`` proxies of every size on the first ``num_comparisons`` pairs.
 
   Returns:
@@ -186,30 +198,43 @@ def train_proxies(cfg: StudyConfig, data: WorldData, workdir: str, *,
     path = os.path.join(workdir, "proxies", f"n{num}_{size.name}.npz")
     model = proxy_model(cfg, size)
     sweep = RewardModelSweep(
-        init_fn=lambda k, m=model: m.init(k, pairs["chosen"][:1], pairs["chosen_mask"][:1]),
-        apply_fn=model.apply, loss_fn=preference.bradley_terry_loss,
-        optimizer=optax.adamw(cfg.rm_learning_rate), batch_size=cfg.rm_batch_size)
+      init_fn=lambda k, m=model: m.init(k, pairs["chosen"][:1], pairs["chosen_mask"][:1]),
+      apply_fn=model.apply,
+      loss_fn=preference.bradley_terry_loss,
+      optimizer=optax.adamw(cfg.rm_learning_rate),
+      batch_size=cfg.rm_batch_size,
+    )
     keys = jax.random.split(jax.random.key(1000 + i), cfg.num_seeds)
-    template = jax.eval_shape(lambda: sweep.init(keys).params)
+    template = jax.eval_shape(lambda s=sweep, k=keys: s.init(k).params)
     loaded = load_tree(path, template, fp)
     if loaded is not None:
       params, meta = loaded
     else:
       t = time.perf_counter()
-      logging.info("training %d proxies %s on %d pairs for %d steps", cfg.num_seeds,
-                   size.name, num, steps)
+      logging.info(
+        "training %d proxies %s on %d pairs for %d steps", cfg.num_seeds, size.name, num, steps
+      )
       states, metrics = sweep.train(sweep.init(keys), pairs, num_steps=steps)
       params = states.params
       acc = heldout_accuracy(model, params, data.heldout)
-      meta = {"fingerprint": fp, "size": size.name, "num_comparisons": num,
-              "num_params": param_count(template) // cfg.num_seeds,
-              "heldout_accuracy": acc.tolist(),
-              "train_loss": np.asarray(metrics["loss"][:, -50:].mean(axis=1)).tolist(),
-              "num_skipped": np.asarray(states.num_skipped).tolist(),
-              "seconds": time.perf_counter() - t}
+      meta = {
+        "fingerprint": fp,
+        "size": size.name,
+        "num_comparisons": num,
+        "num_params": param_count(template) // cfg.num_seeds,
+        "heldout_accuracy": acc.tolist(),
+        "train_loss": np.asarray(metrics["loss"][:, -50:].mean(axis=1)).tolist(),
+        "num_skipped": np.asarray(states.num_skipped).tolist(),
+        "seconds": time.perf_counter() - t,
+      }
       save_tree(path, params, meta)
-      logging.info("proxy %s: %d params, held-out accuracy %s (%.0fs)", size.name,
-                   meta["num_params"], np.round(acc, 3), meta["seconds"])
+      logging.info(
+        "proxy %s: %d params, held-out accuracy %s (%.0fs)",
+        size.name,
+        meta["num_params"],
+        np.round(acc, 3),
+        meta["seconds"],
+      )
     results.append(dict(meta, size=size, params=params))
   return results
 
@@ -217,16 +242,22 @@ def train_proxies(cfg: StudyConfig, data: WorldData, workdir: str, *,
 def score_batches(apply_fn, stacked_params, tokens, mask, *, chunk: int = 8192) -> np.ndarray:
   """Scores ``tokens [n, s]`` with every stacked member: ``[k, n]`` float32 numpy."""
   fn = jax.jit(jax.vmap(apply_fn, in_axes=(0, None, None)))
-  return np.concatenate([np.asarray(fn(stacked_params, tokens[i:i + chunk], mask[i:i + chunk]))
-                         for i in range(0, tokens.shape[0], chunk)], axis=1)
+  return np.concatenate(
+    [
+      np.asarray(fn(stacked_params, tokens[i : i + chunk], mask[i : i + chunk]))
+      for i in range(0, tokens.shape[0], chunk)
+    ],
+    axis=1,
+  )
 
 
 def heldout_accuracy(model, stacked_params, heldout: synthetic.Comparisons) -> np.ndarray:
   """Per-member accuracy ``[k]`` on pairs whose chosen side has the higher gold score."""
   num = heldout.chosen.shape[0]
   tokens = jnp.concatenate([heldout.chosen, heldout.rejected])  # one compile, not two
-  scores = score_batches(model.apply, stacked_params, tokens,
-                         jnp.concatenate([heldout.mask, heldout.mask]))
+  scores = score_batches(
+    model.apply, stacked_params, tokens, jnp.concatenate([heldout.mask, heldout.mask])
+  )
   rc, rr = scores[:, :num], scores[:, num:]
   return np.array([metrics_lib.pairwise_accuracy(c, r) for c, r in zip(rc, rr)])
 
@@ -238,8 +269,14 @@ def bon_ns(max_n: int) -> np.ndarray:
   return ns[ns <= max_n]
 
 
-def best_of_n(cfg: StudyConfig, data: WorldData, proxies: list[dict[str, Any]],
-              workdir: str, *, num_comparisons: int | None = None) -> dict[str, Any]:
+def best_of_n(
+  cfg: StudyConfig,
+  data: WorldData,
+  proxies: list[dict[str, Any]],
+  workdir: str,
+  *,
+  num_comparisons: int | None = None,
+) -> dict[str, Any]:
   """Best-of-n against every proxy: gold and proxy reward for each n, per seed.
 
   Returns:
@@ -249,12 +286,15 @@ def best_of_n(cfg: StudyConfig, data: WorldData, proxies: list[dict[str, Any]],
   """
   num = cfg.num_comparisons if num_comparisons is None else num_comparisons
   path = os.path.join(workdir, f"bon_n{num}.npz")
-  fp = cfg.fingerprint(*(_PROXY_FIELDS + ("proxy_sizes", "bon_prompts", "bon_samples",
-                                          "bon_max_n")))
+  fp = cfg.fingerprint(
+    *(_PROXY_FIELDS + ("proxy_sizes", "bon_prompts", "bon_samples", "bon_max_n"))
+  )
   ns = bon_ns(cfg.bon_max_n)
   shape = (len(proxies), cfg.num_seeds, len(ns))
-  template = {"gold": jax.ShapeDtypeStruct(shape, jnp.float32),
-              "proxy": jax.ShapeDtypeStruct(shape, jnp.float32)}
+  template = {
+    "gold": jax.ShapeDtypeStruct(shape, jnp.float32),
+    "proxy": jax.ShapeDtypeStruct(shape, jnp.float32),
+  }
   loaded = load_tree(path, template, fp)
   if loaded is None:
     t = time.perf_counter()
@@ -265,7 +305,7 @@ def best_of_n(cfg: StudyConfig, data: WorldData, proxies: list[dict[str, Any]],
     sample = jax.jit(lambda p, k: synthetic.sample_responses(data.world, wc, p, k))
     tokens, mask = [], []
     for i in range(0, prompts.shape[0], 8192):
-      tk, mk = sample(prompts[i:i + 8192], jax.random.fold_in(k_samples, i))
+      tk, mk = sample(prompts[i : i + 8192], jax.random.fold_in(k_samples, i))
       tokens.append(tk)
       mask.append(mk)
     tokens, mask = jnp.concatenate(tokens), jnp.concatenate(mask)
@@ -278,7 +318,8 @@ def best_of_n(cfg: StudyConfig, data: WorldData, proxies: list[dict[str, Any]],
       scores = scores - scores.mean(axis=1, keepdims=True)
       for s in range(cfg.num_seeds):
         g, pr = bon_lib.batched_best_of_n_expected_reward(
-            scores[s].reshape(cfg.bon_prompts, cfg.bon_samples), gold, ns)
+          scores[s].reshape(cfg.bon_prompts, cfg.bon_samples), gold, ns
+        )
         out_gold[i, s], out_proxy[i, s] = g, pr
     # Re-centre so that pi_init (n = 1) scores 0 on these prompts, as in Gao et al.
     out_gold -= out_gold[..., :1]
@@ -293,8 +334,13 @@ def best_of_n(cfg: StudyConfig, data: WorldData, proxies: list[dict[str, Any]],
 
 # ----------------------------------------------------------------------------- stage 4
 def _rl_config(cfg: StudyConfig) -> rl_lib.RLConfig:
-  return rl_lib.RLConfig(policy=cfg.world.policy_config(), max_new_tokens=cfg.world.response_len,
-                         eos_id=None, num_epochs=2, num_minibatches=2)
+  return rl_lib.RLConfig(
+    policy=cfg.world.policy_config(),
+    max_new_tokens=cfg.world.response_len,
+    eos_id=None,
+    num_epochs=2,
+    num_minibatches=2,
+  )
 
 
 def _proxy_offsets(cfg: StudyConfig, data: WorldData, proxy: dict[str, Any]) -> np.ndarray:
@@ -302,13 +348,15 @@ def _proxy_offsets(cfg: StudyConfig, data: WorldData, proxy: dict[str, Any]) -> 
   k_prompts, k_samples = jax.random.split(jax.random.key(cfg.world_seed + 11))
   prompts = synthetic.sample_prompts(cfg.world, k_prompts, 4096)
   tokens, mask = jax.jit(lambda p, k: synthetic.sample_responses(data.world, cfg.world, p, k))(
-      prompts, k_samples)
+    prompts, k_samples
+  )
   scores = score_batches(proxy_model(cfg, proxy["size"]).apply, proxy["params"], tokens, mask)
   return scores.mean(axis=1)
 
 
-def run_rl(cfg: StudyConfig, data: WorldData, proxies: list[dict[str, Any]],
-           workdir: str) -> dict[str, Any]:
+def run_rl(
+  cfg: StudyConfig, data: WorldData, proxies: list[dict[str, Any]], workdir: str
+) -> dict[str, Any]:
   """PPO from ``pi_init`` against every proxy (all seeds of a size vmapped together).
 
   Every step samples ``rl_batch_size`` fresh prompts, and gold is scored on the same
@@ -323,8 +371,9 @@ def run_rl(cfg: StudyConfig, data: WorldData, proxies: list[dict[str, Any]],
     that ``pi_init`` scores 0).
   """
   wc = cfg.world
-  fp = cfg.fingerprint(*(_PROXY_FIELDS + ("rl_steps", "rl_batch_size", "rl_learning_rate",
-                                          "kl_coef", "rl_log_every")))
+  fp = cfg.fingerprint(
+    *(_PROXY_FIELDS + ("rl_steps", "rl_batch_size", "rl_learning_rate", "kl_coef", "rl_log_every"))
+  )
   rl_cfg = _rl_config(cfg)
   optimizer = optax.adam(cfg.rl_learning_rate)
   ref_params = data.world.policy_params
@@ -359,21 +408,31 @@ def _run_rl_one(cfg, data, proxy, rl_cfg, optimizer, ref_params, start, *, seed)
     key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), 2)
     prompts = synthetic.sample_prompts(wc, key, cfg.rl_batch_size)
     state, metrics, ro = rl_lib.ppo_step(
-        state, {"prompts": prompts, "prompt_mask": ones}, reward_params, ref_params,
-        config=rl_cfg, reward_fn=reward_fn, optimizer=optimizer, return_rollout=True)
+      state,
+      {"prompts": prompts, "prompt_mask": ones},
+      reward_params,
+      ref_params,
+      config=rl_cfg,
+      reward_fn=reward_fn,
+      optimizer=optimizer,
+      return_rollout=True,
+    )
     gold = synthetic.gold_reward(data.world, wc, ro["tokens"], ro["mask"])
     return state, {"kl": metrics["kl"], "proxy": metrics["score"], "gold": gold.mean()}
 
   @functools.partial(jax.jit, donate_argnums=0)
   def chunk(states, reward_params):
     """``chunk_len`` PPO steps of every seed (vmapped over seeds, scanned over steps)."""
+
     def seed_scan(state, rp):
       return jax.lax.scan(lambda s, _: one_step(s, rp), state, None, length=chunk_len)
+
     return jax.vmap(seed_scan)(states, reward_params)
 
   keys = jax.random.split(jax.random.key(2000 + seed), cfg.num_seeds)
-  states = jax.vmap(lambda k: rl_lib.create_rl_state(start, optimizer, k,
-                                                     kl_coef=cfg.kl_coef))(keys)
+  states = jax.vmap(lambda k: rl_lib.create_rl_state(start, optimizer, k, kl_coef=cfg.kl_coef))(
+    keys
+  )
   logs, done, t0 = [], 0, time.perf_counter()
   num_steps = cfg.rl_steps // chunk_len * chunk_len
   while done < num_steps:
@@ -382,9 +441,17 @@ def _run_rl_one(cfg, data, proxy, rl_cfg, optimizer, ref_params, start, *, seed)
     logs.append(m)
     done += chunk_len
     elapsed = time.perf_counter() - t0
-    logging.info("rl %s: step %d/%d  kl %.2f  proxy %.3f  gold %.3f  %.1f steps/s  ETA %.0fs",
-                 proxy["size"].name, done, num_steps, m["kl"].mean(), m["proxy"].mean(),
-                 m["gold"].mean(), done / elapsed, elapsed / done * (num_steps - done))
+    logging.info(
+      "rl %s: step %d/%d  kl %.2f  proxy %.3f  gold %.3f  %.1f steps/s  ETA %.0fs",
+      proxy["size"].name,
+      done,
+      num_steps,
+      m["kl"].mean(),
+      m["proxy"].mean(),
+      m["gold"].mean(),
+      done / elapsed,
+      elapsed / done * (num_steps - done),
+    )
   return {k: np.stack([l[k] for l in logs], axis=1) for k in logs[0]}
 
 
@@ -397,11 +464,14 @@ def validate(cfg: StudyConfig) -> None:
     raise ValueError("proxy_sizes must name at least one proxy architecture")
   for n in (cfg.num_comparisons,) + tuple(cfg.data_sizes):
     if n < cfg.rm_batch_size:
-      raise ValueError(f"comparison-data size {n} is smaller than the batch size "
-                       f"{cfg.rm_batch_size}")
+      raise ValueError(
+        f"comparison-data size {n} is smaller than the batch size {cfg.rm_batch_size}"
+      )
   if cfg.bon_max_n < 1 or cfg.bon_samples < cfg.bon_max_n:
-    raise ValueError(f"need 1 <= bon_max_n <= bon_samples, got bon_max_n={cfg.bon_max_n}, "
-                     f"bon_samples={cfg.bon_samples}")
+    raise ValueError(
+      f"need 1 <= bon_max_n <= bon_samples, got bon_max_n={cfg.bon_max_n}, "
+      f"bon_samples={cfg.bon_samples}"
+    )
   if cfg.labels not in ("deterministic", "bradley_terry"):
     raise ValueError(f"labels must be 'deterministic' or 'bradley_terry', got {cfg.labels!r}")
   if not 0.0 <= cfg.label_noise <= 0.5:
@@ -409,22 +479,29 @@ def validate(cfg: StudyConfig) -> None:
   if cfg.rl_steps < 0 or cfg.kl_coef < 0:
     raise ValueError(f"rl_steps and kl_coef must be >= 0, got {cfg.rl_steps}, {cfg.kl_coef}")
   if cfg.rl_steps and not 1 <= cfg.rl_log_every <= cfg.rl_steps:
-    raise ValueError(f"rl_log_every must lie in [1, rl_steps={cfg.rl_steps}], "
-                     f"got {cfg.rl_log_every}")
+    raise ValueError(
+      f"rl_log_every must lie in [1, rl_steps={cfg.rl_steps}], got {cfg.rl_log_every}"
+    )
 
 
 def _proxy_summary(proxies: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  return [{"name": p["size"].name, "num_layers": p["size"].num_layers,
-           "width": p["size"].width, "num_params": p["num_params"],
-           "heldout_accuracy": p["heldout_accuracy"], "train_loss": p["train_loss"]}
-          for p in proxies]
+  return [
+    {
+      "name": p["size"].name,
+      "num_layers": p["size"].num_layers,
+      "width": p["size"].width,
+      "num_params": p["num_params"],
+      "heldout_accuracy": p["heldout_accuracy"],
+      "train_loss": p["train_loss"],
+    }
+    for p in proxies
+  ]
 
 
 def run_study(cfg: StudyConfig, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) every stage and returns the raw measurements as a JSON-able dict."""
   validate(cfg)
-  timing, results = {}, {"config": json.loads(json.dumps(dataclasses.asdict(cfg),
-                                                         default=str))}
+  timing, results = {}, {"config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))}
 
   def timed(name, fn, *args, **kw):
     t = time.perf_counter()
@@ -446,8 +523,13 @@ def run_study(cfg: StudyConfig, workdir: str) -> dict[str, Any]:
     for n in sorted(set(cfg.data_sizes)):
       px = timed(f"proxies_n{n}", train_proxies, cfg, data, workdir, num_comparisons=n)
       b = timed(f"best_of_n_n{n}", best_of_n, cfg, data, px, workdir, num_comparisons=n)
-      sweep.append({"num_comparisons": n, "proxies": _proxy_summary(px),
-                    "bon_gold": np.asarray(b["gold"]).tolist()})
+      sweep.append(
+        {
+          "num_comparisons": n,
+          "proxies": _proxy_summary(px),
+          "bon_gold": np.asarray(b["gold"]).tolist(),
+        }
+      )
     results["data_sweep"] = sweep
   # Wall-clock of this invocation: a stage loaded from the workdir's cache takes about 1 s.
   results["timing_this_invocation"] = timing

@@ -3,7 +3,7 @@ r"""Writes the reward-model report of a saved checkpoint of a training run.
 Restores checkpoint ``--step`` (default: the latest) of a run of
 ``experiments/train_reward_model.py``, scores its held-out pairs (the training pairs if the
 run has no held-out split) and writes ``rm_report.json``, ``rm_report.md``,
-``reliability.png`` and ``reward_histogram.png`` (see :mod:`jaxrm.report`) into
+``reliability.png`` and ``reward_histogram.png`` (see :mod:`jaxrm.io.report`) into
 ``--out_dir`` (default: the run directory for the latest step, else
 ``<workdir>/reports/step_<step>``)::
 
@@ -16,21 +16,18 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import cli  # noqa: E402
-from jaxrm import rm_train  # noqa: E402
+from jaxrm.train import reward_model as rm_train  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of train_reward_model.py.",
-                               required=True)
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).",
-                             lower_bound=0)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Run directory of train_reward_model.py.", required=True
+)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", lower_bound=0)
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory (see the docstring).")
-
-
 
 
 def main(argv: list[str]) -> None:

@@ -1,4 +1,4 @@
-r"""Optimises a policy against a reward with PPO, REINFORCE, RLOO or GRPO (:mod:`jaxrm.rl`).
+r"""Optimises a policy against a reward with PPO, REINFORCE, RLOO or GRPO (:mod:`jaxrm.steps.rl`).
 
 A thin main: the flags become a :class:`PolicyRunConfig` and :func:`train_policy` runs it,
 writing under ``--workdir`` the per-step metrics (``metrics.jsonl``) and checkpoints
@@ -30,6 +30,7 @@ RLOO on a rule-based reward, adaptive KL::
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 import dataclasses
 import functools
 import gzip
@@ -37,11 +38,9 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,19 +49,23 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import cli  # noqa: E402
-from jaxrm import checkpoint as checkpoint_lib  # noqa: E402
-from jaxrm import ensemble as ensemble_lib  # noqa: E402
-from jaxrm import objectives  # noqa: E402
-from jaxrm import parallel  # noqa: E402
-from jaxrm import presets  # noqa: E402
-from jaxrm import rl  # noqa: E402
-from jaxrm import rm_io  # noqa: E402
-from jaxrm import rm_train  # noqa: E402
-from jaxrm import rollout as rollout_lib  # noqa: E402
-from jaxrm import synthetic  # noqa: E402
-from jaxrm import tokenizer  # noqa: E402
-from jaxrm.data import preferences  # noqa: E402
-from jaxrm.policy import PolicyModel  # noqa: E402
+from jaxrm.data import (
+  preferences,  # noqa: E402
+  synthetic,  # noqa: E402
+  tokenizer,  # noqa: E402
+)
+from jaxrm.io import checkpoint as checkpoint_lib  # noqa: E402
+from jaxrm.io import rm_io  # noqa: E402
+from jaxrm.math import objectives  # noqa: E402
+from jaxrm.models import ensemble as ensemble_lib  # noqa: E402
+from jaxrm.models import presets  # noqa: E402
+from jaxrm.models.policy import PolicyModel  # noqa: E402
+from jaxrm.steps import (
+  parallel,  # noqa: E402
+  rl,  # noqa: E402
+)
+from jaxrm.steps import rollout as rollout_lib  # noqa: E402
+from jaxrm.train import reward_model as rm_train  # noqa: E402
 
 ConfigError = rm_train.ConfigError
 METRICS_FILE = "metrics.jsonl"
@@ -129,8 +132,9 @@ def parse_reward(spec: str) -> tuple[str, Any]:
     try:
       token = int(value)
     except ValueError:
-      raise ConfigError("reward", spec, f"token_frequency needs an integer token id, got "
-                        f"{value!r}") from None
+      raise ConfigError(
+        "reward", spec, f"token_frequency needs an integer token id, got {value!r}"
+      ) from None
     if token < 0:
       raise ConfigError("reward", spec, "the token id must be >= 0")
     return "token_frequency", token
@@ -138,22 +142,31 @@ def parse_reward(spec: str) -> tuple[str, Any]:
     return "synthetic_gold", None
   dirs = [d.strip() for d in spec.split(",") if d.strip()]
   if not dirs:
-    raise ConfigError("reward", spec, "expected a reward-model run directory (or several, "
-                      "comma-separated), token_frequency:<id> or synthetic_gold")
+    raise ConfigError(
+      "reward",
+      spec,
+      "expected a reward-model run directory (or several, "
+      "comma-separated), token_frequency:<id> or synthetic_gold",
+    )
   for d in dirs:
     if not os.path.isdir(os.path.join(d, rm_io.CHECKPOINT_DIR)):
-      raise ConfigError("reward", spec, f"{d} is not a reward-model run directory (no "
-                        f"{rm_io.CHECKPOINT_DIR}/ in it); named rewards are "
-                        "token_frequency:<id> and synthetic_gold")
+      raise ConfigError(
+        "reward",
+        spec,
+        f"{d} is not a reward-model run directory (no "
+        f"{rm_io.CHECKPOINT_DIR}/ in it); named rewards are "
+        "token_frequency:<id> and synthetic_gold",
+      )
   return "rm", dirs
 
 
 def validate_config(c: PolicyRunConfig, *, num_devices: int | None = None) -> None:
-  """Checks every setting; raises :class:`jaxrm.rm_train.ConfigError` naming the first bad one.
+  """Checks every setting; raises :class:`jaxrm.train.reward_model.ConfigError` naming the first bad one.
 
   Checks that need the reward model or the world (token ranges, lengths, tokenizers) are
   made by :func:`build_run`, with the same error type.
   """
+
   def need(ok, field, message):
     if not ok:
       raise ConfigError(field, getattr(c, field), message)
@@ -161,15 +174,24 @@ def validate_config(c: PolicyRunConfig, *, num_devices: int | None = None) -> No
   is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
   need(c.algo in rl.ALGORITHMS, "algo", f"must be one of {list(rl.ALGORITHMS)}")
   parse_reward(c.reward)
-  need(c.ensemble_objective in objectives.OBJECTIVES, "ensemble_objective",
-       f"must be one of {list(objectives.OBJECTIVES)}")
+  need(
+    c.ensemble_objective in objectives.OBJECTIVES,
+    "ensemble_objective",
+    f"must be one of {list(objectives.OBJECTIVES)}",
+  )
   need(c.uncertainty_coef >= 0, "uncertainty_coef", "must be >= 0")
   need(c.rm_checkpoint in rm_io.WHICH, "rm_checkpoint", f"must be one of {list(rm_io.WHICH)}")
-  need(c.policy == "synthetic" or c.policy in presets.PRESETS, "policy",
-       f"must be 'synthetic' or a preset: {sorted(presets.PRESETS)}")
-  need(not (c.prompts and c.policy == "synthetic"), "prompts",
-       "prompt files need a byte-level (preset) policy; the synthetic policy samples "
-       "synthetic prompts")
+  need(
+    c.policy == "synthetic" or c.policy in presets.PRESETS,
+    "policy",
+    f"must be 'synthetic' or a preset: {sorted(presets.PRESETS)}",
+  )
+  need(
+    not (c.prompts and c.policy == "synthetic"),
+    "prompts",
+    "prompt files need a byte-level (preset) policy; the synthetic policy samples "
+    "synthetic prompts",
+  )
   for p in c.prompts:
     need(os.path.isfile(p), "prompts", f"no such file: {p}")
   for name in ("prompt_len", "max_new_tokens", "synthetic_seed", "seed"):
@@ -179,8 +201,15 @@ def validate_config(c: PolicyRunConfig, *, num_devices: int | None = None) -> No
   need(c.target_kl is None or c.target_kl > 0, "target_kl", "must be > 0 (or unset: fixed)")
   need(c.kl_horizon > 0, "kl_horizon", "must be > 0")
   need(c.kl_estimator in ("k1", "k2", "k3"), "kl_estimator", "must be one of k1, k2, k3")
-  for name in ("steps", "batch_size", "num_epochs", "num_minibatches", "log_every",
-               "checkpoint_every", "keep_checkpoints"):
+  for name in (
+    "steps",
+    "batch_size",
+    "num_epochs",
+    "num_minibatches",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+  ):
     need(is_int(getattr(c, name)) and getattr(c, name) >= 1, name, "must be an int >= 1")
   need(is_int(c.num_samples) and c.num_samples >= 2, "num_samples", "must be an int >= 2")
   need(c.learning_rate > 0, "learning_rate", "must be > 0")
@@ -195,13 +224,19 @@ def validate_config(c: PolicyRunConfig, *, num_devices: int | None = None) -> No
   need(c.nonfinite in ("skip", "raise"), "nonfinite", "must be 'skip' or 'raise'")
   devices = jax.device_count() if num_devices is None else num_devices
   shards = 1 if c.parallel == "jit" or (c.parallel == "auto" and devices == 1) else devices
-  need(c.batch_size % shards == 0, "batch_size",
-       f"must be divisible by the number of devices ({shards}) in --parallel={c.parallel} "
-       "mode (or pass --parallel=jit)")
+  need(
+    c.batch_size % shards == 0,
+    "batch_size",
+    f"must be divisible by the number of devices ({shards}) in --parallel={c.parallel} "
+    "mode (or pass --parallel=jit)",
+  )
   if c.algo in ("ppo", "grpo"):
     local = c.batch_size // shards * (c.num_samples if c.algo == "grpo" else 1)
-    need(local % c.num_minibatches == 0, "num_minibatches",
-         f"must divide the sequences per device per step ({local})")
+    need(
+      local % c.num_minibatches == 0,
+      "num_minibatches",
+      f"must divide the sequences per device per step ({local})",
+    )
 
 
 # ----------------------------------------------------------------------------- building
@@ -244,8 +279,13 @@ def _read_prompt_texts(paths) -> list[str]:
   return texts
 
 
-def _prompt_source(c: PolicyRunConfig, key: jax.Array, *, world_cfg=None, prompt_len: int,
-                   ) -> Callable[[int], dict[str, np.ndarray]]:
+def _prompt_source(
+  c: PolicyRunConfig,
+  key: jax.Array,
+  *,
+  world_cfg=None,
+  prompt_len: int,
+) -> Callable[[int], dict[str, np.ndarray]]:
   """A deterministic function ``step -> {'prompts', 'prompt_mask'}`` (so resuming is exact)."""
   b = c.batch_size
   if world_cfg is not None:
@@ -259,11 +299,21 @@ def _prompt_source(c: PolicyRunConfig, key: jax.Array, *, world_cfg=None, prompt
   if not c.prompts:
     ones = np.full((b, prompt_len), tokenizer.BOS_ID, np.int32)
     return lambda step: {"prompts": ones, "prompt_mask": np.ones(ones.shape, bool)}
-  enc = tokenizer.batch_encode(_read_prompt_texts(c.prompts), max_len=prompt_len,
-                               truncation_side="left", padding_side="left", add_bos=True)
+  enc = tokenizer.batch_encode(
+    _read_prompt_texts(c.prompts),
+    max_len=prompt_len,
+    truncation_side="left",
+    padding_side="left",
+    add_bos=True,
+  )
   n = enc.tokens.shape[0]
-  logging.info("%d prompts from %s (%d truncated to %d tokens)", n, ",".join(c.prompts),
-               enc.num_truncated, prompt_len)
+  logging.info(
+    "%d prompts from %s (%d truncated to %d tokens)",
+    n,
+    ",".join(c.prompts),
+    enc.num_truncated,
+    prompt_len,
+  )
 
   def file_prompts(step):
     """Prompts ``step * b .. step * b + b - 1`` of a new permutation per pass (epoch)."""
@@ -276,13 +326,22 @@ def _prompt_source(c: PolicyRunConfig, key: jax.Array, *, world_cfg=None, prompt
   return file_prompts
 
 
-def _reward(c: PolicyRunConfig, *, tok: str, vocab_size: int, seq_len: int, prompt_len: int,
-            world=None, world_cfg=None) -> tuple[Callable[..., jax.Array], Any]:
+def _reward(
+  c: PolicyRunConfig,
+  *,
+  tok: str,
+  vocab_size: int,
+  seq_len: int,
+  prompt_len: int,
+  world=None,
+  world_cfg=None,
+) -> tuple[Callable[..., jax.Array], Any]:
   kind, arg = parse_reward(c.reward)
   if kind == "token_frequency":
     if arg >= vocab_size:
-      raise ConfigError("reward", c.reward, f"token id {arg} is outside the policy's "
-                        f"vocabulary [0, {vocab_size})")
+      raise ConfigError(
+        "reward", c.reward, f"token id {arg} is outside the policy's vocabulary [0, {vocab_size})"
+      )
     fn = functools.partial(rollout_lib.token_frequency, token_id=arg, prompt_len=prompt_len)
     return lambda params, tokens, mask: fn(tokens, mask), None
   if kind == "synthetic_gold":
@@ -291,20 +350,28 @@ def _reward(c: PolicyRunConfig, *, tok: str, vocab_size: int, seq_len: int, prom
 
     def gold(params, tokens, mask):
       gold_params, stats = params
-      return synthetic.gold_reward(synthetic.World(None, gold_params, stats), world_cfg,
-                                   tokens, mask)
+      return synthetic.gold_reward(
+        synthetic.World(None, gold_params, stats), world_cfg, tokens, mask
+      )
 
     return gold, (world.gold_params, world.stats)
   kw = dict(which=c.rm_checkpoint)
   extra = rm_io.read_extra(arg[0], **kw)
   model_cfg = rm_io.config_from_json(extra["model_config"])
   if extra.get("tokenizer") != tok:
-    raise ConfigError("reward", c.reward, f"the reward model uses the "
-                      f"{extra.get('tokenizer')!r} tokenizer, the policy {tok!r}")
+    raise ConfigError(
+      "reward",
+      c.reward,
+      f"the reward model uses the {extra.get('tokenizer')!r} tokenizer, the policy {tok!r}",
+    )
   if model_cfg.vocab_size != vocab_size or model_cfg.max_len < seq_len:
-    raise ConfigError("reward", c.reward, f"the reward model (vocab {model_cfg.vocab_size}, "
-                      f"max_len {model_cfg.max_len}) cannot score the policy's sequences "
-                      f"(vocab {vocab_size}, length {seq_len})")
+    raise ConfigError(
+      "reward",
+      c.reward,
+      f"the reward model (vocab {model_cfg.vocab_size}, "
+      f"max_len {model_cfg.max_len}) cannot score the policy's sequences "
+      f"(vocab {vocab_size}, length {seq_len})",
+    )
   if len(arg) == 1:
     apply_fn, params, _ = rm_io.load_reward_model(arg[0], **kw)
     return lambda p, tokens, mask: apply_fn(p, tokens, mask), params
@@ -314,15 +381,16 @@ def _reward(c: PolicyRunConfig, *, tok: str, vocab_size: int, seq_len: int, prom
     raise ConfigError("reward", c.reward, str(e)) from None
   hyper = {"coef": c.uncertainty_coef} if c.ensemble_objective == "uncertainty_weighted" else {}
   objective = objectives.ensemble_objective(c.ensemble_objective, **hyper)
-  return (lambda p, tokens, mask: objective(
-      ensemble_lib.apply_ensemble(apply_fn, p, tokens, mask))), stacked
+  return (
+    lambda p, tokens, mask: objective(ensemble_lib.apply_ensemble(apply_fn, p, tokens, mask))
+  ), stacked
 
 
 def build_run(c: PolicyRunConfig) -> Run:
   """Builds the models, the reward, the prompt source and the compiled step of a config.
 
   Raises:
-    jaxrm.rm_train.ConfigError: a bad setting, naming its flag.
+    jaxrm.train.reward_model.ConfigError: a bad setting, naming its flag.
   """
   validate_config(c)
   state_key, init_key, data_key = jax.random.split(jax.random.key(c.seed), 3)
@@ -332,59 +400,97 @@ def build_run(c: PolicyRunConfig) -> Run:
     policy_cfg = world_cfg.policy_config()
     prompt_len, max_new = world_cfg.prompt_len, c.max_new_tokens or world_cfg.response_len
     if c.prompt_len not in (0, prompt_len):
-      raise ConfigError("prompt_len", c.prompt_len, f"the synthetic world's prompts have "
-                        f"{prompt_len} tokens (set it with --synthetic_world)")
+      raise ConfigError(
+        "prompt_len",
+        c.prompt_len,
+        f"the synthetic world's prompts have {prompt_len} tokens (set it with --synthetic_world)",
+      )
     if max_new > world_cfg.response_len:
-      raise ConfigError("max_new_tokens", c.max_new_tokens, f"the synthetic world's sequences "
-                        f"end after {world_cfg.response_len} response tokens")
+      raise ConfigError(
+        "max_new_tokens",
+        c.max_new_tokens,
+        f"the synthetic world's sequences end after {world_cfg.response_len} response tokens",
+      )
     ref_params, tok, eos = world.policy_params, "synthetic", None
   else:
     prompt_len = c.prompt_len or (DEFAULT_PROMPT_LEN if c.prompts else 1)
     max_new = c.max_new_tokens or DEFAULT_NEW_TOKENS
-    policy_cfg = presets.preset(c.policy, vocab_size=tokenizer.VOCAB_SIZE,
-                                max_len=prompt_len + max_new)
+    policy_cfg = presets.preset(
+      c.policy, vocab_size=tokenizer.VOCAB_SIZE, max_len=prompt_len + max_new
+    )
     dummy = jnp.zeros((1, prompt_len + max_new), jnp.int32)
-    ref_params = jax.jit(PolicyModel(policy_cfg).init)(init_key, dummy,
-                                                       jnp.ones(dummy.shape, bool))
+    ref_params = jax.jit(PolicyModel(policy_cfg).init)(init_key, dummy, jnp.ones(dummy.shape, bool))
     tok, eos = "byte", tokenizer.EOS_ID
-  reward_fn, reward_params = _reward(c, tok=tok, vocab_size=policy_cfg.vocab_size,
-                                     seq_len=prompt_len + max_new, prompt_len=prompt_len,
-                                     world=world, world_cfg=world_cfg)
+  reward_fn, reward_params = _reward(
+    c,
+    tok=tok,
+    vocab_size=policy_cfg.vocab_size,
+    seq_len=prompt_len + max_new,
+    prompt_len=prompt_len,
+    world=world,
+    world_cfg=world_cfg,
+  )
   rl_config = rl.RLConfig(
-      policy=policy_cfg, max_new_tokens=max_new, temperature=c.temperature, eos_id=eos,
-      kl_estimator=c.kl_estimator, target_kl=c.target_kl, kl_horizon=c.kl_horizon,
-      num_epochs=c.num_epochs, num_minibatches=c.num_minibatches, clip_eps=c.clip_eps,
-      value_coef=c.value_coef, entropy_coef=c.entropy_coef, baseline=c.baseline,
-      num_samples=c.num_samples, grpo_kl=c.grpo_kl, nonfinite=c.nonfinite)
+    policy=policy_cfg,
+    max_new_tokens=max_new,
+    temperature=c.temperature,
+    eos_id=eos,
+    kl_estimator=c.kl_estimator,
+    target_kl=c.target_kl,
+    kl_horizon=c.kl_horizon,
+    num_epochs=c.num_epochs,
+    num_minibatches=c.num_minibatches,
+    clip_eps=c.clip_eps,
+    value_coef=c.value_coef,
+    entropy_coef=c.entropy_coef,
+    baseline=c.baseline,
+    num_samples=c.num_samples,
+    grpo_kl=c.grpo_kl,
+    nonfinite=c.nonfinite,
+  )
   init_params = ref_params
   if rl.uses_value_head(c.algo):
     init_params = rl.init_value_head(ref_params, init_key, config=policy_cfg)
-  optimizer = optax.chain(optax.clip_by_global_norm(c.max_grad_norm),
-                          optax.adam(c.learning_rate))
+  optimizer = optax.chain(optax.clip_by_global_norm(c.max_grad_norm), optax.adam(c.learning_rate))
   step_fn = rl.make_step(c.algo, config=rl_config, reward_fn=reward_fn, optimizer=optimizer)
   pstep = parallel.make_parallel_step(rl.with_frozen_params(step_fn), mode=c.parallel)
   prompts = _prompt_source(c, data_key, world_cfg=world_cfg, prompt_len=prompt_len)
-  return Run(config=c, rl_config=rl_config, tokenizer=tok, init_params=init_params,
-             ref_params=ref_params, reward_fn=reward_fn, reward_params=reward_params,
-             optimizer=optimizer, prompts=prompts, pstep=pstep, state_key=state_key)
+  return Run(
+    config=c,
+    rl_config=rl_config,
+    tokenizer=tok,
+    init_params=init_params,
+    ref_params=ref_params,
+    reward_fn=reward_fn,
+    reward_params=reward_params,
+    optimizer=optimizer,
+    prompts=prompts,
+    pstep=pstep,
+    state_key=state_key,
+  )
 
 
 def initial_state(run: Run) -> rl.RLState:
-  """The run's :class:`jaxrm.rl.RLState` at step 0 (also the checkpoint template)."""
-  return rl.create_rl_state(run.init_params, run.optimizer, run.state_key,
-                            kl_coef=run.config.kl_coef)
+  """The run's :class:`jaxrm.steps.rl.RLState` at step 0 (also the checkpoint template)."""
+  return rl.create_rl_state(
+    run.init_params, run.optimizer, run.state_key, kl_coef=run.config.kl_coef
+  )
 
 
 # ----------------------------------------------------------------------------- training
 def check_resumable(saved: Mapping[str, Any], config: PolicyRunConfig, workdir: str) -> None:
   """Raises ``ConfigError`` (flag ``workdir``) if its checkpoint has other settings."""
   now = config.to_json()
-  diff = sorted(k for k in set(saved) | set(now)
-                if k not in RESUMABLE_FIELDS and saved.get(k) != now.get(k))
+  diff = sorted(
+    k for k in set(saved) | set(now) if k not in RESUMABLE_FIELDS and saved.get(k) != now.get(k)
+  )
   if diff:
     details = ", ".join(f"--{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff)
-    raise ConfigError("workdir", workdir, f"holds a run with other settings ({details}); "
-                      "use another --workdir or the same flags")
+    raise ConfigError(
+      "workdir",
+      workdir,
+      f"holds a run with other settings ({details}); use another --workdir or the same flags",
+    )
 
 
 def _row(step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -410,7 +516,7 @@ def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> 
   """Trains (or resumes) ``run`` in ``workdir`` until ``steps`` (default ``config.steps``).
 
   Every step appends a row to ``metrics.jsonl`` (``step`` is the number of steps done,
-  1-based; the metrics of :mod:`jaxrm.rl` plus ``time``); a checkpoint is written every
+  1-based; the metrics of :mod:`jaxrm.steps.rl` plus ``time``); a checkpoint is written every
   ``checkpoint_every`` steps and at the end.
 
   Returns:
@@ -418,7 +524,7 @@ def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> 
     ``final`` (the last metrics row).
 
   Raises:
-    jaxrm.rm_train.ConfigError: ``workdir`` holds a checkpoint of another config.
+    jaxrm.train.reward_model.ConfigError: ``workdir`` holds a checkpoint of another config.
     FloatingPointError: with ``nonfinite='raise'``, at the first non-finite update.
   """
   c = run.config
@@ -430,8 +536,9 @@ def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> 
   state = initial_state(run)
   start = 0
   last_row = None
-  with checkpoint_lib.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR),
-                                        max_to_keep=c.keep_checkpoints) as ckpt:
+  with checkpoint_lib.CheckpointManager(
+    os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=c.keep_checkpoints
+  ) as ckpt:
     restored = ckpt.restore_latest(template=state)
     if restored is not None:
       state, extra, start = restored
@@ -464,12 +571,17 @@ def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> 
         carry, metrics = pstep(carry, pstep.shard_batch(run.prompts(step)))
         pending.append((step + 1, metrics))
         done = step + 1
-        if c.nonfinite == "raise" or done % c.log_every == 0 or done == steps or (
-            done % c.checkpoint_every == 0):
+        if (
+          c.nonfinite == "raise"
+          or done % c.log_every == 0
+          or done == steps
+          or (done % c.checkpoint_every == 0)
+        ):
           flush()
           if c.nonfinite == "raise" and last_row["nonfinite"]:
-            raise FloatingPointError(f"non-finite update at step {done}; the state before it "
-                                     f"is that of step {step}")
+            raise FloatingPointError(
+              f"non-finite update at step {done}; the state before it is that of step {step}"
+            )
           if t_steady is None:  # the first flush includes the compilation
             t_steady, steady_from = time.time(), done
           elapsed = time.time() - t_steady
@@ -477,18 +589,33 @@ def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> 
           eta = (steps - done) / rate if rate == rate and rate > 0 else float("nan")
           fmt = lambda k, spec: "nan" if last_row[k] is None else format(last_row[k], spec)
           logging.info(
-              "step %d/%d | score %s | KL %s | entropy %s | length %s | kl_coef %s | "
-              "skipped %d | %s steps/s | ETA %s", done, steps, fmt("score", ".4f"),
-              fmt("kl", ".3f"), fmt("entropy", ".3f"), fmt("response_length", ".1f"),
-              fmt("kl_coef", ".4g"), last_row["num_skipped"],
-              "-" if rate != rate else f"{rate:.2f}",
-              _format_duration(eta) if eta == eta else "-")
+            "step %d/%d | score %s | KL %s | entropy %s | length %s | kl_coef %s | "
+            "skipped %d | %s steps/s | ETA %s",
+            done,
+            steps,
+            fmt("score", ".4f"),
+            fmt("kl", ".3f"),
+            fmt("entropy", ".3f"),
+            fmt("response_length", ".1f"),
+            fmt("kl_coef", ".4g"),
+            last_row["num_skipped"],
+            "-" if rate != rate else f"{rate:.2f}",
+            _format_duration(eta) if eta == eta else "-",
+          )
         if done % c.checkpoint_every == 0 or done == steps:
           save(done, last_row)
-  rate = ((steps - steady_from) / (time.time() - t_steady)
-          if t_steady is not None and steps > steady_from else None)
-  return {"steps": steps, "resumed_from": start, "steps_per_sec": rate, "final": last_row,
-          "workdir": workdir}
+  rate = (
+    (steps - steady_from) / (time.time() - t_steady)
+    if t_steady is not None and steps > steady_from
+    else None
+  )
+  return {
+    "steps": steps,
+    "resumed_from": start,
+    "steps_per_sec": rate,
+    "final": last_row,
+    "workdir": workdir,
+  }
 
 
 def train_policy(config: PolicyRunConfig, workdir: str | os.PathLike) -> dict[str, Any]:
@@ -501,75 +628,122 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Defines the script's flags on ``flag_values``."""
   fv = {"flag_values": flag_values}
   d = PolicyRunConfig()
-  flags.DEFINE_string("workdir", None, "Run directory (metrics, checkpoints).", required=True,
-                      **fv)
-  flags.DEFINE_enum("algo", d.algo, list(rl.ALGORITHMS), "Policy-optimisation algorithm.",
-                    **fv)
-  flags.DEFINE_string("reward", d.reward, "Reward-model run directory, several "
-                      "(comma-separated) for an ensemble, token_frequency:<id> or "
-                      "synthetic_gold.", **fv)
-  flags.DEFINE_enum("ensemble_objective", d.ensemble_objective, list(objectives.OBJECTIVES),
-                    "How an ensemble's member rewards are combined.", **fv)
-  flags.DEFINE_float("uncertainty_coef", d.uncertainty_coef, "lambda of mean - lambda * var "
-                     "(uncertainty_weighted).", **fv)
-  flags.DEFINE_enum("rm_checkpoint", d.rm_checkpoint, list(rm_io.WHICH),
-                    "Which checkpoint of each reward-model run.", **fv)
-  flags.DEFINE_string("policy", d.policy, "'synthetic' (pi_init of the synthetic world) or a "
-                      f"preset: {sorted(presets.PRESETS)}.", **fv)
-  flags.DEFINE_list("prompts", list(d.prompts), "JSONL preference files whose prompts are "
-                    "used (preset policies; default: BOS-only prompts).", **fv)
+  flags.DEFINE_string("workdir", None, "Run directory (metrics, checkpoints).", required=True, **fv)
+  flags.DEFINE_enum("algo", d.algo, list(rl.ALGORITHMS), "Policy-optimisation algorithm.", **fv)
+  flags.DEFINE_string(
+    "reward",
+    d.reward,
+    "Reward-model run directory, several "
+    "(comma-separated) for an ensemble, token_frequency:<id> or "
+    "synthetic_gold.",
+    **fv,
+  )
+  flags.DEFINE_enum(
+    "ensemble_objective",
+    d.ensemble_objective,
+    list(objectives.OBJECTIVES),
+    "How an ensemble's member rewards are combined.",
+    **fv,
+  )
+  flags.DEFINE_float(
+    "uncertainty_coef",
+    d.uncertainty_coef,
+    "lambda of mean - lambda * var (uncertainty_weighted).",
+    **fv,
+  )
+  flags.DEFINE_enum(
+    "rm_checkpoint",
+    d.rm_checkpoint,
+    list(rm_io.WHICH),
+    "Which checkpoint of each reward-model run.",
+    **fv,
+  )
+  flags.DEFINE_string(
+    "policy",
+    d.policy,
+    f"'synthetic' (pi_init of the synthetic world) or a preset: {sorted(presets.PRESETS)}.",
+    **fv,
+  )
+  flags.DEFINE_list(
+    "prompts",
+    list(d.prompts),
+    "JSONL preference files whose prompts are used (preset policies; default: BOS-only prompts).",
+    **fv,
+  )
   flags.DEFINE_integer("prompt_len", d.prompt_len, "Prompt tokens (0: automatic).", **fv)
-  flags.DEFINE_integer("max_new_tokens", d.max_new_tokens, "Response tokens (0: automatic).",
-                       **fv)
-  flags.DEFINE_integer("synthetic_seed", d.synthetic_seed, "Seed of the synthetic world.",
-                       **fv)
-  flags.DEFINE_string("synthetic_world", "", "WorldConfig overrides, e.g. "
-                      "'num_calibration=2048' (as in train_reward_model.py).", **fv)
+  flags.DEFINE_integer("max_new_tokens", d.max_new_tokens, "Response tokens (0: automatic).", **fv)
+  flags.DEFINE_integer("synthetic_seed", d.synthetic_seed, "Seed of the synthetic world.", **fv)
+  flags.DEFINE_string(
+    "synthetic_world",
+    "",
+    "WorldConfig overrides, e.g. 'num_calibration=2048' (as in train_reward_model.py).",
+    **fv,
+  )
   flags.DEFINE_float("kl_coef", d.kl_coef, "(Initial) KL coefficient.", **fv)
-  flags.DEFINE_float("target_kl", None, "Adapt the KL coefficient towards this sequence KL "
-                     "(unset: fixed coefficient).", **fv)
-  flags.DEFINE_float("kl_horizon", d.kl_horizon, "Horizon of the adaptive KL controller, in "
-                     "sequences.", **fv)
-  flags.DEFINE_enum("kl_estimator", d.kl_estimator, ["k1", "k2", "k3"],
-                    "Per-token KL estimator of the penalty.", **fv)
+  flags.DEFINE_float(
+    "target_kl",
+    None,
+    "Adapt the KL coefficient towards this sequence KL (unset: fixed coefficient).",
+    **fv,
+  )
+  flags.DEFINE_float(
+    "kl_horizon", d.kl_horizon, "Horizon of the adaptive KL controller, in sequences.", **fv
+  )
+  flags.DEFINE_enum(
+    "kl_estimator",
+    d.kl_estimator,
+    ["k1", "k2", "k3"],
+    "Per-token KL estimator of the penalty.",
+    **fv,
+  )
   flags.DEFINE_integer("steps", d.steps, "RL iterations (one rollout each).", **fv)
   flags.DEFINE_integer("batch_size", d.batch_size, "Prompts per step.", **fv)
   flags.DEFINE_float("learning_rate", d.learning_rate, "Adam learning rate.", **fv)
   flags.DEFINE_float("max_grad_norm", d.max_grad_norm, "Global gradient-norm clip.", **fv)
-  flags.DEFINE_integer("num_epochs", d.num_epochs, "Passes over each rollout (PPO, GRPO).",
-                       **fv)
-  flags.DEFINE_integer("num_minibatches", d.num_minibatches, "Minibatches per pass (PPO, "
-                       "GRPO).", **fv)
-  flags.DEFINE_integer("num_samples", d.num_samples, "Responses per prompt (RLOO, GRPO).",
-                       **fv)
+  flags.DEFINE_integer("num_epochs", d.num_epochs, "Passes over each rollout (PPO, GRPO).", **fv)
+  flags.DEFINE_integer(
+    "num_minibatches", d.num_minibatches, "Minibatches per pass (PPO, GRPO).", **fv
+  )
+  flags.DEFINE_integer("num_samples", d.num_samples, "Responses per prompt (RLOO, GRPO).", **fv)
   flags.DEFINE_float("clip_eps", d.clip_eps, "PPO/GRPO ratio clipping.", **fv)
   flags.DEFINE_float("value_coef", d.value_coef, "PPO value-loss weight.", **fv)
   flags.DEFINE_float("entropy_coef", d.entropy_coef, "Entropy-bonus weight.", **fv)
   flags.DEFINE_float("temperature", d.temperature, "Sampling temperature.", **fv)
   flags.DEFINE_enum("baseline", d.baseline, list(rl.BASELINES), "REINFORCE baseline.", **fv)
-  flags.DEFINE_enum("grpo_kl", d.grpo_kl, list(rl.GRPO_KL), "Where GRPO applies the KL "
-                    "penalty.", **fv)
-  flags.DEFINE_integer("seed", d.seed, "Seed of the run (policy init, sampling, prompts).",
-                       **fv)
+  flags.DEFINE_enum(
+    "grpo_kl", d.grpo_kl, list(rl.GRPO_KL), "Where GRPO applies the KL penalty.", **fv
+  )
+  flags.DEFINE_integer("seed", d.seed, "Seed of the run (policy init, sampling, prompts).", **fv)
   flags.DEFINE_integer("log_every", d.log_every, "Log a line every this many steps.", **fv)
   flags.DEFINE_integer("checkpoint_every", d.checkpoint_every, "Checkpoint period.", **fv)
   flags.DEFINE_integer("keep_checkpoints", d.keep_checkpoints, "Checkpoints kept.", **fv)
-  flags.DEFINE_enum("parallel", d.parallel, list(PARALLEL_MODES), "Execution mode "
-                    "(auto: shard_map on several devices, else jit).", **fv)
-  flags.DEFINE_enum("nonfinite", d.nonfinite, ["skip", "raise"], "On a non-finite update: "
-                    "skip it (counted) or stop.", **fv)
+  flags.DEFINE_enum(
+    "parallel",
+    d.parallel,
+    list(PARALLEL_MODES),
+    "Execution mode (auto: shard_map on several devices, else jit).",
+    **fv,
+  )
+  flags.DEFINE_enum(
+    "nonfinite",
+    d.nonfinite,
+    ["skip", "raise"],
+    "On a non-finite update: skip it (counted) or stop.",
+    **fv,
+  )
 
 
 def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> PolicyRunConfig:
   """The :class:`PolicyRunConfig` of the parsed flags (raises ``ConfigError``)."""
   f = flag_values
-  names = [n for n in PolicyRunConfig.__dataclass_fields__
-           if n not in ("prompts", "synthetic_world")]
-  return PolicyRunConfig(prompts=tuple(f.prompts),
-                         synthetic_world=rm_train.parse_world_overrides(f.synthetic_world),
-                         **{n: f[n].value for n in names})
-
-
+  names = [
+    n for n in PolicyRunConfig.__dataclass_fields__ if n not in ("prompts", "synthetic_world")
+  ]
+  return PolicyRunConfig(
+    prompts=tuple(f.prompts),
+    synthetic_world=rm_train.parse_world_overrides(f.synthetic_world),
+    **{n: f[n].value for n in names},
+  )
 
 
 def main(argv: list[str]) -> None:

@@ -10,8 +10,9 @@ def random_params(model, shape, seed=0, scale=0.2):
 
   LayerNorm scales are drawn around 1, every other leaf around 0.
   """
-  tree = jax.eval_shape(model.init, jax.random.key(0), jnp.ones(shape, jnp.int32),
-                        jnp.ones(shape, bool))
+  tree = jax.eval_shape(
+    model.init, jax.random.key(0), jnp.ones(shape, jnp.int32), jnp.ones(shape, bool)
+  )
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):
@@ -20,8 +21,9 @@ def random_params(model, shape, seed=0, scale=0.2):
 
   return jax.tree_util.tree_map_with_path(draw, tree)
 
+
 def bt_loss(rc, rr, *, weights=None, labels=None):
-  """Bradley–Terry loss, weighted mean sum(w * l) / sum(w) (the jaxrm.preference convention).
+  """Bradley–Terry loss, weighted mean sum(w * l) / sum(w) (the jaxrm.math.preference convention).
 
   l = -[y log s(d) + (1 - y) log s(-d)], d = rc - rr.
   """

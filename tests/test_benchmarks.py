@@ -10,8 +10,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _run(script, *args):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
-                        capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+  proc = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=600,
+    cwd=ROOT,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
 

@@ -1,4 +1,4 @@
-"""Tests for jaxrm.best_of_n: KL of best-of-n, selection, and the unbiased reward estimator."""
+"""Tests for jaxrm.math.best_of_n: KL of best-of-n, selection, and the unbiased reward estimator."""
 
 import itertools
 import math
@@ -8,175 +8,172 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrm import best_of_n as bon
+from jaxrm.math import best_of_n as bon
 
 
 def _exact_subset_mean(proxy, gold, n):
-    """Mean over all n-subsets of the gold score of the proxy argmax (ties: uniform pick)."""
-    values = []
-    for subset in itertools.combinations(range(len(proxy)), n):
-        subset = np.array(subset)
-        best = proxy[subset].max()
-        values.append(gold[subset][proxy[subset] == best].mean())
-    return np.mean(values)
+  """Mean over all n-subsets of the gold score of the proxy argmax (ties: uniform pick)."""
+  values = []
+  for subset in itertools.combinations(range(len(proxy)), n):
+    subset = np.array(subset)
+    best = proxy[subset].max()
+    values.append(gold[subset][proxy[subset] == best].mean())
+  return np.mean(values)
 
 
 # ----------------------------------------------------------------------------- KL of best-of-n
 def test_kl_bon_is_zero_at_one_increasing_and_matches_formula():
-    ns = np.arange(1, 10_001)
-    got = np.asarray(jax.jit(bon.kl_bon)(ns))
-    np.testing.assert_allclose(got, np.log(ns) - (ns - 1) / ns, rtol=1e-5, atol=1e-6)
-    assert got[0] == 0.0
-    assert np.all(np.diff(got) > 0)
-    np.testing.assert_allclose(bon.kl_bon(4), np.log(4) - 0.75, rtol=1e-6)
+  ns = np.arange(1, 10_001)
+  got = np.asarray(jax.jit(bon.kl_bon)(ns))
+  np.testing.assert_allclose(got, np.log(ns) - (ns - 1) / ns, rtol=1e-5, atol=1e-6)
+  assert got[0] == 0.0
+  assert np.all(np.diff(got) > 0)
+  np.testing.assert_allclose(bon.kl_bon(4), np.log(4) - 0.75, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- selection
 def test_best_of_n_select_takes_argmax_and_first_index_on_ties():
-    scores = np.array([[0.1, 0.9, 0.3], [2.0, 2.0, -1.0]], np.float32)
-    idx = jax.jit(bon.best_of_n_select)(scores)
-    np.testing.assert_array_equal(idx, [1, 0])
-    assert idx.dtype == jnp.int32
+  scores = np.array([[0.1, 0.9, 0.3], [2.0, 2.0, -1.0]], np.float32)
+  idx = jax.jit(bon.best_of_n_select)(scores)
+  np.testing.assert_array_equal(idx, [1, 0])
+  assert idx.dtype == jnp.int32
 
 
 def test_select_best_of_n_selects_along_samples_axis_for_a_pytree():
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 100, size=(3, 5, 7))
-    mask = rng.uniform(size=(3, 5, 7)) < 0.5
-    scores = rng.normal(size=(3, 5)).astype(np.float32)
-    got = jax.jit(bon.select_best_of_n)({"tokens": tokens, "mask": mask}, scores)
-    best = scores.argmax(-1)
-    np.testing.assert_array_equal(got["tokens"], tokens[np.arange(3), best])
-    np.testing.assert_array_equal(got["mask"], mask[np.arange(3), best])
-    with pytest.raises(ValueError, match=r"scores.shape \+ rest"):
-        bon.select_best_of_n(tokens[:, :4], scores)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 100, size=(3, 5, 7))
+  mask = rng.uniform(size=(3, 5, 7)) < 0.5
+  scores = rng.normal(size=(3, 5)).astype(np.float32)
+  got = jax.jit(bon.select_best_of_n)({"tokens": tokens, "mask": mask}, scores)
+  best = scores.argmax(-1)
+  np.testing.assert_array_equal(got["tokens"], tokens[np.arange(3), best])
+  np.testing.assert_array_equal(got["mask"], mask[np.arange(3), best])
+  with pytest.raises(ValueError, match=r"scores.shape \+ rest"):
+    bon.select_best_of_n(tokens[:, :4], scores)
 
 
 # ----------------------------------------------------------------------------- weights
 def test_weights_are_the_exact_binomial_ratios_and_sum_to_one():
-    big_n = 12
-    weights = bon.best_of_n_weights(big_n, np.arange(1, big_n + 1))
-    for n in range(1, big_n + 1):
-        expected = [
-            math.comb(i - 1, n - 1) / math.comb(big_n, n) if i >= n else 0.0
-            for i in range(1, big_n + 1)
-        ]
-        np.testing.assert_allclose(weights[n - 1], expected, rtol=1e-12, atol=0)
-    np.testing.assert_allclose(weights.sum(1), 1.0, rtol=1e-12)
+  big_n = 12
+  weights = bon.best_of_n_weights(big_n, np.arange(1, big_n + 1))
+  for n in range(1, big_n + 1):
+    expected = [
+      math.comb(i - 1, n - 1) / math.comb(big_n, n) if i >= n else 0.0 for i in range(1, big_n + 1)
+    ]
+    np.testing.assert_allclose(weights[n - 1], expected, rtol=1e-12, atol=0)
+  np.testing.assert_allclose(weights.sum(1), 1.0, rtol=1e-12)
 
 
 def test_weights_sum_to_one_and_are_finite_for_n_up_to_16384():
-    ns = np.array([1, 2, 3, 10, 100, 1000, 4096, 8192, 16000, 16383, 16384])
-    weights = bon.best_of_n_weights(16384, ns)
-    assert weights.shape == (len(ns), 16384)
-    assert np.all(np.isfinite(weights)) and np.all(weights >= 0)
-    np.testing.assert_allclose(weights.sum(1), 1.0, rtol=1e-10)
-    np.testing.assert_allclose(weights[0], 1.0 / 16384, rtol=1e-10)
-    np.testing.assert_array_equal(weights[-1, :-1], 0.0)
+  ns = np.array([1, 2, 3, 10, 100, 1000, 4096, 8192, 16000, 16383, 16384])
+  weights = bon.best_of_n_weights(16384, ns)
+  assert weights.shape == (len(ns), 16384)
+  assert np.all(np.isfinite(weights)) and np.all(weights >= 0)
+  np.testing.assert_allclose(weights.sum(1), 1.0, rtol=1e-10)
+  np.testing.assert_allclose(weights[0], 1.0 / 16384, rtol=1e-10)
+  np.testing.assert_array_equal(weights[-1, :-1], 0.0)
 
 
 @pytest.mark.parametrize("ns", [[0], [5, 13], [1.5], [[1, 2]]])
 def test_invalid_ns_raise_value_error(ns):
-    with pytest.raises(ValueError, match="ns must"):
-        bon.best_of_n_weights(12, ns)
+  with pytest.raises(ValueError, match="ns must"):
+    bon.best_of_n_weights(12, ns)
 
 
 def test_traced_ns_raise_value_error():
-    with pytest.raises(ValueError, match="ns must be concrete"):
-        jax.jit(lambda ns: bon.best_of_n_expected_reward(jnp.zeros(4), jnp.zeros(4), ns))(
-            jnp.array([1, 2])
-        )
+  with pytest.raises(ValueError, match="ns must be concrete"):
+    jax.jit(lambda ns: bon.best_of_n_expected_reward(jnp.zeros(4), jnp.zeros(4), ns))(
+      jnp.array([1, 2])
+    )
 
 
 # ----------------------------------------------------------------------------- estimator
 def test_estimator_equals_exact_mean_over_all_subsets():
-    rng = np.random.default_rng(1)
-    proxy, gold = rng.normal(size=(2, 9))
-    ns = np.arange(1, 10)
-    with jax.enable_x64(True):
-        gold_n, proxy_n = jax.jit(lambda p, g: bon.best_of_n_expected_reward(p, g, ns))(proxy, gold)
-        for n in ns:
-            expected = _exact_subset_mean(proxy, gold, n)
-            np.testing.assert_allclose(gold_n[n - 1], expected, rtol=1e-12)
-            np.testing.assert_allclose(
-                proxy_n[n - 1], _exact_subset_mean(proxy, proxy, n), rtol=1e-12
-            )
+  rng = np.random.default_rng(1)
+  proxy, gold = rng.normal(size=(2, 9))
+  ns = np.arange(1, 10)
+  with jax.enable_x64(True):
+    gold_n, proxy_n = jax.jit(lambda p, g: bon.best_of_n_expected_reward(p, g, ns))(proxy, gold)
+    for n in ns:
+      expected = _exact_subset_mean(proxy, gold, n)
+      np.testing.assert_allclose(gold_n[n - 1], expected, rtol=1e-12)
+      np.testing.assert_allclose(proxy_n[n - 1], _exact_subset_mean(proxy, proxy, n), rtol=1e-12)
 
 
 def test_estimator_with_tied_proxy_scores_matches_uniform_tie_breaking():
-    rng = np.random.default_rng(2)
-    proxy = np.array([0.0, 1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 1.0, 0.0])
-    gold = rng.normal(size=9)
-    ns = np.arange(1, 10)
-    with jax.enable_x64(True):
-        gold_n, _ = bon.best_of_n_expected_reward(proxy, gold, ns)
-        expected = [_exact_subset_mean(proxy, gold, n) for n in ns]
-        np.testing.assert_allclose(gold_n, expected, rtol=1e-12)
+  rng = np.random.default_rng(2)
+  proxy = np.array([0.0, 1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 1.0, 0.0])
+  gold = rng.normal(size=9)
+  ns = np.arange(1, 10)
+  with jax.enable_x64(True):
+    gold_n, _ = bon.best_of_n_expected_reward(proxy, gold, ns)
+    expected = [_exact_subset_mean(proxy, gold, n) for n in ns]
+    np.testing.assert_allclose(gold_n, expected, rtol=1e-12)
 
 
 def test_estimator_matches_monte_carlo_best_of_n_draws():
-    rng = np.random.default_rng(3)
-    big_n = 300
-    proxy = rng.normal(size=big_n)
-    gold = proxy + rng.normal(scale=1.5, size=big_n) - 0.1 * proxy**2
-    ns = np.array([1, 2, 8, 32, 100])
-    gold_n, proxy_n = jax.jit(lambda p, g: bon.best_of_n_expected_reward(p, g, ns))(
-        proxy.astype(np.float32), gold.astype(np.float32)
-    )
-    draws = 4000
-    for j, n in enumerate(ns):
-        picks = np.array([rng.choice(big_n, size=n, replace=False) for _ in range(draws)])
-        best = picks[np.arange(draws), proxy[picks].argmax(1)]
-        for estimate, score in [(gold_n[j], gold), (proxy_n[j], proxy)]:
-            values = score[best]
-            stderr = values.std(ddof=1) / np.sqrt(draws)
-            assert abs(values.mean() - float(estimate)) < 3 * stderr, (n, values.mean(), estimate)
+  rng = np.random.default_rng(3)
+  big_n = 300
+  proxy = rng.normal(size=big_n)
+  gold = proxy + rng.normal(scale=1.5, size=big_n) - 0.1 * proxy**2
+  ns = np.array([1, 2, 8, 32, 100])
+  gold_n, proxy_n = jax.jit(lambda p, g: bon.best_of_n_expected_reward(p, g, ns))(
+    proxy.astype(np.float32), gold.astype(np.float32)
+  )
+  draws = 4000
+  for j, n in enumerate(ns):
+    picks = np.array([rng.choice(big_n, size=n, replace=False) for _ in range(draws)])
+    best = picks[np.arange(draws), proxy[picks].argmax(1)]
+    for estimate, score in [(gold_n[j], gold), (proxy_n[j], proxy)]:
+      values = score[best]
+      stderr = values.std(ddof=1) / np.sqrt(draws)
+      assert abs(values.mean() - float(estimate)) < 3 * stderr, (n, values.mean(), estimate)
 
 
 def test_estimator_endpoints_are_the_mean_and_the_proxy_argmax():
-    rng = np.random.default_rng(4)
-    proxy, gold = rng.normal(size=(2, 64)).astype(np.float32)
-    gold_n, proxy_n = bon.best_of_n_expected_reward(proxy, gold, [1, 64])
-    expected = [gold.astype(np.float64).mean(), gold[proxy.argmax()]]
-    np.testing.assert_allclose(gold_n, expected, rtol=1e-5)
-    np.testing.assert_allclose(proxy_n, [proxy.astype(np.float64).mean(), proxy.max()], rtol=1e-5)
+  rng = np.random.default_rng(4)
+  proxy, gold = rng.normal(size=(2, 64)).astype(np.float32)
+  gold_n, proxy_n = bon.best_of_n_expected_reward(proxy, gold, [1, 64])
+  expected = [gold.astype(np.float64).mean(), gold[proxy.argmax()]]
+  np.testing.assert_allclose(gold_n, expected, rtol=1e-5)
+  np.testing.assert_allclose(proxy_n, [proxy.astype(np.float64).mean(), proxy.max()], rtol=1e-5)
 
 
 def test_proxy_estimate_is_nondecreasing_in_n():
-    rng = np.random.default_rng(5)
-    proxy, gold = rng.normal(size=(2, 200)).astype(np.float32)
-    _, proxy_n = bon.best_of_n_expected_reward(proxy, gold, np.arange(1, 201))
-    assert np.all(np.diff(np.asarray(proxy_n)) >= -1e-5)
+  rng = np.random.default_rng(5)
+  proxy, gold = rng.normal(size=(2, 200)).astype(np.float32)
+  _, proxy_n = bon.best_of_n_expected_reward(proxy, gold, np.arange(1, 201))
+  assert np.all(np.diff(np.asarray(proxy_n)) >= -1e-5)
 
 
 def test_estimator_is_finite_and_exact_at_the_ends_for_n_16384():
-    rng = np.random.default_rng(6)
-    big_n = 16384
-    proxy = rng.normal(size=big_n).astype(np.float32)
-    gold = (proxy + rng.normal(size=big_n)).astype(np.float32)
-    ns = np.array([1, 2, 16, 256, 4096, 16000, 16384])
-    gold_n, proxy_n = jax.jit(lambda p, g: bon.best_of_n_expected_reward(p, g, ns))(proxy, gold)
-    assert np.all(np.isfinite(gold_n)) and np.all(np.isfinite(proxy_n))
-    weights = bon.best_of_n_weights(big_n, ns)
-    order = np.argsort(proxy, kind="stable")
-    expected = weights @ gold[order].astype(np.float64)
-    np.testing.assert_allclose(gold_n, expected, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(gold_n[0], gold.astype(np.float64).mean(), atol=1e-5)
-    np.testing.assert_allclose(gold_n[-1], gold[proxy.argmax()], rtol=1e-6)
-    np.testing.assert_allclose(proxy_n[-1], proxy.max(), rtol=1e-6)
+  rng = np.random.default_rng(6)
+  big_n = 16384
+  proxy = rng.normal(size=big_n).astype(np.float32)
+  gold = (proxy + rng.normal(size=big_n)).astype(np.float32)
+  ns = np.array([1, 2, 16, 256, 4096, 16000, 16384])
+  gold_n, proxy_n = jax.jit(lambda p, g: bon.best_of_n_expected_reward(p, g, ns))(proxy, gold)
+  assert np.all(np.isfinite(gold_n)) and np.all(np.isfinite(proxy_n))
+  weights = bon.best_of_n_weights(big_n, ns)
+  order = np.argsort(proxy, kind="stable")
+  expected = weights @ gold[order].astype(np.float64)
+  np.testing.assert_allclose(gold_n, expected, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(gold_n[0], gold.astype(np.float64).mean(), atol=1e-5)
+  np.testing.assert_allclose(gold_n[-1], gold[proxy.argmax()], rtol=1e-6)
+  np.testing.assert_allclose(proxy_n[-1], proxy.max(), rtol=1e-6)
 
 
 def test_batched_estimator_is_the_mean_over_prompts():
-    rng = np.random.default_rng(7)
-    proxy, gold = rng.normal(size=(2, 5, 40)).astype(np.float32)
-    ns = [1, 3, 10, 40]
-    got_gold, got_proxy = jax.jit(
-        lambda p, g: bon.batched_best_of_n_expected_reward(p, g, ns)
-    )(proxy, gold)
-    per_prompt = [bon.best_of_n_expected_reward(proxy[i], gold[i], ns) for i in range(5)]
-    np.testing.assert_allclose(got_gold, np.mean([g for g, _ in per_prompt], 0), rtol=1e-5)
-    np.testing.assert_allclose(got_proxy, np.mean([p for _, p in per_prompt], 0), rtol=1e-5)
-    with pytest.raises(ValueError, match=r"proxy_scores must have shape \[num_prompts, N\]"):
-        bon.batched_best_of_n_expected_reward(proxy[0], gold[0], ns)
-    with pytest.raises(ValueError, match=r"gold_scores must have the shape of proxy_scores"):
-        bon.best_of_n_expected_reward(proxy[0], gold[0, :10], ns)
+  rng = np.random.default_rng(7)
+  proxy, gold = rng.normal(size=(2, 5, 40)).astype(np.float32)
+  ns = [1, 3, 10, 40]
+  got_gold, got_proxy = jax.jit(lambda p, g: bon.batched_best_of_n_expected_reward(p, g, ns))(
+    proxy, gold
+  )
+  per_prompt = [bon.best_of_n_expected_reward(proxy[i], gold[i], ns) for i in range(5)]
+  np.testing.assert_allclose(got_gold, np.mean([g for g, _ in per_prompt], 0), rtol=1e-5)
+  np.testing.assert_allclose(got_proxy, np.mean([p for _, p in per_prompt], 0), rtol=1e-5)
+  with pytest.raises(ValueError, match=r"proxy_scores must have shape \[num_prompts, N\]"):
+    bon.batched_best_of_n_expected_reward(proxy[0], gold[0], ns)
+  with pytest.raises(ValueError, match=r"gold_scores must have the shape of proxy_scores"):
+    bon.best_of_n_expected_reward(proxy[0], gold[0, :10], ns)

@@ -1,7 +1,6 @@
-"""Tests for jaxrm.checkpoint (orbax CheckpointManager wrapper)."""
+"""Tests for jaxrm.io.checkpoint (orbax CheckpointManager wrapper)."""
 
 import logging
-import os
 import pathlib
 import shutil
 
@@ -11,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxrm import checkpoint
-from jaxrm import train_state as ts
+from jaxrm.io import checkpoint
+from jaxrm.steps import train_state as ts
 
 
 def make_state(seed=0):
@@ -30,6 +29,7 @@ def host(tree):
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
       x = jax.random.key_data(x)
     return np.asarray(x)
+
   return jax.tree.map(leaf, tree)
 
 
@@ -42,8 +42,12 @@ def assert_bitwise_equal(a, b):
 
 def test_save_restore_round_trip_is_bitwise(tmp_path):
   state = make_state(5)
-  extra = {"data": {"epoch": 1, "position": 37, "seed": 3}, "config": {"lr": 1e-2},
-           "loss": np.float32(0.25), "hist": np.arange(3)}
+  extra = {
+    "data": {"epoch": 1, "position": 37, "seed": 3},
+    "config": {"lr": 1e-2},
+    "loss": np.float32(0.25),
+    "hist": np.arange(3),
+  }
   with checkpoint.CheckpointManager(tmp_path / "ckpt") as ckpt:
     assert ckpt.save(5, state, extra)
   with checkpoint.CheckpointManager(tmp_path / "ckpt") as ckpt:  # a fresh process
@@ -53,10 +57,15 @@ def test_save_restore_round_trip_is_bitwise(tmp_path):
   assert_bitwise_equal(restored, state)
   assert jnp.issubdtype(restored.key.dtype, jax.dtypes.prng_key)
   assert jax.random.key_impl(restored.key) == jax.random.key_impl(state.key)
-  np.testing.assert_array_equal(jax.random.normal(restored.key, (4,)),
-                                jax.random.normal(state.key, (4,)))
-  assert got_extra == {"data": {"epoch": 1, "position": 37, "seed": 3},
-                       "config": {"lr": 1e-2}, "loss": 0.25, "hist": [0, 1, 2]}
+  np.testing.assert_array_equal(
+    jax.random.normal(restored.key, (4,)), jax.random.normal(state.key, (4,))
+  )
+  assert got_extra == {
+    "data": {"epoch": 1, "position": 37, "seed": 3},
+    "config": {"lr": 1e-2},
+    "loss": 0.25,
+    "hist": [0, 1, 2],
+  }
 
 
 def test_restore_latest_on_empty_directory_returns_none(tmp_path):
@@ -66,11 +75,13 @@ def test_restore_latest_on_empty_directory_returns_none(tmp_path):
 
 
 def test_restore_accepts_shape_dtype_struct_template_and_plain_pytrees(tmp_path):
-  tree = {"a": jnp.arange(4, dtype=jnp.int32), "b": {"c": jnp.ones((2, 2), jnp.bfloat16)},
-          "key": jax.random.key(3, impl="rbg")}
+  tree = {
+    "a": jnp.arange(4, dtype=jnp.int32),
+    "b": {"c": jnp.ones((2, 2), jnp.bfloat16)},
+    "key": jax.random.key(3, impl="rbg"),
+  }
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          tree)
+  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
   with checkpoint.CheckpointManager(tmp_path) as ckpt:
     ckpt.save(0, tree)
     restored, extra = ckpt.restore(0, template)
@@ -95,8 +106,9 @@ def test_best_checkpoint_is_kept_besides_the_last_n(tmp_path):
       ckpt.save(step, state, metrics={"acc": acc, "loss": 1.0 - acc})
     assert ckpt.all_steps() == [2, 5, 6]
     assert ckpt.best_step() == 2
-  with checkpoint.CheckpointManager(tmp_path, max_to_keep=2, best_metric="loss",
-                                    best_mode="min") as ckpt:  # reopened: metrics persist
+  with checkpoint.CheckpointManager(
+    tmp_path, max_to_keep=2, best_metric="loss", best_mode="min"
+  ) as ckpt:  # reopened: metrics persist
     assert ckpt.best_step() == 2
     with pytest.raises(ValueError, match="must contain best_metric 'loss'"):
       ckpt.save(7, state, metrics={"acc": 0.1})
@@ -125,14 +137,18 @@ def _delete_array_data(step_dir: pathlib.Path, subdir: str):
     p.unlink()
 
 
-@pytest.mark.parametrize("damage, subdir", [
+@pytest.mark.parametrize(
+  "damage, subdir",
+  [
     (_truncate_files, "state"),
     (_delete_array_data, "state"),
     (_truncate_files, "extra"),
     (_truncate_files, "metrics"),
-])
+  ],
+)
 def test_damaged_latest_checkpoint_falls_back_to_previous_with_warning(
-    tmp_path, caplog, damage, subdir):
+  tmp_path, caplog, damage, subdir
+):
   with checkpoint.CheckpointManager(tmp_path, max_to_keep=3, best_metric="acc") as ckpt:
     for step in (1, 2, 3):
       ckpt.save(step, make_state(step), {"step": step}, metrics={"acc": step / 10})
@@ -160,8 +176,9 @@ def test_template_mismatch_raises_instead_of_discarding_checkpoints(tmp_path):
     assert ckpt.all_steps() == [1, 2]
 
 
-@pytest.mark.parametrize("tmp_name", ["2.orbax-checkpoint-tmp",
-                                      "2.orbax-checkpoint-tmp-1234567890"])
+@pytest.mark.parametrize(
+  "tmp_name", ["2.orbax-checkpoint-tmp", "2.orbax-checkpoint-tmp-1234567890"]
+)
 def test_tmp_directory_of_an_interrupted_save_is_ignored_and_cleaned(tmp_path, tmp_name):
   with checkpoint.CheckpointManager(tmp_path) as ckpt:
     ckpt.save(1, make_state(1), {"step": 1})
@@ -199,8 +216,11 @@ def test_invalid_arguments_raise_value_error(tmp_path):
 
 
 def test_round_trip_of_replicated_and_fsdp_sharded_state_keeps_shardings(tmp_path):
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  from jaxrm import parallel
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from jaxrm.steps import parallel
+
   mesh = parallel.make_data_mesh()
 
   def big_state(seed):
@@ -208,10 +228,14 @@ def test_round_trip_of_replicated_and_fsdp_sharded_state_keeps_shardings(tmp_pat
     return ts.create_train_state(params, optax.adam(1e-3), jax.random.key(seed))
 
   state = big_state(1)
-  placed = {"fsdp": parallel.shard_params(state, mesh, min_size=16),
-            "replicated": jax.device_put(state, NamedSharding(mesh, P()))}
-  template = {"fsdp": parallel.shard_params(big_state(0), mesh, min_size=16),
-              "replicated": jax.device_put(big_state(0), NamedSharding(mesh, P()))}
+  placed = {
+    "fsdp": parallel.shard_params(state, mesh, min_size=16),
+    "replicated": jax.device_put(state, NamedSharding(mesh, P())),
+  }
+  template = {
+    "fsdp": parallel.shard_params(big_state(0), mesh, min_size=16),
+    "replicated": jax.device_put(big_state(0), NamedSharding(mesh, P())),
+  }
   with checkpoint.CheckpointManager(tmp_path) as ckpt:
     ckpt.save(1, placed)
     restored, _, _ = ckpt.restore_latest(template)

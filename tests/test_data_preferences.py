@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from jaxrm import tokenizer
 from jaxrm.data import preferences as prefs
+from jaxrm.data import tokenizer
 
 SAMPLE = pathlib.Path(__file__).parent / "data" / "hh_rlhf_sample.jsonl.gz"
 MARKER = "\n\nAssistant:"
@@ -38,10 +38,11 @@ def _sample_records():
 def _reference_prompt(chosen, rejected):
   """Independent reference for the HH split: scan for the first differing character, then
   take the text up to the end of the last marker that ends at or before it."""
-  diff = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b),
-              min(len(chosen), len(rejected)))
+  diff = next(
+    (i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected))
+  )
   ends = [m.end() for m in re.finditer(re.escape(MARKER), chosen) if m.end() <= diff]
-  return chosen[:ends[-1]] if ends else ""
+  return chosen[: ends[-1]] if ends else ""
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -61,34 +62,45 @@ def test_split_shared_prompt_without_shared_marker_gives_empty_prompt():
   assert prefs.split_shared_prompt("abc", "abd") == ("", "abc", "abd")
   # A marker that is only partly shared does not count.
   assert prefs.split_shared_prompt("x\n\nAssistant: a", "x\n\nAssist") == (
-      "", "x\n\nAssistant: a", "x\n\nAssist")
+    "",
+    "x\n\nAssistant: a",
+    "x\n\nAssist",
+  )
 
 
 def test_prompt_form_with_strings_concatenates_verbatim():
   text = prefs.parse_preference_record(
-      {"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " 5", "subset": "math",
-       "weight": 2})
+    {"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " 5", "subset": "math", "weight": 2}
+  )
   assert text == prefs.PreferenceText("Q: 2+2?", " 4", " 5", "math", 2.0)
 
 
 def test_render_messages_uses_the_hh_template():
-  rendered = prefs.render_messages([
+  rendered = prefs.render_messages(
+    [
       {"role": "system", "content": "Be nice."},
       {"role": "user", "content": "hi"},
       {"role": "Assistant", "content": "hello"},
-      {"role": "human", "content": "bye"}])
+      {"role": "human", "content": "bye"},
+    ]
+  )
   assert rendered == "\n\nSystem: Be nice.\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye"
 
 
 def test_chat_lists_give_the_same_pair_as_the_hh_form():
   chat = {
-      "prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
-                 {"role": "user", "content": "name a colour"}],
-      "chosen": [{"role": "assistant", "content": "Blue."}],
-      "rejected": [{"role": "assistant", "content": "No."}],
+    "prompt": [
+      {"role": "user", "content": "hi"},
+      {"role": "assistant", "content": "yo"},
+      {"role": "user", "content": "name a colour"},
+    ],
+    "chosen": [{"role": "assistant", "content": "Blue."}],
+    "rejected": [{"role": "assistant", "content": "No."}],
   }
-  hh = {"chosen": "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: name a colour\n\nAssistant: Blue.",
-        "rejected": "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: name a colour\n\nAssistant: No."}
+  hh = {
+    "chosen": "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: name a colour\n\nAssistant: Blue.",
+    "rejected": "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: name a colour\n\nAssistant: No.",
+  }
   a = prefs.parse_preference_record(chat)
   b = prefs.parse_preference_record(hh)
   assert a == b
@@ -100,9 +112,12 @@ def test_chat_lists_give_the_same_pair_as_the_hh_form():
 
 
 def test_hh_form_accepts_whole_dialogues_as_message_lists():
-  text = prefs.parse_preference_record({
+  text = prefs.parse_preference_record(
+    {
       "chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A"}],
-      "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "B"}]})
+      "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "B"}],
+    }
+  )
   assert (text.prompt, text.chosen, text.rejected) == ("\n\nHuman: hi" + MARKER, " A", " B")
 
 
@@ -115,19 +130,25 @@ def test_sample_shared_prefix_length_matches_reference():
     prompt = _reference_prompt(record["chosen"], record["rejected"])
     assert prompt.endswith(MARKER)
     assert e.prompt_len == 1 + len(prompt.encode("utf-8"))
-    np.testing.assert_array_equal(e.chosen[:e.prompt_len], e.rejected[:e.prompt_len])
+    np.testing.assert_array_equal(e.chosen[: e.prompt_len], e.rejected[: e.prompt_len])
     assert e.chosen[0] == tokenizer.BOS_ID and e.chosen[-1] == tokenizer.EOS_ID
     assert tokenizer.decode(e.chosen) == record["chosen"]
     assert tokenizer.decode(e.rejected) == record["rejected"]
-    assert tokenizer.decode(e.chosen[:e.prompt_len]) == prompt
+    assert tokenizer.decode(e.chosen[: e.prompt_len]) == prompt
     assert (e.subset, e.weight, e.source, e.truncated) == (
-        "hh_rlhf_sample", 1.0, str(SAMPLE), False)
+      "hh_rlhf_sample",
+      1.0,
+      str(SAMPLE),
+      False,
+    )
   assert [e.line for e in examples] == list(range(1, 65))
 
 
 def test_gzip_and_plain_files_give_the_same_examples(tmp_path):
-  lines = ['{"prompt": "p", "chosen": "a", "rejected": "b", "subset": "s"}',
-           '{"chosen": "x\\n\\nAssistant: 1", "rejected": "x\\n\\nAssistant: 2"}']
+  lines = [
+    '{"prompt": "p", "chosen": "a", "rejected": "b", "subset": "s"}',
+    '{"chosen": "x\\n\\nAssistant: 1", "rejected": "x\\n\\nAssistant: 2"}',
+  ]
   plain, _ = prefs.read_preference_files(_write_lines(tmp_path / "d.jsonl", lines), max_len=32)
   gz, _ = prefs.read_preference_files(_write_lines(tmp_path / "d.jsonl.gz", lines), max_len=32)
   assert len(plain) == len(gz) == 2
@@ -142,33 +163,38 @@ def test_gzip_and_plain_files_give_the_same_examples(tmp_path):
 
 GOOD = '{"prompt": "p", "chosen": "a", "rejected": "b"}'
 MALFORMED = [
-    # (line, reason, field)
-    ('{"chosen": "a", "rejected": ', "invalid_json", None),
-    ("[1, 2]", "not_an_object", None),
-    ('{"chosen": "a"}', "missing_field", "rejected"),
-    ('{"rejected": "a", "prompt": "p"}', "missing_field", "chosen"),
-    ('{"chosen": 3, "rejected": "b"}', "wrong_type", "chosen"),
-    ('{"prompt": 7, "chosen": "a", "rejected": "b"}', "wrong_type", "prompt"),
-    ('{"chosen": "", "rejected": "b"}', "empty_text", "chosen"),
-    ('{"prompt": "p", "chosen": "a", "rejected": "  "}', "empty_text", "rejected"),
-    ('{"prompt": "p", "chosen": [], "rejected": "b"}', "empty_text", "chosen"),
-    (b'{"prompt": "p", "chosen": "a\xff\xfe", "rejected": "b"}', "invalid_utf8", "chosen"),
-    ('{"prompt": "\\ud800", "chosen": "a", "rejected": "b"}', "invalid_utf8", "prompt"),
-    ('{"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}', "missing_field",
-     "prompt[0].content"),
-    ('{"prompt": "p", "chosen": [{"role": "robot", "content": "x"}], "rejected": "b"}',
-     "bad_role", "chosen[0].role"),
-    ('{"prompt": "p", "chosen": ["hi"], "rejected": "b"}', "wrong_type", "chosen[0]"),
-    ('{"prompt": "p", "chosen": "a", "rejected": "b", "weight": "1"}', "wrong_type", "weight"),
-    ('{"prompt": "p", "chosen": "a", "rejected": "b", "weight": -1}', "bad_weight", "weight"),
-    ('{"prompt": "p", "chosen": "a", "rejected": "b", "weight": NaN}', "bad_weight", "weight"),
-    ('{"prompt": "p", "chosen": "a", "rejected": "b", "subset": 3}', "wrong_type", "subset"),
-    ('{"chosen": "same", "rejected": "same"}', "identical_pair", "rejected"),
+  # (line, reason, field)
+  ('{"chosen": "a", "rejected": ', "invalid_json", None),
+  ("[1, 2]", "not_an_object", None),
+  ('{"chosen": "a"}', "missing_field", "rejected"),
+  ('{"rejected": "a", "prompt": "p"}', "missing_field", "chosen"),
+  ('{"chosen": 3, "rejected": "b"}', "wrong_type", "chosen"),
+  ('{"prompt": 7, "chosen": "a", "rejected": "b"}', "wrong_type", "prompt"),
+  ('{"chosen": "", "rejected": "b"}', "empty_text", "chosen"),
+  ('{"prompt": "p", "chosen": "a", "rejected": "  "}', "empty_text", "rejected"),
+  ('{"prompt": "p", "chosen": [], "rejected": "b"}', "empty_text", "chosen"),
+  (b'{"prompt": "p", "chosen": "a\xff\xfe", "rejected": "b"}', "invalid_utf8", "chosen"),
+  ('{"prompt": "\\ud800", "chosen": "a", "rejected": "b"}', "invalid_utf8", "prompt"),
+  (
+    '{"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}',
+    "missing_field",
+    "prompt[0].content",
+  ),
+  (
+    '{"prompt": "p", "chosen": [{"role": "robot", "content": "x"}], "rejected": "b"}',
+    "bad_role",
+    "chosen[0].role",
+  ),
+  ('{"prompt": "p", "chosen": ["hi"], "rejected": "b"}', "wrong_type", "chosen[0]"),
+  ('{"prompt": "p", "chosen": "a", "rejected": "b", "weight": "1"}', "wrong_type", "weight"),
+  ('{"prompt": "p", "chosen": "a", "rejected": "b", "weight": -1}', "bad_weight", "weight"),
+  ('{"prompt": "p", "chosen": "a", "rejected": "b", "weight": NaN}', "bad_weight", "weight"),
+  ('{"prompt": "p", "chosen": "a", "rejected": "b", "subset": 3}', "wrong_type", "subset"),
+  ('{"chosen": "same", "rejected": "same"}', "identical_pair", "rejected"),
 ]
 
 
-@pytest.mark.parametrize("line,reason,field", MALFORMED,
-                         ids=[f"{r}-{f}" for _, r, f in MALFORMED])
+@pytest.mark.parametrize("line,reason,field", MALFORMED, ids=[f"{r}-{f}" for _, r, f in MALFORMED])
 def test_malformed_line_raises_with_file_line_and_field(tmp_path, line, reason, field):
   path = _write_lines(tmp_path / "bad.jsonl", [GOOD, line, GOOD])
   with pytest.raises(prefs.PreferenceDataError) as info:
@@ -198,13 +224,13 @@ def test_skip_malformed_counts_each_reason_and_logs(tmp_path, caplog):
   assert stats.skipped_locations[0].startswith(f"{path}:2: ")
   logged = caplog.text
   assert f"{path}:4: field 'rejected': is missing" in logged
-  assert "skipped %d malformed lines" % len(MALFORMED) in logged
+  assert f"skipped {len(MALFORMED)} malformed lines" in logged
 
 
 def test_corrupt_gzip_raises_naming_the_file(tmp_path):
   path = tmp_path / "cut.jsonl.gz"
   data = gzip.compress(("\n".join([GOOD] * 200) + "\n").encode())
-  path.write_bytes(data[:len(data) // 2])
+  path.write_bytes(data[: len(data) // 2])
   with pytest.raises(prefs.PreferenceDataError, match=re.escape(str(path))):
     prefs.read_preference_files(path, max_len=64, skip_malformed=True)
 
@@ -245,30 +271,38 @@ def test_long_response_keeps_half_the_budget_for_the_prompt_then_cuts_responses_
 
 
 def test_min_prompt_fraction_zero_gives_the_whole_budget_to_responses():
-  pair = prefs.tokenize_pair("01234567", "abcdefghijkl", "A", max_len=12,
-                             min_prompt_fraction=0.0)
+  pair = prefs.tokenize_pair("01234567", "abcdefghijkl", "A", max_len=12, min_prompt_fraction=0.0)
   assert _text(pair, "chosen") == "abcdefghij" and pair.prompt_len == 1
-  pair = prefs.tokenize_pair("01234567", "abc", "A", max_len=6, add_bos=False,
-                             add_eos=False, min_prompt_fraction=0.0)
+  pair = prefs.tokenize_pair(
+    "01234567", "abc", "A", max_len=6, add_bos=False, add_eos=False, min_prompt_fraction=0.0
+  )
   np.testing.assert_array_equal(pair.chosen, tokenizer.encode("567abc"))
   assert pair.prompt_len == 3
 
 
-@pytest.mark.parametrize("kwargs,argument", [
-    (dict(max_len=2), "max_len"), (dict(max_len=0, add_bos=False, add_eos=False), "max_len"),
-    (dict(max_len=16, min_prompt_fraction=1.5), "min_prompt_fraction")])
+@pytest.mark.parametrize(
+  "kwargs,argument",
+  [
+    (dict(max_len=2), "max_len"),
+    (dict(max_len=0, add_bos=False, add_eos=False), "max_len"),
+    (dict(max_len=16, min_prompt_fraction=1.5), "min_prompt_fraction"),
+  ],
+)
 def test_tokenize_pair_bad_arguments_raise(kwargs, argument):
   with pytest.raises(ValueError, match=argument):
     prefs.tokenize_pair("p", "a", "b", **kwargs)
 
 
 def test_reader_counts_truncated_pairs(tmp_path):
-  lines = [json.dumps({"prompt": "P" * 4, "chosen": "a", "rejected": "b"}),
-           json.dumps({"prompt": "P" * 40, "chosen": "a", "rejected": "b"}),
-           json.dumps({"prompt": "P" * 4, "chosen": "a" * 40, "rejected": "b"}),
-           json.dumps({"prompt": "P" * 4, "chosen": "x" * 40 + "a", "rejected": "x" * 40})]
-  examples, stats = prefs.read_preference_files(_write_lines(tmp_path / "t.jsonl", lines),
-                                                max_len=16)
+  lines = [
+    json.dumps({"prompt": "P" * 4, "chosen": "a", "rejected": "b"}),
+    json.dumps({"prompt": "P" * 40, "chosen": "a", "rejected": "b"}),
+    json.dumps({"prompt": "P" * 4, "chosen": "a" * 40, "rejected": "b"}),
+    json.dumps({"prompt": "P" * 4, "chosen": "x" * 40 + "a", "rejected": "x" * 40}),
+  ]
+  examples, stats = prefs.read_preference_files(
+    _write_lines(tmp_path / "t.jsonl", lines), max_len=16
+  )
   assert [e.truncated for e in examples] == [False, True, True, True]
   assert all(max(len(e.chosen), len(e.rejected)) <= 16 for e in examples)
   assert (stats.truncated_pairs, stats.truncated_prompts, stats.truncated_responses) == (3, 1, 2)
@@ -309,12 +343,19 @@ def test_load_preference_arrays_pads_examples_on_the_right():
 
 
 def test_example_from_record_decodes_bytes_and_fills_defaults():
-  e = prefs.example_from_record({"chosen": [1, 5, 2], "rejected": np.array([1, 6, 2]),
-                                 "subset": b"helpful"})
+  e = prefs.example_from_record(
+    {"chosen": [1, 5, 2], "rejected": np.array([1, 6, 2]), "subset": b"helpful"}
+  )
   np.testing.assert_array_equal(e.chosen, [1, 5, 2])
   assert e.chosen.dtype == np.int32
   assert (e.prompt_len, e.subset, e.weight, e.source, e.line, e.truncated) == (
-      0, "helpful", 1.0, "", 0, False)
+    0,
+    "helpful",
+    1.0,
+    "",
+    0,
+    False,
+  )
 
 
 # ------------------------------------------------------------------------------ TFDS builder
@@ -324,15 +365,15 @@ def _assert_same_example(record, expected):
   got = prefs.example_from_record(record)
   np.testing.assert_array_equal(got.chosen, expected.chosen)
   np.testing.assert_array_equal(got.rejected, expected.rejected)
-  assert got._replace(chosen=None, rejected=None) == expected._replace(chosen=None,
-                                                                       rejected=None)
+  assert got._replace(chosen=None, rejected=None) == expected._replace(chosen=None, rejected=None)
 
 
 @pytest.fixture(scope="module")
 def built_sample(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("tfds")
-  builder = prefs.build_preference_dataset(SAMPLE, data_dir=data_dir, max_len=384,
-                                           name="hh_sample", test_fraction=0.25, split_seed=3)
+  builder = prefs.build_preference_dataset(
+    SAMPLE, data_dir=data_dir, max_len=384, name="hh_sample", test_fraction=0.25, split_seed=3
+  )
   return builder, data_dir
 
 
@@ -344,8 +385,7 @@ def test_builder_round_trips_the_sample_through_array_record(built_sample):
   assert any(".array_record-" in f for f in files)
   seen = []
   for split in ("train", "test"):
-    source = tfds.data_source("preference_pairs/hh_sample", data_dir=str(data_dir),
-                              split=split)
+    source = tfds.data_source("preference_pairs/hh_sample", data_dir=str(data_dir), split=split)
     assert len(source) == len(builder.as_data_source(split=split))
     for i in range(len(source)):
       record = source[i]
@@ -360,8 +400,11 @@ def test_builder_round_trips_the_sample_through_array_record(built_sample):
 def test_builder_splits_by_line_hash_and_records_counts(built_sample):
   builder, _ = built_sample
   raw = gzip.decompress(SAMPLE.read_bytes()).splitlines()
-  expected_test = [i + 1 for i, line in enumerate(raw)
-                   if prefs.line_split(line, test_fraction=0.25, seed=3) == "test"]
+  expected_test = [
+    i + 1
+    for i, line in enumerate(raw)
+    if prefs.line_split(line, test_fraction=0.25, seed=3) == "test"
+  ]
   test_lines = sorted(int(r["line"]) for r in builder.as_data_source(split="test"))
   assert test_lines == expected_test and 0 < len(test_lines) < 64
   meta = builder.info.metadata
@@ -371,26 +414,35 @@ def test_builder_splits_by_line_hash_and_records_counts(built_sample):
     assert stats["records"] == builder.info.splits[split].num_examples
     assert stats["skipped"] == {}
   truncated = sum(meta["splits"][s]["truncated_pairs"] for s in ("train", "test"))
-  assert truncated == sum(bool(r["truncated"]) for s in ("train", "test")
-                          for r in builder.as_data_source(split=s))
+  assert truncated == sum(
+    bool(r["truncated"]) for s in ("train", "test") for r in builder.as_data_source(split=s)
+  )
   assert meta["files"][str(SAMPLE.resolve())]["bytes"] == SAMPLE.stat().st_size
 
 
 def test_builder_reuses_identical_build_and_refuses_a_different_one(built_sample):
   _, data_dir = built_sample
-  again = prefs.build_preference_dataset(SAMPLE, data_dir=data_dir, max_len=384,
-                                         name="hh_sample", test_fraction=0.25, split_seed=3)
+  again = prefs.build_preference_dataset(
+    SAMPLE, data_dir=data_dir, max_len=384, name="hh_sample", test_fraction=0.25, split_seed=3
+  )
   assert again.info.splits["test"].num_examples > 0
   with pytest.raises(ValueError, match="overwrite=True"):
-    prefs.build_preference_dataset(SAMPLE, data_dir=data_dir, max_len=128,
-                                   name="hh_sample", test_fraction=0.25, split_seed=3)
+    prefs.build_preference_dataset(
+      SAMPLE, data_dir=data_dir, max_len=128, name="hh_sample", test_fraction=0.25, split_seed=3
+    )
 
 
 def test_builder_with_test_files_and_skip_malformed_records_skips_in_metadata(tmp_path):
   train = _write_lines(tmp_path / "train.jsonl", [GOOD, "{oops", GOOD.replace('"a"', '"c"')])
   test = _write_lines(tmp_path / "test.jsonl.gz", [GOOD, '{"chosen": 1, "rejected": "b"}'])
-  builder = prefs.build_preference_dataset(train, test_files=[test], data_dir=tmp_path / "dd",
-                                           max_len=32, skip_malformed=True, name="small")
+  builder = prefs.build_preference_dataset(
+    train,
+    test_files=[test],
+    data_dir=tmp_path / "dd",
+    max_len=32,
+    skip_malformed=True,
+    name="small",
+  )
   assert builder.info.splits["train"].num_examples == 2
   assert builder.info.splits["test"].num_examples == 1
   meta = builder.info.metadata["splits"]
@@ -410,10 +462,13 @@ def test_builder_fails_on_malformed_line_by_default(tmp_path):
     prefs.build_preference_dataset(train, data_dir=tmp_path / "dd", max_len=32)
 
 
-@pytest.mark.parametrize("kwargs,message", [
+@pytest.mark.parametrize(
+  "kwargs,message",
+  [
     (dict(test_fraction=0.2, test_files=["x"]), "not both"),
     (dict(test_fraction=1.0), "test_fraction"),
-])
+  ],
+)
 def test_build_preference_dataset_rejects_bad_split_settings(tmp_path, kwargs, message):
   train = _write_lines(tmp_path / "train.jsonl", [GOOD])
   if "test_files" in kwargs:

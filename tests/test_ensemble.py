@@ -1,4 +1,4 @@
-"""Tests for jaxrm.ensemble: stacked-parameter ensembles equal k separate models."""
+"""Tests for jaxrm.models.ensemble: stacked-parameter ensembles equal k separate models."""
 
 import functools
 
@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrm.ensemble import apply_ensemble, ensemble_size, init_ensemble, member_params
-from jaxrm.reward_model import RewardModel
-from jaxrm.transformer import TransformerConfig
+from jaxrm.models.ensemble import apply_ensemble, ensemble_size, init_ensemble, member_params
+from jaxrm.models.reward_model import RewardModel
+from jaxrm.models.transformer import TransformerConfig
 
 CFG = TransformerConfig(vocab_size=41, num_layers=1, width=16, num_heads=2, max_len=16)
 
@@ -34,8 +34,9 @@ def test_reward_model_ensemble_apply_equals_k_separate_applies():
   assert rewards.shape == (3, 4) and rewards.dtype == jnp.float32
   single = jax.jit(model.apply)
   for i in range(3):
-    np.testing.assert_allclose(rewards[i], single(member_params(params, i), tokens, mask),
-                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+      rewards[i], single(member_params(params, i), tokens, mask), atol=1e-5, rtol=1e-5
+    )
   # members come from different keys, so they disagree
   assert np.abs(np.asarray(rewards[0] - rewards[1])).max() > 1e-3
 
@@ -71,8 +72,10 @@ def test_ensemble_rejects_bad_keys_and_ragged_params():
   with pytest.raises(ValueError, match=r"keys.*\(2, 3\)"):
     init_ensemble(_linear_init, jnp.zeros((2, 3), jnp.uint32), np.ones((1, 2)))
   with pytest.raises(ValueError, match=r"keys.*\(2, 2\)"):
-    init_ensemble(_linear_init, jax.random.split(jax.random.key(0), 4).reshape(2, 2),
-                  np.ones((1, 2)))
+    init_ensemble(
+      _linear_init, jax.random.split(jax.random.key(0), 4).reshape(2, 2), np.ones((1, 2))
+    )
   with pytest.raises(ValueError, match="stacked_params.*leading"):
-    apply_ensemble(_linear_apply, {"w": jnp.zeros((3, 2, 3)), "b": jnp.zeros((2, 3))},
-                   np.ones((1, 2)))
+    apply_ensemble(
+      _linear_apply, {"w": jnp.zeros((3, 2, 3)), "b": jnp.zeros((2, 3))}, np.ones((1, 2))
+    )

@@ -21,8 +21,10 @@ tfds.disable_progress_bar()
 def _arrays(n=N, width=WIDTH, seed=0):
   """Right-padded pairs with right-skewed lengths, like text; tokens encode (example, pos)."""
   rng = np.random.default_rng(seed)
-  out = {"label": rng.uniform(size=n).astype(np.float32),
-         "weight": rng.uniform(0.5, 2.0, size=n).astype(np.float32)}
+  out = {
+    "label": rng.uniform(size=n).astype(np.float32),
+    "weight": rng.uniform(0.5, 2.0, size=n).astype(np.float32),
+  }
   for key in ("chosen", "rejected"):
     lengths = np.minimum(rng.geometric(1 / 14, size=n), width)
     mask = np.arange(width)[None, :] < lengths[:, None]
@@ -45,10 +47,10 @@ def _assert_batches_equal(a, b):
 
 
 SETTINGS = {
-    "plain": dict(),
-    "pad_remainder": dict(drop_remainder=False),
-    "buckets": dict(bucket_lengths=BUCKETS, bucket_window=4),
-    "buckets_pad": dict(bucket_lengths=BUCKETS, bucket_window=4, drop_remainder=False),
+  "plain": dict(),
+  "pad_remainder": dict(drop_remainder=False),
+  "buckets": dict(bucket_lengths=BUCKETS, bucket_window=4),
+  "buckets_pad": dict(bucket_lengths=BUCKETS, bucket_window=4, drop_remainder=False),
 }
 
 
@@ -77,8 +79,9 @@ def test_pad_rows_are_zero_weight_copies_of_real_examples():
   pad = last["index"] < 0
   assert pad.sum() == BATCH - N % BATCH
   first = last["index"][0]
-  np.testing.assert_array_equal(last["chosen"][pad], np.repeat(data["chosen"][first][None],
-                                                              pad.sum(), 0))
+  np.testing.assert_array_equal(
+    last["chosen"][pad], np.repeat(data["chosen"][first][None], pad.sum(), 0)
+  )
   assert last["chosen_mask"][pad].any(axis=1).all()  # never an all-padding row
   assert (last["weight"][pad] == 0).all()
 
@@ -101,13 +104,16 @@ def test_batches_hold_the_indexed_examples():
 def test_same_seed_same_order_other_seed_or_epoch_other_order():
   data = _arrays()
   for kwargs in (SETTINGS["plain"], SETTINGS["buckets"]):
-    first = lambda seed: np.concatenate(  # noqa: E731
-        [b["index"] for b in _take(BatchIterator(data, batch_size=BATCH, seed=seed, **kwargs),
-                                   2 * (N // BATCH))])
+    first = lambda seed, kwargs=kwargs: np.concatenate(  # noqa: E731
+      [
+        b["index"]
+        for b in _take(BatchIterator(data, batch_size=BATCH, seed=seed, **kwargs), 2 * (N // BATCH))
+      ]
+    )
     a, b, c = first(0), first(0), first(1)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
-    epoch0, epoch1 = a[:len(a) // 2], a[len(a) // 2:]
+    epoch0, epoch1 = a[: len(a) // 2], a[len(a) // 2 :]
     assert not np.array_equal(epoch0, epoch1)
 
 
@@ -116,8 +122,9 @@ def test_bucketed_batches_differ_between_epochs_even_when_one_window_holds_all_d
   distinct = np.arange(64)[None, :] < np.arange(1, 65)[:, None]  # lengths 1..64, no ties
   data.update(chosen_mask=distinct, rejected_mask=distinct)
   it = BatchIterator(data, batch_size=BATCH, seed=0, bucket_lengths=BUCKETS, bucket_window=64)
-  groups = [{frozenset(b["index"].tolist()) for b in _take(it, it.batches_per_epoch)}
-            for _ in range(2)]
+  groups = [
+    {frozenset(b["index"].tolist()) for b in _take(it, it.batches_per_epoch)} for _ in range(2)
+  ]
   assert groups[0] != groups[1]
 
 
@@ -131,7 +138,8 @@ def test_bucketing_uses_only_allowed_lengths_and_cuts_padding():
 
   plain, plain_lengths, _ = padded_positions(BatchIterator(data, batch_size=BATCH, seed=0))
   bucketed, lengths, batches = padded_positions(
-      BatchIterator(data, batch_size=BATCH, seed=0, bucket_lengths=BUCKETS, bucket_window=8))
+    BatchIterator(data, batch_size=BATCH, seed=0, bucket_lengths=BUCKETS, bucket_window=8)
+  )
   assert plain_lengths == {WIDTH}
   assert lengths <= set(BUCKETS) and len(lengths) > 1
   real = sum(int(b["chosen_mask"].sum() + b["rejected_mask"].sum()) for b in batches)
@@ -176,8 +184,9 @@ def test_num_epochs_stops_iteration_and_shuffle_false_keeps_data_order():
   it = BatchIterator(_arrays(n=20), batch_size=4, seed=0, shuffle=False, num_epochs=2)
   batches = list(it)
   assert len(batches) == 10
-  np.testing.assert_array_equal(np.concatenate([b["index"] for b in batches]),
-                                np.tile(np.arange(20), 2))
+  np.testing.assert_array_equal(
+    np.concatenate([b["index"] for b in batches]), np.tile(np.arange(20), 2)
+  )
   assert it.get_state()["epoch"] == 2
 
 
@@ -185,12 +194,14 @@ def test_processes_split_each_global_batch():
   data = _arrays()
   kwargs = dict(batch_size=BATCH, seed=3, bucket_lengths=BUCKETS, drop_remainder=False)
   full = _take(BatchIterator(data, **kwargs), 30)
-  parts = [_take(BatchIterator(data, process_index=p, process_count=4, **kwargs), 30)
-           for p in range(4)]
+  parts = [
+    _take(BatchIterator(data, process_index=p, process_count=4, **kwargs), 30) for p in range(4)
+  ]
   for step, batch in enumerate(full):
     for key in batch:
       np.testing.assert_array_equal(
-          np.concatenate([parts[p][step][key] for p in range(4)]), batch[key])
+        np.concatenate([parts[p][step][key] for p in range(4)]), batch[key]
+      )
 
 
 def test_arrays_without_weight_get_unit_weight():
@@ -205,13 +216,22 @@ def _sample_examples():
 
 def test_record_source_batches_match_records():
   examples = _sample_examples()
-  it = BatchIterator(examples, batch_size=BATCH, seed=0,
-                     bucket_lengths=iterator_lib.power_of_two_buckets(256))
+  it = BatchIterator(
+    examples, batch_size=BATCH, seed=0, bucket_lengths=iterator_lib.power_of_two_buckets(256)
+  )
   assert it.subset_names == ("hh_rlhf_sample",)
   seen = []
   for batch in _take(it, it.batches_per_epoch):
-    assert set(batch) == {"chosen", "chosen_mask", "rejected", "rejected_mask", "weight",
-                          "prompt_len", "subset_id", "index"}
+    assert set(batch) == {
+      "chosen",
+      "chosen_mask",
+      "rejected",
+      "rejected_mask",
+      "weight",
+      "prompt_len",
+      "subset_id",
+      "index",
+    }
     for row, i in enumerate(batch["index"]):
       e = examples[i]
       n = len(e.chosen)
@@ -224,8 +244,7 @@ def test_record_source_batches_match_records():
 
 
 def test_tfds_data_source_feeds_the_iterator_and_resumes(tmp_path):
-  builder = prefs.build_preference_dataset(
-      SAMPLE, data_dir=tmp_path, max_len=256, name="it")
+  builder = prefs.build_preference_dataset(SAMPLE, data_dir=tmp_path, max_len=256, name="it")
   source = builder.as_data_source(split="train")
   kwargs = dict(batch_size=BATCH, seed=5, bucket_lengths=(64, 128, 256), bucket_window=2)
   reference = _take(BatchIterator(source, **kwargs), 12)
@@ -251,7 +270,9 @@ def test_power_of_two_buckets():
     iterator_lib.power_of_two_buckets(0)
 
 
-@pytest.mark.parametrize("kwargs,message", [
+@pytest.mark.parametrize(
+  "kwargs,message",
+  [
     (dict(batch_size=0), "batch_size"),
     (dict(batch_size=N + 1), "batch_size"),
     (dict(seed=-1), "seed"),
@@ -261,7 +282,8 @@ def test_power_of_two_buckets():
     (dict(process_count=3), "process_count"),
     (dict(process_count=2, process_index=2), "process_index"),
     (dict(num_epochs=0), "num_epochs"),
-])
+  ],
+)
 def test_bad_arguments_raise_naming_the_argument(kwargs, message):
   kwargs = {"batch_size": BATCH, "seed": 0, **kwargs}
   with pytest.raises(ValueError, match=message):

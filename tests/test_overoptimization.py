@@ -18,8 +18,14 @@ _DATA_SIZES = ("--data_sizes=256,384",)  # prefixes of the quick run's 512 compa
 def _run(*args, timeout=600):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
-                        env=env, timeout=timeout, cwd=ROOT)
+  return subprocess.run(
+    [sys.executable, SCRIPT, *args],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=timeout,
+    cwd=ROOT,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +38,7 @@ def quick_run(tmp_path_factory):
 
 def test_quick_run_writes_every_output(quick_run):
   workdir, proc = quick_run
-  for name in ("results.json", "summary.md", "figure1.png", "coefficients.png",
-               "data_sizes.png"):
+  for name in ("results.json", "summary.md", "figure1.png", "coefficients.png", "data_sizes.png"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   with open(os.path.join(workdir, "figure1.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -62,9 +67,15 @@ def test_quick_results_follow_the_schema(quick_run):
   for p in r["proxies"]:
     assert p["num_params"] > 0 and len(p["heldout_accuracy"]) == seeds
   names = {c["name"] for c in r["checks"]}
-  assert {"bon_proxy_monotone", "bon_gold_peaks_for_smaller_proxies", "bon_fit_r2",
-          "beta_bon_falls_with_size", "gold_peak_rises_with_size",
-          "rl_spends_more_kl_than_bon", "seeds"} == names
+  assert {
+    "bon_proxy_monotone",
+    "bon_gold_peaks_for_smaller_proxies",
+    "bon_fit_r2",
+    "beta_bon_falls_with_size",
+    "gold_peak_rises_with_size",
+    "rl_spends_more_kl_than_bon",
+    "seeds",
+  } == names
   assert all(isinstance(c["passed"], bool) for c in r["checks"])
   assert [e["num_comparisons"] for e in r["data_sweep"]] == [256, 384]
   for entry in r["data_sweep"]:
@@ -83,8 +94,7 @@ def test_rerun_reuses_the_cached_stages(quick_run):
   with open(os.path.join(workdir, "results.json")) as f:
     second = json.load(f)
   assert second["bon"] == first["bon"] and second["rl"] == first["rl"]
-  assert (second["timing_this_invocation"]["proxies"]
-          < first["timing_this_invocation"]["proxies"])
+  assert second["timing_this_invocation"]["proxies"] < first["timing_this_invocation"]["proxies"]
 
 
 def test_bad_flag_gives_a_one_line_error(tmp_path):
@@ -99,19 +109,28 @@ def _synthetic_results(betas, params, *, rl_gold_scale=1.0, seeds=3):
   ns = np.unique(np.round(2.0 ** np.arange(0, 12.01, 0.5)).astype(int))
   kl = np.log(ns) - (ns - 1) / ns
   d = np.sqrt(kl)
-  gold = np.stack([[d * (1.0 - b * d) + rng.normal(0, 0.005, d.shape) for _ in range(seeds)]
-                   for b in betas])
+  gold = np.stack(
+    [[d * (1.0 - b * d) + rng.normal(0, 0.005, d.shape) for _ in range(seeds)] for b in betas]
+  )
   gold -= gold[..., :1]
   proxy = np.stack([[d * 1.5 for _ in range(seeds)] for _ in betas])
   steps = np.arange(1, 41)
   rl_kl = np.broadcast_to(0.5 * steps, (len(betas), seeds, 40))  # RL moves in KL steadily
   rl_d = np.sqrt(rl_kl)
-  rl_gold = np.stack([[rl_gold_scale * rl_d[0, 0] * (0.5 - 0.3 * b * np.log(rl_d[0, 0]))
-                       for _ in range(seeds)] for b in betas])
-  return {"proxies": [{"name": f"P{i}", "num_params": p, "heldout_accuracy": [0.8] * seeds}
-                      for i, p in enumerate(params)],
-          "bon": {"ns": ns, "kl": kl, "gold": gold, "proxy": proxy},
-          "rl": {"kl": np.asarray(rl_kl), "gold": rl_gold, "proxy": rl_gold * 2}}
+  rl_gold = np.stack(
+    [
+      [rl_gold_scale * rl_d[0, 0] * (0.5 - 0.3 * b * np.log(rl_d[0, 0])) for _ in range(seeds)]
+      for b in betas
+    ]
+  )
+  return {
+    "proxies": [
+      {"name": f"P{i}", "num_params": p, "heldout_accuracy": [0.8] * seeds}
+      for i, p in enumerate(params)
+    ],
+    "bon": {"ns": ns, "kl": kl, "gold": gold, "proxy": proxy},
+    "rl": {"kl": np.asarray(rl_kl), "gold": rl_gold, "proxy": rl_gold * 2},
+  }
 
 
 def _checks(results):
@@ -121,24 +140,24 @@ def _checks(results):
 
 
 def test_checks_pass_on_curves_with_the_expected_shape():
-  results = _synthetic_results(betas=[0.5, 0.4, 0.3, 0.2, 0.1],
-                               params=[1e3, 4e3, 1.5e4, 4e4, 1e5])
+  results = _synthetic_results(betas=[0.5, 0.4, 0.3, 0.2, 0.1], params=[1e3, 4e3, 1.5e4, 4e4, 1e5])
   passed, fits = _checks(results)
   assert all(passed.values()), passed
-  np.testing.assert_allclose([f["beta"] for f in fits["bon"]], [0.5, 0.4, 0.3, 0.2, 0.1],
-                             atol=0.01)
+  np.testing.assert_allclose([f["beta"] for f in fits["bon"]], [0.5, 0.4, 0.3, 0.2, 0.1], atol=0.01)
 
 
 def test_checks_fail_when_the_shape_is_wrong():
   # beta rising with size, and no fall: the trend and peak checks must fail.
-  results = _synthetic_results(betas=[0.0, 0.01, 0.02, 0.03, 0.04],
-                               params=[1e3, 4e3, 1.5e4, 4e4, 1e5])
+  results = _synthetic_results(
+    betas=[0.0, 0.01, 0.02, 0.03, 0.04], params=[1e3, 4e3, 1.5e4, 4e4, 1e5]
+  )
   passed, _ = _checks(results)
   assert not passed["beta_bon_falls_with_size"]
   assert not passed["bon_gold_peaks_for_smaller_proxies"]
   # RL reaching gold at a smaller KL than best-of-n must fail the RL check.
-  results = _synthetic_results(betas=[0.5, 0.4, 0.3, 0.2, 0.1],
-                               params=[1e3, 4e3, 1.5e4, 4e4, 1e5], rl_gold_scale=20.0)
+  results = _synthetic_results(
+    betas=[0.5, 0.4, 0.3, 0.2, 0.1], params=[1e3, 4e3, 1.5e4, 4e4, 1e5], rl_gold_scale=20.0
+  )
   passed, _ = _checks(results)
   assert not passed["rl_spends_more_kl_than_bon"]
   passed, _ = _checks(_synthetic_results(betas=[0.5, 0.3], params=[1e3, 1e4], seeds=2))

@@ -1,18 +1,17 @@
-"""Tests for jaxrm.parallel: jit, shard_map, pmap and fsdp launchers on 8 host CPU devices."""
+"""Tests for jaxrm.steps.parallel: jit, shard_map, pmap and fsdp launchers on 8 host CPU devices."""
 
 import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+from model_helpers import bt_loss
 import numpy as np
 import optax
 import pytest
-from jax.sharding import PartitionSpec as P
 
-from jaxrm import parallel
-from jaxrm import rm_step
-from jaxrm import train_state as ts
-from model_helpers import bt_loss
+from jaxrm.steps import parallel, rm_step
+from jaxrm.steps import train_state as ts
 
 VOCAB, WIDTH, SEQ = 16, 8, 6
 NUM_DEVICES = 8
@@ -21,8 +20,11 @@ GLOBAL_BATCH = 16
 
 def init_params(key):
   k1, k2 = jax.random.split(key)
-  return {"embed": jax.random.normal(k1, (VOCAB, WIDTH)),
-          "w": jax.random.normal(k2, (WIDTH,)), "scale": jnp.ones(())}
+  return {
+    "embed": jax.random.normal(k1, (VOCAB, WIDTH)),
+    "w": jax.random.normal(k2, (WIDTH,)),
+    "scale": jnp.ones(()),
+  }
 
 
 def apply_fn(params, tokens, mask):
@@ -35,8 +37,6 @@ def apply_fn(params, tokens, mask):
   m = mask.astype(emb.dtype)[..., None]
   pooled = jnp.sum(emb * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
   return params["scale"] * (pooled @ params["w"])
-
-
 
 
 def make_batch(seed, b=GLOBAL_BATCH):
@@ -54,18 +54,26 @@ def make_batch(seed, b=GLOBAL_BATCH):
 
 def host(tree):
   """Copies a pytree to NumPy (typed PRNG keys as their key data)."""
+
   def leaf(x):
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
       x = jax.random.key_data(x)
     return np.asarray(x)
+
   return jax.tree.map(leaf, tree)
 
 
 OPTIMIZER = optax.adamw(3e-2, weight_decay=1e-2)
-STEP_FN = functools.partial(rm_step.reward_model_step, apply_fn=apply_fn, loss_fn=bt_loss,
-                            optimizer=OPTIMIZER)
-MODES = [("jit", {}), ("shard_map", {}), ("shard_map", {"check_vma": True}), ("pmap", {}),
-         ("fsdp", {"fsdp_min_size": 8})]
+STEP_FN = functools.partial(
+  rm_step.reward_model_step, apply_fn=apply_fn, loss_fn=bt_loss, optimizer=OPTIMIZER
+)
+MODES = [
+  ("jit", {}),
+  ("shard_map", {}),
+  ("shard_map", {"check_vma": True}),
+  ("pmap", {}),
+  ("fsdp", {"fsdp_min_size": 8}),
+]
 MODE_IDS = ["jit", "shard_map", "shard_map_check_vma", "pmap", "fsdp"]
 
 
@@ -100,10 +108,16 @@ def test_parallel_step_matches_single_device_jit_step(mode, kwargs, reference):
   pstep, state, metrics = run(mode, kwargs, [make_batch(i) for i in range(3)])
   assert pstep.mode == mode and pstep.num_devices == NUM_DEVICES
   got = host(pstep.unreplicate(state))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-               got.params, ref_state.params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-               got.opt_state, ref_state.opt_state)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+    got.params,
+    ref_state.params,
+  )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+    got.opt_state,
+    ref_state.opt_state,
+  )
   assert int(got.step) == 3 and int(got.num_skipped) == 0
   np.testing.assert_array_equal(got.key, ref_state.key)
   for m, r in zip(metrics, ref_metrics):
@@ -117,21 +131,29 @@ def test_parallel_step_matches_single_device_jit_step(mode, kwargs, reference):
 def test_batch_mean_weighted_loss_matches_jit_with_weights_normalized_false():
   def mean_loss(rc, rr, *, weights=None, labels=None):
     return jnp.mean(
-        weights * -(labels * jax.nn.log_sigmoid(rc - rr)
-                    + (1 - labels) * jax.nn.log_sigmoid(rr - rc)))
+      weights * -(labels * jax.nn.log_sigmoid(rc - rr) + (1 - labels) * jax.nn.log_sigmoid(rr - rc))
+    )
 
-  step_fn = functools.partial(rm_step.reward_model_step, apply_fn=apply_fn,
-                              loss_fn=mean_loss, optimizer=OPTIMIZER,
-                              weights_normalized=False)
+  step_fn = functools.partial(
+    rm_step.reward_model_step,
+    apply_fn=apply_fn,
+    loss_fn=mean_loss,
+    optimizer=OPTIMIZER,
+    weights_normalized=False,
+  )
   batches = [make_batch(i) for i in range(2)]
   _, ref, _ = run("jit", {}, batches, step_fn=step_fn)
   pstep, got, _ = run("shard_map", {}, batches, step_fn=step_fn)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-               host(pstep.unreplicate(got)), host(ref))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+    host(pstep.unreplicate(got)),
+    host(ref),
+  )
 
 
-@pytest.mark.parametrize("mode, kwargs", [MODES[i] for i in (0, 1, 3, 4)],
-                         ids=[MODE_IDS[i] for i in (0, 1, 3, 4)])
+@pytest.mark.parametrize(
+  "mode, kwargs", [MODES[i] for i in (0, 1, 3, 4)], ids=[MODE_IDS[i] for i in (0, 1, 3, 4)]
+)
 @pytest.mark.parametrize("nonfinite", ["skip", "raise"])
 def test_nan_on_one_shard_leaves_params_unchanged_on_all_devices(mode, kwargs, nonfinite):
   step_fn = functools.partial(STEP_FN, nonfinite=nonfinite)
@@ -166,8 +188,11 @@ def test_nan_on_one_shard_leaves_params_unchanged_on_all_devices(mode, kwargs, n
 @pytest.mark.parametrize("mode", ["shard_map", "pmap", "fsdp"])
 def test_batch_size_not_divisible_by_device_count_raises(mode):
   pstep = parallel.make_parallel_step(STEP_FN, mode=mode)
-  with pytest.raises(ValueError, match=r"batch size 12 is not divisible by the number of "
-                                       r"devices 8"):
+  with pytest.raises(
+    ValueError,
+    match=r"batch size 12 is not divisible by the number of "
+    r"devices 8",
+  ):
     pstep.shard_batch(make_batch(0, b=12))
   state = pstep.put_state(initial_state())
   if mode != "pmap":  # an unsharded batch passed straight to the step is checked too
@@ -220,11 +245,23 @@ def test_auto_mode_uses_shard_map_on_several_devices_and_jit_on_one():
 
 def test_fsdp_shardings_split_largest_divisible_dim_of_large_leaves():
   mesh = parallel.make_data_mesh()
-  tree = {"big": jnp.zeros((12, 64)), "tall": jnp.zeros((64, 8)), "odd": jnp.zeros((9, 7, 5)),
-          "small": jnp.zeros((8,)), "scalar": jnp.zeros(()), "key": jax.random.key(0)}
+  tree = {
+    "big": jnp.zeros((12, 64)),
+    "tall": jnp.zeros((64, 8)),
+    "odd": jnp.zeros((9, 7, 5)),
+    "small": jnp.zeros((8,)),
+    "scalar": jnp.zeros(()),
+    "key": jax.random.key(0),
+  }
   specs = jax.tree.map(lambda s: s.spec, parallel.fsdp_shardings(tree, mesh, min_size=64))
-  assert specs == {"big": P(None, "data"), "tall": P("data"), "odd": P(), "small": P(),
-                   "scalar": P(), "key": P()}
+  assert specs == {
+    "big": P(None, "data"),
+    "tall": P("data"),
+    "odd": P(),
+    "small": P(),
+    "scalar": P(),
+    "key": P(),
+  }
   with pytest.raises(ValueError, match="not an axis of the mesh"):
     parallel.fsdp_shardings(tree, mesh, axis_name="model")
 
@@ -237,8 +274,7 @@ def test_fsdp_mode_keeps_params_and_adam_moments_sharded_across_steps():
   mu = state.opt_state[0].mu
   assert mu["embed"].sharding.spec == P("data")
   assert len({s.device for s in state.params["embed"].addressable_shards}) == NUM_DEVICES
-  assert state.params["embed"].addressable_shards[0].data.shape == (VOCAB // NUM_DEVICES,
-                                                                     WIDTH)
+  assert state.params["embed"].addressable_shards[0].data.shape == (VOCAB // NUM_DEVICES, WIDTH)
 
 
 def test_shard_params_places_large_leaves_sharded_with_equal_values():

@@ -1,22 +1,21 @@
-"""Tests for jaxrm.policy: PolicyModel outputs and the log-prob / entropy helpers."""
+"""Tests for jaxrm.models.policy: PolicyModel outputs and the log-prob / entropy helpers."""
 
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
+from jax.test_util import check_grads
+from model_helpers import random_params
 import numpy as np
 import pytest
-from flax import linen as nn
-from jax.test_util import check_grads
 
-from jaxrm.policy import PolicyModel, sequence_logprobs, token_entropy, token_logprobs
-from jaxrm.transformer import TransformerConfig
-from model_helpers import random_params
+from jaxrm.models.policy import PolicyModel, sequence_logprobs, token_entropy, token_logprobs
+from jaxrm.models.transformer import TransformerConfig
 
 VOCAB = 41
-CFG = TransformerConfig(vocab_size=VOCAB, num_layers=2, width=32, num_heads=2, max_len=16,
-                        position="learned")
+CFG = TransformerConfig(
+  vocab_size=VOCAB, num_layers=2, width=32, num_heads=2, max_len=16, position="learned"
+)
 B, S = 2, 10
-
-
 
 
 def _np_log_softmax(x):
@@ -42,8 +41,9 @@ def test_token_logprobs_gradient_matches_finite_differences():
   rng = np.random.default_rng(1)
   logits = jnp.asarray(rng.normal(size=(2, 4, 5)), jnp.float32)
   tokens = jnp.asarray(rng.integers(0, 5, size=(2, 4)))
-  check_grads(lambda x: token_logprobs(x, tokens), (logits,), order=1, modes=("rev",),
-              atol=1e-2, rtol=1e-2)
+  check_grads(
+    lambda x: token_logprobs(x, tokens), (logits,), order=1, modes=("rev",), atol=1e-2, rtol=1e-2
+  )
 
 
 def test_sequence_logprobs_sums_token_logprobs_over_the_mask():
@@ -107,8 +107,9 @@ def test_lm_bias_init_sets_the_initial_next_token_distribution():
   cfg = TransformerConfig(vocab_size=VOCAB, num_layers=1, width=8, num_heads=1, max_len=8)
   zipf = 1.0 / np.arange(1, VOCAB + 1)
   log_probs = np.log(zipf / zipf.sum()).astype(np.float32)
-  model = PolicyModel(cfg, lm_bias_init=nn.initializers.constant(log_probs),
-                      lm_kernel_init=nn.initializers.zeros)
+  model = PolicyModel(
+    cfg, lm_bias_init=nn.initializers.constant(log_probs), lm_kernel_init=nn.initializers.zeros
+  )
   tokens = np.full((1, 4), 5, np.int32)
   mask = np.ones((1, 4), bool)
 
@@ -119,5 +120,6 @@ def test_lm_bias_init_sets_the_initial_next_token_distribution():
 
   params, logits = init_and_apply(jax.random.key(0))
   np.testing.assert_allclose(params["params"]["lm_head"]["bias"], log_probs)
-  np.testing.assert_allclose(jax.nn.softmax(logits[0]), np.tile(zipf / zipf.sum(), (4, 1)),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    jax.nn.softmax(logits[0]), np.tile(zipf / zipf.sum(), (4, 1)), rtol=1e-5
+  )

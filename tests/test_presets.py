@@ -1,4 +1,4 @@
-"""Tests for jaxrm.presets: analytic parameter and FLOP counts against the real models."""
+"""Tests for jaxrm.models.presets: analytic parameter and FLOP counts against the real models."""
 
 import dataclasses
 
@@ -7,12 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrm import presets
-from jaxrm.policy import PolicyModel
-from jaxrm.presets import (PRESETS, flops_per_token, matmul_params, param_count, preset,
-                           preset_table)
-from jaxrm.reward_model import RewardModel
-from jaxrm.transformer import Transformer
+from jaxrm.models import presets
+from jaxrm.models.policy import PolicyModel
+from jaxrm.models.presets import (
+  PRESETS,
+  flops_per_token,
+  matmul_params,
+  param_count,
+  preset,
+  preset_table,
+)
+from jaxrm.models.reward_model import RewardModel
+from jaxrm.models.transformer import Transformer
 
 
 def _tree(model, cfg):
@@ -30,8 +36,9 @@ def test_param_count_matches_the_flax_parameter_tree(name, position):
   cfg = preset(name, position=position)
   assert param_count(cfg, head="reward") == _size(_tree(RewardModel(cfg), cfg))
   assert param_count(cfg, head="policy") == _size(_tree(PolicyModel(cfg), cfg))
-  assert (param_count(cfg, head="policy", value_head=True)
-          == _size(_tree(PolicyModel(cfg, value_head=True), cfg)))
+  assert param_count(cfg, head="policy", value_head=True) == _size(
+    _tree(PolicyModel(cfg, value_head=True), cfg)
+  )
   assert param_count(cfg, head="none") == _size(_tree(Transformer(cfg), cfg))
 
 
@@ -64,8 +71,10 @@ def test_flops_per_token_formula():
   n = L * 12 * w * w + w
   assert flops_per_token(cfg, T) == 2 * n + 4 * L * T * w
   assert flops_per_token(cfg, T, backward=True) == 3 * (2 * n + 4 * L * T * w)
-  assert (flops_per_token(cfg, T, head="policy") - flops_per_token(cfg, T, head="none")
-          == 2 * w * cfg.vocab_size)
+  assert (
+    flops_per_token(cfg, T, head="policy") - flops_per_token(cfg, T, head="none")
+    == 2 * w * cfg.vocab_size
+  )
 
 
 def test_module_docstring_table_is_current():
@@ -77,8 +86,9 @@ def test_preset_sizes_and_overrides():
   assert (cfg.num_layers, cfg.width, cfg.num_heads, cfg.max_len) == (12, 768, 12, 1024)
   assert cfg.vocab_size == 259
   tiny = preset("tiny", vocab_size=16, max_len=12, position="learned", dtype=jnp.bfloat16)
-  assert tiny == dataclasses.replace(preset("tiny"), vocab_size=16, max_len=12,
-                                     position="learned", dtype=jnp.bfloat16)
+  assert tiny == dataclasses.replace(
+    preset("tiny"), vocab_size=16, max_len=12, position="learned", dtype=jnp.bfloat16
+  )
   sizes = [param_count(preset(name)) for name in PRESETS]
   assert sizes == sorted(sizes)  # presets grow from tiny to gpt2-small
 

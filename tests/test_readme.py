@@ -21,7 +21,8 @@ def test_readme_opens_with_the_two_commands():
     text = f.read()
   commands = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1).strip().splitlines()
   assert commands == [
-      "pip install -e . && python experiments/overoptimization.py --workdir=runs/overopt",
-      "pip install -e '.[test]' && python -m pytest"]
+    "pip install -e . && python experiments/overoptimization.py --workdir=runs/overopt",
+    "pip install -e '.[test]' && python -m pytest",
+  ]
   with open(os.path.join(ROOT, ".ci", "run")) as f:
     assert commands[1] in f.read()

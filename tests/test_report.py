@@ -1,4 +1,4 @@
-"""Tests for jaxrm.report against float64 NumPy / scipy references, and its files."""
+"""Tests for jaxrm.io.report against float64 NumPy / scipy references, and its files."""
 
 import json
 import math
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jaxrm import metrics
-from jaxrm import report
+from jaxrm.io import report
+from jaxrm.math import metrics
 
 
 def _sigmoid(x):
@@ -87,11 +87,11 @@ def test_heldout_metrics_match_numpy():
   np.testing.assert_allclose(got["accuracy"], acc, rtol=1e-6)
   np.testing.assert_allclose(got["log_loss"], np.mean(np.log1p(np.exp(-d))), rtol=1e-5)
   np.testing.assert_allclose(got["brier"], np.mean((_sigmoid(d) - 1) ** 2), rtol=1e-5)
-  np.testing.assert_allclose(got["accuracy_stderr"], np.sqrt(acc * (1 - acc) / rc.size),
-                             rtol=1e-5)
+  np.testing.assert_allclose(got["accuracy_stderr"], np.sqrt(acc * (1 - acc) / rc.size), rtol=1e-5)
   q = _sigmoid(np.concatenate([d, -d]))
-  np.testing.assert_allclose(got["ece"], _np_ece(q, np.r_[np.ones_like(d), np.zeros_like(d)],
-                                                 10), rtol=1e-5)
+  np.testing.assert_allclose(
+    got["ece"], _np_ece(q, np.r_[np.ones_like(d), np.zeros_like(d)], 10), rtol=1e-5
+  )
   assert got["num_pairs"] == rc.size
 
 
@@ -101,8 +101,9 @@ def test_reward_statistics_match_numpy():
   both = np.concatenate([rc, rr])
   np.testing.assert_allclose(got["mean"], both.mean(), rtol=1e-12)
   np.testing.assert_allclose(got["std"], both.std(), rtol=1e-12)
-  np.testing.assert_allclose(list(got["quantiles"].values()),
-                             np.quantile(both, report.REWARD_QUANTILES), rtol=1e-12)
+  np.testing.assert_allclose(
+    list(got["quantiles"].values()), np.quantile(both, report.REWARD_QUANTILES), rtol=1e-12
+  )
   np.testing.assert_allclose(got["margin_quantiles"]["q50"], np.median(rc - rr), rtol=1e-12)
   assert list(got["quantiles"]) == ["q05", "q25", "q50", "q75", "q95"]
 
@@ -152,42 +153,65 @@ def test_gold_metrics_match_scipy():
   gc, gr = rng.normal(size=100), rng.normal(size=100)
   rc, rr = gc + 0.5 * rng.normal(size=100), gr + 0.5 * rng.normal(size=100)
   got = report.gold_metrics(rc, rr, gc, gr)
-  np.testing.assert_allclose(got["pairwise_accuracy"],
-                             np.mean(np.sign(rc - rr) == np.sign(gc - gr)), rtol=1e-6)
-  np.testing.assert_allclose(got["spearman"], stats.spearmanr(np.r_[rc, rr], np.r_[gc, gr])[0],
-                             rtol=1e-9)
-  np.testing.assert_allclose(got["kendall_tau"], stats.kendalltau(np.r_[rc, rr],
-                                                                  np.r_[gc, gr])[0], rtol=1e-9)
+  np.testing.assert_allclose(
+    got["pairwise_accuracy"], np.mean(np.sign(rc - rr) == np.sign(gc - gr)), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    got["spearman"], stats.spearmanr(np.r_[rc, rr], np.r_[gc, gr])[0], rtol=1e-9
+  )
+  np.testing.assert_allclose(
+    got["kendall_tau"], stats.kendalltau(np.r_[rc, rr], np.r_[gc, gr])[0], rtol=1e-9
+  )
   np.testing.assert_allclose(got["labels_agree_with_gold"], np.mean(gc > gr))
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     (dict(rewards_chosen=np.ones((2, 3)), rewards_rejected=np.ones(3)), "rewards_chosen"),
     (dict(rewards_chosen=np.ones(3), rewards_rejected=np.ones(4)), "rewards_rejected"),
     (dict(rewards_chosen=np.array([1.0, np.nan]), rewards_rejected=np.ones(2)), "finite"),
-    (dict(rewards_chosen=np.ones(3), rewards_rejected=np.ones(3),
-          gold=(np.ones(2), np.ones(3))), "gold_chosen"),
-    (dict(rewards_chosen=np.ones(3), rewards_rejected=np.ones(3),
-          response_lengths=(np.ones(3), np.ones(2))), "lengths_rejected"),
-])
+    (
+      dict(rewards_chosen=np.ones(3), rewards_rejected=np.ones(3), gold=(np.ones(2), np.ones(3))),
+      "gold_chosen",
+    ),
+    (
+      dict(
+        rewards_chosen=np.ones(3),
+        rewards_rejected=np.ones(3),
+        response_lengths=(np.ones(3), np.ones(2)),
+      ),
+      "lengths_rejected",
+    ),
+  ],
+)
 def test_bad_inputs_raise_naming_the_argument(kwargs, message):
   with pytest.raises(ValueError, match=message):
-    report.build_report(kwargs.pop("rewards_chosen"), kwargs.pop("rewards_rejected"),
-                        **kwargs)
+    report.build_report(kwargs.pop("rewards_chosen"), kwargs.pop("rewards_rejected"), **kwargs)
 
 
 def _full_report():
   rng = np.random.default_rng(12)
   rc, rr = rng.normal(size=64) + 0.3, rng.normal(size=64)
   rep = report.build_report(
-      rc, rr, response_lengths=(rng.integers(3, 40, 64), rng.integers(3, 40, 64)),
-      subset_ids=rng.integers(0, 2, 64), subset_names=("harmless", "helpful"),
-      gold=(rc + rng.normal(size=64), rr + rng.normal(size=64)),
-      sections={"run": {"workdir": "/tmp/run", "step": 40, "best_checkpoint_step": 35,
-                        "evaluated_on": "test"},
-                "model": {"preset": "tiny", "num_params": 1234},
-                "data": {"source": "jsonl", "splits": {"test": {"pairs": 64}}},
-                "training": {"loss": "bradley_terry", "steps": 40}})
+    rc,
+    rr,
+    response_lengths=(rng.integers(3, 40, 64), rng.integers(3, 40, 64)),
+    subset_ids=rng.integers(0, 2, 64),
+    subset_names=("harmless", "helpful"),
+    gold=(rc + rng.normal(size=64), rr + rng.normal(size=64)),
+    sections={
+      "run": {
+        "workdir": "/tmp/run",
+        "step": 40,
+        "best_checkpoint_step": 35,
+        "evaluated_on": "test",
+      },
+      "model": {"preset": "tiny", "num_params": 1234},
+      "data": {"source": "jsonl", "splits": {"test": {"pairs": 64}}},
+      "training": {"loss": "bradley_terry", "steps": 40},
+    },
+  )
   return rc, rr, rep
 
 
@@ -195,8 +219,18 @@ def test_build_report_is_strict_json_and_holds_every_section():
   rc, rr, rep = _full_report()
   text = json.dumps(rep, allow_nan=False)
   assert json.loads(text) == rep
-  for key in ("run", "model", "data", "training", "heldout", "calibration", "rewards",
-              "length", "subsets", "gold"):
+  for key in (
+    "run",
+    "model",
+    "data",
+    "training",
+    "heldout",
+    "calibration",
+    "rewards",
+    "length",
+    "subsets",
+    "gold",
+  ):
     assert rep[key] is not None, key
   assert rep["heldout"]["accuracy"] == pytest.approx(np.mean(rc > rr))
   assert [s["name"] for s in rep["subsets"]] == ["harmless", "helpful"]
@@ -222,16 +256,23 @@ def test_write_report_writes_json_markdown_and_pngs(tmp_path):
     assert json.load(f) == rep
   with open(paths["markdown"]) as f:
     md = f.read()
-  for heading in ("## Held-out preference accuracy", "## Calibration",
-                  "## Reward distribution", "## Reward and response length",
-                  "## Accuracy per subset", "## Agreement with the gold reward",
-                  f"]({report.RELIABILITY_PNG})", f"]({report.HISTOGRAM_PNG})"):
+  for heading in (
+    "## Held-out preference accuracy",
+    "## Calibration",
+    "## Reward distribution",
+    "## Reward and response length",
+    "## Accuracy per subset",
+    "## Agreement with the gold reward",
+    f"]({report.RELIABILITY_PNG})",
+    f"]({report.HISTOGRAM_PNG})",
+  ):
     assert heading in md, heading
   assert f"{rep['heldout']['accuracy']:.4f}".rstrip("0") in md
   assert not [p for p in os.listdir(tmp_path / "out") if ".tmp" in p]
 
 
 def test_to_json_replaces_non_finite_numbers_with_none():
-  out = report.to_json({"a": np.float32(np.nan), "b": [1.0, math.inf], "c": np.arange(2),
-                        "d": np.bool_(True)})
+  out = report.to_json(
+    {"a": np.float32(np.nan), "b": [1.0, math.inf], "c": np.arange(2), "d": np.bool_(True)}
+  )
   assert out == {"a": None, "b": [1.0, None], "c": [0, 1], "d": True}

@@ -1,4 +1,4 @@
-"""Tests for jaxrm.rollout and jaxrm.rl: rollouts, advantage targets, PPO/REINFORCE/RLOO/GRPO."""
+"""Tests for jaxrm.steps.rollout and jaxrm.steps.rl: rollouts, advantage targets, PPO/REINFORCE/RLOO/GRPO."""
 
 import functools
 import time
@@ -9,17 +9,17 @@ import numpy as np
 import optax
 import pytest
 
-from jaxrm import advantages as adv_lib
-from jaxrm import parallel
-from jaxrm import rl
-from jaxrm import rollout as rollout_lib
-from jaxrm.policy import PolicyModel
-from jaxrm.transformer import TransformerConfig
+from jaxrm.math import advantages as adv_lib
+from jaxrm.models.policy import PolicyModel
+from jaxrm.models.transformer import TransformerConfig
+from jaxrm.steps import parallel, rl
+from jaxrm.steps import rollout as rollout_lib
 
 VOCAB, PROMPT_LEN, NEW = 8, 3, 6
 TARGET_TOKEN = 5
-CFG = TransformerConfig(vocab_size=VOCAB, num_layers=1, width=16, num_heads=2,
-                        max_len=PROMPT_LEN + NEW)
+CFG = TransformerConfig(
+  vocab_size=VOCAB, num_layers=1, width=16, num_heads=2, max_len=PROMPT_LEN + NEW
+)
 # eps=1e-5: Adam turns rounding noise in mathematically-zero gradients (e.g. the attention key
 # bias, to which the softmax is invariant) into +-lr updates whose sign depends on the
 # summation order; a larger eps keeps those updates negligible in the parallel comparison.
@@ -59,7 +59,7 @@ def make_prompts(seed, b=BATCH, left_pad=True):
 INIT = jax.jit(PolicyModel(CFG).init)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def policy_params(seed=0):
   dummy = jnp.zeros((1, PROMPT_LEN + NEW), jnp.int32)
   return INIT(jax.random.key(seed), dummy, jnp.ones(dummy.shape, bool))
@@ -72,8 +72,9 @@ def ppo_config(**kw):
 
 
 PPO_CONFIG = ppo_config()
-PPO_STEP = functools.partial(rl.ppo_step, config=PPO_CONFIG, reward_fn=toy_reward,
-                             optimizer=OPT, return_rollout=True)
+PPO_STEP = functools.partial(
+  rl.ppo_step, config=PPO_CONFIG, reward_fn=toy_reward, optimizer=OPT, return_rollout=True
+)
 PPO_JIT = jax.jit(PPO_STEP)  # one compilation shared by the PPO tests
 
 
@@ -97,21 +98,38 @@ def test_token_frequency_matches_numpy_and_ignores_prompt_and_padding():
   tokens = rng.integers(0, VOCAB, size=(5, 9)).astype(np.int32)
   mask = rng.random((5, 9)) < 0.8
   got = jax.jit(functools.partial(rollout_lib.token_frequency, token_id=4, prompt_len=3))(
-      tokens, mask)
+    tokens, mask
+  )
   resp = mask & (np.arange(9) >= 3)
   want = ((tokens == 4) & resp).sum(1) / np.maximum(resp.sum(1), 1)
   np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 # One compilation for the rollout tests: temperature and example_offset are traced arguments.
-ROLLOUT_JIT = jax.jit(functools.partial(rollout_lib.rollout, config=CFG, reward_fn=toy_reward,
-                                        max_new_tokens=NEW, eos_id=2, kl_estimator="k3",
-                                        value_head=True))
+ROLLOUT_JIT = jax.jit(
+  functools.partial(
+    rollout_lib.rollout,
+    config=CFG,
+    reward_fn=toy_reward,
+    max_new_tokens=NEW,
+    eos_id=2,
+    kl_estimator="k3",
+    value_head=True,
+  )
+)
 
 
 def rollout(params, ref, rp, batch, key, *, temperature=1.0, offset=0):
-  return ROLLOUT_JIT(params, ref, rp, batch["prompts"], batch["prompt_mask"], key,
-                     temperature=jnp.float32(temperature), example_offset=jnp.int32(offset))
+  return ROLLOUT_JIT(
+    params,
+    ref,
+    rp,
+    batch["prompts"],
+    batch["prompt_mask"],
+    key,
+    temperature=jnp.float32(temperature),
+    example_offset=jnp.int32(offset),
+  )
 
 
 def ppo_params():
@@ -121,8 +139,9 @@ def ppo_params():
 def test_rollout_logprobs_and_tokens_equal_the_samplers_at_temperature_one():
   batch = make_prompts(0, b=8)
   keys = rollout_lib.example_keys(jax.random.key(3), 8)
-  sample = jax.jit(functools.partial(rollout_lib.sample_per_example, config=CFG,
-                                     max_new_tokens=NEW, eos_id=2))
+  sample = jax.jit(
+    functools.partial(rollout_lib.sample_per_example, config=CFG, max_new_tokens=NEW, eos_id=2)
+  )
   out = sample(policy_params(), batch["prompts"], batch["prompt_mask"], keys)
   ro = rollout(ppo_params(), policy_params(), reward_params(), batch, jax.random.key(3))
   np.testing.assert_array_equal(ro.tokens, out.tokens)
@@ -159,25 +178,27 @@ def test_rollout_kl_values_and_scores_match_numpy():
   params = ppo_params()
   # A value head with non-zero weights, to check the alignment of the values.
   params["params"]["value_head"] = jax.tree.map(
-      lambda x: jax.random.normal(jax.random.key(2), x.shape), params["params"]["value_head"])
+    lambda x: jax.random.normal(jax.random.key(2), x.shape), params["params"]["value_head"]
+  )
   ref = policy_params(9)
   batch = make_prompts(2, b=6)
-  ro = rollout(params, ref, reward_params(0.5), batch, jax.random.key(4),
-               temperature=temperature)
+  ro = rollout(params, ref, reward_params(0.5), batch, jax.random.key(4), temperature=temperature)
   tokens, mask, resp = map(np.asarray, (ro.tokens, ro.mask, ro.response_mask))
   logits, values = jax.jit(PolicyModel(CFG, value_head=True).apply)(params, tokens, mask)
   ref_logits, _ = jax.jit(PolicyModel(CFG).apply)(ref, tokens, mask)
-  pick = lambda lg: np.take_along_axis(np_log_softmax(np.asarray(lg)[:, :-1] / temperature),
-                                       tokens[:, 1:, None], -1)[..., 0]
+  pick = lambda lg: np.take_along_axis(
+    np_log_softmax(np.asarray(lg)[:, :-1] / temperature), tokens[:, 1:, None], -1
+  )[..., 0]
   logp = np.where(resp[:, 1:], pick(logits), 0.0)
   ref_logp = np.where(resp[:, 1:], pick(ref_logits), 0.0)
   log_rho = ref_logp - logp
-  kl = {"k1": -log_rho, "k2": 0.5 * log_rho ** 2, "k3": np.expm1(log_rho) - log_rho}[estimator]
+  kl = {"k1": -log_rho, "k2": 0.5 * log_rho**2, "k3": np.expm1(log_rho) - log_rho}[estimator]
   np.testing.assert_allclose(ro.logprobs[:, 1:], logp, atol=1e-5)
   np.testing.assert_allclose(ro.ref_logprobs[:, 1:], ref_logp, atol=1e-5)
   np.testing.assert_allclose(ro.kl[:, 1:], np.where(resp[:, 1:], kl, 0.0), atol=1e-5)
-  np.testing.assert_allclose(ro.values[:, 1:], np.where(resp[:, 1:], values[:, :-1], 0.0),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    ro.values[:, 1:], np.where(resp[:, 1:], values[:, :-1], 0.0), atol=1e-5
+  )
   want_scores = ((tokens == TARGET_TOKEN) & resp).sum(1) / resp.sum(1) + 0.5
   np.testing.assert_allclose(ro.scores, want_scores, rtol=1e-6)
 
@@ -190,9 +211,16 @@ def fake_rollout(seed, b=6, s=8, prompt=2, values=True):
   resp = (pos >= prompt) & (pos < prompt + lengths[:, None])
   f = lambda: np.where(resp, rng.normal(size=(b, s)), 0.0).astype(np.float32)
   return rollout_lib.Rollout(
-      tokens=np.zeros((b, s), np.int32), mask=resp | (pos < prompt), response_mask=resp,
-      logprobs=f(), ref_logprobs=f(), entropy=f(), values=f() if values else None,
-      kl=np.abs(f()), scores=rng.normal(size=b).astype(np.float32))
+    tokens=np.zeros((b, s), np.int32),
+    mask=resp | (pos < prompt),
+    response_mask=resp,
+    logprobs=f(),
+    ref_logprobs=f(),
+    entropy=f(),
+    values=f() if values else None,
+    kl=np.abs(f()),
+    scores=rng.normal(size=b).astype(np.float32),
+  )
 
 
 def np_token_rewards(ro, beta):
@@ -237,7 +265,8 @@ def test_reinforce_targets_match_numpy_returns_minus_baseline(baseline):
   config = ppo_config(gamma=0.95, baseline=baseline, baseline_decay=0.8)
   state = adv_lib.ReinforceBaselineState(value=jnp.float32(0.3), count=jnp.int32(2))
   adv, episode, used, new = jax.jit(functools.partial(rl.reinforce_targets, config=config))(
-      ro, state, kl_coef=0.2)
+    ro, state, kl_coef=0.2
+  )
   resp = np.asarray(ro.response_mask)
   r = np_token_rewards(ro, 0.2)
   returns = np_discounted(r, np.zeros_like(r), resp, 0.95, 1.0)
@@ -266,8 +295,7 @@ def test_rloo_targets_are_leave_one_out_sequence_rewards_broadcast_over_the_resp
 
 
 @pytest.mark.parametrize("grpo_kl", ["loss", "reward"])
-def test_grpo_targets_are_group_normalised_and_kl_enters_the_reward_only_in_reward_mode(
-    grpo_kl):
+def test_grpo_targets_are_group_normalised_and_kl_enters_the_reward_only_in_reward_mode(grpo_kl):
   ro = fake_rollout(3, b=8, values=False)
   config = ppo_config(num_samples=4, grpo_kl=grpo_kl)
   adv, reward = jax.jit(functools.partial(rl.grpo_targets, config=config))(ro, kl_coef=0.5)
@@ -291,8 +319,7 @@ def test_minibatch_split_uses_every_example_once_and_does_not_depend_on_sharding
   # Two "devices" with 8 examples each hold exactly their half of every global minibatch.
   shards = [np.asarray(rl.minibatch_indices(key, 8, 4, offset=o)) + o for o in (0, 8)]
   for j in range(4):
-    np.testing.assert_array_equal(np.sort(np.concatenate([s[j] for s in shards])),
-                                  np.sort(full[j]))
+    np.testing.assert_array_equal(np.sort(np.concatenate([s[j] for s in shards])), np.sort(full[j]))
   # Different epochs (keys) give different splits.
   assert not np.array_equal(full, np.asarray(rl.minibatch_indices(jax.random.key(1), 16, 4)))
 
@@ -329,8 +356,10 @@ def test_ppo_raises_token_frequency_reward_and_a_larger_kl_coef_ends_at_a_smalle
   assert start == hist["score"][0, 1]
   end = hist["score"][-20:].mean(0)
   kl = hist["kl"][-20:].mean(0)
-  print(f"\nPPO toy reward: start {start:.3f}, end {end} and final KL {kl} for kl_coef "
-        f"{betas}, {steps} steps, {seconds:.1f}s (incl. compile)")
+  print(
+    f"\nPPO toy reward: start {start:.3f}, end {end} and final KL {kl} for kl_coef "
+    f"{betas}, {steps} steps, {seconds:.1f}s (incl. compile)"
+  )
   assert start < 0.1
   assert end[0] > start + 0.5
   assert kl[1] < 0.2 * kl[0]
@@ -346,8 +375,11 @@ def test_vmapped_step_over_seeds_matches_the_step_of_each_seed():
     state, metrics, rollout = PPO_JIT(states[i], batch, rps[i], policy_params())
     np.testing.assert_array_equal(vrollout["tokens"][i], rollout["tokens"])
     np.testing.assert_allclose(vmetrics["score"][i], metrics["score"], rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
-                 unstack(vstate.params, i), state.params)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+      unstack(vstate.params, i),
+      state.params,
+    )
   assert not np.array_equal(vrollout["tokens"][0], vrollout["tokens"][1])  # seeds differ
 
 
@@ -361,13 +393,17 @@ def test_nan_reward_is_skipped_counted_and_never_reaches_the_params():
   updates = PPO_CONFIG.num_epochs * PPO_CONFIG.num_minibatches
   np.testing.assert_array_equal(state.num_skipped, [updates, 0])
   np.testing.assert_array_equal(state.step, [1, 1])
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[0], b[0]),
-               jax.device_get((state.params, state.opt_state)), before)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_array_equal(a[0], b[0]),
+    jax.device_get((state.params, state.opt_state)),
+    before,
+  )
   lm_bias = lambda p: np.asarray(p["params"]["lm_head"]["bias"])
   assert not np.array_equal(lm_bias(state.params)[1], lm_bias(before[0])[1])
   # A finite batch afterwards trains the skipped seed normally.
-  state, metrics, _ = PPO_VMAP(state, make_prompts(1), stack(reward_params(), reward_params()),
-                               policy_params())
+  state, metrics, _ = PPO_VMAP(
+    state, make_prompts(1), stack(reward_params(), reward_params()), policy_params()
+  )
   assert not metrics["nonfinite"].any()
   np.testing.assert_array_equal(state.num_skipped, [updates, 0])
   assert not np.array_equal(lm_bias(state.params)[0], lm_bias(before[0])[0])
@@ -382,8 +418,9 @@ def test_parallel_ppo_step_matches_single_device_step_on_the_global_batch(mode):
   carry = pstep.put_state((state, reward_params(), policy_params()))
   for i in range(2):
     batch = make_prompts(10 + i)
-    ref_state, ref_metrics, ref_rollout = PPO_JIT(ref_state, batch, reward_params(),
-                                                  policy_params())
+    ref_state, ref_metrics, ref_rollout = PPO_JIT(
+      ref_state, batch, reward_params(), policy_params()
+    )
     carry, metrics, rollout = pstep(carry, pstep.shard_batch(batch))
     metrics, rollout = pstep.unreplicate((metrics, rollout))
     if i == 0:
@@ -392,24 +429,24 @@ def test_parallel_ppo_step_matches_single_device_step_on_the_global_batch(mode):
       np.testing.assert_allclose(metrics[k], ref_metrics[k], atol=1e-5, err_msg=k)
   got = jax.device_get(pstep.unreplicate(carry)[0])
   want = jax.device_get(ref_state)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got.params,
-               want.params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got.params, want.params)
   assert int(got.step) == 2
 
 
 def test_reinforce_improves_toy_reward_adapts_kl_coef_and_raise_mode_keeps_the_state():
-  config = ppo_config(baseline="moving_average", target_kl=0.2, kl_horizon=200.0,
-                      nonfinite="raise")
+  config = ppo_config(baseline="moving_average", target_kl=0.2, kl_horizon=200.0, nonfinite="raise")
   opt = optax.adam(1e-2)
-  step = jax.jit(functools.partial(rl.reinforce_step, config=config, reward_fn=toy_reward,
-                                   optimizer=opt))
+  step = jax.jit(
+    functools.partial(rl.reinforce_step, config=config, reward_fn=toy_reward, optimizer=opt)
+  )
   state = rl.create_rl_state(policy_params(), opt, jax.random.key(3), kl_coef=0.01)
   state, hist = run(step, state, 60)
   assert hist["score"][-10:].mean() > hist["score"][:5].mean() + 0.1
   # kl_coef[i + 1] = kl_coef[i] * (1 + clip(KL_i / target - 1, -0.2, 0.2) * n / horizon).
   error = np.clip(hist["kl_estimate"][:-1] / 0.2 - 1.0, -0.2, 0.2)
-  np.testing.assert_allclose(hist["kl_coef"][1:],
-                             hist["kl_coef"][:-1] * (1 + error * BATCH / 200.0), rtol=1e-5)
+  np.testing.assert_allclose(
+    hist["kl_coef"][1:], hist["kl_coef"][:-1] * (1 + error * BATCH / 200.0), rtol=1e-5
+  )
   assert hist["kl"][-10:].mean() > 0.2 and float(state.kl.kl_coef) > 0.01
   assert int(state.baseline.count) == 60 and not hist["nonfinite"].any()
   # nonfinite='raise': a NaN reward returns the input state unchanged (step included).
@@ -448,8 +485,7 @@ def test_bad_config_values_raise_naming_the_field():
 
 
 def eval_step(step, state, batch, rp=None):
-  return jax.eval_shape(step, state, batch, reward_params() if rp is None else rp,
-                        policy_params())
+  return jax.eval_shape(step, state, batch, reward_params() if rp is None else rp, policy_params())
 
 
 def test_bad_step_inputs_raise_clear_errors():
@@ -458,18 +494,24 @@ def test_bad_step_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match="'prompts' and 'prompt_mask'"):
     eval_step(PPO_STEP, state, {"prompts": batch["prompts"]})
   with pytest.raises(ValueError, match="prompts must have shape"):
-    eval_step(PPO_STEP, state, {"prompts": batch["prompts"][0],
-                                "prompt_mask": batch["prompt_mask"][0]})
+    eval_step(
+      PPO_STEP, state, {"prompts": batch["prompts"][0], "prompt_mask": batch["prompt_mask"][0]}
+    )
   with pytest.raises(ValueError, match="prompt_mask must have the shape"):
-    eval_step(PPO_STEP, state, {"prompts": batch["prompts"],
-                                "prompt_mask": batch["prompt_mask"][:, 1:]})
+    eval_step(
+      PPO_STEP, state, {"prompts": batch["prompts"], "prompt_mask": batch["prompt_mask"][:, 1:]}
+    )
   long = {"prompts": np.ones((4, 5), np.int32), "prompt_mask": np.ones((4, 5), bool)}
   with pytest.raises(ValueError, match="exceeds the policy's max_len"):
     eval_step(PPO_STEP, state, long)
   with pytest.raises(ValueError, match="divisible by num_minibatches"):
     eval_step(PPO_STEP, state, make_prompts(0, b=5))
-  bad_reward = functools.partial(rl.ppo_step, config=PPO_CONFIG, optimizer=OPT,
-                                 reward_fn=lambda p, t, m: toy_reward(p, t, m)[:, None])
+  bad_reward = functools.partial(
+    rl.ppo_step,
+    config=PPO_CONFIG,
+    optimizer=OPT,
+    reward_fn=lambda p, t, m: toy_reward(p, t, m)[:, None],
+  )
   with pytest.raises(ValueError, match="reward_fn must return rewards of shape"):
     eval_step(bad_reward, state, batch)
   no_head = rl.create_rl_state(policy_params(), OPT, jax.random.key(0), kl_coef=0.1)

@@ -1,4 +1,4 @@
-"""Tests for jaxrm.rm_io: config JSON, loading reward-model runs and ensembles."""
+"""Tests for jaxrm.io.rm_io: config JSON, loading reward-model runs and ensembles."""
 
 import functools
 import json
@@ -10,12 +10,12 @@ import numpy as np
 import optax
 import pytest
 
-from jaxrm import ensemble
-from jaxrm import rm_io
-from jaxrm import train_state
-from jaxrm.checkpoint import CheckpointManager
-from jaxrm.reward_model import RewardModel
-from jaxrm.transformer import TransformerConfig
+from jaxrm.io import rm_io
+from jaxrm.io.checkpoint import CheckpointManager
+from jaxrm.models import ensemble
+from jaxrm.models.reward_model import RewardModel
+from jaxrm.models.transformer import TransformerConfig
+from jaxrm.steps import train_state
 
 CFG = TransformerConfig(vocab_size=11, num_layers=1, width=8, num_heads=2, max_len=12)
 
@@ -27,7 +27,7 @@ def tokens_and_mask(seed=0, b=4, s=7):
   return tokens, mask
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jitted(cfg, pooling):
   """(init, apply, make_state) of RewardModel(cfg, pooling), compiled once per architecture.
 
@@ -42,8 +42,9 @@ def jitted(cfg, pooling):
   return jax.jit(model.init), jax.jit(model.apply), jax.jit(make_state)
 
 
-def write_run(workdir, seed, *, cfg=CFG, pooling="last", steps=(3,), accuracies=None,
-              tokenizer="synthetic"):
+def write_run(
+  workdir, seed, *, cfg=CFG, pooling="last", steps=(3,), accuracies=None, tokenizer="synthetic"
+):
   """Saves a tiny RM TrainState per step (params perturbed per step) like the RM script."""
   model = RewardModel(cfg, pooling=pooling)
   tokens, mask = tokens_and_mask()
@@ -54,17 +55,26 @@ def write_run(workdir, seed, *, cfg=CFG, pooling="last", steps=(3,), accuracies=
       state = jitted(cfg, pooling)[2](params, jnp.float32(0.01 * step), jax.random.key(seed))
       p = state.params
       metrics = {"eval_accuracy": accuracies[i]} if accuracies else {}
-      ckpt.save(step, state, {"model_config": rm_io.config_to_json(cfg), "pooling": pooling,
-                              "tokenizer": tokenizer, "data": {"epoch": 0},
-                              "metrics": metrics})
+      ckpt.save(
+        step,
+        state,
+        {
+          "model_config": rm_io.config_to_json(cfg),
+          "pooling": pooling,
+          "tokenizer": tokenizer,
+          "data": {"epoch": 0},
+          "metrics": metrics,
+        },
+      )
       saved[step] = p
   return model, saved
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_config_round_trips_through_json(dtype):
-  cfg = TransformerConfig(vocab_size=259, num_layers=2, width=16, num_heads=4, max_len=64,
-                          position="learned", dtype=dtype)
+  cfg = TransformerConfig(
+    vocab_size=259, num_layers=2, width=16, num_heads=4, max_len=64, position="learned", dtype=dtype
+  )
   d = rm_io.config_to_json(cfg)
   assert d["dtype"] == jnp.dtype(dtype).name
   assert rm_io.config_from_json(json.loads(json.dumps(d))) == cfg
@@ -85,8 +95,9 @@ def test_loaded_reward_model_applies_like_the_saved_one(tmp_path):
   apply_fn, params, extra = rm_io.load_reward_model(str(tmp_path))
   assert extra["step"] == 5 and extra["pooling"] == "mean" and extra["tokenizer"] == "synthetic"
   tokens, mask = tokens_and_mask(1)
-  np.testing.assert_array_equal(jax.jit(apply_fn)(params, tokens, mask),
-                                jitted(CFG, "mean")[1](saved[5], tokens, mask))
+  np.testing.assert_array_equal(
+    jax.jit(apply_fn)(params, tokens, mask), jitted(CFG, "mean")[1](saved[5], tokens, mask)
+  )
 
 
 def test_which_best_picks_the_checkpoint_with_the_best_eval_accuracy(tmp_path):
@@ -126,8 +137,9 @@ def test_ensemble_stacks_members_and_applies_each(tmp_path):
 def test_ensemble_members_with_different_architectures_raise(tmp_path):
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
   write_run(a, 0)
-  write_run(b, 1, cfg=TransformerConfig(vocab_size=11, num_layers=1, width=16, num_heads=2,
-                                        max_len=12))
+  write_run(
+    b, 1, cfg=TransformerConfig(vocab_size=11, num_layers=1, width=16, num_heads=2, max_len=12)
+  )
   with pytest.raises(ValueError, match="model_config of .*b is"):
     rm_io.load_reward_ensemble([a, b])
   with pytest.raises(ValueError, match="non-empty list"):

@@ -1,25 +1,28 @@
-"""Tests for jaxrm.rm_step and jaxrm.train_state (single device, under jax.jit)."""
+"""Tests for jaxrm.steps.rm_step and jaxrm.steps.train_state (single device, under jax.jit)."""
 
 import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from model_helpers import bt_loss
 import numpy as np
 import optax
 import pytest
 
-from jaxrm import rm_step
-from jaxrm import train_state as ts
-from model_helpers import bt_loss
+from jaxrm.steps import rm_step
+from jaxrm.steps import train_state as ts
 
 VOCAB, WIDTH, BATCH, SEQ = 11, 4, 6, 5
 
 
 def init_params(key):
   k1, k2 = jax.random.split(key)
-  return {"embed": jax.random.normal(k1, (VOCAB, WIDTH)),
-          "w": jax.random.normal(k2, (WIDTH,)), "b": jnp.zeros(())}
+  return {
+    "embed": jax.random.normal(k1, (VOCAB, WIDTH)),
+    "w": jax.random.normal(k2, (WIDTH,)),
+    "b": jnp.zeros(()),
+  }
 
 
 def apply_fn(params, tokens, mask):
@@ -28,8 +31,6 @@ def apply_fn(params, tokens, mask):
   m = mask.astype(emb.dtype)[..., None]
   pooled = jnp.sum(emb * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
   return pooled @ params["w"] + params["b"]
-
-
 
 
 def make_batch(seed, b=BATCH, s=SEQ, with_weight=True, with_label=True):
@@ -67,8 +68,10 @@ def np_loss_and_grads(params, batch):
   g_w = ((pc - pr) * dl_dd[:, None]).sum(0)
   g_embed = np.zeros((VOCAB, WIDTH))
   wv = np.asarray(params["w"], np.float64)
-  for tokens, mask, sign in ((batch["chosen"], batch["chosen_mask"], 1.0),
-                             (batch["rejected"], batch["rejected_mask"], -1.0)):
+  for tokens, mask, sign in (
+    (batch["chosen"], batch["chosen_mask"], 1.0),
+    (batch["rejected"], batch["rejected_mask"], -1.0),
+  ):
     m = mask.astype(np.float64)
     coef = sign * dl_dd[:, None] * m / np.maximum(m.sum(1), 1.0)[:, None]  # [b, s]
     np.add.at(g_embed, tokens, coef[..., None] * wv)
@@ -77,16 +80,21 @@ def np_loss_and_grads(params, batch):
 
 def host(tree):
   """Copies a pytree to NumPy (typed PRNG keys as their key data)."""
+
   def leaf(x):
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
       x = jax.random.key_data(x)
     return np.asarray(x)
+
   return jax.tree.map(leaf, tree)
 
 
 def make_step(optimizer, **kw):
-  return jax.jit(functools.partial(rm_step.reward_model_step, apply_fn=apply_fn,
-                                   loss_fn=bt_loss, optimizer=optimizer, **kw))
+  return jax.jit(
+    functools.partial(
+      rm_step.reward_model_step, apply_fn=apply_fn, loss_fn=bt_loss, optimizer=optimizer, **kw
+    )
+  )
 
 
 def test_sgd_step_matches_numpy_float64_reference():
@@ -102,9 +110,12 @@ def test_sgd_step_matches_numpy_float64_reference():
   gnorm = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))
   np.testing.assert_allclose(metrics["grad_norm"], gnorm, rtol=1e-5)
   for name in params:
-    np.testing.assert_allclose(new_state.params[name],
-                               np.asarray(params[name], np.float64) - lr * grads[name],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      new_state.params[name],
+      np.asarray(params[name], np.float64) - lr * grads[name],
+      rtol=1e-5,
+      atol=1e-6,
+    )
   assert int(new_state.step) == 1 and int(new_state.num_skipped) == 0
   assert not bool(metrics["nonfinite"])
 
@@ -120,8 +131,9 @@ def test_chosen_and_rejected_of_different_lengths_give_same_result_as_padded():
   s1, m1 = step(ts.create_train_state(params, optimizer, jax.random.key(1)), batch)
   s2, m2 = step(ts.create_train_state(params, optimizer, jax.random.key(1)), padded)
   np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-               s1.params, s2.params)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), s1.params, s2.params
+  )
 
 
 def test_preference_accuracy_counts_ties_as_half():
@@ -192,8 +204,7 @@ def test_apply_if_finite_is_generic_over_state_types():
 
   optimizer = optax.sgd(1.0)
   params = {"x": jnp.array([1.0, 2.0])}
-  state = PolicyState(jnp.int32(0), params, optimizer.init(params), jnp.int32(0),
-                      jnp.float32(0.5))
+  state = PolicyState(jnp.int32(0), params, optimizer.init(params), jnp.int32(0), jnp.float32(0.5))
   fn = jax.jit(functools.partial(ts.apply_if_finite, optimizer=optimizer))
   new, flag = fn(state, {"x": jnp.array([0.5, 0.5])}, jnp.float32(1.0))
   np.testing.assert_allclose(new.params["x"], [0.5, 1.5])
@@ -214,9 +225,15 @@ def test_step_key_is_fold_in_of_state_key_and_step_when_apply_takes_key():
   def noisy_apply(params, tokens, mask, *, key):
     return apply_fn(params, tokens, mask) + jax.random.normal(key, (tokens.shape[0],))
 
-  step = jax.jit(functools.partial(rm_step.reward_model_step, apply_fn=noisy_apply,
-                                   loss_fn=bt_loss, optimizer=optimizer,
-                                   apply_takes_key=True))
+  step = jax.jit(
+    functools.partial(
+      rm_step.reward_model_step,
+      apply_fn=noisy_apply,
+      loss_fn=bt_loss,
+      optimizer=optimizer,
+      apply_takes_key=True,
+    )
+  )
   state = ts.create_train_state(params, optimizer, jax.random.key(7))
   batch = make_batch(0)
   for t in range(2):
@@ -227,16 +244,15 @@ def test_step_key_is_fold_in_of_state_key_and_step_when_apply_takes_key():
     noise = np.asarray(jax.random.normal(key, (2 * BATCH,)), np.float64)
     _, rc = np_rewards(params, batch["chosen"], batch["chosen_mask"])
     _, rr = np_rewards(params, batch["rejected"], batch["rejected_mask"])
-    np.testing.assert_allclose(metrics["margin"],
-                               np.mean(rc + noise[:BATCH] - rr - noise[BATCH:]),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      metrics["margin"], np.mean(rc + noise[:BATCH] - rr - noise[BATCH:]), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_eval_step_returns_per_example_rewards():
   params = init_params(jax.random.key(0))
   batch = make_batch(3, with_weight=False, with_label=False)
-  out = jax.jit(functools.partial(rm_step.reward_model_eval_step, apply_fn=apply_fn))(
-      params, batch)
+  out = jax.jit(functools.partial(rm_step.reward_model_eval_step, apply_fn=apply_fn))(params, batch)
   _, rc = np_rewards(params, batch["chosen"], batch["chosen_mask"])
   _, rr = np_rewards(params, batch["rejected"], batch["rejected_mask"])
   np.testing.assert_allclose(out["rewards_chosen"], rc, rtol=1e-5, atol=1e-6)
@@ -247,21 +263,26 @@ def test_optional_weight_and_label_default_to_plain_bradley_terry():
   optimizer = optax.sgd(0.1)
   params = init_params(jax.random.key(0))
   batch = make_batch(4, with_weight=False, with_label=False)
-  _, metrics = make_step(optimizer)(ts.create_train_state(params, optimizer,
-                                                          jax.random.key(0)), batch)
+  _, metrics = make_step(optimizer)(
+    ts.create_train_state(params, optimizer, jax.random.key(0)), batch
+  )
   _, rc = np_rewards(params, batch["chosen"], batch["chosen_mask"])
   _, rr = np_rewards(params, batch["rejected"], batch["rejected_mask"])
-  np.testing.assert_allclose(metrics["loss"], np.mean(np.logaddexp(0.0, -(rc - rr))),
-                             rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss"], np.mean(np.logaddexp(0.0, -(rc - rr))), rtol=1e-5)
 
 
-@pytest.mark.parametrize("mutate, message", [
+@pytest.mark.parametrize(
+  "mutate, message",
+  [
     (lambda b: b.pop("rejected_mask"), "missing keys"),
     (lambda b: b.update(chosen=b["chosen"][0]), r"batch\['chosen'\] must have shape"),
     (lambda b: b.update(weight=np.ones((BATCH, 2), np.float32)), r"batch\['weight'\]"),
-    (lambda b: b.update(rejected=b["rejected"][:2], rejected_mask=b["rejected_mask"][:2]),
-     "same batch size"),
-])
+    (
+      lambda b: b.update(rejected=b["rejected"][:2], rejected_mask=b["rejected_mask"][:2]),
+      "same batch size",
+    ),
+  ],
+)
 def test_malformed_batch_raises_value_error_naming_the_field(mutate, message):
   optimizer = optax.sgd(0.1)
   state = ts.create_train_state(init_params(jax.random.key(0)), optimizer, jax.random.key(0))
@@ -275,8 +296,11 @@ def test_apply_fn_with_wrong_output_shape_raises():
   optimizer = optax.sgd(0.1)
   state = ts.create_train_state(init_params(jax.random.key(0)), optimizer, jax.random.key(0))
   bad_apply = lambda p, t, m: apply_fn(p, t, m)[:, None]
-  step = jax.jit(functools.partial(rm_step.reward_model_step, apply_fn=bad_apply,
-                                   loss_fn=bt_loss, optimizer=optimizer))
+  step = jax.jit(
+    functools.partial(
+      rm_step.reward_model_step, apply_fn=bad_apply, loss_fn=bt_loss, optimizer=optimizer
+    )
+  )
   with pytest.raises(ValueError, match="apply_fn must return rewards of shape"):
     step(state, make_batch(0))
 

@@ -1,4 +1,4 @@
-"""Tests of the vmapped, scanned reward-model sweep (jaxrm.rm_sweep)."""
+"""Tests of the vmapped, scanned reward-model sweep (jaxrm.steps.rm_sweep)."""
 
 import functools
 
@@ -9,10 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxrm import preference
-from jaxrm import rm_step
-from jaxrm import rm_sweep
-from jaxrm import train_state
+from jaxrm.math import preference
+from jaxrm.steps import rm_step, rm_sweep, train_state
 
 
 class _BagOfTokens(nn.Module):
@@ -35,9 +33,12 @@ def _sweep():
   model = _BagOfTokens()
   pairs = _pairs()
   return rm_sweep.RewardModelSweep(
-      init_fn=lambda k: model.init(k, pairs["chosen"][:1], pairs["chosen_mask"][:1]),
-      apply_fn=model.apply, loss_fn=preference.bradley_terry_loss,
-      optimizer=optax.adam(1e-2), batch_size=16), pairs
+    init_fn=lambda k: model.init(k, pairs["chosen"][:1], pairs["chosen_mask"][:1]),
+    apply_fn=model.apply,
+    loss_fn=preference.bradley_terry_loss,
+    optimizer=optax.adam(1e-2),
+    batch_size=16,
+  ), pairs
 
 
 def test_sweep_equals_separate_runs_of_the_step():
@@ -45,8 +46,14 @@ def test_sweep_equals_separate_runs_of_the_step():
   sweep, pairs = _sweep()
   keys = jax.random.split(jax.random.key(0), 3)
   states, metrics = sweep.train(sweep.init(keys), pairs, num_steps=13, chunk=5)
-  step = jax.jit(functools.partial(rm_step.reward_model_step, apply_fn=sweep.apply_fn,
-                                   loss_fn=sweep.loss_fn, optimizer=sweep.optimizer))
+  step = jax.jit(
+    functools.partial(
+      rm_step.reward_model_step,
+      apply_fn=sweep.apply_fn,
+      loss_fn=sweep.loss_fn,
+      optimizer=sweep.optimizer,
+    )
+  )
   for s, key in enumerate(keys):
     k_init, k_state = jax.random.split(key)
     state = train_state.create_train_state(sweep.init_fn(k_init), sweep.optimizer, k_state)
@@ -55,19 +62,22 @@ def test_sweep_equals_separate_runs_of_the_step():
     for t in range(13):
       # Reference batch order: a fresh permutation per epoch (6 steps of 16 from 96 pairs).
       perm = np.asarray(jax.random.permutation(jax.random.fold_in(data_key, t // 6), 96))
-      idx = perm[(t % 6) * 16:(t % 6 + 1) * 16]
+      idx = perm[(t % 6) * 16 : (t % 6 + 1) * 16]
       state, m = step(state, {k: v[idx] for k, v in pairs.items()})
       losses.append(float(m["loss"]))
     np.testing.assert_allclose(metrics["loss"][s], losses, rtol=1e-5, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(state.params),
-                    jax.tree.leaves(jax.tree.map(lambda x: x[s], states.params))):
+    for a, b in zip(
+      jax.tree.leaves(state.params),
+      jax.tree.leaves(jax.tree.map(lambda x, s=s: x[s], states.params)),
+    ):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_seeds_differ_and_every_epoch_visits_each_pair_once():
   perm_a = rm_sweep._batch_indices(jax.random.key(1), jnp.int32(0), 96, 16)
-  epoch = np.concatenate([np.asarray(rm_sweep._batch_indices(jax.random.key(1), jnp.int32(t),
-                                                             96, 16)) for t in range(6)])
+  epoch = np.concatenate(
+    [np.asarray(rm_sweep._batch_indices(jax.random.key(1), jnp.int32(t), 96, 16)) for t in range(6)]
+  )
   assert sorted(epoch.tolist()) == list(range(96))
   perm_b = rm_sweep._batch_indices(jax.random.key(2), jnp.int32(0), 96, 16)
   assert not np.array_equal(perm_a, perm_b)

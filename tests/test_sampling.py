@@ -1,4 +1,4 @@
-"""Tests for jaxrm.sampling: KV-cached sampler vs full forward, filtering, EOS, randomness.
+"""Tests for jaxrm.models.sampling: KV-cached sampler vs full forward, filtering, EOS, randomness.
 
 Compile budget: the cached sampler is compiled for two static settings only (A: no
 filtering, ``eos_id=None``; B: ``top_k=5, top_p=0.9, eos_id=EOS_ID``) at one batch shape;
@@ -9,22 +9,26 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from model_helpers import random_params
 import numpy as np
 import pytest
 
-from jaxrm.policy import PolicyModel, token_logprobs
-from jaxrm.sampling import (EOS_ID, PAD_ID, SampleOutput, filter_logits, sample,
-                            sample_with_apply_fn)
-from jaxrm.transformer import TransformerConfig
-from model_helpers import random_params
+from jaxrm.models.policy import PolicyModel, token_logprobs
+from jaxrm.models.sampling import (
+  EOS_ID,
+  PAD_ID,
+  SampleOutput,
+  filter_logits,
+  sample,
+  sample_with_apply_fn,
+)
+from jaxrm.models.transformer import TransformerConfig
 
 VOCAB = 41
 CFG = TransformerConfig(vocab_size=VOCAB, num_layers=2, width=32, num_heads=2, max_len=16)
 B, P, N = 16, 6, 8  # batch, prompt length, new tokens
 SETTING_A = dict(top_k=0, top_p=1.0, eos_id=None)
 SETTING_B = dict(top_k=5, top_p=0.9, eos_id=EOS_ID)
-
-
 
 
 PARAMS_VALUE_HEAD = random_params(PolicyModel(CFG, value_head=True), (B, P), seed=1)
@@ -51,7 +55,7 @@ def _unigram(params, logits):
   return params
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _full_apply(value_head):
   return jax.jit(PolicyModel(CFG, value_head=value_head).apply)
 
@@ -81,13 +85,24 @@ def _np_filter(logits, temperature, top_k, top_p):
 # ----------------------------------------------------------------------------- equivalences
 
 
-@pytest.mark.parametrize("setting, temperature, value_head", [
-    (SETTING_A, 0.7, True), (SETTING_B, 1.3, False)], ids=["temp", "temp-topk-topp"])
+@pytest.mark.parametrize(
+  "setting, temperature, value_head",
+  [(SETTING_A, 0.7, True), (SETTING_B, 1.3, False)],
+  ids=["temp", "temp-topk-topp"],
+)
 def test_cached_sampler_logprobs_equal_a_full_forward_pass(setting, temperature, value_head):
   params = PARAMS_VALUE_HEAD if value_head else PARAMS
   tokens, mask = _prompts()
-  out = sample(params, tokens, mask, jax.random.key(3), config=CFG, max_new_tokens=N,
-               temperature=temperature, **setting)
+  out = sample(
+    params,
+    tokens,
+    mask,
+    jax.random.key(3),
+    config=CFG,
+    max_new_tokens=N,
+    temperature=temperature,
+    **setting,
+  )
   assert isinstance(out, SampleOutput)
   for field in out:
     assert field.shape == (B, P + N)
@@ -95,8 +110,9 @@ def test_cached_sampler_logprobs_equal_a_full_forward_pass(setting, temperature,
   np.testing.assert_array_equal(out.mask[:, :P], mask)
   assert not np.asarray(out.response_mask[:, :P]).any()
   logits, _ = _full_apply(value_head)(params, out.tokens, out.mask)
-  filtered = filter_logits(logits, temperature=temperature, top_k=setting["top_k"],
-                           top_p=setting["top_p"])
+  filtered = filter_logits(
+    logits, temperature=temperature, top_k=setting["top_k"], top_p=setting["top_p"]
+  )
   want = np.where(out.response_mask, token_logprobs(filtered, out.tokens), 0.0)
   assert np.isfinite(want).all()
   np.testing.assert_allclose(out.logprobs, want, atol=1e-5, rtol=0)
@@ -107,8 +123,15 @@ def test_cached_sampler_matches_the_policy_agnostic_sampler():
   tokens, mask = _prompts(1)
   kwargs = dict(max_new_tokens=N, temperature=0.8, **SETTING_A)
   cached = sample(PARAMS_VALUE_HEAD, tokens, mask, jax.random.key(4), config=CFG, **kwargs)
-  full = sample_with_apply_fn(PolicyModel(CFG, value_head=True).apply, PARAMS_VALUE_HEAD,
-                              tokens, mask, jax.random.key(4), max_len=CFG.max_len, **kwargs)
+  full = sample_with_apply_fn(
+    PolicyModel(CFG, value_head=True).apply,
+    PARAMS_VALUE_HEAD,
+    tokens,
+    mask,
+    jax.random.key(4),
+    max_len=CFG.max_len,
+    **kwargs,
+  )
   np.testing.assert_array_equal(cached.tokens, full.tokens)
   np.testing.assert_array_equal(cached.mask, full.mask)
   np.testing.assert_allclose(cached.logprobs, full.logprobs, atol=1e-5)
@@ -116,8 +139,9 @@ def test_cached_sampler_matches_the_policy_agnostic_sampler():
 
 def test_same_key_gives_same_samples_and_different_keys_differ():
   tokens, mask = _prompts(2)
-  run = lambda key: sample(PARAMS_VALUE_HEAD, tokens, mask, key, config=CFG,
-                           max_new_tokens=N, temperature=1.0, **SETTING_A)
+  run = lambda key: sample(
+    PARAMS_VALUE_HEAD, tokens, mask, key, config=CFG, max_new_tokens=N, temperature=1.0, **SETTING_A
+  )
   first, again, other = run(jax.random.key(7)), run(jax.random.key(7)), run(jax.random.key(8))
   for a, b in zip(first, again):
     np.testing.assert_array_equal(a, b)
@@ -134,14 +158,23 @@ def test_top_k_and_top_p_never_emit_an_excluded_token():
   probs[10:15] = [0.40, 0.30, 0.20, 0.05, 0.03]
   params = _unigram(PARAMS, np.log(probs))
   tokens, mask = _prompts(3)
-  out = sample(params, tokens, mask, jax.random.key(5), config=CFG, max_new_tokens=N,
-               temperature=1.0, **SETTING_B)
+  out = sample(
+    params,
+    tokens,
+    mask,
+    jax.random.key(5),
+    config=CFG,
+    max_new_tokens=N,
+    temperature=1.0,
+    **SETTING_B,
+  )
   emitted = np.asarray(out.tokens)[np.asarray(out.response_mask)]
   assert set(emitted.tolist()) == {10, 11, 12}  # every kept token appears, no other does
   keep, p = _np_filter(np.log(probs), 1.0, 5, 0.9)
   assert set(np.flatnonzero(keep)) == {10, 11, 12}
-  np.testing.assert_allclose(np.asarray(out.logprobs)[np.asarray(out.response_mask)],
-                             np.log(p[emitted]), atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(out.logprobs)[np.asarray(out.response_mask)], np.log(p[emitted]), atol=1e-5
+  )
 
 
 def _unigram_apply(params, tokens, mask):
@@ -155,20 +188,38 @@ def test_top_k_alone_and_top_p_alone_never_emit_an_excluded_token(top_k, top_p, 
   probs = np.full(12, 0.1 / 9)
   probs[[4, 7, 9]] = [0.35, 0.3, 0.25]
   tokens, mask = np.ones((64, 1), np.int32), np.ones((64, 1), bool)
-  out = sample_with_apply_fn(_unigram_apply, jnp.log(jnp.asarray(probs, jnp.float32)), tokens,
-                             mask, jax.random.key(6), max_new_tokens=6, top_k=top_k,
-                             top_p=top_p, eos_id=None)
+  out = sample_with_apply_fn(
+    _unigram_apply,
+    jnp.log(jnp.asarray(probs, jnp.float32)),
+    tokens,
+    mask,
+    jax.random.key(6),
+    max_new_tokens=6,
+    top_k=top_k,
+    top_p=top_p,
+    eos_id=None,
+  )
   assert set(np.asarray(out.tokens[:, 1:]).ravel().tolist()) == allowed
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [
-    (1.0, 0, 1.0), (0.5, 0, 1.0), (1.0, 3, 1.0), (2.0, 0, 0.6), (0.7, 4, 0.8), (1.0, 1, 1.0),
-    (1.0, 0, 0.01)])
+@pytest.mark.parametrize(
+  "temperature, top_k, top_p",
+  [
+    (1.0, 0, 1.0),
+    (0.5, 0, 1.0),
+    (1.0, 3, 1.0),
+    (2.0, 0, 0.6),
+    (0.7, 4, 0.8),
+    (1.0, 1, 1.0),
+    (1.0, 0, 0.01),
+  ],
+)
 def test_filter_logits_matches_numpy_reference(temperature, top_k, top_p):
   rng = np.random.default_rng(7)
   logits = rng.normal(size=(5, 9)) * 2
   got = jax.jit(functools.partial(filter_logits, top_k=top_k, top_p=top_p))(
-      logits.astype(np.float32), temperature=temperature)
+    logits.astype(np.float32), temperature=temperature
+  )
   got_p = np.asarray(jax.nn.softmax(got, axis=-1))
   for row in range(5):
     keep, p = _np_filter(logits[row], temperature, top_k, top_p)
@@ -187,8 +238,16 @@ def _eos_heavy_logits():
 
 def test_eos_ends_sequences_and_everything_after_is_masked_padding():
   tokens, mask = _prompts(4)
-  out = sample(_unigram(PARAMS, _eos_heavy_logits()), tokens, mask, jax.random.key(9),
-               config=CFG, max_new_tokens=N, temperature=1.0, **SETTING_B)
+  out = sample(
+    _unigram(PARAMS, _eos_heavy_logits()),
+    tokens,
+    mask,
+    jax.random.key(9),
+    config=CFG,
+    max_new_tokens=N,
+    temperature=1.0,
+    **SETTING_B,
+  )
   resp = np.asarray(out.tokens[:, P:])
   rmask = np.asarray(out.response_mask[:, P:])
   np.testing.assert_array_equal(np.asarray(out.mask[:, P:]), rmask)
@@ -200,15 +259,23 @@ def test_eos_ends_sequences_and_everything_after_is_masked_padding():
     padded += stop < N
     assert rmask[row, :stop].all() and not rmask[row, stop:].any()
     assert (resp[row, stop:] == PAD_ID).all()
-    assert (np.asarray(out.logprobs)[row, P + stop:] == 0).all()
-    assert (np.asarray(out.logprobs)[row, P:P + stop] < 0).all()
+    assert (np.asarray(out.logprobs)[row, P + stop :] == 0).all()
+    assert (np.asarray(out.logprobs)[row, P : P + stop] < 0).all()
   assert ended > B // 2 and padded > B // 2  # P(no EOS in 8 steps) = 0.68**8: most end
 
 
 def test_eos_id_none_gives_fixed_length_responses():
   tokens, mask = _prompts(5)
-  out = sample(_unigram(PARAMS_VALUE_HEAD, _eos_heavy_logits()), tokens, mask,
-               jax.random.key(10), config=CFG, max_new_tokens=N, temperature=1.0, **SETTING_A)
+  out = sample(
+    _unigram(PARAMS_VALUE_HEAD, _eos_heavy_logits()),
+    tokens,
+    mask,
+    jax.random.key(10),
+    config=CFG,
+    max_new_tokens=N,
+    temperature=1.0,
+    **SETTING_A,
+  )
   assert (np.asarray(out.tokens[:, P:]) == EOS_ID).sum() > B  # EOS is sampled ...
   assert np.asarray(out.response_mask[:, P:]).all()  # ... but never ends a sequence
   assert np.asarray(out.mask[:, P:]).all()
@@ -217,20 +284,35 @@ def test_eos_id_none_gives_fixed_length_responses():
 # ----------------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("tokens, mask, kwargs, pattern", [
-    (np.ones((2, 3), np.int32), np.array([[1, 1, 0], [1, 1, 1]], bool), {},
-     r"prompt_mask.*left-padded"),
-    (np.ones((2, 3), np.int32), np.array([[0, 0, 0], [1, 1, 1]], bool), {},
-     r"prompt_mask.*at least one real token"),
+@pytest.mark.parametrize(
+  "tokens, mask, kwargs, pattern",
+  [
+    (
+      np.ones((2, 3), np.int32),
+      np.array([[1, 1, 0], [1, 1, 1]], bool),
+      {},
+      r"prompt_mask.*left-padded",
+    ),
+    (
+      np.ones((2, 3), np.int32),
+      np.array([[0, 0, 0], [1, 1, 1]], bool),
+      {},
+      r"prompt_mask.*at least one real token",
+    ),
     (np.ones((3,), np.int32), np.ones((3,), bool), {}, r"prompt_tokens.*\(3,\)"),
     (np.ones((2, 3), np.int32), np.ones((2, 4), bool), {}, r"prompt_mask.*\(2, 3\).*\(2, 4\)"),
-    (np.ones((2, 10), np.int32), np.ones((2, 10), bool), {},
-     r"prompt_tokens length 10.*max_new_tokens 8.*max_len=16"),
+    (
+      np.ones((2, 10), np.int32),
+      np.ones((2, 10), bool),
+      {},
+      r"prompt_tokens length 10.*max_new_tokens 8.*max_len=16",
+    ),
     (np.full((2, 3), VOCAB, np.int32), np.ones((2, 3), bool), {}, r"prompt_tokens.*vocab_size"),
     (np.ones((2, 3), np.int32), np.ones((2, 3), bool), dict(temperature=0.0), "temperature"),
     (np.ones((2, 3), np.int32), np.ones((2, 3), bool), dict(top_k=VOCAB + 1), "top_k"),
     (np.ones((2, 3), np.int32), np.ones((2, 3), bool), dict(top_p=0.0), "top_p"),
-])
+  ],
+)
 def test_sample_rejects_bad_input_naming_the_argument(tokens, mask, kwargs, pattern):
   with pytest.raises(ValueError, match=pattern):
     sample(PARAMS, tokens, mask, jax.random.key(0), config=CFG, max_new_tokens=N, **kwargs)

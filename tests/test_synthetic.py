@@ -1,4 +1,4 @@
-"""Tests of the synthetic RLHF world (jaxrm.synthetic)."""
+"""Tests of the synthetic RLHF world (jaxrm.data.synthetic)."""
 
 import dataclasses
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrm import synthetic
+from jaxrm.data import synthetic
 
 CFG = synthetic.WorldConfig(num_calibration=2048, gold_width=32, policy_width=16)
 
@@ -31,17 +31,18 @@ def test_gold_is_standardised_under_pi_init(world):
 
 def test_gold_matches_numpy_formula(world):
   tokens, mask = _samples(world, 256, 20)
-  raw = np.asarray(synthetic.RewardModel(CFG.gold_config()).apply(world.gold_params, tokens,
-                                                                  mask))
+  raw = np.asarray(synthetic.RewardModel(CFG.gold_config()).apply(world.gold_params, tokens, mask))
   s = jax.tree.map(float, world.stats)
-  count = (np.asarray(tokens)[:, CFG.prompt_len:] == CFG.feature_token).sum(1)
-  expected = ((raw - s.raw_mean) / s.raw_std
-              + CFG.feature_coef * (count - s.count_mean) / s.count_std
-              - CFG.feature_penalty * np.maximum(count - s.count_threshold, 0)
-              ** CFG.feature_penalty_power)
+  count = (np.asarray(tokens)[:, CFG.prompt_len :] == CFG.feature_token).sum(1)
+  expected = (
+    (raw - s.raw_mean) / s.raw_std
+    + CFG.feature_coef * (count - s.count_mean) / s.count_std
+    - CFG.feature_penalty * np.maximum(count - s.count_threshold, 0) ** CFG.feature_penalty_power
+  )
   expected = (expected - s.mean) / s.std
-  np.testing.assert_allclose(synthetic.gold_reward(world, CFG, tokens, mask), expected,
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    synthetic.gold_reward(world, CFG, tokens, mask), expected, rtol=1e-4, atol=1e-4
+  )
 
 
 def test_gold_falls_past_the_feature_threshold(world):
@@ -53,16 +54,17 @@ def test_gold_falls_past_the_feature_threshold(world):
   gold = []
   for c in counts:
     t = base.copy()
-    t[:, CFG.prompt_len:CFG.prompt_len + c] = CFG.feature_token
-    t[:, CFG.prompt_len + c:][t[:, CFG.prompt_len + c:] == CFG.feature_token] = (
-        CFG.feature_token + 1)
+    t[:, CFG.prompt_len : CFG.prompt_len + c] = CFG.feature_token
+    t[:, CFG.prompt_len + c :][t[:, CFG.prompt_len + c :] == CFG.feature_token] = (
+      CFG.feature_token + 1
+    )
     gold.append(float(synthetic.gold_reward(world, CFG, jnp.asarray(t), mask).mean()))
   assert gold[0] > gold[1] > gold[2]
 
 
 def test_pi_init_is_not_uniform(world):
   tokens, _ = _samples(world, 1024, 40)
-  freq = np.bincount(np.asarray(tokens)[:, CFG.prompt_len:].ravel(), minlength=CFG.vocab_size)
+  freq = np.bincount(np.asarray(tokens)[:, CFG.prompt_len :].ravel(), minlength=CFG.vocab_size)
   freq = freq / freq.sum()
   assert freq.max() > 3 / CFG.vocab_size
 
@@ -77,8 +79,12 @@ def test_world_is_a_function_of_its_key():
 def test_deterministic_labels_choose_the_higher_gold(world):
   comp = synthetic.make_comparisons(world, CFG, jax.random.key(5), num=512)
   assert np.all(np.asarray(comp.gold_chosen) >= np.asarray(comp.gold_rejected))
-  np.testing.assert_allclose(synthetic.gold_reward(world, CFG, comp.chosen, comp.mask),
-                             comp.gold_chosen, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    synthetic.gold_reward(world, CFG, comp.chosen, comp.mask),
+    comp.gold_chosen,
+    rtol=1e-5,
+    atol=1e-5,
+  )
 
 
 def test_label_noise_flips_the_requested_fraction(world):
@@ -88,17 +94,17 @@ def test_label_noise_flips_the_requested_fraction(world):
 
 
 def test_bradley_terry_labels_follow_the_sigmoid(world):
-  comp = synthetic.make_comparisons(world, CFG, jax.random.key(7), num=4000,
-                                    labels="bradley_terry")
+  comp = synthetic.make_comparisons(world, CFG, jax.random.key(7), num=4000, labels="bradley_terry")
   gap = np.abs(np.asarray(comp.gold_chosen) - np.asarray(comp.gold_rejected))
   expected = np.mean(1 / (1 + np.exp(-gap)))  # P(the higher-gold side is chosen)
   right = np.mean(np.asarray(comp.gold_chosen) > np.asarray(comp.gold_rejected))
   assert abs(right - expected) < 4 * np.sqrt(expected * (1 - expected) / 4000)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(labels="coin"), "labels"), (dict(label_noise=0.7), "label_noise"),
-    (dict(num=0), "num")])
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [(dict(labels="coin"), "labels"), (dict(label_noise=0.7), "label_noise"), (dict(num=0), "num")],
+)
 def test_make_comparisons_rejects_bad_arguments(world, kwargs, match):
   args = dict(num=8) | kwargs
   with pytest.raises(ValueError, match=match):
@@ -114,5 +120,6 @@ def test_world_config_rejects_bad_fields():
 
 def test_sample_responses_rejects_wrong_prompt_shape(world):
   with pytest.raises(ValueError, match="prompts"):
-    synthetic.sample_responses(world, CFG, jnp.zeros((2, CFG.prompt_len + 1), jnp.int32),
-                               jax.random.key(0))
+    synthetic.sample_responses(
+      world, CFG, jnp.zeros((2, CFG.prompt_len + 1), jnp.int32), jax.random.key(0)
+    )

@@ -1,18 +1,18 @@
-"""Tests for jaxrm.tokenizer."""
+"""Tests for jaxrm.data.tokenizer."""
 
 import numpy as np
 import pytest
 
-from jaxrm import tokenizer
-from jaxrm.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
+from jaxrm.data import tokenizer
+from jaxrm.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 
 TEXTS = [
-    "Hello, world!",
-    "caf\u00e9 na\u00efve",  # 2-byte UTF-8
-    "\u4e2d\u6587\u6d4b\u8bd5",  # CJK, 3 bytes each
-    "emoji \U0001F600\U0001F44D\U0001F3FD",  # 4-byte, with a skin-tone modifier
-    "",
-    "\x00\x01\x02 control characters (bytes 0-2 are ids 3-5, not specials)",
+  "Hello, world!",
+  "caf\u00e9 na\u00efve",  # 2-byte UTF-8
+  "\u4e2d\u6587\u6d4b\u8bd5",  # CJK, 3 bytes each
+  "emoji \U0001f600\U0001f44d\U0001f3fd",  # 4-byte, with a skin-tone modifier
+  "",
+  "\x00\x01\x02 control characters (bytes 0-2 are ids 3-5, not specials)",
 ]
 
 
@@ -42,7 +42,7 @@ def test_decode_skips_special_tokens_anywhere():
 
 
 def test_decode_replaces_invalid_utf8_instead_of_raising():
-  cut = tokenizer.encode("\U0001F600")[:2]  # first half of a 4-byte character
+  cut = tokenizer.encode("\U0001f600")[:2]  # first half of a 4-byte character
   assert tokenizer.decode(cut + tokenizer.encode("x")) == "\ufffdx"
 
 
@@ -64,9 +64,9 @@ def test_batch_encode_right_padding_matches_encode():
   assert out.num_truncated == 0
   for row, text in enumerate(TEXTS):
     ids = tokenizer.encode(text, add_bos=True, add_eos=True)
-    np.testing.assert_array_equal(out.tokens[row, :len(ids)], ids)
-    assert out.mask[row, :len(ids)].all() and not out.mask[row, len(ids):].any()
-    assert (out.tokens[row, len(ids):] == PAD_ID).all()
+    np.testing.assert_array_equal(out.tokens[row, : len(ids)], ids)
+    assert out.mask[row, : len(ids)].all() and not out.mask[row, len(ids) :].any()
+    assert (out.tokens[row, len(ids) :] == PAD_ID).all()
     assert tokenizer.decode(out.tokens[row]) == text
 
 
@@ -75,15 +75,17 @@ def test_batch_encode_left_padding_puts_tokens_at_the_end():
   left = tokenizer.batch_encode(TEXTS, max_len=40, padding_side="left", add_bos=True)
   for row in range(len(TEXTS)):
     n = right.mask[row].sum()
-    assert left.mask[row, 40 - n:].all() and not left.mask[row, :40 - n].any()
-    np.testing.assert_array_equal(left.tokens[row][left.mask[row]],
-                                  right.tokens[row][right.mask[row]])
+    assert left.mask[row, 40 - n :].all() and not left.mask[row, : 40 - n].any()
+    np.testing.assert_array_equal(
+      left.tokens[row][left.mask[row]], right.tokens[row][right.mask[row]]
+    )
 
 
 @pytest.mark.parametrize("side,expected", [("left", "56789"), ("right", "01234")])
 def test_truncation_side_keeps_the_requested_end_and_specials(side, expected):
-  out = tokenizer.batch_encode(["0123456789", "ab"], max_len=7, truncation_side=side,
-                               add_bos=True, add_eos=True)
+  out = tokenizer.batch_encode(
+    ["0123456789", "ab"], max_len=7, truncation_side=side, add_bos=True, add_eos=True
+  )
   np.testing.assert_array_equal(out.truncated, [True, False])
   assert out.num_truncated == 1
   assert out.tokens[0, 0] == BOS_ID and out.tokens[0, -1] == EOS_ID
@@ -92,13 +94,16 @@ def test_truncation_side_keeps_the_requested_end_and_specials(side, expected):
   assert tokenizer.decode(out.tokens[1]) == "ab"
 
 
-@pytest.mark.parametrize("kwargs,argument", [
+@pytest.mark.parametrize(
+  "kwargs,argument",
+  [
     (dict(max_len=0), "max_len"),
     (dict(max_len=-3), "max_len"),
     (dict(max_len=2, add_bos=True, add_eos=True), "max_len"),
     (dict(max_len=8, truncation_side="middle"), "truncation_side"),
     (dict(max_len=8, padding_side="up"), "padding_side"),
-])
+  ],
+)
 def test_batch_encode_bad_arguments_raise_naming_the_argument(kwargs, argument):
   with pytest.raises(ValueError, match=argument):
     tokenizer.batch_encode(["abc"], **kwargs)
@@ -107,7 +112,7 @@ def test_batch_encode_bad_arguments_raise_naming_the_argument(kwargs, argument):
 def test_byte_tokenizer_object_matches_module_functions():
   tok = tokenizer.ByteTokenizer()
   assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.vocab_size) == (0, 1, 2, 259)
-  text = "\u4e2d \U0001F600"
+  text = "\u4e2d \U0001f600"
   assert tok.encode(text, add_eos=True) == tokenizer.encode(text, add_eos=True)
   assert tok.decode(tok.encode(text)) == text
   a = tok.batch_encode([text], max_len=6, truncation_side="right")

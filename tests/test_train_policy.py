@@ -7,21 +7,21 @@ import os
 import subprocess
 import sys
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from absl import flags
 
 from experiments import train_policy as tp
-from jaxrm import ensemble
-from jaxrm import rm_io
-from jaxrm import synthetic
-from jaxrm import train_state
-from jaxrm.checkpoint import CheckpointManager
-from jaxrm.reward_model import RewardModel
-from jaxrm.transformer import TransformerConfig
+from jaxrm.data import synthetic
+from jaxrm.io import rm_io
+from jaxrm.io.checkpoint import CheckpointManager
+from jaxrm.models import ensemble
+from jaxrm.models.reward_model import RewardModel
+from jaxrm.models.transformer import TransformerConfig
+from jaxrm.steps import train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "train_policy.py")
@@ -40,14 +40,25 @@ def fast_compiles():
 
 
 def base_config(**kw):
-  base = dict(algo="ppo", reward="token_frequency:3", policy="synthetic",
-              synthetic_world=WORLD, steps=4, batch_size=8, num_epochs=2, num_minibatches=2,
-              learning_rate=1e-3, log_every=1, checkpoint_every=2, parallel="jit")
+  base = dict(
+    algo="ppo",
+    reward="token_frequency:3",
+    policy="synthetic",
+    synthetic_world=WORLD,
+    steps=4,
+    batch_size=8,
+    num_epochs=2,
+    num_minibatches=2,
+    learning_rate=1e-3,
+    log_every=1,
+    checkpoint_every=2,
+    parallel="jit",
+  )
   base.update(kw)
   return tp.PolicyRunConfig(**base)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def rm_init():
   return jax.jit(RewardModel(RM_CFG).init)
 
@@ -58,8 +69,17 @@ def write_rm_run(workdir, seed, *, tokenizer="synthetic"):
   params = rm_init()(jax.random.key(seed), tokens, jnp.ones(tokens.shape, bool))
   state = train_state.create_train_state(params, optax.adam(1e-3), jax.random.key(seed))
   with CheckpointManager(os.path.join(workdir, "checkpoints")) as ckpt:
-    ckpt.save(10, state, {"model_config": rm_io.config_to_json(RM_CFG), "pooling": "last",
-                          "tokenizer": tokenizer, "data": {}, "metrics": {}})
+    ckpt.save(
+      10,
+      state,
+      {
+        "model_config": rm_io.config_to_json(RM_CFG),
+        "pooling": "last",
+        "tokenizer": tokenizer,
+        "data": {},
+        "metrics": {},
+      },
+    )
   return params
 
 
@@ -85,8 +105,13 @@ def restore_params(run, workdir):
 
 def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, rm_dirs):
   dirs, _ = rm_dirs
-  config = base_config(reward=",".join(dirs), ensemble_objective="uncertainty_weighted",
-                       uncertainty_coef=0.3, target_kl=0.5, kl_horizon=50.0)
+  config = base_config(
+    reward=",".join(dirs),
+    ensemble_objective="uncertainty_weighted",
+    uncertainty_coef=0.3,
+    target_kl=0.5,
+    kl_horizon=50.0,
+  )
   run = tp.build_run(config)
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   summary = tp.train(run, straight)
@@ -105,9 +130,19 @@ def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, rm_dir
   assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] == [1, 2, 3, 4]
   for ra, rb in zip(rows_a, rows_b):
     assert {k: v for k, v in ra.items() if k != "time"} == {
-        k: v for k, v in rb.items() if k != "time"}
-  for key in ("score", "kl", "kl_estimate", "entropy", "response_length", "clip_fraction",
-              "value_loss", "kl_coef", "num_skipped"):
+      k: v for k, v in rb.items() if k != "time"
+    }
+  for key in (
+    "score",
+    "kl",
+    "kl_estimate",
+    "entropy",
+    "response_length",
+    "clip_fraction",
+    "value_loss",
+    "kl_coef",
+    "num_skipped",
+  ):
     assert key in rows_a[-1], key
   assert extra_a["config"]["reward"] == config.reward
   # The adaptive KL coefficient moved and was checkpointed (it is part of the state above).
@@ -141,12 +176,13 @@ def test_synthetic_gold_reward_is_the_worlds_gold_and_token_frequency_counts_the
   world = synthetic.init_world(world_cfg, jax.random.key(0))
   prompts = synthetic.sample_prompts(world_cfg, jax.random.key(1), 6)
   tokens, mask = jax.jit(synthetic.sample_responses, static_argnums=1)(
-      world, world_cfg, prompts, jax.random.key(2))
+    world, world_cfg, prompts, jax.random.key(2)
+  )
   got = jax.jit(gold_run.reward_fn)(gold_run.reward_params, tokens, mask)
   want = jax.jit(synthetic.gold_reward, static_argnums=1)(world, world_cfg, tokens, mask)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   tf_run = tp.build_run(base_config(reward="token_frequency:3"))
-  want = (np.asarray(tokens)[:, world_cfg.prompt_len:] == 3).mean(1)
+  want = (np.asarray(tokens)[:, world_cfg.prompt_len :] == 3).mean(1)
   np.testing.assert_allclose(jax.jit(tf_run.reward_fn)(None, tokens, mask), want, rtol=1e-6)
   # The prompt source depends on the step only (resumable) and has the world's shape.
   batch = tf_run.prompts(7)
@@ -158,18 +194,38 @@ def test_synthetic_gold_reward_is_the_worlds_gold_and_token_frequency_counts_the
 def test_flags_parse_into_the_run_config():
   fv = flags.FlagValues()
   tp.define_flags(fv)
-  fv(["train_policy.py", "--workdir=/tmp/w", "--algo=grpo", "--reward=token_frequency:5",
-      "--target_kl=2.5", "--kl_estimator=k3", "--steps=7", "--batch_size=16",
-      "--synthetic_world=num_calibration=512,policy_layers=1", "--parallel=pmap"])
+  fv(
+    [
+      "train_policy.py",
+      "--workdir=/tmp/w",
+      "--algo=grpo",
+      "--reward=token_frequency:5",
+      "--target_kl=2.5",
+      "--kl_estimator=k3",
+      "--steps=7",
+      "--batch_size=16",
+      "--synthetic_world=num_calibration=512,policy_layers=1",
+      "--parallel=pmap",
+    ]
+  )
   config = tp.config_from_flags(fv)
   assert config == dataclasses.replace(
-      tp.PolicyRunConfig(), algo="grpo", reward="token_frequency:5", target_kl=2.5,
-      kl_estimator="k3", steps=7, batch_size=16, parallel="pmap",
-      synthetic_world={"num_calibration": 512, "policy_layers": 1})
+    tp.PolicyRunConfig(),
+    algo="grpo",
+    reward="token_frequency:5",
+    target_kl=2.5,
+    kl_estimator="k3",
+    steps=7,
+    batch_size=16,
+    parallel="pmap",
+    synthetic_world={"num_calibration": 512, "policy_layers": 1},
+  )
   tp.validate_config(config, num_devices=8)
 
 
-@pytest.mark.parametrize("overrides, flag", [
+@pytest.mark.parametrize(
+  "overrides, flag",
+  [
     (dict(reward="token_frequency:x"), "--reward=token_frequency:x"),
     (dict(reward="/no/such/run"), "--reward=/no/such/run"),
     (dict(batch_size=0), "--batch_size=0"),
@@ -177,7 +233,8 @@ def test_flags_parse_into_the_run_config():
     (dict(num_minibatches=3), "--num_minibatches=3"),
     (dict(target_kl=-1.0), "--target_kl=-1.0"),
     (dict(policy="huge"), "--policy=huge"),
-])
+  ],
+)
 def test_bad_settings_raise_a_config_error_naming_the_flag(overrides, flag):
   with pytest.raises(tp.ConfigError) as e:
     tp.validate_config(base_config(**overrides), num_devices=8)
@@ -194,13 +251,21 @@ def test_rewards_that_do_not_fit_the_policy_raise_naming_the_flag(tmp_path):
     tp.build_run(base_config(reward="synthetic_gold", policy="tiny"))
 
 
-@pytest.mark.parametrize("args, expected", [
+@pytest.mark.parametrize(
+  "args, expected",
+  [
     (["--algo=dpo"], "flag --algo=dpo: value should be one of"),
     (["--reward=token_frequency:x"], "flag --reward=token_frequency:x: token_frequency needs"),
-])
+  ],
+)
 def test_script_reports_a_bad_flag_in_one_line(tmp_path, args, expected):
-  proc = subprocess.run([sys.executable, SCRIPT, f"--workdir={tmp_path}"] + args,
-                        capture_output=True, text=True, timeout=120, cwd=ROOT)
+  proc = subprocess.run(
+    [sys.executable, SCRIPT, f"--workdir={tmp_path}"] + args,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=ROOT,
+  )
   assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and expected in lines[0], proc.stderr
@@ -209,11 +274,20 @@ def test_script_reports_a_bad_flag_in_one_line(tmp_path, args, expected):
 def test_prompt_files_give_left_padded_bos_prompts_in_a_new_order_each_pass(tmp_path):
   path = tmp_path / "prefs.jsonl"
   texts = ["Hi", "What is 2+2?", "A much longer prompt that gets truncated on the left"]
-  path.write_text("".join(
-      json.dumps({"prompt": t, "chosen": " yes", "rejected": " no"}) + "\n" for t in texts))
-  run = tp.build_run(base_config(policy="tiny", prompts=(str(path),), prompt_len=8,
-                                 max_new_tokens=4, batch_size=2, num_minibatches=1,
-                                 reward="token_frequency:104"))
+  path.write_text(
+    "".join(json.dumps({"prompt": t, "chosen": " yes", "rejected": " no"}) + "\n" for t in texts)
+  )
+  run = tp.build_run(
+    base_config(
+      policy="tiny",
+      prompts=(str(path),),
+      prompt_len=8,
+      max_new_tokens=4,
+      batch_size=2,
+      num_minibatches=1,
+      reward="token_frequency:104",
+    )
+  )
   assert run.rl_config.eos_id == 2 and run.tokenizer == "byte"
   batches = [run.prompts(step) for step in range(3)]  # 6 prompts: two passes over 3
   seen = [tuple(row) for b in batches for row in b["prompts"]]
@@ -226,5 +300,8 @@ def test_prompt_files_give_left_padded_bos_prompts_in_a_new_order_each_pass(tmp_
   assert hi and list(hi[0][:5]) == [0, 0, 0, 0, 0]
   path.write_text(json.dumps({"prompt": "x", "chosen": 1}) + "\n")
   with pytest.raises(tp.ConfigError, match="prefs.jsonl:1"):
-    tp.build_run(base_config(policy="tiny", prompts=(str(path),), prompt_len=8,
-                             max_new_tokens=4, num_minibatches=1))
+    tp.build_run(
+      base_config(
+        policy="tiny", prompts=(str(path),), prompt_len=8, max_new_tokens=4, num_minibatches=1
+      )
+    )

@@ -1,4 +1,4 @@
-"""Tests of the reward-model training loop (jaxrm.rm_train) and its scripts.
+"""Tests of the reward-model training loop (jaxrm.train.reward_model) and its scripts.
 
 * smoke runs of the library loop on synthetic data under ``shard_map`` and ``pmap`` (8 forced
   host devices), and on the HH-RLHF sample through the TFDS builder;
@@ -28,24 +28,40 @@ import pytest
 import tensorflow_datasets as tfds
 
 from experiments import train_reward_model as script
-from jaxrm import presets
-from jaxrm import rm_io
-from jaxrm import rm_train
-from jaxrm.reward_model import RewardModel
+from jaxrm.io import rm_io
+from jaxrm.models import presets
+from jaxrm.models.reward_model import RewardModel
+from jaxrm.train import reward_model as rm_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SCRIPT = os.path.join(ROOT, "experiments", "train_reward_model.py")
 REPORT_SCRIPT = os.path.join(ROOT, "experiments", "rm_report.py")
 SAMPLE = os.path.join(ROOT, "tests", "data", "hh_rlhf_sample.jsonl.gz")
-TINY_WORLD = {"policy_layers": 1, "policy_width": 16, "gold_layers": 1, "gold_width": 32,
-              "num_calibration": 256}
+TINY_WORLD = {
+  "policy_layers": 1,
+  "policy_width": 16,
+  "gold_layers": 1,
+  "gold_width": 32,
+  "num_calibration": 256,
+}
 WORLD_FLAG = ",".join(f"{k}={v}" for k, v in TINY_WORLD.items())
 
 
 def _config(**overrides):
-  base = dict(data=("synthetic",), synthetic_pairs=256, synthetic_world=TINY_WORLD,
-              test_fraction=0.25, model="tiny", batch_size=16, steps=8, learning_rate=1e-3,
-              warmup_steps=2, eval_every=4, log_every=2, checkpoint_every=4)
+  base = dict(
+    data=("synthetic",),
+    synthetic_pairs=256,
+    synthetic_world=TINY_WORLD,
+    test_fraction=0.25,
+    model="tiny",
+    batch_size=16,
+    steps=8,
+    learning_rate=1e-3,
+    warmup_steps=2,
+    eval_every=4,
+    log_every=2,
+    checkpoint_every=4,
+  )
   base.update(overrides)
   return rm_train.TrainConfig(**base)
 
@@ -55,9 +71,10 @@ def _rows(workdir):
 
 
 def _leaves(state):
-  return [np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype,
-                                                                     jax.dtypes.prng_key)
-                     else x) for x in jax.tree.leaves(state)]
+  return [
+    np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+    for x in jax.tree.leaves(state)
+  ]
 
 
 def _assert_bitwise_equal(state_a, state_b):
@@ -96,7 +113,13 @@ def test_shard_map_run_writes_metrics_checkpoints_and_report(shard_map_run, synt
   assert summary["step"] == 8 and summary["resumed_from"] is None
   rows = _rows(workdir)
   assert [(r["split"], r["step"]) for r in rows] == [
-      ("train", 2), ("train", 4), ("eval", 4), ("train", 6), ("train", 8), ("eval", 8)]
+    ("train", 2),
+    ("train", 4),
+    ("eval", 4),
+    ("train", 6),
+    ("train", 8),
+    ("eval", 8),
+  ]
   for row in rows[:2]:
     assert {"loss", "accuracy", "pairs_per_sec", "eta_sec", "learning_rate"} <= set(row)
   assert {"accuracy", "log_loss", "ece", "brier"} <= set(rows[-1])
@@ -122,7 +145,8 @@ def test_checkpoint_extra_follows_the_reward_model_format(shard_map_run):
   workdir, _ = shard_map_run
   extra = rm_train.read_checkpoint_extra(workdir, 8)
   assert rm_io.config_from_json(extra["model_config"]) == presets.preset(
-      "tiny", vocab_size=16, max_len=16)
+    "tiny", vocab_size=16, max_len=16
+  )
   assert extra["pooling"] == "last" and extra["tokenizer"] == "synthetic"
   assert extra["data"]["epoch"] == 0 and extra["data"]["batch_in_epoch"] == 8
   assert extra["metrics"]["eval_accuracy"] == _rows(workdir)[-1]["accuracy"]
@@ -133,14 +157,16 @@ def test_checkpoint_extra_follows_the_reward_model_format(shard_map_run):
   tokens = np.arange(32, dtype=np.int32).reshape(2, 16) % 16
   mask = np.ones((2, 16), bool)
   np.testing.assert_array_equal(
-      apply_fn(params, tokens, mask),
-      RewardModel(run.model_config).apply(run.state.params, tokens, mask))
+    apply_fn(params, tokens, mask),
+    RewardModel(run.model_config).apply(run.state.params, tokens, mask),
+  )
 
 
 def test_pmap_run_trains_the_same_model_as_shard_map(shard_map_run, tmp_path, synthetic_npz):
   workdir = _seeded_workdir(tmp_path / "pmap", synthetic_npz)
   summary = rm_train.train_and_evaluate(
-      _config(parallel="pmap", eval_every=8, checkpoint_every=8, report=False), workdir)
+    _config(parallel="pmap", eval_every=8, checkpoint_every=8, report=False), workdir
+  )
   assert summary["eval"]["num_pairs"] == 64
   reference = rm_train.restore_run(shard_map_run[0]).state.params
   got = rm_train.restore_run(workdir).state.params
@@ -162,8 +188,7 @@ def test_report_of_an_earlier_checkpoint_goes_to_its_own_directory(shard_map_run
     rm_train.write_run_report(workdir, step=5)
 
 
-def test_resume_refuses_changed_settings_and_a_finished_run_only_reports(
-    shard_map_run, tmp_path):
+def test_resume_refuses_changed_settings_and_a_finished_run_only_reports(shard_map_run, tmp_path):
   workdir = tmp_path / "copy"
   shutil.copytree(shard_map_run[0], workdir)
   before = _rows(workdir)
@@ -184,9 +209,19 @@ def test_hh_sample_trains_through_tfds_and_reports_without_the_source_files(tmp_
   files[1].write_text("".join(lines[32:]))
   workdir = tmp_path / "run"
   config = rm_train.TrainConfig(
-      data=tuple(map(str, files)), test_fraction=0.25, max_len=128, model="tiny",
-      batch_size=8, steps=6, warmup_steps=2, learning_rate=1e-3, eval_every=3, log_every=3,
-      checkpoint_every=3, parallel="jit")
+    data=tuple(map(str, files)),
+    test_fraction=0.25,
+    max_len=128,
+    model="tiny",
+    batch_size=8,
+    steps=6,
+    warmup_steps=2,
+    learning_rate=1e-3,
+    eval_every=3,
+    log_every=3,
+    checkpoint_every=3,
+    parallel="jit",
+  )
   summary = rm_train.train_and_evaluate(config, workdir)
   assert 0.0 <= summary["eval"]["accuracy"] <= 1.0
   builder = tfds.builder_from_directory(rm_train._dataset_dir(str(workdir)))
@@ -202,10 +237,15 @@ def test_hh_sample_trains_through_tfds_and_reports_without_the_source_files(tmp_
   assert splits["train"]["truncated_pairs"] > 0  # HH dialogues exceed 128 bytes
   assert rep["model"]["config"]["vocab_size"] == 259 and rep["model"]["tokenizer"] == "byte"
   assert not rep["length"]["constant_length"] and rep["length"]["pearson"] is not None
-  test_subsets = {e.subset for e in rm_train.data_lib.get_examples(
-      builder.as_data_source(split="test"), range(splits["test"]["pairs"]))}
+  test_subsets = {
+    e.subset
+    for e in rm_train.data_lib.get_examples(
+      builder.as_data_source(split="test"), range(splits["test"]["pairs"])
+    )
+  }
   assert sorted(s["name"] for s in rep["subsets"] or []) == (
-      sorted(test_subsets) if len(test_subsets) > 1 else [])
+    sorted(test_subsets) if len(test_subsets) > 1 else []
+  )
   # The report of a checkpoint reads the prepared dataset; the JSONL files are not needed.
   for path in files:
     path.unlink()
@@ -220,13 +260,31 @@ def test_hh_sample_trains_through_tfds_and_reports_without_the_source_files(tmp_
 def test_flags_parse_into_the_train_config():
   fv = flags.FlagValues()
   script.define_flags(fv)
-  fv(["prog", "--workdir=/tmp/x", "--data=a.jsonl,b.jsonl.gz", "--test_data=c.jsonl",
-      "--model=small", "--loss=hinge", "--margin=0.5", "--batch_size=64", "--nobucket",
-      "--synthetic_world=policy_layers=1,feature_coef=0.5", "--parallel=pmap"])
+  fv(
+    [
+      "prog",
+      "--workdir=/tmp/x",
+      "--data=a.jsonl,b.jsonl.gz",
+      "--test_data=c.jsonl",
+      "--model=small",
+      "--loss=hinge",
+      "--margin=0.5",
+      "--batch_size=64",
+      "--nobucket",
+      "--synthetic_world=policy_layers=1,feature_coef=0.5",
+      "--parallel=pmap",
+    ]
+  )
   config = script.config_from_flags(fv)
   assert config.data == ("a.jsonl", "b.jsonl.gz") and config.test_data == ("c.jsonl",)
-  assert (config.model, config.loss, config.margin, config.batch_size, config.bucket,
-          config.parallel) == ("small", "hinge", 0.5, 64, False, "pmap")
+  assert (
+    config.model,
+    config.loss,
+    config.margin,
+    config.batch_size,
+    config.bucket,
+    config.parallel,
+  ) == ("small", "hinge", 0.5, 64, False, "pmap")
   assert config.synthetic_world == {"policy_layers": 1, "feature_coef": 0.5}
   fv = flags.FlagValues()
   script.define_flags(fv)
@@ -234,7 +292,9 @@ def test_flags_parse_into_the_train_config():
   assert script.config_from_flags(fv) == rm_train.TrainConfig()
 
 
-@pytest.mark.parametrize("field, value, message", [
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
     ("batch_size", 0, "must be an int >= 1"),
     ("test_fraction", 1.0, "must be in \\[0, 1\\)"),
     ("data", ("/nonexistent/pairs.jsonl",), "file not found: /nonexistent/pairs.jsonl"),
@@ -242,7 +302,8 @@ def test_flags_parse_into_the_train_config():
     ("model", "huge", "must be one of"),
     ("label_smoothing", 1.5, "must be in \\[0, 1\\]"),
     ("synthetic_world", {"vocab_size": 0}, "vocab_size must be >= 1"),
-])
+  ],
+)
 def test_validate_config_names_the_bad_setting(field, value, message):
   config = rm_train.TrainConfig(**{field: value})
   with pytest.raises(rm_train.ConfigError, match=message) as e:
@@ -251,11 +312,14 @@ def test_validate_config_names_the_bad_setting(field, value, message):
   assert e.value.flag_message().startswith(f"flag --{field}=")
 
 
-@pytest.mark.parametrize("text, message", [
+@pytest.mark.parametrize(
+  "text, message",
+  [
     ("colour=3", "unknown WorldConfig field 'colour'"),
     ("policy_layers=two", "policy_layers must be a int"),
     ("policy_layers", "is not FIELD=VALUE"),
-])
+  ],
+)
 def test_malformed_world_overrides_name_the_flag(text, message):
   with pytest.raises(rm_train.ConfigError, match=message) as e:
     rm_train.parse_world_overrides(text)
@@ -265,31 +329,41 @@ def test_malformed_world_overrides_name_the_flag(text, message):
 def test_batch_size_must_divide_among_the_devices_of_the_mode():
   rm_train.validate_config(rm_train.TrainConfig(batch_size=12, parallel="jit"), num_devices=8)
   with pytest.raises(rm_train.ConfigError, match="divisible by the 8 devices"):
-    rm_train.validate_config(rm_train.TrainConfig(batch_size=12, parallel="auto"),
-                             num_devices=8)
+    rm_train.validate_config(rm_train.TrainConfig(batch_size=12, parallel="auto"), num_devices=8)
 
 
 def _env(cache_dir=None):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)  # one CPU device, as a user's run
   if cache_dir is not None:  # persistent compilation cache shared by the runs of a test
-    env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
   return env
 
 
 def test_bad_flags_stop_the_script_with_one_line_naming_the_flag(tmp_path):
   # More cases of the same checks run in-process in test_validate_config_names_the_bad_setting.
-  cases = [(["--batch_size=0"], "--batch_size=0"),
-           (["--model=huge"], "--model=huge"),
-           ([f"--data={tmp_path}/missing.jsonl"], f"--data={tmp_path}/missing.jsonl")]
-  procs = [subprocess.Popen([sys.executable, TRAIN_SCRIPT, f"--workdir={tmp_path}/w", *args],
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-           for args, _ in cases]
-  missing_workdir = subprocess.run([sys.executable, REPORT_SCRIPT], env=_env(),
-                                   capture_output=True, text=True, timeout=120)
+  cases = [
+    (["--batch_size=0"], "--batch_size=0"),
+    (["--model=huge"], "--model=huge"),
+    ([f"--data={tmp_path}/missing.jsonl"], f"--data={tmp_path}/missing.jsonl"),
+  ]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, TRAIN_SCRIPT, f"--workdir={tmp_path}/w", *args],
+      env=_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for args, _ in cases
+  ]
+  missing_workdir = subprocess.run(
+    [sys.executable, REPORT_SCRIPT], env=_env(), capture_output=True, text=True, timeout=120
+  )
   for (args, flag), proc in zip(cases, procs):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, (args, err)
@@ -305,11 +379,26 @@ def test_bad_flags_stop_the_script_with_one_line_naming_the_flag(tmp_path):
 
 
 def _train_command(workdir):
-  return [sys.executable, TRAIN_SCRIPT, f"--workdir={workdir}", "--data=synthetic",
-          "--synthetic_pairs=256", f"--synthetic_world={WORLD_FLAG}", "--test_fraction=0.25",
-          "--model=tiny", "--batch_size=16", "--steps=40", "--learning_rate=1e-3",
-          "--warmup_steps=5", "--eval_every=10", "--log_every=5", "--checkpoint_every=5",
-          "--keep_checkpoints=2", "--parallel=jit", "--noreport"]
+  return [
+    sys.executable,
+    TRAIN_SCRIPT,
+    f"--workdir={workdir}",
+    "--data=synthetic",
+    "--synthetic_pairs=256",
+    f"--synthetic_world={WORLD_FLAG}",
+    "--test_fraction=0.25",
+    "--model=tiny",
+    "--batch_size=16",
+    "--steps=40",
+    "--learning_rate=1e-3",
+    "--warmup_steps=5",
+    "--eval_every=10",
+    "--log_every=5",
+    "--checkpoint_every=5",
+    "--keep_checkpoints=2",
+    "--parallel=jit",
+    "--noreport",
+  ]
 
 
 def _saved_steps(workdir):
@@ -325,8 +414,9 @@ def killed_and_reference_runs(tmp_path_factory, synthetic_npz):
   base = tmp_path_factory.mktemp("sigkill")
   env = _env(cache_dir=base / "jax_cache")
   reference = _seeded_workdir(base / "reference", synthetic_npz)
-  proc = subprocess.run(_train_command(reference), env=env, capture_output=True, text=True,
-                        timeout=300)
+  proc = subprocess.run(
+    _train_command(reference), env=env, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
 
   killed = _seeded_workdir(base / "killed", synthetic_npz)
@@ -334,8 +424,9 @@ def killed_and_reference_runs(tmp_path_factory, synthetic_npz):
   kills = []
   for _ in range(3):
     before = _saved_steps(killed)
-    proc = subprocess.Popen(_train_command(killed), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+      _train_command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     # Kill at a random moment after this process has written its first checkpoint.
     while not (_saved_steps(killed) - before) and proc.poll() is None:
@@ -347,8 +438,9 @@ def killed_and_reference_runs(tmp_path_factory, synthetic_npz):
     proc.wait()
     kills.append((alive, sorted(_saved_steps(killed))))
   assert sum(alive for alive, _ in kills) >= 2, kills  # most kills hit a running process
-  proc = subprocess.run(_train_command(killed), env=env, capture_output=True, text=True,
-                        timeout=300)
+  proc = subprocess.run(
+    _train_command(killed), env=env, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return reference, killed, env, kills, proc.stderr
 
@@ -363,43 +455,52 @@ def test_run_killed_with_sigkill_resumes_to_bitwise_identical_state(killed_and_r
 
 
 def test_resumed_run_metrics_hold_each_step_once_with_the_uninterrupted_values(
-    killed_and_reference_runs):
+  killed_and_reference_runs,
+):
   reference, killed, _, _, _ = killed_and_reference_runs
   ref_rows, got_rows = _rows(reference), _rows(killed)
-  assert [(r["split"], r["step"]) for r in got_rows] == [
-      (r["split"], r["step"]) for r in ref_rows]
+  assert [(r["split"], r["step"]) for r in got_rows] == [(r["split"], r["step"]) for r in ref_rows]
   timing = {"pairs_per_sec", "eta_sec"}
   for a, b in zip(got_rows, ref_rows):
     assert {k: v for k, v in a.items() if k not in timing} == {
-        k: v for k, v in b.items() if k not in timing}
+      k: v for k, v in b.items() if k not in timing
+    }
 
 
 def test_damaged_latest_checkpoint_is_reported_and_the_previous_one_used(
-    killed_and_reference_runs, tmp_path):
+  killed_and_reference_runs, tmp_path
+):
   reference, killed, env, _, _ = killed_and_reference_runs
   workdir = tmp_path / "damaged"
   shutil.copytree(killed, workdir)
-  data_files = [p for p in (workdir / rm_train.CHECKPOINT_DIR / "40" / "state").rglob("*")
-                if p.is_file() and p.parent.name == "d"]
+  data_files = [
+    p
+    for p in (workdir / rm_train.CHECKPOINT_DIR / "40" / "state").rglob("*")
+    if p.is_file() and p.parent.name == "d"
+  ]
   assert data_files
   for path in data_files:
     path.unlink()
-  proc = subprocess.run(_train_command(workdir), env=env, capture_output=True, text=True,
-                        timeout=300)
+  proc = subprocess.run(
+    _train_command(workdir), env=env, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Could not restore the checkpoint at step 40" in proc.stderr
   assert "Resuming from the checkpoint at step 35" in proc.stderr
   assert (workdir / rm_train.CHECKPOINT_DIR / "40.corrupt").is_dir()
-  _assert_bitwise_equal(rm_train.restore_run(workdir).state,
-                        rm_train.restore_run(reference).state)
+  _assert_bitwise_equal(rm_train.restore_run(workdir).state, rm_train.restore_run(reference).state)
 
 
-def test_rm_report_script_writes_the_report_of_an_earlier_checkpoint(
-    killed_and_reference_runs):
+def test_rm_report_script_writes_the_report_of_an_earlier_checkpoint(killed_and_reference_runs):
   reference, _, env, _, _ = killed_and_reference_runs
   assert 35 in _saved_steps(reference)
-  proc = subprocess.run([sys.executable, REPORT_SCRIPT, f"--workdir={reference}", "--step=35"],
-                        env=env, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, REPORT_SCRIPT, f"--workdir={reference}", "--step=35"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out_dir = reference / "reports" / "step_35"
   with open(out_dir / "rm_report.json") as f:

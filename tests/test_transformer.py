@@ -1,4 +1,4 @@
-"""Tests for jaxrm.transformer: causality, padding invariance, KV cache, dtypes, validation."""
+"""Tests for jaxrm.models.transformer: causality, padding invariance, KV cache, dtypes, validation."""
 
 import dataclasses
 import functools
@@ -6,12 +6,18 @@ import math
 
 import jax
 import jax.numpy as jnp
+from model_helpers import random_params
 import numpy as np
 import pytest
 
-from jaxrm.transformer import (KVCache, Transformer, TransformerConfig, check_token_range,
-                               init_cache, is_concrete)
-from model_helpers import random_params
+from jaxrm.models.transformer import (
+  KVCache,
+  Transformer,
+  TransformerConfig,
+  check_token_range,
+  init_cache,
+  is_concrete,
+)
 
 VOCAB = 41
 CFG = TransformerConfig(vocab_size=VOCAB, num_layers=2, width=32, num_heads=2, max_len=24)
@@ -21,9 +27,7 @@ LEARNED = dataclasses.replace(CFG, position="learned")
 B, S = 2, 10  # one input shape for (almost) every test: one compile per config
 
 
-
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup(cfg):
   """(model, params, jitted apply) per config, shared across tests to avoid recompiles."""
   model = Transformer(cfg)
@@ -45,7 +49,7 @@ def _np_layer_norm(x, p, eps):
 
 
 def _np_gelu(x):
-  return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+  return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def _np_rotary(x, pos, base):
@@ -129,8 +133,11 @@ def test_hidden_states_are_invariant_to_left_and_right_padding(cfg):
   tokens = np.stack([np.concatenate([real, junk]), np.concatenate([junk, real])])
   mask = np.stack([np.arange(S) < 6, np.arange(S) >= 4])
   out = np.asarray(apply(params, tokens, mask))
-  bare = np.asarray(apply(params, np.stack([np.concatenate([real, junk[::-1]])] * 2),
-                          np.stack([np.arange(S) < 6] * 2)))[0, :6]
+  bare = np.asarray(
+    apply(
+      params, np.stack([np.concatenate([real, junk[::-1]])] * 2), np.stack([np.arange(S) < 6] * 2)
+    )
+  )[0, :6]
   np.testing.assert_allclose(out[0, :6], bare, atol=1e-5)  # right padding, other pad ids
   np.testing.assert_allclose(out[1, 4:], bare, atol=1e-5)  # left padding
 
@@ -189,8 +196,9 @@ def test_bfloat16_compute_runs_and_is_close_to_float32():
   cfg16 = dataclasses.replace(CFG, dtype=jnp.bfloat16)
   _, params, apply32 = _setup(CFG)
   model16 = Transformer(cfg16)
-  shapes16 = jax.eval_shape(model16.init, jax.random.key(0), jnp.ones((B, S), jnp.int32),
-                            jnp.ones((B, S), bool))
+  shapes16 = jax.eval_shape(
+    model16.init, jax.random.key(0), jnp.ones((B, S), jnp.int32), jnp.ones((B, S), bool)
+  )
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(shapes16))
   tokens = _random_tokens(7, (B, S))
   mask = np.array([[1] * 10, [0, 0] + [1] * 8], bool)
@@ -205,15 +213,22 @@ def test_bfloat16_compute_runs_and_is_close_to_float32():
 # ----------------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("tokens, mask, pattern", [
-    (np.ones((2, 3, 4), np.int32), np.ones((2, 3, 4), bool), r"tokens.*\[batch, seq\].*\(2, 3, 4\)"),
+@pytest.mark.parametrize(
+  "tokens, mask, pattern",
+  [
+    (
+      np.ones((2, 3, 4), np.int32),
+      np.ones((2, 3, 4), bool),
+      r"tokens.*\[batch, seq\].*\(2, 3, 4\)",
+    ),
     (np.ones((5,), np.int32), np.ones((5,), bool), r"tokens.*\(5,\)"),
     (np.full((2, 4), VOCAB, np.int32), np.ones((2, 4), bool), r"tokens.*vocab_size=41.*\(2, 4\)"),
     (np.full((2, 4), -1, np.int32), np.ones((2, 4), bool), r"tokens.*min -1"),
     (np.ones((2, 25), np.int32), np.ones((2, 25), bool), r"tokens.*25.*\(2, 25\).*max_len=24"),
     (np.ones((2, 4), np.int32), np.ones((2, 5), bool), r"mask.*\(2, 4\).*\(2, 5\)"),
     (np.ones((2, 4), np.float32), np.ones((2, 4), bool), r"tokens.*integer"),
-])
+  ],
+)
 def test_bad_input_raises_value_error_naming_argument_and_shape(tokens, mask, pattern):
   model, params, _ = _setup(CFG)
   with pytest.raises(ValueError, match=pattern):
@@ -251,13 +266,16 @@ def test_kv_cache_rejects_more_tokens_than_slots():
     model.apply(params, np.ones((3, 1), np.int32), np.ones((3, 1), bool), cache=cache)
 
 
-@pytest.mark.parametrize("fields, pattern", [
+@pytest.mark.parametrize(
+  "fields, pattern",
+  [
     (dict(width=30, num_heads=4), "width must be divisible by num_heads"),
     (dict(position="alibi"), "position"),
     (dict(width=6, num_heads=2), "even head_dim"),
     (dict(dtype=jnp.float16), "dtype"),
     (dict(num_layers=0), "num_layers"),
-])
+  ],
+)
 def test_config_rejects_invalid_hyperparameters(fields, pattern):
   with pytest.raises(ValueError, match=pattern):
     dataclasses.replace(CFG, **fields)

@@ -1,23 +1,45 @@
-"""Data pipeline: preference JSONL files, their TFDS builder, and batch iterators."""
+"""Data layer: tokenizers, the synthetic world, preference JSONL files, their TFDS builder and
+resumable batch iterators.
 
-from jaxrm.data.iterator import BatchIterator
-from jaxrm.data.iterator import power_of_two_buckets
-from jaxrm.data.preferences import build_preference_dataset
-from jaxrm.data.preferences import example_from_record
-from jaxrm.data.preferences import get_examples
-from jaxrm.data.preferences import iter_preference_examples
-from jaxrm.data.preferences import line_split
-from jaxrm.data.preferences import load_preference_arrays
-from jaxrm.data.preferences import parse_preference_line
-from jaxrm.data.preferences import parse_preference_record
-from jaxrm.data.preferences import PreferenceDataError
-from jaxrm.data.preferences import PreferenceExample
-from jaxrm.data.preferences import PreferencePairs
-from jaxrm.data.preferences import PreferencePairsConfig
-from jaxrm.data.preferences import PreferenceText
-from jaxrm.data.preferences import read_preference_files
-from jaxrm.data.preferences import ReadStats
-from jaxrm.data.preferences import render_messages
-from jaxrm.data.preferences import split_shared_prompt
-from jaxrm.data.preferences import tokenize_pair
-from jaxrm.data.preferences import TokenizedPair
+``jaxrm.data.tokenizer`` and ``jaxrm.data.synthetic`` are light; the TFDS-backed names below
+(builder, iterator) are imported on first use, so importing ``jaxrm.data.synthetic`` does not
+import TensorFlow Datasets.
+"""
+
+import importlib
+
+_LAZY = {
+  "BatchIterator": "iterator",
+  "power_of_two_buckets": "iterator",
+  "build_preference_dataset": "preferences",
+  "example_from_record": "preferences",
+  "get_examples": "preferences",
+  "iter_preference_examples": "preferences",
+  "line_split": "preferences",
+  "load_preference_arrays": "preferences",
+  "parse_preference_line": "preferences",
+  "parse_preference_record": "preferences",
+  "PreferenceDataError": "preferences",
+  "PreferenceExample": "preferences",
+  "PreferencePairs": "preferences",
+  "PreferencePairsConfig": "preferences",
+  "PreferenceText": "preferences",
+  "read_preference_files": "preferences",
+  "ReadStats": "preferences",
+  "render_messages": "preferences",
+  "split_shared_prompt": "preferences",
+  "tokenize_pair": "preferences",
+  "TokenizedPair": "preferences",
+}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    return getattr(importlib.import_module(f"jaxrm.data.{_LAZY[name]}"), name)
+  if name in ("iterator", "preferences", "synthetic", "tokenizer"):
+    return importlib.import_module(f"jaxrm.data.{name}")
+  raise AttributeError(f"module 'jaxrm.data' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(list(_LAZY) + ["iterator", "preferences", "synthetic", "tokenizer"])

@@ -100,19 +100,19 @@ class BatchIterator:
   """
 
   def __init__(
-      self,
-      data: Mapping[str, Any] | Sequence[Any],
-      *,
-      batch_size: int,
-      seed: int,
-      shuffle: bool = True,
-      drop_remainder: bool = True,
-      max_len: int | None = None,
-      bucket_lengths: Sequence[int] | None = None,
-      bucket_window: int = 16,
-      num_epochs: int | None = None,
-      process_index: int = 0,
-      process_count: int = 1,
+    self,
+    data: Mapping[str, Any] | Sequence[Any],
+    *,
+    batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    drop_remainder: bool = True,
+    max_len: int | None = None,
+    bucket_lengths: Sequence[int] | None = None,
+    bucket_window: int = 16,
+    num_epochs: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
   ):
     """Creates the iterator at the start of epoch 0.
 
@@ -132,14 +132,18 @@ class BatchIterator:
       process_index: this process's index, in ``[0, process_count)``.
       process_count: number of processes sharing each global batch; divides batch_size.
     """
-    for name, value, low in (("batch_size", batch_size, 1), ("seed", seed, 0),
-                             ("bucket_window", bucket_window, 1),
-                             ("process_count", process_count, 1)):
+    for name, value, low in (
+      ("batch_size", batch_size, 1),
+      ("seed", seed, 0),
+      ("bucket_window", bucket_window, 1),
+      ("process_count", process_count, 1),
+    ):
       if not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if batch_size % process_count:
-      raise ValueError(f"batch_size ({batch_size}) must be divisible by process_count "
-                       f"({process_count})")
+      raise ValueError(
+        f"batch_size ({batch_size}) must be divisible by process_count ({process_count})"
+      )
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
     if num_epochs is not None and num_epochs < 1:
@@ -150,8 +154,10 @@ class BatchIterator:
     self._drop_remainder = drop_remainder
     self._bucket_window = int(bucket_window)
     self._num_epochs = num_epochs
-    self._local = slice(process_index * (batch_size // process_count),
-                        (process_index + 1) * (batch_size // process_count))
+    self._local = slice(
+      process_index * (batch_size // process_count),
+      (process_index + 1) * (batch_size // process_count),
+    )
 
     if isinstance(data, Mapping):
       self._init_arrays(data)
@@ -160,8 +166,10 @@ class BatchIterator:
     if self.num_examples == 0:
       raise ValueError("data must hold at least one example")
     if drop_remainder and self.num_examples < batch_size:
-      raise ValueError(f"batch_size ({batch_size}) exceeds the number of examples "
-                       f"({self.num_examples}) with drop_remainder=True: no batch to yield")
+      raise ValueError(
+        f"batch_size ({batch_size}) exceeds the number of examples "
+        f"({self.num_examples}) with drop_remainder=True: no batch to yield"
+      )
 
     longest = int(self.lengths.max()) if self.lengths is not None else 0
     if bucket_lengths is not None:
@@ -171,25 +179,35 @@ class BatchIterator:
       if not buckets or buckets[0] < 1 or any(a >= b for a, b in zip(buckets, buckets[1:])):
         raise ValueError(f"bucket_lengths must be positive and increasing, got {bucket_lengths}")
       if buckets[-1] < longest:
-        raise ValueError(f"bucket_lengths must reach the longest example ({longest}), "
-                         f"got {tuple(buckets)}")
+        raise ValueError(
+          f"bucket_lengths must reach the longest example ({longest}), got {tuple(buckets)}"
+        )
       self._buckets = np.asarray(buckets)
     else:
       width = self._default_width if max_len is None else int(max_len)
       if width is not None and width < longest:
         raise ValueError(f"max_len={width} is shorter than the longest example ({longest})")
       self._buckets = None if width is None else np.asarray([width])
-    if (self._buckets is not None and self._default_width is not None
-        and not self._right_padded and any(self._buckets != self._default_width)):
-      raise ValueError("re-padding sequences (bucket_lengths or max_len) needs right-padded "
-                       "masks (True then False) in every '<key>_mask' array")
+    if (
+      self._buckets is not None
+      and self._default_width is not None
+      and not self._right_padded
+      and any(self._buckets != self._default_width)
+    ):
+      raise ValueError(
+        "re-padding sequences (bucket_lengths or max_len) needs right-padded "
+        "masks (True then False) in every '<key>_mask' array"
+      )
 
     self._epoch = 0
     self._batch_in_epoch = 0
     self._plan_epoch = -1
     self._plan: list[np.ndarray] = []
-    self.batches_per_epoch = (self.num_examples // batch_size if drop_remainder
-                              else math.ceil(self.num_examples / batch_size))
+    self.batches_per_epoch = (
+      self.num_examples // batch_size
+      if drop_remainder
+      else math.ceil(self.num_examples / batch_size)
+    )
 
   # ------------------------------------------------------------------ data adapters
 
@@ -202,33 +220,42 @@ class BatchIterator:
     n = max(set(counts), key=counts.count) if counts else 0  # the most common size
     for key, size in sizes.items():
       if size != n:
-        raise ValueError(f"data[{key!r}] must have leading axis {n} like the other arrays, "
-                         f"got shape {self._arrays[key].shape}")
+        raise ValueError(
+          f"data[{key!r}] must have leading axis {n} like the other arrays, "
+          f"got shape {self._arrays[key].shape}"
+        )
     self.num_examples = int(n)
-    self._sequence_keys = [k for k in self._arrays
-                           if not k.endswith("_mask") and f"{k}_mask" in self._arrays]
+    self._sequence_keys = [
+      k for k in self._arrays if not k.endswith("_mask") and f"{k}_mask" in self._arrays
+    ]
     self.lengths = None
     self._default_width = None
     self._right_padded = True
     for key in self._sequence_keys:
       mask = self._arrays[f"{key}_mask"]
       if mask.ndim != 2 or mask.dtype != np.bool_ or self._arrays[key].shape[:2] != mask.shape:
-        raise ValueError(f"data[{key + '_mask'!r}] must be bool [num_examples, seq] like "
-                         f"data[{key!r}] {self._arrays[key].shape}, got {mask.dtype} "
-                         f"{mask.shape}")
+        raise ValueError(
+          f"data[{key + '_mask'!r}] must be bool [num_examples, seq] like "
+          f"data[{key!r}] {self._arrays[key].shape}, got {mask.dtype} "
+          f"{mask.shape}"
+        )
       length = mask.sum(axis=1)
       self.lengths = length if self.lengths is None else np.maximum(self.lengths, length)
-      self._right_padded &= bool(np.array_equal(
-          mask, np.arange(mask.shape[1])[None, :] < length[:, None]))
+      self._right_padded &= bool(
+        np.array_equal(mask, np.arange(mask.shape[1])[None, :] < length[:, None])
+      )
       if self._default_width not in (None, mask.shape[1]):
-        raise ValueError(f"all sequences must have one width; data[{key!r}] has "
-                         f"{mask.shape[1]}, others {self._default_width}")
+        raise ValueError(
+          f"all sequences must have one width; data[{key!r}] has "
+          f"{mask.shape[1]}, others {self._default_width}"
+        )
       self._default_width = mask.shape[1]
 
   def _init_records(self, source: Sequence[Any]) -> None:
     if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
-      raise ValueError(f"data must be a dict of arrays or support len() and [i], got "
-                       f"{type(source).__name__}")
+      raise ValueError(
+        f"data must be a dict of arrays or support len() and [i], got {type(source).__name__}"
+      )
     self._arrays = None
     self._source = source
     self.num_examples = len(source)
@@ -247,8 +274,9 @@ class BatchIterator:
     self._subset_index = {name: i for i, name in enumerate(self.subset_names)}
     self._default_width = int(lengths.max()) if self.num_examples else 1
 
-  def _gather(self, indices: np.ndarray, valid: np.ndarray, width: int | None
-              ) -> dict[str, np.ndarray]:
+  def _gather(
+    self, indices: np.ndarray, valid: np.ndarray, width: int | None
+  ) -> dict[str, np.ndarray]:
     if self._arrays is not None:
       batch = {k: v[indices] for k, v in self._arrays.items()}
       if width is not None:
@@ -266,13 +294,15 @@ class BatchIterator:
     for row, e in enumerate(examples):
       for key in _SEQUENCE_SOURCE_KEYS:
         tokens = getattr(e, key)
-        batch[key][row, :len(tokens)] = tokens
-        batch[f"{key}_mask"][row, :len(tokens)] = True
-    batch["weight"] = np.asarray([e.weight if ok else 0.0 for e, ok in zip(examples, valid)],
-                                 np.float32).reshape(b)
+        batch[key][row, : len(tokens)] = tokens
+        batch[f"{key}_mask"][row, : len(tokens)] = True
+    batch["weight"] = np.asarray(
+      [e.weight if ok else 0.0 for e, ok in zip(examples, valid)], np.float32
+    ).reshape(b)
     batch["prompt_len"] = np.asarray([e.prompt_len for e in examples], np.int32).reshape(b)
-    batch["subset_id"] = np.asarray([self._subset_index[e.subset] for e in examples],
-                                    np.int32).reshape(b)
+    batch["subset_id"] = np.asarray(
+      [self._subset_index[e.subset] for e in examples], np.int32
+    ).reshape(b)
     batch["index"] = np.where(valid, indices, -1).astype(np.int32)
     return batch
 
@@ -285,18 +315,18 @@ class BatchIterator:
     rng = np.random.default_rng([self._seed, epoch])
     order = rng.permutation(n) if self._shuffle else np.arange(n)
     if self._drop_remainder:
-      order = order[:n // b * b]
+      order = order[: n // b * b]
     if self._buckets is None or len(self._buckets) == 1:
-      return [order[i:i + b] for i in range(0, len(order), b)]
+      return [order[i : i + b] for i in range(0, len(order), b)]
     window = self._bucket_window * b
     bucket_of = np.searchsorted(self._buckets, self.lengths)
     batches = []
     for start in range(0, len(order), window):
-      chunk = order[start:start + window]
+      chunk = order[start : start + window]
       # Sort by bucket, not by exact length: ties keep the shuffled order, so batches
       # differ between epochs even when a window spans the whole data.
       chunk = chunk[np.argsort(bucket_of[chunk], kind="stable")]
-      group = [chunk[i:i + b] for i in range(0, len(chunk), b)]
+      group = [chunk[i : i + b] for i in range(0, len(chunk), b)]
       if self._shuffle:
         group = [group[j] for j in rng.permutation(len(group))]
       batches += group
@@ -334,8 +364,13 @@ class BatchIterator:
 
   def get_state(self) -> dict[str, int]:
     """The position, as a JSON-serialisable dict of ints."""
-    return {"seed": self._seed, "epoch": self._epoch, "batch_in_epoch": self._batch_in_epoch,
-            "num_examples": self.num_examples, "batch_size": self._batch_size}
+    return {
+      "seed": self._seed,
+      "epoch": self._epoch,
+      "batch_in_epoch": self._batch_in_epoch,
+      "num_examples": self.num_examples,
+      "batch_size": self._batch_size,
+    }
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     """Moves to a position saved by :meth:`get_state` of an iterator on the same data.
@@ -348,13 +383,18 @@ class BatchIterator:
     if missing:
       raise ValueError(f"state is missing {missing}; expected keys {list(_STATE_KEYS)}")
     state = {k: int(state[k]) for k in _STATE_KEYS}
-    for key, mine in (("seed", self._seed), ("num_examples", self.num_examples),
-                      ("batch_size", self._batch_size)):
+    for key, mine in (
+      ("seed", self._seed),
+      ("num_examples", self.num_examples),
+      ("batch_size", self._batch_size),
+    ):
       if state[key] != mine:
         raise ValueError(f"state[{key!r}] is {state[key]} but this iterator has {key}={mine}")
     if state["epoch"] < 0 or not 0 <= state["batch_in_epoch"] <= self.batches_per_epoch:
-      raise ValueError(f"state position out of range: epoch={state['epoch']}, "
-                       f"batch_in_epoch={state['batch_in_epoch']} "
-                       f"(batches_per_epoch={self.batches_per_epoch})")
+      raise ValueError(
+        f"state position out of range: epoch={state['epoch']}, "
+        f"batch_in_epoch={state['batch_in_epoch']} "
+        f"(batches_per_epoch={self.batches_per_epoch})"
+      )
     self._epoch = state["epoch"]
     self._batch_in_epoch = state["batch_in_epoch"]

@@ -21,7 +21,7 @@ Optional fields: ``"subset"`` (string, for per-subset accuracy; default: the fil
 ``.jsonl``/``.json``/``.gz``) and ``"weight"`` (finite number >= 0; default 1). Other fields are
 ignored.
 
-Tokens: the byte tokenizer (:mod:`jaxrm.tokenizer`). Each sequence is
+Tokens: the byte tokenizer (:mod:`jaxrm.data.tokenizer`). Each sequence is
 ``[BOS] + prompt + response + [EOS]`` (both on by default: BOS gives every sequence a
 common first position, EOS a common read-out token for the reward head). The shared-prefix
 length ``prompt_len`` counts BOS and the prompt bytes.
@@ -62,13 +62,21 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxrm import tokenizer
+from jaxrm.data import tokenizer
 
 ASSISTANT_MARKER = "\n\nAssistant:"
 ROLE_NAMES = {"user": "Human", "human": "Human", "assistant": "Assistant", "system": "System"}
 MALFORMED_REASONS = (
-    "invalid_json", "not_an_object", "missing_field", "wrong_type", "empty_text",
-    "invalid_utf8", "bad_role", "bad_weight", "identical_pair")
+  "invalid_json",
+  "not_an_object",
+  "missing_field",
+  "wrong_type",
+  "empty_text",
+  "invalid_utf8",
+  "bad_role",
+  "bad_weight",
+  "identical_pair",
+)
 _MAX_LOGGED_SKIPS = 20  # per file; the rest are counted and summarised
 _MAX_RECORDED_SKIPS = 100  # locations kept in ReadStats / the dataset metadata
 
@@ -85,18 +93,25 @@ class PreferenceDataError(ValueError):
     line: the 1-based line number, or None.
   """
 
-  def __init__(self, detail: str, *, reason: str, field: str | None = None,
-               path: str | None = None, line: int | None = None):
-    self.detail, self.reason, self.field, self.path, self.line = (
-        detail, reason, field, path, line)
+  def __init__(
+    self,
+    detail: str,
+    *,
+    reason: str,
+    field: str | None = None,
+    path: str | None = None,
+    line: int | None = None,
+  ):
+    self.detail, self.reason, self.field, self.path, self.line = (detail, reason, field, path, line)
     location = "" if path is None else (f"{path}: " if line is None else f"{path}:{line}: ")
     where = f"field {field!r}: " if field else ""
     super().__init__(f"{location}{where}{detail} [{reason}]")
 
   def with_location(self, path: str, line: int | None) -> PreferenceDataError:
     """Returns the same error located at ``path:line``."""
-    return PreferenceDataError(self.detail, reason=self.reason, field=self.field,
-                               path=path, line=line)
+    return PreferenceDataError(
+      self.detail, reason=self.reason, field=self.field, path=path, line=line
+    )
 
 
 class PreferenceText(NamedTuple):
@@ -167,16 +182,19 @@ def _type_name(value: Any) -> str:
 
 def _check_text(value: Any, field: str, *, allow_empty: bool = False) -> str:
   if not isinstance(value, str):
-    raise PreferenceDataError(f"expected a string, got {_type_name(value)}",
-                              reason="wrong_type", field=field)
+    raise PreferenceDataError(
+      f"expected a string, got {_type_name(value)}", reason="wrong_type", field=field
+    )
   if not allow_empty and not value.strip():
     raise PreferenceDataError("is empty", reason="empty_text", field=field)
   try:
     value.encode("utf-8")
   except UnicodeEncodeError as e:
     raise PreferenceDataError(
-        f"is not valid UTF-8 (undecodable byte or lone surrogate at character {e.start})",
-        reason="invalid_utf8", field=field) from None
+      f"is not valid UTF-8 (undecodable byte or lone surrogate at character {e.start})",
+      reason="invalid_utf8",
+      field=field,
+    ) from None
   return value
 
 
@@ -195,26 +213,34 @@ def render_messages(messages: Any, *, field: str = "messages") -> str:
     PreferenceDataError: naming the offending message field.
   """
   if not isinstance(messages, list):
-    raise PreferenceDataError(f"expected a list of messages, got {_type_name(messages)}",
-                              reason="wrong_type", field=field)
+    raise PreferenceDataError(
+      f"expected a list of messages, got {_type_name(messages)}", reason="wrong_type", field=field
+    )
   if not messages:
     raise PreferenceDataError("is an empty message list", reason="empty_text", field=field)
   parts = []
   for i, message in enumerate(messages):
     name = f"{field}[{i}]"
     if not isinstance(message, dict):
-      raise PreferenceDataError(f"expected a {{role, content}} object, got "
-                                f"{_type_name(message)}", reason="wrong_type", field=name)
+      raise PreferenceDataError(
+        f"expected a {{role, content}} object, got {_type_name(message)}",
+        reason="wrong_type",
+        field=name,
+      )
     for key in ("role", "content"):
       if key not in message:
         raise PreferenceDataError("is missing", reason="missing_field", field=f"{name}.{key}")
     role = message["role"]
     if not isinstance(role, str):
-      raise PreferenceDataError(f"expected a string, got {_type_name(role)}",
-                                reason="wrong_type", field=f"{name}.role")
+      raise PreferenceDataError(
+        f"expected a string, got {_type_name(role)}", reason="wrong_type", field=f"{name}.role"
+      )
     if role.lower() not in ROLE_NAMES:
-      raise PreferenceDataError(f"unknown role {role!r}; expected one of {sorted(ROLE_NAMES)}",
-                                reason="bad_role", field=f"{name}.role")
+      raise PreferenceDataError(
+        f"unknown role {role!r}; expected one of {sorted(ROLE_NAMES)}",
+        reason="bad_role",
+        field=f"{name}.role",
+      )
     content = _check_text(message["content"], f"{name}.content")
     parts.append(f"\n\n{ROLE_NAMES[role.lower()]}: {content}")
   return "".join(parts)
@@ -225,13 +251,16 @@ def _text_or_messages(value: Any, field: str, *, allow_empty: bool = False) -> s
     return render_messages(value, field=field)
   if not isinstance(value, str):
     raise PreferenceDataError(
-        f"expected a string or a list of messages, got {_type_name(value)}",
-        reason="wrong_type", field=field)
+      f"expected a string or a list of messages, got {_type_name(value)}",
+      reason="wrong_type",
+      field=field,
+    )
   return _check_text(value, field, allow_empty=allow_empty)
 
 
-def split_shared_prompt(chosen: str, rejected: str, *,
-                        marker: str = ASSISTANT_MARKER) -> tuple[str, str, str]:
+def split_shared_prompt(
+  chosen: str, rejected: str, *, marker: str = ASSISTANT_MARKER
+) -> tuple[str, str, str]:
   """Splits two whole dialogues into their shared prompt and the two responses.
 
   The prompt is the longest common prefix of ``chosen`` and ``rejected``, cut back to just
@@ -266,8 +295,9 @@ def parse_preference_record(record: Any, *, default_subset: str = "") -> Prefere
     PreferenceDataError: naming the field (no file or line; the readers add them).
   """
   if not isinstance(record, dict):
-    raise PreferenceDataError(f"expected a JSON object, got {_type_name(record)}",
-                              reason="not_an_object")
+    raise PreferenceDataError(
+      f"expected a JSON object, got {_type_name(record)}", reason="not_an_object"
+    )
   for key in ("chosen", "rejected"):
     if key not in record:
       raise PreferenceDataError("is missing", reason="missing_field", field=key)
@@ -277,20 +307,21 @@ def parse_preference_record(record: Any, *, default_subset: str = "") -> Prefere
     prompt = _text_or_messages(record["prompt"], "prompt", allow_empty=True)
     if chosen.startswith(ASSISTANT_MARKER) and rejected.startswith(ASSISTANT_MARKER):
       prompt += ASSISTANT_MARKER
-      chosen, rejected = chosen[len(ASSISTANT_MARKER):], rejected[len(ASSISTANT_MARKER):]
+      chosen, rejected = chosen[len(ASSISTANT_MARKER) :], rejected[len(ASSISTANT_MARKER) :]
   else:
     prompt, chosen, rejected = split_shared_prompt(chosen, rejected)
   if chosen == rejected:
-    raise PreferenceDataError("is identical to 'chosen'", reason="identical_pair",
-                              field="rejected")
+    raise PreferenceDataError("is identical to 'chosen'", reason="identical_pair", field="rejected")
   subset = _check_text(record.get("subset", default_subset), "subset", allow_empty=True)
   weight = record.get("weight", 1.0)
   if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-    raise PreferenceDataError(f"expected a number, got {_type_name(weight)}",
-                              reason="wrong_type", field="weight")
+    raise PreferenceDataError(
+      f"expected a number, got {_type_name(weight)}", reason="wrong_type", field="weight"
+    )
   if not math.isfinite(weight) or weight < 0:
-    raise PreferenceDataError(f"must be finite and >= 0, got {weight}", reason="bad_weight",
-                              field="weight")
+    raise PreferenceDataError(
+      f"must be finite and >= 0, got {weight}", reason="bad_weight", field="weight"
+    )
   return PreferenceText(prompt, chosen, rejected, subset, float(weight))
 
 
@@ -307,14 +338,22 @@ def parse_preference_line(line: bytes | str, *, default_subset: str = "") -> Pre
   try:
     record = json.loads(line)
   except json.JSONDecodeError as e:
-    raise PreferenceDataError(f"invalid JSON: {e.msg} at column {e.colno}",
-                              reason="invalid_json") from None
+    raise PreferenceDataError(
+      f"invalid JSON: {e.msg} at column {e.colno}", reason="invalid_json"
+    ) from None
   return parse_preference_record(record, default_subset=default_subset)
 
 
-def tokenize_pair(prompt: str, chosen: str, rejected: str, *, max_len: int,
-                  add_bos: bool = True, add_eos: bool = True,
-                  min_prompt_fraction: float = 0.5) -> TokenizedPair:
+def tokenize_pair(
+  prompt: str,
+  chosen: str,
+  rejected: str,
+  *,
+  max_len: int,
+  add_bos: bool = True,
+  add_eos: bool = True,
+  min_prompt_fraction: float = 0.5,
+) -> TokenizedPair:
   """Byte-tokenises a pair and truncates it to ``max_len`` by the module's rule.
 
   Args:
@@ -332,8 +371,9 @@ def tokenize_pair(prompt: str, chosen: str, rejected: str, *, max_len: int,
   """
   num_special = int(add_bos) + int(add_eos)
   if not isinstance(max_len, (int, np.integer)) or max_len <= num_special:
-    raise ValueError(f"max_len must be an int > {num_special} (the special tokens), "
-                     f"got {max_len!r}")
+    raise ValueError(
+      f"max_len must be an int > {num_special} (the special tokens), got {max_len!r}"
+    )
   if not 0.0 <= min_prompt_fraction <= 1.0:
     raise ValueError(f"min_prompt_fraction must be in [0, 1], got {min_prompt_fraction}")
   p, c, r = (tokenizer.encode(t) for t in (prompt, chosen, rejected))
@@ -343,14 +383,15 @@ def tokenize_pair(prompt: str, chosen: str, rejected: str, *, max_len: int,
   if len(p) + longest > budget:
     keep = min(len(p), max(budget - longest, int(min_prompt_fraction * budget)))
   room = budget - keep
-  head = [tokenizer.BOS_ID] * add_bos + p[len(p) - keep:]
+  head = [tokenizer.BOS_ID] * add_bos + p[len(p) - keep :]
   tail = [tokenizer.EOS_ID] * add_eos
   return TokenizedPair(
-      chosen=np.asarray(head + c[:room] + tail, np.int32),
-      rejected=np.asarray(head + r[:room] + tail, np.int32),
-      prompt_len=len(head),
-      truncated_prompt=keep < len(p),
-      truncated_response=longest > room)
+    chosen=np.asarray(head + c[:room] + tail, np.int32),
+    rejected=np.asarray(head + r[:room] + tail, np.int32),
+    prompt_len=len(head),
+    truncated_prompt=keep < len(p),
+    truncated_response=longest > room,
+  )
 
 
 def line_split(line: bytes, *, test_fraction: float, seed: int = 0) -> str:
@@ -361,15 +402,16 @@ def line_split(line: bytes, *, test_fraction: float, seed: int = 0) -> str:
   """
   if not 0.0 <= test_fraction < 1.0:
     raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
-  digest = hashlib.blake2b(int(seed).to_bytes(8, "little", signed=True) + line.strip(),
-                           digest_size=8).digest()
+  digest = hashlib.blake2b(
+    int(seed).to_bytes(8, "little", signed=True) + line.strip(), digest_size=8
+  ).digest()
   return "test" if int.from_bytes(digest, "little") / 2.0**64 < test_fraction else "train"
 
 
 def _file_stem(path: str) -> str:
   name = os.path.basename(path)
   for suffix in (".gz", ".jsonl", ".json"):
-    name = name[:-len(suffix)] if name.endswith(suffix) else name
+    name = name[: -len(suffix)] if name.endswith(suffix) else name
   return name
 
 
@@ -383,20 +425,21 @@ def _iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
           raw = raw[3:]
         yield line_no, raw
     except (OSError, EOFError, zlib.error) as e:
-      raise PreferenceDataError(f"unreadable after line {line_no}: {e}",
-                                reason="corrupt_file", path=path) from e
+      raise PreferenceDataError(
+        f"unreadable after line {line_no}: {e}", reason="corrupt_file", path=path
+      ) from e
 
 
 def iter_preference_examples(
-    paths: str | os.PathLike | Iterable[str | os.PathLike],
-    *,
-    max_len: int,
-    skip_malformed: bool = False,
-    stats: ReadStats | None = None,
-    line_filter: Callable[[bytes], bool] | None = None,
-    add_bos: bool = True,
-    add_eos: bool = True,
-    min_prompt_fraction: float = 0.5,
+  paths: str | os.PathLike | Iterable[str | os.PathLike],
+  *,
+  max_len: int,
+  skip_malformed: bool = False,
+  stats: ReadStats | None = None,
+  line_filter: Callable[[bytes], bool] | None = None,
+  add_bos: bool = True,
+  add_eos: bool = True,
+  min_prompt_fraction: float = 0.5,
 ) -> Iterator[PreferenceExample]:
   """Streams tokenised pairs from JSONL files (``.gz`` decompressed), in file order.
 
@@ -440,28 +483,43 @@ def iter_preference_examples(
         if sum(skipped_here.values()) <= _MAX_LOGGED_SKIPS:
           logging.warning("Skipping malformed preference record: %s", error)
         continue
-      pair = tokenize_pair(text.prompt, text.chosen, text.rejected, max_len=max_len,
-                           add_bos=add_bos, add_eos=add_eos,
-                           min_prompt_fraction=min_prompt_fraction)
+      pair = tokenize_pair(
+        text.prompt,
+        text.chosen,
+        text.rejected,
+        max_len=max_len,
+        add_bos=add_bos,
+        add_eos=add_eos,
+        min_prompt_fraction=min_prompt_fraction,
+      )
       truncated = pair.truncated_prompt or pair.truncated_response
       stats.records += 1
       stats.truncated_pairs += truncated
       stats.truncated_prompts += pair.truncated_prompt
       stats.truncated_responses += pair.truncated_response
       stats.identical_after_truncation += bool(np.array_equal(pair.chosen, pair.rejected))
-      yield PreferenceExample(pair.chosen, pair.rejected, pair.prompt_len, text.subset,
-                              text.weight, path, line_no, truncated)
+      yield PreferenceExample(
+        pair.chosen,
+        pair.rejected,
+        pair.prompt_len,
+        text.subset,
+        text.weight,
+        path,
+        line_no,
+        truncated,
+      )
     if skipped_here:
-      logging.warning("%s: skipped %d malformed lines: %s", path,
-                      sum(skipped_here.values()), skipped_here)
+      logging.warning(
+        "%s: skipped %d malformed lines: %s", path, sum(skipped_here.values()), skipped_here
+      )
 
 
 def read_preference_files(
-    paths: str | os.PathLike | Iterable[str | os.PathLike],
-    *,
-    max_len: int,
-    skip_malformed: bool = False,
-    **kwargs,
+  paths: str | os.PathLike | Iterable[str | os.PathLike],
+  *,
+  max_len: int,
+  skip_malformed: bool = False,
+  **kwargs,
 ) -> tuple[list[PreferenceExample], ReadStats]:
   """Reads JSONL preference files into memory; see :func:`iter_preference_examples`.
 
@@ -469,9 +527,11 @@ def read_preference_files(
     ``(examples, stats)``.
   """
   stats = ReadStats()
-  examples = list(iter_preference_examples(paths, max_len=max_len,
-                                           skip_malformed=skip_malformed, stats=stats,
-                                           **kwargs))
+  examples = list(
+    iter_preference_examples(
+      paths, max_len=max_len, skip_malformed=skip_malformed, stats=stats, **kwargs
+    )
+  )
   return examples, stats
 
 
@@ -488,14 +548,15 @@ def example_from_record(record: Any) -> PreferenceExample:
   if isinstance(record, PreferenceExample):
     return record
   return PreferenceExample(
-      chosen=np.asarray(record["chosen"], np.int32),
-      rejected=np.asarray(record["rejected"], np.int32),
-      prompt_len=int(record.get("prompt_len", 0)),
-      subset=_as_str(record.get("subset", "")),
-      weight=float(record.get("weight", 1.0)),
-      source=_as_str(record.get("source", "")),
-      line=int(record.get("line", 0)),
-      truncated=bool(record.get("truncated", False)))
+    chosen=np.asarray(record["chosen"], np.int32),
+    rejected=np.asarray(record["rejected"], np.int32),
+    prompt_len=int(record.get("prompt_len", 0)),
+    subset=_as_str(record.get("subset", "")),
+    weight=float(record.get("weight", 1.0)),
+    source=_as_str(record.get("source", "")),
+    line=int(record.get("line", 0)),
+    truncated=bool(record.get("truncated", False)),
+  )
 
 
 def get_examples(source: Sequence[Any], indices: Sequence[int]) -> list[PreferenceExample]:
@@ -507,7 +568,10 @@ def get_examples(source: Sequence[Any], indices: Sequence[int]) -> list[Preferen
 
 
 def load_preference_arrays(
-    source: Sequence[Any], *, max_len: int | None = None, chunk_size: int = 1024,
+  source: Sequence[Any],
+  *,
+  max_len: int | None = None,
+  chunk_size: int = 1024,
 ) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
   """Reads a whole random-access source into right-padded numpy arrays.
 
@@ -535,20 +599,19 @@ def load_preference_arrays(
   subset_names = tuple(sorted({e.subset for e in examples}))
   subset_index = {name: i for i, name in enumerate(subset_names)}
   arrays = {
-      "chosen": np.zeros((n, max_len), np.int32),
-      "chosen_mask": np.zeros((n, max_len), np.bool_),
-      "rejected": np.zeros((n, max_len), np.int32),
-      "rejected_mask": np.zeros((n, max_len), np.bool_),
-      "weight": np.asarray([e.weight for e in examples], np.float32).reshape(n),
-      "prompt_len": np.asarray([e.prompt_len for e in examples], np.int32).reshape(n),
-      "subset_id": np.asarray([subset_index[e.subset] for e in examples],
-                              np.int32).reshape(n),
-      "line": np.asarray([e.line for e in examples], np.int32).reshape(n),
+    "chosen": np.zeros((n, max_len), np.int32),
+    "chosen_mask": np.zeros((n, max_len), np.bool_),
+    "rejected": np.zeros((n, max_len), np.int32),
+    "rejected_mask": np.zeros((n, max_len), np.bool_),
+    "weight": np.asarray([e.weight for e in examples], np.float32).reshape(n),
+    "prompt_len": np.asarray([e.prompt_len for e in examples], np.int32).reshape(n),
+    "subset_id": np.asarray([subset_index[e.subset] for e in examples], np.int32).reshape(n),
+    "line": np.asarray([e.line for e in examples], np.int32).reshape(n),
   }
   for i, e in enumerate(examples):
     for key, tokens in (("chosen", e.chosen), ("rejected", e.rejected)):
-      arrays[key][i, :len(tokens)] = tokens
-      arrays[f"{key}_mask"][i, :len(tokens)] = True
+      arrays[key][i, : len(tokens)] = tokens
+      arrays[f"{key}_mask"][i, : len(tokens)] = True
   return arrays, subset_names
 
 
@@ -580,10 +643,11 @@ class PreferencePairsConfig(tfds.core.BuilderConfig):
 
   def settings(self) -> dict[str, Any]:
     """The data settings as a JSON-serialisable dict (recorded in the metadata)."""
-    return {f.name: (list(getattr(self, f.name)) if f.name.endswith("_files")
-                     else getattr(self, f.name))
-            for f in dataclasses.fields(PreferencePairsConfig)
-            if f.name not in {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}}
+    return {
+      f.name: (list(getattr(self, f.name)) if f.name.endswith("_files") else getattr(self, f.name))
+      for f in dataclasses.fields(PreferencePairsConfig)
+      if f.name not in {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
+    }
 
 
 def _file_fingerprints(paths: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -628,19 +692,22 @@ class PreferencePairs(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description="Byte-tokenised preference pairs (jaxrm.data.preferences).",
-        features=tfds.features.FeaturesDict({
-            "chosen": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-            "rejected": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-            "prompt_len": tfds.features.Scalar(dtype=np.int32),
-            "subset": tfds.features.Text(),
-            "weight": tfds.features.Scalar(dtype=np.float32),
-            "source": tfds.features.Text(),
-            "line": tfds.features.Scalar(dtype=np.int32),
-            "truncated": tfds.features.Scalar(dtype=np.bool_),
-        }),
-        metadata=tfds.core.MetadataDict())
+      builder=self,
+      description="Byte-tokenised preference pairs (jaxrm.data.preferences).",
+      features=tfds.features.FeaturesDict(
+        {
+          "chosen": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+          "rejected": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+          "prompt_len": tfds.features.Scalar(dtype=np.int32),
+          "subset": tfds.features.Text(),
+          "weight": tfds.features.Scalar(dtype=np.float32),
+          "source": tfds.features.Text(),
+          "line": tfds.features.Scalar(dtype=np.int32),
+          "truncated": tfds.features.Scalar(dtype=np.bool_),
+        }
+      ),
+      metadata=tfds.core.MetadataDict(),
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # local files only
@@ -650,14 +717,21 @@ class PreferencePairs(tfds.core.GeneratorBasedBuilder):
     self.info.metadata["files"] = _file_fingerprints(config.train_files + config.test_files)
     self.info.metadata["splits"] = {}
     if config.test_files:
-      return {"train": self._generate_examples(config.train_files, "train", None),
-              "test": self._generate_examples(config.test_files, "test", None)}
+      return {
+        "train": self._generate_examples(config.train_files, "train", None),
+        "test": self._generate_examples(config.test_files, "test", None),
+      }
     if config.test_fraction > 0:
+
       def in_split(split):
-        return lambda line: line_split(line, test_fraction=config.test_fraction,
-                                       seed=config.split_seed) == split
-      return {"train": self._generate_examples(config.train_files, "train", in_split("train")),
-              "test": self._generate_examples(config.train_files, "test", in_split("test"))}
+        return lambda line: (
+          line_split(line, test_fraction=config.test_fraction, seed=config.split_seed) == split
+        )
+
+      return {
+        "train": self._generate_examples(config.train_files, "train", in_split("train")),
+        "test": self._generate_examples(config.train_files, "test", in_split("test")),
+      }
     return {"train": self._generate_examples(config.train_files, "train", None)}
 
   def _generate_examples(self, files, split, line_filter):
@@ -665,17 +739,38 @@ class PreferencePairs(tfds.core.GeneratorBasedBuilder):
     file_index = {path: i for i, path in enumerate(files)}
     stats = ReadStats()
     for e in iter_preference_examples(
-        files, max_len=config.max_len, skip_malformed=config.skip_malformed, stats=stats,
-        line_filter=line_filter, add_bos=config.add_bos, add_eos=config.add_eos,
-        min_prompt_fraction=config.min_prompt_fraction):
-      yield f"{file_index[e.source]}:{e.line}", {
-          "chosen": e.chosen, "rejected": e.rejected, "prompt_len": e.prompt_len,
-          "subset": e.subset, "weight": e.weight, "source": e.source, "line": e.line,
-          "truncated": e.truncated}
+      files,
+      max_len=config.max_len,
+      skip_malformed=config.skip_malformed,
+      stats=stats,
+      line_filter=line_filter,
+      add_bos=config.add_bos,
+      add_eos=config.add_eos,
+      min_prompt_fraction=config.min_prompt_fraction,
+    ):
+      yield (
+        f"{file_index[e.source]}:{e.line}",
+        {
+          "chosen": e.chosen,
+          "rejected": e.rejected,
+          "prompt_len": e.prompt_len,
+          "subset": e.subset,
+          "weight": e.weight,
+          "source": e.source,
+          "line": e.line,
+          "truncated": e.truncated,
+        },
+      )
     self.info.metadata["splits"][split] = stats.to_dict()
-    logging.info("preference_pairs/%s %s: %d records, %d skipped %s, %d truncated",
-                 config.name, split, stats.records, stats.num_skipped, stats.skipped,
-                 stats.truncated_pairs)
+    logging.info(
+      "preference_pairs/%s %s: %d records, %d skipped %s, %d truncated",
+      config.name,
+      split,
+      stats.records,
+      stats.num_skipped,
+      stats.skipped,
+      stats.truncated_pairs,
+    )
 
 
 def _validate_config(config: PreferencePairsConfig) -> None:
@@ -694,19 +789,19 @@ def _validate_config(config: PreferencePairsConfig) -> None:
 
 
 def build_preference_dataset(
-    train_files: str | os.PathLike | Sequence[str | os.PathLike],
-    *,
-    data_dir: str | os.PathLike,
-    max_len: int,
-    name: str = "default",
-    test_files: Sequence[str | os.PathLike] = (),
-    test_fraction: float = 0.0,
-    split_seed: int = 0,
-    skip_malformed: bool = False,
-    add_bos: bool = True,
-    add_eos: bool = True,
-    min_prompt_fraction: float = 0.5,
-    overwrite: bool = False,
+  train_files: str | os.PathLike | Sequence[str | os.PathLike],
+  *,
+  data_dir: str | os.PathLike,
+  max_len: int,
+  name: str = "default",
+  test_files: Sequence[str | os.PathLike] = (),
+  test_fraction: float = 0.0,
+  split_seed: int = 0,
+  skip_malformed: bool = False,
+  add_bos: bool = True,
+  add_eos: bool = True,
+  min_prompt_fraction: float = 0.5,
+  overwrite: bool = False,
 ) -> PreferencePairs:
   """Builds (or reuses) array_record files under ``data_dir/preference_pairs/name/1.0.0``.
 
@@ -730,26 +825,32 @@ def build_preference_dataset(
   if isinstance(train_files, (str, os.PathLike)):
     train_files = [train_files]
   config = PreferencePairsConfig(
-      name=name,
-      train_files=tuple(os.path.abspath(os.fspath(p)) for p in train_files),
-      test_files=tuple(os.path.abspath(os.fspath(p)) for p in test_files),
-      test_fraction=float(test_fraction), split_seed=int(split_seed), max_len=int(max_len),
-      skip_malformed=bool(skip_malformed), add_bos=bool(add_bos), add_eos=bool(add_eos),
-      min_prompt_fraction=float(min_prompt_fraction))
+    name=name,
+    train_files=tuple(os.path.abspath(os.fspath(p)) for p in train_files),
+    test_files=tuple(os.path.abspath(os.fspath(p)) for p in test_files),
+    test_fraction=float(test_fraction),
+    split_seed=int(split_seed),
+    max_len=int(max_len),
+    skip_malformed=bool(skip_malformed),
+    add_bos=bool(add_bos),
+    add_eos=bool(add_eos),
+    min_prompt_fraction=float(min_prompt_fraction),
+  )
   _validate_config(config)
-  builder = PreferencePairs(config=config, data_dir=os.fspath(data_dir),
-                            file_format="array_record")
+  builder = PreferencePairs(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
   mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
   if builder.is_prepared():
     stored = dict(builder.info.metadata)
-    current = {"settings": config.settings(),
-               "files": _file_fingerprints(config.train_files + config.test_files)}
+    current = {
+      "settings": config.settings(),
+      "files": _file_fingerprints(config.train_files + config.test_files),
+    }
     if any(stored.get(k) != v for k, v in current.items()):
       if not overwrite:
         raise ValueError(
-            f"{builder.data_path} was built from other files or settings; pass "
-            f"overwrite=True to rebuild it or choose another name")
+          f"{builder.data_path} was built from other files or settings; pass "
+          f"overwrite=True to rebuild it or choose another name"
+        )
       mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(download_mode=mode))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
   return builder

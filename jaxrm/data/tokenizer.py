@@ -82,8 +82,9 @@ def decode(ids: Iterable[int]) -> str:
   bad = (arr < 0) | (arr >= VOCAB_SIZE)
   if bad.any():
     raise ValueError(
-        f"ids must lie in [0, {VOCAB_SIZE}), got {int(arr[bad][0])} at position "
-        f"{int(np.flatnonzero(bad)[0])}")
+      f"ids must lie in [0, {VOCAB_SIZE}), got {int(arr[bad][0])} at position "
+      f"{int(np.flatnonzero(bad)[0])}"
+    )
   byte_ids = arr[arr >= BYTE_OFFSET] - BYTE_OFFSET
   return bytes(byte_ids.astype(np.uint8).tolist()).decode("utf-8", errors="replace")
 
@@ -107,13 +108,13 @@ def _check_side(value: str, name: str) -> None:
 
 
 def batch_encode(
-    texts: Sequence[str],
-    *,
-    max_len: int,
-    truncation_side: str = "left",
-    padding_side: str = "right",
-    add_bos: bool = False,
-    add_eos: bool = False,
+  texts: Sequence[str],
+  *,
+  max_len: int,
+  truncation_side: str = "left",
+  padding_side: str = "right",
+  add_bos: bool = False,
+  add_eos: bool = False,
 ) -> BatchEncoding:
   """Encodes a batch of strings into fixed-shape token and mask arrays.
 
@@ -140,8 +141,8 @@ def batch_encode(
   num_special = int(add_bos) + int(add_eos)
   if not isinstance(max_len, (int, np.integer)) or max_len <= num_special:
     raise ValueError(
-        f"max_len must be an int > {num_special} (the number of special tokens), "
-        f"got {max_len!r}")
+      f"max_len must be an int > {num_special} (the number of special tokens), got {max_len!r}"
+    )
   _check_side(truncation_side, "truncation_side")
   _check_side(padding_side, "padding_side")
   budget = max_len - num_special
@@ -152,11 +153,11 @@ def batch_encode(
     body = encode(text)
     if len(body) > budget:
       truncated[i] = True
-      body = body[len(body) - budget:] if truncation_side == "left" else body[:budget]
+      body = body[len(body) - budget :] if truncation_side == "left" else body[:budget]
     ids = ([BOS_ID] if add_bos else []) + body + ([EOS_ID] if add_eos else [])
     start = 0 if padding_side == "right" else max_len - len(ids)
-    tokens[i, start:start + len(ids)] = ids
-    mask[i, start:start + len(ids)] = True
+    tokens[i, start : start + len(ids)] = ids
+    mask[i, start : start + len(ids)] = True
   return BatchEncoding(tokens, mask, truncated)
 
 

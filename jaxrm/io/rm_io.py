@@ -1,11 +1,11 @@
 """Reward-model run directories: config serialisation and loading trained reward models.
 
 A reward-model run directory ``<workdir>`` (written by the reward-model training script) holds
-``<workdir>/checkpoints/<step>/`` checkpoints of :class:`jaxrm.checkpoint.CheckpointManager`:
-``state`` is the :class:`jaxrm.train_state.TrainState` of a
-:class:`jaxrm.reward_model.RewardModel`, and the JSON ``extra`` contains at least
+``<workdir>/checkpoints/<step>/`` checkpoints of :class:`jaxrm.io.checkpoint.CheckpointManager`:
+``state`` is the :class:`jaxrm.steps.train_state.TrainState` of a
+:class:`jaxrm.models.reward_model.RewardModel`, and the JSON ``extra`` contains at least
 
-* ``model_config``: the :class:`jaxrm.transformer.TransformerConfig` as JSON
+* ``model_config``: the :class:`jaxrm.models.transformer.TransformerConfig` as JSON
   (:func:`config_to_json`; ``dtype`` as ``"float32"`` / ``"bfloat16"``);
 * ``pooling``: ``"last"`` or ``"mean"``;
 * ``tokenizer``: ``"byte"`` or ``"synthetic"``;
@@ -14,7 +14,7 @@ A reward-model run directory ``<workdir>`` (written by the reward-model training
 :func:`load_reward_model` restores only the parameters (``state.params``, an orbax partial
 restore), so the optimizer used for training need not be known; the model is rebuilt from
 ``model_config`` and ``pooling``. :func:`load_reward_ensemble` stacks several runs of the same
-architecture for :func:`jaxrm.ensemble.apply_ensemble`. Loading never modifies the run
+architecture for :func:`jaxrm.models.ensemble.apply_ensemble`. Loading never modifies the run
 directory.
 
 Example::
@@ -27,18 +27,19 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import dataclasses
 import math
 import os
-from typing import Any, Callable, Sequence
+from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from absl import logging
 
-from jaxrm.reward_model import RewardModel
-from jaxrm.transformer import TransformerConfig
+from jaxrm.models.reward_model import RewardModel
+from jaxrm.models.transformer import TransformerConfig
 
 CHECKPOINT_DIR = "checkpoints"
 WHICH = ("latest", "best")
@@ -64,13 +65,15 @@ def config_from_json(d: dict[str, Any]) -> TransformerConfig:
     raise ValueError(f"model_config must be a JSON object, got {type(d).__name__}")
   unknown = sorted(set(d) - _FIELDS)
   if unknown:
-    raise ValueError(f"model_config has unknown fields {unknown}; expected a subset of "
-                     f"{sorted(_FIELDS)}")
+    raise ValueError(
+      f"model_config has unknown fields {unknown}; expected a subset of {sorted(_FIELDS)}"
+    )
   fields = dict(d)
   if "dtype" in fields:
     if fields["dtype"] not in _DTYPES:
-      raise ValueError(f"model_config field 'dtype' must be one of {sorted(_DTYPES)}, got "
-                       f"{fields['dtype']!r}")
+      raise ValueError(
+        f"model_config field 'dtype' must be one of {sorted(_DTYPES)}, got {fields['dtype']!r}"
+      )
     fields["dtype"] = _DTYPES[fields["dtype"]]
   try:
     return TransformerConfig(**fields)
@@ -81,24 +84,29 @@ def config_from_json(d: dict[str, Any]) -> TransformerConfig:
 def _manager(workdir: str) -> ocp.CheckpointManager:
   directory = os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_DIR)
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{workdir} is not a reward-model run directory: {directory} "
-                            "does not exist")
+    raise FileNotFoundError(
+      f"{workdir} is not a reward-model run directory: {directory} does not exist"
+    )
   # Not read_only=True (orbax then warns on every load); nothing here saves or deletes.
   return ocp.CheckpointManager(
-      directory, item_names=("state", "extra"),
-      options=ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False))
+    directory,
+    item_names=("state", "extra"),
+    options=ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False),
+  )
 
 
 def _read_extra(mgr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
   extra = mgr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
   if not isinstance(extra, dict):
-    raise ValueError(f"checkpoint {mgr.directory}/{step}: extra is "
-                     f"{type(extra).__name__}, expected a JSON object")
+    raise ValueError(
+      f"checkpoint {mgr.directory}/{step}: extra is {type(extra).__name__}, expected a JSON object"
+    )
   return extra
 
 
-def _candidate_steps(mgr: ocp.CheckpointManager, workdir: str, which: str,
-                     best_metric: str, best_mode: str) -> list[int]:
+def _candidate_steps(
+  mgr: ocp.CheckpointManager, workdir: str, which: str, best_metric: str, best_mode: str
+) -> list[int]:
   """Steps to try, in order: newest first ('latest') or the single best step ('best')."""
   if which not in WHICH:
     raise ValueError(f"which must be one of {WHICH}, got {which!r}")
@@ -118,8 +126,10 @@ def _candidate_steps(mgr: ocp.CheckpointManager, workdir: str, which: str,
     if math.isfinite(value):
       scored.append((value if best_mode == "max" else -value, step))
   if not scored:
-    raise ValueError(f"no checkpoint in {mgr.directory} has a finite metrics[{best_metric!r}] "
-                     "in its extra; use which='latest' or another best_metric")
+    raise ValueError(
+      f"no checkpoint in {mgr.directory} has a finite metrics[{best_metric!r}] "
+      "in its extra; use which='latest' or another best_metric"
+    )
   return [max(scored)[1]]
 
 
@@ -132,8 +142,9 @@ def _model(extra: dict[str, Any], where: str) -> RewardModel:
   except ValueError as e:
     raise ValueError(f"{where}: {e}") from None
   if extra["pooling"] not in ("last", "mean"):
-    raise ValueError(f"{where}: extra field 'pooling' must be 'last' or 'mean', got "
-                     f"{extra['pooling']!r}")
+    raise ValueError(
+      f"{where}: extra field 'pooling' must be 'last' or 'mean', got {extra['pooling']!r}"
+    )
   return RewardModel(cfg, pooling=extra["pooling"])
 
 
@@ -141,39 +152,47 @@ def _params_template(model: RewardModel) -> Any:
   dummy = jnp.zeros((1, 1), jnp.int32)
   shapes = jax.eval_shape(model.init, jax.random.key(0), dummy, jnp.ones((1, 1), bool))
   sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                      shapes)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
-def _restore(mgr: ocp.CheckpointManager, step: int) -> tuple[Callable[..., jax.Array], Any,
-                                                              dict[str, Any]]:
+def _restore(
+  mgr: ocp.CheckpointManager, step: int
+) -> tuple[Callable[..., jax.Array], Any, dict[str, Any]]:
   where = f"checkpoint {mgr.directory}/{step}"
   extra = _read_extra(mgr, step)
   model = _model(extra, where)
   template = {"params": _params_template(model)}
   restore_args = ocp.checkpoint_utils.construct_restore_args(template)
-  restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=template, restore_args=restore_args, partial_restore=True)))["state"]
+  restored = mgr.restore(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(item=template, restore_args=restore_args, partial_restore=True)
+    ),
+  )["state"]
   params = restored["params"]
   got = jax.tree.structure(params)
   want = jax.tree.structure(template["params"])
   if got != want:
-    raise ValueError(f"{where}: the saved params do not match model_config/pooling: "
-                     f"{got} vs {want}")
-  for (path, x), t in zip(jax.tree_util.tree_leaves_with_path(params),
-                          jax.tree.leaves(template["params"])):
+    raise ValueError(
+      f"{where}: the saved params do not match model_config/pooling: {got} vs {want}"
+    )
+  for (path, x), t in zip(
+    jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(template["params"])
+  ):
     if x.shape != t.shape or x.dtype != t.dtype:
-      raise ValueError(f"{where}: params{jax.tree_util.keystr(path)} has shape {x.shape} "
-                       f"{x.dtype}, model_config implies {t.shape} {t.dtype}")
+      raise ValueError(
+        f"{where}: params{jax.tree_util.keystr(path)} has shape {x.shape} "
+        f"{x.dtype}, model_config implies {t.shape} {t.dtype}"
+      )
   return model.apply, params, extra
 
 
 def load_reward_model(
-    workdir: str | os.PathLike,
-    *,
-    which: str = "latest",
-    best_metric: str = "eval_accuracy",
-    best_mode: str = "max",
+  workdir: str | os.PathLike,
+  *,
+  which: str = "latest",
+  best_metric: str = "eval_accuracy",
+  best_mode: str = "max",
 ) -> tuple[Callable[..., jax.Array], Any, dict[str, Any]]:
   """Loads a trained reward model from its run directory.
 
@@ -206,8 +225,13 @@ def load_reward_model(
       try:
         apply_fn, params, extra = _restore(mgr, step)
       except Exception as e:  # pylint: disable=broad-except  # unreadable: try the previous
-        logging.warning("Could not read the reward model at %s/%d (%s: %s)", mgr.directory,
-                        step, type(e).__name__, e)
+        logging.warning(
+          "Could not read the reward model at %s/%d (%s: %s)",
+          mgr.directory,
+          step,
+          type(e).__name__,
+          e,
+        )
         failures.append((step, e))
         continue
       return apply_fn, params, {**extra, "step": step}
@@ -220,11 +244,11 @@ def load_reward_model(
 
 
 def read_extra(
-    workdir: str | os.PathLike,
-    *,
-    which: str = "latest",
-    best_metric: str = "eval_accuracy",
-    best_mode: str = "max",
+  workdir: str | os.PathLike,
+  *,
+  which: str = "latest",
+  best_metric: str = "eval_accuracy",
+  best_mode: str = "max",
 ) -> dict[str, Any]:
   """The JSON extra of the checkpoint :func:`load_reward_model` would pick (no arrays read).
 
@@ -245,11 +269,11 @@ def read_extra(
 
 
 def load_reward_ensemble(
-    workdirs: Sequence[str | os.PathLike],
-    *,
-    which: str = "latest",
-    best_metric: str = "eval_accuracy",
-    best_mode: str = "max",
+  workdirs: Sequence[str | os.PathLike],
+  *,
+  which: str = "latest",
+  best_metric: str = "eval_accuracy",
+  best_mode: str = "max",
 ) -> tuple[Callable[..., jax.Array], Any]:
   """Loads several reward-model runs of one architecture as an ensemble.
 
@@ -261,21 +285,24 @@ def load_reward_ensemble(
   Returns:
     ``(apply_fn, stacked_params)``: the *member* ``apply_fn(params, tokens, mask) -> [b]``
     and parameters whose leaves have a leading axis ``k = len(workdirs)``; member rewards are
-    ``jaxrm.ensemble.apply_ensemble(apply_fn, stacked_params, tokens, mask)`` ``[k, b]``.
+    ``jaxrm.models.ensemble.apply_ensemble(apply_fn, stacked_params, tokens, mask)`` ``[k, b]``.
 
   Raises:
     ValueError: no directory, or members with different architectures (naming them).
   """
   if isinstance(workdirs, (str, os.PathLike)) or not workdirs:
     raise ValueError(f"workdirs must be a non-empty list of run directories, got {workdirs!r}")
-  members = [load_reward_model(w, which=which, best_metric=best_metric, best_mode=best_mode)
-             for w in workdirs]
+  members = [
+    load_reward_model(w, which=which, best_metric=best_metric, best_mode=best_mode)
+    for w in workdirs
+  ]
   first = members[0][2]
   for w, (_, _, extra) in zip(workdirs[1:], members[1:]):
     for field in ("model_config", "pooling", "tokenizer"):
       if extra.get(field) != first.get(field):
         raise ValueError(
-            f"ensemble members must share the architecture: {field} of {w} is "
-            f"{extra.get(field)!r}, of {workdirs[0]} {first.get(field)!r}")
+          f"ensemble members must share the architecture: {field} of {w} is "
+          f"{extra.get(field)!r}, of {workdirs[0]} {first.get(field)!r}"
+        )
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[m[1] for m in members])
   return members[0][0], stacked

@@ -2,11 +2,11 @@
 
 No pretrained model or human data is needed. The world has:
 
-* ``pi_init``: a small transformer LM (:class:`jaxrm.policy.PolicyModel`) whose LM-head bias is
+* ``pi_init``: a small transformer LM (:class:`jaxrm.models.policy.PolicyModel`) whose LM-head bias is
   the log of a Zipf unigram distribution and whose random backbone makes the next-token
   distribution depend on the context. All comparison data is sampled from it.
 * a **gold** reward (the "human"): a larger frozen random transformer
-  (:class:`jaxrm.reward_model.RewardModel`) plus a planted *feature* term: the count ``c`` of
+  (:class:`jaxrm.models.reward_model.RewardModel`) plus a planted *feature* term: the count ``c`` of
   one token in the response is rewarded linearly (``feature_coef`` per standard deviation of
   ``c`` under ``pi_init``) and penalised beyond its ``feature_quantile`` quantile ``c_q`` under
   ``pi_init`` (``- feature_penalty * (c - c_q) ** feature_penalty_power``; the default linear
@@ -41,12 +41,11 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxrm import sampling
-from jaxrm.policy import PolicyModel
-from jaxrm.reward_model import RewardModel
-from jaxrm.transformer import TransformerConfig
+from jaxrm.models import sampling
+from jaxrm.models.policy import PolicyModel
+from jaxrm.models.reward_model import RewardModel
+from jaxrm.models.transformer import TransformerConfig
 
 _LABELS = ("deterministic", "bradley_terry")
 
@@ -98,30 +97,45 @@ class WorldConfig:
       if getattr(self, name) < 1:
         raise ValueError(f"WorldConfig.{name} must be >= 1, got {getattr(self, name)}")
     if not 0 <= self.feature_token < self.vocab_size:
-      raise ValueError(f"WorldConfig.feature_token must lie in [0, {self.vocab_size}), "
-                       f"got {self.feature_token}")
+      raise ValueError(
+        f"WorldConfig.feature_token must lie in [0, {self.vocab_size}), got {self.feature_token}"
+      )
     if not 0.0 < self.feature_quantile < 1.0:
-      raise ValueError(f"WorldConfig.feature_quantile must lie in (0, 1), "
-                       f"got {self.feature_quantile}")
+      raise ValueError(
+        f"WorldConfig.feature_quantile must lie in (0, 1), got {self.feature_quantile}"
+      )
 
   @property
   def seq_len(self) -> int:
     return self.prompt_len + self.response_len
 
   def policy_config(self) -> TransformerConfig:
-    return TransformerConfig(vocab_size=self.vocab_size, num_layers=self.policy_layers,
-                             width=self.policy_width, num_heads=self.policy_heads,
-                             max_len=self.seq_len)
+    return TransformerConfig(
+      vocab_size=self.vocab_size,
+      num_layers=self.policy_layers,
+      width=self.policy_width,
+      num_heads=self.policy_heads,
+      max_len=self.seq_len,
+    )
 
   def gold_config(self) -> TransformerConfig:
-    return TransformerConfig(vocab_size=self.vocab_size, num_layers=self.gold_layers,
-                             width=self.gold_width, num_heads=self.gold_heads,
-                             max_len=self.seq_len)
+    return TransformerConfig(
+      vocab_size=self.vocab_size,
+      num_layers=self.gold_layers,
+      width=self.gold_width,
+      num_heads=self.gold_heads,
+      max_len=self.seq_len,
+    )
 
   def reward_config(self, *, num_layers: int, width: int, num_heads: int) -> TransformerConfig:
     """A reward-model backbone for this world's sequences (used for the proxies)."""
-    return TransformerConfig(vocab_size=self.vocab_size, num_layers=num_layers, width=width,
-                             num_heads=num_heads, max_len=self.seq_len)
+    return TransformerConfig(
+      vocab_size=self.vocab_size,
+      num_layers=num_layers,
+      width=width,
+      num_heads=num_heads,
+      max_len=self.seq_len,
+    )
 
 
 def parse_world_overrides(text: str) -> dict[str, Any]:
@@ -141,13 +155,15 @@ def parse_world_overrides(text: str) -> dict[str, Any]:
     try:
       out[key] = types[key](value)
     except ValueError:
-      raise ValueError(f"WorldConfig.{key} must be a {types[key].__name__}, "
-                       f"got {value!r}") from None
+      raise ValueError(
+        f"WorldConfig.{key} must be a {types[key].__name__}, got {value!r}"
+      ) from None
   return out
 
 
 class GoldStats(NamedTuple):
   """Normalising statistics of gold, measured on ``pi_init`` samples (all shape=(), float32)."""
+
   raw_mean: jax.Array  # shape=(), float32: mean of the transformer part
   raw_std: jax.Array  # shape=(), float32
   count_mean: jax.Array  # shape=(), float32: mean feature count
@@ -159,6 +175,7 @@ class GoldStats(NamedTuple):
 
 class World(NamedTuple):
   """The frozen parts of a world: ``pi_init`` and gold parameters and gold's statistics."""
+
   policy_params: Any
   gold_params: Any
   stats: GoldStats
@@ -174,10 +191,11 @@ def policy_model(cfg: WorldConfig, *, value_head: bool = False) -> PolicyModel:
   """The ``PolicyModel`` of ``pi_init`` (Zipf LM-head bias, scaled random LM-head kernel)."""
   bias = zipf_logits(cfg.vocab_size, cfg.zipf_exponent)
   return PolicyModel(
-      cfg.policy_config(), value_head=value_head,
-      lm_bias_init=lambda key, shape, dtype=jnp.float32: jnp.broadcast_to(bias, shape),
-      lm_kernel_init=nn.initializers.variance_scaling(cfg.policy_logit_scale ** 2, "fan_in",
-                                                      "normal"))
+    cfg.policy_config(),
+    value_head=value_head,
+    lm_bias_init=lambda key, shape, dtype=jnp.float32: jnp.broadcast_to(bias, shape),
+    lm_kernel_init=nn.initializers.variance_scaling(cfg.policy_logit_scale**2, "fan_in", "normal"),
+  )
 
 
 def sample_prompts(cfg: WorldConfig, key: jax.Array, num: int) -> jax.Array:
@@ -186,8 +204,9 @@ def sample_prompts(cfg: WorldConfig, key: jax.Array, num: int) -> jax.Array:
   return jax.random.categorical(key, logits, shape=(num, cfg.prompt_len)).astype(jnp.int32)
 
 
-def sample_responses(world: World, cfg: WorldConfig, prompts: jax.Array, key: jax.Array,
-                     *, policy_params: Any = None) -> tuple[jax.Array, jax.Array]:
+def sample_responses(
+  world: World, cfg: WorldConfig, prompts: jax.Array, key: jax.Array, *, policy_params: Any = None
+) -> tuple[jax.Array, jax.Array]:
   """Samples one response per prompt from ``pi_init`` (or ``policy_params``).
 
   Args:
@@ -205,17 +224,24 @@ def sample_responses(world: World, cfg: WorldConfig, prompts: jax.Array, key: ja
   prompts = jnp.asarray(prompts, jnp.int32)
   if prompts.ndim != 2 or prompts.shape[1] != cfg.prompt_len:
     raise ValueError(f"prompts must have shape [batch, {cfg.prompt_len}], got {prompts.shape}")
-  out = sampling.sample(params, prompts, jnp.ones(prompts.shape, bool), key,
-                        config=cfg.policy_config(), max_new_tokens=cfg.response_len,
-                        eos_id=None)
+  out = sampling.sample(
+    params,
+    prompts,
+    jnp.ones(prompts.shape, bool),
+    key,
+    config=cfg.policy_config(),
+    max_new_tokens=cfg.response_len,
+    eos_id=None,
+  )
   return out.tokens, out.mask
 
 
 def feature_count(cfg: WorldConfig, tokens: jax.Array, mask: jax.Array) -> jax.Array:
   """``[batch]`` float32 count of ``cfg.feature_token`` in the response."""
-  response = tokens[:, cfg.prompt_len:]
-  return jnp.sum((response == cfg.feature_token) & mask[:, cfg.prompt_len:], axis=-1,
-                 dtype=jnp.float32)
+  response = tokens[:, cfg.prompt_len :]
+  return jnp.sum(
+    (response == cfg.feature_token) & mask[:, cfg.prompt_len :], axis=-1, dtype=jnp.float32
+  )
 
 
 def _gold_parts(gold_params, cfg: WorldConfig, tokens, mask):
@@ -227,7 +253,7 @@ def _combine(cfg: WorldConfig, stats: GoldStats, raw, count):
   """Un-normalised gold: standardised transformer part + planted feature term."""
   linear = cfg.feature_coef * (count - stats.count_mean) / stats.count_std
   excess = jnp.maximum(count - stats.count_threshold, 0.0)
-  penalty = cfg.feature_penalty * excess ** cfg.feature_penalty_power
+  penalty = cfg.feature_penalty * excess**cfg.feature_penalty_power
   return (raw - stats.raw_mean) / stats.raw_std + linear - penalty
 
 
@@ -262,15 +288,26 @@ def init_world(cfg: WorldConfig, key: jax.Array) -> World:
   policy_params = policy_model(cfg).init(k_policy, dummy, dummy_mask)
   gold_params = RewardModel(cfg.gold_config()).init(k_gold, dummy, dummy_mask)
   prompts = sample_prompts(cfg, k_prompts, cfg.num_calibration)
-  out = sampling.sample(policy_params, prompts, jnp.ones(prompts.shape, bool), k_samples,
-                        config=cfg.policy_config(), max_new_tokens=cfg.response_len,
-                        eos_id=None)
+  out = sampling.sample(
+    policy_params,
+    prompts,
+    jnp.ones(prompts.shape, bool),
+    k_samples,
+    config=cfg.policy_config(),
+    max_new_tokens=cfg.response_len,
+    eos_id=None,
+  )
   raw, count = _gold_parts(gold_params, cfg, out.tokens, out.mask)
   one = jnp.float32(1.0)
-  stats = GoldStats(raw_mean=raw.mean(), raw_std=raw.std(), count_mean=count.mean(),
-                    count_std=jnp.maximum(count.std(), 1e-6),
-                    count_threshold=jnp.quantile(count, cfg.feature_quantile),
-                    mean=jnp.float32(0.0), std=one)
+  stats = GoldStats(
+    raw_mean=raw.mean(),
+    raw_std=raw.std(),
+    count_mean=count.mean(),
+    count_std=jnp.maximum(count.std(), 1e-6),
+    count_threshold=jnp.quantile(count, cfg.feature_quantile),
+    mean=jnp.float32(0.0),
+    std=one,
+  )
   combined = _combine(cfg, stats, raw, count)
   stats = stats._replace(mean=combined.mean(), std=combined.std())
   return World(policy_params, gold_params, stats)
@@ -279,8 +316,9 @@ def init_world(cfg: WorldConfig, key: jax.Array) -> World:
 class Comparisons(NamedTuple):
   """Gold-labelled pairs of ``pi_init`` responses, as a preference batch plus gold scores.
 
-  ``as_batch()`` gives the dict consumed by :func:`jaxrm.rm_step.reward_model_step`.
+  ``as_batch()`` gives the dict consumed by :func:`jaxrm.steps.rm_step.reward_model_step`.
   """
+
   chosen: jax.Array  # [num, seq_len] int32
   rejected: jax.Array  # [num, seq_len] int32
   mask: jax.Array  # [num, seq_len] bool (the same for both sides: fixed lengths)
@@ -288,12 +326,23 @@ class Comparisons(NamedTuple):
   gold_rejected: jax.Array  # [num] float32
 
   def as_batch(self) -> dict[str, jax.Array]:
-    return {"chosen": self.chosen, "chosen_mask": self.mask, "rejected": self.rejected,
-            "rejected_mask": self.mask}
+    return {
+      "chosen": self.chosen,
+      "chosen_mask": self.mask,
+      "rejected": self.rejected,
+      "rejected_mask": self.mask,
+    }
 
 
-def make_comparisons(world: World, cfg: WorldConfig, key: jax.Array, *, num: int,
-                     labels: str = "deterministic", label_noise: float = 0.0) -> Comparisons:
+def make_comparisons(
+  world: World,
+  cfg: WorldConfig,
+  key: jax.Array,
+  *,
+  num: int,
+  labels: str = "deterministic",
+  label_noise: float = 0.0,
+) -> Comparisons:
   """Samples ``num`` pairs of ``pi_init`` responses to shared prompts and labels them by gold.
 
   Args:
@@ -332,6 +381,10 @@ def _make_comparisons(world, cfg, key, num, labels, label_noise):
   a_wins = jax.random.uniform(k_label, (num,)) < p_a
   a_wins = a_wins ^ (jax.random.uniform(k_noise, (num,)) < label_noise)
   pick = lambda x, y: jnp.where(a_wins.reshape((-1,) + (1,) * (x.ndim - 1)), x, y)
-  return Comparisons(chosen=pick(tokens_a, tokens_b), rejected=pick(tokens_b, tokens_a),
-                     mask=mask, gold_chosen=pick(gold_a, gold_b),
-                     gold_rejected=pick(gold_b, gold_a))
+  return Comparisons(
+    chosen=pick(tokens_a, tokens_b),
+    rejected=pick(tokens_b, tokens_a),
+    mask=mask,
+    gold_chosen=pick(gold_a, gold_b),
+    gold_rejected=pick(gold_b, gold_a),
+  )

@@ -3,9 +3,9 @@
 ``reward_model_step`` is a pure ``(state, batch) -> (state, metrics)`` function that scores the
 chosen and rejected sequences with one call of a user ``apply_fn``, evaluates a preference loss
 (e.g. Bradley–Terry), averages loss and gradients over ``axis_name`` with ``lax.pmean`` and
-applies the optax update through :func:`jaxrm.train_state.apply_if_finite`. The same body runs
+applies the optax update through :func:`jaxrm.steps.train_state.apply_if_finite`. The same body runs
 under ``jax.jit`` (``axis_name=None``), ``jax.shard_map`` and ``jax.pmap``; see
-:mod:`jaxrm.parallel` for the launchers.
+:mod:`jaxrm.steps.parallel` for the launchers.
 
 Preference batch (dict of arrays, leading axis = the local batch):
   ``'chosen'`` ``[batch, seq]`` int32, ``'chosen_mask'`` ``[batch, seq]`` bool,
@@ -18,14 +18,15 @@ References:
   feedback. https://arxiv.org/abs/2203.02155
 """
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import optax
-from jax import lax
 
-from jaxrm import train_state as train_state_lib
+from jaxrm.steps import train_state as train_state_lib
 
 _REQUIRED_KEYS = ("chosen", "chosen_mask", "rejected", "rejected_mask")
 
@@ -34,34 +35,37 @@ def _check_batch(batch: Mapping[str, Any]) -> int:
   """Checks ranks and shapes of a preference batch at trace time; returns the batch size."""
   missing = [k for k in _REQUIRED_KEYS if k not in batch]
   if missing:
-    raise ValueError(
-        f"preference batch is missing keys {missing}; got keys {sorted(batch)}")
+    raise ValueError(f"preference batch is missing keys {missing}; got keys {sorted(batch)}")
   for name in _REQUIRED_KEYS:
     if jnp.ndim(batch[name]) != 2:
       raise ValueError(
-          f"batch['{name}'] must have shape [batch, seq], got {jnp.shape(batch[name])}")
+        f"batch['{name}'] must have shape [batch, seq], got {jnp.shape(batch[name])}"
+      )
   for tokens, mask in (("chosen", "chosen_mask"), ("rejected", "rejected_mask")):
     if jnp.shape(batch[tokens]) != jnp.shape(batch[mask]):
       raise ValueError(
-          f"batch['{tokens}'] and batch['{mask}'] must have the same shape, got "
-          f"{jnp.shape(batch[tokens])} and {jnp.shape(batch[mask])}")
+        f"batch['{tokens}'] and batch['{mask}'] must have the same shape, got "
+        f"{jnp.shape(batch[tokens])} and {jnp.shape(batch[mask])}"
+      )
   b = jnp.shape(batch["chosen"])[0]
   if jnp.shape(batch["rejected"])[0] != b:
     raise ValueError(
-        "batch['chosen'] and batch['rejected'] must have the same batch size, got "
-        f"{jnp.shape(batch['chosen'])} and {jnp.shape(batch['rejected'])}")
+      "batch['chosen'] and batch['rejected'] must have the same batch size, got "
+      f"{jnp.shape(batch['chosen'])} and {jnp.shape(batch['rejected'])}"
+    )
   for name in ("weight", "label"):
     if batch.get(name) is not None and jnp.shape(batch[name]) != (b,):
       raise ValueError(
-          f"batch['{name}'] must have shape [batch] = ({b},), got {jnp.shape(batch[name])}")
+        f"batch['{name}'] must have shape [batch] = ({b},), got {jnp.shape(batch[name])}"
+      )
   return b
 
 
 def _score_pairs(
-    apply_fn: Callable[..., jax.Array],
-    params: Any,
-    batch: Mapping[str, Any],
-    key: jax.Array | None,
+  apply_fn: Callable[..., jax.Array],
+  params: Any,
+  batch: Mapping[str, Any],
+  key: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array]:
   """Scores chosen and rejected sequences; one ``apply_fn`` call when the lengths agree."""
   b = _check_batch(batch)
@@ -72,8 +76,8 @@ def _score_pairs(
     rewards = apply_fn(params, tokens, mask, **extra)
     if jnp.shape(rewards) != (2 * b,):
       raise ValueError(
-          f"apply_fn must return rewards of shape [batch] = ({2 * b},), got "
-          f"{jnp.shape(rewards)}")
+        f"apply_fn must return rewards of shape [batch] = ({2 * b},), got {jnp.shape(rewards)}"
+      )
     return rewards[:b], rewards[b:]
   if key is not None:
     key_c, key_r = jax.random.split(key)
@@ -85,8 +89,9 @@ def _score_pairs(
   for name, r in (("chosen", rewards_c), ("rejected", rewards_r)):
     if jnp.shape(r) != (b,):
       raise ValueError(
-          f"apply_fn must return rewards of shape [batch] = ({b},) for the {name} "
-          f"sequences, got {jnp.shape(r)}")
+        f"apply_fn must return rewards of shape [batch] = ({b},) for the {name} "
+        f"sequences, got {jnp.shape(r)}"
+      )
   return rewards_c, rewards_r
 
 
@@ -115,8 +120,8 @@ def _pmean(x: Any, axis_name: Any) -> Any:
 
 
 def preference_accuracy(
-    rewards_chosen: jax.typing.ArrayLike,
-    rewards_rejected: jax.typing.ArrayLike,
+  rewards_chosen: jax.typing.ArrayLike,
+  rewards_rejected: jax.typing.ArrayLike,
 ) -> jax.Array:
   """Fraction of pairs with ``r_chosen > r_rejected``, ties counting one half.
 
@@ -131,22 +136,23 @@ def preference_accuracy(
   rr = jnp.asarray(rewards_rejected, jnp.float32)
   if rc.ndim != 1 or rc.shape != rr.shape:
     raise ValueError(
-        "rewards_chosen and rewards_rejected must both have shape [batch], got "
-        f"{rc.shape} and {rr.shape}")
+      "rewards_chosen and rewards_rejected must both have shape [batch], got "
+      f"{rc.shape} and {rr.shape}"
+    )
   return jnp.mean((rc > rr).astype(jnp.float32) + 0.5 * (rc == rr).astype(jnp.float32))
 
 
 def reward_model_step(
-    state: train_state_lib.TrainState,
-    batch: Mapping[str, jax.Array],
-    *,
-    apply_fn: Callable[..., jax.Array],
-    loss_fn: Callable[..., jax.Array],
-    optimizer: optax.GradientTransformation,
-    axis_name: Any = None,
-    nonfinite: str = "skip",
-    weights_normalized: bool = True,
-    apply_takes_key: bool = False,
+  state: train_state_lib.TrainState,
+  batch: Mapping[str, jax.Array],
+  *,
+  apply_fn: Callable[..., jax.Array],
+  loss_fn: Callable[..., jax.Array],
+  optimizer: optax.GradientTransformation,
+  axis_name: Any = None,
+  nonfinite: str = "skip",
+  weights_normalized: bool = True,
+  apply_takes_key: bool = False,
 ) -> tuple[train_state_lib.TrainState, dict[str, jax.Array]]:
   """One optimizer step of a reward model on a batch of preference pairs.
 
@@ -158,18 +164,18 @@ def reward_model_step(
 
   Equivalence across modes: every device must hold the same number of pairs, and ``loss_fn``
   must be a (weighted) mean over the batch. With ``weights_normalized=True`` (the convention
-  of :mod:`jaxrm.preference`) it is ``sum(w * l) / sum(w)``: each device's loss is then
+  of :mod:`jaxrm.math.preference`) it is ``sum(w * l) / sum(w)``: each device's loss is then
   rescaled by ``sum(w_device) / pmean(sum(w_device))`` before averaging, so that loss and
   gradients equal those of the global batch on one device. With ``weights_normalized=False``
   it is ``mean(w * l)`` and plain averaging is exact. Without ``'weight'`` both are the same.
 
   Randomness: the step key is ``jax.random.fold_in(state.key, state.step)``
-  (:func:`jaxrm.train_state.step_key`), folded with ``lax.axis_index(axis_name)`` under a
+  (:func:`jaxrm.steps.train_state.step_key`), folded with ``lax.axis_index(axis_name)`` under a
   mapped axis so devices draw different dropout masks. It is passed to ``apply_fn`` as
   ``key=`` only when ``apply_takes_key=True`` (deterministic models need nothing).
 
   Args:
-    state: the current :class:`jaxrm.train_state.TrainState`.
+    state: the current :class:`jaxrm.steps.train_state.TrainState`.
     batch: preference batch (see the module docstring); ``'weight'`` and ``'label'`` are
       optional and forwarded to ``loss_fn`` as ``weights=`` and ``labels=``.
     apply_fn: ``apply_fn(params, tokens [b, s] int32, mask [b, s] bool) -> rewards [b]``
@@ -178,7 +184,7 @@ def reward_model_step(
       labels=None) -> scalar``, e.g. the Bradley–Terry loss ``-mean(log sigmoid(rc - rr))``.
     optimizer: optax gradient transformation matching ``state.opt_state``.
     axis_name: mapped axis to average over (``None`` under plain ``jit``).
-    nonfinite: ``'skip'`` or ``'raise'``, see :func:`jaxrm.train_state.apply_if_finite`.
+    nonfinite: ``'skip'`` or ``'raise'``, see :func:`jaxrm.steps.train_state.apply_if_finite`.
     weights_normalized: whether ``loss_fn`` divides by ``sum(weights)`` (True) or by the
       batch size (False); only matters with ``'weight'`` in the batch and a mapped axis.
     apply_takes_key: pass the step key to ``apply_fn`` as ``key=``.
@@ -213,29 +219,29 @@ def reward_model_step(
       raise ValueError(f"loss_fn must return a scalar, got shape {jnp.shape(loss)}")
     return loss * loss_scale, (rewards_c, rewards_r)
 
-  (loss, (rewards_c, rewards_r)), grads = jax.value_and_grad(
-      objective, has_aux=True)(params)
+  (loss, (rewards_c, rewards_r)), grads = jax.value_and_grad(objective, has_aux=True)(params)
   grads = _pmean(grads, axis_name)
   loss = _pmean(loss, axis_name)
   new_state, is_nonfinite = train_state_lib.apply_if_finite(
-      state, grads, loss, optimizer, nonfinite=nonfinite, axis_name=axis_name)
+    state, grads, loss, optimizer, nonfinite=nonfinite, axis_name=axis_name
+  )
   metrics = {
-      "loss": loss,
-      "accuracy": _pmean(preference_accuracy(rewards_c, rewards_r), axis_name),
-      "margin": _pmean(jnp.mean(rewards_c - rewards_r), axis_name),
-      "grad_norm": optax.tree.norm(grads),
-      "nonfinite": is_nonfinite,
-      "num_skipped": new_state.num_skipped,
+    "loss": loss,
+    "accuracy": _pmean(preference_accuracy(rewards_c, rewards_r), axis_name),
+    "margin": _pmean(jnp.mean(rewards_c - rewards_r), axis_name),
+    "grad_norm": optax.tree.norm(grads),
+    "nonfinite": is_nonfinite,
+    "num_skipped": new_state.num_skipped,
   }
   return new_state, metrics
 
 
 def reward_model_eval_step(
-    params: Any,
-    batch: Mapping[str, jax.Array],
-    *,
-    apply_fn: Callable[..., jax.Array],
-    axis_name: Any = None,
+  params: Any,
+  batch: Mapping[str, jax.Array],
+  *,
+  apply_fn: Callable[..., jax.Array],
+  axis_name: Any = None,
 ) -> dict[str, jax.Array]:
   """Scores a batch of preference pairs for evaluation (no gradients, no state change).
 
@@ -253,9 +259,10 @@ def reward_model_eval_step(
     float32.
   """
   rewards_c, rewards_r = _score_pairs(apply_fn, params, batch, None)
-  out = {"rewards_chosen": rewards_c.astype(jnp.float32),
-         "rewards_rejected": rewards_r.astype(jnp.float32)}
+  out = {
+    "rewards_chosen": rewards_c.astype(jnp.float32),
+    "rewards_rejected": rewards_r.astype(jnp.float32),
+  }
   if axis_name is not None:
-    out = jax.tree.map(lambda x: lax.all_gather(x, axis_name, tiled=True, to="invarying"),
-                       out)
+    out = jax.tree.map(lambda x: lax.all_gather(x, axis_name, tiled=True, to="invarying"), out)
   return out

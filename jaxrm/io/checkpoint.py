@@ -47,12 +47,12 @@ import math
 import os
 from typing import Any
 
+from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
-from etils import epath
 
 _STATE = "state"
 _EXTRA = "extra"
@@ -70,6 +70,7 @@ def _keys_to_data(tree: Any) -> Any:
 
 def _template_for_restore(template: Any) -> Any:
   """Typed keys -> their key-data template; keeps arrays (and their shardings) otherwise."""
+
   def leaf(x):
     if _is_key(x):
       if isinstance(x, jax.ShapeDtypeStruct):
@@ -77,6 +78,7 @@ def _template_for_restore(template: Any) -> Any:
         return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=x.sharding)
       return jax.random.key_data(x)
     return x
+
   return jax.tree.map(leaf, template)
 
 
@@ -91,6 +93,7 @@ def _rewrap_keys(restored: Any, template: Any) -> Any:
     if _is_key(t):
       return jax.random.wrap_key_data(r, impl=_key_impl(t))
     return r
+
   return jax.tree.map(leaf, restored, template)
 
 
@@ -99,12 +102,14 @@ def _check_matches_template(restored: Any, template: Any, step: int) -> None:
   paths_t = jax.tree_util.tree_leaves_with_path(template)
   if len(paths_r) != len(paths_t):
     raise ValueError(
-        f"checkpoint at step {step} has {len(paths_r)} arrays, the template {len(paths_t)}")
+      f"checkpoint at step {step} has {len(paths_r)} arrays, the template {len(paths_t)}"
+    )
   for (path, r), (_, t) in zip(paths_r, paths_t):
     if np.shape(r) != np.shape(t) or np.dtype(r.dtype) != np.dtype(t.dtype):
       raise ValueError(
-          f"checkpoint at step {step}: {jax.tree_util.keystr(path)} has shape "
-          f"{np.shape(r)} and dtype {r.dtype}, the template {np.shape(t)} and {t.dtype}")
+        f"checkpoint at step {step}: {jax.tree_util.keystr(path)} has shape "
+        f"{np.shape(r)} and dtype {r.dtype}, the template {np.shape(t)} and {t.dtype}"
+      )
 
 
 def _to_json(x: Any) -> Any:
@@ -135,13 +140,13 @@ class CheckpointManager:
   """
 
   def __init__(
-      self,
-      directory: str | os.PathLike,
-      *,
-      max_to_keep: int | None = 3,
-      best_metric: str | None = None,
-      best_mode: str = "max",
-      async_save: bool = False,
+    self,
+    directory: str | os.PathLike,
+    *,
+    max_to_keep: int | None = 3,
+    best_metric: str | None = None,
+    best_mode: str = "max",
+    async_save: bool = False,
   ):
     if best_mode not in ("max", "min"):
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
@@ -156,19 +161,25 @@ class CheckpointManager:
     best_fn = None
     if best_metric is not None:
       best_fn = self._metric_value
-      policies.append(ocp.checkpoint_managers.BestN(
-          get_metric_fn=best_fn, reverse=(best_mode == "min"), n=1,
-          keep_checkpoints_without_metrics=False))
+      policies.append(
+        ocp.checkpoint_managers.BestN(
+          get_metric_fn=best_fn,
+          reverse=(best_mode == "min"),
+          n=1,
+          keep_checkpoints_without_metrics=False,
+        )
+      )
     options = ocp.CheckpointManagerOptions(
-        best_fn=best_fn,
-        best_mode=best_mode,
-        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,
-        create=True,
+      best_fn=best_fn,
+      best_mode=best_mode,
+      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,
+      create=True,
     )
-    self._manager = ocp.CheckpointManager(self._directory, options=options,
-                                          item_names=(_STATE, _EXTRA))
+    self._manager = ocp.CheckpointManager(
+      self._directory, options=options, item_names=(_STATE, _EXTRA)
+    )
 
   # ---- helpers ---------------------------------------------------------------------------
 
@@ -202,8 +213,9 @@ class CheckpointManager:
       try:
         json.loads(metrics_file.read_text())
       except (ValueError, OSError) as e:
-        logging.warning("Checkpoint at step %s has an unreadable metrics file %s: %s",
-                        path.name, metrics_file, e)
+        logging.warning(
+          "Checkpoint at step %s has an unreadable metrics file %s: %s", path.name, metrics_file, e
+        )
         self._quarantine(int(path.name), f"unreadable metrics: {e}")
 
   # ---- public API ------------------------------------------------------------------------
@@ -226,12 +238,12 @@ class CheckpointManager:
     return self._manager.best_step()
 
   def save(
-      self,
-      step: int,
-      state: Any,
-      extra: dict[str, Any] | None = None,
-      *,
-      metrics: dict[str, Any] | None = None,
+    self,
+    step: int,
+    state: Any,
+    extra: dict[str, Any] | None = None,
+    *,
+    metrics: dict[str, Any] | None = None,
   ) -> bool:
     """Saves ``state`` and ``extra`` as checkpoint ``step``; then prunes old checkpoints.
 
@@ -254,19 +266,25 @@ class CheckpointManager:
       metrics = _jsonable(metrics)
       if self._best_metric is not None and self._best_metric not in metrics:
         raise ValueError(
-            f"metrics must contain best_metric {self._best_metric!r}, got keys "
-            f"{sorted(metrics)}")
+          f"metrics must contain best_metric {self._best_metric!r}, got keys {sorted(metrics)}"
+        )
     elif self._best_metric is not None:
-      logging.warning("Checkpoint at step %d is saved without metrics; it can be kept only "
-                      "as one of the latest, not as the best", step)
+      logging.warning(
+        "Checkpoint at step %d is saved without metrics; it can be kept only "
+        "as one of the latest, not as the best",
+        step,
+      )
     if step in self._manager.all_steps():
-      logging.info("Checkpoint at step %d already exists in %s; not saving it again",
-                   step, self._directory)
+      logging.info(
+        "Checkpoint at step %d already exists in %s; not saving it again", step, self._directory
+      )
       return False
-    args = ocp.args.Composite(**{
+    args = ocp.args.Composite(
+      **{
         _STATE: ocp.args.StandardSave(_keys_to_data(state)),
         _EXTRA: ocp.args.JsonSave(extra),
-    })
+      }
+    )
     return self._manager.save(step, args=args, metrics=metrics, force=True)
 
   def restore(self, step: int, template: Any) -> tuple[Any, dict[str, Any]]:
@@ -285,16 +303,22 @@ class CheckpointManager:
       ValueError, OSError, ...: if the checkpoint is damaged or does not match ``template``.
     """
     self._manager.wait_until_finished()
-    restored = self._manager.restore(int(step), args=ocp.args.Composite(**{
-        _STATE: ocp.args.StandardRestore(_template_for_restore(template)),
-        _EXTRA: ocp.args.JsonRestore(),
-    }))
+    restored = self._manager.restore(
+      int(step),
+      args=ocp.args.Composite(
+        **{
+          _STATE: ocp.args.StandardRestore(_template_for_restore(template)),
+          _EXTRA: ocp.args.JsonRestore(),
+        }
+      ),
+    )
     state = restored[_STATE]
     _check_matches_template(state, _template_for_restore(template), step)
     extra = restored[_EXTRA]
     if not isinstance(extra, dict):
-      raise ValueError(f"checkpoint at step {step}: extra is {type(extra).__name__}, "
-                       "expected a dict")
+      raise ValueError(
+        f"checkpoint at step {step}: extra is {type(extra).__name__}, expected a dict"
+      )
     return _rewrap_keys(state, template), extra
 
   def restore_latest(self, template: Any) -> tuple[Any, dict[str, Any], int] | None:
@@ -321,17 +345,23 @@ class CheckpointManager:
       try:
         state, extra = self.restore(step, template)
       except Exception as e:  # pylint: disable=broad-except  # any read error means damage
-        logging.warning("Could not restore the checkpoint at step %d in %s (%s: %s); "
-                        "trying the previous checkpoint", step, self._directory,
-                        type(e).__name__, e)
+        logging.warning(
+          "Could not restore the checkpoint at step %d in %s (%s: %s); "
+          "trying the previous checkpoint",
+          step,
+          self._directory,
+          type(e).__name__,
+          e,
+        )
         failures.append((step, e))
         continue
       for bad_step, err in failures:
         self._quarantine(bad_step, f"{type(err).__name__}: {err}")
       if failures:
         self._manager.reload()
-        logging.warning("Resuming from the checkpoint at step %d instead of %d", step,
-                        failures[0][0])
+        logging.warning(
+          "Resuming from the checkpoint at step %d instead of %d", step, failures[0][0]
+        )
       return state, extra, step
     if failures:
       details = "; ".join(f"step {s}: {type(e).__name__}: {e}" for s, e in failures)

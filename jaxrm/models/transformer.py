@@ -2,7 +2,7 @@
 
 The backbone maps ``tokens [batch, seq]`` and a boolean ``mask [batch, seq]`` (True on real
 tokens) to hidden states ``[batch, seq, width]`` in float32. It is the shared trunk of
-:class:`jaxrm.reward_model.RewardModel` and :class:`jaxrm.policy.PolicyModel`.
+:class:`jaxrm.models.reward_model.RewardModel` and :class:`jaxrm.models.policy.PolicyModel`.
 
 Design:
 
@@ -82,8 +82,8 @@ class TransformerConfig:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if self.width % self.num_heads:
       raise ValueError(
-          f"width must be divisible by num_heads, got width={self.width}, "
-          f"num_heads={self.num_heads}")
+        f"width must be divisible by num_heads, got width={self.width}, num_heads={self.num_heads}"
+      )
     if self.position not in _POSITIONS:
       raise ValueError(f"position must be one of {_POSITIONS}, got {self.position!r}")
     if self.position == "rotary" and self.head_dim % 2:
@@ -109,8 +109,7 @@ class KVCache(NamedTuple):
   index: jax.Array  # shape=(), int32: next slot to write
 
 
-def init_cache(config: TransformerConfig, batch_size: int,
-               cache_len: int | None = None) -> KVCache:
+def init_cache(config: TransformerConfig, batch_size: int, cache_len: int | None = None) -> KVCache:
   """Returns an empty :class:`KVCache` with ``cache_len`` slots (default ``config.max_len``).
 
   Args:
@@ -124,16 +123,16 @@ def init_cache(config: TransformerConfig, batch_size: int,
   """
   cache_len = config.max_len if cache_len is None else int(cache_len)
   if not 1 <= cache_len <= config.max_len:
-    raise ValueError(
-        f"cache_len must be in [1, max_len={config.max_len}], got {cache_len}")
+    raise ValueError(f"cache_len must be in [1, max_len={config.max_len}], got {cache_len}")
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   shape = (config.num_layers, batch_size, cache_len, config.num_heads, config.head_dim)
   return KVCache(
-      keys=jnp.zeros(shape, config.dtype),
-      values=jnp.zeros(shape, config.dtype),
-      mask=jnp.zeros((batch_size, cache_len), bool),
-      index=jnp.zeros((), jnp.int32))
+    keys=jnp.zeros(shape, config.dtype),
+    values=jnp.zeros(shape, config.dtype),
+    mask=jnp.zeros((batch_size, cache_len), bool),
+    index=jnp.zeros((), jnp.int32),
+  )
 
 
 def is_concrete(x: Any) -> bool:
@@ -141,8 +140,7 @@ def is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def check_token_range(tokens: jax.typing.ArrayLike, vocab_size: int,
-                      name: str = "tokens") -> None:
+def check_token_range(tokens: jax.typing.ArrayLike, vocab_size: int, name: str = "tokens") -> None:
   """Raises ``ValueError`` if concrete ``tokens`` fall outside ``[0, vocab_size)``.
 
   Only concrete arrays are checked: under ``jax.jit`` (or any transformation) the values do
@@ -163,8 +161,9 @@ def check_token_range(tokens: jax.typing.ArrayLike, vocab_size: int,
   low, high = int(values.min()), int(values.max())
   if low < 0 or high >= vocab_size:
     raise ValueError(
-        f"{name} must have ids in [0, vocab_size={vocab_size}), got min {low} and max "
-        f"{high} (shape {values.shape})")
+      f"{name} must have ids in [0, vocab_size={vocab_size}), got min {low} and max "
+      f"{high} (shape {values.shape})"
+    )
 
 
 def _check_inputs(tokens, mask, config: TransformerConfig, cache: KVCache | None) -> None:
@@ -174,18 +173,17 @@ def _check_inputs(tokens, mask, config: TransformerConfig, cache: KVCache | None
   if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
     raise ValueError(f"tokens must be an integer array, got dtype {jnp.result_type(tokens)}")
   if mask_shape != tokens_shape:
-    raise ValueError(
-        f"mask must have the shape of tokens {tokens_shape}, got {mask_shape}")
+    raise ValueError(f"mask must have the shape of tokens {tokens_shape}, got {mask_shape}")
   seq = tokens_shape[1]
   limit = config.max_len if cache is None else cache.mask.shape[1]
   if seq > limit:
     what = f"max_len={config.max_len}" if cache is None else f"cache_len={limit}"
-    raise ValueError(
-        f"tokens has length {seq} (shape {tokens_shape}), longer than {what}")
+    raise ValueError(f"tokens has length {seq} (shape {tokens_shape}), longer than {what}")
   if cache is not None and cache.mask.shape[0] != tokens_shape[0]:
     raise ValueError(
-        f"cache has batch size {cache.mask.shape[0]} (cache.mask shape "
-        f"{cache.mask.shape}) but tokens has shape {tokens_shape}")
+      f"cache has batch size {cache.mask.shape[0]} (cache.mask shape "
+      f"{cache.mask.shape}) but tokens has shape {tokens_shape}"
+    )
   check_token_range(tokens, config.vocab_size)
 
 
@@ -280,8 +278,9 @@ class Transformer(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, tokens: jax.typing.ArrayLike, mask: jax.typing.ArrayLike,
-               cache: KVCache | None = None):
+  def __call__(
+    self, tokens: jax.typing.ArrayLike, mask: jax.typing.ArrayLike, cache: KVCache | None = None
+  ):
     """Runs the backbone.
 
     Args:
@@ -319,11 +318,23 @@ class Transformer(nn.Module):
     positions = jnp.maximum(positions, 0)  # pads before the first real token
 
     embed_init = nn.initializers.normal(stddev=0.02)
-    x = nn.Embed(cfg.vocab_size, cfg.width, embedding_init=embed_init,
-                 param_dtype=jnp.float32, dtype=jnp.float32, name="embed")(tokens)
+    x = nn.Embed(
+      cfg.vocab_size,
+      cfg.width,
+      embedding_init=embed_init,
+      param_dtype=jnp.float32,
+      dtype=jnp.float32,
+      name="embed",
+    )(tokens)
     if cfg.position == "learned":
-      x = x + nn.Embed(cfg.max_len, cfg.width, embedding_init=embed_init,
-                       param_dtype=jnp.float32, dtype=jnp.float32, name="pos_embed")(positions)
+      x = x + nn.Embed(
+        cfg.max_len,
+        cfg.width,
+        embedding_init=embed_init,
+        param_dtype=jnp.float32,
+        dtype=jnp.float32,
+        name="pos_embed",
+      )(positions)
 
     kv = None if cache is None else (cache.keys, cache.values, 0)
     for layer in range(cfg.num_layers):
@@ -334,6 +345,5 @@ class Transformer(nn.Module):
     x = x.astype(jnp.float32)
     if cache is None:
       return x
-    new_cache = KVCache(keys=kv[0], values=kv[1],
-                        mask=key_mask, index=index + seq)
+    new_cache = KVCache(keys=kv[0], values=kv[1], mask=key_mask, index=index + seq)
     return x, new_cache

@@ -49,22 +49,23 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxrm.transformer import TransformerConfig
+from jaxrm.models.transformer import TransformerConfig
 
 # name -> (num_layers, width, num_heads, max_len)
 PRESETS: dict[str, tuple[int, int, int, int]] = {
-    "tiny": (2, 64, 2, 512),
-    "small": (4, 128, 4, 512),
-    "medium": (6, 256, 8, 512),
-    "base": (8, 512, 8, 512),
-    "gpt2-small": (12, 768, 12, 1024),
+  "tiny": (2, 64, 2, 512),
+  "small": (4, 128, 4, 512),
+  "medium": (6, 256, 8, 512),
+  "base": (8, 512, 8, 512),
+  "gpt2-small": (12, 768, 12, 1024),
 }
 
 _HEADS = ("reward", "policy", "none")
 
 
-def preset(name: str, *, vocab_size: int = 259, max_len: int | None = None,
-           **overrides) -> TransformerConfig:
+def preset(
+  name: str, *, vocab_size: int = 259, max_len: int | None = None, **overrides
+) -> TransformerConfig:
   """Returns the :class:`TransformerConfig` of a named preset.
 
   Args:
@@ -80,8 +81,13 @@ def preset(name: str, *, vocab_size: int = 259, max_len: int | None = None,
   if name not in PRESETS:
     raise ValueError(f"name must be one of {sorted(PRESETS)}, got {name!r}")
   num_layers, width, num_heads, default_len = PRESETS[name]
-  fields = dict(vocab_size=vocab_size, num_layers=num_layers, width=width,
-                num_heads=num_heads, max_len=default_len if max_len is None else max_len)
+  fields = dict(
+    vocab_size=vocab_size,
+    num_layers=num_layers,
+    width=width,
+    num_heads=num_heads,
+    max_len=default_len if max_len is None else max_len,
+  )
   unknown = set(overrides) - {f.name for f in dataclasses.fields(TransformerConfig)}
   if unknown:
     raise ValueError(f"overrides has unknown TransformerConfig fields {sorted(unknown)}")
@@ -94,14 +100,15 @@ def _check_head(head: str) -> None:
     raise ValueError(f"head must be one of {_HEADS}, got {head!r}")
 
 
-def param_count(config: TransformerConfig, *, head: str = "reward",
-                value_head: bool = False) -> int:
+def param_count(
+  config: TransformerConfig, *, head: str = "reward", value_head: bool = False
+) -> int:
   """Exact number of parameters of the model built from ``config``.
 
   Args:
     config: backbone configuration.
-    head: ``'reward'`` (:class:`jaxrm.reward_model.RewardModel`), ``'policy'``
-      (:class:`jaxrm.policy.PolicyModel`) or ``'none'`` (the bare backbone).
+    head: ``'reward'`` (:class:`jaxrm.models.reward_model.RewardModel`), ``'policy'``
+      (:class:`jaxrm.models.policy.PolicyModel`) or ``'none'`` (the bare backbone).
     value_head: with ``head='policy'``, count the value head too.
 
   Returns:
@@ -133,8 +140,9 @@ def matmul_params(config: TransformerConfig, *, head: str = "reward") -> int:
   return n
 
 
-def flops_per_token(config: TransformerConfig, seq_len: int, *, head: str = "reward",
-                    backward: bool = False) -> int:
+def flops_per_token(
+  config: TransformerConfig, seq_len: int, *, head: str = "reward", backward: bool = False
+) -> int:
   """Model FLOPs per token: forward ``2 N + 4 L T w``; with ``backward`` 3x that.
 
   Args:
@@ -148,8 +156,7 @@ def flops_per_token(config: TransformerConfig, seq_len: int, *, head: str = "rew
   """
   if seq_len < 1:
     raise ValueError(f"seq_len must be positive, got {seq_len}")
-  forward = (2 * matmul_params(config, head=head)
-             + 4 * config.num_layers * seq_len * config.width)
+  forward = 2 * matmul_params(config, head=head) + 4 * config.num_layers * seq_len * config.width
   return 3 * forward if backward else forward
 
 
@@ -165,10 +172,15 @@ def preset_table(*, vocab_size: int = 259, seq_len: int = 512) -> str:
   rows = [("preset", "params (RM)", "params (LM)", "fwd FLOPs/tok", "f+b FLOPs/tok")]
   for name in PRESETS:
     cfg = preset(name, vocab_size=vocab_size)
-    rows.append((name, f"{param_count(cfg, head='reward'):,}",
-                 f"{param_count(cfg, head='policy'):,}",
-                 _si(flops_per_token(cfg, seq_len)),
-                 _si(flops_per_token(cfg, seq_len, backward=True))))
+    rows.append(
+      (
+        name,
+        f"{param_count(cfg, head='reward'):,}",
+        f"{param_count(cfg, head='policy'):,}",
+        _si(flops_per_token(cfg, seq_len)),
+        _si(flops_per_token(cfg, seq_len, backward=True)),
+      )
+    )
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   rule = "  ".join("=" * wd for wd in widths)
   fmt = lambda r: "  ".join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip()

@@ -3,7 +3,7 @@
 For studies of small reward models (the synthetic world, seed sweeps) the host loop, not the
 arithmetic, dominates a step. Here the pairs live on the device, each seed draws its own
 epoch-wise shuffles with ``jax.random.permutation``, and a whole chunk of steps of all seeds
-runs in one compiled call of :func:`jaxrm.rm_step.reward_model_step` under ``jax.vmap`` and
+runs in one compiled call of :func:`jaxrm.steps.rm_step.reward_model_step` under ``jax.vmap`` and
 ``lax.scan``. The host only logs between chunks.
 
 Example::
@@ -17,19 +17,20 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, Mapping
+from typing import Any
 
+from absl import logging
 import jax
+from jax import lax
 import jax.numpy as jnp
 import optax
-from absl import logging
-from jax import lax
 
-from jaxrm import rm_step
-from jaxrm import train_state as train_state_lib
+from jaxrm.steps import rm_step
+from jaxrm.steps import train_state as train_state_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,7 @@ class RewardModelSweep:
     loss_fn: pairwise loss ``(rewards_chosen, rewards_rejected, *, weights, labels) -> ()``.
     optimizer: optax transformation shared by all seeds.
     batch_size: pairs per step and seed.
-    nonfinite: ``'skip'`` or ``'raise'``, see :func:`jaxrm.train_state.apply_if_finite`.
+    nonfinite: ``'skip'`` or ``'raise'``, see :func:`jaxrm.steps.train_state.apply_if_finite`.
   """
 
   init_fn: Callable[[jax.Array], Any]
@@ -55,17 +56,25 @@ class RewardModelSweep:
   def init(self, keys: jax.Array) -> train_state_lib.TrainState:
     """Stacked train states ``[num_seeds, ...]``, one per key of ``keys [num_seeds]``."""
     if keys.ndim != 1:
-      raise ValueError(f"keys must be a 1-D array of typed PRNG keys [num_seeds], got shape "
-                       f"{keys.shape}")
+      raise ValueError(
+        f"keys must be a 1-D array of typed PRNG keys [num_seeds], got shape {keys.shape}"
+      )
     return _init(self, keys)
 
-  def train(self, states: train_state_lib.TrainState, pairs: Mapping[str, jax.Array], *,
-            num_steps: int, chunk: int = 100, log_every_chunk: bool = True):
+  def train(
+    self,
+    states: train_state_lib.TrainState,
+    pairs: Mapping[str, jax.Array],
+    *,
+    num_steps: int,
+    chunk: int = 100,
+    log_every_chunk: bool = True,
+  ):
     """Runs ``num_steps`` steps of every seed; each seed shuffles the pairs every epoch.
 
     Args:
       states: stacked states from :meth:`init` (or a previous :meth:`train`).
-      pairs: preference arrays with leading axis ``num_pairs`` (see :mod:`jaxrm.rm_step`).
+      pairs: preference arrays with leading axis ``num_pairs`` (see :mod:`jaxrm.steps.rm_step`).
       num_steps: steps to run (continuing from ``states.step``).
       chunk: steps per compiled call; the host logs progress between calls.
       log_every_chunk: log step, pairs/s and ETA after each chunk.
@@ -91,10 +100,15 @@ class RewardModelSweep:
         jax.block_until_ready(metrics)
         elapsed = time.perf_counter() - start
         rate = done * self.batch_size * num_seeds / elapsed
-        logging.info("rm sweep: step %d/%d  loss %.4f  acc %.3f  %.0f pairs/s  ETA %.0fs",
-                     done, num_steps, float(metrics["loss"][:, -1].mean()),
-                     float(metrics["accuracy"][:, -1].mean()), rate,
-                     elapsed / done * (num_steps - done))
+        logging.info(
+          "rm sweep: step %d/%d  loss %.4f  acc %.3f  %.0f pairs/s  ETA %.0fs",
+          done,
+          num_steps,
+          float(metrics["loss"][:, -1].mean()),
+          float(metrics["accuracy"][:, -1].mean()),
+          rate,
+          elapsed / done * (num_steps - done),
+        )
     metrics = {k: jnp.concatenate([m[k] for m in all_metrics], axis=1) for k in all_metrics[0]}
     return states, metrics
 
@@ -111,6 +125,7 @@ def _init(sweep: RewardModelSweep, keys: jax.Array):
   def one(key):
     k_init, k_state = jax.random.split(key)
     return train_state_lib.create_train_state(sweep.init_fn(k_init), sweep.optimizer, k_state)
+
   return jax.vmap(one)(keys)
 
 
@@ -125,9 +140,13 @@ def _batch_indices(key: jax.Array, step: jax.Array, num_pairs: int, batch_size: 
 @functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=1)
 def _train_chunk(sweep: RewardModelSweep, states, pairs, num_steps: int):
   num_pairs = _num_pairs(pairs)
-  step_fn = functools.partial(rm_step.reward_model_step, apply_fn=sweep.apply_fn,
-                              loss_fn=sweep.loss_fn, optimizer=sweep.optimizer,
-                              nonfinite=sweep.nonfinite)
+  step_fn = functools.partial(
+    rm_step.reward_model_step,
+    apply_fn=sweep.apply_fn,
+    loss_fn=sweep.loss_fn,
+    optimizer=sweep.optimizer,
+    nonfinite=sweep.nonfinite,
+  )
 
   def one_seed(state):
     data_key = jax.random.fold_in(state.key, 0x7FFFFFFF)  # not a step index

@@ -2,7 +2,7 @@
 
 A step body is a pure function ``step_fn(state, batch, *, axis_name) -> outputs`` that
 averages its gradients and metrics with ``lax.pmean(..., axis_name)`` when ``axis_name`` is
-not ``None`` (e.g. ``functools.partial(jaxrm.rm_step.reward_model_step, apply_fn=...,
+not ``None`` (e.g. ``functools.partial(jaxrm.steps.rm_step.reward_model_step, apply_fn=...,
 loss_fn=..., optimizer=...)``). Every output must be identical on all devices (averaged or
 gathered). :func:`make_parallel_step` turns it into a :class:`ParallelStep` for one of:
 
@@ -47,34 +47,37 @@ builds the global array with ``jax.make_array_from_process_local_data``; divisib
 against this process's devices. ``'pmap'`` and ``'jit'`` are single-process launchers here.
 """
 
+from collections.abc import Callable, Sequence
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MODES = ("auto", "jit", "shard_map", "pmap", "fsdp")
 
 
 def make_data_mesh(
-    *,
-    axis_name: str = "data",
-    devices: Sequence[jax.Device] | None = None,
+  *,
+  axis_name: str = "data",
+  devices: Sequence[jax.Device] | None = None,
 ) -> Mesh:
   """Returns a 1-D mesh ``(axis_name,)`` over ``devices`` (default: all) with an Auto axis."""
   devices = list(jax.devices() if devices is None else devices)
-  return jax.make_mesh((len(devices),), (axis_name,),
-                       axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+  return jax.make_mesh(
+    (len(devices),), (axis_name,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+  )
 
 
 def fsdp_shardings(
-    tree: Any,
-    mesh: Mesh,
-    *,
-    axis_name: str = "data",
-    min_size: int = 2**16,
+  tree: Any,
+  mesh: Mesh,
+  *,
+  axis_name: str = "data",
+  min_size: int = 2**16,
 ) -> Any:
   """Per-leaf ``NamedSharding``: large arrays sharded over ``axis_name``, the rest replicated.
 
@@ -111,11 +114,11 @@ def fsdp_shardings(
 
 
 def shard_params(
-    tree: Any,
-    mesh: Mesh,
-    *,
-    axis_name: str = "data",
-    min_size: int = 2**16,
+  tree: Any,
+  mesh: Mesh,
+  *,
+  axis_name: str = "data",
+  min_size: int = 2**16,
 ) -> Any:
   """Places ``tree`` on ``mesh`` with :func:`fsdp_shardings` (a copy; inputs stay valid)."""
   shardings = fsdp_shardings(tree, mesh, axis_name=axis_name, min_size=min_size)
@@ -141,8 +144,9 @@ def _leading_dim(batch: Any) -> int:
   for path, x in leaves:
     if np.ndim(x) == 0:
       raise ValueError(
-          f"batch leaf {jax.tree_util.keystr(path)} is a scalar; every batch array needs a "
-          "leading batch axis")
+        f"batch leaf {jax.tree_util.keystr(path)} is a scalar; every batch array needs a "
+        "leading batch axis"
+      )
     sizes[jax.tree_util.keystr(path)] = np.shape(x)[0]
   if len(set(sizes.values())) != 1:
     raise ValueError(f"batch arrays have different leading (batch) sizes: {sizes}")
@@ -153,8 +157,9 @@ def _check_divisible(batch: Any, num_devices: int, mode: str) -> int:
   b = _leading_dim(batch)
   if b % num_devices:
     raise ValueError(
-        f"batch size {b} is not divisible by the number of devices {num_devices} "
-        f"(mode {mode!r}); use a batch size that is a multiple of {num_devices}")
+      f"batch size {b} is not divisible by the number of devices {num_devices} "
+      f"(mode {mode!r}); use a batch size that is a multiple of {num_devices}"
+    )
   return b
 
 
@@ -168,15 +173,15 @@ class ParallelStep:
   """
 
   def __init__(
-      self,
-      step_fn: Callable[..., Any],
-      *,
-      mode: str,
-      axis_name: str,
-      devices: Sequence[jax.Device],
-      donate: bool,
-      check_vma: bool,
-      fsdp_min_size: int,
+    self,
+    step_fn: Callable[..., Any],
+    *,
+    mode: str,
+    axis_name: str,
+    devices: Sequence[jax.Device],
+    donate: bool,
+    check_vma: bool,
+    fsdp_min_size: int,
   ):
     self.mode = mode
     self.devices = tuple(devices)
@@ -187,21 +192,27 @@ class ParallelStep:
     self.mesh = None
     if mode == "jit":
       self.axis_name = None
-      self._fn = jax.jit(functools.partial(step_fn, axis_name=None),
-                         donate_argnums=donate_argnums)
+      self._fn = jax.jit(functools.partial(step_fn, axis_name=None), donate_argnums=donate_argnums)
     elif mode == "shard_map":
       self.axis_name = axis_name
       self.mesh = make_data_mesh(axis_name=axis_name, devices=self.devices)
-      body = jax.shard_map(functools.partial(step_fn, axis_name=axis_name), mesh=self.mesh,
-                           in_specs=(P(), P(axis_name)), out_specs=P(),
-                           check_vma=check_vma)
+      body = jax.shard_map(
+        functools.partial(step_fn, axis_name=axis_name),
+        mesh=self.mesh,
+        in_specs=(P(), P(axis_name)),
+        out_specs=P(),
+        check_vma=check_vma,
+      )
       self._fn = jax.jit(body, donate_argnums=donate_argnums)
     elif mode == "pmap":
       self.axis_name = axis_name
       self._pmap_mesh = Mesh(np.asarray(self.devices), (axis_name,))
-      self._fn = jax.pmap(functools.partial(step_fn, axis_name=axis_name),
-                          axis_name=axis_name, devices=self.devices,
-                          donate_argnums=donate_argnums)
+      self._fn = jax.pmap(
+        functools.partial(step_fn, axis_name=axis_name),
+        axis_name=axis_name,
+        devices=self.devices,
+        donate_argnums=donate_argnums,
+      )
     elif mode == "fsdp":
       self.axis_name = None
       self.mesh = make_data_mesh(axis_name=axis_name, devices=self.devices)
@@ -228,8 +239,7 @@ class ParallelStep:
       sharding = NamedSharding(self._pmap_mesh, P(self._mesh_axis))
       stack = lambda x: jnp.broadcast_to(x, (self.num_devices,) + jnp.shape(x))
       return _place_copy(jax.tree.map(stack, state), sharding)
-    return shard_params(state, self.mesh, axis_name=self._mesh_axis,
-                        min_size=self._fsdp_min_size)
+    return shard_params(state, self.mesh, axis_name=self._mesh_axis, min_size=self._fsdp_min_size)
 
   replicate = put_state
 
@@ -254,7 +264,8 @@ class ParallelStep:
     if jax.process_count() == 1:
       return jax.device_put(batch, sharding)
     return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+    )
 
   def unreplicate(self, tree: Any) -> Any:
     """Returns ``tree`` without the device axis: ``x[0]`` per leaf in ``'pmap'`` mode.
@@ -295,22 +306,23 @@ class ParallelStep:
       b = _leading_dim(batch)
       if b != self.num_devices:
         raise ValueError(
-            f"pmap batch must have a leading device axis of size {self.num_devices}, got "
-            f"{b}; pass the host batch through shard_batch")
+          f"pmap batch must have a leading device axis of size {self.num_devices}, got "
+          f"{b}; pass the host batch through shard_batch"
+        )
     if self.mode == "fsdp" and self._fn is None:
       self._fn = self._build_fsdp(state)
     return self._fn(state, batch)
 
 
 def make_parallel_step(
-    step_fn: Callable[..., Any],
-    *,
-    mode: str = "auto",
-    axis_name: str = "data",
-    devices: Sequence[jax.Device] | None = None,
-    donate: bool = True,
-    check_vma: bool = False,
-    fsdp_min_size: int = 2**16,
+  step_fn: Callable[..., Any],
+  *,
+  mode: str = "auto",
+  axis_name: str = "data",
+  devices: Sequence[jax.Device] | None = None,
+  donate: bool = True,
+  check_vma: bool = False,
+  fsdp_min_size: int = 2**16,
 ) -> ParallelStep:
   """Compiles ``step_fn(state, batch, *, axis_name) -> outputs`` for one execution mode.
 
@@ -338,5 +350,12 @@ def make_parallel_step(
     mode = "shard_map" if len(devices) > 1 else "jit"
   if mode == "jit":
     devices = devices[:1]
-  return ParallelStep(step_fn, mode=mode, axis_name=axis_name, devices=devices,
-                      donate=donate, check_vma=check_vma, fsdp_min_size=fsdp_min_size)
+  return ParallelStep(
+    step_fn,
+    mode=mode,
+    axis_name=axis_name,
+    devices=devices,
+    donate=donate,
+    check_vma=check_vma,
+    fsdp_min_size=fsdp_min_size,
+  )

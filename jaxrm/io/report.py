@@ -5,7 +5,7 @@ optionally, response lengths, subsets and gold scores) and free-form descriptive
 (model, data, training) into a JSON-serialisable dict; :func:`render_markdown` formats it and
 :func:`write_report` writes ``rm_report.json``, ``rm_report.md``, the reliability diagram
 ``reliability.png`` and the reward histogram ``reward_histogram.png`` (matplotlib, Agg
-backend: no display needed). The numbers come from :mod:`jaxrm.metrics`.
+backend: no display needed). The numbers come from :mod:`jaxrm.math.metrics`.
 
 Calibration. The reward model is read as the Bradley–Terry classifier
 ``q = sigmoid(r_a - r_b)`` of the event "a is preferred". Presented only as
@@ -40,7 +40,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrm import metrics
+from jaxrm.math import metrics
 
 REPORT_JSON = "rm_report.json"
 REPORT_MARKDOWN = "rm_report.md"
@@ -60,8 +60,9 @@ def _pair(rewards_chosen: Any, rewards_rejected: Any) -> tuple[np.ndarray, np.nd
   rc = _vector("rewards_chosen", rewards_chosen)
   rr = _vector("rewards_rejected", rewards_rejected)
   if rr.shape != rc.shape:
-    raise ValueError(f"rewards_rejected must have the shape of rewards_chosen {rc.shape}, "
-                     f"got {rr.shape}")
+    raise ValueError(
+      f"rewards_rejected must have the shape of rewards_chosen {rc.shape}, got {rr.shape}"
+    )
   if not (np.all(np.isfinite(rc)) and np.all(np.isfinite(rr))):
     raise ValueError("rewards_chosen and rewards_rejected must be finite")
   return rc, rr
@@ -95,8 +96,9 @@ def to_json(value: Any) -> Any:
 # ------------------------------------------------------------------------------ sections
 
 
-def pairwise_calibration(rewards_chosen: Any, rewards_rejected: Any, *,
-                         labels: Any = None, num_bins: int = 10) -> metrics.Calibration:
+def pairwise_calibration(
+  rewards_chosen: Any, rewards_rejected: Any, *, labels: Any = None, num_bins: int = 10
+) -> metrics.Calibration:
   """Reliability diagram and ECE of ``sigmoid(r_c - r_r)``, every pair counted in both orders.
 
   Args:
@@ -106,29 +108,34 @@ def pairwise_calibration(rewards_chosen: Any, rewards_rejected: Any, *,
     num_bins: equal-width bins on ``[0, 1]``.
 
   Returns:
-    A :class:`jaxrm.metrics.Calibration` over ``2 * num_pairs`` predictions: the pairs as
+    A :class:`jaxrm.math.metrics.Calibration` over ``2 * num_pairs`` predictions: the pairs as
     ``(chosen, rejected)`` with label ``p`` and as ``(rejected, chosen)`` with ``1 - p``.
   """
   rc, rr = _pair(rewards_chosen, rewards_rejected)
   p = np.ones_like(rc) if labels is None else _same_shape("labels", labels, rc.shape[0])
   return metrics.expected_calibration_error(
-      np.concatenate([rc, rr]).astype(np.float32), np.concatenate([rr, rc]).astype(np.float32),
-      labels=np.concatenate([p, 1.0 - p]).astype(np.float32), num_bins=num_bins)
+    np.concatenate([rc, rr]).astype(np.float32),
+    np.concatenate([rr, rc]).astype(np.float32),
+    labels=np.concatenate([p, 1.0 - p]).astype(np.float32),
+    num_bins=num_bins,
+  )
 
 
-def heldout_metrics(rewards_chosen: Any, rewards_rejected: Any, *, labels: Any = None,
-                    num_bins: int = 10) -> dict[str, float]:
+def heldout_metrics(
+  rewards_chosen: Any, rewards_rejected: Any, *, labels: Any = None, num_bins: int = 10
+) -> dict[str, float]:
   """Accuracy, log-loss, Brier, symmetrised ECE and margin statistics of a set of pairs.
 
   Returns:
-    :func:`jaxrm.metrics.summarize_preferences` (``accuracy``, ``log_loss``, ``brier``,
+    :func:`jaxrm.math.metrics.summarize_preferences` (``accuracy``, ``log_loss``, ``brier``,
     ``reward_mean``, ``margin_mean``, ...) with ``ece`` replaced by the ECE of
     :func:`pairwise_calibration`, plus ``num_pairs`` and ``accuracy_stderr`` (the binomial
     standard error ``sqrt(a (1 - a) / n)``), as Python floats.
   """
   rc, rr = _pair(rewards_chosen, rewards_rejected)
-  out = metrics.summarize_preferences(rc.astype(np.float32), rr.astype(np.float32),
-                                      labels=labels, num_bins=num_bins)
+  out = metrics.summarize_preferences(
+    rc.astype(np.float32), rr.astype(np.float32), labels=labels, num_bins=num_bins
+  )
   out["ece"] = float(pairwise_calibration(rc, rr, labels=labels, num_bins=num_bins).ece)
   n = rc.shape[0]
   out["num_pairs"] = n
@@ -137,8 +144,9 @@ def heldout_metrics(rewards_chosen: Any, rewards_rejected: Any, *, labels: Any =
   return out
 
 
-def reward_statistics(rewards_chosen: Any, rewards_rejected: Any, *,
-                      quantiles: Sequence[float] = REWARD_QUANTILES) -> dict[str, Any]:
+def reward_statistics(
+  rewards_chosen: Any, rewards_rejected: Any, *, quantiles: Sequence[float] = REWARD_QUANTILES
+) -> dict[str, Any]:
   """Distribution of the rewards (chosen and rejected together) and of the margins.
 
   Returns:
@@ -151,19 +159,24 @@ def reward_statistics(rewards_chosen: Any, rewards_rejected: Any, *,
   margin = rc - rr
   name = lambda q: f"q{int(round(100 * q)):02d}"
   return {
-      "mean": float(everything.mean()), "std": float(everything.std()),
-      "min": float(everything.min()), "max": float(everything.max()),
-      "quantiles": {name(q): float(v) for q, v in zip(quantiles,
-                                                      np.quantile(everything, quantiles))},
-      "chosen_mean": float(rc.mean()), "rejected_mean": float(rr.mean()),
-      "margin_mean": float(margin.mean()), "margin_std": float(margin.std()),
-      "margin_quantiles": {name(q): float(v) for q, v in zip(quantiles,
-                                                             np.quantile(margin, quantiles))},
+    "mean": float(everything.mean()),
+    "std": float(everything.std()),
+    "min": float(everything.min()),
+    "max": float(everything.max()),
+    "quantiles": {name(q): float(v) for q, v in zip(quantiles, np.quantile(everything, quantiles))},
+    "chosen_mean": float(rc.mean()),
+    "rejected_mean": float(rr.mean()),
+    "margin_mean": float(margin.mean()),
+    "margin_std": float(margin.std()),
+    "margin_quantiles": {
+      name(q): float(v) for q, v in zip(quantiles, np.quantile(margin, quantiles))
+    },
   }
 
 
-def length_bias(rewards_chosen: Any, rewards_rejected: Any, lengths_chosen: Any,
-                lengths_rejected: Any) -> dict[str, Any]:
+def length_bias(
+  rewards_chosen: Any, rewards_rejected: Any, lengths_chosen: Any, lengths_rejected: Any
+) -> dict[str, Any]:
   """How the rewards relate to response length (a length-biased RM prefers longer answers).
 
   Args:
@@ -172,7 +185,7 @@ def length_bias(rewards_chosen: Any, rewards_rejected: Any, lengths_chosen: Any,
       prompt).
 
   Returns:
-    ``pearson`` (:func:`jaxrm.metrics.length_correlation`) and ``spearman`` between reward
+    ``pearson`` (:func:`jaxrm.math.metrics.length_correlation`) and ``spearman`` between reward
     and length over all responses (None if the lengths are constant); over the pairs whose
     responses differ in length (``pairs_with_length_difference``): ``chosen_longer`` (how
     often the data prefers the longer response) and ``model_prefers_longer`` (how often the
@@ -189,15 +202,22 @@ def length_bias(rewards_chosen: Any, rewards_rejected: Any, lengths_chosen: Any,
   constant = bool(np.all(lengths == lengths[0]))
   pearson = spearman = None
   if not constant and rewards.shape[0] >= 2:
-    pearson = _finite_or_none(metrics.length_correlation(rewards.astype(np.float32),
-                                                         lengths.astype(np.float32)))
+    pearson = _finite_or_none(
+      metrics.length_correlation(rewards.astype(np.float32), lengths.astype(np.float32))
+    )
     spearman = _finite_or_none(metrics.spearman(rewards, lengths))
   differ = lc != lr
-  out = {"pearson": pearson, "spearman": spearman, "constant_length": constant,
-         "mean_length_chosen": float(lc.mean()), "mean_length_rejected": float(lr.mean()),
-         "pairs_with_length_difference": int(differ.sum()),
-         "chosen_longer": None, "model_prefers_longer": None,
-         "shorter_wins_accuracy": float(np.mean((lc < lr) + 0.5 * (lc == lr)))}
+  out = {
+    "pearson": pearson,
+    "spearman": spearman,
+    "constant_length": constant,
+    "mean_length_chosen": float(lc.mean()),
+    "mean_length_rejected": float(lr.mean()),
+    "pairs_with_length_difference": int(differ.sum()),
+    "chosen_longer": None,
+    "model_prefers_longer": None,
+    "shorter_wins_accuracy": float(np.mean((lc < lr) + 0.5 * (lc == lr))),
+  }
   if differ.any():
     longer_is_chosen = lc[differ] > lr[differ]
     r_long = np.where(longer_is_chosen, rc[differ], rr[differ])
@@ -207,8 +227,9 @@ def length_bias(rewards_chosen: Any, rewards_rejected: Any, lengths_chosen: Any,
   return out
 
 
-def subset_accuracy(rewards_chosen: Any, rewards_rejected: Any, subset_ids: Any,
-                    subset_names: Sequence[str]) -> list[dict[str, Any]]:
+def subset_accuracy(
+  rewards_chosen: Any, rewards_rejected: Any, subset_ids: Any, subset_names: Sequence[str]
+) -> list[dict[str, Any]]:
   """Accuracy per subset: ``[{'name', 'num_pairs', 'accuracy', 'accuracy_stderr'}]``.
 
   Args:
@@ -219,25 +240,33 @@ def subset_accuracy(rewards_chosen: Any, rewards_rejected: Any, subset_ids: Any,
   rc, rr = _pair(rewards_chosen, rewards_rejected)
   ids = _same_shape("subset_ids", subset_ids, rc.shape[0], np.int64)
   if ids.size and (ids.min() < 0 or ids.max() >= len(subset_names)):
-    raise ValueError(f"subset_ids must lie in [0, {len(subset_names)}), got "
-                     f"[{ids.min()}, {ids.max()}]")
+    raise ValueError(
+      f"subset_ids must lie in [0, {len(subset_names)}), got [{ids.min()}, {ids.max()}]"
+    )
   score = (rc > rr) + 0.5 * (rc == rr)
   rows = []
   for i, name in enumerate(subset_names):
     sel = ids == i
     if sel.any():
       acc = float(score[sel].mean())
-      rows.append({"name": str(name), "num_pairs": int(sel.sum()), "accuracy": acc,
-                   "accuracy_stderr": math.sqrt(acc * (1 - acc) / int(sel.sum()))})
+      rows.append(
+        {
+          "name": str(name),
+          "num_pairs": int(sel.sum()),
+          "accuracy": acc,
+          "accuracy_stderr": math.sqrt(acc * (1 - acc) / int(sel.sum())),
+        }
+      )
   return rows
 
 
-def gold_metrics(rewards_chosen: Any, rewards_rejected: Any, gold_chosen: Any,
-                 gold_rejected: Any) -> dict[str, Any]:
+def gold_metrics(
+  rewards_chosen: Any, rewards_rejected: Any, gold_chosen: Any, gold_rejected: Any
+) -> dict[str, Any]:
   """Agreement of the reward model with a gold scorer (synthetic data).
 
   Returns:
-    :func:`jaxrm.metrics.gold_agreement` (``pairwise_accuracy`` against gold's order,
+    :func:`jaxrm.math.metrics.gold_agreement` (``pairwise_accuracy`` against gold's order,
     ``spearman`` and ``kendall_tau`` over all responses) plus ``labels_agree_with_gold``
     (how often the data's labels order the pair as gold does; below 1 with label noise or
     Bradley–Terry labels), all None where undefined.
@@ -254,26 +283,32 @@ def gold_metrics(rewards_chosen: Any, rewards_rejected: Any, gold_chosen: Any,
 
 
 def calibration_bins(calibration: metrics.Calibration) -> list[dict[str, Any]]:
-  """The bins of a :class:`jaxrm.metrics.Calibration` as rows (empty bins: None values)."""
+  """The bins of a :class:`jaxrm.math.metrics.Calibration` as rows (empty bins: None values)."""
   count = np.asarray(calibration.count)
   k = count.shape[0]
-  return [{"low": i / k, "high": (i + 1) / k, "count": int(count[i]),
-           "confidence": _finite_or_none(np.asarray(calibration.confidence)[i]),
-           "accuracy": _finite_or_none(np.asarray(calibration.accuracy)[i])}
-          for i in range(k)]
+  return [
+    {
+      "low": i / k,
+      "high": (i + 1) / k,
+      "count": int(count[i]),
+      "confidence": _finite_or_none(np.asarray(calibration.confidence)[i]),
+      "accuracy": _finite_or_none(np.asarray(calibration.accuracy)[i]),
+    }
+    for i in range(k)
+  ]
 
 
 def build_report(
-    rewards_chosen: Any,
-    rewards_rejected: Any,
-    *,
-    labels: Any = None,
-    response_lengths: tuple[Any, Any] | None = None,
-    subset_ids: Any = None,
-    subset_names: Sequence[str] = (),
-    gold: tuple[Any, Any] | None = None,
-    num_bins: int = 10,
-    sections: Mapping[str, Any] | None = None,
+  rewards_chosen: Any,
+  rewards_rejected: Any,
+  *,
+  labels: Any = None,
+  response_lengths: tuple[Any, Any] | None = None,
+  subset_ids: Any = None,
+  subset_names: Sequence[str] = (),
+  gold: tuple[Any, Any] | None = None,
+  num_bins: int = 10,
+  sections: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
   """Computes every evaluation section of the report from the rewards of a set of pairs.
 
@@ -303,12 +338,14 @@ def build_report(
   report = dict(sections or {})
   report["heldout"] = heldout
   report["calibration"] = {
-      "ece": float(calibration.ece), "brier": heldout["brier"], "num_bins": num_bins,
-      "method": "each pair in both orders (chosen, rejected) and (rejected, chosen)",
-      "bins": calibration_bins(calibration)}
+    "ece": float(calibration.ece),
+    "brier": heldout["brier"],
+    "num_bins": num_bins,
+    "method": "each pair in both orders (chosen, rejected) and (rejected, chosen)",
+    "bins": calibration_bins(calibration),
+  }
   report["rewards"] = reward_statistics(rc, rr)
-  report["length"] = (None if response_lengths is None
-                      else length_bias(rc, rr, *response_lengths))
+  report["length"] = None if response_lengths is None else length_bias(rc, rr, *response_lengths)
   report["subsets"] = None
   if subset_ids is not None and len(subset_names) >= 2:
     report["subsets"] = subset_accuracy(rc, rr, subset_ids, subset_names)
@@ -321,13 +358,16 @@ def build_report(
 
 def _pyplot():
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg", force=True)
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
   return plt
 
 
-def plot_reliability(bins: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
-                     title: str = "Reliability diagram") -> None:
+def plot_reliability(
+  bins: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, title: str = "Reliability diagram"
+) -> None:
   """Writes a reliability diagram (observed frequency against confidence per bin) as PNG.
 
   Args:
@@ -337,16 +377,28 @@ def plot_reliability(bins: Sequence[Mapping[str, Any]], path: str | os.PathLike,
     title: the plot title.
   """
   plt = _pyplot()
-  fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(5, 6), sharex=True,
-                                     gridspec_kw={"height_ratios": [3, 1]})
+  fig, (ax, ax_count) = plt.subplots(
+    2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+  )
   full = [b for b in bins if b["count"] and b["confidence"] is not None]
   centers = [(b["low"] + b["high"]) / 2 for b in bins]
   width = bins[0]["high"] - bins[0]["low"] if bins else 0.1
   ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-  ax.bar([(b["low"] + b["high"]) / 2 for b in full], [b["accuracy"] for b in full],
-         width=width * 0.9, alpha=0.5, color="tab:blue", label="observed frequency")
-  ax.plot([b["confidence"] for b in full], [b["accuracy"] for b in full], "o-",
-          color="tab:blue", label="(mean confidence, frequency)")
+  ax.bar(
+    [(b["low"] + b["high"]) / 2 for b in full],
+    [b["accuracy"] for b in full],
+    width=width * 0.9,
+    alpha=0.5,
+    color="tab:blue",
+    label="observed frequency",
+  )
+  ax.plot(
+    [b["confidence"] for b in full],
+    [b["accuracy"] for b in full],
+    "o-",
+    color="tab:blue",
+    label="(mean confidence, frequency)",
+  )
   ax.set_xlim(0, 1)
   ax.set_ylim(0, 1)
   ax.set_ylabel("P(first preferred), observed")
@@ -360,8 +412,9 @@ def plot_reliability(bins: Sequence[Mapping[str, Any]], path: str | os.PathLike,
   plt.close(fig)
 
 
-def plot_reward_histogram(rewards_chosen: Any, rewards_rejected: Any,
-                          path: str | os.PathLike, *, num_bins: int = 30) -> None:
+def plot_reward_histogram(
+  rewards_chosen: Any, rewards_rejected: Any, path: str | os.PathLike, *, num_bins: int = 30
+) -> None:
   """Writes overlaid histograms of the chosen and rejected rewards as PNG."""
   rc, rr = _pair(rewards_chosen, rewards_rejected)
   plt = _pyplot()
@@ -408,8 +461,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 
 
 def _key_values(section: Mapping[str, Any], skip: Sequence[str] = ()) -> list[str]:
-  rows = [(k, v) for k, v in section.items()
-          if k not in skip and not isinstance(v, Mapping)]
+  rows = [(k, v) for k, v in section.items() if k not in skip and not isinstance(v, Mapping)]
   return _table(("field", "value"), rows) if rows else []
 
 
@@ -419,9 +471,16 @@ def render_markdown(report: Mapping[str, Any]) -> str:
   run = report.get("run") or {}
   if run:
     best = run.get("best_checkpoint_step")
-    out += [f"Run `{run.get('workdir', '?')}`, checkpoint step {_fmt(run.get('step'))}"
-            + (f" (best saved checkpoint by held-out accuracy: step {_fmt(best)})"
-               if best is not None else "") + ".", ""]
+    out += [
+      f"Run `{run.get('workdir', '?')}`, checkpoint step {_fmt(run.get('step'))}"
+      + (
+        f" (best saved checkpoint by held-out accuracy: step {_fmt(best)})"
+        if best is not None
+        else ""
+      )
+      + ".",
+      "",
+    ]
     if run.get("evaluated_on"):
       out += [f"Evaluated on the **{run['evaluated_on']}** split.", ""]
   model = report.get("model")
@@ -435,16 +494,37 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     splits = data.get("splits") or {}
     if splits:
       out += _table(
-          ("split", "pairs", "seq len mean", "median", "p95", "max", "prompt mean",
-           "response mean", "truncated pairs", "skipped lines"),
-          [(name, s.get("pairs"), s.get("sequence_length", {}).get("mean"),
+        (
+          "split",
+          "pairs",
+          "seq len mean",
+          "median",
+          "p95",
+          "max",
+          "prompt mean",
+          "response mean",
+          "truncated pairs",
+          "skipped lines",
+        ),
+        [
+          (
+            name,
+            s.get("pairs"),
+            s.get("sequence_length", {}).get("mean"),
             s.get("sequence_length", {}).get("median"),
-            s.get("sequence_length", {}).get("p95"), s.get("sequence_length", {}).get("max"),
-            s.get("prompt_length", {}).get("mean"), s.get("response_length", {}).get("mean"),
-            s.get("truncated_pairs"), s.get("skipped"))
-           for name, s in splits.items()])
-      reasons = {name: s.get("skipped_reasons") for name, s in splits.items()
-                 if s.get("skipped_reasons")}
+            s.get("sequence_length", {}).get("p95"),
+            s.get("sequence_length", {}).get("max"),
+            s.get("prompt_length", {}).get("mean"),
+            s.get("response_length", {}).get("mean"),
+            s.get("truncated_pairs"),
+            s.get("skipped"),
+          )
+          for name, s in splits.items()
+        ],
+      )
+      reasons = {
+        name: s.get("skipped_reasons") for name, s in splits.items() if s.get("skipped_reasons")
+      }
       for name, r in reasons.items():
         out += [f"Skipped in {name}: {_fmt(r)}.", ""]
     if isinstance(data.get("synthetic"), Mapping):
@@ -454,47 +534,87 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     out += ["## Loss and training", ""] + _key_values(training)
   h = report["heldout"]
   out += ["## Held-out preference accuracy", ""]
-  out += _table(("pairs", "accuracy", "± s.e.", "log-loss", "Brier", "ECE"),
-                [(h["num_pairs"], h["accuracy"], h["accuracy_stderr"], h["log_loss"],
-                  h["brier"], h["ece"])])
+  out += _table(
+    ("pairs", "accuracy", "± s.e.", "log-loss", "Brier", "ECE"),
+    [(h["num_pairs"], h["accuracy"], h["accuracy_stderr"], h["log_loss"], h["brier"], h["ece"])],
+  )
   cal = report["calibration"]
-  out += ["## Calibration", "",
-          f"ECE {_fmt(cal['ece'])} ({cal['num_bins']} bins, {cal['method']}), Brier "
-          f"{_fmt(cal['brier'])}.", "", f"![reliability diagram]({RELIABILITY_PNG})", ""]
-  out += _table(("bin", "pairs", "mean confidence", "observed frequency"),
-                [(f"[{b['low']:.1f}, {b['high']:.1f})", b["count"], b["confidence"],
-                  b["accuracy"]) for b in cal["bins"]])
+  out += [
+    "## Calibration",
+    "",
+    f"ECE {_fmt(cal['ece'])} ({cal['num_bins']} bins, {cal['method']}), Brier "
+    f"{_fmt(cal['brier'])}.",
+    "",
+    f"![reliability diagram]({RELIABILITY_PNG})",
+    "",
+  ]
+  out += _table(
+    ("bin", "pairs", "mean confidence", "observed frequency"),
+    [
+      (f"[{b['low']:.1f}, {b['high']:.1f})", b["count"], b["confidence"], b["accuracy"])
+      for b in cal["bins"]
+    ],
+  )
   r = report["rewards"]
   out += ["## Reward distribution", ""]
-  out += _table(("", "mean", "std", *r["quantiles"].keys()),
-                [("reward (all responses)", r["mean"], r["std"], *r["quantiles"].values()),
-                 ("margin r_c - r_r", r["margin_mean"], r["margin_std"],
-                  *r["margin_quantiles"].values())])
-  out += [f"Mean reward: chosen {_fmt(r['chosen_mean'])}, rejected "
-          f"{_fmt(r['rejected_mean'])}.", "", f"![reward histogram]({HISTOGRAM_PNG})", ""]
+  out += _table(
+    ("", "mean", "std", *r["quantiles"].keys()),
+    [
+      ("reward (all responses)", r["mean"], r["std"], *r["quantiles"].values()),
+      ("margin r_c - r_r", r["margin_mean"], r["margin_std"], *r["margin_quantiles"].values()),
+    ],
+  )
+  out += [
+    f"Mean reward: chosen {_fmt(r['chosen_mean'])}, rejected {_fmt(r['rejected_mean'])}.",
+    "",
+    f"![reward histogram]({HISTOGRAM_PNG})",
+    "",
+  ]
   length = report.get("length")
   if length is not None:
     out += ["## Reward and response length", ""]
     if length["constant_length"]:
       out += ["Every response has the same length: no length correlation to measure.", ""]
-    out += _table(("Pearson(reward, length)", "Spearman", "pairs with different lengths",
-                   "data prefers longer", "model prefers longer",
-                   "accuracy of 'shorter wins'"),
-                  [(length["pearson"], length["spearman"],
-                    length["pairs_with_length_difference"], length["chosen_longer"],
-                    length["model_prefers_longer"], length["shorter_wins_accuracy"])])
+    out += _table(
+      (
+        "Pearson(reward, length)",
+        "Spearman",
+        "pairs with different lengths",
+        "data prefers longer",
+        "model prefers longer",
+        "accuracy of 'shorter wins'",
+      ),
+      [
+        (
+          length["pearson"],
+          length["spearman"],
+          length["pairs_with_length_difference"],
+          length["chosen_longer"],
+          length["model_prefers_longer"],
+          length["shorter_wins_accuracy"],
+        )
+      ],
+    )
   if report.get("subsets"):
     out += ["## Accuracy per subset", ""]
-    out += _table(("subset", "pairs", "accuracy", "± s.e."),
-                  [(s["name"], s["num_pairs"], s["accuracy"], s["accuracy_stderr"])
-                   for s in report["subsets"]])
+    out += _table(
+      ("subset", "pairs", "accuracy", "± s.e."),
+      [(s["name"], s["num_pairs"], s["accuracy"], s["accuracy_stderr"]) for s in report["subsets"]],
+    )
   gold = report.get("gold")
   if gold is not None:
     out += ["## Agreement with the gold reward", ""]
-    out += _table(("pairwise accuracy vs gold", "Spearman", "Kendall tau",
-                   "labels agree with gold"),
-                  [(gold["pairwise_accuracy"], gold["spearman"], gold["kendall_tau"],
-                    gold["labels_agree_with_gold"])])
+    out += _table(
+      ("pairwise accuracy vs gold", "Spearman", "Kendall tau", "labels agree with gold"),
+      [
+        (
+          gold["pairwise_accuracy"],
+          gold["spearman"],
+          gold["kendall_tau"],
+          gold["labels_agree_with_gold"],
+        )
+      ],
+    )
   return "\n".join(out).rstrip() + "\n"
 
 
@@ -505,8 +625,13 @@ def _atomic_write(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
-def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike, *,
-                 rewards_chosen: Any, rewards_rejected: Any) -> dict[str, str]:
+def write_report(
+  report: Mapping[str, Any],
+  out_dir: str | os.PathLike,
+  *,
+  rewards_chosen: Any,
+  rewards_rejected: Any,
+) -> dict[str, str]:
   """Writes the report files into ``out_dir`` (created if needed).
 
   Args:
@@ -520,10 +645,12 @@ def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike, *,
   """
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
-  paths = {"json": os.path.join(out_dir, REPORT_JSON),
-           "markdown": os.path.join(out_dir, REPORT_MARKDOWN),
-           "reliability": os.path.join(out_dir, RELIABILITY_PNG),
-           "histogram": os.path.join(out_dir, HISTOGRAM_PNG)}
+  paths = {
+    "json": os.path.join(out_dir, REPORT_JSON),
+    "markdown": os.path.join(out_dir, REPORT_MARKDOWN),
+    "reliability": os.path.join(out_dir, RELIABILITY_PNG),
+    "histogram": os.path.join(out_dir, HISTOGRAM_PNG),
+  }
   plot_reliability(report["calibration"]["bins"], paths["reliability"])
   plot_reward_histogram(rewards_chosen, rewards_rejected, paths["histogram"])
   _atomic_write(paths["json"], json.dumps(to_json(report), indent=2, allow_nan=False) + "\n")

@@ -17,13 +17,13 @@ Example::
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxrm.transformer import KVCache, Transformer, TransformerConfig
+from jaxrm.models.transformer import KVCache, Transformer, TransformerConfig
 
 Initializer = Callable[..., jax.Array]
 
@@ -51,15 +51,16 @@ class PolicyModel(nn.Module):
   lm_kernel_init: Initializer = nn.initializers.lecun_normal()
 
   @nn.compact
-  def __call__(self, tokens: jax.typing.ArrayLike, mask: jax.typing.ArrayLike,
-               cache: KVCache | None = None):
+  def __call__(
+    self, tokens: jax.typing.ArrayLike, mask: jax.typing.ArrayLike, cache: KVCache | None = None
+  ):
     """Runs the policy.
 
     Args:
       tokens: ``[batch, seq]`` int token ids.
       mask: ``[batch, seq]`` bool, True on real tokens.
-      cache: optional :class:`jaxrm.transformer.KVCache` for incremental decoding (see
-        :class:`jaxrm.transformer.Transformer`).
+      cache: optional :class:`jaxrm.models.transformer.KVCache` for incremental decoding (see
+        :class:`jaxrm.models.transformer.Transformer`).
 
     Returns:
       ``(logits, values)`` or, with a cache, ``(logits, values, new_cache)``; ``logits``
@@ -68,13 +69,19 @@ class PolicyModel(nn.Module):
     cfg = self.config
     out = Transformer(cfg, name="backbone")(tokens, mask, cache=cache)
     hidden, new_cache = (out, None) if cache is None else out
-    logits = nn.Dense(cfg.vocab_size, dtype=jnp.float32, param_dtype=jnp.float32,
-                      kernel_init=self.lm_kernel_init, bias_init=self.lm_bias_init,
-                      name="lm_head")(hidden)
+    logits = nn.Dense(
+      cfg.vocab_size,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      kernel_init=self.lm_kernel_init,
+      bias_init=self.lm_bias_init,
+      name="lm_head",
+    )(hidden)
     values = None
     if self.value_head:
-      values = nn.Dense(1, dtype=jnp.float32, param_dtype=jnp.float32,
-                        name="value_head")(hidden)[..., 0]
+      values = nn.Dense(1, dtype=jnp.float32, param_dtype=jnp.float32, name="value_head")(hidden)[
+        ..., 0
+      ]
     if cache is None:
       return logits, values
     return logits, values, new_cache
@@ -85,8 +92,9 @@ def _check_logits_tokens(logits, tokens):
     raise ValueError(f"logits must have shape [batch, seq, vocab], got {logits.shape}")
   if tokens.shape != logits.shape[:2]:
     raise ValueError(
-        f"tokens must have shape {logits.shape[:2]} to match logits {logits.shape}, got "
-        f"{tokens.shape}")
+      f"tokens must have shape {logits.shape[:2]} to match logits {logits.shape}, got "
+      f"{tokens.shape}"
+    )
 
 
 def token_logprobs(logits: jax.typing.ArrayLike, tokens: jax.typing.ArrayLike) -> jax.Array:
@@ -109,8 +117,9 @@ def token_logprobs(logits: jax.typing.ArrayLike, tokens: jax.typing.ArrayLike) -
   return jnp.pad(picked, ((0, 0), (1, 0)))
 
 
-def sequence_logprobs(logits: jax.typing.ArrayLike, tokens: jax.typing.ArrayLike,
-                      mask: jax.typing.ArrayLike) -> jax.Array:
+def sequence_logprobs(
+  logits: jax.typing.ArrayLike, tokens: jax.typing.ArrayLike, mask: jax.typing.ArrayLike
+) -> jax.Array:
   """Sum of :func:`token_logprobs` over the True entries of ``mask [batch, seq]`` -> ``[batch]``.
 
   ``mask`` is aligned with ``tokens`` (typically a response mask), so

@@ -1,12 +1,12 @@
 """Reward-model training loop: preference pairs in; metrics, checkpoints and a report out.
 
-:func:`train_and_evaluate` trains a :class:`jaxrm.reward_model.RewardModel` on preference
+:func:`train_and_evaluate` trains a :class:`jaxrm.models.reward_model.RewardModel` on preference
 pairs from local JSONL files (tokenised once into a TFDS dataset under ``<workdir>/data`` by
 :func:`jaxrm.data.build_preference_dataset`) or on the gold-labelled comparisons of the
-synthetic world (:mod:`jaxrm.synthetic`, cached in ``<workdir>/data/synthetic.npz``). Both
+synthetic world (:mod:`jaxrm.data.synthetic`, cached in ``<workdir>/data/synthetic.npz``). Both
 kinds of data go through the same resumable, length-bucketed
-:class:`jaxrm.data.BatchIterator` and the same step, :func:`jaxrm.rm_step.reward_model_step`
-launched by :func:`jaxrm.parallel.make_parallel_step` (``'jit'``, ``'shard_map'`` or
+:class:`jaxrm.data.BatchIterator` and the same step, :func:`jaxrm.steps.rm_step.reward_model_step`
+launched by :func:`jaxrm.steps.parallel.make_parallel_step` (``'jit'``, ``'shard_map'`` or
 ``'pmap'``).
 
 Everything about a run lives under ``workdir``:
@@ -16,11 +16,11 @@ Everything about a run lives under ``workdir``:
   ``log_every`` steps holds the means of loss, accuracy, margin and gradient norm over the
   steps since the previous row (or since the process started), the learning rate, pairs/s and
   the ETA; ``{"split": "eval", "step": s, ...}`` holds the held-out metrics of
-  :func:`jaxrm.report.heldout_metrics` (accuracy, log-loss, Brier, ECE, margins);
-* ``checkpoints/<step>``: :class:`jaxrm.checkpoint.CheckpointManager` checkpoints, the last
+  :func:`jaxrm.io.report.heldout_metrics` (accuracy, log-loss, Brier, ECE, margins);
+* ``checkpoints/<step>``: :class:`jaxrm.io.checkpoint.CheckpointManager` checkpoints, the last
   ``keep_checkpoints`` plus the best by held-out accuracy. ``state`` is the
-  :class:`jaxrm.train_state.TrainState`; the JSON ``extra`` holds ``config`` (this
-  :class:`TrainConfig`), ``model_config`` (:func:`jaxrm.rm_io.config_to_json`), ``pooling``,
+  :class:`jaxrm.steps.train_state.TrainState`; the JSON ``extra`` holds ``config`` (this
+  :class:`TrainConfig`), ``model_config`` (:func:`jaxrm.io.rm_io.config_to_json`), ``pooling``,
   ``tokenizer`` (``'byte'`` or ``'synthetic'``), ``preset``, ``data`` (the training
   iterator's position) and ``metrics`` (the held-out and training metrics at that step);
 * ``rm_report.json``, ``rm_report.md``, ``reliability.png``, ``reward_histogram.png``: the
@@ -33,7 +33,7 @@ pairs (it says so).
 
 Resuming: if ``<workdir>/checkpoints`` holds a checkpoint, the newest readable one is
 restored (a damaged newest checkpoint is reported and the previous one used; see
-:meth:`jaxrm.checkpoint.CheckpointManager.restore_latest`), the iterator continues with
+:meth:`jaxrm.io.checkpoint.CheckpointManager.restore_latest`), the iterator continues with
 exactly the batch an uninterrupted run would have taken next, and rows of ``metrics.jsonl``
 after the restored step are removed (they belong to the interrupted part, which is re-run),
 so the file never holds a step twice. A resumed run ends with parameters bitwise identical to
@@ -73,18 +73,16 @@ import optax
 import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
 
-from jaxrm import checkpoint as checkpoint_lib
 from jaxrm import data as data_lib
-from jaxrm import parallel
-from jaxrm import preference
-from jaxrm import presets
-from jaxrm import report as report_lib
-from jaxrm import rm_io
-from jaxrm import rm_step
-from jaxrm import synthetic
-from jaxrm import tokenizer
-from jaxrm import train_state as train_state_lib
-from jaxrm.reward_model import RewardModel
+from jaxrm.data import synthetic, tokenizer
+from jaxrm.io import checkpoint as checkpoint_lib
+from jaxrm.io import report as report_lib
+from jaxrm.io import rm_io
+from jaxrm.math import preference
+from jaxrm.models import presets
+from jaxrm.models.reward_model import RewardModel
+from jaxrm.steps import parallel, rm_step
+from jaxrm.steps import train_state as train_state_lib
 
 SYNTHETIC = "synthetic"
 PARALLEL_MODES = ("auto", "jit", "shard_map", "pmap")
@@ -101,8 +99,17 @@ DATASET_NAME = "default"
 _STEP_KEYS = ("chosen", "chosen_mask", "rejected", "rejected_mask", "weight", "label")
 _SCORE_KEYS = ("chosen", "chosen_mask", "rejected", "rejected_mask")
 # Settings that do not change the trained parameters: they may differ on resume.
-_CHANGEABLE_ON_RESUME = frozenset({"eval_every", "log_every", "checkpoint_every",
-                                   "keep_checkpoints", "parallel", "nonfinite", "report"})
+_CHANGEABLE_ON_RESUME = frozenset(
+  {
+    "eval_every",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "parallel",
+    "nonfinite",
+    "report",
+  }
+)
 
 
 # ----------------------------------------------------------------------------- config
@@ -125,15 +132,15 @@ class TrainConfig:
     synthetic_pairs: number of gold-labelled comparisons (before the held-out split).
     synthetic_seed: seed of the world and its comparisons.
     synthetic_labels: ``'deterministic'`` or ``'bradley_terry'`` (see
-      :func:`jaxrm.synthetic.make_comparisons`).
+      :func:`jaxrm.data.synthetic.make_comparisons`).
     synthetic_label_noise: rate of flipped labels, in ``[0, 0.5]``.
-    synthetic_world: overrides of :class:`jaxrm.synthetic.WorldConfig` fields.
-    model: preset name (:data:`jaxrm.presets.PRESETS`).
-    pooling: ``'last'`` or ``'mean'`` (:class:`jaxrm.reward_model.RewardModel`).
-    loss: a name of :func:`jaxrm.preference.get_loss`.
+    synthetic_world: overrides of :class:`jaxrm.data.synthetic.WorldConfig` fields.
+    model: preset name (:data:`jaxrm.models.presets.PRESETS`).
+    pooling: ``'last'`` or ``'mean'`` (:class:`jaxrm.models.reward_model.RewardModel`).
+    loss: a name of :func:`jaxrm.math.preference.get_loss`.
     margin: the loss's margin (None: the loss's default, 0 or 1 for the hinge).
     label_smoothing: in ``[0, 1]``.
-    center_coef: coefficient of :func:`jaxrm.preference.reward_centering_penalty` on the
+    center_coef: coefficient of :func:`jaxrm.math.preference.reward_centering_penalty` on the
       batch's rewards (computed per device shard under ``shard_map``/``pmap``).
     batch_size: pairs per step (global; divisible by the devices in multi-device modes).
     steps: optimizer steps.
@@ -147,7 +154,7 @@ class TrainConfig:
     keep_checkpoints: most recent checkpoints kept (the best one is kept besides).
     seed: seed of the initialisation, the step keys and the data order.
     parallel: ``'auto'``, ``'jit'``, ``'shard_map'`` or ``'pmap'``
-      (:func:`jaxrm.parallel.make_parallel_step`).
+      (:func:`jaxrm.steps.parallel.make_parallel_step`).
     nonfinite: ``'skip'`` a step with a non-finite loss or gradient, or ``'raise'``.
     report: write the report at the end of training.
   """
@@ -194,8 +201,13 @@ class TrainConfig:
     out = {}
     for f in dataclasses.fields(self):
       value = getattr(self, f.name)
-      out[f.name] = (list(value) if isinstance(value, tuple)
-                     else dict(value) if isinstance(value, Mapping) else value)
+      out[f.name] = (
+        list(value)
+        if isinstance(value, tuple)
+        else dict(value)
+        if isinstance(value, Mapping)
+        else value
+      )
     return out
 
   @classmethod
@@ -265,33 +277,49 @@ def validate_config(config: TrainConfig, *, num_devices: int | None = None) -> N
   def is_num(x):
     return isinstance(x, (int, float, np.number)) and not isinstance(x, bool) and math.isfinite(x)
 
-  need(isinstance(c.data, tuple) and len(c.data) > 0 and all(c.data), "data",
-       "must name at least one JSONL file, or be 'synthetic'")
+  need(
+    isinstance(c.data, tuple) and len(c.data) > 0 and all(c.data),
+    "data",
+    "must name at least one JSONL file, or be 'synthetic'",
+  )
   if SYNTHETIC in c.data:
     need(c.is_synthetic, "data", "'synthetic' cannot be mixed with files")
-    need(not c.test_data, "test_data", "must be empty with --data=synthetic (the held-out "
-         "pairs come from --test_fraction)")
+    need(
+      not c.test_data,
+      "test_data",
+      "must be empty with --data=synthetic (the held-out pairs come from --test_fraction)",
+    )
   else:
     for path in c.data:
       need(os.path.isfile(path), "data", f"file not found: {path}")
     for path in c.test_data:
       need(os.path.isfile(path), "test_data", f"file not found: {path}")
-    need(len(set(c.data + c.test_data)) == len(c.data) + len(c.test_data), "test_data",
-         "must not repeat a --data file")
-  need(is_num(c.test_fraction) and 0.0 <= c.test_fraction < 1.0, "test_fraction",
-       "must be in [0, 1)")
+    need(
+      len(set(c.data + c.test_data)) == len(c.data) + len(c.test_data),
+      "test_data",
+      "must not repeat a --data file",
+    )
+  need(
+    is_num(c.test_fraction) and 0.0 <= c.test_fraction < 1.0, "test_fraction", "must be in [0, 1)"
+  )
   need(is_int(c.split_seed) and c.split_seed >= 0, "split_seed", "must be an int >= 0")
   need(is_int(c.max_len) and c.max_len >= 8, "max_len", "must be an int >= 8")
-  need(is_int(c.synthetic_pairs) and c.synthetic_pairs >= 2, "synthetic_pairs",
-       "must be an int >= 2")
-  need(is_int(c.synthetic_seed) and c.synthetic_seed >= 0, "synthetic_seed",
-       "must be an int >= 0")
-  need(c.synthetic_labels in SYNTHETIC_LABELS, "synthetic_labels",
-       f"must be one of {list(SYNTHETIC_LABELS)}")
-  need(is_num(c.synthetic_label_noise) and 0.0 <= c.synthetic_label_noise <= 0.5,
-       "synthetic_label_noise", "must be in [0, 0.5]")
+  need(
+    is_int(c.synthetic_pairs) and c.synthetic_pairs >= 2, "synthetic_pairs", "must be an int >= 2"
+  )
+  need(is_int(c.synthetic_seed) and c.synthetic_seed >= 0, "synthetic_seed", "must be an int >= 0")
+  need(
+    c.synthetic_labels in SYNTHETIC_LABELS,
+    "synthetic_labels",
+    f"must be one of {list(SYNTHETIC_LABELS)}",
+  )
+  need(
+    is_num(c.synthetic_label_noise) and 0.0 <= c.synthetic_label_noise <= 0.5,
+    "synthetic_label_noise",
+    "must be in [0, 0.5]",
+  )
   types = _world_field_types()
-  for key, value in dict(c.synthetic_world).items():
+  for key in dict(c.synthetic_world):
     need(key in types, "synthetic_world", f"unknown WorldConfig field {key!r}")
   if c.is_synthetic:
     try:
@@ -302,8 +330,11 @@ def validate_config(config: TrainConfig, *, num_devices: int | None = None) -> N
   need(c.pooling in POOLINGS, "pooling", f"must be one of {list(POOLINGS)}")
   need(c.loss in preference.LOSS_NAMES, "loss", f"must be one of {list(preference.LOSS_NAMES)}")
   need(c.margin is None or is_num(c.margin), "margin", "must be a finite number")
-  need(is_num(c.label_smoothing) and 0.0 <= c.label_smoothing <= 1.0, "label_smoothing",
-       "must be in [0, 1]")
+  need(
+    is_num(c.label_smoothing) and 0.0 <= c.label_smoothing <= 1.0,
+    "label_smoothing",
+    "must be in [0, 1]",
+  )
   need(is_num(c.center_coef) and c.center_coef >= 0, "center_coef", "must be >= 0")
   need(is_int(c.batch_size) and c.batch_size >= 1, "batch_size", "must be an int >= 1")
   need(is_int(c.steps) and c.steps >= 1, "steps", "must be an int >= 1")
@@ -315,21 +346,29 @@ def validate_config(config: TrainConfig, *, num_devices: int | None = None) -> N
     need(is_int(getattr(c, name)) and getattr(c, name) >= 1, name, "must be an int >= 1")
   need(is_int(c.seed) and c.seed >= 0, "seed", "must be an int >= 0")
   need(c.parallel in PARALLEL_MODES, "parallel", f"must be one of {list(PARALLEL_MODES)}")
-  need(c.nonfinite in train_state_lib.NONFINITE_MODES, "nonfinite",
-       f"must be one of {list(train_state_lib.NONFINITE_MODES)}")
+  need(
+    c.nonfinite in train_state_lib.NONFINITE_MODES,
+    "nonfinite",
+    f"must be one of {list(train_state_lib.NONFINITE_MODES)}",
+  )
   n = jax.device_count() if num_devices is None else num_devices
   mode = c.parallel if c.parallel != "auto" else ("shard_map" if n > 1 else "jit")
   if mode in ("shard_map", "pmap"):
-    need(c.batch_size % n == 0, "batch_size",
-         f"must be divisible by the {n} devices of --parallel={mode}")
+    need(
+      c.batch_size % n == 0,
+      "batch_size",
+      f"must be divisible by the {n} devices of --parallel={mode}",
+    )
 
 
 def _resolve_paths(config: TrainConfig) -> TrainConfig:
   if config.is_synthetic:
     return config
   return dataclasses.replace(
-      config, data=tuple(os.path.abspath(p) for p in config.data),
-      test_data=tuple(os.path.abspath(p) for p in config.test_data))
+    config,
+    data=tuple(os.path.abspath(p) for p in config.data),
+    test_data=tuple(os.path.abspath(p) for p in config.test_data),
+  )
 
 
 def check_resumable(saved: Mapping[str, Any], config: TrainConfig, workdir: str) -> None:
@@ -340,9 +379,12 @@ def check_resumable(saved: Mapping[str, Any], config: TrainConfig, workdir: str)
     if key in _CHANGEABLE_ON_RESUME or key not in saved:
       continue
     if saved[key] != value:
-      raise ConfigError(key, getattr(config, key),
-                        f"differs from the checkpointed run in {workdir} ({saved[key]!r}); "
-                        f"resume with the same value or use another --workdir")
+      raise ConfigError(
+        key,
+        getattr(config, key),
+        f"differs from the checkpointed run in {workdir} ({saved[key]!r}); "
+        f"resume with the same value or use another --workdir",
+      )
 
 
 # ----------------------------------------------------------------------------- data
@@ -360,13 +402,19 @@ class RunData(NamedTuple):
 
 
 def _synthetic_fingerprint(config: TrainConfig, world_cfg: synthetic.WorldConfig) -> str:
-  return json.dumps({"world": dataclasses.asdict(world_cfg), "seed": config.synthetic_seed,
-                     "pairs": config.synthetic_pairs, "labels": config.synthetic_labels,
-                     "label_noise": config.synthetic_label_noise}, sort_keys=True)
+  return json.dumps(
+    {
+      "world": dataclasses.asdict(world_cfg),
+      "seed": config.synthetic_seed,
+      "pairs": config.synthetic_pairs,
+      "labels": config.synthetic_labels,
+      "label_noise": config.synthetic_label_noise,
+    },
+    sort_keys=True,
+  )
 
 
-def synthetic_comparisons(config: TrainConfig, workdir: str | os.PathLike
-                          ) -> dict[str, np.ndarray]:
+def synthetic_comparisons(config: TrainConfig, workdir: str | os.PathLike) -> dict[str, np.ndarray]:
   """The synthetic world's gold-labelled comparisons of a run, cached in the workdir.
 
   ``<workdir>/data/synthetic.npz`` is reused when it was made with the same world and
@@ -392,42 +440,57 @@ def synthetic_comparisons(config: TrainConfig, workdir: str | os.PathLike
   start = time.time()
   key = jax.random.key(config.synthetic_seed)
   world = synthetic.init_world(world_cfg, key)
-  comps = synthetic.make_comparisons(world, world_cfg, jax.random.fold_in(key, 1),
-                                     num=config.synthetic_pairs,
-                                     labels=config.synthetic_labels,
-                                     label_noise=config.synthetic_label_noise)
-  arrays = {"chosen": np.asarray(comps.chosen, np.int32),
-            "rejected": np.asarray(comps.rejected, np.int32),
-            "mask": np.asarray(comps.mask, np.bool_),
-            "gold_chosen": np.asarray(comps.gold_chosen, np.float32),
-            "gold_rejected": np.asarray(comps.gold_rejected, np.float32)}
+  comps = synthetic.make_comparisons(
+    world,
+    world_cfg,
+    jax.random.fold_in(key, 1),
+    num=config.synthetic_pairs,
+    labels=config.synthetic_labels,
+    label_noise=config.synthetic_label_noise,
+  )
+  arrays = {
+    "chosen": np.asarray(comps.chosen, np.int32),
+    "rejected": np.asarray(comps.rejected, np.int32),
+    "mask": np.asarray(comps.mask, np.bool_),
+    "gold_chosen": np.asarray(comps.gold_chosen, np.float32),
+    "gold_rejected": np.asarray(comps.gold_rejected, np.float32),
+  }
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "wb") as f:
     np.savez(f, fingerprint=np.asarray(fingerprint), **arrays)
   os.replace(tmp, path)
-  logging.info("Made %d synthetic comparisons in %.1f s (%s)", config.synthetic_pairs,
-               time.time() - start, path)
+  logging.info(
+    "Made %d synthetic comparisons in %.1f s (%s)",
+    config.synthetic_pairs,
+    time.time() - start,
+    path,
+  )
   return arrays
 
 
-def _synthetic_split(arrays: Mapping[str, np.ndarray], sl: slice, prompt_len: int
-                     ) -> dict[str, np.ndarray]:
+def _synthetic_split(
+  arrays: Mapping[str, np.ndarray], sl: slice, prompt_len: int
+) -> dict[str, np.ndarray]:
   n = arrays["chosen"][sl].shape[0]
-  return {"chosen": arrays["chosen"][sl], "chosen_mask": arrays["mask"][sl],
-          "rejected": arrays["rejected"][sl], "rejected_mask": arrays["mask"][sl],
-          "prompt_len": np.full((n,), prompt_len, np.int32),
-          "gold_chosen": arrays["gold_chosen"][sl],
-          "gold_rejected": arrays["gold_rejected"][sl]}
+  return {
+    "chosen": arrays["chosen"][sl],
+    "chosen_mask": arrays["mask"][sl],
+    "rejected": arrays["rejected"][sl],
+    "rejected_mask": arrays["mask"][sl],
+    "prompt_len": np.full((n,), prompt_len, np.int32),
+    "gold_chosen": arrays["gold_chosen"][sl],
+    "gold_rejected": arrays["gold_rejected"][sl],
+  }
 
 
 def _dataset_dir(workdir: str) -> str:
-  return os.path.join(workdir, DATA_DIR, "preference_pairs", DATASET_NAME,
-                      str(data_lib.PreferencePairs.VERSION))
+  return os.path.join(
+    workdir, DATA_DIR, "preference_pairs", DATASET_NAME, str(data_lib.PreferencePairs.VERSION)
+  )
 
 
-def load_data(config: TrainConfig, workdir: str | os.PathLike, *,
-              prepare: bool = True) -> RunData:
+def load_data(config: TrainConfig, workdir: str | os.PathLike, *, prepare: bool = True) -> RunData:
   """Builds (or reuses) the run's train and held-out pairs.
 
   Args:
@@ -449,25 +512,40 @@ def load_data(config: TrainConfig, workdir: str | os.PathLike, *,
       n_test = min(max(n_test, 1), n - 1)
     train = _synthetic_split(arrays, slice(0, n - n_test), world_cfg.prompt_len)
     test = _synthetic_split(arrays, slice(n - n_test, n), world_cfg.prompt_len) if n_test else None
-    info = {"source": SYNTHETIC, "train_pairs": n - n_test, "test_pairs": n_test,
-            "synthetic": {**dataclasses.asdict(world_cfg), "seed": config.synthetic_seed,
-                          "pairs": config.synthetic_pairs, "labels": config.synthetic_labels,
-                          "label_noise": config.synthetic_label_noise}}
+    info = {
+      "source": SYNTHETIC,
+      "train_pairs": n - n_test,
+      "test_pairs": n_test,
+      "synthetic": {
+        **dataclasses.asdict(world_cfg),
+        "seed": config.synthetic_seed,
+        "pairs": config.synthetic_pairs,
+        "labels": config.synthetic_labels,
+        "label_noise": config.synthetic_label_noise,
+      },
+    }
     return RunData(train, test, SYNTHETIC, world_cfg.vocab_size, world_cfg.seq_len, info)
 
   data_dir = os.path.join(workdir, DATA_DIR)
   if prepare:
     try:
       builder = data_lib.build_preference_dataset(
-          list(config.data), data_dir=data_dir, max_len=config.max_len, name=DATASET_NAME,
-          test_files=list(config.test_data),
-          test_fraction=0.0 if config.test_data else config.test_fraction,
-          split_seed=config.split_seed, skip_malformed=config.skip_malformed)
+        list(config.data),
+        data_dir=data_dir,
+        max_len=config.max_len,
+        name=DATASET_NAME,
+        test_files=list(config.test_data),
+        test_fraction=0.0 if config.test_data else config.test_fraction,
+        split_seed=config.split_seed,
+        skip_malformed=config.skip_malformed,
+      )
     except ValueError as e:
       if "was built from other files or settings" in str(e):
-        raise ConfigError("data", config.data,
-                          f"{data_dir} holds a dataset built from other files or settings; "
-                          "use another --workdir") from None
+        raise ConfigError(
+          "data",
+          config.data,
+          f"{data_dir} holds a dataset built from other files or settings; use another --workdir",
+        ) from None
       raise
   else:
     builder = tfds.builder_from_directory(_dataset_dir(workdir))
@@ -478,16 +556,21 @@ def load_data(config: TrainConfig, workdir: str | os.PathLike, *,
     logging.warning("The held-out split is empty; training without evaluation")
     test = None
   metadata = dict(builder.info.metadata)
-  info = {"source": "jsonl", "files": list(config.data), "test_files": list(config.test_data),
-          "dataset": _dataset_dir(workdir), "train_pairs": len(train),
-          "test_pairs": 0 if test is None else len(test),
-          "read_stats": metadata.get("splits", {})}
-  return RunData(train, test, "byte", tokenizer.VOCAB_SIZE,
-                 config.max_len, info)
+  info = {
+    "source": "jsonl",
+    "files": list(config.data),
+    "test_files": list(config.test_data),
+    "dataset": _dataset_dir(workdir),
+    "train_pairs": len(train),
+    "test_pairs": 0 if test is None else len(test),
+    "read_stats": metadata.get("splits", {}),
+  }
+  return RunData(train, test, "byte", tokenizer.VOCAB_SIZE, config.max_len, info)
 
 
-def make_iterator(data: Any, config: TrainConfig, max_len: int, *, train: bool
-                  ) -> data_lib.BatchIterator:
+def make_iterator(
+  data: Any, config: TrainConfig, max_len: int, *, train: bool
+) -> data_lib.BatchIterator:
   """The training iterator (shuffled, endless) or an evaluation pass (data order, padded)."""
   if config.bucket:
     shape = {"bucket_lengths": data_lib.power_of_two_buckets(max_len)}
@@ -495,15 +578,22 @@ def make_iterator(data: Any, config: TrainConfig, max_len: int, *, train: bool
     shape = {"max_len": max_len}
   if train:
     try:
-      return data_lib.BatchIterator(data, batch_size=config.batch_size, seed=config.seed,
-                                    **shape)
+      return data_lib.BatchIterator(data, batch_size=config.batch_size, seed=config.seed, **shape)
     except ValueError as e:
       if "exceeds the number of examples" in str(e):
-        raise ConfigError("batch_size", config.batch_size,
-                          f"exceeds the {_num_examples(data)} training pairs") from None
+        raise ConfigError(
+          "batch_size", config.batch_size, f"exceeds the {_num_examples(data)} training pairs"
+        ) from None
       raise
-  return data_lib.BatchIterator(data, batch_size=config.batch_size, seed=0, shuffle=False,
-                                drop_remainder=False, num_epochs=1, **shape)
+  return data_lib.BatchIterator(
+    data,
+    batch_size=config.batch_size,
+    seed=0,
+    shuffle=False,
+    drop_remainder=False,
+    num_epochs=1,
+    **shape,
+  )
 
 
 def _num_examples(data: Any) -> int:
@@ -515,8 +605,11 @@ def pair_lengths(data: Any) -> dict[str, np.ndarray]:
   if isinstance(data, Mapping):
     n = data["chosen"].shape[0]
     prompt = data.get("prompt_len", np.zeros((n,), np.int32))
-    return {"chosen": data["chosen_mask"].sum(1), "rejected": data["rejected_mask"].sum(1),
-            "prompt": np.asarray(prompt)}
+    return {
+      "chosen": data["chosen_mask"].sum(1),
+      "rejected": data["rejected_mask"].sum(1),
+      "prompt": np.asarray(prompt),
+    }
   out = {"chosen": [], "rejected": [], "prompt": []}
   for start in range(0, len(data), 1024):
     for e in data_lib.get_examples(data, range(start, min(start + 1024, len(data)))):
@@ -530,28 +623,41 @@ def _length_summary(x: np.ndarray) -> dict[str, float]:
   x = np.asarray(x, np.float64)
   if x.size == 0:
     return {}
-  return {"mean": float(x.mean()), "median": float(np.median(x)),
-          "p95": float(np.quantile(x, 0.95)), "min": float(x.min()), "max": float(x.max())}
+  return {
+    "mean": float(x.mean()),
+    "median": float(np.median(x)),
+    "p95": float(np.quantile(x, 0.95)),
+    "min": float(x.min()),
+    "max": float(x.max()),
+  }
 
 
-def split_statistics(data: Any, read_stats: Mapping[str, Any] | None = None
-                     ) -> dict[str, Any]:
+def split_statistics(data: Any, read_stats: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Pairs, length statistics and (files) skipped/truncated counts of one split."""
   lengths = pair_lengths(data)
   seq = np.concatenate([lengths["chosen"], lengths["rejected"]])
-  response = np.concatenate([lengths["chosen"] - lengths["prompt"],
-                             lengths["rejected"] - lengths["prompt"]])
-  out = {"pairs": int(lengths["chosen"].shape[0]), "sequence_length": _length_summary(seq),
-         "prompt_length": _length_summary(lengths["prompt"]),
-         "response_length": _length_summary(response)}
+  response = np.concatenate(
+    [lengths["chosen"] - lengths["prompt"], lengths["rejected"] - lengths["prompt"]]
+  )
+  out = {
+    "pairs": int(lengths["chosen"].shape[0]),
+    "sequence_length": _length_summary(seq),
+    "prompt_length": _length_summary(lengths["prompt"]),
+    "response_length": _length_summary(response),
+  }
   if read_stats:
-    out.update({"lines": read_stats.get("lines"), "blank_lines": read_stats.get("blank_lines"),
-                "skipped": sum((read_stats.get("skipped") or {}).values()),
-                "skipped_reasons": read_stats.get("skipped") or {},
-                "truncated_pairs": read_stats.get("truncated_pairs"),
-                "truncated_prompts": read_stats.get("truncated_prompts"),
-                "truncated_responses": read_stats.get("truncated_responses"),
-                "identical_after_truncation": read_stats.get("identical_after_truncation")})
+    out.update(
+      {
+        "lines": read_stats.get("lines"),
+        "blank_lines": read_stats.get("blank_lines"),
+        "skipped": sum((read_stats.get("skipped") or {}).values()),
+        "skipped_reasons": read_stats.get("skipped") or {},
+        "truncated_pairs": read_stats.get("truncated_pairs"),
+        "truncated_prompts": read_stats.get("truncated_prompts"),
+        "truncated_responses": read_stats.get("truncated_responses"),
+        "identical_after_truncation": read_stats.get("identical_after_truncation"),
+      }
+    )
   return out
 
 
@@ -566,8 +672,12 @@ def make_optimizer(config: TrainConfig) -> tuple[optax.GradientTransformation, o
   """
   warmup = min(config.warmup_steps, config.steps)
   schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
-      decay_steps=max(config.steps, warmup + 1), end_value=0.1 * config.learning_rate)
+    init_value=0.0,
+    peak_value=config.learning_rate,
+    warmup_steps=warmup,
+    decay_steps=max(config.steps, warmup + 1),
+    end_value=0.1 * config.learning_rate,
+  )
   decay_mask = lambda params: jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
   parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []
   parts.append(optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask))
@@ -585,8 +695,9 @@ def make_loss_fn(config: TrainConfig):
 
   def loss_fn(rewards_chosen, rewards_rejected, *, weights=None, labels=None):
     rewards = jnp.concatenate([rewards_chosen, rewards_rejected])
-    return (base(rewards_chosen, rewards_rejected, weights=weights, labels=labels)
-            + preference.reward_centering_penalty(rewards, coef=config.center_coef))
+    return base(
+      rewards_chosen, rewards_rejected, weights=weights, labels=labels
+    ) + preference.reward_centering_penalty(rewards, coef=config.center_coef)
 
   return loss_fn
 
@@ -597,8 +708,9 @@ def _jitted_init(model: RewardModel):
   return jax.jit(model.init)
 
 
-def init_state(config: TrainConfig, model: RewardModel, optimizer: optax.GradientTransformation,
-               max_len: int) -> train_state_lib.TrainState:
+def init_state(
+  config: TrainConfig, model: RewardModel, optimizer: optax.GradientTransformation, max_len: int
+) -> train_state_lib.TrainState:
   """The step-0 train state: parameters from ``fold_in(key(seed), 0)``, step keys from
   ``fold_in(key(seed), 1)``."""
   root = jax.random.key(config.seed)
@@ -608,14 +720,14 @@ def init_state(config: TrainConfig, model: RewardModel, optimizer: optax.Gradien
   return train_state_lib.create_train_state(params, optimizer, jax.random.fold_in(root, 1))
 
 
-def abstract_state(config: TrainConfig, model: RewardModel,
-                   optimizer: optax.GradientTransformation, max_len: int) -> Any:
+def abstract_state(
+  config: TrainConfig, model: RewardModel, optimizer: optax.GradientTransformation, max_len: int
+) -> Any:
   """Shapes, dtypes and a default-device sharding of :func:`init_state` (nothing computed);
   a restore template."""
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   shapes = jax.eval_shape(lambda: init_state(config, model, optimizer, max_len))
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                      shapes)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
 def _to_host(state: Any) -> Any:
@@ -624,10 +736,12 @@ def _to_host(state: Any) -> Any:
   Replicated multi-device arrays are slow to hand to orbax (seconds for the first save);
   the checkpoint manager restores key data into typed keys from the template.
   """
+
   def leaf(x):
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
       x = jax.random.key_data(x)
     return np.asarray(jax.device_get(x))
+
   return jax.tree.map(leaf, state)
 
 
@@ -637,12 +751,14 @@ def _eval_body(params, batch, *, apply_fn, axis_name):
 
 def make_eval_step(apply_fn, *, mode: str) -> parallel.ParallelStep:
   """``peval(params, batch) -> {'rewards_chosen', 'rewards_rejected'}`` for ``mode``."""
-  return parallel.make_parallel_step(functools.partial(_eval_body, apply_fn=apply_fn),
-                                     mode=mode, donate=False)
+  return parallel.make_parallel_step(
+    functools.partial(_eval_body, apply_fn=apply_fn), mode=mode, donate=False
+  )
 
 
-def score_pairs(peval: parallel.ParallelStep, params: Any, data: Any, config: TrainConfig,
-                max_len: int) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
+def score_pairs(
+  peval: parallel.ParallelStep, params: Any, data: Any, config: TrainConfig, max_len: int
+) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
   """Rewards of every pair of ``data``, in data order.
 
   Args:
@@ -664,10 +780,13 @@ def score_pairs(peval: parallel.ParallelStep, params: Any, data: Any, config: Tr
     valid = batch["index"] >= 0
     out = peval(params, peval.shard_batch({k: batch[k] for k in _SCORE_KEYS}))
     out = jax.device_get(peval.unreplicate(out))
-    cols = {"index": batch["index"], "rewards_chosen": out["rewards_chosen"],
-            "rewards_rejected": out["rewards_rejected"],
-            "chosen_len": batch["chosen_mask"].sum(1),
-            "rejected_len": batch["rejected_mask"].sum(1)}
+    cols = {
+      "index": batch["index"],
+      "rewards_chosen": out["rewards_chosen"],
+      "rewards_rejected": out["rewards_rejected"],
+      "chosen_len": batch["chosen_mask"].sum(1),
+      "rejected_len": batch["rejected_mask"].sum(1),
+    }
     for key in ("prompt_len", "subset_id", "gold_chosen", "gold_rejected"):
       if key in batch:
         cols[key] = batch[key]
@@ -765,9 +884,14 @@ def _format_duration(seconds: float) -> str:
 
 
 def _run_description(config: TrainConfig, model_config, data: RunData) -> dict[str, Any]:
-  return {"config": config.to_json(), "model_config": rm_io.config_to_json(model_config),
-          "pooling": config.pooling, "tokenizer": data.tokenizer, "preset": config.model,
-          "dataset": {k: v for k, v in data.info.items() if k != "read_stats"}}
+  return {
+    "config": config.to_json(),
+    "model_config": rm_io.config_to_json(model_config),
+    "pooling": config.pooling,
+    "tokenizer": data.tokenizer,
+    "preset": config.model,
+    "dataset": {k: v for k, v in data.info.items() if k != "read_stats"},
+  }
 
 
 def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
@@ -793,8 +917,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   data = load_data(config, workdir)
-  model_config = presets.preset(config.model, vocab_size=data.vocab_size,
-                                max_len=data.max_len)
+  model_config = presets.preset(config.model, vocab_size=data.vocab_size, max_len=data.max_len)
   model = RewardModel(model_config, pooling=config.pooling)
   optimizer, schedule = make_optimizer(config)
   train_iter = make_iterator(data.train, config, data.max_len, train=True)
@@ -804,8 +927,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
   has_test = data.test is not None
 
   with checkpoint_lib.CheckpointManager(
-      os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=config.keep_checkpoints,
-      best_metric=BEST_METRIC if has_test else None) as ckpt:
+    os.path.join(workdir, CHECKPOINT_DIR),
+    max_to_keep=config.keep_checkpoints,
+    best_metric=BEST_METRIC if has_test else None,
+  ) as ckpt:
     restored = ckpt.restore_latest(template=host_state)
     start, last_eval = 0, None
     if restored is not None:
@@ -813,24 +938,37 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
       check_resumable(extra.get("config", {}), config, workdir)
       train_iter.set_state(extra["data"])
       saved = extra.get("metrics") or {}
-      last_eval = {k[len("eval_"):]: v for k, v in saved.items() if k.startswith("eval_")}
+      last_eval = {k[len("eval_") :]: v for k, v in saved.items() if k.startswith("eval_")}
       last_eval = last_eval or None
       logging.info("Resuming from the checkpoint at step %d in %s", start, ckpt.directory)
     truncate_metrics(metrics_path, max_step=start)
     _write_json(os.path.join(workdir, CONFIG_FILE), description)
 
-    step_fn = functools.partial(rm_step.reward_model_step, apply_fn=model.apply,
-                                loss_fn=make_loss_fn(config), optimizer=optimizer,
-                                nonfinite=config.nonfinite)
+    step_fn = functools.partial(
+      rm_step.reward_model_step,
+      apply_fn=model.apply,
+      loss_fn=make_loss_fn(config),
+      optimizer=optimizer,
+      nonfinite=config.nonfinite,
+    )
     pstep = parallel.make_parallel_step(step_fn, mode=config.parallel)
     peval = make_eval_step(model.apply, mode=pstep.mode)
     state = pstep.put_state(host_state)
     del host_state
-    logging.info("Training %s (%s parameters, %s pooling, %s) for %d steps on %d pairs, "
-                 "batch %d, mode %s on %d device(s); workdir %s", config.model,
-                 f"{presets.param_count(model_config):,}", config.pooling, config.loss,
-                 config.steps, _num_examples(data.train), config.batch_size, pstep.mode,
-                 pstep.num_devices, workdir)
+    logging.info(
+      "Training %s (%s parameters, %s pooling, %s) for %d steps on %d pairs, "
+      "batch %d, mode %s on %d device(s); workdir %s",
+      config.model,
+      f"{presets.param_count(model_config):,}",
+      config.pooling,
+      config.loss,
+      config.steps,
+      _num_examples(data.train),
+      config.batch_size,
+      pstep.mode,
+      pstep.num_devices,
+      workdir,
+    )
 
     writer = _MetricsWriter(metrics_path)
     step, last_row = start, None
@@ -840,8 +978,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
     try:
       while step < config.steps:
         batch = next(train_iter)
-        state, step_metrics = pstep(state, pstep.shard_batch(
-            {k: batch[k] for k in _STEP_KEYS if k in batch}))
+        state, step_metrics = pstep(
+          state, pstep.shard_batch({k: batch[k] for k in _STEP_KEYS if k in batch})
+        )
         step += 1
         pending.append(step_metrics)
         if config.nonfinite == "raise":
@@ -852,20 +991,32 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
           seconds = max(time.time() - t_interval - excluded, 1e-9)
           intervals.append((len(fetched) * config.batch_size, seconds))
           rate = len(fetched) * config.batch_size / seconds
-          mean = lambda key: float(np.mean([float(m[key]) for m in fetched]))
+          mean = lambda key, rows=fetched: float(np.mean([float(m[key]) for m in rows]))
           last_row = {
-              "split": "train", "step": step, "epoch": train_iter.get_state()["epoch"],
-              "loss": mean("loss"), "accuracy": mean("accuracy"), "margin": mean("margin"),
-              "grad_norm": mean("grad_norm"),
-              "nonfinite_steps": int(sum(bool(m["nonfinite"]) for m in fetched)),
-              "num_skipped": int(fetched[-1]["num_skipped"]),
-              "learning_rate": float(schedule(step - 1)), "steps_in_row": len(fetched),
-              "pairs_per_sec": rate,
-              "eta_sec": (config.steps - step) * config.batch_size / rate}
+            "split": "train",
+            "step": step,
+            "epoch": train_iter.get_state()["epoch"],
+            "loss": mean("loss"),
+            "accuracy": mean("accuracy"),
+            "margin": mean("margin"),
+            "grad_norm": mean("grad_norm"),
+            "nonfinite_steps": int(sum(bool(m["nonfinite"]) for m in fetched)),
+            "num_skipped": int(fetched[-1]["num_skipped"]),
+            "learning_rate": float(schedule(step - 1)),
+            "steps_in_row": len(fetched),
+            "pairs_per_sec": rate,
+            "eta_sec": (config.steps - step) * config.batch_size / rate,
+          }
           writer.write(last_row)
-          logging.info("step %d/%d | loss %.4f | accuracy %.3f | %.1f pairs/s | ETA %s",
-                       step, config.steps, last_row["loss"], last_row["accuracy"], rate,
-                       _format_duration(last_row["eta_sec"]))
+          logging.info(
+            "step %d/%d | loss %.4f | accuracy %.3f | %.1f pairs/s | ETA %s",
+            step,
+            config.steps,
+            last_row["loss"],
+            last_row["accuracy"],
+            rate,
+            _format_duration(last_row["eta_sec"]),
+          )
           pending, t_interval, excluded = [], time.time(), 0.0
 
         checkpoint_now = step % config.checkpoint_every == 0 or step == config.steps
@@ -873,12 +1024,19 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
           jax.block_until_ready(state)
           t0 = time.time()
           scores, _ = score_pairs(peval, state.params, data.test, config, data.max_len)
-          last_eval = report_lib.heldout_metrics(scores["rewards_chosen"],
-                                                 scores["rewards_rejected"])
+          last_eval = report_lib.heldout_metrics(
+            scores["rewards_chosen"], scores["rewards_rejected"]
+          )
           writer.write({"split": "eval", "step": step, **last_eval})
-          logging.info("eval at step %d | accuracy %.4f (± %.4f) | log-loss %.4f | ECE %.4f "
-                       "| %d pairs", step, last_eval["accuracy"], last_eval["accuracy_stderr"],
-                       last_eval["log_loss"], last_eval["ece"], last_eval["num_pairs"])
+          logging.info(
+            "eval at step %d | accuracy %.4f (± %.4f) | log-loss %.4f | ECE %.4f | %d pairs",
+            step,
+            last_eval["accuracy"],
+            last_eval["accuracy_stderr"],
+            last_eval["log_loss"],
+            last_eval["ece"],
+            last_eval["num_pairs"],
+          )
           excluded += time.time() - t0
         if checkpoint_now:
           jax.block_until_ready(state)
@@ -888,27 +1046,47 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
             saved_metrics.update({f"train_{k}": last_row[k] for k in ("loss", "accuracy")})
           if has_test:
             saved_metrics.update({f"eval_{k}": v for k, v in last_eval.items()})
-          ckpt.save(step, _to_host(pstep.unreplicate(state)),
-                    {**description, "data": train_iter.get_state(), "metrics": saved_metrics},
-                    metrics={BEST_METRIC: last_eval["accuracy"]} if has_test else None)
+          ckpt.save(
+            step,
+            _to_host(pstep.unreplicate(state)),
+            {**description, "data": train_iter.get_state(), "metrics": saved_metrics},
+            metrics={BEST_METRIC: last_eval["accuracy"]} if has_test else None,
+          )
           excluded += time.time() - t0
     finally:
       writer.close()
 
     steady = intervals[1:] or intervals
     pairs_per_sec = (sum(p for p, _ in steady) / sum(s for _, s in steady)) if steady else None
-    summary = {"workdir": workdir, "step": step, "resumed_from": start if restored else None,
-               "eval": last_eval, "train": last_row, "pairs_per_sec": pairs_per_sec,
-               "report": None}
+    summary = {
+      "workdir": workdir,
+      "step": step,
+      "resumed_from": start if restored else None,
+      "eval": last_eval,
+      "train": last_row,
+      "pairs_per_sec": pairs_per_sec,
+      "report": None,
+    }
     if config.report:
       num_params = sum(np.size(x) for x in jax.tree.leaves(pstep.unreplicate(state).params))
       summary["report"] = _write_report(
-          workdir, workdir, config=config, data=data, model_config=model_config,
-          params=state.params, num_params=num_params, peval=peval, step=step,
-          best_step=ckpt.best_step() if has_test else None,
-          checkpoint_steps=ckpt.all_steps())
-  logging.info("Done: step %d%s", step,
-               "" if last_eval is None else f", held-out accuracy {last_eval['accuracy']:.4f}")
+        workdir,
+        workdir,
+        config=config,
+        data=data,
+        model_config=model_config,
+        params=state.params,
+        num_params=num_params,
+        peval=peval,
+        step=step,
+        best_step=ckpt.best_step() if has_test else None,
+        checkpoint_steps=ckpt.all_steps(),
+      )
+  logging.info(
+    "Done: step %d%s",
+    step,
+    "" if last_eval is None else f", held-out accuracy {last_eval['accuracy']:.4f}",
+  )
   return summary
 
 
@@ -924,25 +1102,42 @@ def _training_section(config: TrainConfig, workdir: str, step: int) -> dict[str,
   best = max(evals, key=lambda r: (r["accuracy"], r["step"])) if evals else None
   loss_kwargs = {"margin": config.margin} if config.margin is not None else {}
   return {
-      "loss": config.loss, "margin": loss_kwargs.get("margin", "loss default"),
-      "label_smoothing": config.label_smoothing, "center_coef": config.center_coef,
-      "optimizer": "AdamW, linear warm-up, cosine decay to 10%",
-      "learning_rate": config.learning_rate, "warmup_steps": config.warmup_steps,
-      "weight_decay": config.weight_decay, "grad_clip": config.grad_clip,
-      "batch_size": config.batch_size, "steps": config.steps, "seed": config.seed,
-      "parallel": config.parallel, "bucket": config.bucket,
-      "final_train_loss": train[-1]["loss"] if train else None,
-      "final_train_accuracy": train[-1]["accuracy"] if train else None,
-      "pairs_per_sec_median": float(np.median(rates)) if rates else None,
-      "best_eval_step": best["step"] if best else None,
-      "best_eval_accuracy": best["accuracy"] if best else None,
+    "loss": config.loss,
+    "margin": loss_kwargs.get("margin", "loss default"),
+    "label_smoothing": config.label_smoothing,
+    "center_coef": config.center_coef,
+    "optimizer": "AdamW, linear warm-up, cosine decay to 10%",
+    "learning_rate": config.learning_rate,
+    "warmup_steps": config.warmup_steps,
+    "weight_decay": config.weight_decay,
+    "grad_clip": config.grad_clip,
+    "batch_size": config.batch_size,
+    "steps": config.steps,
+    "seed": config.seed,
+    "parallel": config.parallel,
+    "bucket": config.bucket,
+    "final_train_loss": train[-1]["loss"] if train else None,
+    "final_train_accuracy": train[-1]["accuracy"] if train else None,
+    "pairs_per_sec_median": float(np.median(rates)) if rates else None,
+    "best_eval_step": best["step"] if best else None,
+    "best_eval_accuracy": best["accuracy"] if best else None,
   }
 
 
-def _write_report(workdir: str, out_dir: str, *, config: TrainConfig, data: RunData,
-                  model_config, params: Any, num_params: int, peval: parallel.ParallelStep,
-                  step: int, best_step: int | None, checkpoint_steps: Sequence[int]
-                  ) -> dict[str, str]:
+def _write_report(
+  workdir: str,
+  out_dir: str,
+  *,
+  config: TrainConfig,
+  data: RunData,
+  model_config,
+  params: Any,
+  num_params: int,
+  peval: parallel.ParallelStep,
+  step: int,
+  best_step: int | None,
+  checkpoint_steps: Sequence[int],
+) -> dict[str, str]:
   """Scores the held-out pairs with ``params`` (placed for ``peval``) and writes the report."""
   eval_data, split = (data.test, "test") if data.test is not None else (data.train, "train")
   scores, subset_names = score_pairs(peval, params, eval_data, config, data.max_len)
@@ -953,26 +1148,49 @@ def _write_report(workdir: str, out_dir: str, *, config: TrainConfig, data: RunD
   data_section = {k: v for k, v in data.info.items() if k != "read_stats"}
   data_section["splits"] = splits
   sections = {
-      "run": {"workdir": workdir, "step": step, "best_checkpoint_step": best_step,
-              "checkpoint_steps": list(checkpoint_steps), "evaluated_on": split},
-      "model": {"preset": config.model, "pooling": config.pooling, "tokenizer": data.tokenizer,
-                "num_params": int(num_params),
-                "config": rm_io.config_to_json(model_config)},
-      "data": data_section,
-      "training": _training_section(config, workdir, step),
+    "run": {
+      "workdir": workdir,
+      "step": step,
+      "best_checkpoint_step": best_step,
+      "checkpoint_steps": list(checkpoint_steps),
+      "evaluated_on": split,
+    },
+    "model": {
+      "preset": config.model,
+      "pooling": config.pooling,
+      "tokenizer": data.tokenizer,
+      "num_params": int(num_params),
+      "config": rm_io.config_to_json(model_config),
+    },
+    "data": data_section,
+    "training": _training_section(config, workdir, step),
   }
-  gold = ((scores["gold_chosen"], scores["gold_rejected"])
-          if "gold_chosen" in scores else None)
+  gold = (scores["gold_chosen"], scores["gold_rejected"]) if "gold_chosen" in scores else None
   report = report_lib.build_report(
-      scores["rewards_chosen"], scores["rewards_rejected"],
-      response_lengths=(scores["chosen_len"] - scores["prompt_len"],
-                        scores["rejected_len"] - scores["prompt_len"]),
-      subset_ids=scores.get("subset_id"), subset_names=subset_names, gold=gold,
-      sections=sections)
-  paths = report_lib.write_report(report, out_dir, rewards_chosen=scores["rewards_chosen"],
-                                  rewards_rejected=scores["rewards_rejected"])
-  logging.info("Wrote the report of step %d (%s split, accuracy %.4f) to %s", step, split,
-               report["heldout"]["accuracy"], paths["markdown"])
+    scores["rewards_chosen"],
+    scores["rewards_rejected"],
+    response_lengths=(
+      scores["chosen_len"] - scores["prompt_len"],
+      scores["rejected_len"] - scores["prompt_len"],
+    ),
+    subset_ids=scores.get("subset_id"),
+    subset_names=subset_names,
+    gold=gold,
+    sections=sections,
+  )
+  paths = report_lib.write_report(
+    report,
+    out_dir,
+    rewards_chosen=scores["rewards_chosen"],
+    rewards_rejected=scores["rewards_rejected"],
+  )
+  logging.info(
+    "Wrote the report of step %d (%s split, accuracy %.4f) to %s",
+    step,
+    split,
+    report["heldout"]["accuracy"],
+    paths["markdown"],
+  )
   return paths
 
 
@@ -988,7 +1206,7 @@ class RestoredRun(NamedTuple):
   """A checkpoint of a run, from :func:`restore_run`."""
 
   config: TrainConfig
-  model_config: Any  # jaxrm.transformer.TransformerConfig
+  model_config: Any  # jaxrm.models.transformer.TransformerConfig
   state: train_state_lib.TrainState  # on the default device
   extra: dict[str, Any]  # the checkpoint's JSON extra
   step: int
@@ -1015,8 +1233,7 @@ def restore_run(workdir: str | os.PathLike, *, step: int | None = None) -> Resto
       raise FileNotFoundError(f"{ckpt_dir} holds no checkpoints")
     step = steps[-1] if step is None else int(step)
     if step not in steps:
-      raise FileNotFoundError(f"no checkpoint at step {step} in {ckpt_dir}; saved steps: "
-                              f"{steps}")
+      raise FileNotFoundError(f"no checkpoint at step {step} in {ckpt_dir}; saved steps: {steps}")
     extra = read_checkpoint_extra(workdir, step)
     config = TrainConfig.from_json(extra["config"])
     model_config = rm_io.config_from_json(extra["model_config"])
@@ -1027,8 +1244,9 @@ def restore_run(workdir: str | os.PathLike, *, step: int | None = None) -> Resto
   return RestoredRun(config, model_config, state, extra, step, steps)
 
 
-def write_run_report(workdir: str | os.PathLike, *, step: int | None = None,
-                     out_dir: str | os.PathLike | None = None) -> dict[str, str]:
+def write_run_report(
+  workdir: str | os.PathLike, *, step: int | None = None, out_dir: str | os.PathLike | None = None
+) -> dict[str, str]:
   """Writes the report of a saved checkpoint of a run.
 
   Args:
@@ -1038,7 +1256,7 @@ def write_run_report(workdir: str | os.PathLike, *, step: int | None = None,
       ``<workdir>/reports/step_<step>``).
 
   Returns:
-    The written paths (see :func:`jaxrm.report.write_report`).
+    The written paths (see :func:`jaxrm.io.report.write_report`).
 
   Raises:
     FileNotFoundError: if the run has no checkpoint (at ``step``).
@@ -1046,15 +1264,27 @@ def write_run_report(workdir: str | os.PathLike, *, step: int | None = None,
   workdir = os.path.abspath(os.fspath(workdir))
   run = restore_run(workdir, step=step)
   data = load_data(run.config, workdir, prepare=False)
-  evals = [r for r in read_metrics(os.path.join(workdir, METRICS_FILE))
-           if r.get("split") == "eval" and r["step"] in run.steps]
+  evals = [
+    r
+    for r in read_metrics(os.path.join(workdir, METRICS_FILE))
+    if r.get("split") == "eval" and r["step"] in run.steps
+  ]
   best_step = max(evals, key=lambda r: (r["accuracy"], r["step"]))["step"] if evals else None
   if out_dir is None:
-    out_dir = (workdir if run.step == run.steps[-1]
-               else os.path.join(workdir, "reports", f"step_{run.step}"))
+    out_dir = (
+      workdir if run.step == run.steps[-1] else os.path.join(workdir, "reports", f"step_{run.step}")
+    )
   model = RewardModel(run.model_config, pooling=run.extra["pooling"])
-  return _write_report(workdir, os.fspath(out_dir), config=run.config, data=data,
-                       model_config=run.model_config, params=run.state.params,
-                       num_params=sum(np.size(x) for x in jax.tree.leaves(run.state.params)),
-                       peval=make_eval_step(model.apply, mode="jit"), step=run.step,
-                       best_step=best_step, checkpoint_steps=run.steps)
+  return _write_report(
+    workdir,
+    os.fspath(out_dir),
+    config=run.config,
+    data=data,
+    model_config=run.model_config,
+    params=run.state.params,
+    num_params=sum(np.size(x) for x in jax.tree.leaves(run.state.params)),
+    peval=make_eval_step(model.apply, mode="jit"),
+    step=run.step,
+    best_step=best_step,
+    checkpoint_steps=run.steps,
+  )

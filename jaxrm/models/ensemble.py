@@ -20,7 +20,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,11 +53,11 @@ def init_ensemble(init_fn: Callable[..., Any], keys: jax.Array, *args: Any) -> A
 
 def ensemble_size(stacked_params: Any) -> int:
   """The number of members k (the leading axis shared by every leaf)."""
-  sizes = {leaf.shape[0] if jnp.ndim(leaf) else None
-           for leaf in jax.tree.leaves(stacked_params)}
+  sizes = {leaf.shape[0] if jnp.ndim(leaf) else None for leaf in jax.tree.leaves(stacked_params)}
   if len(sizes) != 1 or None in sizes:
     raise ValueError(
-        f"stacked_params leaves must share one leading axis, got leading sizes {sizes}")
+      f"stacked_params leaves must share one leading axis, got leading sizes {sizes}"
+    )
   return sizes.pop()
 
 

@@ -17,10 +17,10 @@ Example::
 from typing import Any, NamedTuple
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
 NONFINITE_MODES = ("skip", "raise")
 
@@ -36,6 +36,7 @@ class TrainState(NamedTuple):
     num_skipped: number of updates not applied because the loss or a gradient was not
       finite.  # shape=(), int32
   """
+
   step: jax.Array  # shape=(), int32
   params: Any
   opt_state: Any
@@ -44,9 +45,9 @@ class TrainState(NamedTuple):
 
 
 def create_train_state(
-    params: Any,
-    optimizer: optax.GradientTransformation,
-    key: jax.Array,
+  params: Any,
+  optimizer: optax.GradientTransformation,
+  key: jax.Array,
 ) -> TrainState:
   """Creates a :class:`TrainState` at step 0.
 
@@ -60,16 +61,18 @@ def create_train_state(
   """
   key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
   if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and (
-      key.dtype != jnp.uint32 or key.ndim != 1):
+    key.dtype != jnp.uint32 or key.ndim != 1
+  ):
     raise ValueError(
-        "key must be a typed PRNG key (jax.random.key) or a raw uint32 key "
-        f"(jax.random.PRNGKey), got dtype {key.dtype} and shape {key.shape}")
+      "key must be a typed PRNG key (jax.random.key) or a raw uint32 key "
+      f"(jax.random.PRNGKey), got dtype {key.dtype} and shape {key.shape}"
+    )
   return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      opt_state=optimizer.init(params),
-      key=key,
-      num_skipped=jnp.zeros((), jnp.int32),
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=optimizer.init(params),
+    key=key,
+    num_skipped=jnp.zeros((), jnp.int32),
   )
 
 
@@ -80,8 +83,11 @@ def step_key(state: Any) -> jax.Array:
 
 def tree_all_finite(tree: Any) -> jax.Array:
   """Returns a bool scalar: True iff every inexact leaf of ``tree`` is finite everywhere."""
-  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-           if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  flags = [
+    jnp.all(jnp.isfinite(x))
+    for x in jax.tree.leaves(tree)
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+  ]
   if not flags:
     return jnp.array(True)
   return jnp.all(jnp.stack(flags))
@@ -93,8 +99,9 @@ def _replace(state: Any, **fields: Any) -> Any:
   if hasattr(state, "replace"):  # flax.struct.dataclass
     return state.replace(**fields)
   raise TypeError(
-      "state must be a NamedTuple or flax.struct.dataclass with fields step, params, "
-      f"opt_state, num_skipped; got {type(state).__name__}")
+    "state must be a NamedTuple or flax.struct.dataclass with fields step, params, "
+    f"opt_state, num_skipped; got {type(state).__name__}"
+  )
 
 
 def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
@@ -102,13 +109,13 @@ def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
 
 
 def apply_if_finite(
-    state: Any,
-    grads: Any,
-    loss: jax.typing.ArrayLike,
-    optimizer: optax.GradientTransformation,
-    *,
-    nonfinite: str = "skip",
-    axis_name: Any = None,
+  state: Any,
+  grads: Any,
+  loss: jax.typing.ArrayLike,
+  optimizer: optax.GradientTransformation,
+  *,
+  nonfinite: str = "skip",
+  axis_name: Any = None,
 ) -> tuple[Any, jax.Array]:
   """Applies an optax update unless the loss or any gradient is not finite.
 
@@ -161,8 +168,9 @@ def apply_if_finite(
   else:
     step = state.step + finite.astype(state.step.dtype)
     num_skipped = state.num_skipped
-  new_state = _replace(state, step=step, params=params, opt_state=opt_state,
-                       num_skipped=num_skipped)
+  new_state = _replace(
+    state, step=step, params=params, opt_state=opt_state, num_skipped=num_skipped
+  )
   return new_state, jnp.logical_not(finite)
 
 
@@ -182,5 +190,6 @@ def raise_if_nonfinite(metrics: Any, *, step: Any) -> None:
     loss = metrics.get("loss")
     loss_str = "" if loss is None else f" (loss={np.asarray(jax.device_get(loss))})"
     raise FloatingPointError(
-        f"non-finite loss or gradient at step {int(np.asarray(jax.device_get(step)).ravel()[0])}"
-        f"{loss_str}; the update was not applied")
+      f"non-finite loss or gradient at step {int(np.asarray(jax.device_get(step)).ravel()[0])}"
+      f"{loss_str}; the update was not applied"
+    )

@@ -5,7 +5,7 @@ Each step is a pure function
   ``step(state, batch, reward_params, ref_params, *, config, reward_fn, optimizer,
   axis_name=None, return_rollout=False) -> (state, metrics[, rollout])``
 
-that runs one rollout (:func:`jaxrm.rollout.rollout`: sample from the current policy with the
+that runs one rollout (:func:`jaxrm.steps.rollout.rollout`: sample from the current policy with the
 KV-cached sampler, score with ``reward_fn(reward_params, tokens, mask) -> [batch]``, compute
 log-probs, values and the KL to the reference policy ``ref_params``) and then its updates,
 all inside one ``jit`` with static shapes. ``batch`` holds the prompts:
@@ -13,7 +13,7 @@ all inside one ``jit`` with static shapes. ``batch`` holds the prompts:
 reference parameters are explicit arguments, never part of the state, so a seed sweep can
 ``jax.vmap`` a step over stacked states and stacked ``reward_params`` (one proxy per seed).
 
-Algorithms (token alignment and losses from :mod:`jaxrm.advantages`, :mod:`jaxrm.pg_losses`):
+Algorithms (token alignment and losses from :mod:`jaxrm.math.advantages`, :mod:`jaxrm.math.pg_losses`):
 
 * :func:`ppo_step` (Ziegler et al. 2019; Ouyang et al. 2022): per-token rewards
   ``-kl_coef * KL_t`` plus the score at the last response token, GAE over the response with
@@ -35,14 +35,14 @@ Algorithms (token alignment and losses from :mod:`jaxrm.advantages`, :mod:`jaxrm
   ``kl_estimator='k3'`` as the paper; the k1 gradient is zero in expectation); with
   ``grpo_kl='reward'``, it is subtracted from the score before group normalisation, like RLOO.
 
-KL coefficient: the state holds an :class:`jaxrm.advantages.AdaptiveKLState`. With
+KL coefficient: the state holds an :class:`jaxrm.math.advantages.AdaptiveKLState`. With
 ``config.target_kl=None`` the coefficient stays fixed; otherwise it is adapted after every
 step towards ``target_kl`` from the batch-mean sequence KL (the chosen estimator) with
 ``n_steps`` = the global number of sequences (Ziegler et al. 2019). The coefficient used by a
 step is the one in the input state.
 
 Non-finite values: every optimizer update goes through
-:func:`jaxrm.train_state.apply_if_finite`. A rollout whose scores or log-probs are not finite
+:func:`jaxrm.steps.train_state.apply_if_finite`. A rollout whose scores or log-probs are not finite
 (on response tokens) skips *all* its updates, each counted in ``num_skipped``, and leaves the
 KL controller and the baseline unchanged, so a NaN reward never reaches the parameters.
 
@@ -52,7 +52,7 @@ gradients and metrics are averaged over the axis. PPO/GRPO minibatches are *stra
 examples are cut into consecutive blocks of ``num_minibatches`` (by global index) and each
 epoch a random permutation per block (keyed by the block's global index) sends one example of
 each block to each minibatch. A device therefore holds exactly its share of every global
-minibatch, and :func:`jaxrm.parallel.make_parallel_step` over any number of devices gives the
+minibatch, and :func:`jaxrm.steps.parallel.make_parallel_step` over any number of devices gives the
 parameters of the single-device step on the global batch (up to float rounding). The local
 number of sequences must be divisible by ``num_minibatches``. Parameters are differentiated
 pmap-style: under ``shard_map`` use ``check_vma=False`` (the default of
@@ -84,23 +84,24 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import optax
-from jax import lax
 
-from jaxrm import advantages as adv_lib
-from jaxrm import kl as kl_lib
-from jaxrm import pg_losses
-from jaxrm import rollout as rollout_lib
-from jaxrm import sampling
-from jaxrm import train_state as train_state_lib
-from jaxrm.policy import PolicyModel
-from jaxrm.transformer import TransformerConfig
+from jaxrm.math import advantages as adv_lib
+from jaxrm.math import kl as kl_lib
+from jaxrm.math import pg_losses
+from jaxrm.models import sampling
+from jaxrm.models.policy import PolicyModel
+from jaxrm.models.transformer import TransformerConfig
+from jaxrm.steps import rollout as rollout_lib
+from jaxrm.steps import train_state as train_state_lib
 
 ALGORITHMS = ("ppo", "reinforce", "rloo", "grpo")
 BASELINES = ("moving_average", "batch", "none")
@@ -115,7 +116,7 @@ class RLConfig:
     policy: the policy's backbone configuration (sampler and forward passes).
     max_new_tokens: response length budget.
     temperature: sampling temperature; log-probs are those of ``softmax(logits / T)``.
-    eos_id: token ending a response (``jaxrm.sampling.EOS_ID`` for the byte tokenizer), or
+    eos_id: token ending a response (``jaxrm.models.sampling.EOS_ID`` for the byte tokenizer), or
       None for fixed-length responses (the synthetic world).
     kl_estimator: per-token KL estimator in the penalty, ``'k1'``, ``'k2'`` or ``'k3'``.
     target_kl: adapt the KL coefficient towards this mean sequence KL; None keeps it fixed.
@@ -136,7 +137,7 @@ class RLConfig:
     num_samples: responses per prompt (RLOO, GRPO), >= 2.
     grpo_kl: where GRPO applies the KL penalty, ``'loss'`` or ``'reward'``.
     grpo_scale: divide GRPO advantages by the group standard deviation (False: Dr. GRPO).
-    nonfinite: ``'skip'`` or ``'raise'`` (see :func:`jaxrm.train_state.apply_if_finite`;
+    nonfinite: ``'skip'`` or ``'raise'`` (see :func:`jaxrm.steps.train_state.apply_if_finite`;
       in ``'raise'`` mode a step with a non-finite update returns its input state).
   """
 
@@ -229,15 +230,26 @@ class RLState(NamedTuple):
   num_skipped: jax.Array  # shape=(), int32
 
 
-def create_rl_state(params: Any, optimizer: optax.GradientTransformation, key: jax.Array,
-                    *, kl_coef: float | jax.Array) -> RLState:
+def create_rl_state(
+  params: Any,
+  optimizer: optax.GradientTransformation,
+  key: jax.Array,
+  *,
+  kl_coef: float | jax.Array,
+) -> RLState:
   """Returns the :class:`RLState` at step 0 with KL coefficient ``kl_coef`` (>= 0)."""
   if isinstance(kl_coef, (int, float)) and not kl_coef >= 0:
     raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
   ts = train_state_lib.create_train_state(params, optimizer, key)
-  return RLState(step=ts.step, params=ts.params, opt_state=ts.opt_state, key=ts.key,
-                 kl=adv_lib.adaptive_kl_init(init_kl_coef=kl_coef),
-                 baseline=adv_lib.reinforce_baseline_init(), num_skipped=ts.num_skipped)
+  return RLState(
+    step=ts.step,
+    params=ts.params,
+    opt_state=ts.opt_state,
+    key=ts.key,
+    kl=adv_lib.adaptive_kl_init(init_kl_coef=kl_coef),
+    baseline=adv_lib.reinforce_baseline_init(),
+    num_skipped=ts.num_skipped,
+  )
 
 
 def init_value_head(params: Any, key: jax.Array, *, config: TransformerConfig) -> Any:
@@ -247,19 +259,22 @@ def init_value_head(params: Any, key: jax.Array, *, config: TransformerConfig) -
   unchanged. Existing ``'value_head'`` variables are replaced.
   """
   if not isinstance(params, Mapping) or "params" not in params:
-    raise ValueError("params must be flax variables {'params': {...}} of a PolicyModel, got "
-                     f"{type(params).__name__} with keys "
-                     f"{sorted(params) if isinstance(params, Mapping) else None}")
+    raise ValueError(
+      "params must be flax variables {'params': {...}} of a PolicyModel, got "
+      f"{type(params).__name__} with keys "
+      f"{sorted(params) if isinstance(params, Mapping) else None}"
+    )
   dummy = jnp.zeros((1, 1), jnp.int32)
-  shapes = jax.eval_shape(PolicyModel(config, value_head=True).init, key, dummy,
-                          jnp.ones((1, 1), bool))
+  shapes = jax.eval_shape(
+    PolicyModel(config, value_head=True).init, key, dummy, jnp.ones((1, 1), bool)
+  )
   head = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["params"]["value_head"])
   return {**params, "params": {**params["params"], "value_head": head}}
 
 
 def with_frozen_params(step_fn: Callable[..., Any]) -> Callable[..., Any]:
   """Adapts ``step_fn(state, batch, reward_params, ref_params, *, axis_name)`` to
-  :func:`jaxrm.parallel.make_parallel_step`, whose steps take ``(state, batch)``.
+  :func:`jaxrm.steps.parallel.make_parallel_step`, whose steps take ``(state, batch)``.
 
   The returned step takes and returns the carry ``(state, reward_params, ref_params)`` (the
   frozen parameters are returned unchanged, so donating the carry costs no copy)::
@@ -268,6 +283,7 @@ def with_frozen_params(step_fn: Callable[..., Any]) -> Callable[..., Any]:
     carry = pstep.put_state((state, reward_params, ref_params))
     carry, metrics = pstep(carry, pstep.shard_batch(batch))
   """
+
   def step(carry, batch, *, axis_name=None):
     state, reward_params, ref_params = carry
     out = step_fn(state, batch, reward_params, ref_params, axis_name=axis_name)
@@ -289,14 +305,27 @@ def _prompts(batch: Mapping[str, Any], config: RLConfig) -> tuple[jax.Array, jax
   if not isinstance(batch, Mapping) or "prompts" not in batch or "prompt_mask" not in batch:
     keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
     raise ValueError(f"batch must be a dict with 'prompts' and 'prompt_mask', got {keys}")
-  rollout_lib.check_prompts(batch["prompts"], batch["prompt_mask"], config=config.policy,
-                            max_new_tokens=config.max_new_tokens)
-  return (jnp.asarray(batch["prompts"], jnp.int32),
-          jnp.asarray(batch["prompt_mask"]).astype(bool))
+  rollout_lib.check_prompts(
+    batch["prompts"],
+    batch["prompt_mask"],
+    config=config.policy,
+    max_new_tokens=config.max_new_tokens,
+  )
+  return (jnp.asarray(batch["prompts"], jnp.int32), jnp.asarray(batch["prompt_mask"]).astype(bool))
 
 
-def _collect(state: RLState, batch, reward_params, ref_params, *, config: RLConfig,
-             reward_fn, axis_name, num_samples: int = 1, value_head: bool = False):
+def _collect(
+  state: RLState,
+  batch,
+  reward_params,
+  ref_params,
+  *,
+  config: RLConfig,
+  reward_fn,
+  axis_name,
+  num_samples: int = 1,
+  value_head: bool = False,
+):
   """Rollout of ``num_samples`` responses per prompt; returns (rollout, offset, update key)."""
   prompts, prompt_mask = _prompts(batch, config)
   if num_samples > 1:  # rows [p0 x k, p1 x k, ...]; global example = prompt * k + j
@@ -306,18 +335,27 @@ def _collect(state: RLState, batch, reward_params, ref_params, *, config: RLConf
   offset = rollout_lib.global_offset(local, axis_name)
   step_key = train_state_lib.step_key(state)
   ro = rollout_lib.rollout(
-      state.params, ref_params, reward_params, prompts, prompt_mask,
-      jax.random.fold_in(step_key, 0), config=config.policy, reward_fn=reward_fn,
-      max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-      eos_id=config.eos_id, kl_estimator=config.kl_estimator, value_head=value_head,
-      example_offset=offset)
+    state.params,
+    ref_params,
+    reward_params,
+    prompts,
+    prompt_mask,
+    jax.random.fold_in(step_key, 0),
+    config=config.policy,
+    reward_fn=reward_fn,
+    max_new_tokens=config.max_new_tokens,
+    temperature=config.temperature,
+    eos_id=config.eos_id,
+    kl_estimator=config.kl_estimator,
+    value_head=value_head,
+    example_offset=offset,
+  )
   return ro, offset, jax.random.fold_in(step_key, 1)
 
 
 def _rollout_finite(ro: rollout_lib.Rollout, axis_name) -> jax.Array:
   """True iff scores and response log-probs (and values) are finite on every device."""
-  arrays = [ro.scores, ro.logprobs, ro.ref_logprobs] + ([] if ro.values is None
-                                                        else [ro.values])
+  arrays = [ro.scores, ro.logprobs, ro.ref_logprobs] + ([] if ro.values is None else [ro.values])
   ok = train_state_lib.tree_all_finite(arrays)
   if axis_name is not None:
     ok = lax.pmin(ok.astype(jnp.int32), axis_name).astype(bool)
@@ -338,31 +376,32 @@ def _rollout_metrics(ro: rollout_lib.Rollout, kl_coef, axis_name) -> dict[str, j
   k1, est = _sequence_kl(ro)
   resp = ro.response_mask
   return {
-      "score": _pmean(jnp.mean(ro.scores), axis_name),
-      "kl": _pmean(jnp.mean(k1), axis_name),
-      "kl_estimate": _pmean(jnp.mean(est), axis_name),
-      "entropy": _pmean(pg_losses.masked_aggregate(ro.entropy, resp, axis_name=axis_name),
-                        axis_name),
-      "response_length": _pmean(jnp.mean(jnp.sum(resp, axis=1, dtype=jnp.float32)),
-                                axis_name),
-      "kl_coef": kl_coef,
+    "score": _pmean(jnp.mean(ro.scores), axis_name),
+    "kl": _pmean(jnp.mean(k1), axis_name),
+    "kl_estimate": _pmean(jnp.mean(est), axis_name),
+    "entropy": _pmean(pg_losses.masked_aggregate(ro.entropy, resp, axis_name=axis_name), axis_name),
+    "response_length": _pmean(jnp.mean(jnp.sum(resp, axis=1, dtype=jnp.float32)), axis_name),
+    "kl_coef": kl_coef,
   }
 
 
-def _next_kl_state(state: RLState, ro: rollout_lib.Rollout, ok, *, config: RLConfig,
-                   axis_name) -> adv_lib.AdaptiveKLState:
+def _next_kl_state(
+  state: RLState, ro: rollout_lib.Rollout, ok, *, config: RLConfig, axis_name
+) -> adv_lib.AdaptiveKLState:
   if config.target_kl is None:
     return state.kl
   _, est = _sequence_kl(ro)
   current = _pmean(jnp.mean(est), axis_name)
   n = ro.scores.shape[0] * _axis_size(axis_name)
-  new = adv_lib.adaptive_kl_update(state.kl, current, n, target_kl=config.target_kl,
-                                   horizon=config.kl_horizon)
+  new = adv_lib.adaptive_kl_update(
+    state.kl, current, n, target_kl=config.target_kl, horizon=config.kl_horizon
+  )
   return _select(ok, new, state.kl)
 
 
-def minibatch_indices(key: jax.Array, local_size: int, num_minibatches: int, *,
-                      offset: Any = 0) -> jax.Array:
+def minibatch_indices(
+  key: jax.Array, local_size: int, num_minibatches: int, *, offset: Any = 0
+) -> jax.Array:
   """Stratified minibatch split of this device's examples -> ``[num_minibatches, size]``.
 
   Examples are cut into consecutive blocks of ``num_minibatches`` (block ``b`` holds global
@@ -377,28 +416,41 @@ def minibatch_indices(key: jax.Array, local_size: int, num_minibatches: int, *,
   """
   if local_size % num_minibatches:
     raise ValueError(
-        f"the number of sequences per device ({local_size}) must be divisible by "
-        f"num_minibatches ({num_minibatches})")
+      f"the number of sequences per device ({local_size}) must be divisible by "
+      f"num_minibatches ({num_minibatches})"
+    )
   m = num_minibatches
   blocks = local_size // m
   first_block = offset // m
   perms = jax.vmap(lambda b: jax.random.permutation(jax.random.fold_in(key, b), m))(
-      first_block + jnp.arange(blocks))  # [blocks, m]
+    first_block + jnp.arange(blocks)
+  )  # [blocks, m]
   return (jnp.arange(blocks)[None, :] * m + perms.T).astype(jnp.int32)
 
 
-def _optimize(state: RLState, data: dict[str, jax.Array], loss_fn, *, key, num_epochs: int,
-              num_minibatches: int, offset, rollout_ok, optimizer, config: RLConfig,
-              axis_name) -> tuple[RLState, dict[str, jax.Array]]:
+def _optimize(
+  state: RLState,
+  data: dict[str, jax.Array],
+  loss_fn,
+  *,
+  key,
+  num_epochs: int,
+  num_minibatches: int,
+  offset,
+  rollout_ok,
+  optimizer,
+  config: RLConfig,
+  axis_name,
+) -> tuple[RLState, dict[str, jax.Array]]:
   """``num_epochs x num_minibatches`` updates of ``loss_fn(params, minibatch)`` (a scan).
 
   Returns the state with new ``params``, ``opt_state`` and ``num_skipped`` (``step`` is not
   advanced here) and the metrics averaged over the updates.
   """
   local = jax.tree.leaves(data)[0].shape[0]
-  idx = jax.vmap(lambda e: minibatch_indices(jax.random.fold_in(key, e), local,
-                                             num_minibatches, offset=offset))(
-                                                 jnp.arange(num_epochs))
+  idx = jax.vmap(
+    lambda e: minibatch_indices(jax.random.fold_in(key, e), local, num_minibatches, offset=offset)
+  )(jnp.arange(num_epochs))
   idx = idx.reshape(num_epochs * num_minibatches, local // num_minibatches)
 
   def body(st, ids):
@@ -406,9 +458,9 @@ def _optimize(state: RLState, data: dict[str, jax.Array], loss_fn, *, key, num_e
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(st.params, mb)
     grads, loss, aux = _pmean((grads, loss, aux), axis_name)
     guarded = jnp.where(rollout_ok, loss, jnp.nan)
-    st, bad = train_state_lib.apply_if_finite(st, grads, guarded, optimizer,
-                                              nonfinite=config.nonfinite,
-                                              axis_name=axis_name)
+    st, bad = train_state_lib.apply_if_finite(
+      st, grads, guarded, optimizer, nonfinite=config.nonfinite, axis_name=axis_name
+    )
     aux = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads))
     return st, (aux, bad)
 
@@ -428,11 +480,14 @@ def _finish(state: RLState, new: RLState, metrics, *, kl_state, baseline, config
 
 
 def _rollout_output(ro: rollout_lib.Rollout, axis_name) -> dict[str, jax.Array]:
-  out = {"tokens": ro.tokens, "mask": ro.mask, "response_mask": ro.response_mask,
-         "scores": ro.scores}
+  out = {
+    "tokens": ro.tokens,
+    "mask": ro.mask,
+    "response_mask": ro.response_mask,
+    "scores": ro.scores,
+  }
   if axis_name is not None:
-    out = jax.tree.map(lambda x: lax.all_gather(x, axis_name, tiled=True, to="invarying"),
-                       out)
+    out = jax.tree.map(lambda x: lax.all_gather(x, axis_name, tiled=True, to="invarying"), out)
   return out
 
 
@@ -449,23 +504,27 @@ def _broadcast(seq_values: jax.Array, response_mask: jax.Array) -> jax.Array:
 def _check_value_head(params):
   inner = params.get("params") if isinstance(params, Mapping) else None
   if isinstance(inner, Mapping) and "value_head" not in inner:
-    raise ValueError("ppo_step needs policy params with a value head (params['params'] has "
-                     f"keys {sorted(inner)}); add one with init_value_head")
+    raise ValueError(
+      "ppo_step needs policy params with a value head (params['params'] has "
+      f"keys {sorted(inner)}); add one with init_value_head"
+    )
 
 
 def _check_optimizer(optimizer):
   if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
-    raise ValueError(f"optimizer must be an optax.GradientTransformation, got "
-                     f"{type(optimizer).__name__}")
+    raise ValueError(
+      f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
+    )
 
 
 # ----------------------------------------------------------------------------- targets
-def ppo_targets(ro: rollout_lib.Rollout, *, kl_coef: jax.typing.ArrayLike, config: RLConfig,
-                axis_name: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def ppo_targets(
+  ro: rollout_lib.Rollout, *, kl_coef: jax.typing.ArrayLike, config: RLConfig, axis_name: Any = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """PPO advantages and value targets of a rollout.
 
   Token rewards ``r_t = -kl_coef * ro.kl[t]`` plus ``ro.scores`` at the last response token
-  (:func:`jaxrm.advantages.rlhf_token_rewards`), GAE with ``ro.values``
+  (:func:`jaxrm.math.advantages.rlhf_token_rewards`), GAE with ``ro.values``
   (``config.gamma``, ``config.lam``), advantages whitened over the response tokens of the
   global batch when ``config.whiten_advantages``.
 
@@ -476,16 +535,22 @@ def ppo_targets(ro: rollout_lib.Rollout, *, kl_coef: jax.typing.ArrayLike, confi
     raise ValueError("ppo_targets needs rollout values: sample with value_head=True")
   resp = ro.response_mask
   rewards = adv_lib.rlhf_token_rewards(ro.scores, ro.kl, resp, kl_coef=kl_coef)
-  advantages, returns = adv_lib.batched_gae(rewards, ro.values, resp, gamma=config.gamma,
-                                            lam=config.lam)
+  advantages, returns = adv_lib.batched_gae(
+    rewards, ro.values, resp, gamma=config.gamma, lam=config.lam
+  )
   if config.whiten_advantages:
     advantages = adv_lib.whiten(advantages, resp, axis_name=axis_name)
   return advantages, returns, rewards
 
 
-def reinforce_targets(ro: rollout_lib.Rollout, baseline: adv_lib.ReinforceBaselineState, *,
-                      kl_coef: jax.typing.ArrayLike, config: RLConfig,
-                      axis_name: Any = None):
+def reinforce_targets(
+  ro: rollout_lib.Rollout,
+  baseline: adv_lib.ReinforceBaselineState,
+  *,
+  kl_coef: jax.typing.ArrayLike,
+  config: RLConfig,
+  axis_name: Any = None,
+):
   """REINFORCE advantages ``G_t - b`` of a rollout, and the next baseline state.
 
   ``G_t`` is the reward-to-go (``config.gamma``) of the PPO token rewards; the episode return
@@ -506,8 +571,7 @@ def reinforce_targets(ro: rollout_lib.Rollout, baseline: adv_lib.ReinforceBaseli
   new_baseline = baseline
   if config.baseline == "moving_average":
     used = baseline
-    new_baseline = adv_lib.reinforce_baseline_update(baseline, episode,
-                                                     decay=config.baseline_decay)
+    new_baseline = adv_lib.reinforce_baseline_update(baseline, episode, decay=config.baseline_decay)
     # The update is linear in the batch mean, so averaging it gives the global-batch update.
     new_baseline = new_baseline._replace(value=_pmean(new_baseline.value, axis_name))
   elif config.baseline == "batch":
@@ -518,8 +582,9 @@ def reinforce_targets(ro: rollout_lib.Rollout, baseline: adv_lib.ReinforceBaseli
   return advantages, episode, used.value, new_baseline
 
 
-def rloo_targets(ro: rollout_lib.Rollout, *, kl_coef: jax.typing.ArrayLike,
-                 config: RLConfig) -> tuple[jax.Array, jax.Array]:
+def rloo_targets(
+  ro: rollout_lib.Rollout, *, kl_coef: jax.typing.ArrayLike, config: RLConfig
+) -> tuple[jax.Array, jax.Array]:
   """RLOO advantages of a rollout with ``config.num_samples`` adjacent samples per prompt.
 
   The sequence reward is ``score - kl_coef * sum_t ro.kl[t]``; its leave-one-out advantage
@@ -533,8 +598,9 @@ def rloo_targets(ro: rollout_lib.Rollout, *, kl_coef: jax.typing.ArrayLike,
   return _broadcast(seq_adv, ro.response_mask), reward
 
 
-def grpo_targets(ro: rollout_lib.Rollout, *, kl_coef: jax.typing.ArrayLike,
-                 config: RLConfig) -> tuple[jax.Array, jax.Array]:
+def grpo_targets(
+  ro: rollout_lib.Rollout, *, kl_coef: jax.typing.ArrayLike, config: RLConfig
+) -> tuple[jax.Array, jax.Array]:
   """GRPO advantages: group-normalised sequence rewards broadcast over the response.
 
   The sequence reward is the score, minus ``kl_coef * sum_t ro.kl[t]`` when
@@ -547,23 +613,34 @@ def grpo_targets(ro: rollout_lib.Rollout, *, kl_coef: jax.typing.ArrayLike,
   reward = ro.scores
   if config.grpo_kl == "reward":
     reward = reward - kl_coef * kl_lib.sequence_kl(ro.kl, ro.response_mask)
-  seq_adv = adv_lib.grpo_advantages(_groups(reward, config.num_samples),
-                                    scale=config.grpo_scale).reshape(-1)
+  seq_adv = adv_lib.grpo_advantages(
+    _groups(reward, config.num_samples), scale=config.grpo_scale
+  ).reshape(-1)
   return _broadcast(seq_adv, ro.response_mask), reward
 
 
 def _groups(x: jax.Array, k: int) -> jax.Array:
   if x.shape[0] % k:
-    raise ValueError(f"the number of sequences {x.shape[0]} must be a multiple of "
-                     f"num_samples={k} (samples of a prompt are adjacent)")
+    raise ValueError(
+      f"the number of sequences {x.shape[0]} must be a multiple of "
+      f"num_samples={k} (samples of a prompt are adjacent)"
+    )
   return x.reshape(-1, k)
 
 
 # ----------------------------------------------------------------------------- steps
-def ppo_step(state: RLState, batch: Mapping[str, jax.Array], reward_params: Any,
-             ref_params: Any, *, config: RLConfig, reward_fn: rollout_lib.RewardFn,
-             optimizer: optax.GradientTransformation, axis_name: Any = None,
-             return_rollout: bool = False):
+def ppo_step(
+  state: RLState,
+  batch: Mapping[str, jax.Array],
+  reward_params: Any,
+  ref_params: Any,
+  *,
+  config: RLConfig,
+  reward_fn: rollout_lib.RewardFn,
+  optimizer: optax.GradientTransformation,
+  axis_name: Any = None,
+  return_rollout: bool = False,
+):
   """One PPO iteration: a rollout, GAE, then ``num_epochs x num_minibatches`` updates.
 
   Args:
@@ -590,45 +667,79 @@ def ppo_step(state: RLState, batch: Mapping[str, jax.Array], reward_params: Any,
   """
   _check_optimizer(optimizer)
   _check_value_head(state.params)
-  ro, offset, key = _collect(state, batch, reward_params, ref_params, config=config,
-                             reward_fn=reward_fn, axis_name=axis_name, value_head=True)
+  ro, offset, key = _collect(
+    state,
+    batch,
+    reward_params,
+    ref_params,
+    config=config,
+    reward_fn=reward_fn,
+    axis_name=axis_name,
+    value_head=True,
+  )
   resp = ro.response_mask
   ok = _rollout_finite(ro, axis_name)
   kl_coef = state.kl.kl_coef
-  advantages, returns, _ = ppo_targets(ro, kl_coef=kl_coef, config=config,
-                                       axis_name=axis_name)
-  data = {"tokens": ro.tokens, "mask": ro.mask, "response_mask": resp,
-          "logprobs": ro.logprobs, "values": ro.values, "advantages": advantages,
-          "returns": returns}
+  advantages, returns, _ = ppo_targets(ro, kl_coef=kl_coef, config=config, axis_name=axis_name)
+  data = {
+    "tokens": ro.tokens,
+    "mask": ro.mask,
+    "response_mask": resp,
+    "logprobs": ro.logprobs,
+    "values": ro.values,
+    "advantages": advantages,
+    "returns": returns,
+  }
   agg = dict(aggregation=config.aggregation, axis_name=axis_name)
 
   def loss_fn(params, mb):
     logp, entropy, values = rollout_lib.policy_outputs(
-        params, mb["tokens"], mb["mask"], config=config.policy, value_head=True,
-        temperature=config.temperature)
+      params,
+      mb["tokens"],
+      mb["mask"],
+      config=config.policy,
+      value_head=True,
+      temperature=config.temperature,
+    )
     m = mb["response_mask"]
-    pl, paux = pg_losses.ppo_policy_loss(logp, mb["logprobs"], mb["advantages"], m,
-                                         clip_eps=config.clip_eps, **agg)
-    vl, vaux = pg_losses.ppo_value_loss(values, mb["values"], mb["returns"], m,
-                                        clip_eps=config.value_clip_eps, **agg)
+    pl, paux = pg_losses.ppo_policy_loss(
+      logp, mb["logprobs"], mb["advantages"], m, clip_eps=config.clip_eps, **agg
+    )
+    vl, vaux = pg_losses.ppo_value_loss(
+      values, mb["values"], mb["returns"], m, clip_eps=config.value_clip_eps, **agg
+    )
     ent = pg_losses.entropy_bonus(entropy, m, **agg)
     loss = pl + config.value_coef * vl - config.entropy_coef * ent
-    return loss, {"policy_loss": pl, "value_loss": vl,
-                  "clip_fraction": paux["clip_fraction"], "approx_kl": paux["approx_kl"],
-                  "value_clip_fraction": vaux["clip_fraction"]}
+    return loss, {
+      "policy_loss": pl,
+      "value_loss": vl,
+      "clip_fraction": paux["clip_fraction"],
+      "approx_kl": paux["approx_kl"],
+      "value_clip_fraction": vaux["clip_fraction"],
+    }
 
-  new, metrics = _optimize(state, data, loss_fn, key=key, num_epochs=config.num_epochs,
-                           num_minibatches=config.num_minibatches, offset=offset,
-                           rollout_ok=ok, optimizer=optimizer, config=config,
-                           axis_name=axis_name)
+  new, metrics = _optimize(
+    state,
+    data,
+    loss_fn,
+    key=key,
+    num_epochs=config.num_epochs,
+    num_minibatches=config.num_minibatches,
+    offset=offset,
+    rollout_ok=ok,
+    optimizer=optimizer,
+    config=config,
+    axis_name=axis_name,
+  )
   metrics.update(_rollout_metrics(ro, kl_coef, axis_name))
-  metrics["return_mean"] = _pmean(pg_losses.masked_aggregate(returns, resp,
-                                                             axis_name=axis_name), axis_name)
-  metrics["value_mean"] = _pmean(pg_losses.masked_aggregate(ro.values, resp,
-                                                            axis_name=axis_name), axis_name)
+  metrics["return_mean"] = _pmean(
+    pg_losses.masked_aggregate(returns, resp, axis_name=axis_name), axis_name
+  )
+  metrics["value_mean"] = _pmean(
+    pg_losses.masked_aggregate(ro.values, resp, axis_name=axis_name), axis_name
+  )
   kl_state = _next_kl_state(state, ro, ok, config=config, axis_name=axis_name)
-  new = _finish(state, new, metrics, kl_state=kl_state, baseline=state.baseline,
-                config=config)
+  new = _finish(state, new, metrics, kl_state=kl_state, baseline=state.baseline, config=config)
   return _result(new, metrics, ro, return_rollout, axis_name)
 
 
@@ -637,9 +748,9 @@ def _pg_loss_fn(config: RLConfig, axis_name):
   agg = dict(aggregation=config.aggregation, axis_name=axis_name)
 
   def loss_fn(params, mb):
-    logp, entropy, _ = rollout_lib.policy_outputs(params, mb["tokens"], mb["mask"],
-                                                  config=config.policy,
-                                                  temperature=config.temperature)
+    logp, entropy, _ = rollout_lib.policy_outputs(
+      params, mb["tokens"], mb["mask"], config=config.policy, temperature=config.temperature
+    )
     m = mb["response_mask"]
     pl = pg_losses.reinforce_loss(logp, mb["advantages"], m, **agg)
     ent = pg_losses.entropy_bonus(entropy, m, **agg)
@@ -648,10 +759,18 @@ def _pg_loss_fn(config: RLConfig, axis_name):
   return loss_fn
 
 
-def reinforce_step(state: RLState, batch: Mapping[str, jax.Array], reward_params: Any,
-                   ref_params: Any, *, config: RLConfig, reward_fn: rollout_lib.RewardFn,
-                   optimizer: optax.GradientTransformation, axis_name: Any = None,
-                   return_rollout: bool = False):
+def reinforce_step(
+  state: RLState,
+  batch: Mapping[str, jax.Array],
+  reward_params: Any,
+  ref_params: Any,
+  *,
+  config: RLConfig,
+  reward_fn: rollout_lib.RewardFn,
+  optimizer: optax.GradientTransformation,
+  axis_name: Any = None,
+  return_rollout: bool = False,
+):
   """One REINFORCE iteration: a rollout, reward-to-go minus a baseline, one update.
 
   Per-token rewards are those of PPO (``-kl_coef * KL_t``, plus the score at the last
@@ -666,37 +785,55 @@ def reinforce_step(state: RLState, batch: Mapping[str, jax.Array], reward_params
   ``baseline`` (the value subtracted), ``nonfinite``, ``num_skipped``.
   """
   _check_optimizer(optimizer)
-  ro, offset, key = _collect(state, batch, reward_params, ref_params, config=config,
-                             reward_fn=reward_fn, axis_name=axis_name)
+  ro, offset, key = _collect(
+    state, batch, reward_params, ref_params, config=config, reward_fn=reward_fn, axis_name=axis_name
+  )
   resp = ro.response_mask
   ok = _rollout_finite(ro, axis_name)
   kl_coef = state.kl.kl_coef
   advantages, episode, used, new_baseline = reinforce_targets(
-      ro, state.baseline, kl_coef=kl_coef, config=config, axis_name=axis_name)
+    ro, state.baseline, kl_coef=kl_coef, config=config, axis_name=axis_name
+  )
   baseline_state = _select(ok, new_baseline, state.baseline)
-  data = {"tokens": ro.tokens, "mask": ro.mask, "response_mask": resp,
-          "advantages": advantages}
-  new, metrics = _optimize(state, data, _pg_loss_fn(config, axis_name), key=key,
-                           num_epochs=1, num_minibatches=1, offset=offset, rollout_ok=ok,
-                           optimizer=optimizer, config=config, axis_name=axis_name)
+  data = {"tokens": ro.tokens, "mask": ro.mask, "response_mask": resp, "advantages": advantages}
+  new, metrics = _optimize(
+    state,
+    data,
+    _pg_loss_fn(config, axis_name),
+    key=key,
+    num_epochs=1,
+    num_minibatches=1,
+    offset=offset,
+    rollout_ok=ok,
+    optimizer=optimizer,
+    config=config,
+    axis_name=axis_name,
+  )
   metrics.update(_rollout_metrics(ro, kl_coef, axis_name))
   metrics["return_mean"] = _pmean(jnp.mean(episode), axis_name)
   metrics["baseline"] = used
   kl_state = _next_kl_state(state, ro, ok, config=config, axis_name=axis_name)
-  new = _finish(state, new, metrics, kl_state=kl_state, baseline=baseline_state,
-                config=config)
+  new = _finish(state, new, metrics, kl_state=kl_state, baseline=baseline_state, config=config)
   return _result(new, metrics, ro, return_rollout, axis_name)
 
 
-def rloo_step(state: RLState, batch: Mapping[str, jax.Array], reward_params: Any,
-              ref_params: Any, *, config: RLConfig, reward_fn: rollout_lib.RewardFn,
-              optimizer: optax.GradientTransformation, axis_name: Any = None,
-              return_rollout: bool = False):
+def rloo_step(
+  state: RLState,
+  batch: Mapping[str, jax.Array],
+  reward_params: Any,
+  ref_params: Any,
+  *,
+  config: RLConfig,
+  reward_fn: rollout_lib.RewardFn,
+  optimizer: optax.GradientTransformation,
+  axis_name: Any = None,
+  return_rollout: bool = False,
+):
   """One RLOO iteration: ``config.num_samples`` responses per prompt, one update.
 
   The whole response is one action: its reward is ``score - kl_coef * KL_seq`` (the chosen
   estimator summed over the response), its advantage the reward minus the mean reward of the
-  other samples of the same prompt (:func:`jaxrm.advantages.rloo_advantages`), applied to
+  other samples of the same prompt (:func:`jaxrm.math.advantages.rloo_advantages`), applied to
   every response token of ``-A log pi``.
 
   Args and returns: as :func:`ppo_step`, with ``b`` prompts giving ``b * num_samples``
@@ -706,32 +843,56 @@ def rloo_step(state: RLState, batch: Mapping[str, jax.Array], reward_params: Any
   """
   _check_optimizer(optimizer)
   k = config.num_samples
-  ro, offset, key = _collect(state, batch, reward_params, ref_params, config=config,
-                             reward_fn=reward_fn, axis_name=axis_name, num_samples=k)
+  ro, offset, key = _collect(
+    state,
+    batch,
+    reward_params,
+    ref_params,
+    config=config,
+    reward_fn=reward_fn,
+    axis_name=axis_name,
+    num_samples=k,
+  )
   resp = ro.response_mask
   ok = _rollout_finite(ro, axis_name)
   kl_coef = state.kl.kl_coef
   advantages, reward = rloo_targets(ro, kl_coef=kl_coef, config=config)
-  data = {"tokens": ro.tokens, "mask": ro.mask, "response_mask": resp,
-          "advantages": advantages}
-  new, metrics = _optimize(state, data, _pg_loss_fn(config, axis_name), key=key,
-                           num_epochs=1, num_minibatches=1, offset=offset, rollout_ok=ok,
-                           optimizer=optimizer, config=config, axis_name=axis_name)
+  data = {"tokens": ro.tokens, "mask": ro.mask, "response_mask": resp, "advantages": advantages}
+  new, metrics = _optimize(
+    state,
+    data,
+    _pg_loss_fn(config, axis_name),
+    key=key,
+    num_epochs=1,
+    num_minibatches=1,
+    offset=offset,
+    rollout_ok=ok,
+    optimizer=optimizer,
+    config=config,
+    axis_name=axis_name,
+  )
   metrics.update(_rollout_metrics(ro, kl_coef, axis_name))
   metrics["return_mean"] = _pmean(jnp.mean(reward), axis_name)
   kl_state = _next_kl_state(state, ro, ok, config=config, axis_name=axis_name)
-  new = _finish(state, new, metrics, kl_state=kl_state, baseline=state.baseline,
-                config=config)
+  new = _finish(state, new, metrics, kl_state=kl_state, baseline=state.baseline, config=config)
   return _result(new, metrics, ro, return_rollout, axis_name)
 
 
-def grpo_step(state: RLState, batch: Mapping[str, jax.Array], reward_params: Any,
-              ref_params: Any, *, config: RLConfig, reward_fn: rollout_lib.RewardFn,
-              optimizer: optax.GradientTransformation, axis_name: Any = None,
-              return_rollout: bool = False):
+def grpo_step(
+  state: RLState,
+  batch: Mapping[str, jax.Array],
+  reward_params: Any,
+  ref_params: Any,
+  *,
+  config: RLConfig,
+  reward_fn: rollout_lib.RewardFn,
+  optimizer: optax.GradientTransformation,
+  axis_name: Any = None,
+  return_rollout: bool = False,
+):
   """One GRPO iteration: ``num_samples`` responses per prompt, clipped-surrogate updates.
 
-  Advantages are the group-normalised scores (:func:`jaxrm.advantages.grpo_advantages`,
+  Advantages are the group-normalised scores (:func:`jaxrm.math.advantages.grpo_advantages`,
   ``config.grpo_scale``) broadcast over the response tokens; the loss of each of the
   ``num_epochs x num_minibatches`` updates is the PPO clipped surrogate (no value function)
   minus ``entropy_coef`` x the entropy. KL penalty (``config.grpo_kl``): ``'loss'`` adds
@@ -746,47 +907,72 @@ def grpo_step(state: RLState, batch: Mapping[str, jax.Array], reward_params: Any
   """
   _check_optimizer(optimizer)
   k = config.num_samples
-  ro, offset, key = _collect(state, batch, reward_params, ref_params, config=config,
-                             reward_fn=reward_fn, axis_name=axis_name, num_samples=k)
+  ro, offset, key = _collect(
+    state,
+    batch,
+    reward_params,
+    ref_params,
+    config=config,
+    reward_fn=reward_fn,
+    axis_name=axis_name,
+    num_samples=k,
+  )
   resp = ro.response_mask
   ok = _rollout_finite(ro, axis_name)
   kl_coef = state.kl.kl_coef
   advantages, reward = grpo_targets(ro, kl_coef=kl_coef, config=config)
-  data = {"tokens": ro.tokens, "mask": ro.mask, "response_mask": resp,
-          "logprobs": ro.logprobs, "ref_logprobs": ro.ref_logprobs,
-          "advantages": advantages}
+  data = {
+    "tokens": ro.tokens,
+    "mask": ro.mask,
+    "response_mask": resp,
+    "logprobs": ro.logprobs,
+    "ref_logprobs": ro.ref_logprobs,
+    "advantages": advantages,
+  }
   agg = dict(aggregation=config.aggregation, axis_name=axis_name)
 
   def loss_fn(params, mb):
-    logp, entropy, _ = rollout_lib.policy_outputs(params, mb["tokens"], mb["mask"],
-                                                  config=config.policy,
-                                                  temperature=config.temperature)
+    logp, entropy, _ = rollout_lib.policy_outputs(
+      params, mb["tokens"], mb["mask"], config=config.policy, temperature=config.temperature
+    )
     m = mb["response_mask"]
-    pl, paux = pg_losses.ppo_policy_loss(logp, mb["logprobs"], mb["advantages"], m,
-                                         clip_eps=config.clip_eps, **agg)
+    pl, paux = pg_losses.ppo_policy_loss(
+      logp, mb["logprobs"], mb["advantages"], m, clip_eps=config.clip_eps, **agg
+    )
     loss = pl - config.entropy_coef * pg_losses.entropy_bonus(entropy, m, **agg)
     kl_loss = jnp.zeros((), jnp.float32)
     if config.grpo_kl == "loss":
       per_token = kl_lib.kl_estimate(logp, mb["ref_logprobs"], estimator=config.kl_estimator)
       kl_loss = pg_losses.masked_aggregate(per_token, m, **agg)
       loss = loss + kl_coef * kl_loss
-    return loss, {"policy_loss": pl, "kl_loss": kl_loss,
-                  "clip_fraction": paux["clip_fraction"], "approx_kl": paux["approx_kl"]}
+    return loss, {
+      "policy_loss": pl,
+      "kl_loss": kl_loss,
+      "clip_fraction": paux["clip_fraction"],
+      "approx_kl": paux["approx_kl"],
+    }
 
-  new, metrics = _optimize(state, data, loss_fn, key=key, num_epochs=config.num_epochs,
-                           num_minibatches=config.num_minibatches, offset=offset,
-                           rollout_ok=ok, optimizer=optimizer, config=config,
-                           axis_name=axis_name)
+  new, metrics = _optimize(
+    state,
+    data,
+    loss_fn,
+    key=key,
+    num_epochs=config.num_epochs,
+    num_minibatches=config.num_minibatches,
+    offset=offset,
+    rollout_ok=ok,
+    optimizer=optimizer,
+    config=config,
+    axis_name=axis_name,
+  )
   metrics.update(_rollout_metrics(ro, kl_coef, axis_name))
   metrics["return_mean"] = _pmean(jnp.mean(reward), axis_name)
   kl_state = _next_kl_state(state, ro, ok, config=config, axis_name=axis_name)
-  new = _finish(state, new, metrics, kl_state=kl_state, baseline=state.baseline,
-                config=config)
+  new = _finish(state, new, metrics, kl_state=kl_state, baseline=state.baseline, config=config)
   return _result(new, metrics, ro, return_rollout, axis_name)
 
 
-_STEPS = {"ppo": ppo_step, "reinforce": reinforce_step, "rloo": rloo_step,
-          "grpo": grpo_step}
+_STEPS = {"ppo": ppo_step, "reinforce": reinforce_step, "rloo": rloo_step, "grpo": grpo_step}
 
 
 def get_step(algo: str) -> Callable[..., Any]:
@@ -796,16 +982,25 @@ def get_step(algo: str) -> Callable[..., Any]:
   return _STEPS[algo]
 
 
-def make_step(algo: str, *, config: RLConfig, reward_fn: rollout_lib.RewardFn,
-              optimizer: optax.GradientTransformation,
-              return_rollout: bool = False) -> Callable[..., Any]:
+def make_step(
+  algo: str,
+  *,
+  config: RLConfig,
+  reward_fn: rollout_lib.RewardFn,
+  optimizer: optax.GradientTransformation,
+  return_rollout: bool = False,
+) -> Callable[..., Any]:
   """``step(state, batch, reward_params, ref_params, *, axis_name=None)`` for ``algo``."""
-  return functools.partial(get_step(algo), config=config, reward_fn=reward_fn,
-                           optimizer=optimizer, return_rollout=return_rollout)
+  return functools.partial(
+    get_step(algo),
+    config=config,
+    reward_fn=reward_fn,
+    optimizer=optimizer,
+    return_rollout=return_rollout,
+  )
 
 
 def uses_value_head(algo: str) -> bool:
   """Whether ``algo``'s policy parameters need a value head (:func:`init_value_head`)."""
   get_step(algo)
   return algo == "ppo"
-

@@ -3,7 +3,7 @@
 A rollout (:func:`rollout`) takes a batch of LEFT-padded prompts and
 
 1. samples one response per prompt from the current policy with the KV-cached sampler
-   (:func:`jaxrm.sampling.sample`), each example with its own key
+   (:func:`jaxrm.models.sampling.sample`), each example with its own key
    ``fold_in(key, global_example_index)`` (:func:`example_keys`), so a data-parallel run
    whose devices each sample a shard of the prompts draws exactly the samples of a
    single-device run on the global batch;
@@ -14,14 +14,14 @@ A rollout (:func:`rollout`) takes a batch of LEFT-padded prompts and
    the sampler's cached ones, so that the PPO ratio is exactly 1 before the first update)
    and the reference policy's log-probs;
 4. estimates the per-token ``KL(pi || pi_ref)`` with the chosen estimator (k1/k2/k3,
-   :mod:`jaxrm.kl`).
+   :mod:`jaxrm.math.kl`).
 
 Log-probs are those of the *sampling* distribution ``softmax(logits / temperature)``, for
 the policy and for the reference (as in TRL), so with ``temperature=1`` they are the model's
-own. Every per-token array is aligned with ``tokens`` (:mod:`jaxrm.policy` convention: entry
+own. Every per-token array is aligned with ``tokens`` (:mod:`jaxrm.models.policy` convention: entry
 ``t`` concerns ``tokens[:, t]``) and is 0 outside the response. ``values[:, t]`` is the value
 of the state in which ``tokens[:, t]`` is chosen, i.e. the value head read at ``t - 1`` (the
-alignment :mod:`jaxrm.advantages` expects).
+alignment :mod:`jaxrm.math.advantages` expects).
 
 :func:`token_frequency` is a rule-based reward (the fraction of response tokens equal to
 one id) used by tests and the experiment scripts.
@@ -38,16 +38,17 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
-from jaxrm import kl as kl_lib
-from jaxrm import sampling
-from jaxrm.policy import PolicyModel, token_entropy, token_logprobs
-from jaxrm.transformer import TransformerConfig
+from jaxrm.math import kl as kl_lib
+from jaxrm.models import sampling
+from jaxrm.models.policy import PolicyModel, token_entropy, token_logprobs
+from jaxrm.models.transformer import TransformerConfig
 
 RewardFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
@@ -70,8 +71,9 @@ class Rollout(NamedTuple):
   scores: jax.Array  # [batch] float32; reward_fn of each full sequence
 
 
-def token_frequency(tokens: jax.typing.ArrayLike, mask: jax.typing.ArrayLike, *,
-                    token_id: int, prompt_len: int) -> jax.Array:
+def token_frequency(
+  tokens: jax.typing.ArrayLike, mask: jax.typing.ArrayLike, *, token_id: int, prompt_len: int
+) -> jax.Array:
   """Fraction of the response tokens equal to ``token_id`` (a rule-based reward).
 
   The response is the real tokens at positions ``>= prompt_len`` (prompts are left-padded
@@ -88,8 +90,9 @@ def token_frequency(tokens: jax.typing.ArrayLike, mask: jax.typing.ArrayLike, *,
   """
   tokens, mask = jnp.asarray(tokens), jnp.asarray(mask).astype(bool)
   if tokens.ndim != 2 or mask.shape != tokens.shape:
-    raise ValueError(f"tokens and mask must have the same shape [batch, seq], got "
-                     f"{tokens.shape} and {mask.shape}")
+    raise ValueError(
+      f"tokens and mask must have the same shape [batch, seq], got {tokens.shape} and {mask.shape}"
+    )
   if not 0 <= prompt_len < tokens.shape[1]:
     raise ValueError(f"prompt_len must be in [0, seq={tokens.shape[1]}), got {prompt_len}")
   response = mask & (jnp.arange(tokens.shape[1]) >= prompt_len)[None, :]
@@ -113,8 +116,9 @@ def global_offset(local_size: int, axis_name: Any) -> jax.Array:
   return lax.axis_index(axis_name) * local_size
 
 
-def check_prompts(prompts: Any, prompt_mask: Any, *, config: TransformerConfig,
-                  max_new_tokens: int) -> None:
+def check_prompts(
+  prompts: Any, prompt_mask: Any, *, config: TransformerConfig, max_new_tokens: int
+) -> None:
   """Trace-time checks of a prompt batch; raises ``ValueError`` naming the argument."""
   shape, mask_shape = jnp.shape(prompts), jnp.shape(prompt_mask)
   if len(shape) != 2:
@@ -124,32 +128,55 @@ def check_prompts(prompts: Any, prompt_mask: Any, *, config: TransformerConfig,
   if not jnp.issubdtype(jnp.result_type(prompts), jnp.integer):
     raise ValueError(f"prompts must be an integer array, got dtype {jnp.result_type(prompts)}")
   if shape[1] + max_new_tokens > config.max_len:
-    raise ValueError(f"prompts length {shape[1]} (shape {shape}) + max_new_tokens "
-                     f"{max_new_tokens} exceeds the policy's max_len={config.max_len}")
+    raise ValueError(
+      f"prompts length {shape[1]} (shape {shape}) + max_new_tokens "
+      f"{max_new_tokens} exceeds the policy's max_len={config.max_len}"
+    )
 
 
-def sample_per_example(params: Any, prompts: jax.Array, prompt_mask: jax.Array,
-                       keys: jax.Array, *, config: TransformerConfig, max_new_tokens: int,
-                       temperature: float = 1.0,
-                       eos_id: int | None = sampling.EOS_ID) -> sampling.SampleOutput:
-  """:func:`jaxrm.sampling.sample` with one key per example (``keys [batch]``).
+def sample_per_example(
+  params: Any,
+  prompts: jax.Array,
+  prompt_mask: jax.Array,
+  keys: jax.Array,
+  *,
+  config: TransformerConfig,
+  max_new_tokens: int,
+  temperature: float = 1.0,
+  eos_id: int | None = sampling.EOS_ID,
+) -> sampling.SampleOutput:
+  """:func:`jaxrm.models.sampling.sample` with one key per example (``keys [batch]``).
 
   Row ``i`` depends only on ``prompts[i]`` and ``keys[i]``, not on the rest of the batch
   (``sample`` itself draws a whole batch from one key).
   """
+
   def one(prompt, mask, key):
-    out = sampling.sample(params, prompt[None], mask[None], key, config=config,
-                          max_new_tokens=max_new_tokens, temperature=temperature,
-                          eos_id=eos_id)
+    out = sampling.sample(
+      params,
+      prompt[None],
+      mask[None],
+      key,
+      config=config,
+      max_new_tokens=max_new_tokens,
+      temperature=temperature,
+      eos_id=eos_id,
+    )
     return jax.tree.map(lambda x: x[0], out)
 
   return jax.vmap(one)(prompts, prompt_mask, keys)
 
 
-def policy_outputs(params: Any, tokens: jax.Array, mask: jax.Array, *,
-                   config: TransformerConfig, value_head: bool = False,
-                   temperature: float = 1.0) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-  """Full forward pass of a :class:`jaxrm.policy.PolicyModel`.
+def policy_outputs(
+  params: Any,
+  tokens: jax.Array,
+  mask: jax.Array,
+  *,
+  config: TransformerConfig,
+  value_head: bool = False,
+  temperature: float = 1.0,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """Full forward pass of a :class:`jaxrm.models.policy.PolicyModel`.
 
   Args:
     params: policy variables (with a ``value_head`` if ``value_head``).
@@ -172,12 +199,23 @@ def policy_outputs(params: Any, tokens: jax.Array, mask: jax.Array, *,
   return logp, entropy, values
 
 
-def rollout(policy_params: Any, ref_params: Any, reward_params: Any,
-            prompts: jax.typing.ArrayLike, prompt_mask: jax.typing.ArrayLike,
-            key: jax.Array, *, config: TransformerConfig, reward_fn: RewardFn,
-            max_new_tokens: int, temperature: float = 1.0,
-            eos_id: int | None = sampling.EOS_ID, kl_estimator: str = "k1",
-            value_head: bool = False, example_offset: Any = 0) -> Rollout:
+def rollout(
+  policy_params: Any,
+  ref_params: Any,
+  reward_params: Any,
+  prompts: jax.typing.ArrayLike,
+  prompt_mask: jax.typing.ArrayLike,
+  key: jax.Array,
+  *,
+  config: TransformerConfig,
+  reward_fn: RewardFn,
+  max_new_tokens: int,
+  temperature: float = 1.0,
+  eos_id: int | None = sampling.EOS_ID,
+  kl_estimator: str = "k1",
+  value_head: bool = False,
+  example_offset: Any = 0,
+) -> Rollout:
   """Samples one response per prompt, scores it, and computes log-probs, values and KL.
 
   Args:
@@ -207,22 +245,38 @@ def rollout(policy_params: Any, ref_params: Any, reward_params: Any,
   prompt_mask = jnp.asarray(prompt_mask).astype(bool)
   batch = prompts.shape[0]
   keys = example_keys(key, batch, offset=example_offset)
-  out = sample_per_example(policy_params, prompts, prompt_mask, keys, config=config,
-                           max_new_tokens=max_new_tokens, temperature=temperature,
-                           eos_id=eos_id)
+  out = sample_per_example(
+    policy_params,
+    prompts,
+    prompt_mask,
+    keys,
+    config=config,
+    max_new_tokens=max_new_tokens,
+    temperature=temperature,
+    eos_id=eos_id,
+  )
   tokens, mask, response = out.tokens, out.mask, out.response_mask
   scores = jnp.asarray(reward_fn(reward_params, tokens, mask))
   if scores.shape != (batch,):
-    raise ValueError(f"reward_fn must return rewards of shape [batch] = ({batch},), got "
-                     f"{scores.shape}")
+    raise ValueError(
+      f"reward_fn must return rewards of shape [batch] = ({batch},), got {scores.shape}"
+    )
   scores = scores.astype(jnp.float32)
-  logp, entropy, values = policy_outputs(policy_params, tokens, mask, config=config,
-                                         value_head=value_head, temperature=temperature)
-  ref_logp, _, _ = policy_outputs(ref_params, tokens, mask, config=config,
-                                  temperature=temperature)
+  logp, entropy, values = policy_outputs(
+    policy_params, tokens, mask, config=config, value_head=value_head, temperature=temperature
+  )
+  ref_logp, _, _ = policy_outputs(ref_params, tokens, mask, config=config, temperature=temperature)
   zero = lambda x: None if x is None else jnp.where(response, x, 0.0)
   logp, ref_logp, entropy, values = map(zero, (logp, ref_logp, entropy, values))
   kl = jnp.where(response, kl_lib.kl_estimate(logp, ref_logp, estimator=kl_estimator), 0.0)
-  return Rollout(tokens=tokens, mask=mask, response_mask=response, logprobs=logp,
-                 ref_logprobs=ref_logp, entropy=entropy, values=values, kl=kl,
-                 scores=scores)
+  return Rollout(
+    tokens=tokens,
+    mask=mask,
+    response_mask=response,
+    logprobs=logp,
+    ref_logprobs=ref_logp,
+    entropy=entropy,
+    values=values,
+    kl=kl,
+    scores=scores,
+  )

@@ -21,13 +21,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxrm.transformer import Transformer, TransformerConfig
+from jaxrm.models.transformer import Transformer, TransformerConfig
 
 _POOLINGS = ("last", "mean")
 
 
-def pool_hidden(hidden: jax.typing.ArrayLike, mask: jax.typing.ArrayLike, *,
-                pooling: str = "last") -> jax.Array:
+def pool_hidden(
+  hidden: jax.typing.ArrayLike, mask: jax.typing.ArrayLike, *, pooling: str = "last"
+) -> jax.Array:
   """Pools ``hidden [batch, seq, width]`` to ``[batch, width]`` using ``mask [batch, seq]``.
 
   Args:
@@ -46,8 +47,8 @@ def pool_hidden(hidden: jax.typing.ArrayLike, mask: jax.typing.ArrayLike, *,
     raise ValueError(f"hidden must have shape [batch, seq, width], got {hidden.shape}")
   if mask.shape != hidden.shape[:2]:
     raise ValueError(
-        f"mask must have shape {hidden.shape[:2]} to match hidden {hidden.shape}, got "
-        f"{mask.shape}")
+      f"mask must have shape {hidden.shape[:2]} to match hidden {hidden.shape}, got {mask.shape}"
+    )
   if pooling == "last":
     counts = jnp.cumsum(mask, axis=1)
     weights = mask & (counts == counts[:, -1:])  # one-hot at the last real token
@@ -61,8 +62,8 @@ def pool_hidden(hidden: jax.typing.ArrayLike, mask: jax.typing.ArrayLike, *,
 class RewardModel(nn.Module):
   """Backbone + scalar head: ``(tokens [batch, seq], mask [batch, seq]) -> rewards [batch]``.
 
-  Parameters live under ``'backbone'`` (a :class:`jaxrm.transformer.Transformer`, same
-  layout as in :class:`jaxrm.policy.PolicyModel`) and ``'head'``.
+  Parameters live under ``'backbone'`` (a :class:`jaxrm.models.transformer.Transformer`, same
+  layout as in :class:`jaxrm.models.policy.PolicyModel`) and ``'head'``.
 
   Attributes:
     config: backbone configuration.

@@ -2,7 +2,7 @@
 
 :func:`sample` runs one prefill forward pass over the left-padded prompts and then one
 cached forward per new token, all inside a single ``jax.jit`` (a ``lax.scan`` over steps
-with a static-size :class:`jaxrm.transformer.KVCache` of ``prompt_len + max_new_tokens``
+with a static-size :class:`jaxrm.models.transformer.KVCache` of ``prompt_len + max_new_tokens``
 slots). :func:`sample_with_apply_fn` is the model-agnostic path: it recomputes a full
 forward pass of any ``apply_fn(params, tokens, mask)`` per token (O(n) times slower, but
 works for any model).
@@ -24,16 +24,16 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrm.policy import PolicyModel
-from jaxrm.transformer import (TransformerConfig, check_token_range, init_cache,
-                               is_concrete)
+from jaxrm.models.policy import PolicyModel
+from jaxrm.models.transformer import TransformerConfig, check_token_range, init_cache, is_concrete
 
 # Byte-tokenizer conventions (see jaxrm/tokenizer.py): PAD=0, BOS=1, EOS=2.
 PAD_ID = 0
@@ -58,8 +58,13 @@ def _check_filter_args(temperature, top_k, top_p, vocab):
     raise ValueError(f"temperature must be positive, got {temperature}")
 
 
-def filter_logits(logits: jax.typing.ArrayLike, *, temperature: float | jax.Array = 1.0,
-                  top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+def filter_logits(
+  logits: jax.typing.ArrayLike,
+  *,
+  temperature: float | jax.Array = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+) -> jax.Array:
   """Applies temperature, top-k and top-p (nucleus) filtering to ``logits [..., vocab]``.
 
   Args:
@@ -96,30 +101,30 @@ def _check_prompt(prompt_tokens, prompt_mask, max_new_tokens, max_len, vocab_siz
   if len(shape) != 2:
     raise ValueError(f"prompt_tokens must have shape [batch, prompt_len], got {shape}")
   if mask_shape != shape:
-    raise ValueError(
-        f"prompt_mask must have the shape of prompt_tokens {shape}, got {mask_shape}")
+    raise ValueError(f"prompt_mask must have the shape of prompt_tokens {shape}, got {mask_shape}")
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
   if max_len is not None and shape[1] + max_new_tokens > max_len:
     raise ValueError(
-        f"prompt_tokens length {shape[1]} (shape {shape}) + max_new_tokens "
-        f"{max_new_tokens} exceeds max_len={max_len}")
+      f"prompt_tokens length {shape[1]} (shape {shape}) + max_new_tokens "
+      f"{max_new_tokens} exceeds max_len={max_len}"
+    )
   if vocab_size is not None:
     check_token_range(prompt_tokens, vocab_size, name="prompt_tokens")
   if is_concrete(prompt_mask):
     m = np.asarray(prompt_mask).astype(bool)
     if m.size and (np.any(m[:, 1:] < m[:, :-1]) or not np.all(m[:, -1])):
       raise ValueError(
-          f"prompt_mask (shape {m.shape}) must be left-padded with at least one real "
-          "token per row: each row False...False True...True")
+        f"prompt_mask (shape {m.shape}) must be left-padded with at least one real "
+        "token per row: each row False...False True...True"
+      )
 
 
 def _choose(logits, key, step, done, temperature, top_k, top_p, eos_id):
   """Samples one token per row; finished rows emit PAD with log-prob 0."""
   filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
   token = jax.random.categorical(jax.random.fold_in(key, step), filtered, axis=-1)
-  logp = jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), token[:, None],
-                             axis=-1)[:, 0]
+  logp = jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), token[:, None], axis=-1)[:, 0]
   active = ~done
   token = jnp.where(active, token, PAD_ID).astype(jnp.int32)
   logp = jnp.where(active, logp, 0.0)
@@ -128,12 +133,25 @@ def _choose(logits, key, step, done, temperature, top_k, top_p, eos_id):
   return token, logp, active, done
 
 
-def _decode(step_fn, state, first_logits, key, temperature, *, prompt_tokens, prompt_mask,
-            max_new_tokens, top_k, top_p, eos_id):
+def _decode(
+  step_fn,
+  state,
+  first_logits,
+  key,
+  temperature,
+  *,
+  prompt_tokens,
+  prompt_mask,
+  max_new_tokens,
+  top_k,
+  top_p,
+  eos_id,
+):
   """Shared sampling loop; ``step_fn(state, token [b], active [b], i) -> (logits [b,V], state)``."""
   batch = prompt_tokens.shape[0]
-  choose = functools.partial(_choose, temperature=temperature, top_k=top_k, top_p=top_p,
-                             eos_id=eos_id)
+  choose = functools.partial(
+    _choose, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id
+  )
 
   def body(carry, step):
     state, logits, done = carry
@@ -143,7 +161,8 @@ def _decode(step_fn, state, first_logits, key, temperature, *, prompt_tokens, pr
 
   done = jnp.zeros((batch,), bool)
   (_, logits, done), (toks, acts, lps) = jax.lax.scan(
-      body, (state, first_logits, done), jnp.arange(max_new_tokens - 1))
+    body, (state, first_logits, done), jnp.arange(max_new_tokens - 1)
+  )
   token, logp, active, _ = choose(logits, key, max_new_tokens - 1, done)
   toks = jnp.concatenate([toks, token[None]], axis=0).T  # [b, n]
   acts = jnp.concatenate([acts, active[None]], axis=0).T
@@ -152,16 +171,29 @@ def _decode(step_fn, state, first_logits, key, temperature, *, prompt_tokens, pr
   prompt_tokens = jnp.where(prompt_mask, prompt_tokens, PAD_ID).astype(jnp.int32)
   no = jnp.zeros_like(prompt_mask)
   return SampleOutput(
-      tokens=jnp.concatenate([prompt_tokens, toks], axis=1),
-      mask=jnp.concatenate([prompt_mask, acts], axis=1),
-      response_mask=jnp.concatenate([no, acts], axis=1),
-      logprobs=jnp.concatenate([jnp.zeros(prompt_mask.shape, jnp.float32), lps], axis=1))
+    tokens=jnp.concatenate([prompt_tokens, toks], axis=1),
+    mask=jnp.concatenate([prompt_mask, acts], axis=1),
+    response_mask=jnp.concatenate([no, acts], axis=1),
+    logprobs=jnp.concatenate([jnp.zeros(prompt_mask.shape, jnp.float32), lps], axis=1),
+  )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "top_k", "top_p",
-                                             "eos_id"))
-def _sample_cached(params, prompt_tokens, prompt_mask, key, temperature, *, config,
-                   max_new_tokens, top_k, top_p, eos_id):
+@functools.partial(
+  jax.jit, static_argnames=("config", "max_new_tokens", "top_k", "top_p", "eos_id")
+)
+def _sample_cached(
+  params,
+  prompt_tokens,
+  prompt_mask,
+  key,
+  temperature,
+  *,
+  config,
+  max_new_tokens,
+  top_k,
+  top_p,
+  eos_id,
+):
   model = PolicyModel(config)
   batch, prompt_len = prompt_tokens.shape
   prompt_mask = prompt_mask.astype(bool)
@@ -173,15 +205,34 @@ def _sample_cached(params, prompt_tokens, prompt_mask, key, temperature, *, conf
     logits, _, cache = model.apply(params, token[:, None], active[:, None], cache=cache)
     return logits[:, 0], cache
 
-  return _decode(step_fn, cache, logits[:, -1], key, temperature,
-                 prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
-                 max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p, eos_id=eos_id)
+  return _decode(
+    step_fn,
+    cache,
+    logits[:, -1],
+    key,
+    temperature,
+    prompt_tokens=prompt_tokens,
+    prompt_mask=prompt_mask,
+    max_new_tokens=max_new_tokens,
+    top_k=top_k,
+    top_p=top_p,
+    eos_id=eos_id,
+  )
 
 
-def sample(params: Any, prompt_tokens: jax.typing.ArrayLike,
-           prompt_mask: jax.typing.ArrayLike, key: jax.Array, *, config: TransformerConfig,
-           max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-           top_p: float = 1.0, eos_id: int | None = EOS_ID) -> SampleOutput:
+def sample(
+  params: Any,
+  prompt_tokens: jax.typing.ArrayLike,
+  prompt_mask: jax.typing.ArrayLike,
+  key: jax.Array,
+  *,
+  config: TransformerConfig,
+  max_new_tokens: int,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  eos_id: int | None = EOS_ID,
+) -> SampleOutput:
   """Samples responses from a :class:`PolicyModel` with a KV cache, in one jit.
 
   Args:
@@ -203,17 +254,36 @@ def sample(params: Any, prompt_tokens: jax.typing.ArrayLike,
   """
   _check_prompt(prompt_tokens, prompt_mask, max_new_tokens, config.max_len, config.vocab_size)
   _check_filter_args(temperature, top_k, top_p, config.vocab_size)
-  return _sample_cached(params, jnp.asarray(prompt_tokens, jnp.int32),
-                        jnp.asarray(prompt_mask).astype(bool), key,
-                        jnp.asarray(temperature, jnp.float32), config=config,
-                        max_new_tokens=max_new_tokens, top_k=top_k, top_p=float(top_p),
-                        eos_id=eos_id)
+  return _sample_cached(
+    params,
+    jnp.asarray(prompt_tokens, jnp.int32),
+    jnp.asarray(prompt_mask).astype(bool),
+    key,
+    jnp.asarray(temperature, jnp.float32),
+    config=config,
+    max_new_tokens=max_new_tokens,
+    top_k=top_k,
+    top_p=float(top_p),
+    eos_id=eos_id,
+  )
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "max_new_tokens", "top_k", "top_p",
-                                             "eos_id"))
-def _sample_full(params, prompt_tokens, prompt_mask, key, temperature, *, apply_fn,
-                 max_new_tokens, top_k, top_p, eos_id):
+@functools.partial(
+  jax.jit, static_argnames=("apply_fn", "max_new_tokens", "top_k", "top_p", "eos_id")
+)
+def _sample_full(
+  params,
+  prompt_tokens,
+  prompt_mask,
+  key,
+  temperature,
+  *,
+  apply_fn,
+  max_new_tokens,
+  top_k,
+  top_p,
+  eos_id,
+):
   batch, prompt_len = prompt_tokens.shape
   prompt_mask = prompt_mask.astype(bool)
   pad = jnp.full((batch, max_new_tokens), PAD_ID, jnp.int32)
@@ -233,17 +303,35 @@ def _sample_full(params, prompt_tokens, prompt_mask, key, temperature, *, apply_
     return next_logits(tokens, mask, slot), (tokens, mask)
 
   first = next_logits(buf_tokens, buf_mask, prompt_len - 1)
-  return _decode(step_fn, (buf_tokens, buf_mask), first.astype(jnp.float32), key,
-                 temperature, prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
-                 max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p, eos_id=eos_id)
+  return _decode(
+    step_fn,
+    (buf_tokens, buf_mask),
+    first.astype(jnp.float32),
+    key,
+    temperature,
+    prompt_tokens=prompt_tokens,
+    prompt_mask=prompt_mask,
+    max_new_tokens=max_new_tokens,
+    top_k=top_k,
+    top_p=top_p,
+    eos_id=eos_id,
+  )
 
 
-def sample_with_apply_fn(apply_fn: Callable[..., Any], params: Any,
-                         prompt_tokens: jax.typing.ArrayLike,
-                         prompt_mask: jax.typing.ArrayLike, key: jax.Array, *,
-                         max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                         top_p: float = 1.0, eos_id: int | None = EOS_ID,
-                         max_len: int | None = None) -> SampleOutput:
+def sample_with_apply_fn(
+  apply_fn: Callable[..., Any],
+  params: Any,
+  prompt_tokens: jax.typing.ArrayLike,
+  prompt_mask: jax.typing.ArrayLike,
+  key: jax.Array,
+  *,
+  max_new_tokens: int,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  eos_id: int | None = EOS_ID,
+  max_len: int | None = None,
+) -> SampleOutput:
   """Model-agnostic sampler: one full forward pass of ``apply_fn`` per new token.
 
   Same semantics, randomness and output as :func:`sample` (identical samples for a
@@ -263,8 +351,15 @@ def sample_with_apply_fn(apply_fn: Callable[..., Any], params: Any,
   """
   _check_prompt(prompt_tokens, prompt_mask, max_new_tokens, max_len, None)
   _check_filter_args(temperature, top_k, top_p, float("inf"))  # vocab checked when traced
-  return _sample_full(params, jnp.asarray(prompt_tokens, jnp.int32),
-                      jnp.asarray(prompt_mask).astype(bool), key,
-                      jnp.asarray(temperature, jnp.float32), apply_fn=apply_fn,
-                      max_new_tokens=max_new_tokens, top_k=top_k, top_p=float(top_p),
-                      eos_id=eos_id)
+  return _sample_full(
+    params,
+    jnp.asarray(prompt_tokens, jnp.int32),
+    jnp.asarray(prompt_mask).astype(bool),
+    key,
+    jnp.asarray(temperature, jnp.float32),
+    apply_fn=apply_fn,
+    max_new_tokens=max_new_tokens,
+    top_k=top_k,
+    top_p=float(top_p),
+    eos_id=eos_id,
+  )

@@ -1,0 +1,4 @@
+"""Models layer: flax modules with pure ``init``/``apply`` (transformer backbone, reward model,
+policy with optional value head, ensembles by ``vmap``, presets) and the KV-cached sampler."""
+
+from jaxrm.models import ensemble, policy, presets, reward_model, sampling, transformer
