@@ -26,7 +26,7 @@ Data:
   world): every key is gathered; a key ``k`` with a ``k + '_mask'`` ``[num_examples, seq]``
   bool array is a sequence, re-padded (on the right) to the batch length;
 * a random-access source of preference records (``len`` and ``[i]``: a ``tfds`` data source,
-  a list of :class:`~jaxrm.data.preferences.PreferenceExample`, or record dicts), read once
+  a list of :class:`~jaxrm.data.preference_files.PreferenceExample`, or record dicts), read once
   at construction for lengths and subset names.
 
 Every batch also has ``'weight'`` ``[batch]`` float32 (the data's weight, or 1; 0 on
@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxrm.data import preferences
+from jaxrm.data import preference_files
 
 _STATE_KEYS = ("seed", "epoch", "batch_in_epoch", "num_examples", "batch_size")
 _SEQUENCE_SOURCE_KEYS = ("chosen", "rejected")
@@ -266,7 +266,7 @@ class BatchIterator:
     chunk = 1024
     for start in range(0, self.num_examples, chunk):
       stop = min(start + chunk, self.num_examples)
-      for i, e in enumerate(preferences.get_examples(source, range(start, stop)), start):
+      for i, e in enumerate(preference_files.get_examples(source, range(start, stop)), start):
         lengths[i] = max(len(e.chosen), len(e.rejected))
         subsets.add(e.subset)
     self.lengths = lengths
@@ -290,7 +290,7 @@ class BatchIterator:
     b = len(indices)
     batch = {k: np.zeros((b, width), np.int32) for k in _SEQUENCE_SOURCE_KEYS}
     batch.update({f"{k}_mask": np.zeros((b, width), np.bool_) for k in _SEQUENCE_SOURCE_KEYS})
-    examples = preferences.get_examples(self._source, indices)
+    examples = preference_files.get_examples(self._source, indices)
     for row, e in enumerate(examples):
       for key in _SEQUENCE_SOURCE_KEYS:
         tokens = getattr(e, key)
