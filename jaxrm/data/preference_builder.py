@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 import dataclasses
+import gzip
 import hashlib
 import inspect
+import math
 import os
+import shutil
 from typing import Any
 
 from absl import logging
@@ -19,8 +22,8 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxrm.data.preference_files import ReadStats, iter_preference_examples
-from jaxrm.data.preference_records import line_split
+from jaxrm.data.preference_files import ReadStats, check_data_file, iter_preference_examples
+from jaxrm.data.preference_records import PreferenceDataError, line_split
 
 
 @dataclasses.dataclass(eq=False)
@@ -166,6 +169,7 @@ class PreferencePairs(tfds.core.GeneratorBasedBuilder):
           "truncated": e.truncated,
         },
       )
+    _check_split(split, files, stats, config)
     self.info.metadata["splits"][split] = stats.to_dict()
     logging.info(
       "preference_pairs/%s %s: %d records, %d skipped %s, %d truncated",
@@ -188,9 +192,69 @@ def _validate_config(config: PreferencePairsConfig) -> None:
     raise ValueError("give test_files or test_fraction, not both")
   if not 0.0 <= config.test_fraction < 1.0:
     raise ValueError(f"test_fraction must be in [0, 1), got {config.test_fraction}")
+  if not math.isfinite(config.test_fraction) or not 0.0 <= config.test_fraction < 1.0:
+    raise ValueError(f"test_fraction must be in [0, 1), got {config.test_fraction}")
+  num_special = int(config.add_bos) + int(config.add_eos)
+  if config.max_len <= num_special:
+    raise ValueError(f"max_len must be > {num_special} (the special tokens), got {config.max_len}")
+  if not 0.0 <= config.min_prompt_fraction <= 1.0:
+    raise ValueError(f"min_prompt_fraction must be in [0, 1], got {config.min_prompt_fraction}")
   for path in files:
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"preference file not found: {path}")
+    check_data_file(path)
+
+
+def _distinct_lines(files: Sequence[str]) -> tuple[int, int]:
+  """(non-blank lines, distinct non-blank lines) of ``files``; for error messages only."""
+  lines = set()
+  count = 0
+  for path in files:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+      for raw in f:
+        if raw.strip():
+          count += 1
+          lines.add(hashlib.sha256(raw.strip()).digest())
+  return count, len(lines)
+
+
+def _check_split(
+  split: str, files: Sequence[str], stats: ReadStats, config: PreferencePairsConfig
+) -> None:
+  """Refuses a split without pairs, or whose pairs the truncation made all identical."""
+  names = ", ".join(files)
+  if stats.records == 0:
+    if stats.num_skipped:
+      why = f"all {stats.num_skipped} of its lines were skipped as malformed {stats.skipped}"
+    elif config.test_fraction > 0:
+      total, distinct = _distinct_lines(files)
+      other = "train" if split == "test" else "test"
+      why = (
+        f"test_fraction={config.test_fraction} sends whole lines by a hash of their content "
+        f"and all {total} line(s) ({distinct} distinct; duplicate lines share a split) went "
+        f"to {other}; give more pairs, another test_fraction or split_seed, or test_files"
+      )
+    else:
+      why = "no line holds a record"
+    raise PreferenceDataError(
+      f"split {split!r} got no preference pairs: {why}", reason="too_few_pairs", path=names
+    )
+  if stats.identical_after_truncation == stats.records:
+    raise PreferenceDataError(
+      f"split {split!r}: truncation to max_len={config.max_len} tokens leaves chosen and "
+      f"rejected identical in all {stats.records} pairs, so no pair can be learned or "
+      "evaluated; raise max_len",
+      reason="degenerate_split",
+      path=names,
+    )
+  if stats.identical_after_truncation:
+    logging.warning(
+      "preference_pairs/%s %s: truncation to max_len=%d leaves %d of %d pairs identical",
+      config.name,
+      split,
+      config.max_len,
+      stats.identical_after_truncation,
+      stats.records,
+    )
 
 
 def build_preference_dataset(
@@ -242,7 +306,11 @@ def build_preference_dataset(
     min_prompt_fraction=float(min_prompt_fraction),
   )
   _validate_config(config)
-  builder = PreferencePairs(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
+  data_dir = os.fspath(data_dir)
+  if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise ValueError(f"data_dir {data_dir} is not a directory")
+  created = _missing_dirs(data_dir, name)
+  builder = PreferencePairs(config=config, data_dir=data_dir, file_format="array_record")
   mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
   if builder.is_prepared():
     stored = dict(builder.info.metadata)
@@ -257,5 +325,34 @@ def build_preference_dataset(
           f"overwrite=True to rebuild it or choose another name"
         )
       mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+  try:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+  except BaseException:
+    _remove_failed_build(data_dir, name, created)
+    raise
   return builder
+
+
+def _missing_dirs(data_dir: str, name: str) -> list[str]:
+  """The directories a build of ``name`` would create under ``data_dir``, deepest first."""
+  dataset = os.path.join(data_dir, PreferencePairs.name)
+  candidates = [os.path.join(dataset, name), dataset, os.path.join(data_dir, "downloads"), data_dir]
+  return [d for d in candidates if not os.path.exists(d)]
+
+
+def _remove_failed_build(data_dir: str, name: str, created: Sequence[str]) -> None:
+  """Removes what a failed build left, so that the corrected call starts clean.
+
+  TFDS writes into ``incomplete.*`` directories and renames them only when complete; those
+  are removed, and so are the directories this build created if they hold no file.
+  """
+  config_dir = os.path.join(data_dir, PreferencePairs.name, name)
+  if os.path.isdir(config_dir):
+    for entry in os.listdir(config_dir):
+      if entry.startswith("incomplete."):
+        shutil.rmtree(os.path.join(config_dir, entry), ignore_errors=True)
+  for directory in created:
+    has_files = any(files for _, _, files in os.walk(directory))
+    if os.path.isdir(directory) and not has_files:
+      shutil.rmtree(directory, ignore_errors=True)
+  logging.info("Removed the partial preference dataset %s after a failed build", config_dir)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import dataclasses
 import gzip
 import os
+import stat
 from typing import Any, NamedTuple
 import zlib
 
@@ -77,8 +78,48 @@ def _file_stem(path: str) -> str:
   return name
 
 
+def check_data_file(path: str | os.PathLike) -> str:
+  """Returns ``path`` as a string if it names a readable regular file.
+
+  Raises:
+    FileNotFoundError: nothing exists at ``path``.
+    PreferenceDataError: ``path`` is a directory, a FIFO, a device (``/dev/null``), a socket
+      or unreadable (reason ``'not_a_file'``).
+  """
+  path = os.fspath(path)
+  try:
+    mode = os.stat(path).st_mode
+  except FileNotFoundError:
+    raise FileNotFoundError(f"preference file not found: {path}") from None
+  except OSError as e:
+    raise PreferenceDataError(
+      f"cannot be read: {e.strerror or e}", reason="not_a_file", path=path
+    ) from None
+  if not stat.S_ISREG(mode):
+    kind = next(
+      (name for test, name in _FILE_KINDS if test(mode)), f"not a regular file (mode {mode:o})"
+    )
+    raise PreferenceDataError(
+      f"is {kind}, not a JSONL(.gz) data file", reason="not_a_file", path=path
+    )
+  if not os.access(path, os.R_OK):
+    raise PreferenceDataError("is not readable (permission denied)", reason="not_a_file", path=path)
+  return path
+
+
+_FILE_KINDS = (
+  (stat.S_ISDIR, "a directory"),
+  (stat.S_ISFIFO, "a FIFO (named pipe)"),
+  (stat.S_ISCHR, "a character device"),
+  (stat.S_ISBLK, "a block device"),
+  (stat.S_ISSOCK, "a socket"),
+)
+
+
 def _iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
-  opener = gzip.open if path.endswith(".gz") else open
+  check_data_file(path)
+  gzipped = path.endswith(".gz")
+  opener = gzip.open if gzipped else open
   line_no = 0
   with opener(path, "rb") as f:
     try:
@@ -86,10 +127,23 @@ def _iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
         if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark
           raw = raw[3:]
         yield line_no, raw
-    except (OSError, EOFError, zlib.error) as e:
+    except gzip.BadGzipFile as e:
       raise PreferenceDataError(
-        f"unreadable after line {line_no}: {e}", reason="corrupt_file", path=path
-      ) from e
+        f"is not gzip data ({e}); a .gz name must hold a gzip file: decompress or rename it",
+        reason="corrupt_file",
+        path=path,
+      ) from None
+    except EOFError:
+      raise PreferenceDataError(
+        f"the gzip data is truncated (it ends after line {line_no}); the file is incomplete",
+        reason="corrupt_file",
+        path=path,
+      ) from None
+    except (OSError, zlib.error) as e:
+      what = "corrupt gzip data" if gzipped else "a read error"
+      raise PreferenceDataError(
+        f"{what} after line {line_no}: {e}", reason="corrupt_file", path=path
+      ) from None
 
 
 def iter_preference_examples(
@@ -119,7 +173,9 @@ def iter_preference_examples(
 
   Raises:
     PreferenceDataError: ``file:line`` and field of the first malformed line, unless
-      ``skip_malformed``.
+      ``skip_malformed``; whatever ``skip_malformed``, a file that is not a regular file, is
+      corrupt or truncated (``.gz``), or holds no non-blank line, naming the file.
+    FileNotFoundError: a path does not exist.
   """
   if isinstance(paths, (str, os.PathLike)):
     paths = [paths]
@@ -127,7 +183,9 @@ def iter_preference_examples(
   for path in map(os.fspath, paths):
     subset = _file_stem(path)
     skipped_here: dict[str, int] = {}
+    lines = blank = 0  # in the whole file, before line_filter
     for line_no, raw in _iter_lines(path):
+      lines, blank = line_no, blank + (not raw.strip())
       if line_filter is not None and not line_filter(raw):
         continue
       stats.lines += 1
@@ -170,6 +228,11 @@ def iter_preference_examples(
         line_no,
         truncated,
       )
+    if lines == blank:
+      what = "is empty" if lines == 0 else f"holds only {lines} blank line(s)"
+      if lines == 0 and path.endswith(".gz"):
+        what = "decompresses to nothing"
+      raise PreferenceDataError(f"{what}: no preference records", reason="empty_file", path=path)
     if skipped_here:
       logging.warning(
         "%s: skipped %d malformed lines: %s", path, sum(skipped_here.values()), skipped_here

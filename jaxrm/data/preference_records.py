@@ -18,8 +18,8 @@ Each of ``P``, ``C``, ``R`` (and the HH fields) is a string or a list of chat me
 ``Assistant`` (``assistant``) or ``System`` (``system``); the HH-RLHF template.
 
 Optional fields: ``"subset"`` (string, for per-subset accuracy; default: the file name without
-``.jsonl``/``.json``/``.gz``) and ``"weight"`` (finite number >= 0; default 1). Other fields are
-ignored.
+``.jsonl``/``.json``/``.gz``) and ``"weight"`` (a number in ``[0, MAX_WEIGHT]``, the float32
+range; default 1). Other fields are ignored.
 
 Tokens: the byte tokenizer (:mod:`jaxrm.data.tokenizer`). Each sequence is
 ``[BOS] + prompt + response + [EOS]`` (both on by default: BOS gives every sequence a
@@ -68,14 +68,19 @@ MALFORMED_REASONS = (
   "bad_weight",
   "identical_pair",
 )
+# File- and split-level problems: skipping lines cannot fix them, so skip_malformed never does.
+FILE_REASONS = ("not_a_file", "empty_file", "corrupt_file", "too_few_pairs", "degenerate_split")
+MAX_WEIGHT = float(np.finfo(np.float32).max)  # weights are stored as float32
+_MAX_INT_DIGITS = 300  # longer JSON integers are read as floats (inf past ~308 digits)
 
 
 class PreferenceDataError(ValueError):
-  """A malformed preference record, located by file, line and field.
+  """A malformed preference record or data file, located by file, line and field.
 
   Attributes:
     detail: what is wrong.
-    reason: one of ``MALFORMED_REASONS`` (or ``'corrupt_file'``).
+    reason: one of ``MALFORMED_REASONS`` (a record; ``skip_malformed`` can skip it) or
+      ``FILE_REASONS`` (a file or split; skipping lines cannot help).
     field: the offending field (``'chosen'``, ``'prompt[1].content'``, ...), or None for
       line-level errors (invalid JSON, not an object).
     path: the file, or None when parsing a record outside any file.
@@ -95,6 +100,11 @@ class PreferenceDataError(ValueError):
     location = "" if path is None else (f"{path}: " if line is None else f"{path}:{line}: ")
     where = f"field {field!r}: " if field else ""
     super().__init__(f"{location}{where}{detail} [{reason}]")
+
+  @property
+  def skippable(self) -> bool:
+    """True for a malformed record that ``skip_malformed`` would skip."""
+    return self.reason in MALFORMED_REASONS
 
   def with_location(self, path: str, line: int | None) -> PreferenceDataError:
     """Returns the same error located at ``path:line``."""
@@ -265,11 +275,23 @@ def parse_preference_record(record: Any, *, default_subset: str = "") -> Prefere
     raise PreferenceDataError(
       f"expected a number, got {_type_name(weight)}", reason="wrong_type", field="weight"
     )
-  if not math.isfinite(weight) or weight < 0:
+  try:
+    value = float(weight)
+  except OverflowError:  # an integer too large for a float
+    value = math.inf
+  if not (math.isfinite(value) and 0 <= value <= MAX_WEIGHT):
+    shown = f"{value:.6g}" if math.isfinite(value) else str(value)
     raise PreferenceDataError(
-      f"must be finite and >= 0, got {weight}", reason="bad_weight", field="weight"
+      f"must be a finite number >= 0 and at most {MAX_WEIGHT:.4g} (float32), got {shown}",
+      reason="bad_weight",
+      field="weight",
     )
-  return PreferenceText(prompt, chosen, rejected, subset, float(weight))
+  return PreferenceText(prompt, chosen, rejected, subset, value)
+
+
+def _parse_int(digits: str) -> int | float:
+  """JSON integers; absurdly long ones as floats (Python refuses > 4300 digits as int)."""
+  return int(digits) if len(digits) <= _MAX_INT_DIGITS else float(digits)
 
 
 def parse_preference_line(line: bytes | str, *, default_subset: str = "") -> PreferenceText:
@@ -283,11 +305,17 @@ def parse_preference_line(line: bytes | str, *, default_subset: str = "") -> Pre
     # is found and named by the UTF-8 check in _check_text.
     line = line.decode("utf-8", errors="surrogateescape")
   try:
-    record = json.loads(line)
+    record = json.loads(line, parse_int=_parse_int)
   except json.JSONDecodeError as e:
     raise PreferenceDataError(
       f"invalid JSON: {e.msg} at column {e.colno}", reason="invalid_json"
     ) from None
+  except RecursionError:
+    raise PreferenceDataError(
+      "invalid JSON: nested too deeply to read", reason="invalid_json"
+    ) from None
+  except ValueError as e:  # e.g. a number the decoder cannot convert
+    raise PreferenceDataError(f"invalid JSON: {e}", reason="invalid_json") from None
   return parse_preference_record(record, default_subset=default_subset)
 
 
