@@ -376,12 +376,22 @@ class BatchIterator:
     """Moves to a position saved by :meth:`get_state` of an iterator on the same data.
 
     Raises:
-      ValueError: if a key is missing, or seed, num_examples or batch_size differ from this
-        iterator's (resuming would silently give other batches).
+      ValueError: if ``state`` is not a dict of integers with every key, or seed,
+        num_examples or batch_size differ from this iterator's (resuming would silently give
+        other batches).
     """
+    if not isinstance(state, Mapping):
+      raise ValueError(f"state must be a dict from get_state(), got {type(state).__name__}")
     missing = [k for k in _STATE_KEYS if k not in state]
     if missing:
       raise ValueError(f"state is missing {missing}; expected keys {list(_STATE_KEYS)}")
+    not_ints = {
+      k: state[k]
+      for k in _STATE_KEYS
+      if isinstance(state[k], bool) or not isinstance(state[k], (int, np.integer))
+    }
+    if not_ints:
+      raise ValueError(f"state values must be integers, got {not_ints}")
     state = {k: int(state[k]) for k in _STATE_KEYS}
     for key, mine in (
       ("seed", self._seed),
