@@ -167,8 +167,33 @@ def _integrity_record(state: Any, extra: dict[str, Any]) -> dict[str, Any]:
   return {"algorithm": "sha256", "arrays": arrays, "extra": _json_digest(extra)}
 
 
-def _verify_integrity(state: Any, extra: dict[str, Any], record: Any, step: int) -> None:
-  """Raises :class:`CheckpointIntegrityError` naming the step and the first mismatch."""
+def check_integrity(
+  extra: dict[str, Any], step: int, state: Any = None, *, prefix: str = ""
+) -> dict[str, Any]:
+  """Verifies a restored checkpoint against the digests saved with it.
+
+  For readers that restore a checkpoint without :meth:`CheckpointManager.restore` (e.g. only
+  the parameters, by an orbax partial restore).
+
+  Args:
+    extra: the restored JSON dict, as read (with its ``"__integrity__"`` record).
+    step: the checkpoint's step, named in errors.
+    state: the restored arrays to verify (all of the saved state, or a part of it); None
+      verifies only the JSON dict.
+    prefix: the path of ``state`` inside the saved state, as ``jax.tree_util.keystr`` writes
+      it (``".params"`` for the params of a saved ``TrainState``).
+
+  Returns:
+    ``extra`` without the digest record (unchanged, unverified, if it has none).
+
+  Raises:
+    CheckpointIntegrityError: the JSON dict or an array differs from its digest, or has none.
+  """
+  extra = dict(extra)
+  record = extra.pop(INTEGRITY_KEY, None)
+  if record is None:
+    logging.info("Checkpoint at step %d has no digests (an older format); not verified", step)
+    return extra
   if not isinstance(record, dict) or not isinstance(record.get("arrays"), dict):
     raise CheckpointIntegrityError(f"checkpoint at step {step}: its digest record is damaged")
   if record.get("extra") != _json_digest(extra):
@@ -177,7 +202,7 @@ def _verify_integrity(state: Any, extra: dict[str, Any], record: Any, step: int)
     )
   arrays = record["arrays"]
   for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-    name = jax.tree_util.keystr(path)
+    name = prefix + jax.tree_util.keystr(path)
     digest = _array_digest(leaf)
     if digest is None:
       continue
@@ -187,6 +212,7 @@ def _verify_integrity(state: Any, extra: dict[str, Any], record: Any, step: int)
       raise CheckpointIntegrityError(
         f"checkpoint at step {step}: array {name} does not match its sha256 digest (damaged)"
       )
+  return extra
 
 
 class CheckpointManager:
@@ -402,11 +428,7 @@ class CheckpointManager:
       raise ValueError(
         f"checkpoint at step {step}: extra is {type(extra).__name__}, expected a dict"
       )
-    record = extra.pop(INTEGRITY_KEY, None)
-    if record is None:
-      logging.info("Checkpoint at step %d has no digests (an older format); not verified", step)
-    else:
-      _verify_integrity(state, extra, record, step)
+    extra = check_integrity(extra, step, state)
     return _rewrap_keys(state, template), extra
 
   def restore_latest(self, template: Any) -> tuple[Any, dict[str, Any], int] | None:
