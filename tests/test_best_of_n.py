@@ -177,3 +177,36 @@ def test_batched_estimator_is_the_mean_over_prompts():
     bon.batched_best_of_n_expected_reward(proxy[0], gold[0], ns)
   with pytest.raises(ValueError, match=r"gold_scores must have the shape of proxy_scores"):
     bon.best_of_n_expected_reward(proxy[0], gold[0, :10], ns)
+
+
+# ------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("n", [0, 0.5, -3, float("nan")])
+def test_kl_bon_rejects_n_below_one_naming_n(n):
+  with pytest.raises(ValueError, match=r"^n must lie in \[1.0, inf\]"):
+    bon.kl_bon(n)
+  with pytest.raises(ValueError, match=r"^n must lie in \[1.0, inf\], got .* at index \(1,\)"):
+    bon.kl_bon(np.array([2.0, n]))
+  # Under jit the value is NaN, never a finite number (kl_bon(0.5) was 0.31).
+  assert np.isnan(jax.jit(bon.kl_bon)(jnp.float32(n)))
+
+
+def test_best_of_n_rejects_a_nan_proxy_score_instead_of_picking_it():
+  proxy = np.array([0.1, 0.5, np.nan, 0.2])
+  gold = np.array([1.0, 2.0, 9.0, 3.0])
+  with pytest.raises(ValueError, match=r"^proxy_scores must be finite, got nan at index \(2,\)"):
+    bon.best_of_n_expected_reward(proxy, gold, [1, 4])
+  with pytest.raises(ValueError, match=r"^proxy_scores must be finite, got nan at index \(1, 2\)"):
+    bon.batched_best_of_n_expected_reward(
+      np.stack([np.zeros(4), proxy]), np.stack([gold, gold]), [2]
+    )
+  # Traced: both estimates are NaN (an unguarded sort puts NaN last, i.e. picks it as the best).
+  fn = jax.jit(lambda p, g: bon.best_of_n_expected_reward(p, g, [1, 4]))
+  gold_n, proxy_n = fn(proxy, gold)
+  assert np.all(np.isnan(gold_n)) and np.all(np.isnan(proxy_n))
+  gold_ok, _ = fn(np.array([0.1, 0.5, 0.3, 0.2]), gold)
+  np.testing.assert_allclose(gold_ok[1], 2.0)
+
+
+def test_best_of_n_rejects_string_scores_naming_the_argument():
+  with pytest.raises(ValueError, match="^gold_scores must be a numeric array"):
+    bon.best_of_n_expected_reward(np.array([0.1, 0.2]), np.array(["a", "b"]), [1])

@@ -1,5 +1,6 @@
 """Tests for jaxrm.io.checkpoint (orbax CheckpointManager wrapper)."""
 
+import json
 import logging
 import pathlib
 import shutil
@@ -244,3 +245,102 @@ def test_round_trip_of_replicated_and_fsdp_sharded_state_keeps_shardings(tmp_pat
   assert restored["replicated"].params["embed"].sharding.spec == P()
   assert_bitwise_equal(restored["fsdp"], state)
   assert_bitwise_equal(restored["replicated"], state)
+
+
+# ------------------------------------------------------------------------------ integrity
+def _largest_state_data_file(step_dir: pathlib.Path) -> pathlib.Path:
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+def _big_state(seed):
+  """A state whose largest data file is mostly raw array bytes (64x64 float32)."""
+  params = {"w": jax.random.normal(jax.random.key(seed), (64, 64)), "b": jnp.ones((3,))}
+  return ts.create_train_state(params, optax.sgd(0.1), jax.random.key(seed))
+
+
+def _save_three(directory, make=_big_state):
+  with checkpoint.CheckpointManager(directory, max_to_keep=3) as ckpt:
+    for step in (1, 2, 3):
+      ckpt.save(step, make(step), {"step": step, "data": {"position": 10 * step}})
+
+
+def _warnings(caplog):
+  return " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+
+
+def test_a_flipped_byte_in_the_largest_state_file_is_detected_and_the_previous_step_used(
+  tmp_path, caplog
+):
+  _save_three(tmp_path)
+  path = _largest_state_data_file(tmp_path / "3")
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 0x01  # one bit, in the middle of the array bytes
+  path.write_bytes(bytes(data))
+  with caplog.at_level(logging.WARNING):
+    with checkpoint.CheckpointManager(tmp_path, max_to_keep=3) as ckpt:
+      restored, extra, step = ckpt.restore_latest(template=_big_state(0))
+  assert step == 2 and extra == {"step": 2, "data": {"position": 20}}
+  assert_bitwise_equal(restored, _big_state(2))
+  messages = _warnings(caplog)
+  assert "step 3" in messages and "does not match its sha256 digest" in messages
+  assert (tmp_path / "3.corrupt").is_dir()
+
+
+def test_restore_of_a_damaged_step_raises_integrity_error_naming_step_and_array(tmp_path):
+  _save_three(tmp_path)
+  path = _largest_state_data_file(tmp_path / "3")
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 0x80
+  path.write_bytes(bytes(data))
+  with checkpoint.CheckpointManager(tmp_path) as ckpt:
+    with pytest.raises(checkpoint.CheckpointIntegrityError, match=r"step 3: array .*\['w'\]"):
+      ckpt.restore(3, _big_state(0))
+
+
+def test_an_edited_value_in_the_json_dict_is_detected(tmp_path, caplog):
+  _save_three(tmp_path)
+  path = tmp_path / "3" / "extra" / "metadata"
+  text = path.read_text()
+  assert '"position": 30' in text
+  path.write_text(text.replace('"position": 30', '"position": 31'))  # still valid JSON
+  with caplog.at_level(logging.WARNING):
+    with checkpoint.CheckpointManager(tmp_path) as ckpt:
+      _, extra, step = ckpt.restore_latest(template=_big_state(0))
+  assert step == 2 and extra["data"] == {"position": 20}
+  assert "JSON dict does not match its sha256 digest" in _warnings(caplog)
+
+
+def test_a_step_directory_replaced_by_a_plain_file_falls_back_with_a_log_line(tmp_path, caplog):
+  _save_three(tmp_path)
+  shutil.rmtree(tmp_path / "3")
+  (tmp_path / "3").write_text("not a checkpoint")
+  with caplog.at_level(logging.WARNING):
+    with checkpoint.CheckpointManager(tmp_path, max_to_keep=3) as ckpt:
+      restored, extra, step = ckpt.restore_latest(template=_big_state(0))
+      assert step == 2
+      assert_bitwise_equal(restored, _big_state(2))
+      assert ckpt.save(3, _big_state(7), {"step": 3})  # the step can be saved again
+      assert ckpt.restore_latest(_big_state(0))[2] == 3
+  messages = _warnings(caplog)
+  assert "step 3" in messages and "not a directory" in messages
+  assert (tmp_path / "3.corrupt").read_text() == "not a checkpoint"  # kept, not deleted
+
+
+def test_a_checkpoint_without_digests_restores_unchecked(tmp_path):
+  _save_three(tmp_path)
+  path = tmp_path / "3" / "extra" / "metadata"
+  extra = json.loads(path.read_text())
+  assert set(extra[checkpoint.INTEGRITY_KEY]["arrays"]) >= {".params['w']", ".params['b']"}
+  del extra[checkpoint.INTEGRITY_KEY]  # as written before digests existed
+  path.write_text(json.dumps(extra))
+  with checkpoint.CheckpointManager(tmp_path) as ckpt:
+    restored, got, step = ckpt.restore_latest(template=_big_state(0))
+  assert step == 3 and got == {"step": 3, "data": {"position": 30}}
+  assert_bitwise_equal(restored, _big_state(3))
+
+
+def test_the_integrity_key_is_reserved(tmp_path):
+  with checkpoint.CheckpointManager(tmp_path) as ckpt:
+    with pytest.raises(ValueError, match="reserved key '__integrity__'"):
+      ckpt.save(1, make_state(), {checkpoint.INTEGRITY_KEY: 1})

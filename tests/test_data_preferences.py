@@ -191,17 +191,34 @@ MALFORMED = [
   ('{"prompt": "p", "chosen": "a", "rejected": "b", "weight": NaN}', "bad_weight", "weight"),
   ('{"prompt": "p", "chosen": "a", "rejected": "b", "subset": 3}', "wrong_type", "subset"),
   ('{"chosen": "same", "rejected": "same"}', "identical_pair", "rejected"),
+  # Weights past float32 (would become inf), and integers too long for a float or for int().
+  ('{"prompt": "p", "chosen": "a", "rejected": "b", "weight": 1e300}', "bad_weight", "weight"),
+  ('{"prompt": "p", "chosen": "a", "rejected": "b", "weight": 1e400}', "bad_weight", "weight"),
+  (
+    '{"prompt": "p", "chosen": "a", "rejected": "b", "weight": 1' + "0" * 399 + "}",
+    "bad_weight",
+    "weight",
+  ),
+  (
+    '{"prompt": "p", "chosen": "a", "rejected": "b", "weight": 9' + "9" * 4999 + "}",
+    "bad_weight",
+    "weight",
+  ),
+  ("[" * 100_000 + "]" * 100_000, "invalid_json", None),  # nested past the recursion limit
 ]
 
 
-@pytest.mark.parametrize("line,reason,field", MALFORMED, ids=[f"{r}-{f}" for _, r, f in MALFORMED])
+@pytest.mark.parametrize(
+  "line,reason,field", MALFORMED, ids=[f"{i}-{r}-{f}" for i, (_, r, f) in enumerate(MALFORMED)]
+)
 def test_malformed_line_raises_with_file_line_and_field(tmp_path, line, reason, field):
   path = _write_lines(tmp_path / "bad.jsonl", [GOOD, line, GOOD])
   with pytest.raises(prefs.PreferenceDataError) as info:
     prefs.read_preference_files(path, max_len=64)
   err = info.value
   assert (err.path, err.line, err.reason, err.field) == (path, 2, reason, field)
-  assert str(err).startswith(f"{path}:2: ")
+  assert str(err).startswith(f"{path}:2: ") and "\n" not in str(err) and len(str(err)) < 300
+  assert err.skippable
   if field is not None:
     assert repr(field) in str(err)
   assert isinstance(err, ValueError)

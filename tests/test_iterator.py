@@ -180,6 +180,27 @@ def test_set_state_rejects_state_of_other_data_or_settings():
     BatchIterator(data, batch_size=BATCH, seed=0).set_state({**state, "batch_in_epoch": 999})
 
 
+@pytest.mark.parametrize(
+  "damage, message",
+  [
+    ({"epoch": "1"}, r"state values must be integers, got \{'epoch': '1'\}"),
+    ({"batch_in_epoch": None}, "state values must be integers"),
+    ({"seed": 1.5}, "state values must be integers"),
+    ({"epoch": True}, "state values must be integers"),
+    ({"epoch": -1}, "out of range"),
+  ],
+)
+def test_set_state_rejects_a_damaged_state_with_one_line(damage, message):
+  data = _arrays()
+  it = BatchIterator(data, batch_size=BATCH, seed=0)
+  state = it.get_state()
+  with pytest.raises(ValueError, match=message):
+    it.set_state({**state, **damage})
+  with pytest.raises(ValueError, match="state must be a dict from get_state"):
+    it.set_state([0, 0, 0])
+  assert it.get_state() == state  # a refused state leaves the position unchanged
+
+
 def test_num_epochs_stops_iteration_and_shuffle_false_keeps_data_order():
   it = BatchIterator(_arrays(n=20), batch_size=4, seed=0, shuffle=False, num_epochs=2)
   batches = list(it)

@@ -210,3 +210,18 @@ def test_sequence_kl_rejects_bad_shapes():
     kl.sequence_kl(jnp.zeros(4), jnp.ones(4, bool))
   with pytest.raises(ValueError, match=r"mask must have the shape of per_token_kl \(2, 4\)"):
     kl.sequence_kl(jnp.zeros((2, 4)), jnp.ones((2, 3), bool))
+
+
+@pytest.mark.parametrize(
+  "call, name",
+  [
+    (lambda bad: kl.kl_estimate(bad, np.zeros(2)), "logp"),
+    (lambda bad: kl.kl_estimate(np.zeros(2), bad), "ref_logp"),
+    (lambda bad: kl.exact_kl_from_logits(bad, np.zeros(2)), "logits"),
+    (lambda bad: kl.sequence_kl(bad, np.ones(2, bool)), "per_token_kl"),
+  ],
+  ids=["logp", "ref_logp", "logits", "per_token_kl"],
+)
+def test_string_arrays_raise_naming_the_argument(call, name):
+  with pytest.raises(ValueError, match=f"^{name} must be a numeric array, got dtype <U1"):
+    call(np.array(["a", "b"]))

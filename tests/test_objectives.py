@@ -77,7 +77,25 @@ def test_ensemble_objective_rejects_unknown_names_and_bad_hyperparameters():
 
 
 def test_objectives_reject_rewards_without_member_axis():
-  with pytest.raises(ValueError, match=r"rewards must have shape \[k, ...\]"):
+  with pytest.raises(ValueError, match=r"rewards must have shape \[k, batch, ...\]"):
     obj.ensemble_mean(jnp.float32(1.0))
-  with pytest.raises(ValueError, match=r"rewards must have shape \[k, ...\]"):
+  with pytest.raises(ValueError, match=r"rewards must have shape \[k, batch, ...\]"):
     obj.ensemble_worst_case(jnp.zeros((0, 3)))
+
+
+@pytest.mark.parametrize(
+  "name, kw", [("mean", {}), ("worst_case", {}), ("uncertainty_weighted", {"coef": 1.0})]
+)
+def test_objectives_reject_rank_1_rewards_naming_the_shape(name, kw):
+  # [k] alone is ambiguous (k members of one example, or one member's batch): it used to
+  # reduce to a scalar silently.
+  with pytest.raises(ValueError, match=r"rewards must have shape \[k, batch, ...\].*got \(3,\)"):
+    obj.ensemble_objective(name, **kw)(jnp.array([1.0, 2.0, 3.0]))
+  np.testing.assert_allclose(
+    obj.ensemble_objective(name, **kw)(jnp.array([[1.0], [1.0], [1.0]])), [1.0], rtol=1e-6
+  )
+
+
+def test_objectives_reject_string_rewards_naming_the_argument():
+  with pytest.raises(ValueError, match="rewards must be a numeric array, got dtype <U1"):
+    obj.ensemble_mean(np.array([["a", "b"]]))

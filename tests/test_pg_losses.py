@@ -306,3 +306,22 @@ def test_reinforce_loss_masked_positions_have_zero_gradient():
   grad = np.asarray(jax.jit(jax.grad(pg.reinforce_loss))(nan_logp, nan_a, mask))
   np.testing.assert_array_equal(grad[~mask], 0.0)
   np.testing.assert_allclose(grad[mask], -a[mask] / mask.sum(), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("clip_eps", [-0.2, 0.0, float("nan")])
+def test_ppo_losses_reject_non_positive_clip_eps_naming_it(clip_eps):
+  x = jnp.zeros((2, 3))
+  mask = jnp.ones((2, 3), bool)
+  with pytest.raises(ValueError, match=r"^clip_eps must be > 0 \(e.g. 0.2\), got"):
+    pg.ppo_policy_loss(x, x, x, mask, clip_eps=clip_eps)
+  with pytest.raises(ValueError, match=r"^clip_eps must be > 0, got"):
+    pg.ppo_value_loss(x, x, x, mask, clip_eps=clip_eps)
+
+
+def test_ppo_policy_loss_rejects_string_logp_naming_it():
+  mask = jnp.ones((1, 2), bool)
+  with pytest.raises(ValueError, match="^logp must be a numeric array"):
+    pg.ppo_policy_loss(
+      np.array([["a", "b"]]), jnp.zeros((1, 2)), jnp.zeros((1, 2)), mask, clip_eps=0.2
+    )

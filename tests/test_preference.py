@@ -379,3 +379,63 @@ def test_get_loss_rejects_unknown_names_and_hyperparameters_listing_valid_ones()
 def test_bad_shapes_raise_value_error_naming_the_argument(call, message):
   with pytest.raises(ValueError, match=message):
     call()
+
+
+# ------------------------------------------------------------------------------ bad input
+PAIRWISE = ["bradley_terry_loss", "thurstone_loss", "hinge_loss"]
+
+
+@pytest.mark.parametrize("loss_name", PAIRWISE)
+def test_negative_weight_raises_naming_weights_and_index(loss_name):
+  loss = getattr(preference, loss_name)
+  rc, rr = jnp.array([1.0, 0.0, 2.0]), jnp.array([0.0, 1.0, 0.5])
+  with pytest.raises(
+    ValueError, match=r"weights must lie in \[0.0, inf\], got -1.0 at index \(1,\)"
+  ):
+    loss(rc, rr, weights=jnp.array([1.0, -1.0, 1.0]))
+  with pytest.raises(ValueError, match=r"weights must lie in .*got nan at index \(2,\)"):
+    loss(rc, rr, weights=np.array([1.0, 1.0, np.nan]))
+
+
+@pytest.mark.parametrize("loss_name", PAIRWISE)
+@pytest.mark.parametrize("bad, index", [(2.0, 0), (-1.0, 1)])
+def test_labels_outside_unit_interval_raise_naming_labels(loss_name, bad, index):
+  loss = getattr(preference, loss_name)
+  labels = np.array([0.5, 0.5, 0.5])
+  labels[index] = bad
+  with pytest.raises(
+    ValueError, match=rf"labels must lie in \[0.0, 1.0\], got {bad} at index \({index},\)"
+  ):
+    loss(jnp.array([1.0, 0.0, 2.0]), jnp.array([0.0, 1.0, 0.5]), labels=labels)
+
+
+@pytest.mark.parametrize("loss_name", PAIRWISE)
+def test_invalid_weight_or_label_under_jit_gives_nan_never_a_finite_number(loss_name):
+  # Traced values cannot raise; the loss must then be NaN so that a training step skips it.
+  loss = jax.jit(getattr(preference, loss_name))
+  rc, rr = jnp.array([1.0, 0.0, 2.0]), jnp.array([0.0, 1.0, 0.5])
+  assert np.isnan(loss(rc, rr, weights=jnp.array([1.0, -1.0, 1.0])))
+  assert np.isnan(loss(rc, rr, weights=jnp.array([-1.0, -1.0, -1.0])))  # was 0.0
+  assert np.isnan(loss(rc, rr, labels=jnp.array([2.0, -1.0, 0.5])))
+  # Valid input is untouched, including all-zero weights (loss 0 by convention).
+  assert np.isfinite(loss(rc, rr, weights=jnp.array([1.0, 0.0, 2.0])))
+  assert float(loss(rc, rr, weights=jnp.zeros(3))) == 0.0
+
+
+@pytest.mark.parametrize(
+  "kwargs, name",
+  [
+    ({"rewards_chosen": np.array(["a", "b"])}, "rewards_chosen"),
+    ({"rewards_rejected": np.array([b"x", b"y"])}, "rewards_rejected"),
+    ({"rewards_chosen": np.array([object(), object()])}, "rewards_chosen"),
+    ({"rewards_chosen": [[1.0], [1.0, 2.0]]}, "rewards_chosen"),
+    ({"weights": ["1", "2"]}, "weights"),
+    ({"labels": np.array(["1", "0"])}, "labels"),
+  ],
+)
+def test_non_numeric_arrays_raise_naming_the_argument(kwargs, name):
+  args = {"rewards_chosen": jnp.array([1.0, 2.0]), "rewards_rejected": jnp.array([0.0, 1.0])}
+  args.update(kwargs)
+  rc, rr = args.pop("rewards_chosen"), args.pop("rewards_rejected")
+  with pytest.raises(ValueError, match=rf"^{name} must be a numeric array"):
+    preference.bradley_terry_loss(rc, rr, **args)

@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -165,3 +166,24 @@ def test_malformed_extra_names_the_missing_field(tmp_path):
     ckpt.save(1, state, {"model_config": rm_io.config_to_json(CFG)})
   with pytest.raises(ValueError, match="missing the field 'pooling'"):
     rm_io.load_reward_model(str(tmp_path))
+
+
+def test_params_changed_after_saving_are_detected_and_the_previous_step_loaded(tmp_path):
+  # Silent damage, made deterministic: step 2's arrays are swapped for other, well-formed
+  # arrays of the same shapes (orbax reads them without complaint); its digests stay.
+  _, saved = write_run(str(tmp_path / "run"), 0, steps=(1, 2))
+  write_run(str(tmp_path / "other"), 1, steps=(2,))
+  state_dir = tmp_path / "run" / "checkpoints" / "2" / "state"
+  shutil.rmtree(state_dir)
+  shutil.copytree(tmp_path / "other" / "checkpoints" / "2" / "state", state_dir)
+  _, params, extra = rm_io.load_reward_model(str(tmp_path / "run"))
+  assert extra["step"] == 1 and "__integrity__" not in extra
+  jax.tree.map(np.testing.assert_array_equal, params, saved[1])
+
+
+def test_read_extra_hides_the_digest_record_and_detects_an_edited_json(tmp_path):
+  write_run(str(tmp_path), 0, steps=(1, 2))
+  assert "__integrity__" not in rm_io.read_extra(str(tmp_path))
+  path = tmp_path / "checkpoints" / "2" / "extra" / "metadata"
+  path.write_text(path.read_text().replace('"pooling": "last"', '"pooling": "mean"'))
+  assert rm_io.read_extra(str(tmp_path))["step"] == 1

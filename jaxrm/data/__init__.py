@@ -1,45 +1,55 @@
 """Data layer: tokenizers, the synthetic world, preference JSONL files, their TFDS builder and
 resumable batch iterators.
 
-``jaxrm.data.tokenizer`` and ``jaxrm.data.synthetic`` are light; the TFDS-backed names below
-(builder, iterator) are imported on first use, so importing ``jaxrm.data.synthetic`` does not
-import TensorFlow Datasets.
+``jaxrm.data.tokenizer`` and ``jaxrm.data.synthetic`` are light; the names below are imported
+from their modules on first use, so importing ``jaxrm.data.synthetic`` (or parsing records with
+``jaxrm.data.parse_preference_line``) does not import TensorFlow Datasets; only the builder
+(``jaxrm.data.preference_builder``) does.
 """
 
 import importlib
 
+_MODULES = (
+  "iterator",
+  "preference_builder",
+  "preference_files",
+  "preference_records",
+  "preferences",
+  "synthetic",
+  "tokenizer",
+)
 _LAZY = {
   "BatchIterator": "iterator",
   "power_of_two_buckets": "iterator",
-  "build_preference_dataset": "preferences",
-  "example_from_record": "preferences",
-  "get_examples": "preferences",
-  "iter_preference_examples": "preferences",
-  "line_split": "preferences",
-  "load_preference_arrays": "preferences",
-  "parse_preference_line": "preferences",
-  "parse_preference_record": "preferences",
-  "PreferenceDataError": "preferences",
-  "PreferenceExample": "preferences",
-  "PreferencePairs": "preferences",
-  "PreferencePairsConfig": "preferences",
-  "PreferenceText": "preferences",
-  "read_preference_files": "preferences",
-  "ReadStats": "preferences",
-  "render_messages": "preferences",
-  "split_shared_prompt": "preferences",
-  "tokenize_pair": "preferences",
-  "TokenizedPair": "preferences",
+  "build_preference_dataset": "preference_builder",
+  "example_from_record": "preference_files",
+  "get_examples": "preference_files",
+  "iter_preference_examples": "preference_files",
+  "line_split": "preference_records",
+  "load_preference_arrays": "preference_files",
+  "parse_preference_line": "preference_records",
+  "parse_preference_record": "preference_records",
+  "PreferenceDataError": "preference_records",
+  "PreferenceExample": "preference_files",
+  "PreferencePairs": "preference_builder",
+  "PreferencePairsConfig": "preference_builder",
+  "PreferenceText": "preference_records",
+  "read_preference_files": "preference_files",
+  "ReadStats": "preference_files",
+  "render_messages": "preference_records",
+  "split_shared_prompt": "preference_records",
+  "tokenize_pair": "preference_records",
+  "TokenizedPair": "preference_records",
 }
 
 
 def __getattr__(name):
   if name in _LAZY:
     return getattr(importlib.import_module(f"jaxrm.data.{_LAZY[name]}"), name)
-  if name in ("iterator", "preferences", "synthetic", "tokenizer"):
+  if name in _MODULES:
     return importlib.import_module(f"jaxrm.data.{name}")
   raise AttributeError(f"module 'jaxrm.data' has no attribute {name!r}")
 
 
 def __dir__():
-  return sorted(list(_LAZY) + ["iterator", "preferences", "synthetic", "tokenizer"])
+  return sorted(list(_LAZY) + list(_MODULES))

@@ -26,7 +26,7 @@ Data:
   world): every key is gathered; a key ``k`` with a ``k + '_mask'`` ``[num_examples, seq]``
   bool array is a sequence, re-padded (on the right) to the batch length;
 * a random-access source of preference records (``len`` and ``[i]``: a ``tfds`` data source,
-  a list of :class:`~jaxrm.data.preferences.PreferenceExample`, or record dicts), read once
+  a list of :class:`~jaxrm.data.preference_files.PreferenceExample`, or record dicts), read once
   at construction for lengths and subset names.
 
 Every batch also has ``'weight'`` ``[batch]`` float32 (the data's weight, or 1; 0 on
@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxrm.data import preferences
+from jaxrm.data import preference_files
 
 _STATE_KEYS = ("seed", "epoch", "batch_in_epoch", "num_examples", "batch_size")
 _SEQUENCE_SOURCE_KEYS = ("chosen", "rejected")
@@ -266,7 +266,7 @@ class BatchIterator:
     chunk = 1024
     for start in range(0, self.num_examples, chunk):
       stop = min(start + chunk, self.num_examples)
-      for i, e in enumerate(preferences.get_examples(source, range(start, stop)), start):
+      for i, e in enumerate(preference_files.get_examples(source, range(start, stop)), start):
         lengths[i] = max(len(e.chosen), len(e.rejected))
         subsets.add(e.subset)
     self.lengths = lengths
@@ -290,7 +290,7 @@ class BatchIterator:
     b = len(indices)
     batch = {k: np.zeros((b, width), np.int32) for k in _SEQUENCE_SOURCE_KEYS}
     batch.update({f"{k}_mask": np.zeros((b, width), np.bool_) for k in _SEQUENCE_SOURCE_KEYS})
-    examples = preferences.get_examples(self._source, indices)
+    examples = preference_files.get_examples(self._source, indices)
     for row, e in enumerate(examples):
       for key in _SEQUENCE_SOURCE_KEYS:
         tokens = getattr(e, key)
@@ -376,12 +376,22 @@ class BatchIterator:
     """Moves to a position saved by :meth:`get_state` of an iterator on the same data.
 
     Raises:
-      ValueError: if a key is missing, or seed, num_examples or batch_size differ from this
-        iterator's (resuming would silently give other batches).
+      ValueError: if ``state`` is not a dict of integers with every key, or seed,
+        num_examples or batch_size differ from this iterator's (resuming would silently give
+        other batches).
     """
+    if not isinstance(state, Mapping):
+      raise ValueError(f"state must be a dict from get_state(), got {type(state).__name__}")
     missing = [k for k in _STATE_KEYS if k not in state]
     if missing:
       raise ValueError(f"state is missing {missing}; expected keys {list(_STATE_KEYS)}")
+    not_ints = {
+      k: state[k]
+      for k in _STATE_KEYS
+      if isinstance(state[k], bool) or not isinstance(state[k], (int, np.integer))
+    }
+    if not_ints:
+      raise ValueError(f"state values must be integers, got {not_ints}")
     state = {k: int(state[k]) for k in _STATE_KEYS}
     for key, mine in (
       ("seed", self._seed),

@@ -20,14 +20,24 @@ sizes of this library. With ``async_save=True`` orbax writes in a background thr
 ``save``, ``restore``, ``wait_until_finished`` and ``close`` (also on leaving a ``with`` block)
 wait for it.
 
+Integrity: :meth:`CheckpointManager.save` records a sha256 digest of every saved array (its
+dtype, shape and bytes) and of the JSON dict, under the reserved key ``"__integrity__"`` of the
+``extra`` item; :meth:`CheckpointManager.restore` recomputes them and raises
+:class:`CheckpointIntegrityError` on a mismatch, so a flipped bit that orbax reads back without
+complaint is detected (and :meth:`CheckpointManager.restore_latest` falls back). Arrays that
+are not fully addressable by this process (multi-host sharding) are not digested. Checkpoints
+written without digests restore unchecked.
+
 Crash safety: orbax writes each step to ``<step>.orbax-checkpoint-tmp-<n>`` and renames it to
 ``<step>`` only once complete, so a process killed mid-save (SIGKILL, preemption) leaves a tmp
 directory that is never listed as a step; orbax deletes such directories in the background
 when a manager is created (``cleanup_tmp_directories``), finishing before the first save.
-A finalized checkpoint whose files were later damaged (truncated, deleted) is detected when reading it: :meth:`CheckpointManager.restore_latest`
-logs a warning naming the step and the error and falls back to the previous checkpoint; once a
-previous one restores, the damaged newer ones are moved aside to ``<step>.corrupt`` so that
-the resumed run can save those steps again.
+A finalized checkpoint whose files were later damaged (truncated, deleted, a changed byte)
+is detected when reading it: :meth:`CheckpointManager.restore_latest` logs a warning naming the
+step and the error and falls back to the previous checkpoint; once a previous one restores, the
+damaged newer ones are moved aside to ``<step>.corrupt`` so that the resumed run can save those
+steps again. A step name that is not a directory (e.g. replaced by a plain file) is moved aside
+the same way, with a warning, when the manager is created.
 
 Example::
 
@@ -42,6 +52,7 @@ Example::
               metrics={"eval_accuracy": acc})
 """
 
+import hashlib
 import json
 import math
 import os
@@ -57,6 +68,11 @@ import orbax.checkpoint as ocp
 _STATE = "state"
 _EXTRA = "extra"
 _METRICS_ITEM = "metrics"  # orbax's reserved item holding the metrics of a step
+INTEGRITY_KEY = "__integrity__"  # reserved key of the extra dict: the digests of a checkpoint
+
+
+class CheckpointIntegrityError(ValueError):
+  """A checkpoint's arrays or JSON dict do not match the digests recorded when it was saved."""
 
 
 def _is_key(x: Any) -> bool:
@@ -127,6 +143,78 @@ def _jsonable(extra: dict[str, Any]) -> dict[str, Any]:
     raise ValueError(f"extra must be JSON-serialisable: {e}") from e
 
 
+def _array_digest(x: Any) -> str | None:
+  """sha256 of an array's dtype, shape and bytes; None if this process cannot see all of it."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return None
+  host = np.ascontiguousarray(jax.device_get(x))
+  digest = hashlib.sha256(f"{host.dtype.str}{host.shape}".encode())
+  digest.update(host.tobytes())
+  return digest.hexdigest()
+
+
+def _json_digest(extra: dict[str, Any]) -> str:
+  return hashlib.sha256(json.dumps(extra, sort_keys=True).encode()).hexdigest()
+
+
+def _integrity_record(state: Any, extra: dict[str, Any]) -> dict[str, Any]:
+  """The digests stored with a checkpoint: each array of ``state`` by path, and ``extra``."""
+  arrays = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    digest = _array_digest(leaf)
+    if digest is not None:
+      arrays[jax.tree_util.keystr(path)] = digest
+  return {"algorithm": "sha256", "arrays": arrays, "extra": _json_digest(extra)}
+
+
+def check_integrity(
+  extra: dict[str, Any], step: int, state: Any = None, *, prefix: str = ""
+) -> dict[str, Any]:
+  """Verifies a restored checkpoint against the digests saved with it.
+
+  For readers that restore a checkpoint without :meth:`CheckpointManager.restore` (e.g. only
+  the parameters, by an orbax partial restore).
+
+  Args:
+    extra: the restored JSON dict, as read (with its ``"__integrity__"`` record).
+    step: the checkpoint's step, named in errors.
+    state: the restored arrays to verify (all of the saved state, or a part of it); None
+      verifies only the JSON dict.
+    prefix: the path of ``state`` inside the saved state, as ``jax.tree_util.keystr`` writes
+      it (``".params"`` for the params of a saved ``TrainState``).
+
+  Returns:
+    ``extra`` without the digest record (unchanged, unverified, if it has none).
+
+  Raises:
+    CheckpointIntegrityError: the JSON dict or an array differs from its digest, or has none.
+  """
+  extra = dict(extra)
+  record = extra.pop(INTEGRITY_KEY, None)
+  if record is None:
+    logging.info("Checkpoint at step %d has no digests (an older format); not verified", step)
+    return extra
+  if not isinstance(record, dict) or not isinstance(record.get("arrays"), dict):
+    raise CheckpointIntegrityError(f"checkpoint at step {step}: its digest record is damaged")
+  if record.get("extra") != _json_digest(extra):
+    raise CheckpointIntegrityError(
+      f"checkpoint at step {step}: the JSON dict does not match its sha256 digest (damaged)"
+    )
+  arrays = record["arrays"]
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    name = prefix + jax.tree_util.keystr(path)
+    digest = _array_digest(leaf)
+    if digest is None:
+      continue
+    if name not in arrays:
+      raise CheckpointIntegrityError(f"checkpoint at step {step}: no digest for array {name}")
+    if arrays[name] != digest:
+      raise CheckpointIntegrityError(
+        f"checkpoint at step {step}: array {name} does not match its sha256 digest (damaged)"
+      )
+  return extra
+
+
 class CheckpointManager:
   """Saves and restores ``(state pytree, JSON dict)`` checkpoints with orbax.
 
@@ -155,6 +243,7 @@ class CheckpointManager:
     self._directory = epath.Path(directory).absolute()
     self._best_metric = best_metric
     self._best_mode = best_mode
+    self._quarantine_non_directories()
     self._quarantine_unreadable_metrics()
 
     policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
@@ -201,6 +290,20 @@ class CheckpointManager:
       k += 1
     src.rename(dst)
     logging.warning("Moved damaged checkpoint at step %d (%s) to %s", step, reason, dst)
+
+  def _quarantine_non_directories(self) -> None:
+    """A step name that is a plain file (or link to one) is no checkpoint; orbax ignores it."""
+    if not self._directory.is_dir():
+      return
+    for path in self._directory.iterdir():
+      if path.name.isdigit() and not path.is_dir():
+        logging.warning(
+          "Checkpoint at step %s in %s is not a directory (a plain file?); ignoring it and "
+          "using the previous checkpoint",
+          path.name,
+          self._directory,
+        )
+        self._quarantine(int(path.name), "not a directory")
 
   def _quarantine_unreadable_metrics(self) -> None:
     """Orbax reads every step's metrics JSON when it starts; a damaged one would crash it."""
@@ -251,7 +354,8 @@ class CheckpointManager:
       step: training step (non-negative int); the directory name.
       state: pytree of arrays (jax or NumPy; typed PRNG keys allowed). A ``pmap``-replicated
         state should be unreplicated first (``ParallelStep.unreplicate``).
-      extra: JSON-serialisable dict (data-iterator state, config, ...).
+      extra: JSON-serialisable dict (data-iterator state, config, ...); the key
+        ``"__integrity__"`` is reserved.
       metrics: dict of numbers; must contain ``best_metric`` if that is set.
 
     Returns:
@@ -262,6 +366,8 @@ class CheckpointManager:
     if step < 0:
       raise ValueError(f"step must be non-negative, got {step}")
     extra = _jsonable({} if extra is None else extra)
+    if INTEGRITY_KEY in extra:
+      raise ValueError(f"extra must not use the reserved key {INTEGRITY_KEY!r}")
     if metrics is not None:
       metrics = _jsonable(metrics)
       if self._best_metric is not None and self._best_metric not in metrics:
@@ -279,9 +385,11 @@ class CheckpointManager:
         "Checkpoint at step %d already exists in %s; not saving it again", step, self._directory
       )
       return False
+    state = _keys_to_data(state)
+    extra = {**extra, INTEGRITY_KEY: _integrity_record(state, extra)}
     args = ocp.args.Composite(
       **{
-        _STATE: ocp.args.StandardSave(_keys_to_data(state)),
+        _STATE: ocp.args.StandardSave(state),
         _EXTRA: ocp.args.JsonSave(extra),
       }
     )
@@ -300,6 +408,7 @@ class CheckpointManager:
       ``(state, extra)``.
 
     Raises:
+      CheckpointIntegrityError: an array or the JSON dict differs from its saved digest.
       ValueError, OSError, ...: if the checkpoint is damaged or does not match ``template``.
     """
     self._manager.wait_until_finished()
@@ -319,6 +428,7 @@ class CheckpointManager:
       raise ValueError(
         f"checkpoint at step {step}: extra is {type(extra).__name__}, expected a dict"
       )
+    extra = check_integrity(extra, step, state)
     return _rewrap_keys(state, template), extra
 
   def restore_latest(self, template: Any) -> tuple[Any, dict[str, Any], int] | None:

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from jaxrm.io import checkpoint
 from jaxrm.models.reward_model import RewardModel
 from jaxrm.models.transformer import TransformerConfig
 
@@ -170,6 +171,7 @@ def _restore(
     ),
   )["state"]
   params = restored["params"]
+  extra = checkpoint.check_integrity(extra, step, params, prefix=".params")
   got = jax.tree.structure(params)
   want = jax.tree.structure(template["params"])
   if got != want:
@@ -260,7 +262,7 @@ def read_extra(
     errors = []
     for step in _candidate_steps(mgr, os.fspath(workdir), which, best_metric, best_mode):
       try:
-        return {**_read_extra(mgr, step), "step": step}
+        return {**checkpoint.check_integrity(_read_extra(mgr, step), step), "step": step}
       except Exception as e:  # pylint: disable=broad-except  # unreadable: try the previous
         errors.append(f"step {step}: {type(e).__name__}: {e}")
   finally:

@@ -1,11 +1,87 @@
-"""Array helpers shared by the math modules (private)."""
+"""Array helpers shared by the math modules (private): conversion and input validation.
+
+Value checks (range, finiteness) can only run on concrete arrays: under ``jax.jit`` (or any
+transformation) the values do not exist at trace time. The ``check_*`` helpers therefore raise
+a one-line ``ValueError`` naming the argument when called eagerly and do nothing on tracers;
+functions that must not return a silently wrong number under ``jit`` pair them with
+:func:`nan_where_invalid`, so that an invalid entry turns its result into NaN (which the
+training steps refuse, see :func:`jaxrm.steps.train_state.apply_if_finite`).
+"""
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+import numpy as np
+
+_NUMERIC_KINDS = "biufc"  # bool, signed, unsigned, float, complex
 
 
-def as_float(x: ArrayLike) -> jax.Array:
-  """Returns ``x`` as an inexact array, keeping float64 / float32 and upcasting the rest."""
+def is_concrete(x: Any) -> bool:
+  """True when ``x`` holds actual values (not a tracer inside jit/vmap/grad/eval_shape)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def as_float(x: ArrayLike, name: str = "input") -> jax.Array:
+  """Returns ``x`` as an inexact array, keeping float64 / float32 and upcasting the rest.
+
+  Args:
+    x: a numeric array-like (bool, integer or floating).
+    name: the argument's name, used in the error message.
+
+  Raises:
+    ValueError: ``x`` is not numeric (strings, objects, ragged nested lists), naming ``name``.
+  """
+  if not isinstance(x, jax.Array):
+    try:
+      host = np.asarray(x)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"{name} must be a numeric array, got {type(x).__name__}: {e}") from None
+    if host.dtype.kind not in _NUMERIC_KINDS:
+      raise ValueError(f"{name} must be a numeric array, got dtype {host.dtype}")
   x = jnp.asarray(x)
   return x.astype(jnp.result_type(x.dtype, jnp.float32))
+
+
+def check_in_range(
+  x: jax.Array, name: str, *, low: float | None = None, high: float | None = None
+) -> None:
+  """Raises ``ValueError`` if concrete ``x`` has an entry outside ``[low, high]`` (or NaN).
+
+  Tracers are not checked (see the module docstring).
+  """
+  if not is_concrete(x) or x.size == 0:
+    return
+  values = np.asarray(x)
+  bad = np.isnan(values)
+  if low is not None:
+    bad |= values < low
+  if high is not None:
+    bad |= values > high
+  if bad.any():
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    where = f" at index {index}" if values.ndim else ""
+    bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+    raise ValueError(
+      f"{name} must lie in {bounds}, got {values[index] if values.ndim else values}{where}"
+    )
+
+
+def check_finite(x: jax.Array, name: str) -> None:
+  """Raises ``ValueError`` if concrete ``x`` has a NaN or infinite entry (tracers pass)."""
+  if not is_concrete(x) or x.size == 0:
+    return
+  values = np.asarray(x)
+  bad = ~np.isfinite(values)
+  if bad.any():
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    where = f" at index {index}" if values.ndim else ""
+    raise ValueError(
+      f"{name} must be finite, got {values[index] if values.ndim else values}{where}"
+    )
+
+
+def nan_where_invalid(x: jax.Array, valid: jax.Array) -> jax.Array:
+  """``x`` where ``valid``, NaN elsewhere (so invalid input cannot give a finite result)."""
+  return jnp.where(valid, x, jnp.nan)

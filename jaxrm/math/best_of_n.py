@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 import numpy as np
 
-from jaxrm.math._arrays import as_float
+from jaxrm.math._arrays import as_float, check_finite, check_in_range, nan_where_invalid
 
 
 def kl_bon(n: ArrayLike) -> jax.Array:
@@ -38,14 +38,18 @@ def kl_bon(n: ArrayLike) -> jax.Array:
       n: number of samples, ``>= 1``, any shape.
 
   Returns:
-      ``KL_bon(n)`` in nats, same shape as ``n``.
+      ``KL_bon(n)`` in nats, same shape as ``n``; NaN where a traced ``n`` is below 1.
+
+  Raises:
+      ValueError: a concrete ``n`` below 1 (or NaN).
 
   References:
       Stiennon et al., 2020; Gao et al., 2022; Beirami et al., "Theoretical guarantees on the
       best-of-n alignment policy", 2024 (the bound).
   """
-  n = as_float(n)
-  return jnp.log(n) - (n - 1.0) / n
+  n = as_float(n, "n")
+  check_in_range(n, "n", low=1.0)
+  return nan_where_invalid(jnp.log(n) - (n - 1.0) / n, n >= 1.0)
 
 
 def best_of_n_select(scores: ArrayLike) -> jax.Array:
@@ -179,7 +183,8 @@ def best_of_n_expected_reward(
 
   Args:
       proxy_scores: scores of the ``N`` samples under the proxy reward (the selection
-          criterion), ``[N]``.
+          criterion), ``[N]``; finite (a concrete NaN or inf raises ``ValueError``, a traced
+          one makes both results NaN: it would otherwise sort as the best sample).
       gold_scores: scores of the same samples under the gold reward, ``[N]``.
       ns: the values of ``n``, ``[n_values]`` integers in ``[1, N]``; must be concrete
           (close over them under ``jit``).
@@ -191,7 +196,7 @@ def best_of_n_expected_reward(
   References:
       Gao et al., "Scaling Laws for Reward Model Overoptimization", 2022.
   """
-  proxy, gold = as_float(proxy_scores), as_float(gold_scores)
+  proxy, gold = as_float(proxy_scores, "proxy_scores"), as_float(gold_scores, "gold_scores")
   if proxy.ndim != 1:
     raise ValueError(
       f"proxy_scores must have shape [N], got {proxy.shape} (use batched_best_of_n_expected_reward)"
@@ -200,13 +205,16 @@ def best_of_n_expected_reward(
     raise ValueError(
       f"gold_scores must have the shape of proxy_scores {proxy.shape}, got {gold.shape}"
     )
+  check_finite(proxy, "proxy_scores")
   dtype = jnp.result_type(proxy, gold)
   weights = jnp.asarray(best_of_n_weights(proxy.shape[0], ns), dtype)
   proxy_sorted, gold_sorted = _sorted_by_proxy(proxy.astype(dtype), gold.astype(dtype))
   # Elementwise product and sum rather than a matmul: no reduced-precision matmul on TPU.
   gold_n = jnp.sum(weights * gold_sorted[None, :], axis=-1)
   proxy_n = jnp.sum(weights * proxy_sorted[None, :], axis=-1)
-  return gold_n, proxy_n
+  # A traced non-finite proxy score would sort as the best sample: report NaN, never a pick.
+  proxy_ok = jnp.all(jnp.isfinite(proxy))
+  return nan_where_invalid(gold_n, proxy_ok), nan_where_invalid(proxy_n, proxy_ok)
 
 
 def batched_best_of_n_expected_reward(
@@ -225,7 +233,7 @@ def batched_best_of_n_expected_reward(
   References:
       Gao et al., "Scaling Laws for Reward Model Overoptimization", 2022.
   """
-  proxy, gold = as_float(proxy_scores), as_float(gold_scores)
+  proxy, gold = as_float(proxy_scores, "proxy_scores"), as_float(gold_scores, "gold_scores")
   if proxy.ndim != 2:
     raise ValueError(f"proxy_scores must have shape [num_prompts, N], got {proxy.shape}")
   if gold.shape != proxy.shape:
@@ -233,5 +241,6 @@ def batched_best_of_n_expected_reward(
       f"gold_scores must have the shape of proxy_scores {proxy.shape}, got {gold.shape}"
     )
   _concrete_ns(ns, proxy.shape[1])  # Validate before vmap so errors name the argument.
+  check_finite(proxy, "proxy_scores")
   gold_n, proxy_n = jax.vmap(lambda p, g: best_of_n_expected_reward(p, g, ns))(proxy, gold)
   return jnp.mean(gold_n, axis=0), jnp.mean(proxy_n, axis=0)

@@ -30,7 +30,7 @@ from jaxrm.math._arrays import as_float
 
 def _log_ratio(logp: ArrayLike, ref_logp: ArrayLike) -> jax.Array:
   """Returns ``log rho = ref_logp - logp`` after checking the shapes agree."""
-  logp, ref_logp = as_float(logp), as_float(ref_logp)
+  logp, ref_logp = as_float(logp, "logp"), as_float(ref_logp, "ref_logp")
   if logp.shape != ref_logp.shape:
     raise ValueError(
       f"logp and ref_logp must have the same shape, got {logp.shape} and {ref_logp.shape}"
@@ -144,7 +144,7 @@ def exact_kl_from_logits(logits: ArrayLike, ref_logits: ArrayLike) -> jax.Array:
   Returns:
       The KL divergence, ``[...]`` (the vocabulary axis is reduced).
   """
-  logits, ref_logits = as_float(logits), as_float(ref_logits)
+  logits, ref_logits = as_float(logits, "logits"), as_float(ref_logits, "ref_logits")
   if logits.shape != ref_logits.shape or logits.ndim < 1:
     raise ValueError(
       "logits and ref_logits must have the same shape [..., vocab], got "
@@ -169,7 +169,7 @@ def sequence_kl(per_token_kl: ArrayLike, mask: ArrayLike) -> jax.Array:
       ``[batch]`` sums ``sum_t mask[b, t] * per_token_kl[b, t]``; masked positions contribute
       nothing, whatever they hold.
   """
-  per_token_kl, mask = as_float(per_token_kl), jnp.asarray(mask)
+  per_token_kl, mask = as_float(per_token_kl, "per_token_kl"), jnp.asarray(mask)
   if per_token_kl.ndim != 2:
     raise ValueError(f"per_token_kl must have shape [batch, seq], got {per_token_kl.shape}")
   if mask.shape != per_token_kl.shape:

@@ -27,14 +27,15 @@ from jax.typing import ArrayLike
 import numpy as np
 
 from jaxrm.math import preference
-from jaxrm.math._arrays import as_float
+from jaxrm.math._arrays import as_float, check_in_range
 
 
 def _pair(
   rewards_chosen: ArrayLike, rewards_rejected: ArrayLike, labels: ArrayLike | None
 ) -> tuple[jax.Array, jax.Array]:
   """Checks shapes; returns ``delta = r_c - r_r`` and the target ``p`` (``[batch]`` each)."""
-  rewards_chosen, rewards_rejected = as_float(rewards_chosen), as_float(rewards_rejected)
+  rewards_chosen = as_float(rewards_chosen, "rewards_chosen")
+  rewards_rejected = as_float(rewards_rejected, "rewards_rejected")
   if rewards_chosen.ndim != 1 or rewards_chosen.shape[0] == 0:
     raise ValueError(
       f"rewards_chosen must have shape [batch] with batch > 0, got {rewards_chosen.shape}"
@@ -47,14 +48,15 @@ def _pair(
   delta = rewards_chosen - rewards_rejected
   if labels is None:
     return delta, jnp.ones_like(delta)
-  labels = jnp.asarray(labels, delta.dtype)
+  labels = as_float(labels, "labels").astype(delta.dtype)
   if labels.shape != delta.shape:
     raise ValueError(f"labels must have shape {delta.shape}, got {labels.shape}")
+  check_in_range(labels, "labels", low=0.0, high=1.0)
   return delta, labels
 
 
 def _vector(name: str, x: ArrayLike) -> jax.Array:
-  x = as_float(x)
+  x = as_float(x, name)
   if x.ndim != 1 or x.shape[0] == 0:
     raise ValueError(f"{name} must have shape [batch] with batch > 0, got {x.shape}")
   return x
@@ -161,7 +163,7 @@ def expected_calibration_error(
 # ------------------------------------------------------------------------------ distributions
 def reward_mean_std(rewards: ArrayLike) -> tuple[jax.Array, jax.Array]:
   """Mean and (population, ``ddof=0``) standard deviation of all entries of ``rewards``."""
-  rewards = as_float(rewards)
+  rewards = as_float(rewards, "rewards")
   if rewards.size == 0:
     raise ValueError(f"rewards must be non-empty, got shape {rewards.shape}")
   return jnp.mean(rewards), jnp.std(rewards)

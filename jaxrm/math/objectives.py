@@ -1,8 +1,8 @@
 """Reward-ensemble objectives: combine the rewards of ``k`` reward models into one.
 
-Given member rewards ``[k, ...]`` (members on the leading axis, e.g. the ``[k, batch]`` output
-of ``jaxrm.models.ensemble.apply_ensemble``), an objective returns one reward per example ``[...]``,
-usable as the proxy reward of best-of-n or RL:
+Given member rewards ``[k, batch, ...]`` (members on the leading axis, e.g. the ``[k, batch]``
+output of ``jaxrm.models.ensemble.apply_ensemble``), an objective returns one reward per example
+``[batch, ...]``, usable as the proxy reward of best-of-n or RL:
 
 * ``ensemble_mean``: the mean over members;
 * ``ensemble_worst_case``: the minimum over members (WCO);
@@ -23,15 +23,17 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from jaxrm.math._arrays import as_float
+
 OBJECTIVES = ("mean", "worst_case", "uncertainty_weighted")
 
 
 def _members(rewards: ArrayLike) -> jax.Array:
-  rewards = jnp.asarray(rewards)
-  rewards = rewards.astype(jnp.result_type(rewards.dtype, jnp.float32))
-  if rewards.ndim < 1 or rewards.shape[0] < 1:
+  rewards = as_float(rewards, "rewards")
+  if rewards.ndim < 2 or rewards.shape[0] < 1:
     raise ValueError(
-      f"rewards must have shape [k, ...] with k >= 1 ensemble members, got {rewards.shape}"
+      "rewards must have shape [k, batch, ...] (ensemble members first, k >= 1), got "
+      f"{rewards.shape}; for one example's k member rewards pass rewards[:, None]"
     )
   return rewards
 
@@ -40,10 +42,10 @@ def ensemble_mean(rewards: ArrayLike) -> jax.Array:
   """Mean reward over ensemble members.
 
   Args:
-      rewards: member rewards, ``[k, ...]`` (e.g. ``[k, batch]``).
+      rewards: member rewards, ``[k, batch, ...]`` (e.g. ``[k, batch]``).
 
   Returns:
-      ``[...]``.
+      ``[batch, ...]``.
 
   References:
       Coste et al., "Reward Model Ensembles Help Mitigate Overoptimization", 2023.
@@ -55,10 +57,10 @@ def ensemble_worst_case(rewards: ArrayLike) -> jax.Array:
   """Worst-case (minimum) reward over ensemble members (WCO).
 
   Args:
-      rewards: member rewards, ``[k, ...]``.
+      rewards: member rewards, ``[k, batch, ...]``.
 
   Returns:
-      ``[...]``.
+      ``[batch, ...]``.
 
   References:
       Coste et al., "Reward Model Ensembles Help Mitigate Overoptimization", 2023.
@@ -74,11 +76,11 @@ def ensemble_uncertainty_weighted(rewards: ArrayLike, *, coef: ArrayLike) -> jax
   its reward.
 
   Args:
-      rewards: member rewards, ``[k, ...]``.
+      rewards: member rewards, ``[k, batch, ...]``.
       coef: the uncertainty penalty ``lambda`` (>= 0).
 
   Returns:
-      ``[...]``.
+      ``[batch, ...]``.
 
   References:
       Coste et al., "Reward Model Ensembles Help Mitigate Overoptimization", 2023;
@@ -92,7 +94,7 @@ def ensemble_uncertainty_weighted(rewards: ArrayLike, *, coef: ArrayLike) -> jax
 
 
 def ensemble_objective(name: str, **kwargs) -> Callable[[ArrayLike], jax.Array]:
-  """Returns the ensemble objective ``[k, ...] -> [...]`` called ``name``.
+  """Returns the ensemble objective ``[k, batch, ...] -> [batch, ...]`` called ``name``.
 
   Args:
       name: ``'mean'``, ``'worst_case'`` or ``'uncertainty_weighted'``.
@@ -100,7 +102,7 @@ def ensemble_objective(name: str, **kwargs) -> Callable[[ArrayLike], jax.Array]:
           (required), none for the others.
 
   Returns:
-      A function of the member rewards ``[k, ...]`` returning ``[...]``.
+      A function of the member rewards ``[k, batch, ...]`` returning ``[batch, ...]``.
 
   Raises:
       ValueError: for an unknown name, or missing / unexpected hyperparameters.

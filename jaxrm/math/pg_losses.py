@@ -28,7 +28,7 @@ from jax import lax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxrm.math._arrays import as_float
+from jaxrm.math._arrays import as_float, is_concrete
 
 AGGREGATIONS = ("token_mean", "seq_mean")
 
@@ -123,7 +123,9 @@ def ppo_policy_loss(
   References:
       Schulman et al., "Proximal Policy Optimization Algorithms", 2017.
   """
-  logp = as_float(logp)
+  if is_concrete(clip_eps) and not float(clip_eps) > 0:
+    raise ValueError(f"clip_eps must be > 0 (e.g. 0.2), got {clip_eps}")
+  logp = as_float(logp, "logp")
   _check_same("logp", logp, old_logp=old_logp, advantages=advantages, mask=mask)
   m = jnp.asarray(mask) != 0
   # Zero masked entries first so that nan / inf there cannot reach the loss or its gradient
@@ -184,7 +186,9 @@ def ppo_value_loss(
       of the OpenAI baselines implementation (Dhariwal et al., 2017), also used by
       Ziegler et al. (2019) and Ouyang et al. (2022).
   """
-  values = as_float(values)
+  if is_concrete(clip_eps) and not float(clip_eps) > 0:
+    raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
+  values = as_float(values, "values")
   _check_same("values", values, old_values=old_values, returns=returns, mask=mask)
   m = jnp.asarray(mask) != 0
   # Zero masked entries first so that nan / inf there cannot reach the loss or its gradient.

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxrm.math._arrays import as_float
+from jaxrm.math._arrays import as_float, check_in_range, nan_where_invalid
 
 _SQRT2 = 1.4142135623730951
 _LOG_SQRT_2PI = 0.9189385332046727
@@ -65,7 +65,8 @@ def _check_per_example(name: str, x: jax.Array, batch: int, allow_scalar: bool) 
 
 def _delta(rewards_chosen: ArrayLike, rewards_rejected: ArrayLike, margin: ArrayLike) -> jax.Array:
   """Checks shapes and returns ``r_chosen - r_rejected - margin``, ``[batch]``."""
-  rewards_chosen, rewards_rejected = as_float(rewards_chosen), as_float(rewards_rejected)
+  rewards_chosen = as_float(rewards_chosen, "rewards_chosen")
+  rewards_rejected = as_float(rewards_rejected, "rewards_rejected")
   if rewards_chosen.ndim != 1:
     raise ValueError(f"rewards_chosen must have shape [batch], got {rewards_chosen.shape}")
   if rewards_rejected.shape != rewards_chosen.shape:
@@ -73,20 +74,25 @@ def _delta(rewards_chosen: ArrayLike, rewards_rejected: ArrayLike, margin: Array
       f"rewards_rejected must have the shape of rewards_chosen {rewards_chosen.shape}, "
       f"got {rewards_rejected.shape}"
     )
-  margin = jnp.asarray(margin, rewards_chosen.dtype)
+  margin = as_float(margin, "margin").astype(rewards_chosen.dtype)
   _check_per_example("margin", margin, rewards_chosen.shape[0], allow_scalar=True)
   return rewards_chosen - rewards_rejected - margin
 
 
 def _targets(delta: jax.Array, label_smoothing: float, labels: ArrayLike | None) -> jax.Array:
-  """Target probability that the chosen response is preferred, ``[batch]``."""
+  """Target probability that the chosen response is preferred, ``[batch]``.
+
+  Labels outside ``[0, 1]`` raise when concrete; under ``jit`` they become NaN targets, so
+  the example's loss is NaN rather than a silently wrong number.
+  """
   if labels is None:
     if not 0.0 <= label_smoothing <= 1.0:
       raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     return jnp.full(delta.shape, 1.0 - label_smoothing, delta.dtype)
-  labels = jnp.asarray(labels, delta.dtype)
+  labels = as_float(labels, "labels").astype(delta.dtype)
   _check_per_example("labels", labels, delta.shape[0], allow_scalar=False)
-  return labels
+  check_in_range(labels, "labels", low=0.0, high=1.0)
+  return nan_where_invalid(labels, (labels >= 0.0) & (labels <= 1.0))
 
 
 def weighted_mean(losses: ArrayLike, weights: ArrayLike | None = None) -> jax.Array:
@@ -100,17 +106,24 @@ def weighted_mean(losses: ArrayLike, weights: ArrayLike | None = None) -> jax.Ar
       A scalar; 0 when every weight is zero. A zero-weight example contributes nothing to the
       value, even if its loss is not finite, and the gradient with respect to its loss is
       exactly zero.
+
+  Raises:
+      ValueError: a concrete weight is negative or NaN. Under ``jit`` such a weight makes the
+      result NaN instead (never a silently wrong finite number).
   """
-  losses = as_float(losses)
+  losses = as_float(losses, "losses")
   if losses.ndim != 1:
     raise ValueError(f"losses must have shape [batch], got {losses.shape}")
   if weights is None:
     return jnp.mean(losses)
-  weights = jnp.asarray(weights, losses.dtype)
+  weights = as_float(weights, "weights").astype(losses.dtype)
   _check_per_example("weights", weights, losses.shape[0], allow_scalar=False)
+  check_in_range(weights, "weights", low=0.0)
+  weights = nan_where_invalid(weights, weights >= 0.0)
   total = jnp.sum(weights)
   weighted = jnp.where(weights != 0, weights * losses, 0.0)
-  return jnp.where(total > 0, jnp.sum(weighted) / jnp.where(total > 0, total, 1.0), 0.0)
+  # total is > 0, 0 (every weight zero) or NaN (an invalid weight, which must show).
+  return jnp.where(total == 0, 0.0, jnp.sum(weighted) / jnp.where(total == 0, 1.0, total))
 
 
 # ------------------------------------------------------------------------------ Bradley–Terry
@@ -351,7 +364,7 @@ def plackett_luce_log_prob(rewards: ArrayLike, *, mask: ArrayLike | None = None)
       Plackett, "The analysis of permutations", 1975; Luce, "Individual choice behavior",
       1959; Zhu, Jordan & Jiao, "Principled RLHF from pairwise or K-wise comparisons", 2023.
   """
-  rewards = as_float(rewards)
+  rewards = as_float(rewards, "rewards")
   if rewards.ndim != 2:
     raise ValueError(f"rewards must have shape [batch, K], got {rewards.shape}")
   mask = jnp.ones(rewards.shape, bool) if mask is None else jnp.asarray(mask, bool)

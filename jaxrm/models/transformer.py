@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrm.math._arrays import is_concrete
+
 _POSITIONS = ("rotary", "learned")
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
@@ -133,11 +135,6 @@ def init_cache(config: TransformerConfig, batch_size: int, cache_len: int | None
     mask=jnp.zeros((batch_size, cache_len), bool),
     index=jnp.zeros((), jnp.int32),
   )
-
-
-def is_concrete(x: Any) -> bool:
-  """True when ``x`` holds actual values (not a tracer inside jit/vmap/grad/eval_shape)."""
-  return not isinstance(x, jax.core.Tracer)
 
 
 def check_token_range(tokens: jax.typing.ArrayLike, vocab_size: int, name: str = "tokens") -> None:

@@ -2,9 +2,10 @@
 
 A :class:`TrainState` holds everything a step changes (parameters, optimizer state, step
 counter, count of skipped updates) plus the run's base PRNG key. :func:`apply_if_finite` is the
-one place where an optax update is applied; it refuses updates whose loss or gradients are not
-finite, entirely inside ``jit`` (no host synchronisation), so a single bad batch cannot poison
-the parameters. The host loop reads ``metrics['nonfinite']`` after the step and, in ``'raise'``
+one place where an optax update is applied; it refuses an update unless the loss, the
+gradients, the update itself, the new parameters and the new optimizer state are all finite,
+entirely inside ``jit`` (no host synchronisation), so neither a bad batch nor a bad
+hyperparameter (``learning_rate=inf``, an overflowing step) can poison the parameters. The host loop reads ``metrics['nonfinite']`` after the step and, in ``'raise'``
 mode, calls :func:`raise_if_nonfinite`.
 
 Example::
@@ -33,8 +34,8 @@ class TrainState(NamedTuple):
     params: model parameters pytree.
     opt_state: optax optimizer state for ``params``.
     key: base PRNG key of the run; step ``t`` uses ``jax.random.fold_in(key, t)``.
-    num_skipped: number of updates not applied because the loss or a gradient was not
-      finite.  # shape=(), int32
+    num_skipped: number of updates not applied because the loss, a gradient, the update or
+      the new parameters or optimizer state were not finite.  # shape=(), int32
   """
 
   step: jax.Array  # shape=(), int32
@@ -117,12 +118,18 @@ def apply_if_finite(
   nonfinite: str = "skip",
   axis_name: Any = None,
 ) -> tuple[Any, jax.Array]:
-  """Applies an optax update unless the loss or any gradient is not finite.
+  """Applies an optax update unless anything it would write is not finite.
+
+  The update is refused when the loss, a gradient, the optax update, a new parameter or a
+  new optimizer-state leaf is NaN/inf. Checking the update and its results, not only the
+  inputs, catches bad hyperparameters (``learning_rate=inf`` turns finite gradients into an
+  infinite update) and float overflow (a finite update that carries a parameter past the
+  dtype's largest value).
 
   Pure and jit-compatible: the decision is a traced boolean, the update is computed
   unconditionally and selected with ``jnp.where`` (no host synchronisation).
 
-  Behaviour when the loss or a gradient is NaN/inf:
+  Behaviour when the update is refused:
 
   * ``nonfinite='skip'``: params and opt_state are left unchanged, ``num_skipped`` is
     incremented and ``step`` advances, so training continues with the next batch (and the
@@ -132,7 +139,8 @@ def apply_if_finite(
     host loop must check the returned flag (``metrics['nonfinite']``) and raise, e.g. with
     :func:`raise_if_nonfinite`.
 
-  When the update is finite both modes apply it, advance ``step`` and leave ``num_skipped``.
+  When everything is finite both modes apply the update, advance ``step`` and leave
+  ``num_skipped``.
 
   Args:
     state: a ``TrainState`` or any NamedTuple / ``flax.struct.dataclass`` with fields
@@ -143,7 +151,7 @@ def apply_if_finite(
     nonfinite: ``'skip'`` or ``'raise'`` (see above).
     axis_name: optional mapped axis name(s). When given, the finite flag is combined with
       ``lax.pmin`` over it, so that every device takes the same decision even if the caller
-      did not average some input.
+      did not average some input (or its shard of the new parameters overflowed alone).
 
   Returns:
     ``(new_state, is_nonfinite)`` with ``is_nonfinite`` a bool scalar.
@@ -153,12 +161,19 @@ def apply_if_finite(
   loss = jnp.asarray(loss)
   if loss.shape != ():
     raise ValueError(f"loss must be a scalar, got shape {loss.shape}")
-  finite = jnp.logical_and(jnp.all(jnp.isfinite(loss)), tree_all_finite(grads))
-  if axis_name is not None:
-    finite = lax.pmin(finite.astype(jnp.int32), axis_name).astype(bool)
-
   updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
+  finite = jnp.stack(
+    [
+      jnp.all(jnp.isfinite(loss)),
+      tree_all_finite(grads),
+      tree_all_finite(updates),
+      tree_all_finite(new_params),
+      tree_all_finite(new_opt_state),
+    ]
+  ).all()
+  if axis_name is not None:
+    finite = lax.pmin(finite.astype(jnp.int32), axis_name).astype(bool)
   params = _select(finite, new_params, state.params)
   opt_state = _select(finite, new_opt_state, state.opt_state)
   skipped = jnp.logical_not(finite).astype(jnp.int32)
@@ -190,6 +205,6 @@ def raise_if_nonfinite(metrics: Any, *, step: Any) -> None:
     loss = metrics.get("loss")
     loss_str = "" if loss is None else f" (loss={np.asarray(jax.device_get(loss))})"
     raise FloatingPointError(
-      f"non-finite loss or gradient at step {int(np.asarray(jax.device_get(step)).ravel()[0])}"
-      f"{loss_str}; the update was not applied"
+      "non-finite loss, gradient, update or new parameters at step "
+      f"{int(np.asarray(jax.device_get(step)).ravel()[0])}{loss_str}; the update was not applied"
     )

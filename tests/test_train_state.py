@@ -1,0 +1,178 @@
+"""Tests for jaxrm.steps.train_state: the update-level non-finite guard of apply_if_finite."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import optax
+import pytest
+
+from jaxrm.steps import train_state as ts
+
+NUM_DEVICES = 8
+
+
+def make_state(optimizer, params=None):
+  if params is None:
+    params = {"w": jnp.array([1.0, -2.0, 0.5], jnp.float32), "b": jnp.float32(0.25)}
+  return ts.create_train_state(params, optimizer, jax.random.key(0))
+
+
+def host(tree):
+  return jax.tree.map(
+    lambda x: np.asarray(
+      jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+    ),
+    tree,
+  )
+
+
+def assert_unchanged(new, old):
+  jax.tree.map(np.testing.assert_array_equal, host(new.params), host(old.params))
+  jax.tree.map(np.testing.assert_array_equal, host(new.opt_state), host(old.opt_state))
+
+
+GRADS = {"w": jnp.array([0.5, -1.0, 2.0], jnp.float32), "b": jnp.float32(1.0)}
+
+
+@pytest.mark.parametrize(
+  "optimizer",
+  [
+    optax.sgd(jnp.inf),
+    optax.adam(jnp.inf),
+    optax.adamw(1e-3, weight_decay=jnp.inf),
+    optax.sgd(jnp.nan),
+  ],
+  ids=["sgd_lr_inf", "adam_lr_inf", "adamw_weight_decay_inf", "sgd_lr_nan"],
+)
+def test_bad_learning_rate_leaves_params_unchanged_and_counts_the_skip(optimizer):
+  # Loss and gradients are finite: only the update (or the new parameters) is not.
+  state = make_state(optimizer)
+  fn = jax.jit(functools.partial(ts.apply_if_finite, optimizer=optimizer))
+  new, flag = fn(state, GRADS, jnp.float32(1.0))
+  assert bool(flag)
+  assert_unchanged(new, state)
+  assert int(new.num_skipped) == 1 and int(new.step) == 1
+  # Unguarded, the same update would have written non-finite parameters.
+  updates, _ = optimizer.update(GRADS, state.opt_state, state.params)
+  unguarded = optax.apply_updates(state.params, updates)
+  assert not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(unguarded))
+
+
+def test_finite_update_that_overflows_the_parameters_is_refused():
+  # The update 3e38 is finite, but 3e38 + 3e38 overflows float32 to inf.
+  optimizer = optax.sgd(1.0)
+  state = make_state(optimizer, {"w": jnp.array([3e38, 0.0], jnp.float32)})
+  grads = {"w": jnp.array([-3e38, 1.0], jnp.float32)}
+  updates, _ = optimizer.update(grads, state.opt_state, state.params)
+  assert np.all(np.isfinite(updates["w"]))
+  new, flag = jax.jit(functools.partial(ts.apply_if_finite, optimizer=optimizer))(
+    state, grads, jnp.float32(0.0)
+  )
+  assert bool(flag) and int(new.num_skipped) == 1
+  np.testing.assert_array_equal(new.params["w"], np.float32([3e38, 0.0]))
+
+
+def test_update_that_overflows_the_optimizer_state_is_refused():
+  # Adam's second moment squares the gradient: 1e30^2 overflows float32, the params would not.
+  optimizer = optax.adam(1e-3)
+  state = make_state(optimizer)
+  grads = jax.tree.map(lambda g: g * 1e30, GRADS)
+  new, flag = jax.jit(functools.partial(ts.apply_if_finite, optimizer=optimizer))(
+    state, grads, jnp.float32(1.0)
+  )
+  assert bool(flag)
+  assert_unchanged(new, state)
+
+
+def test_raise_mode_keeps_the_input_state_and_the_host_check_names_the_step():
+  optimizer = optax.sgd(jnp.inf)
+  state = make_state(optimizer)
+  new, flag = ts.apply_if_finite(state, GRADS, jnp.float32(1.0), optimizer, nonfinite="raise")
+  assert bool(flag) and int(new.step) == 0 and int(new.num_skipped) == 0
+  assert_unchanged(new, state)
+  with pytest.raises(FloatingPointError, match="update or new parameters at step 0"):
+    ts.raise_if_nonfinite({"nonfinite": flag, "loss": jnp.float32(1.0)}, step=new.step)
+
+
+def test_good_update_is_applied_exactly():
+  optimizer = optax.sgd(0.5)
+  state = make_state(optimizer)
+  new, flag = ts.apply_if_finite(state, GRADS, jnp.float32(1.0), optimizer)
+  assert not bool(flag) and int(new.num_skipped) == 0 and int(new.step) == 1
+  expected = jax.tree.map(
+    lambda p, g: np.float32(p) - np.float32(0.5) * np.float32(g), state.params, GRADS
+  )
+  jax.tree.map(np.testing.assert_array_equal, host(new.params), host(expected))
+
+
+def place(mesh, state, per_device):
+  """Replicates ``state`` and shards ``per_device`` over the mesh's ``data`` axis."""
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  return state, jax.device_put(per_device, NamedSharding(mesh, P("data")))
+
+
+@pytest.mark.parametrize("lr", [1e-1, jnp.inf], ids=["finite", "inf"])
+def test_shard_map_decision_matches_single_device(lr):
+  """8 devices, each with its own gradient shard, pmean'd: same result as one device."""
+  optimizer = optax.adam(lr)
+  mesh = jax.make_mesh((NUM_DEVICES,), ("data",))
+  per_device = np.linspace(-1.0, 1.0, NUM_DEVICES * 3, dtype=np.float32).reshape(NUM_DEVICES, 3)
+
+  def step(state, g, axis_name):
+    grads = {"w": g.mean(0), "b": g.sum() * 0.0 + 1.0}
+    if axis_name is not None:
+      grads = jax.lax.pmean(grads, axis_name)
+    return ts.apply_if_finite(state, grads, jnp.float32(1.0), optimizer, axis_name=axis_name)
+
+  state = make_state(optimizer)
+  single, flag1 = jax.jit(functools.partial(step, axis_name=None))(state, per_device)
+  sharded = jax.jit(
+    jax.shard_map(
+      functools.partial(step, axis_name="data"),
+      mesh=mesh,
+      in_specs=(P(), P("data")),
+      out_specs=(P(), P()),
+      check_vma=False,
+    )
+  )
+  multi, flag8 = sharded(*place(mesh, state, per_device))
+  assert bool(flag1) == bool(flag8) == (lr == jnp.inf)
+  assert int(multi.num_skipped) == int(single.num_skipped) == int(lr == jnp.inf)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+    host(multi.params),
+    host(single.params),
+  )
+  if lr == jnp.inf:
+    assert_unchanged(multi, state)
+
+
+def test_one_device_overflowing_alone_makes_every_device_skip():
+  """An un-averaged input that is bad on one device only: lax.pmin makes all devices skip."""
+  optimizer = optax.sgd(1.0)
+  mesh = jax.make_mesh((NUM_DEVICES,), ("data",))
+  scale = np.ones((NUM_DEVICES,), np.float32)
+  scale[3] = 1e38  # device 3's update carries its parameter past float32's max
+
+  def step(state, s):
+    grads = {"w": -s[0] * jnp.array([3.0, 1.0, 1.0]), "b": jnp.float32(0.0)}
+    return ts.apply_if_finite(state, grads, jnp.float32(1.0), optimizer, axis_name="data")
+
+  state = make_state(
+    optimizer, {"w": jnp.array([3e38, 0.0, 0.0], jnp.float32), "b": jnp.float32(0)}
+  )
+  new, flag = jax.jit(
+    jax.shard_map(
+      step,
+      mesh=mesh,
+      in_specs=(P(), P("data")),
+      out_specs=(P(), P()),
+      check_vma=False,
+    )
+  )(*place(mesh, state, scale))
+  assert bool(flag) and int(new.num_skipped) == 1
+  np.testing.assert_array_equal(new.params["w"], np.float32([3e38, 0.0, 0.0]))
