@@ -138,7 +138,45 @@ def batch_encode(
   """
   if isinstance(texts, str):
     raise TypeError("texts must be a sequence of strings, got a single str")
-  num_special = int(add_bos) + int(add_eos)
+  return pack_ids(
+    [encode(text) for text in texts],
+    max_len=max_len,
+    pad_id=PAD_ID,
+    bos_id=BOS_ID if add_bos else None,
+    eos_id=EOS_ID if add_eos else None,
+    truncation_side=truncation_side,
+    padding_side=padding_side,
+  )
+
+
+def pack_ids(
+  bodies: Sequence[Sequence[int]],
+  *,
+  max_len: int,
+  pad_id: int,
+  bos_id: int | None = None,
+  eos_id: int | None = None,
+  truncation_side: str = "left",
+  padding_side: str = "right",
+) -> BatchEncoding:
+  """Packs token-id lists into fixed-shape arrays: the tokenizer-independent half of encoding.
+
+  Truncation removes body tokens only; ``bos_id`` / ``eos_id`` (when not None) are always
+  kept. See :func:`batch_encode` for the sides.
+
+  Args:
+    bodies: ``batch`` lists of token ids (without BOS/EOS).
+    max_len: output length; must exceed the number of special tokens.
+    pad_id: id written where the mask is False.
+    bos_id: id prepended to each sequence, or None.
+    eos_id: id appended to each sequence, or None.
+    truncation_side: ``'left'`` or ``'right'``.
+    padding_side: ``'left'`` or ``'right'``.
+
+  Returns:
+    :class:`BatchEncoding` with arrays ``[batch, max_len]``.
+  """
+  num_special = int(bos_id is not None) + int(eos_id is not None)
   if not isinstance(max_len, (int, np.integer)) or max_len <= num_special:
     raise ValueError(
       f"max_len must be an int > {num_special} (the number of special tokens), got {max_len!r}"
@@ -146,15 +184,15 @@ def batch_encode(
   _check_side(truncation_side, "truncation_side")
   _check_side(padding_side, "padding_side")
   budget = max_len - num_special
-  tokens = np.full((len(texts), max_len), PAD_ID, dtype=np.int32)
-  mask = np.zeros((len(texts), max_len), dtype=np.bool_)
-  truncated = np.zeros((len(texts),), dtype=np.bool_)
-  for i, text in enumerate(texts):
-    body = encode(text)
+  tokens = np.full((len(bodies), max_len), pad_id, dtype=np.int32)
+  mask = np.zeros((len(bodies), max_len), dtype=np.bool_)
+  truncated = np.zeros((len(bodies),), dtype=np.bool_)
+  for i, body in enumerate(bodies):
+    body = list(body)
     if len(body) > budget:
       truncated[i] = True
       body = body[len(body) - budget :] if truncation_side == "left" else body[:budget]
-    ids = ([BOS_ID] if add_bos else []) + body + ([EOS_ID] if add_eos else [])
+    ids = ([bos_id] if bos_id is not None else []) + body + ([eos_id] if eos_id is not None else [])
     start = 0 if padding_side == "right" else max_len - len(ids)
     tokens[i, start : start + len(ids)] = ids
     mask[i, start : start + len(ids)] = True
