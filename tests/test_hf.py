@@ -181,3 +181,22 @@ def test_export_rejects_a_config_the_family_cannot_express(tmp_path):
     ValueError, match=r"cannot be exported as model_type='llama'.*norm='layernorm'"
   ):
     hf.export_policy(tmp_path, cfg, {"params": {}}, model_type="llama")
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_kv_cached_sampler_matches_full_forward_sampler_with_gqa(name):
+  from jaxrm.models.sampling import sample, sample_with_apply_fn  # noqa: PLC0415
+
+  model = hf.import_policy(os.path.join(DATA, name))
+  assert model.config.kv_heads < model.config.num_heads
+  tokens, _, _ = _reference(name)
+  prompt = tokens[:, :5].copy()
+  mask = np.ones_like(prompt, bool)
+  mask[1, :2] = False  # left padding
+  kwargs = dict(max_new_tokens=6, eos_id=2, top_k=20)
+  cached = sample(model.variables, prompt, mask, jax.random.key(3), config=model.config, **kwargs)
+  full = sample_with_apply_fn(
+    PolicyModel(model.config).apply, model.variables, prompt, mask, jax.random.key(3), **kwargs
+  )
+  np.testing.assert_array_equal(cached.tokens, full.tokens)
+  np.testing.assert_allclose(cached.logprobs, full.logprobs, atol=1e-4)
