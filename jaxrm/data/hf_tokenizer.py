@@ -35,10 +35,9 @@ import json
 import os
 from typing import Any
 
-import numpy as np
 import tokenizers
 
-from jaxrm.data.tokenizer import BatchEncoding, pack_ids
+from jaxrm.data.tokenizer import BatchEncoding, check_ids, pack_ids
 
 _SPECIAL = ("bos_token", "eos_token", "pad_token")
 
@@ -151,15 +150,7 @@ class HFTokenizer:
 
   def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
     """Decodes ids (a list or 1-D array); special tokens are dropped by default."""
-    arr = np.asarray(ids) if hasattr(ids, "__array__") else np.asarray(list(ids))
-    if arr.ndim != 1 and arr.size:
-      raise ValueError(f"ids must be 1-D, got shape {arr.shape}")
-    bad = (arr < 0) | (arr >= self.vocab_size)
-    if bad.any():
-      raise ValueError(
-        f"ids must lie in [0, {self.vocab_size}), got {int(arr[bad][0])} at position "
-        f"{int(np.flatnonzero(bad)[0])}"
-      )
+    arr = check_ids(ids, self.vocab_size)
     return self.tokenizer.decode(
       [int(i) for i in arr.tolist()], skip_special_tokens=skip_special_tokens
     )

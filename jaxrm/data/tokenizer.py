@@ -72,21 +72,34 @@ def decode(ids: Iterable[int]) -> str:
   Raises:
     ValueError: if an id is outside ``[0, VOCAB_SIZE)``.
   """
-  arr = np.asarray(ids) if hasattr(ids, "__array__") else np.asarray(list(ids))
+  arr = check_ids(ids, VOCAB_SIZE)
   if arr.size == 0:
     return ""
+  byte_ids = arr[arr >= BYTE_OFFSET] - BYTE_OFFSET
+  return bytes(byte_ids.astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+
+
+def check_ids(ids: Iterable[int], vocab_size: int) -> np.ndarray:
+  """Returns ``ids`` as a 1-D integer array; raises ``ValueError`` naming a bad id and position.
+
+  Args:
+    ids: token ids, any iterable of ints (a list or a 1-D integer array).
+    vocab_size: exclusive upper bound on the ids.
+  """
+  arr = np.asarray(ids) if hasattr(ids, "__array__") else np.asarray(list(ids))
+  if arr.size == 0:
+    return arr.reshape(0).astype(np.int64)
   if arr.ndim != 1:
     raise ValueError(f"ids must be 1-D, got shape {arr.shape}")
   if not np.issubdtype(arr.dtype, np.integer):
     raise ValueError(f"ids must be integers, got dtype {arr.dtype}")
-  bad = (arr < 0) | (arr >= VOCAB_SIZE)
+  bad = (arr < 0) | (arr >= vocab_size)
   if bad.any():
     raise ValueError(
-      f"ids must lie in [0, {VOCAB_SIZE}), got {int(arr[bad][0])} at position "
+      f"ids must lie in [0, {vocab_size}), got {int(arr[bad][0])} at position "
       f"{int(np.flatnonzero(bad)[0])}"
     )
-  byte_ids = arr[arr >= BYTE_OFFSET] - BYTE_OFFSET
-  return bytes(byte_ids.astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+  return arr
 
 
 class BatchEncoding(NamedTuple):
