@@ -21,6 +21,7 @@ from jaxrm.data.tokenizer import ByteTokenizer
 
 # I/O.
 from jaxrm.io.checkpoint import CheckpointManager
+from jaxrm.io.hf import export_policy, export_reward_model, import_policy, import_reward_model
 from jaxrm.io.rm_io import load_reward_ensemble, load_reward_model
 from jaxrm.math.advantages import (
   AdaptiveKLState,

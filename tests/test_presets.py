@@ -1,12 +1,14 @@
 """Tests for jaxrm.models.presets: analytic parameter and FLOP counts against the real models."""
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxrm.io import hf
 from jaxrm.models import presets
 from jaxrm.models.policy import PolicyModel
 from jaxrm.models.presets import (
@@ -102,3 +104,23 @@ def test_presets_reject_unknown_names_and_fields():
     param_count(preset("tiny"), head="value")
   with pytest.raises(ValueError, match="seq_len"):
     flops_per_token(preset("tiny"), 0)
+
+
+def _family_configs():
+  data = os.path.join(os.path.dirname(__file__), "data", "hf")
+  return {n: hf.import_policy(os.path.join(data, n)).config for n in ("gpt2", "llama", "qwen2")}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
+def test_param_count_matches_the_tree_for_checkpoint_families(family):
+  cfg = _family_configs()[family]
+  for mlp_bias in (False, True):
+    c = dataclasses.replace(cfg, mlp_bias=mlp_bias, head_bias=mlp_bias)
+    assert param_count(c, head="reward") == _size(_tree(RewardModel(c), c))
+    assert param_count(c, head="policy", value_head=True) == _size(
+      _tree(PolicyModel(c, value_head=True), c)
+    )
+  if not cfg.tie_embeddings:
+    flat = jax.tree_util.tree_flatten_with_path(_tree(PolicyModel(cfg), cfg))[0]
+    kernels = sum(int(np.prod(leaf.shape)) for path, leaf in flat if path[-1].key == "kernel")
+    assert matmul_params(cfg, head="policy") == kernels

@@ -3,6 +3,11 @@
 import os
 import re
 
+import jax
+import numpy as np
+
+from jaxrm.io import hf
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -26,3 +31,16 @@ def test_readme_opens_with_the_two_commands():
   ]
   with open(os.path.join(ROOT, ".ci", "run")) as f:
     assert commands[1] in f.read()
+
+
+def test_readme_hugging_face_example_runs_and_exports(tmp_path, monkeypatch):
+  with open(os.path.join(ROOT, "README.md")) as f:
+    blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+  (block,) = [b for b in blocks if "import_reward_model" in b]
+  monkeypatch.chdir(tmp_path)  # the example writes exported_rm/ into the working directory
+  os.symlink(os.path.join(ROOT, "tests"), tmp_path / "tests")
+  namespace = {}
+  exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+  assert int(namespace["state"].step) == 3
+  again = hf.import_reward_model(tmp_path / "exported_rm")
+  jax.tree.map(np.testing.assert_array_equal, again.variables, namespace["state"].params)

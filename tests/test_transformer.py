@@ -12,16 +12,36 @@ import pytest
 
 from jaxrm.models.transformer import (
   KVCache,
+  RopeScaling,
   Transformer,
   TransformerConfig,
   check_token_range,
   init_cache,
   is_concrete,
+  rope_frequencies,
 )
 
 VOCAB = 41
 CFG = TransformerConfig(vocab_size=VOCAB, num_layers=2, width=32, num_heads=2, max_len=24)
 LEARNED = dataclasses.replace(CFG, position="learned")
+# Llama family: RMSNorm, SwiGLU, grouped-query attention (4 query heads share 2 kv heads),
+# Qwen2-style q/k/v biases only, Llama-3 RoPE scaling with a small original length so that
+# all three frequency bands occur at head_dim 8 (wavelengths 6.3, 30, 140, 660 vs 16 and 64).
+LLAMA = dataclasses.replace(
+  CFG,
+  num_heads=4,
+  num_kv_heads=2,
+  norm="rmsnorm",
+  mlp="swiglu",
+  mlp_dim=48,
+  attn_out_bias=False,
+  mlp_bias=False,
+  rope_base=500.0,
+  rope_scaling=RopeScaling("llama3", 4.0, original_max_len=64),
+  layer_norm_eps=1e-6,
+)
+CONFIGS = [CFG, LEARNED, LLAMA]
+IDS = ["rotary", "learned", "llama"]
 
 
 B, S = 2, 10  # one input shape for (almost) every test: one compile per config
@@ -42,7 +62,9 @@ def _random_tokens(seed, shape):
 # ----------------------------------------------------------------------------- reference
 
 
-def _np_layer_norm(x, p, eps):
+def _np_norm(x, p, eps):
+  if "bias" not in p:  # RMSNorm
+    return x / np.sqrt((x**2).mean(-1, keepdims=True) + eps) * p["scale"]
   mu = x.mean(-1, keepdims=True)
   var = ((x - mu) ** 2).mean(-1, keepdims=True)
   return (x - mu) / np.sqrt(var + eps) * p["scale"] + p["bias"]
@@ -52,13 +74,41 @@ def _np_gelu(x):
   return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def _np_rotary(x, pos, base):
+def _np_inv_freq(cfg):
+  """Rotary frequencies written out from the Llama-3 recipe (per frequency, with branches)."""
+  half = cfg.head_dim // 2
+  inv = 1.0 / cfg.rope_base ** (np.arange(half) / half)
+  sc = cfg.rope_scaling
+  if sc is None:
+    return inv
+  if sc.kind == "linear":
+    return inv / sc.factor
+  out = []
+  for f in inv:
+    wavelen = 2 * math.pi / f
+    if wavelen < sc.original_max_len / sc.high_freq_factor:
+      out.append(f)
+    elif wavelen > sc.original_max_len / sc.low_freq_factor:
+      out.append(f / sc.factor)
+    else:
+      smooth = (sc.original_max_len / wavelen - sc.low_freq_factor) / (
+        sc.high_freq_factor - sc.low_freq_factor
+      )
+      out.append((1 - smooth) * f / sc.factor + smooth * f)
+  return np.array(out)
+
+
+def _np_rotary(x, pos, inv):
   half = x.shape[-1] // 2
-  inv = 1.0 / base ** (np.arange(half) / half)
   ang = pos[..., None] * inv  # [b, s, half]
   sin, cos = np.sin(ang)[:, :, None], np.cos(ang)[:, :, None]
   x1, x2 = x[..., :half], x[..., half:]
   return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+def _np_dense(x, p, spec):
+  out = np.einsum(spec, x, p["kernel"])
+  return out + p["bias"] if "bias" in p else out
 
 
 def _np_transformer(params, tokens, mask, cfg):
@@ -71,13 +121,20 @@ def _np_transformer(params, tokens, mask, cfg):
     x = x + p["pos_embed"]["embedding"][pos]
   b, s = tokens.shape
   allowed = np.tril(np.ones((s, s), bool))[None] & mask[:, None, :]  # [b, q, k]
+  eps = cfg.layer_norm_eps
   for layer in range(cfg.num_layers):
     lp = p[f"block_{layer}"]
-    h = _np_layer_norm(x, lp["ln_attn"], cfg.layer_norm_eps)
-    qkv = np.einsum("bsw,wthd->bsthd", h, lp["qkv"]["kernel"]) + lp["qkv"]["bias"]
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    h = _np_norm(x, lp["ln_attn"], eps)
+    if "qkv" in lp:
+      qkv = _np_dense(h, lp["qkv"], "bsw,wthd->bsthd")
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    else:
+      q, k, v = (_np_dense(h, lp[n], "bsw,whd->bshd") for n in ("query", "key", "value"))
+      group = cfg.num_heads // k.shape[2]
+      k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)  # HF repeat_kv
     if cfg.position == "rotary":
-      q, k = _np_rotary(q, pos, cfg.rope_base), _np_rotary(k, pos, cfg.rope_base)
+      inv = _np_inv_freq(cfg)
+      q, k = _np_rotary(q, pos, inv), _np_rotary(k, pos, inv)
     att = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.head_dim)
     out = np.zeros_like(q)
     for bi in range(b):
@@ -89,14 +146,19 @@ def _np_transformer(params, tokens, mask, cfg):
         w = np.exp(logits - logits.max(-1, keepdims=True))
         w /= w.sum(-1, keepdims=True)
         out[bi, qi] = np.einsum("hn,nhd->hd", w, v[bi, keys])
-    x = x + np.einsum("bshd,hdw->bsw", out, lp["attn_out"]["kernel"]) + lp["attn_out"]["bias"]
-    h = _np_layer_norm(x, lp["ln_mlp"], cfg.layer_norm_eps)
-    h = _np_gelu(h @ lp["mlp_in"]["kernel"] + lp["mlp_in"]["bias"])
-    x = x + h @ lp["mlp_out"]["kernel"] + lp["mlp_out"]["bias"]
-  return _np_layer_norm(x, p["ln_final"], cfg.layer_norm_eps)
+    x = x + _np_dense(out, lp["attn_out"], "bshd,hdw->bsw")
+    h = _np_norm(x, lp["ln_mlp"], eps)
+    up = _np_dense(h, lp["mlp_in"], "bsw,wm->bsm")
+    if cfg.mlp == "swiglu":
+      gate = _np_dense(h, lp["mlp_gate"], "bsw,wm->bsm")
+      h = gate / (1 + np.exp(-gate)) * up
+    else:
+      h = _np_gelu(up)
+    x = x + _np_dense(h, lp["mlp_out"], "bsm,mw->bsw")
+  return _np_norm(x, p["ln_final"], eps)
 
 
-@pytest.mark.parametrize("cfg", [CFG, LEARNED], ids=["rotary", "learned"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
 def test_forward_matches_float64_numpy_reference(cfg):
   _, params, apply = _setup(cfg)
   tokens = _random_tokens(0, (B, S))
@@ -110,7 +172,7 @@ def test_forward_matches_float64_numpy_reference(cfg):
 # ----------------------------------------------------------------------------- properties
 
 
-@pytest.mark.parametrize("cfg", [CFG, LEARNED], ids=["rotary", "learned"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
 def test_changing_a_future_token_never_changes_earlier_outputs(cfg):
   _, params, apply = _setup(cfg)
   tokens = _random_tokens(1, (B, S))
@@ -124,7 +186,7 @@ def test_changing_a_future_token_never_changes_earlier_outputs(cfg):
     assert np.abs(out[:, t] - base[:, t]).max() > 1e-3  # the change is visible at t
 
 
-@pytest.mark.parametrize("cfg", [CFG, LEARNED], ids=["rotary", "learned"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
 def test_hidden_states_are_invariant_to_left_and_right_padding(cfg):
   _, params, apply = _setup(cfg)
   real = _random_tokens(2, (6,))
@@ -151,7 +213,7 @@ def test_fully_masked_rows_produce_finite_outputs():
   # gradients through such rows: tests/test_reward_model.py
 
 
-@pytest.mark.parametrize("cfg", [CFG, LEARNED], ids=["rotary", "learned"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
 def test_kv_cached_decoding_matches_full_forward(cfg):
   model, params, apply = _setup(cfg)
   prompt = _random_tokens(5, (B, 6))
@@ -180,7 +242,7 @@ def test_kv_cached_decoding_matches_full_forward(cfg):
   np.testing.assert_array_equal(np.asarray(cache.mask)[:, :S], full_mask)
   assert not np.asarray(cache.mask)[:, S:].any()
   assert int(cache.index) == S
-  assert cache.keys.shape == (cfg.num_layers, B, S + 2, cfg.num_heads, cfg.head_dim)
+  assert cache.keys.shape == (cfg.num_layers, B, S + 2, cfg.kv_heads, cfg.head_dim)
 
 
 def test_init_cache_is_empty_and_rejects_oversized_cache():
@@ -274,8 +336,78 @@ def test_kv_cache_rejects_more_tokens_than_slots():
     (dict(width=6, num_heads=2), "even head_dim"),
     (dict(dtype=jnp.float16), "dtype"),
     (dict(num_layers=0), "num_layers"),
+    (dict(num_kv_heads=3), "num_kv_heads must divide num_heads"),
+    (dict(norm="batchnorm"), "norm"),
+    (dict(mlp="relu"), "mlp"),
+    (dict(param_dtype=jnp.float16), "param_dtype"),
+    (dict(mlp_dim=0), "mlp_dim"),
   ],
 )
 def test_config_rejects_invalid_hyperparameters(fields, pattern):
   with pytest.raises(ValueError, match=pattern):
     dataclasses.replace(CFG, **fields)
+
+
+def test_rope_scaling_rejects_unknown_kind_and_bad_factors():
+  with pytest.raises(ValueError, match="rope_scaling.kind"):
+    RopeScaling("yarn", 2.0)
+  with pytest.raises(ValueError, match="rope_scaling.factor"):
+    RopeScaling("linear", 0.0)
+  with pytest.raises(ValueError, match="high_freq_factor"):
+    RopeScaling("llama3", 8.0, low_freq_factor=4.0, high_freq_factor=1.0)
+
+
+def test_linear_rope_scaling_divides_every_frequency():
+  base = rope_frequencies(8, base=100.0)
+  scaled = rope_frequencies(8, base=100.0, scaling=RopeScaling("linear", 4.0))
+  np.testing.assert_allclose(scaled, base / 4.0)
+  llama = rope_frequencies(8, base=500.0, scaling=LLAMA.rope_scaling)
+  np.testing.assert_allclose(llama, _np_inv_freq(LLAMA), rtol=1e-12)
+  unscaled = rope_frequencies(8, base=500.0)
+  ratio = unscaled / llama
+  assert ratio[0] == 1.0 and 1.0 < ratio[1] < 4.0 and np.allclose(ratio[2:], 4.0)  # 3 bands
+
+
+def test_existing_default_parameter_tree_is_unchanged():
+  model = Transformer(CFG)
+  shapes = jax.eval_shape(
+    model.init, jax.random.key(0), jnp.ones((B, S), jnp.int32), jnp.ones((B, S), bool)
+  )
+  block = shapes["params"]["block_0"]
+  assert sorted(block) == ["attn_out", "ln_attn", "ln_mlp", "mlp_in", "mlp_out", "qkv"]
+  assert block["qkv"]["kernel"].shape == (32, 3, 2, 16) and "bias" in block["qkv"]
+  assert sorted(shapes["params"]) == ["block_0", "block_1", "embed", "ln_final"]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
+def test_remat_gives_the_same_outputs_and_gradients(cfg):
+  _, params, _ = _setup(cfg)
+  tokens = _random_tokens(8, (B, S))
+  mask = np.array([[1] * 10, [0, 0] + [1] * 8], bool)
+
+  def loss(params, c):
+    return jnp.sum(Transformer(c).apply(params, tokens, mask) ** 2)
+
+  want = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, cfg)
+  got = jax.jit(jax.value_and_grad(loss), static_argnums=1)(
+    params, dataclasses.replace(cfg, remat=True)
+  )
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_parameters_are_stored_in_bfloat16():
+  cfg = dataclasses.replace(LLAMA, param_dtype=jnp.bfloat16)
+  shapes = jax.eval_shape(
+    Transformer(cfg).init, jax.random.key(0), jnp.ones((B, S), jnp.int32), jnp.ones((B, S), bool)
+  )
+  assert {p.dtype for p in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.bfloat16)}
+  _, params, apply32 = _setup(LLAMA)
+  tokens = _random_tokens(9, (B, S))
+  mask = np.ones((B, S), bool)
+  params16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+  out16 = np.asarray(jax.jit(Transformer(cfg).apply)(params16, tokens, mask))
+  out32 = np.asarray(apply32(params, tokens, mask))
+  assert out16.dtype == np.float32
+  assert 0 < np.abs(out16 - out32).max() < 0.15

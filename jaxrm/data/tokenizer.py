@@ -72,21 +72,34 @@ def decode(ids: Iterable[int]) -> str:
   Raises:
     ValueError: if an id is outside ``[0, VOCAB_SIZE)``.
   """
-  arr = np.asarray(ids) if hasattr(ids, "__array__") else np.asarray(list(ids))
+  arr = check_ids(ids, VOCAB_SIZE)
   if arr.size == 0:
     return ""
+  byte_ids = arr[arr >= BYTE_OFFSET] - BYTE_OFFSET
+  return bytes(byte_ids.astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+
+
+def check_ids(ids: Iterable[int], vocab_size: int) -> np.ndarray:
+  """Returns ``ids`` as a 1-D integer array; raises ``ValueError`` naming a bad id and position.
+
+  Args:
+    ids: token ids, any iterable of ints (a list or a 1-D integer array).
+    vocab_size: exclusive upper bound on the ids.
+  """
+  arr = np.asarray(ids) if hasattr(ids, "__array__") else np.asarray(list(ids))
+  if arr.size == 0:
+    return arr.reshape(0).astype(np.int64)
   if arr.ndim != 1:
     raise ValueError(f"ids must be 1-D, got shape {arr.shape}")
   if not np.issubdtype(arr.dtype, np.integer):
     raise ValueError(f"ids must be integers, got dtype {arr.dtype}")
-  bad = (arr < 0) | (arr >= VOCAB_SIZE)
+  bad = (arr < 0) | (arr >= vocab_size)
   if bad.any():
     raise ValueError(
-      f"ids must lie in [0, {VOCAB_SIZE}), got {int(arr[bad][0])} at position "
+      f"ids must lie in [0, {vocab_size}), got {int(arr[bad][0])} at position "
       f"{int(np.flatnonzero(bad)[0])}"
     )
-  byte_ids = arr[arr >= BYTE_OFFSET] - BYTE_OFFSET
-  return bytes(byte_ids.astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+  return arr
 
 
 class BatchEncoding(NamedTuple):
@@ -138,7 +151,45 @@ def batch_encode(
   """
   if isinstance(texts, str):
     raise TypeError("texts must be a sequence of strings, got a single str")
-  num_special = int(add_bos) + int(add_eos)
+  return pack_ids(
+    [encode(text) for text in texts],
+    max_len=max_len,
+    pad_id=PAD_ID,
+    bos_id=BOS_ID if add_bos else None,
+    eos_id=EOS_ID if add_eos else None,
+    truncation_side=truncation_side,
+    padding_side=padding_side,
+  )
+
+
+def pack_ids(
+  bodies: Sequence[Sequence[int]],
+  *,
+  max_len: int,
+  pad_id: int,
+  bos_id: int | None = None,
+  eos_id: int | None = None,
+  truncation_side: str = "left",
+  padding_side: str = "right",
+) -> BatchEncoding:
+  """Packs token-id lists into fixed-shape arrays: the tokenizer-independent half of encoding.
+
+  Truncation removes body tokens only; ``bos_id`` / ``eos_id`` (when not None) are always
+  kept. See :func:`batch_encode` for the sides.
+
+  Args:
+    bodies: ``batch`` lists of token ids (without BOS/EOS).
+    max_len: output length; must exceed the number of special tokens.
+    pad_id: id written where the mask is False.
+    bos_id: id prepended to each sequence, or None.
+    eos_id: id appended to each sequence, or None.
+    truncation_side: ``'left'`` or ``'right'``.
+    padding_side: ``'left'`` or ``'right'``.
+
+  Returns:
+    :class:`BatchEncoding` with arrays ``[batch, max_len]``.
+  """
+  num_special = int(bos_id is not None) + int(eos_id is not None)
   if not isinstance(max_len, (int, np.integer)) or max_len <= num_special:
     raise ValueError(
       f"max_len must be an int > {num_special} (the number of special tokens), got {max_len!r}"
@@ -146,15 +197,15 @@ def batch_encode(
   _check_side(truncation_side, "truncation_side")
   _check_side(padding_side, "padding_side")
   budget = max_len - num_special
-  tokens = np.full((len(texts), max_len), PAD_ID, dtype=np.int32)
-  mask = np.zeros((len(texts), max_len), dtype=np.bool_)
-  truncated = np.zeros((len(texts),), dtype=np.bool_)
-  for i, text in enumerate(texts):
-    body = encode(text)
+  tokens = np.full((len(bodies), max_len), pad_id, dtype=np.int32)
+  mask = np.zeros((len(bodies), max_len), dtype=np.bool_)
+  truncated = np.zeros((len(bodies),), dtype=np.bool_)
+  for i, body in enumerate(bodies):
+    body = list(body)
     if len(body) > budget:
       truncated[i] = True
       body = body[len(body) - budget :] if truncation_side == "left" else body[:budget]
-    ids = ([BOS_ID] if add_bos else []) + body + ([EOS_ID] if add_eos else [])
+    ids = ([bos_id] if bos_id is not None else []) + body + ([eos_id] if eos_id is not None else [])
     start = 0 if padding_side == "right" else max_len - len(ids)
     tokens[i, start : start + len(ids)] = ids
     mask[i, start : start + len(ids)] = True

@@ -1,4 +1,5 @@
 """Models layer: flax modules with pure ``init``/``apply`` (transformer backbone, reward model,
-policy with optional value head, ensembles by ``vmap``, presets) and the KV-cached sampler."""
+policy with optional value head, ensembles by ``vmap``, presets) and the KV-cached sampler.
+``jaxrm.models.lora`` (LoRA adapters through qwix) is imported on use."""
 
 from jaxrm.models import ensemble, policy, presets, reward_model, sampling, transformer

@@ -39,7 +39,8 @@ class PolicyModel(nn.Module):
 
   ``values[:, t]`` is the value head read at token ``t`` (the state after ``tokens[:, :t+1]``).
   Parameters live under ``'backbone'``, ``'lm_head'`` and (if ``value_head``) ``'value_head'``.
-  The LM head is untied from the token embedding and computed in float32.
+  The LM head is computed in float32; with ``config.tie_embeddings`` it is the transposed token
+  embedding (no ``'lm_head'`` kernel; a bias, if ``config.head_bias``, is ``'lm_head_bias'``).
 
   Attributes:
     config: backbone configuration.
@@ -73,16 +74,25 @@ class PolicyModel(nn.Module):
       ``[batch, seq, vocab]`` float32, ``values`` ``[batch, seq]`` float32 or None.
     """
     cfg = self.config
-    out = Transformer(cfg, name="backbone")(tokens, mask, cache=cache)
+    backbone = Transformer(cfg, name="backbone")
+    out = backbone(tokens, mask, cache=cache)
     hidden, new_cache = (out, None) if cache is None else out
-    logits = nn.Dense(
-      cfg.vocab_size,
-      dtype=jnp.float32,
-      param_dtype=jnp.float32,
-      kernel_init=self.lm_kernel_init,
-      bias_init=self.lm_bias_init,
-      name="lm_head",
-    )(hidden)
+    if cfg.tie_embeddings:
+      embedding = backbone.variables["params"]["embed"]["embedding"]
+      logits = hidden @ jnp.asarray(embedding, jnp.float32).T
+      if cfg.head_bias:
+        bias = self.param("lm_head_bias", self.lm_bias_init, (cfg.vocab_size,), cfg.param_dtype)
+        logits = logits + bias.astype(jnp.float32)
+    else:
+      logits = nn.Dense(
+        cfg.vocab_size,
+        use_bias=cfg.head_bias,
+        dtype=jnp.float32,
+        param_dtype=cfg.param_dtype,
+        kernel_init=self.lm_kernel_init,
+        bias_init=self.lm_bias_init,
+        name="lm_head",
+      )(hidden)
     values = None
     if self.value_head:
       values = nn.Dense(1, dtype=jnp.float32, param_dtype=jnp.float32, name="value_head")(hidden)[

@@ -13,10 +13,11 @@ gpt2-small  12      768    12     1024
 ==========  ======  =====  =====  =======
 
 Parameter count (see :func:`param_count`), with ``V`` vocab, ``w`` width, ``L`` layers,
-``m`` mlp_ratio: embedding ``V w`` (+ ``max_len w`` for learned positions); per block
-``(4 + 2m) w^2 + (9 + m) w`` (QKV, output projection and MLP kernels and biases, two
-LayerNorms); final LayerNorm ``2 w``; reward head ``w + 1``; policy head ``w V + V`` (+
-``w + 1`` for a value head).
+``m`` mlp_ratio, for the presets' default block: embedding ``V w`` (+ ``max_len w`` for
+learned positions); per block ``(4 + 2m) w^2 + (9 + m) w`` (QKV, output projection and MLP
+kernels and biases, two LayerNorms); final LayerNorm ``2 w``; reward head ``w + 1``; policy
+head ``w V + V`` (+ ``w + 1`` for a value head). :func:`param_count` also counts the other
+block options (RMSNorm, SwiGLU, grouped-query attention, biases, tied embeddings) exactly.
 
 FLOPs (see :func:`flops_per_token`): forward FLOPs per token at sequence length ``T`` are
 ``2 N + 4 L T w`` where ``N`` counts the matmul weights only (``(4 + 2m) w^2`` per block
@@ -115,28 +116,44 @@ def param_count(
     The parameter count (matches the flax parameter tree exactly).
   """
   _check_head(head)
-  v, w, m = config.vocab_size, config.width, config.mlp_ratio
+  cfg = config
+  v, w = cfg.vocab_size, cfg.width
   total = v * w
-  if config.position == "learned":
-    total += config.max_len * w
-  total += config.num_layers * ((4 + 2 * m) * w * w + (9 + m) * w)
-  total += 2 * w  # final LayerNorm
+  if cfg.position == "learned":
+    total += cfg.max_len * w
+  norm = 2 * w if cfg.norm == "layernorm" else w
+  qkv_out = (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim
+  num_mlp = 3 if cfg.mlp == "swiglu" else 2
+  block = _block_matmul_params(cfg) + 2 * norm
+  block += qkv_out * cfg.qkv_bias + w * cfg.attn_out_bias
+  block += ((num_mlp - 1) * cfg.hidden_dim + w) * cfg.mlp_bias
+  total += cfg.num_layers * block + norm  # blocks, final norm
   if head == "reward":
-    total += w + 1
+    total += w + cfg.head_bias
   elif head == "policy":
-    total += w * v + v + (w + 1 if value_head else 0)
+    total += (0 if cfg.tie_embeddings else w * v) + v * cfg.head_bias
+    total += w + 1 if value_head else 0
   return total
 
 
+def _block_matmul_params(config: TransformerConfig) -> int:
+  """Kernel weights of one block: Q, K, V, output projection and the MLP."""
+  w, d = config.width, config.head_dim
+  attn = w * (config.num_heads + 2 * config.kv_heads) * d + config.num_heads * d * w
+  return attn + (3 if config.mlp == "swiglu" else 2) * w * config.hidden_dim
+
+
 def matmul_params(config: TransformerConfig, *, head: str = "reward") -> int:
-  """Weights that take part in matmuls (block kernels + head kernel): the ``N`` of the FLOPs."""
+  """Weights that take part in matmuls (block kernels + head kernel): the ``N`` of the FLOPs.
+
+  A tied LM head counts (the embedding is multiplied as the head kernel).
+  """
   _check_head(head)
-  w = config.width
-  n = config.num_layers * (4 + 2 * config.mlp_ratio) * w * w
+  n = config.num_layers * _block_matmul_params(config)
   if head == "reward":
-    n += w
+    n += config.width
   elif head == "policy":
-    n += w * config.vocab_size
+    n += config.width * config.vocab_size
   return n
 
 

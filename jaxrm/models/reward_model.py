@@ -80,5 +80,11 @@ class RewardModel(nn.Module):
       raise ValueError(f"pooling must be one of {_POOLINGS}, got {self.pooling!r}")
     hidden = Transformer(self.config, name="backbone")(tokens, mask)
     pooled = pool_hidden(hidden, mask, pooling=self.pooling)
-    reward = nn.Dense(1, dtype=jnp.float32, param_dtype=jnp.float32, name="head")(pooled)
+    reward = nn.Dense(
+      1,
+      use_bias=self.config.head_bias,
+      dtype=jnp.float32,
+      param_dtype=self.config.param_dtype,
+      name="head",
+    )(pooled)
     return reward[:, 0].astype(jnp.float32)

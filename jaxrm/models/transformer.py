@@ -6,15 +6,29 @@ tokens) to hidden states ``[batch, seq, width]`` in float32. It is the shared tr
 
 Design:
 
-* Pre-LayerNorm blocks (attention, MLP) with a final LayerNorm, as in GPT-2.
+* Pre-norm blocks (attention, MLP) with a final norm. The options cover the GPT-2 and
+  Llama families (Llama 2/3, Qwen2/2.5, Mistral): LayerNorm or RMSNorm (``norm``), GELU or
+  SwiGLU MLP (``mlp``), grouped-query attention (``num_kv_heads``), rotary positions with
+  their base and scaling (``rope_base``, ``rope_scaling``) or a learned table, and biases per
+  projection (``qkv_bias``, ``attn_out_bias``, ``mlp_bias``). The defaults are the original
+  jaxrm block (LayerNorm, GELU, fused multi-head QKV, all biases, rotary) with its parameter
+  tree unchanged.
+* Parameter tree of a block ``block_{i}``: ``ln_attn``, attention (``qkv`` kernel
+  ``[width, 3, heads, head_dim]`` when ``num_kv_heads`` is None; otherwise ``query``
+  ``[width, heads, head_dim]``, ``key`` and ``value`` ``[width, kv_heads, head_dim]``),
+  ``attn_out`` ``[heads, head_dim, width]``, ``ln_mlp``, ``mlp_in`` (``[width, mlp_dim]``;
+  the "up" projection for SwiGLU), ``mlp_gate`` (SwiGLU only) and ``mlp_out``
+  ``[mlp_dim, width]``. Then ``embed``, ``pos_embed`` (learned only) and ``ln_final``.
 * Causal self-attention that also masks padded keys. Query rows with no valid key (a pad
   token in a left-padded prompt) get a zero attention output instead of NaN.
 * Positions are derived from the mask, ``positions = cumsum(mask) - 1``, so left- and
   right-padding give identical hidden states on the real tokens. Positions are either rotary
   (default; Su et al. 2021) or a learned table of ``max_len`` rows.
-* Mixed precision: parameters are always float32; matmuls run in ``config.dtype`` (float32 or
-  bfloat16); the residual stream, layer norms, the attention softmax and the output are
-  float32.
+* Mixed precision: parameters are stored in ``config.param_dtype`` (float32 by default, or
+  bfloat16 to halve their memory); matmuls run in ``config.dtype`` (float32 or bfloat16); the
+  residual stream, norms, the attention softmax and the output are float32.
+* ``remat=True`` rematerialises each block's activations in the backward pass
+  (``flax.linen.remat``; same parameters and outputs, less memory, ~1/3 more compute).
 * KV-cached decoding through an explicit :class:`KVCache` pytree passed in and out of
   ``__call__`` (pure: no mutable flax collection). A cache has a static number of slots; a
   call with ``t`` tokens writes them into slots ``[index, index + t)``. Prefill is one call
@@ -30,11 +44,16 @@ tracing the values do not exist yet — see :func:`check_token_range`.
 References:
   Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2).
   Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position Embedding".
+  Zhang & Sennrich 2019, "Root Mean Square Layer Normalization".
+  Shazeer 2020, "GLU Variants Improve Transformer" (SwiGLU).
+  Ainslie et al. 2023, "GQA: Training Generalized Multi-Query Transformer Models".
+  Touvron et al. 2023, "Llama 2"; Meta 2024, "The Llama 3 Herd of Models" (RoPE scaling).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -45,7 +64,44 @@ import numpy as np
 from jaxrm.math._arrays import is_concrete
 
 _POSITIONS = ("rotary", "learned")
+_NORMS = ("layernorm", "rmsnorm")
+_MLPS = ("gelu", "swiglu")
+_ROPE_KINDS = ("linear", "llama3")
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Rescaling of the rotary frequencies for context extension (hashable).
+
+  Attributes:
+    kind: ``'linear'`` (position interpolation: every frequency divided by ``factor``;
+      Chen et al. 2023) or ``'llama3'`` (wavelengths longer than
+      ``original_max_len / low_freq_factor`` divided by ``factor``, shorter than
+      ``original_max_len / high_freq_factor`` kept, smooth interpolation in between; as in
+      Hugging Face ``rope_type='llama3'``).
+    factor: the scale factor (> 0).
+    low_freq_factor: ``'llama3'`` only.
+    high_freq_factor: ``'llama3'`` only; must exceed ``low_freq_factor``.
+    original_max_len: ``'llama3'`` only: the pre-training context length.
+  """
+
+  kind: str
+  factor: float
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_len: int = 8192
+
+  def __post_init__(self):
+    if self.kind not in _ROPE_KINDS:
+      raise ValueError(f"rope_scaling.kind must be one of {_ROPE_KINDS}, got {self.kind!r}")
+    if not self.factor > 0:
+      raise ValueError(f"rope_scaling.factor must be positive, got {self.factor}")
+    if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
+      raise ValueError(
+        "rope_scaling needs high_freq_factor > low_freq_factor > 0, got "
+        f"{self.high_freq_factor} and {self.low_freq_factor}"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,12 +114,29 @@ class TransformerConfig:
     width: model (residual stream) width.
     num_heads: attention heads; must divide ``width``.
     max_len: longest sequence (and largest KV cache) the model accepts.
-    mlp_ratio: MLP hidden width is ``mlp_ratio * width``.
+    mlp_ratio: MLP hidden width is ``mlp_ratio * width`` unless ``mlp_dim`` is given.
     position: ``'rotary'`` (default) or ``'learned'`` absolute position embeddings.
-    dtype: compute dtype of the matmuls, ``jnp.float32`` or ``jnp.bfloat16``. Parameters
-      are float32 either way.
-    rope_base: base of the rotary frequencies.
-    layer_norm_eps: epsilon of every LayerNorm.
+    dtype: compute dtype of the matmuls, ``jnp.float32`` or ``jnp.bfloat16``.
+    rope_base: base (theta) of the rotary frequencies.
+    layer_norm_eps: epsilon of every norm (LayerNorm or RMSNorm).
+    norm: ``'layernorm'`` (scale and bias; GPT-2) or ``'rmsnorm'`` (scale only; Llama).
+    mlp: ``'gelu'`` (tanh-approximated GELU, GPT-2's ``gelu_new``) or ``'swiglu'``
+      (``mlp_out(silu(mlp_gate(x)) * mlp_in(x))``; Llama).
+    mlp_dim: explicit MLP hidden width (Llama's ``intermediate_size``); overrides
+      ``mlp_ratio``.
+    num_kv_heads: None for the fused multi-head ``qkv`` projection (the original layout), or
+      the number of key/value heads (grouped-query attention; must divide ``num_heads``;
+      equal to ``num_heads`` for plain multi-head attention with separate projections).
+    rope_scaling: optional :class:`RopeScaling`.
+    qkv_bias: whether the query/key/value projections have biases (GPT-2, Qwen2: yes).
+    attn_out_bias: whether the attention output projection has a bias (GPT-2: yes).
+    mlp_bias: whether the MLP projections have biases (GPT-2: yes).
+    tie_embeddings: the policy's LM head is the transpose of the token embedding (GPT-2,
+      small Qwen2 models) instead of a separate ``lm_head`` kernel.
+    head_bias: whether the LM head and the reward head have a bias (Hugging Face heads do
+      not).
+    param_dtype: storage dtype of the parameters, ``jnp.float32`` or ``jnp.bfloat16``.
+    remat: rematerialise block activations in the backward pass (saves memory).
   """
 
   vocab_size: int
@@ -76,10 +149,26 @@ class TransformerConfig:
   dtype: Any = jnp.float32
   rope_base: float = 10000.0
   layer_norm_eps: float = 1e-5
+  norm: str = "layernorm"
+  mlp: str = "gelu"
+  mlp_dim: int | None = None
+  num_kv_heads: int | None = None
+  rope_scaling: RopeScaling | None = None
+  qkv_bias: bool = True
+  attn_out_bias: bool = True
+  mlp_bias: bool = True
+  tie_embeddings: bool = False
+  head_bias: bool = True
+  param_dtype: Any = jnp.float32
+  remat: bool = False
 
   def __post_init__(self):
-    for name in ("vocab_size", "num_layers", "width", "num_heads", "max_len", "mlp_ratio"):
+    names = ("vocab_size", "num_layers", "width", "num_heads", "max_len", "mlp_ratio")
+    optional = ("mlp_dim", "num_kv_heads")
+    for name in names + optional:
       value = getattr(self, name)
+      if name in optional and value is None:
+        continue
       if not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if self.width % self.num_heads:
@@ -90,12 +179,34 @@ class TransformerConfig:
       raise ValueError(f"position must be one of {_POSITIONS}, got {self.position!r}")
     if self.position == "rotary" and self.head_dim % 2:
       raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
-    if jnp.dtype(self.dtype) not in _DTYPES:
-      raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+    for name in ("dtype", "param_dtype"):
+      if jnp.dtype(getattr(self, name)) not in _DTYPES:
+        raise ValueError(f"{name} must be float32 or bfloat16, got {getattr(self, name)!r}")
+    if self.norm not in _NORMS:
+      raise ValueError(f"norm must be one of {_NORMS}, got {self.norm!r}")
+    if self.mlp not in _MLPS:
+      raise ValueError(f"mlp must be one of {_MLPS}, got {self.mlp!r}")
+    if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+      raise ValueError(
+        f"num_kv_heads must divide num_heads, got num_kv_heads={self.num_kv_heads}, "
+        f"num_heads={self.num_heads}"
+      )
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+      raise ValueError(f"rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
 
   @property
   def head_dim(self) -> int:
     return self.width // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    """Number of key/value heads (``num_heads`` unless grouped-query attention)."""
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  @property
+  def hidden_dim(self) -> int:
+    """MLP hidden width: ``mlp_dim`` if given, else ``mlp_ratio * width``."""
+    return self.mlp_ratio * self.width if self.mlp_dim is None else self.mlp_dim
 
 
 class KVCache(NamedTuple):
@@ -105,8 +216,8 @@ class KVCache(NamedTuple):
   time order.
   """
 
-  keys: jax.Array  # [num_layers, batch, cache_len, num_heads, head_dim], config.dtype
-  values: jax.Array  # [num_layers, batch, cache_len, num_heads, head_dim], config.dtype
+  keys: jax.Array  # [num_layers, batch, cache_len, kv_heads, head_dim], config.dtype
+  values: jax.Array  # [num_layers, batch, cache_len, kv_heads, head_dim], config.dtype
   mask: jax.Array  # [batch, cache_len] bool, True on slots holding a real token
   index: jax.Array  # shape=(), int32: next slot to write
 
@@ -128,7 +239,7 @@ def init_cache(config: TransformerConfig, batch_size: int, cache_len: int | None
     raise ValueError(f"cache_len must be in [1, max_len={config.max_len}], got {cache_len}")
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
-  shape = (config.num_layers, batch_size, cache_len, config.num_heads, config.head_dim)
+  shape = (config.num_layers, batch_size, cache_len, config.kv_heads, config.head_dim)
   return KVCache(
     keys=jnp.zeros(shape, config.dtype),
     values=jnp.zeros(shape, config.dtype),
@@ -184,10 +295,40 @@ def _check_inputs(tokens, mask, config: TransformerConfig, cache: KVCache | None
   check_token_range(tokens, config.vocab_size)
 
 
-def _rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-  """Rotary position embedding of ``x [batch, t, heads, head_dim]`` at ``positions [batch, t]``."""
+def rope_frequencies(
+  head_dim: int, *, base: float, scaling: RopeScaling | None = None
+) -> np.ndarray:
+  """Rotary inverse frequencies ``[head_dim // 2]`` (float64), with optional scaling.
+
+  ``inv_freq[i] = base ** (-2 i / head_dim)``; ``scaling`` rescales them as described in
+  :class:`RopeScaling`.
+  """
+  half = head_dim // 2
+  inv_freq = 1.0 / (base ** (np.arange(half, dtype=np.float64) / half))
+  if scaling is None:
+    return inv_freq
+  if scaling.kind == "linear":
+    return inv_freq / scaling.factor
+  # llama3: long wavelengths slowed by `factor`, short ones kept, smooth ramp between.
+  low_wavelen = scaling.original_max_len / scaling.low_freq_factor
+  high_wavelen = scaling.original_max_len / scaling.high_freq_factor
+  wavelen = 2 * np.pi / inv_freq
+  smooth = (scaling.original_max_len / wavelen - scaling.low_freq_factor) / (
+    scaling.high_freq_factor - scaling.low_freq_factor
+  )
+  ramp = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+  out = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+  middle = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+  return np.where(middle, ramp, out)
+
+
+def _rotary(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotary position embedding of ``x [batch, t, heads, head_dim]`` at ``positions [batch, t]``.
+
+  Half-split (``rotate_half``) convention of GPT-NeoX and Hugging Face Llama.
+  """
   half = x.shape[-1] // 2
-  inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) / half))
+  inv_freq = jnp.asarray(inv_freq, jnp.float32)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, half]
   sin = jnp.sin(angles)[:, :, None, :]
   cos = jnp.cos(angles)[:, :, None, :]
@@ -200,26 +341,43 @@ def _rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, attn_mask: jax.Array) -> jax.Array:
   """Masked softmax attention; float32 softmax; rows with no valid key output zeros.
 
+  Grouped-query attention: query head ``h`` reads key/value head ``h // (heads // kv_heads)``
+  (consecutive query heads share a key/value head, as in Hugging Face ``repeat_kv``).
+
   Args:
     q: ``[batch, t, heads, head_dim]``.
-    k: ``[batch, L, heads, head_dim]``.
-    v: ``[batch, L, heads, head_dim]``.
+    k: ``[batch, L, kv_heads, head_dim]``; ``kv_heads`` divides ``heads``.
+    v: ``[batch, L, kv_heads, head_dim]``.
     attn_mask: ``[batch, t, L]`` bool, True where query may attend key.
 
   Returns:
     ``[batch, t, heads, head_dim]`` in the dtype of ``v``.
   """
-  scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
-  mask = attn_mask[:, None, :, :]
+  b, t, heads, d = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, t, kv_heads, heads // kv_heads, d)
+  scale = d**-0.5
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  mask = attn_mask[:, None, None, :, :]
   logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
   probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0)
-  return jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+  return out.reshape(b, t, heads, d)
+
+
+def _norm(cfg: TransformerConfig, name: str) -> nn.Module:
+  if cfg.norm == "rmsnorm":
+    return nn.RMSNorm(
+      epsilon=cfg.layer_norm_eps, dtype=jnp.float32, param_dtype=cfg.param_dtype, name=name
+    )
+  return nn.LayerNorm(
+    epsilon=cfg.layer_norm_eps, dtype=jnp.float32, param_dtype=cfg.param_dtype, name=name
+  )
 
 
 class _Block(nn.Module):
-  """Pre-LayerNorm transformer block: x + attn(LN(x)), then x + mlp(LN(x)).
+  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
 
   With ``kv = (keys, values, layer)`` (the stacked cache arrays and this block's layer),
   the new keys/values are written straight into ``[layer, :, index:index + t]`` of the
@@ -232,13 +390,22 @@ class _Block(nn.Module):
   @nn.compact
   def __call__(self, x, positions, attn_mask, kv=None, index=None):
     cfg = self.config
-    dense = dict(dtype=cfg.dtype, param_dtype=jnp.float32)
-    h = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=jnp.float32, name="ln_attn")(x)
-    qkv = nn.DenseGeneral((3, cfg.num_heads, cfg.head_dim), name="qkv", **dense)(h)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    dense = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    h = _norm(cfg, "ln_attn")(x)
+    if cfg.num_kv_heads is None:
+      qkv = nn.DenseGeneral(
+        (3, cfg.num_heads, cfg.head_dim), use_bias=cfg.qkv_bias, name="qkv", **dense
+      )(h)
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    else:
+      proj = functools.partial(nn.DenseGeneral, use_bias=cfg.qkv_bias, **dense)
+      q = proj((cfg.num_heads, cfg.head_dim), name="query")(h)
+      k = proj((cfg.kv_heads, cfg.head_dim), name="key")(h)
+      v = proj((cfg.kv_heads, cfg.head_dim), name="value")(h)
     if cfg.position == "rotary":
-      q = _rotary(q, positions, cfg.rope_base)
-      k = _rotary(k, positions, cfg.rope_base)
+      inv_freq = rope_frequencies(cfg.head_dim, base=cfg.rope_base, scaling=cfg.rope_scaling)
+      q = _rotary(q, positions, inv_freq)
+      k = _rotary(k, positions, inv_freq)
     if kv is not None:
       cache_k, cache_v, layer = kv
       start = (layer, 0, index, 0, 0)
@@ -247,12 +414,18 @@ class _Block(nn.Module):
       k, v = cache_k[layer], cache_v[layer]
       kv = (cache_k, cache_v, layer)
     attn = _attend(q, k, v, attn_mask)
-    attn = nn.DenseGeneral(cfg.width, axis=(-2, -1), name="attn_out", **dense)(attn)
+    attn = nn.DenseGeneral(
+      cfg.width, axis=(-2, -1), use_bias=cfg.attn_out_bias, name="attn_out", **dense
+    )(attn)
     x = x + attn.astype(jnp.float32)
-    h = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=jnp.float32, name="ln_mlp")(x)
-    h = nn.Dense(cfg.mlp_ratio * cfg.width, name="mlp_in", **dense)(h)
-    h = nn.gelu(h)
-    h = nn.Dense(cfg.width, name="mlp_out", **dense)(h)
+    h = _norm(cfg, "ln_mlp")(x)
+    up = nn.Dense(cfg.hidden_dim, use_bias=cfg.mlp_bias, name="mlp_in", **dense)(h)
+    if cfg.mlp == "swiglu":
+      gate = nn.Dense(cfg.hidden_dim, use_bias=cfg.mlp_bias, name="mlp_gate", **dense)(h)
+      h = nn.silu(gate) * up
+    else:
+      h = nn.gelu(up)
+    h = nn.Dense(cfg.width, use_bias=cfg.mlp_bias, name="mlp_out", **dense)(h)
     x = x + h.astype(jnp.float32)
     return x, kv
 
@@ -319,7 +492,7 @@ class Transformer(nn.Module):
       cfg.vocab_size,
       cfg.width,
       embedding_init=embed_init,
-      param_dtype=jnp.float32,
+      param_dtype=cfg.param_dtype,
       dtype=jnp.float32,
       name="embed",
     )(tokens)
@@ -328,17 +501,18 @@ class Transformer(nn.Module):
         cfg.max_len,
         cfg.width,
         embedding_init=embed_init,
-        param_dtype=jnp.float32,
+        param_dtype=cfg.param_dtype,
         dtype=jnp.float32,
         name="pos_embed",
       )(positions)
 
     kv = None if cache is None else (cache.keys, cache.values, 0)
+    block = nn.remat(_Block) if cfg.remat and cache is None else _Block
     for layer in range(cfg.num_layers):
       if kv is not None:
         kv = (kv[0], kv[1], layer)
-      x, kv = _Block(cfg, name=f"block_{layer}")(x, positions, attn_mask, kv, index)
-    x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=jnp.float32, name="ln_final")(x)
+      x, kv = block(cfg, name=f"block_{layer}")(x, positions, attn_mask, kv, index)
+    x = _norm(cfg, "ln_final")(x)
     x = x.astype(jnp.float32)
     if cache is None:
       return x

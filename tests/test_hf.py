@@ -1,0 +1,202 @@
+"""Tests for jaxrm.io.hf: Hugging Face checkpoints in and out, against reference logits.
+
+The fixtures under tests/data/hf/ are tiny random checkpoints saved by Hugging Face
+transformers, with logits computed by the transformers implementation in float32
+(tests/data/hf/make_fixtures.py; torch is needed only to regenerate them).
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from jaxrm.io import hf
+from jaxrm.models.policy import PolicyModel
+from jaxrm.models.presets import preset
+from jaxrm.models.reward_model import RewardModel
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "hf")
+POLICIES = ["gpt2", "llama", "qwen2", "mistral"]
+REWARDS = ["gpt2_reward", "llama_reward"]
+
+
+def _reference(name):
+  d = os.path.join(DATA, name)
+  load = lambda f: np.load(os.path.join(d, f))
+  return load("reference_tokens.npy"), load("reference_mask.npy"), load("reference_logits.npy")
+
+
+def _all_tensors(path):
+  return hf.load_tensors(path)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_imported_policy_matches_transformers_logits(name):
+  model = hf.import_policy(os.path.join(DATA, name))
+  tokens, mask, want = _reference(name)
+  logits, values = PolicyModel(model.config).apply(model.variables, tokens, mask)
+  assert values is None and logits.shape == want.shape
+  np.testing.assert_allclose(np.asarray(logits)[mask], want[mask], atol=1e-4, rtol=1e-4)
+  assert np.abs(want).max() > 1.0  # the reference is not trivially small
+
+
+@pytest.mark.parametrize("name", REWARDS)
+def test_imported_reward_model_matches_sequence_classification_scores(name):
+  model = hf.import_reward_model(os.path.join(DATA, name))
+  tokens, mask, want = _reference(name)
+  assert not mask[1].all()  # row 1 is right-padded: the score is read at its last real token
+  rewards = RewardModel(model.config).apply(model.variables, tokens, mask)
+  np.testing.assert_allclose(np.asarray(rewards), want, atol=1e-4, rtol=1e-4)
+
+
+def test_family_options_are_read_from_config_json():
+  llama = hf.import_policy(os.path.join(DATA, "llama")).config
+  assert (llama.norm, llama.mlp, llama.num_heads, llama.kv_heads) == ("rmsnorm", "swiglu", 4, 2)
+  assert llama.rope_base == 500000.0 and llama.rope_scaling.kind == "llama3"
+  assert not llama.tie_embeddings and not llama.qkv_bias
+  qwen = hf.import_policy(os.path.join(DATA, "qwen2")).config
+  assert qwen.qkv_bias and not qwen.attn_out_bias and qwen.tie_embeddings
+  assert qwen.rope_scaling.kind == "linear" and qwen.rope_scaling.factor == 2.0
+  gpt2 = hf.import_policy(os.path.join(DATA, "gpt2")).config
+  assert (gpt2.position, gpt2.norm, gpt2.mlp, gpt2.tie_embeddings) == (
+    "learned",
+    "layernorm",
+    "gelu",
+    True,
+  )
+  assert os.path.isfile(os.path.join(DATA, "llama", "model.safetensors.index.json"))  # sharded
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_export_policy_reproduces_the_checkpoint_tensors_and_reimports_exactly(name, tmp_path):
+  src = os.path.join(DATA, name)
+  model = hf.import_policy(src)
+  hf.export_policy(
+    tmp_path,
+    model.config,
+    model.variables,
+    model_type=model.model_type,
+    base_config=model.hf_config,
+  )
+  want, got = _all_tensors(src), load_file(os.path.join(tmp_path, "model.safetensors"))
+  assert sorted(got) == sorted(want)
+  for n in want:
+    np.testing.assert_array_equal(got[n], want[n], err_msg=n)
+  again = hf.import_policy(tmp_path)
+  assert again.config == model.config
+  jax.tree.map(np.testing.assert_array_equal, again.variables, model.variables)
+
+
+@pytest.mark.parametrize("name", REWARDS)
+def test_export_reward_model_round_trips_exactly(name, tmp_path):
+  src = os.path.join(DATA, name)
+  model = hf.import_reward_model(src)
+  hf.export_reward_model(
+    tmp_path,
+    model.config,
+    model.variables,
+    model_type=model.model_type,
+    base_config=model.hf_config,
+  )
+  cfg = json.load(open(os.path.join(tmp_path, "config.json")))
+  assert cfg["architectures"][0].endswith("ForSequenceClassification") and cfg["num_labels"] == 1
+  want, got = _all_tensors(src), load_file(os.path.join(tmp_path, "model.safetensors"))
+  assert sorted(got) == sorted(want)
+  for n in want:
+    np.testing.assert_array_equal(got[n], want[n], err_msg=n)
+  again = hf.import_reward_model(tmp_path)
+  jax.tree.map(np.testing.assert_array_equal, again.variables, model.variables)
+
+
+def test_reward_model_from_a_causal_lm_has_the_lm_backbone_and_a_zero_head():
+  path = os.path.join(DATA, "llama")
+  rm = hf.import_reward_model(path)
+  policy = hf.import_policy(path, value_head=True)
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    rm.variables["params"]["backbone"],
+    policy.variables["params"]["backbone"],
+  )
+  assert not np.asarray(rm.variables["params"]["head"]["kernel"]).any()
+  tokens, mask, _ = _reference("llama")
+  np.testing.assert_array_equal(RewardModel(rm.config).apply(rm.variables, tokens, mask), 0.0)
+  _, values = PolicyModel(policy.config, value_head=True).apply(policy.variables, tokens, mask)
+  np.testing.assert_array_equal(values, 0.0)
+
+
+def test_bfloat16_import_stores_bfloat16_params_and_stays_close():
+  model = hf.import_policy(
+    os.path.join(DATA, "llama"), param_dtype=jnp.bfloat16, dtype=jnp.bfloat16
+  )
+  assert {x.dtype for x in jax.tree.leaves(model.variables)} == {jnp.dtype(jnp.bfloat16)}
+  tokens, mask, want = _reference("llama")
+  logits, _ = PolicyModel(model.config).apply(model.variables, tokens, mask)
+  err = np.abs(np.asarray(logits) - want)[mask]
+  assert err.max() < 0.1 * np.abs(want).max(), err.max()
+
+
+def _copy(name, tmp_path):
+  dst = tmp_path / name
+  shutil.copytree(os.path.join(DATA, name), dst)
+  return dst
+
+
+def test_missing_tensor_error_names_checkpoint_tensor_and_shape(tmp_path):
+  dst = _copy("qwen2", tmp_path)
+  tensors = load_file(dst / "model.safetensors")
+  del tensors["model.layers.1.self_attn.k_proj.bias"]
+  save_file(tensors, dst / "model.safetensors")
+  with pytest.raises(
+    ValueError, match=r"qwen2.*'model\.layers\.1\.self_attn\.k_proj\.bias' is missing.*\(16,\)"
+  ):
+    hf.import_policy(dst)
+
+
+def test_wrong_shape_and_unknown_architecture_errors(tmp_path):
+  dst = _copy("gpt2", tmp_path)
+  tensors = load_file(dst / "model.safetensors")
+  tensors["transformer.ln_f.weight"] = np.ones(31, np.float32)
+  save_file(tensors, dst / "model.safetensors")
+  with pytest.raises(
+    ValueError, match=r"'transformer\.ln_f\.weight' has shape \(31,\), expected \(32,\)"
+  ):
+    hf.import_policy(dst)
+  cfg = json.load(open(dst / "config.json"))
+  cfg["model_type"] = "bert"
+  json.dump(cfg, open(dst / "config.json", "w"))
+  with pytest.raises(ValueError, match=r"gpt2.*unsupported architecture model_type='bert'"):
+    hf.import_policy(dst)
+  with pytest.raises(ValueError, match="has no config.json"):
+    hf.import_policy(tmp_path / "nowhere")
+
+
+def test_export_rejects_a_config_the_family_cannot_express(tmp_path):
+  cfg = preset("tiny", vocab_size=64)  # rotary LayerNorm GELU, untied, head bias: no HF family
+  with pytest.raises(
+    ValueError, match=r"cannot be exported as model_type='llama'.*norm='layernorm'"
+  ):
+    hf.export_policy(tmp_path, cfg, {"params": {}}, model_type="llama")
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_kv_cached_sampler_matches_full_forward_sampler_with_gqa(name):
+  from jaxrm.models.sampling import sample, sample_with_apply_fn  # noqa: PLC0415
+
+  model = hf.import_policy(os.path.join(DATA, name))
+  assert model.config.kv_heads < model.config.num_heads
+  tokens, _, _ = _reference(name)
+  prompt = tokens[:, :5].copy()
+  mask = np.ones_like(prompt, bool)
+  mask[1, :2] = False  # left padding
+  kwargs = dict(max_new_tokens=6, eos_id=2, top_k=20)
+  cached = sample(model.variables, prompt, mask, jax.random.key(3), config=model.config, **kwargs)
+  full = sample_with_apply_fn(
+    PolicyModel(model.config).apply, model.variables, prompt, mask, jax.random.key(3), **kwargs
+  )
+  np.testing.assert_array_equal(cached.tokens, full.tokens)
+  np.testing.assert_allclose(cached.logprobs, full.logprobs, atol=1e-4)
