@@ -38,6 +38,7 @@ from jaxrm.math.best_of_n import (
   best_of_n_expected_reward,
   kl_bon,
 )
+from jaxrm.math.dpo import dpo_loss, implicit_reward, ipo_loss, kto_loss, simpo_loss
 from jaxrm.math.kl import exact_kl_from_logits, kl_estimate, sequence_kl
 from jaxrm.math.metrics import expected_calibration_error, pairwise_accuracy, summarize_preferences
 from jaxrm.math.objectives import ensemble_objective
@@ -67,6 +68,7 @@ from jaxrm.models.sampling import sample
 from jaxrm.models.transformer import Transformer, TransformerConfig
 
 # Steps.
+from jaxrm.steps.dpo import DPOConfig, dpo_step, implicit_reward_fn
 from jaxrm.steps.parallel import make_parallel_step
 from jaxrm.steps.rl import (
   Algorithm,

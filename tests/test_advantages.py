@@ -324,3 +324,44 @@ def test_adaptive_kl_controller_rejects_missing_target():
     adv.adaptive_kl_update(state, 1.0, 1, target_kl=None, horizon=100)
   with pytest.raises(ValueError, match="horizon"):
     adv.adaptive_kl_update(state, 1.0, 1, target_kl=1.0, horizon=0)
+
+
+# ----------------------------------------------------------------------------- variants
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_grpo_advantage_scales_match_numpy(scale):
+  rng = np.random.default_rng(12)
+  scores = 2.0 + rng.normal(size=(4, 6)) * rng.uniform(0.1, 3.0, size=(4, 1))
+  centred = scores - scores.mean(1, keepdims=True)
+  std = {"group": scores.std(1, keepdims=True), "batch": scores.std(), "none": None}[scale]
+  want = centred if std is None else centred / (std + 1e-6)
+  with jax.enable_x64(True):
+    got = jax.jit(functools.partial(adv.grpo_advantages, scale=scale))(scores)
+  np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_grpo_batch_scale_uses_the_global_batch_under_shard_map():
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  scores = np.random.default_rng(13).normal(size=(16, 4)).astype(np.float32)
+  fn = functools.partial(adv.grpo_advantages, scale="batch")
+  sharded = jax.jit(
+    jax.shard_map(
+      lambda s: fn(s, axis_name="data"),
+      mesh=mesh,
+      in_specs=P("data"),
+      out_specs=P("data"),
+      check_vma=False,
+    )
+  )
+  np.testing.assert_allclose(sharded(scores), fn(scores), rtol=1e-5, atol=1e-6)
+
+
+def test_discounts_must_be_scalars_and_grpo_scale_must_be_known():
+  r = np.zeros(5, np.float32)
+  with pytest.raises(ValueError, match=r"gamma must be a scalar .* got shape \(5,\)"):
+    adv.gae(r, r, np.ones(5, bool), gamma=np.full(5, 0.9), lam=0.95)
+  with pytest.raises(ValueError, match=r"lam must be a scalar"):
+    adv.batched_gae(r[None], r[None], np.ones((1, 5), bool), gamma=0.9, lam=np.ones(5))
+  with pytest.raises(ValueError, match=r"gamma must be a scalar"):
+    adv.reinforce_returns(r, np.ones(5, bool), gamma=np.ones(5))
+  with pytest.raises(ValueError, match="scale must be one of"):
+    adv.grpo_advantages(np.zeros((2, 3)), scale="global")

@@ -325,3 +325,121 @@ def test_ppo_policy_loss_rejects_string_logp_naming_it():
     pg.ppo_policy_loss(
       np.array([["a", "b"]]), jnp.zeros((1, 2)), jnp.zeros((1, 2)), mask, clip_eps=0.2
     )
+
+
+# ----------------------------------------------------------------------------- variants
+def _np_ppo_variant(logp, old_logp, a, mask, *, eps, eps_high, dual, sequence):
+  """Float64 NumPy reference of the clip-higher / dual-clip / GSPO surrogate (per token)."""
+  log_ratio = logp - old_logp
+  if sequence:
+    m = mask.astype(np.float64)
+    seq = (log_ratio * m).sum(1, keepdims=True) / np.maximum(m.sum(1, keepdims=True), 1.0)
+    log_ratio = np.where(mask, seq, 0.0)
+  ratio = np.exp(log_ratio)
+  surrogate = np.minimum(ratio * a, np.clip(ratio, 1 - eps, 1 + eps_high) * a)
+  if dual is not None:
+    surrogate = np.where(a < 0, np.maximum(surrogate, dual * a), surrogate)
+  return -surrogate
+
+
+@pytest.mark.parametrize(
+  "eps_high, dual, sequence, aggregation",
+  [
+    (0.28, None, False, "token_mean"),  # DAPO clip-higher
+    (None, 3.0, False, "seq_mean"),  # dual-clip PPO
+    (None, None, True, "seq_mean"),  # GSPO
+    (0.3, 2.0, True, "token_mean"),
+  ],
+)
+def test_ppo_policy_loss_variants_match_numpy_values_and_gradients(
+  eps_high, dual, sequence, aggregation
+):
+  rng = np.random.default_rng(7)
+  mask = _mask(rng, 6, 8)
+  old_logp = np.log(rng.uniform(0.05, 1.0, size=mask.shape))
+  logp = old_logp + rng.normal(scale=0.8, size=mask.shape)
+  if sequence:  # sequence-level advantages, as GRPO/GSPO use
+    a = np.repeat(rng.normal(size=(6, 1)), 8, axis=1)
+  else:
+    a = rng.normal(size=mask.shape)
+  eps = 0.2
+  np_args = dict(eps=eps, eps_high=eps if eps_high is None else eps_high, dual=dual)
+
+  def np_loss(lp):
+    per_token = _np_ppo_variant(lp, old_logp, a, mask, sequence=sequence, **np_args)
+    return _np_aggregate(per_token, mask, aggregation)
+
+  with jax.enable_x64(True):
+    fn = jax.jit(
+      functools.partial(
+        pg.ppo_policy_loss,
+        clip_eps=eps,
+        clip_eps_high=eps_high,
+        dual_clip=dual,
+        ratio_level="sequence" if sequence else "token",
+        aggregation=aggregation,
+      )
+    )
+    (loss, aux), grad = jax.value_and_grad(fn, has_aux=True)(logp, old_logp, a, mask)
+  np.testing.assert_allclose(loss, np_loss(logp), rtol=1e-10)
+  # Central differences of the NumPy reference.
+  want = np.zeros_like(logp)
+  for idx in zip(*np.nonzero(mask)):
+    up, down = logp.copy(), logp.copy()
+    up[idx] += 1e-6
+    down[idx] -= 1e-6
+    want[idx] = (np_loss(up) - np_loss(down)) / 2e-6
+  np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-8)
+  assert 0.0 < float(aux["clip_fraction"]) < 1.0
+
+
+def test_dual_clip_bounds_the_loss_of_a_negative_advantage_by_c_times_minus_a():
+  logp = np.log(np.array([[5.0, 1.0]]))  # ratio 5 on a bad action
+  old = np.zeros((1, 2))
+  a = np.array([[-1.0, 1.0]])
+  mask = np.array([[True, False]])
+  plain, _ = pg.ppo_policy_loss(logp, old, a, mask, clip_eps=0.2)
+  dual, _ = pg.ppo_policy_loss(logp, old, a, mask, clip_eps=0.2, dual_clip=3.0)
+  np.testing.assert_allclose(plain, 5.0, rtol=1e-6)
+  np.testing.assert_allclose(dual, 3.0, rtol=1e-6)
+
+
+def test_clip_higher_lets_a_positive_advantage_ratio_rise_to_one_plus_eps_high():
+  logp = np.log(np.array([[1.25]]))
+  old, a, mask = np.zeros((1, 1)), np.ones((1, 1)), np.ones((1, 1), bool)
+  grad = lambda **kw: jax.grad(lambda lp: pg.ppo_policy_loss(lp, old, a, mask, **kw)[0])(logp)
+  assert float(grad(clip_eps=0.2)[0, 0]) == 0.0  # clipped at 1.2
+  np.testing.assert_allclose(grad(clip_eps=0.2, clip_eps_high=0.28), [[-1.25]], rtol=1e-6)
+
+
+def test_constant_length_aggregation_divides_by_batch_times_norm_length():
+  rng = np.random.default_rng(3)
+  mask = _mask(rng, 5, 7)
+  x = rng.normal(size=mask.shape)
+  got = pg.masked_aggregate(x, mask, aggregation="constant_length", norm_length=10)
+  np.testing.assert_allclose(got, np.where(mask, x, 0).sum() / (5 * 10), rtol=1e-6)
+  with pytest.raises(ValueError, match="needs norm_length, a positive int, got None"):
+    pg.masked_aggregate(x, mask, aggregation="constant_length")
+  # Under data parallelism the number of sequences is global: pmean of shards == whole batch.
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  mask16 = _mask(rng, 16, 6)
+  x16 = rng.normal(size=mask16.shape).astype(np.float32)
+  agg = functools.partial(pg.masked_aggregate, aggregation="constant_length", norm_length=6)
+  sharded = jax.jit(
+    jax.shard_map(
+      lambda x, m: jax.lax.pmean(agg(x, m, axis_name="data"), "data"),
+      mesh=mesh,
+      in_specs=(P("data"), P("data")),
+      out_specs=P(),
+      check_vma=False,
+    )
+  )
+  np.testing.assert_allclose(sharded(x16, mask16), agg(x16, mask16), rtol=1e-6)
+
+
+def test_bad_variant_arguments_raise_naming_them():
+  x = np.zeros((2, 3))
+  with pytest.raises(ValueError, match="ratio_level must be one of"):
+    pg.ppo_policy_loss(x, x, x, x, clip_eps=0.2, ratio_level="seq")
+  with pytest.raises(ValueError, match="dual_clip must be None or > 1, got 0.5"):
+    pg.ppo_policy_loss(x, x, x, x, clip_eps=0.2, dual_clip=0.5)

@@ -303,15 +303,34 @@ def test_plackett_luce_prefers_the_correct_ranking():
 
 
 # ------------------------------------------------------------------------------ centering
-def test_reward_centering_penalty_is_coef_times_squared_mean_with_its_gradient():
-  rewards = np.array([[1.0, 2.0, -0.5], [0.25, 3.0, 1.0]])
+def test_reward_centering_penalty_is_coef_times_mean_squared_pair_sum_with_its_gradient():
+  # Eisenstein et al. 2023 Eq. 2 / TRL center_rewards_coefficient: coef * mean((r_c + r_r)^2).
+  rng = np.random.default_rng(0)
+  rc, rr = rng.normal(size=7), rng.normal(size=7)
   coef = 0.01
   fn = jax.jit(functools.partial(preference.reward_centering_penalty, coef=coef))
-  np.testing.assert_allclose(fn(rewards), coef * np.mean(rewards) ** 2, rtol=1e-6)
+  want = coef * np.mean((rc + rr) ** 2)
+  np.testing.assert_allclose(fn(rc, rr), want, rtol=1e-6)
+  grad_c, grad_r = jax.grad(fn, argnums=(0, 1))(rc, rr)
+  np.testing.assert_allclose(grad_c, 2 * coef * (rc + rr) / 7, rtol=1e-5)
+  np.testing.assert_allclose(grad_r, 2 * coef * (rc + rr) / 7, rtol=1e-5)
+  # The example: pairs (5, 4) and (-5, -4) -> mean(81, 81) = 81; the batch form gives 0.
   np.testing.assert_allclose(
-    jax.grad(fn)(rewards), np.full(rewards.shape, 2 * coef * np.mean(rewards) / 6), rtol=1e-6
+    preference.reward_centering_penalty([5.0, -5.0], [4.0, -4.0], coef=1.0), 81.0
   )
-  assert fn(rewards - rewards.mean()) < 1e-12
+  np.testing.assert_allclose(
+    preference.reward_centering_penalty([5.0, -5.0], [4.0, -4.0], coef=1.0, form="batch"), 0.0
+  )
+
+
+def test_reward_centering_batch_form_is_coef_times_squared_mean_of_all_rewards():
+  rewards = np.array([[1.0, 2.0, -0.5], [0.25, 3.0, 1.0]])
+  coef = 0.01
+  fn = jax.jit(functools.partial(preference.reward_centering_penalty, coef=coef, form="batch"))
+  np.testing.assert_allclose(fn(rewards[0], rewards[1]), coef * np.mean(rewards) ** 2, rtol=1e-6)
+  np.testing.assert_allclose(
+    jax.grad(fn)(rewards[0], rewards[1]), np.full(3, 2 * coef * np.mean(rewards) / 6), rtol=1e-6
+  )
 
 
 # ------------------------------------------------------------------------------ registry
@@ -371,8 +390,20 @@ def test_get_loss_rejects_unknown_names_and_hyperparameters_listing_valid_ones()
       r"label_smoothing must be in \[0, 1\]",
     ),
     (
-      lambda: preference.reward_centering_penalty(np.zeros((0,)), coef=1.0),
-      r"rewards must be non-empty",
+      lambda: preference.reward_centering_penalty(np.zeros((0,)), np.zeros((0,)), coef=1.0),
+      r"rewards_chosen must be non-empty",
+    ),
+    (
+      lambda: preference.reward_centering_penalty(np.zeros(3), np.zeros(3), coef=-0.1),
+      r"coef must be >= 0, got -0.1",
+    ),
+    (
+      lambda: preference.reward_centering_penalty(np.zeros(3), np.zeros(2), coef=0.1),
+      r"rewards_rejected must have the shape of rewards_chosen \(3,\), got \(2,\)",
+    ),
+    (
+      lambda: preference.reward_centering_penalty(np.zeros(3), np.zeros(3), coef=0.1, form="x"),
+      r"form must be one of \('pair', 'batch'\)",
     ),
   ],
 )

@@ -86,9 +86,11 @@ def whiten(
   """Whitens ``x`` over the masked-in entries: ``(x - mean) / sqrt(var + eps)``.
 
   Mean and variance are taken over all entries where ``mask`` is True (every axis at once);
-  the variance is the population variance (``ddof=0``), so the result has zero mean and unit
-  variance over the mask (up to ``eps``). Masked entries are ignored (they may hold anything)
-  and are 0 in the output.
+  the variance is the population variance (``ddof=0``, dividing by ``n``), so the result has
+  zero mean and unit variance over the mask (up to ``eps``). TRL's ``masked_whiten`` divides
+  by ``n - 1`` (Bessel's correction), which scales the output by ``sqrt((n - 1) / n)``
+  relative to this one; the difference vanishes for large batches. Masked entries are
+  ignored (they may hold anything) and are 0 in the output.
 
   Args:
       x: values to whiten (e.g. advantages), any shape, e.g. ``[batch, seq]``.
@@ -133,10 +135,20 @@ def clip_rewards(x: ArrayLike, *, max_abs: float) -> jax.Array:
   return jnp.clip(as_float(x), -max_abs, max_abs)
 
 
+def _check_scalar(name: str, value: ArrayLike) -> None:
+  if jnp.ndim(value) != 0:
+    raise ValueError(
+      f"{name} must be a scalar (one discount for the whole trajectory; per-step discounts "
+      f"are not supported), got shape {jnp.shape(value)}"
+    )
+
+
 def _masked_lambda_advantages(
   r_t: jax.Array, v_t: jax.Array, m: jax.Array, gamma: ArrayLike, lam: ArrayLike
 ) -> jax.Array:
   """Reverse scan computing GAE(gamma, lam) over the masked-in positions of one trajectory."""
+  _check_scalar("gamma", gamma)
+  _check_scalar("lam", lam)
   gamma = jnp.asarray(gamma, r_t.dtype)
   lam = jnp.asarray(lam, r_t.dtype)
 
@@ -166,7 +178,9 @@ def gae(
   The trajectory is the sequence of positions where ``mask`` is True, in order; masked
   positions (left prompt, right padding, anything in between) are skipped: their rewards and
   values are ignored and their outputs are 0. After the last response token the episode ends
-  (bootstrap value 0). With ``u`` the next real position after ``t``:
+  (bootstrap value 0). (OpenRLHF instead steps through masked positions, zeroing their
+  rewards and values; the two agree for contiguous response masks, the usual case, and
+  differ only for masks with holes.) With ``u`` the next real position after ``t``:
 
       ``delta_t = r_t + gamma * v_u - v_t``,  ``A_t = delta_t + gamma * lam * A_u``,
       ``G_t = A_t + v_t``.
@@ -175,8 +189,9 @@ def gae(
       r_t: rewards, ``[seq]`` (e.g. a row of ``rlhf_token_rewards``).
       v_t: value estimates of the state in which token ``t`` is chosen, ``[seq]``.
       mask: response mask, ``[seq]`` bool or float.
-      gamma: discount.
-      lam: GAE mixing parameter ``lambda`` (1 gives Monte-Carlo advantages, 0 gives TD(0)).
+      gamma: discount, a scalar (per-step discounts are not supported).
+      lam: GAE mixing parameter ``lambda`` (1 gives Monte-Carlo advantages, 0 gives TD(0)),
+          a scalar.
 
   Returns:
       ``(advantages, returns)``, each ``[seq]``, 0 at masked positions. ``returns`` are the
@@ -225,7 +240,7 @@ def reinforce_returns(r_t: ArrayLike, mask: ArrayLike, *, gamma: ArrayLike = 1.0
   Args:
       r_t: rewards, ``[seq]``.
       mask: response mask, ``[seq]`` bool or float.
-      gamma: discount (default 1, the usual choice for RLHF).
+      gamma: discount, a scalar (default 1, the usual choice for RLHF).
 
   Returns:
       Returns ``[seq]``.
@@ -355,18 +370,37 @@ def rloo_advantages(scores: ArrayLike) -> jax.Array:
   return scores - (total - scores) / (k - 1)
 
 
-def grpo_advantages(scores: ArrayLike, *, eps: float = 1e-6, scale: bool = True) -> jax.Array:
-  """Group-relative advantages ``(r_i - mean(r)) / (std(r) + eps)`` within each group.
+GRPO_SCALES = ("group", "batch", "none")
 
-  ``std`` is the population standard deviation (``ddof=0``), so the advantages of each group
-  have zero mean and unit standard deviation (up to ``eps``). TRL and veRL use the sample
-  standard deviation (``ddof=1``), which gives advantages smaller by ``sqrt((k - 1) / k)``.
-  A group whose scores are all equal gets zero advantages.
+
+def grpo_advantages(
+  scores: ArrayLike,
+  *,
+  eps: float = 1e-6,
+  scale: bool | str = "group",
+  axis_name: str | None = None,
+) -> jax.Array:
+  """Group-relative advantages ``(r_i - mean(r)) / (std + eps)`` within each group.
+
+  The mean is the group's. ``std`` depends on ``scale`` (TRL's ``scale_rewards``):
+
+  * ``'group'`` (GRPO, Shao et al. 2024): the group's standard deviation, so the advantages
+    of each group have zero mean and unit standard deviation (up to ``eps``); a group whose
+    scores are all equal gets zero advantages;
+  * ``'batch'``: the standard deviation of all scores of the (global, with ``axis_name``)
+    batch, one scale for every group (robust to groups with tiny spread);
+  * ``'none'``: no division, only the group mean is subtracted (Dr. GRPO, Liu et al. 2025).
+
+  ``True`` / ``False`` are accepted for ``'group'`` / ``'none'``. Standard deviations are
+  population ones (``ddof=0``, dividing by ``n``); TRL and veRL use the sample standard
+  deviation (``ddof=1``), which gives advantages smaller by ``sqrt((n - 1) / n)``.
 
   Args:
       scores: rewards of ``k`` samples for each prompt, ``[num_prompts, k]``, ``k >= 1``.
       eps: added to the standard deviation.
-      scale: if False, only the mean is subtracted (Dr. GRPO, Liu et al. 2025).
+      scale: ``'group'``, ``'batch'`` or ``'none'`` (see above).
+      axis_name: mapped axis over which ``'batch'`` statistics are taken (groups never span
+          devices).
 
   Returns:
       Advantages ``[num_prompts, k]``.
@@ -374,12 +408,26 @@ def grpo_advantages(scores: ArrayLike, *, eps: float = 1e-6, scale: bool = True)
   References:
       Shao et al., "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open
       Language Models", 2024.
+      Liu et al., "Understanding R1-Zero-Like Training: A Critical Perspective", 2025
+      (Dr. GRPO).
   """
+  if isinstance(scale, bool):
+    scale = "group" if scale else "none"
+  if scale not in GRPO_SCALES:
+    raise ValueError(f"scale must be one of {GRPO_SCALES} (or a bool), got {scale!r}")
   scores = _check_groups(scores, min_k=1)
   centred = scores - jnp.mean(scores, axis=1, keepdims=True)
-  if not scale:
+  if scale == "none":
     return centred
-  std = jnp.sqrt(jnp.mean(jnp.square(centred), axis=1, keepdims=True))
+  if scale == "group":
+    std = jnp.sqrt(jnp.mean(jnp.square(centred), axis=1, keepdims=True))
+    return centred / (std + eps)
+
+  def across(v):
+    return v if axis_name is None else lax.pmean(v, axis_name)
+
+  mean = across(jnp.mean(scores))
+  std = jnp.sqrt(across(jnp.mean(jnp.square(scores - mean))))
   return centred / (std + eps)
 
 

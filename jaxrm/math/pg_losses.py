@@ -9,7 +9,12 @@ Token losses are reduced to a scalar by ``masked_aggregate``:
 * ``'token_mean'``: sum over all real tokens of the batch / number of real tokens (every token
   weighs the same; longer responses weigh more);
 * ``'seq_mean'``: mean over sequences of each sequence's mean over its real tokens (every
-  sequence weighs the same). Sequences without any real token are left out.
+  sequence weighs the same). Sequences without any real token are left out;
+* ``'constant_length'``: sum over all real tokens of the batch / (number of sequences x
+  ``norm_length``), a constant normaliser (Dr. GRPO, Liu et al. 2025: no length bias from
+  dividing by each response's own length; TRL ``loss_type='dr_grpo'`` with
+  ``norm_length = max_completion_length``). Every sequence (row) counts, with or without
+  real tokens.
 
 With ``axis_name`` (data parallelism), the denominators are averaged over the mapped axis, so
 that ``lax.pmean`` of the per-shard loss, and of its per-device gradients, equals the loss (and
@@ -30,7 +35,8 @@ from jax.typing import ArrayLike
 
 from jaxrm.math._arrays import as_float, is_concrete
 
-AGGREGATIONS = ("token_mean", "seq_mean")
+AGGREGATIONS = ("token_mean", "seq_mean", "constant_length")
+RATIO_LEVELS = ("token", "sequence")
 
 
 def _check_same(ref_name: str, ref: jax.Array, **others: jax.Array) -> None:
@@ -47,21 +53,25 @@ def masked_aggregate(
   *,
   aggregation: str = "token_mean",
   axis_name: str | None = None,
+  norm_length: int | None = None,
 ) -> jax.Array:
   """Reduces per-token values ``[batch, seq]`` to a scalar over the real tokens.
 
   ``'token_mean'`` is ``sum_{b,t} m x / sum_{b,t} m``; ``'seq_mean'`` is the mean over
-  sequences with at least one real token of ``sum_t m x / sum_t m``. With no real token at all
-  the result is 0. Masked entries are ignored even if they are ``nan`` or ``inf``.
+  sequences with at least one real token of ``sum_t m x / sum_t m``; ``'constant_length'``
+  is ``sum_{b,t} m x / (batch * norm_length)``. With no real token at all the result is 0.
+  Masked entries are ignored even if they are ``nan`` or ``inf``.
 
   Args:
       x: per-token values, ``[batch, seq]``.
       mask: ``[batch, seq]``, bool or float (nonzero = real token).
-      aggregation: ``'token_mean'`` or ``'seq_mean'``.
+      aggregation: ``'token_mean'``, ``'seq_mean'`` or ``'constant_length'``.
       axis_name: if given, the number of tokens (or sequences) is averaged over this mapped
           axis with ``lax.pmean``, so that ``lax.pmean(masked_aggregate(...), axis_name)``
           equals the aggregate over the global batch, and so do per-device gradients
           averaged with ``lax.pmean`` (see the module docstring).
+      norm_length: the constant length of ``'constant_length'`` (e.g. the response budget
+          ``max_new_tokens``), a positive int; ignored by the other aggregations.
 
   Returns:
       A scalar.
@@ -82,6 +92,13 @@ def masked_aggregate(
     per_seq_mean = jnp.sum(xm, axis=-1) / jnp.maximum(per_seq_count, 1.0)
     num_seqs = across(jnp.sum(per_seq_count > 0, dtype=x.dtype))
     return jnp.sum(per_seq_mean) / jnp.maximum(num_seqs, 1.0)
+  if aggregation == "constant_length":
+    if not isinstance(norm_length, int) or isinstance(norm_length, bool) or norm_length < 1:
+      raise ValueError(
+        f"aggregation='constant_length' needs norm_length, a positive int, got {norm_length!r}"
+      )
+    num_seqs = across(jnp.asarray(x.shape[0], x.dtype))
+    return jnp.sum(xm) / (jnp.maximum(num_seqs, 1.0) * norm_length)
   raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
 
 
@@ -94,12 +111,29 @@ def ppo_policy_loss(
   clip_eps: float,
   aggregation: str = "token_mean",
   axis_name: str | None = None,
+  norm_length: int | None = None,
+  clip_eps_high: float | None = None,
+  dual_clip: float | None = None,
+  ratio_level: str = "token",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """PPO clipped surrogate loss ``-min(rho A, clip(rho, 1 - eps, 1 + eps) A)`` per token.
+  """PPO clipped surrogate loss ``-min(rho A, clip(rho, 1 - eps, 1 + eps_high) A)`` per token.
 
   ``rho = exp(logp - old_logp)``. Where the ratio has left the trust region in the direction
-  the advantage pushes it (``A > 0`` and ``rho > 1 + eps``, or ``A < 0`` and
+  the advantage pushes it (``A > 0`` and ``rho > 1 + eps_high``, or ``A < 0`` and
   ``rho < 1 - eps``) the clipped term is selected and the token's gradient is zero.
+
+  Variants (each off by default):
+
+  * asymmetric clipping ("clip-higher", DAPO, Yu et al. 2025): ``clip_eps_high`` is the
+    upper range (``clip_eps`` the lower), e.g. ``clip_eps=0.2, clip_eps_high=0.28``;
+  * dual-clip PPO (Ye et al. 2020): for ``A < 0`` the loss is bounded by ``-dual_clip * A``,
+    i.e. ``max(-min(rho A, clip(rho) A), ...)`` becomes ``min(that, -c A)`` (OpenRLHF's
+    ``dual_clip``), so a huge ratio on a bad action cannot blow up the update; ``c > 1``;
+  * sequence-level ratio (GSPO, Zheng et al. 2025): ``ratio_level='sequence'`` replaces each
+    token's ratio by the sequence's ``s_i = exp(mean_t (logp - old_logp))`` over its masked
+    tokens (TRL's ``importance_sampling_level='sequence'``); with sequence-level
+    advantages and ``aggregation='seq_mean'`` this is GSPO's objective (use a small
+    ``clip_eps``, the paper's 3e-4 / 4e-4).
 
   Args:
       logp: log-probabilities of the sampled tokens under the current policy,
@@ -107,21 +141,33 @@ def ppo_policy_loss(
       old_logp: log-probabilities under the policy that sampled them, ``[batch, seq]``.
       advantages: advantages, ``[batch, seq]`` (e.g. from ``jaxrm.math.advantages.batched_gae``).
       mask: response mask, ``[batch, seq]``.
-      clip_eps: clipping range ``eps`` (e.g. 0.2).
-      aggregation: ``'token_mean'`` or ``'seq_mean'``, see ``masked_aggregate``.
+      clip_eps: clipping range ``eps`` (e.g. 0.2); the lower range with ``clip_eps_high``.
+      aggregation: ``'token_mean'``, ``'seq_mean'`` or ``'constant_length'``, see
+          ``masked_aggregate``.
       axis_name: see ``masked_aggregate``.
+      norm_length: see ``masked_aggregate``.
+      clip_eps_high: upper clipping range (None: ``clip_eps``).
+      dual_clip: the dual-clip constant ``c > 1`` (None: off).
+      ratio_level: ``'token'`` or ``'sequence'`` (GSPO).
 
   Returns:
       ``(loss, aux)``: the scalar loss and a dict of scalar diagnostics (gradient-free,
       aggregated like the loss):
 
       * ``'clip_fraction'``: fraction of tokens where the clipped term is selected (zero
-        gradient);
-      * ``'approx_kl'``: the k3 estimate ``(rho - 1) - log rho`` of ``KL(pi_old || pi)``;
-      * ``'ratio_mean'``: mean of ``rho``.
+        gradient; the dual clip is not counted);
+      * ``'approx_kl'``: the k3 estimate ``(rho - 1) - log rho`` of ``KL(pi_old || pi)``
+        from the token ratios. Conventions differ: TRL logs k2 (``0.5 (log rho)^2``),
+        OpenRLHF k1 (``-log rho``); all estimate the same KL, k3 unbiased and non-negative;
+      * ``'ratio_mean'``: mean of ``rho`` (the ratio used in the loss).
 
   References:
       Schulman et al., "Proximal Policy Optimization Algorithms", 2017.
+      Ye et al., "Mastering Complex Control in MOBA Games with Deep Reinforcement Learning",
+      2020 (dual-clip PPO).
+      Yu et al., "DAPO: An Open-Source LLM Reinforcement Learning System at Scale", 2025
+      (clip-higher).
+      Zheng et al., "Group Sequence Policy Optimization", 2025 (GSPO).
   """
   if is_concrete(clip_eps) and not float(clip_eps) > 0:
     raise ValueError(f"clip_eps must be > 0 (e.g. 0.2), got {clip_eps}")
@@ -133,19 +179,33 @@ def ppo_policy_loss(
   logp = jnp.where(m, logp, 0.0)
   old_logp = lax.stop_gradient(jnp.where(m, as_float(old_logp), 0.0))
   advantages = lax.stop_gradient(jnp.where(m, as_float(advantages), 0.0))
+  if ratio_level not in RATIO_LEVELS:
+    raise ValueError(f"ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
+  if dual_clip is not None and not dual_clip > 1.0:
+    raise ValueError(f"dual_clip must be None or > 1, got {dual_clip}")
+  high = clip_eps if clip_eps_high is None else clip_eps_high
   log_ratio = logp - old_logp
+  token_log_ratio = log_ratio
+  if ratio_level == "sequence":
+    count = jnp.maximum(jnp.sum(m, axis=-1, keepdims=True, dtype=logp.dtype), 1.0)
+    log_ratio = jnp.where(m, jnp.sum(log_ratio, axis=-1, keepdims=True) / count, 0.0)
   ratio = jnp.exp(log_ratio)
   unclipped = ratio * advantages
-  clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
-  per_token = -jnp.minimum(unclipped, clipped)
+  clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + high) * advantages
+  surrogate = jnp.minimum(unclipped, clipped)
+  if dual_clip is not None:
+    surrogate = jnp.where(advantages < 0, jnp.maximum(surrogate, dual_clip * advantages), surrogate)
+  per_token = -surrogate
 
   def agg(v):
-    return masked_aggregate(v, m, aggregation=aggregation, axis_name=axis_name)
+    return masked_aggregate(
+      v, m, aggregation=aggregation, axis_name=axis_name, norm_length=norm_length
+    )
 
   loss = agg(per_token)
   aux = {
     "clip_fraction": agg((clipped < unclipped).astype(logp.dtype)),
-    "approx_kl": agg(jnp.expm1(log_ratio) - log_ratio),
+    "approx_kl": agg(jnp.expm1(token_log_ratio) - token_log_ratio),
     "ratio_mean": agg(ratio),
   }
   return loss, jax.tree.map(lax.stop_gradient, aux)
@@ -160,6 +220,7 @@ def ppo_value_loss(
   clip_eps: float,
   aggregation: str = "token_mean",
   axis_name: str | None = None,
+  norm_length: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Clipped value loss ``1/2 max((v - G)^2, (v_clip - G)^2)`` per token.
 
@@ -174,8 +235,10 @@ def ppo_value_loss(
           ``[batch, seq]``.
       mask: response mask, ``[batch, seq]``.
       clip_eps: value clipping range ``eps`` (absolute, in reward units).
-      aggregation: ``'token_mean'`` or ``'seq_mean'``, see ``masked_aggregate``.
+      aggregation: ``'token_mean'``, ``'seq_mean'`` or ``'constant_length'``, see
+          ``masked_aggregate``.
       axis_name: see ``masked_aggregate``.
+      norm_length: see ``masked_aggregate``.
 
   Returns:
       ``(loss, aux)``: the scalar loss and ``aux['clip_fraction']``, the fraction of tokens
@@ -201,7 +264,9 @@ def ppo_value_loss(
   per_token = 0.5 * jnp.maximum(err_unclipped, err_clipped)
 
   def agg(v):
-    return masked_aggregate(v, m, aggregation=aggregation, axis_name=axis_name)
+    return masked_aggregate(
+      v, m, aggregation=aggregation, axis_name=axis_name, norm_length=norm_length
+    )
 
   loss = agg(per_token)
   clip_fraction = agg((err_clipped > err_unclipped).astype(values.dtype))
@@ -214,6 +279,7 @@ def entropy_bonus(
   *,
   aggregation: str = "token_mean",
   axis_name: str | None = None,
+  norm_length: int | None = None,
 ) -> jax.Array:
   """Aggregated per-token policy entropy, to be *subtracted* from a loss.
 
@@ -224,8 +290,10 @@ def entropy_bonus(
       entropy: per-token entropy of the policy's next-token distribution, ``[batch, seq]``
           (``-sum_v p log p`` over the vocabulary).
       mask: response mask, ``[batch, seq]``.
-      aggregation: ``'token_mean'`` or ``'seq_mean'``, see ``masked_aggregate``.
+      aggregation: ``'token_mean'``, ``'seq_mean'`` or ``'constant_length'``, see
+          ``masked_aggregate``.
       axis_name: see ``masked_aggregate``.
+      norm_length: see ``masked_aggregate``.
 
   Returns:
       A scalar.
@@ -234,7 +302,9 @@ def entropy_bonus(
       Mnih et al., "Asynchronous Methods for Deep Reinforcement Learning", 2016.
   """
   entropy = as_float(entropy)
-  return masked_aggregate(entropy, mask, aggregation=aggregation, axis_name=axis_name)
+  return masked_aggregate(
+    entropy, mask, aggregation=aggregation, axis_name=axis_name, norm_length=norm_length
+  )
 
 
 def reinforce_loss(
@@ -244,6 +314,7 @@ def reinforce_loss(
   *,
   aggregation: str = "token_mean",
   axis_name: str | None = None,
+  norm_length: int | None = None,
 ) -> jax.Array:
   """REINFORCE loss ``-A * logp`` per token (advantages are constants).
 
@@ -257,8 +328,10 @@ def reinforce_loss(
       advantages: advantages (or returns), ``[batch, seq]``; ``lax.stop_gradient`` is
           applied.
       mask: response mask, ``[batch, seq]``.
-      aggregation: ``'token_mean'`` or ``'seq_mean'``, see ``masked_aggregate``.
+      aggregation: ``'token_mean'``, ``'seq_mean'`` or ``'constant_length'``, see
+          ``masked_aggregate``.
       axis_name: see ``masked_aggregate``.
+      norm_length: see ``masked_aggregate``.
 
   Returns:
       A scalar.
@@ -274,4 +347,6 @@ def reinforce_loss(
   m = jnp.asarray(mask) != 0
   advantages = lax.stop_gradient(jnp.where(m, as_float(advantages), 0.0))
   per_token = -advantages * jnp.where(m, logp, 0.0)
-  return masked_aggregate(per_token, m, aggregation=aggregation, axis_name=axis_name)
+  return masked_aggregate(
+    per_token, m, aggregation=aggregation, axis_name=axis_name, norm_length=norm_length
+  )

@@ -402,30 +402,53 @@ def plackett_luce_loss(
 
 
 # ------------------------------------------------------------------------------ regulariser
-def reward_centering_penalty(rewards: ArrayLike, *, coef: float) -> jax.Array:
-  """Reward-centring penalty ``coef * mean(r)^2``.
+CENTERING_FORMS = ("pair", "batch")
+
+
+def reward_centering_penalty(
+  rewards_chosen: ArrayLike, rewards_rejected: ArrayLike, *, coef: float, form: str = "pair"
+) -> jax.Array:
+  """Reward-centring penalty of Eisenstein et al. (2023, Eq. 2): ``coef * mean_i (r_c + r_r)^2``.
 
   Preference likelihoods only see reward differences, so a reward model's offset is free and
-  drifts; this penalty pins the batch mean reward to zero, making rewards comparable across
-  models and training runs (e.g. across ensemble members). Pass *all* rewards of the batch,
-  chosen and rejected concatenated (``jnp.concatenate([r_chosen, r_rejected])``); any shape
-  is accepted and averaged over every entry.
+  drifts; this auxiliary loss pins the rewards of each pair to sum to zero, making rewards
+  comparable across models and runs (e.g. across ensemble members). It is TRL's
+  ``center_rewards_coefficient * mean((r_c + r_r) ** 2)``.
+
+  ``form='batch'`` is the weaker ``coef * mean(concat(r_c, r_r))^2``, which only pins the
+  batch mean (the minimal constraint that fixes the offset, leaving each pair's sum free);
+  it was this function's only form before, so results trained with it differ from the paper's.
+  Example: ``r_c = [5, -5]``, ``r_r = [4, -4]`` (pairs (5, 4) and (-5, -4)) give 81 with
+  ``'pair'`` and 0 with ``'batch'``.
 
   Args:
-      rewards: rewards, any non-empty shape.
-      coef: penalty coefficient (e.g. 0.01).
+      rewards_chosen: ``[batch]`` rewards of the chosen responses (any shape, matched by
+          ``rewards_rejected``; every entry is one pair).
+      rewards_rejected: rewards of the rejected responses, the shape of ``rewards_chosen``.
+      coef: penalty coefficient >= 0 (Eisenstein et al. and TRL use 0.01).
+      form: ``'pair'`` (the paper's) or ``'batch'``.
 
   Returns:
       A scalar.
 
   References:
       Eisenstein et al., "Helping or herding? Reward model ensembles mitigate but do not
-      eliminate reward hacking", 2023 (reward-centring auxiliary loss).
+      eliminate reward hacking", 2023, Eq. 2 (reward-centring auxiliary loss).
   """
-  rewards = as_float(rewards)
-  if rewards.size == 0:
-    raise ValueError(f"rewards must be non-empty, got shape {rewards.shape}")
-  return coef * jnp.square(jnp.mean(rewards))
+  rc, rr = as_float(rewards_chosen), as_float(rewards_rejected)
+  if rc.shape != rr.shape:
+    raise ValueError(
+      f"rewards_rejected must have the shape of rewards_chosen {rc.shape}, got {rr.shape}"
+    )
+  if rc.size == 0:
+    raise ValueError(f"rewards_chosen must be non-empty, got shape {rc.shape}")
+  if form not in CENTERING_FORMS:
+    raise ValueError(f"form must be one of {CENTERING_FORMS}, got {form!r}")
+  if not isinstance(coef, jax.Array) and not coef >= 0:
+    raise ValueError(f"coef must be >= 0, got {coef}")
+  if form == "pair":
+    return coef * jnp.mean(jnp.square(rc + rr))
+  return coef * jnp.square(jnp.mean(jnp.concatenate([rc.ravel(), rr.ravel()])))
 
 
 # ------------------------------------------------------------------------------ registry

@@ -694,10 +694,11 @@ def make_loss_fn(config: TrainConfig):
     return base
 
   def loss_fn(rewards_chosen, rewards_rejected, *, weights=None, labels=None):
-    rewards = jnp.concatenate([rewards_chosen, rewards_rejected])
     return base(
       rewards_chosen, rewards_rejected, weights=weights, labels=labels
-    ) + preference.reward_centering_penalty(rewards, coef=config.center_coef)
+    ) + preference.reward_centering_penalty(
+      rewards_chosen, rewards_rejected, coef=config.center_coef
+    )
 
   return loss_fn
 
