@@ -105,7 +105,7 @@ import optax
 
 from jaxrm.math import advantages as adv_lib
 from jaxrm.math import kl as kl_lib
-from jaxrm.math import pg_losses
+from jaxrm.math import pg_losses, running_stats
 from jaxrm.models import sampling
 from jaxrm.models.policy import PolicyFns, PolicyModel
 from jaxrm.models.transformer import TransformerConfig
@@ -115,6 +115,7 @@ from jaxrm.steps import train_state as train_state_lib
 ALGORITHMS = ("ppo", "reinforce", "rloo", "grpo")
 BASELINES = ("moving_average", "batch", "none")
 GRPO_KL = ("loss", "reward")
+REWARD_NORMS = ("none", "whiten", "running")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,19 +137,33 @@ class RLConfig:
     num_epochs: passes over each rollout (PPO, GRPO).
     num_minibatches: minibatches per pass (PPO, GRPO); must divide the local number of
       sequences.
-    clip_eps: PPO/GRPO ratio clipping range.
+    clip_eps: PPO/GRPO ratio clipping range (the lower range with ``clip_eps_high``).
+    clip_eps_high: upper ratio clipping range ("clip-higher", DAPO; None: ``clip_eps``).
+    dual_clip: dual-clip PPO constant ``c > 1`` bounding the loss of negative advantages
+      (Ye et al. 2020; None: off). PPO and GRPO.
+    ratio_level: ``'token'`` or ``'sequence'`` (GSPO's length-normalised sequence ratio, Zheng
+      et al. 2025; use with ``aggregation='seq_mean'`` and a small ``clip_eps``). PPO, GRPO.
     value_clip_eps: PPO value clipping range (reward units).
     value_coef: weight of the value loss (PPO).
     entropy_coef: weight of the entropy bonus (all algorithms).
     gamma: discount (PPO GAE, REINFORCE returns).
     lam: GAE lambda (PPO).
     whiten_advantages: whiten PPO advantages over the (global) batch.
-    aggregation: token-loss reduction, ``'token_mean'`` or ``'seq_mean'``.
+    aggregation: token-loss reduction, ``'token_mean'``, ``'seq_mean'`` or
+      ``'constant_length'`` (Dr. GRPO: the token sum over ``batch x max_new_tokens``).
     baseline: REINFORCE baseline, ``'moving_average'``, ``'batch'`` or ``'none'``.
     baseline_decay: decay of the moving-average baseline.
     num_samples: responses per prompt (RLOO, GRPO), >= 2.
     grpo_kl: where GRPO applies the KL penalty, ``'loss'`` or ``'reward'``.
-    grpo_scale: divide GRPO advantages by the group standard deviation (False: Dr. GRPO).
+    grpo_scale: GRPO advantage scaling, ``'group'`` (the group's standard deviation),
+      ``'batch'`` (the global batch's) or ``'none'`` (Dr. GRPO); True/False mean
+      ``'group'``/``'none'``.
+    missing_eos_penalty: subtracted from the score of every response that does not contain
+      ``eos_id`` (TRL's ``missing_eos_penalty``; None: off; needs ``eos_id``).
+    reward_norm: normalisation of the scores before the algorithm's targets: ``'none'``,
+      ``'whiten'`` (over the global batch, population variance) or ``'running'`` (by the
+      running mean and standard deviation of every score seen, ``RLState.reward_stats``,
+      updated with the batch first). After ``missing_eos_penalty``.
     nonfinite: ``'skip'`` or ``'raise'`` (see :func:`jaxrm.steps.train_state.apply_if_finite`;
       in ``'raise'`` mode a step with a non-finite update returns its input state).
   """
@@ -173,8 +188,13 @@ class RLConfig:
   baseline_decay: float = 0.9
   num_samples: int = 4
   grpo_kl: str = "loss"
-  grpo_scale: bool = True
+  grpo_scale: str = "group"
   nonfinite: str = "skip"
+  clip_eps_high: float | None = None
+  dual_clip: float | None = None
+  ratio_level: str = "token"
+  missing_eos_penalty: float | None = None
+  reward_norm: str = "none"
 
   def __post_init__(self):
     def bad(name, want):
@@ -213,6 +233,23 @@ class RLConfig:
       bad("grpo_kl", f"one of {GRPO_KL}")
     if self.nonfinite not in train_state_lib.NONFINITE_MODES:
       bad("nonfinite", f"one of {train_state_lib.NONFINITE_MODES}")
+    if isinstance(self.grpo_scale, bool):  # the former bool option
+      object.__setattr__(self, "grpo_scale", "group" if self.grpo_scale else "none")
+    if self.grpo_scale not in adv_lib.GRPO_SCALES:
+      bad("grpo_scale", f"one of {adv_lib.GRPO_SCALES}")
+    if self.clip_eps_high is not None and not self.clip_eps_high > 0:
+      bad("clip_eps_high", "None or > 0")
+    if self.dual_clip is not None and not self.dual_clip > 1:
+      bad("dual_clip", "None or > 1")
+    if self.ratio_level not in pg_losses.RATIO_LEVELS:
+      bad("ratio_level", f"one of {pg_losses.RATIO_LEVELS}")
+    if self.missing_eos_penalty is not None:
+      if not self.missing_eos_penalty >= 0:
+        bad("missing_eos_penalty", "None or >= 0")
+      if self.eos_id is None:
+        bad("missing_eos_penalty", "None when eos_id is None (every response has no EOS)")
+    if self.reward_norm not in REWARD_NORMS:
+      bad("reward_norm", f"one of {REWARD_NORMS}")
     if self.eos_id is not None and (
       not isinstance(self.eos_id, int) or isinstance(self.eos_id, bool) or self.eos_id < 0
     ):
@@ -230,6 +267,7 @@ class RLState(NamedTuple):
     kl: the KL controller (``kl.kl_coef`` is the coefficient of the next step).
     baseline: REINFORCE moving-average baseline (unused by the other algorithms).
     num_skipped: optimizer updates not applied because of non-finite values.  # shape=(), int32
+    reward_stats: running moments of the scores (``RLConfig.reward_norm='running'``).
   """
 
   step: jax.Array  # shape=(), int32
@@ -239,6 +277,7 @@ class RLState(NamedTuple):
   kl: adv_lib.AdaptiveKLState
   baseline: adv_lib.ReinforceBaselineState
   num_skipped: jax.Array  # shape=(), int32
+  reward_stats: running_stats.RunningMoments
 
 
 def create_rl_state(
@@ -260,6 +299,7 @@ def create_rl_state(
     kl=adv_lib.adaptive_kl_init(init_kl_coef=kl_coef),
     baseline=adv_lib.reinforce_baseline_init(),
     num_skipped=ts.num_skipped,
+    reward_stats=running_stats.running_moments_init(),
   )
 
 
@@ -605,13 +645,13 @@ def rloo_targets(
 
 
 def grpo_targets(
-  ro: rollout_lib.Rollout, *, kl_coef: jax.typing.ArrayLike, config: RLConfig
+  ro: rollout_lib.Rollout, *, kl_coef: jax.typing.ArrayLike, config: RLConfig, axis_name: Any = None
 ) -> tuple[jax.Array, jax.Array]:
   """GRPO advantages: group-normalised sequence rewards broadcast over the response.
 
   The sequence reward is the score, minus ``kl_coef * sum_t ro.kl[t]`` when
-  ``config.grpo_kl == 'reward'``; normalisation by the group standard deviation when
-  ``config.grpo_scale``.
+  ``config.grpo_kl == 'reward'``; scaled as ``config.grpo_scale`` says (``'batch'``: the
+  standard deviation of the global batch under ``axis_name``).
 
   Returns:
     ``(advantages [batch, seq], sequence_rewards [batch])``.
@@ -620,7 +660,7 @@ def grpo_targets(
   if config.grpo_kl == "reward":
     reward = reward - kl_coef * kl_lib.sequence_kl(ro.kl, ro.response_mask)
   seq_adv = adv_lib.grpo_advantages(
-    _groups(reward, config.num_samples), scale=config.grpo_scale
+    _groups(reward, config.num_samples), scale=config.grpo_scale, axis_name=axis_name
   ).reshape(-1)
   return _broadcast(seq_adv, ro.response_mask), reward
 
@@ -708,7 +748,10 @@ def iterate(
   )
   ok = _rollout_finite(ro, axis_name)
   kl_coef = state.kl.kl_coef
-  targets = algorithm.targets(ro, state, kl_coef=kl_coef, config=config, axis_name=axis_name)
+  scores, reward_stats = shape_scores(ro, state.reward_stats, config=config, axis_name=axis_name)
+  reward_stats = _select(ok, reward_stats, state.reward_stats)
+  shaped = ro._replace(scores=scores)
+  targets = algorithm.targets(shaped, state, kl_coef=kl_coef, config=config, axis_name=axis_name)
   baseline = _select(ok, targets.baseline, state.baseline)
   data = {"tokens": ro.tokens, "mask": ro.mask, "response_mask": ro.response_mask}
   data.update(targets.data)
@@ -730,9 +773,43 @@ def iterate(
   )
   metrics.update(_rollout_metrics(ro, kl_coef, axis_name))
   metrics.update(targets.metrics)
+  if config.missing_eos_penalty is not None or config.reward_norm != "none":
+    metrics["shaped_score"] = _pmean(jnp.mean(scores), axis_name)
   kl_state = _next_kl_state(state, ro, ok, config=config, axis_name=axis_name)
+  new = new._replace(reward_stats=reward_stats)
   new = _finish(state, new, metrics, kl_state=kl_state, baseline=baseline, config=config)
   return _result(new, metrics, ro, return_rollout, axis_name)
+
+
+def shape_scores(
+  ro: rollout_lib.Rollout,
+  reward_stats: running_stats.RunningMoments,
+  *,
+  config: RLConfig,
+  axis_name: Any = None,
+) -> tuple[jax.Array, running_stats.RunningMoments]:
+  """The scores the algorithm optimises, and the next running reward statistics.
+
+  ``config.missing_eos_penalty`` is subtracted from the score of every response without
+  ``config.eos_id``; then ``config.reward_norm`` applies: ``'whiten'`` standardises the
+  scores over the global batch (:func:`jaxrm.math.advantages.whiten`, population variance),
+  ``'running'`` merges them into ``reward_stats`` and standardises them with the merged
+  statistics (:mod:`jaxrm.math.running_stats`). ``reward_stats`` is returned unchanged unless
+  ``'running'``. The metrics' ``score`` stays the raw ``reward_fn`` mean.
+
+  Returns:
+    ``(scores [batch], reward_stats)``.
+  """
+  scores = ro.scores
+  if config.missing_eos_penalty is not None:
+    has_eos = jnp.any(ro.response_mask & (ro.tokens == config.eos_id), axis=1)
+    scores = scores - jnp.where(has_eos, 0.0, config.missing_eos_penalty)
+  if config.reward_norm == "whiten":
+    scores = adv_lib.whiten(scores, jnp.ones(scores.shape, bool), axis_name=axis_name)
+  elif config.reward_norm == "running":
+    reward_stats = running_stats.running_moments_update(reward_stats, scores, axis_name=axis_name)
+    scores = running_stats.normalize(scores, reward_stats)
+  return scores, reward_stats
 
 
 # ----------------------------------------------------------------------------- algorithms
@@ -756,16 +833,33 @@ def _ppo_targets(ro, state, *, kl_coef, config, axis_name):
   return Targets(data, metrics, state.baseline)
 
 
+def _agg(config: RLConfig, axis_name) -> dict[str, Any]:
+  """Token-loss aggregation arguments of :mod:`jaxrm.math.pg_losses`."""
+  return dict(
+    aggregation=config.aggregation, axis_name=axis_name, norm_length=config.max_new_tokens
+  )
+
+
+def _surrogate(config: RLConfig) -> dict[str, Any]:
+  """Clipped-surrogate arguments of :func:`jaxrm.math.pg_losses.ppo_policy_loss`."""
+  return dict(
+    clip_eps=config.clip_eps,
+    clip_eps_high=config.clip_eps_high,
+    dual_clip=config.dual_clip,
+    ratio_level=config.ratio_level,
+  )
+
+
 def _ppo_loss(params, mb, *, policy, config, kl_coef, axis_name):
   """Clipped surrogate + ``value_coef`` x clipped value loss - ``entropy_coef`` x entropy."""
   del kl_coef  # in the rewards
-  agg = dict(aggregation=config.aggregation, axis_name=axis_name)
+  agg = _agg(config, axis_name)
   logp, entropy, values = rollout_lib.policy_outputs(
     params, mb["tokens"], mb["mask"], policy=policy, value_head=True, temperature=config.temperature
   )
   m = mb["response_mask"]
   pl, paux = pg_losses.ppo_policy_loss(
-    logp, mb["logprobs"], mb["advantages"], m, clip_eps=config.clip_eps, **agg
+    logp, mb["logprobs"], mb["advantages"], m, **_surrogate(config), **agg
   )
   vl, vaux = pg_losses.ppo_value_loss(
     values, mb["values"], mb["returns"], m, clip_eps=config.value_clip_eps, **agg
@@ -784,7 +878,7 @@ def _ppo_loss(params, mb, *, policy, config, kl_coef, axis_name):
 def _pg_loss(params, mb, *, policy, config, kl_coef, axis_name):
   """``-A log pi - entropy_coef * H`` over the response (REINFORCE, RLOO)."""
   del kl_coef  # in the advantages
-  agg = dict(aggregation=config.aggregation, axis_name=axis_name)
+  agg = _agg(config, axis_name)
   logp, entropy, _ = rollout_lib.policy_outputs(
     params, mb["tokens"], mb["mask"], policy=policy, temperature=config.temperature
   )
@@ -809,7 +903,7 @@ def _rloo_targets(ro, state, *, kl_coef, config, axis_name):
 
 
 def _grpo_targets(ro, state, *, kl_coef, config, axis_name):
-  advantages, reward = grpo_targets(ro, kl_coef=kl_coef, config=config)
+  advantages, reward = grpo_targets(ro, kl_coef=kl_coef, config=config, axis_name=axis_name)
   data = {"logprobs": ro.logprobs, "ref_logprobs": ro.ref_logprobs, "advantages": advantages}
   metrics = {"return_mean": _pmean(jnp.mean(reward), axis_name)}
   return Targets(data, metrics, state.baseline)
@@ -817,13 +911,13 @@ def _grpo_targets(ro, state, *, kl_coef, config, axis_name):
 
 def _grpo_loss(params, mb, *, policy, config, kl_coef, axis_name):
   """Clipped surrogate - entropy bonus (+ ``kl_coef`` x the aggregated KL estimate)."""
-  agg = dict(aggregation=config.aggregation, axis_name=axis_name)
+  agg = _agg(config, axis_name)
   logp, entropy, _ = rollout_lib.policy_outputs(
     params, mb["tokens"], mb["mask"], policy=policy, temperature=config.temperature
   )
   m = mb["response_mask"]
   pl, paux = pg_losses.ppo_policy_loss(
-    logp, mb["logprobs"], mb["advantages"], m, clip_eps=config.clip_eps, **agg
+    logp, mb["logprobs"], mb["advantages"], m, **_surrogate(config), **agg
   )
   loss = pl - config.entropy_coef * pg_losses.entropy_bonus(entropy, m, **agg)
   kl_loss = jnp.zeros((), jnp.float32)
