@@ -982,8 +982,11 @@ def ppo_step(
     ``kl_estimate`` (the same with ``config.kl_estimator``), ``entropy`` (per response
     token), ``response_length``, ``kl_coef`` (used by this step), ``loss``,
     ``policy_loss``, ``value_loss``, ``clip_fraction``, ``value_clip_fraction``,
-    ``approx_kl`` (to the sampling policy), ``grad_norm`` (means over the updates),
-    ``return_mean``, ``value_mean``, ``nonfinite`` (an update was skipped), ``num_skipped``.
+    ``approx_kl`` (k3 estimate of KL(sampling policy || current policy) from the token ratios;
+    TRL logs k2, OpenRLHF k1), ``grad_norm`` (means over the updates),
+    ``return_mean``, ``value_mean``, ``nonfinite`` (an update was skipped), ``num_skipped``,
+    and ``shaped_score`` (mean score after ``missing_eos_penalty`` / ``reward_norm``) when
+    either is on.
   """
   return iterate(
     PPO,
