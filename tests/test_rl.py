@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from jaxrm.math import advantages as adv_lib
+from jaxrm.math import running_stats
 from jaxrm.models.policy import PolicyModel, apply_fn_policy, transformer_policy
 from jaxrm.models.transformer import TransformerConfig
 from jaxrm.steps import parallel, rl
@@ -629,7 +630,7 @@ def test_shape_scores_applies_the_missing_eos_penalty_then_the_reward_normalisat
   ro = ro._replace(tokens=tokens)
   raw = np.asarray(ro.scores, np.float64)
   penalised = raw - np.where(has_eos, 0.0, 1.5)
-  stats0 = rl.running_stats.running_moments_init()
+  stats0 = running_stats.running_moments_init()
   for norm in ("none", "whiten", "running"):
     config = ppo_config(eos_id=2, missing_eos_penalty=1.5, reward_norm=norm)
     scores, stats = jax.jit(functools.partial(rl.shape_scores, config=config))(ro, stats0)
