@@ -18,9 +18,17 @@ The policy is model-agnostic, as ``apply_fn`` is for the reward-model step: ``po
 :func:`jaxrm.models.policy.transformer_policy` for jaxrm's transformer (KV-cached sampler) or
 :func:`jaxrm.models.policy.apply_fn_policy` for any model's ``apply_fn``.
 
-All algorithms share one iteration frame (:func:`iterate`): collect a rollout -> finite flag
--> KL coefficient -> targets -> ``_optimize`` (epochs x minibatches) -> KL controller and
-baseline -> finish. An :class:`Algorithm` states only its targets and its loss.
+All algorithms share one iteration frame (:func:`iterate`, :mod:`jaxrm.steps.rl_frame`):
+collect a rollout -> finite flag -> KL coefficient -> score shaping (:func:`shape_scores`:
+``missing_eos_penalty``, ``reward_norm``) -> targets -> ``_optimize`` (epochs x minibatches)
+-> KL controller, baseline and reward statistics -> finish. An :class:`Algorithm` states only
+its targets and its loss; a new algorithm is an ``Algorithm(targets, loss, ...)`` passed to
+:func:`iterate`. Configuration and state: :mod:`jaxrm.steps.rl_config`.
+
+Policy-gradient variants (:class:`RLConfig` fields, all off by default): asymmetric clipping
+``clip_eps_high`` (DAPO), ``dual_clip`` (Ye et al. 2020), GSPO's ``ratio_level='sequence'``,
+Dr. GRPO's ``aggregation='constant_length'`` and ``grpo_scale='none'``, ``grpo_scale='batch'``,
+``missing_eos_penalty`` and ``reward_norm`` (``'whiten'``, ``'running'``).
 
 Algorithms (token alignment and losses from :mod:`jaxrm.math.advantages`, :mod:`jaxrm.math.pg_losses`):
 
@@ -53,7 +61,8 @@ step is the one in the input state.
 Non-finite values: every optimizer update goes through
 :func:`jaxrm.steps.train_state.apply_if_finite`. A rollout whose scores or log-probs are not finite
 (on response tokens) skips *all* its updates, each counted in ``num_skipped``, and leaves the
-KL controller and the baseline unchanged, so a NaN reward never reaches the parameters.
+KL controller, the baseline and the reward statistics unchanged, so a NaN reward never
+reaches the parameters.
 
 Data parallelism: with ``axis_name``, every device holds its shard of the prompts; example
 ``i`` samples with ``fold_in(key, global_index)``; advantage whitening, loss denominators,
