@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from jaxrm.math import best_of_n
 from jaxrm.math import dpo as dpo_lib
 from jaxrm.models.policy import PolicyModel
 from jaxrm.models.transformer import TransformerConfig
@@ -151,6 +152,19 @@ def test_dpo_starts_at_log_two_and_learns_the_preferences():
   assert np.mean([h["loss"] for h in history[-5:]]) < 0.6
   assert metrics["accuracy"] > 0.75
   assert int(state.num_skipped) == 0
+  # Best-of-n against the implicit reward model: responses of the reference policy, ranked by
+  # beta * log pi/pi_ref of the trained policy, gain gold (TARGET hits) as n grows.
+  tokens, mask, response = sequences(np.random.default_rng(7), 256)
+  proxy = dpo.implicit_reward_fn(APPLY, beta=0.5, prompt_len=PROMPT)(
+    (state.params, init_params()), tokens, mask
+  )
+  gold = hits(tokens, response).astype(np.float32)
+  expected_gold, _ = best_of_n.best_of_n_expected_reward(proxy, gold, np.array([1, 16]))
+  print(
+    f"best-of-n on the implicit reward: gold {expected_gold[0]:.2f} (n=1) -> "
+    f"{expected_gold[1]:.2f} (n=16)"
+  )
+  assert expected_gold[1] > expected_gold[0] + 0.5
 
 
 @pytest.mark.parametrize("loss", ["dpo", "kto"])

@@ -99,3 +99,38 @@ def test_objectives_reject_rank_1_rewards_naming_the_shape(name, kw):
 def test_objectives_reject_string_rewards_naming_the_argument():
   with pytest.raises(ValueError, match="rewards must be a numeric array, got dtype <U1"):
     obj.ensemble_mean(np.array([["a", "b"]]))
+
+
+# ----------------------------------------------------------------------------- normalisation
+@pytest.mark.parametrize("name", ["mean", "worst_case", "uncertainty_weighted"])
+def test_batch_normalised_objectives_match_numpy_and_ignore_member_offsets_and_scales(name):
+  rng = np.random.default_rng(3)
+  rewards = rng.normal(size=(4, 9))
+  hyper = {"coef": 0.5} if name == "uncertainty_weighted" else {}
+  z = (rewards - rewards.mean(1, keepdims=True)) / (rewards.std(1, keepdims=True) + 1e-8)
+  want = {
+    "mean": z.mean(0),
+    "worst_case": z.min(0),
+    "uncertainty_weighted": z.mean(0) - 0.5 * z.var(0),
+  }[name]
+  fn = obj.ensemble_objective(name, normalize="batch", **hyper)
+  with jax.enable_x64(True):
+    np.testing.assert_allclose(jax.jit(fn)(rewards), want, rtol=1e-10)
+  # Bradley-Terry leaves each member's offset and scale free: they no longer matter.
+  shifted = rewards * rng.uniform(0.5, 3.0, size=(4, 1)) + rng.normal(0, 10, size=(4, 1))
+  np.testing.assert_allclose(fn(shifted), fn(rewards), rtol=1e-4, atol=1e-5)
+
+
+def test_fixed_member_statistics_standardise_each_member():
+  rewards = np.array([[1.0, 3.0], [10.0, 30.0]])
+  mean, std = np.array([2.0, 20.0]), np.array([1.0, 10.0])
+  got = obj.normalize_members(rewards, mean=mean, std=std, eps=0.0)
+  np.testing.assert_allclose(got, [[-1.0, 1.0], [-1.0, 1.0]], rtol=1e-6)
+  fn = obj.ensemble_objective("worst_case", normalize="fixed", member_mean=mean, member_std=std)
+  np.testing.assert_allclose(fn(rewards), [-1.0, 1.0], rtol=1e-6)
+  with pytest.raises(ValueError, match="needs both member_mean and member_std"):
+    obj.ensemble_objective("mean", normalize="fixed", member_mean=mean)
+  with pytest.raises(ValueError, match="normalize must be one of"):
+    obj.ensemble_objective("mean", normalize="members")
+  with pytest.raises(ValueError, match=r"mean must have shape \[k\] = \(2,\), got \(3,\)"):
+    obj.normalize_members(rewards, mean=np.zeros(3), std=np.ones(3))

@@ -8,7 +8,14 @@ from model_helpers import random_params
 import numpy as np
 import pytest
 
-from jaxrm.models.policy import PolicyModel, sequence_logprobs, token_entropy, token_logprobs
+from jaxrm.models.policy import (
+  PolicyModel,
+  apply_fn_policy,
+  sequence_logprobs,
+  token_entropy,
+  token_logprobs,
+  transformer_policy,
+)
 from jaxrm.models.transformer import TransformerConfig
 
 VOCAB = 41
@@ -123,3 +130,45 @@ def test_lm_bias_init_sets_the_initial_next_token_distribution():
   np.testing.assert_allclose(
     jax.nn.softmax(logits[0]), np.tile(zipf / zipf.sum(), (4, 1)), rtol=1e-5
   )
+
+
+# ----------------------------------------------------------------------------- PolicyFns
+def test_transformer_policy_reads_the_value_head_only_when_the_params_have_one():
+  tokens = jnp.ones((B, S), jnp.int32)
+  mask = jnp.ones((B, S), bool)
+  with_head = PolicyModel(CFG, value_head=True).init(jax.random.key(0), tokens, mask)
+  plain = {"params": {k: v for k, v in with_head["params"].items() if k != "value_head"}}
+  policy = transformer_policy(CFG, value_head=True)
+  logits, values = policy.apply(with_head, tokens, mask)
+  want_logits, want_values = PolicyModel(CFG, value_head=True).apply(with_head, tokens, mask)
+  np.testing.assert_array_equal(logits, want_logits)
+  np.testing.assert_array_equal(values, want_values)
+  ref_logits, ref_values = policy.apply(plain, tokens, mask)  # the reference has no head
+  assert ref_values is None
+  np.testing.assert_array_equal(ref_logits, want_logits)
+  assert transformer_policy(CFG).apply(with_head, tokens, mask)[1] is None
+  assert (policy.vocab_size, policy.max_len) == (VOCAB, 16)
+
+
+def test_apply_fn_policy_accepts_logits_only_models_and_samples_rows_independently():
+  class Unigram(nn.Module):
+    @nn.compact
+    def __call__(self, tokens, mask):
+      bias = self.param("bias", nn.initializers.normal(1.0), (VOCAB,))
+      return jnp.broadcast_to(bias, tokens.shape + (VOCAB,))
+
+  model = Unigram()
+  params = model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), bool))
+  policy = apply_fn_policy(model.apply, vocab_size=VOCAB)
+  logits, values = policy.apply(params, jnp.ones((2, 4), jnp.int32), jnp.ones((2, 4), bool))
+  assert logits.shape == (2, 4, VOCAB) and values is None
+  prompts = jnp.array([[3, 4], [5, 6], [3, 4]], jnp.int32)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(1), i))(jnp.array([0, 1, 0]))
+  out = policy.sample(
+    params, prompts, jnp.ones((3, 2), bool), keys, max_new_tokens=5, temperature=1.0, eos_id=None
+  )
+  assert out.tokens.shape == (3, 7)
+  np.testing.assert_array_equal(out.tokens[0], out.tokens[2])  # same prompt and key
+  assert not np.array_equal(out.tokens[0, 2:], out.tokens[1, 2:])
+  with pytest.raises(ValueError, match="apply_fn must be callable"):
+    apply_fn_policy(None)

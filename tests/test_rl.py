@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from jaxrm.math import advantages as adv_lib
+from jaxrm.math import running_stats
 from jaxrm.models.policy import PolicyModel, apply_fn_policy, transformer_policy
 from jaxrm.models.transformer import TransformerConfig
 from jaxrm.steps import parallel, rl
@@ -617,3 +618,104 @@ def test_transformer_policy_ppo_reproduces_the_numbers_of_the_model_specific_ste
   np.testing.assert_allclose(metrics["value_loss"], 0.004922034218907356, rtol=1e-4)
   abs_sum = sum(np.abs(np.asarray(x, np.float64)).sum() for x in params)
   np.testing.assert_allclose(abs_sum, 598.6132519002422, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- variants
+def test_shape_scores_applies_the_missing_eos_penalty_then_the_reward_normalisation():
+  ro = fake_rollout(5, b=6, values=False)
+  tokens = np.zeros(ro.tokens.shape, np.int32)
+  last = np.array([np.nonzero(r)[0][-1] for r in ro.response_mask])
+  has_eos = np.array([True, False, True, False, False, True])
+  tokens[np.arange(6)[has_eos], last[has_eos]] = 2
+  ro = ro._replace(tokens=tokens)
+  raw = np.asarray(ro.scores, np.float64)
+  penalised = raw - np.where(has_eos, 0.0, 1.5)
+  stats0 = running_stats.running_moments_init()
+  for norm in ("none", "whiten", "running"):
+    config = ppo_config(eos_id=2, missing_eos_penalty=1.5, reward_norm=norm)
+    scores, stats = jax.jit(functools.partial(rl.shape_scores, config=config))(ro, stats0)
+    if norm == "none":
+      want = penalised
+    else:
+      want = (penalised - penalised.mean()) / np.sqrt(penalised.var() + 1e-8)
+    np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-6, err_msg=norm)
+    if norm == "running":
+      np.testing.assert_allclose(stats.count, 6)
+      np.testing.assert_allclose(stats.mean, penalised.mean(), rtol=1e-5)
+      # A second batch is normalised with the statistics of both.
+      scores2, stats2 = rl.shape_scores(ro._replace(scores=ro.scores + 1.0), stats, config=config)
+      both = np.concatenate([penalised, penalised + 1.0])
+      np.testing.assert_allclose(
+        scores2, (penalised + 1.0 - both.mean()) / np.sqrt(both.var() + 1e-8), rtol=1e-5
+      )
+    else:
+      assert float(stats.count) == 0.0
+
+
+GRPO_VARIANTS = dict(
+  num_samples=4,
+  kl_estimator="k3",
+  grpo_scale="batch",
+  reward_norm="running",
+  aggregation="constant_length",
+  ratio_level="sequence",
+  clip_eps=0.05,
+  clip_eps_high=0.08,
+  dual_clip=3.0,
+)
+
+
+def test_grpo_with_the_variants_learns_and_keeps_running_reward_statistics():
+  config = ppo_config(**GRPO_VARIANTS)
+  opt = optax.adam(1e-2)
+  step = jax.jit(
+    rl.make_step("grpo", policy=POLICY, config=config, reward_fn=toy_reward, optimizer=opt)
+  )
+  state = rl.create_rl_state(policy_params(), opt, jax.random.key(4), kl_coef=0.01)
+  state, hist = run(step, state, 40, b=8)
+  print(
+    f"\nGRPO variants: score {hist['score'][:5].mean():.3f} -> {hist['score'][-10:].mean():.3f}"
+  )
+  assert hist["score"][-10:].mean() > hist["score"][:5].mean() + 0.1
+  np.testing.assert_allclose(state.reward_stats.count, 40 * 8 * 4)
+  np.testing.assert_allclose(state.reward_stats.mean, hist["score"].mean(), rtol=1e-4)
+  assert int(state.num_skipped) == 0
+
+
+def test_parallel_grpo_variants_match_the_single_device_step():
+  """Batch-scaled advantages, running reward statistics and the constant-length normaliser
+  take global statistics, so 8 devices give the single-device result."""
+  config = ppo_config(**GRPO_VARIANTS)
+  step = rl.make_step(
+    "grpo", policy=POLICY, config=config, reward_fn=toy_reward, optimizer=OPT, return_rollout=True
+  )
+  state = rl.create_rl_state(policy_params(), OPT, jax.random.key(5), kl_coef=0.05)
+  pstep = parallel.make_parallel_step(rl.with_frozen_params(step), mode="shard_map")
+  carry = pstep.put_state((state, reward_params(), policy_params()))
+  jstep = jax.jit(step)
+  for i in range(2):
+    batch = make_prompts(20 + i, b=8)
+    state, want, want_ro = jstep(state, batch, reward_params(), policy_params())
+    carry, got, got_ro = pstep(carry, pstep.shard_batch(batch))
+    got, got_ro = pstep.unreplicate((got, got_ro))
+    np.testing.assert_array_equal(got_ro["tokens"], want_ro["tokens"])
+    for k in ("score", "shaped_score", "loss", "clip_fraction", "kl_loss"):
+      np.testing.assert_allclose(got[k], want[k], atol=1e-5, err_msg=k)
+  got_state = jax.device_get(pstep.unreplicate(carry)[0])
+  for a, b in zip(got_state.reward_stats, jax.device_get(state.reward_stats)):
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got_state.params, state.params
+  )
+
+
+def test_bad_variant_settings_raise_naming_the_field():
+  with pytest.raises(ValueError, match="RLConfig.missing_eos_penalty must be None when eos_id"):
+    ppo_config(eos_id=None, missing_eos_penalty=1.0)
+  with pytest.raises(ValueError, match="RLConfig.dual_clip must be None or > 1"):
+    ppo_config(dual_clip=1.0)
+  with pytest.raises(ValueError, match="RLConfig.reward_norm must be one of"):
+    ppo_config(reward_norm="batch")
+  with pytest.raises(ValueError, match="RLConfig.grpo_scale must be one of"):
+    ppo_config(grpo_scale="global")
+  assert ppo_config(grpo_scale=False).grpo_scale == "none"

@@ -11,5 +11,6 @@ from jaxrm.math import (
   objectives,
   pg_losses,
   preference,
+  running_stats,
   scaling,
 )

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxrm.math._arrays import as_float
-from jaxrm.math.preference import weighted_mean
+from jaxrm.math.preference import bradley_terry_losses, weighted_mean
 
 
 def _per_example(**arrays: ArrayLike) -> list[jax.Array]:
@@ -73,10 +73,6 @@ def implicit_reward(policy_logps: ArrayLike, ref_logps: ArrayLike, *, beta: Arra
   """
   policy_logps, ref_logps = _per_example(policy_logps=policy_logps, ref_logps=ref_logps)
   return beta * (policy_logps - ref_logps)
-
-
-def _log_ratio_margin(pc, pr, rc, rr):
-  return (pc - rc) - (pr - rr)
 
 
 def dpo_losses(
@@ -114,8 +110,12 @@ def dpo_losses(
     ref_chosen_logps=ref_chosen_logps,
     ref_rejected_logps=ref_rejected_logps,
   )
-  z = beta * _log_ratio_margin(pc, pr, lax.stop_gradient(rc), lax.stop_gradient(rr))
-  return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
+  # DPO is the Bradley-Terry loss on the implicit rewards (Rafailov et al. 2023, Eq. 7).
+  return bradley_terry_losses(
+    beta * (pc - lax.stop_gradient(rc)),
+    beta * (pr - lax.stop_gradient(rr)),
+    label_smoothing=label_smoothing,
+  )
 
 
 def dpo_loss(
@@ -161,7 +161,7 @@ def ipo_losses(
     ref_chosen_logps=ref_chosen_logps,
     ref_rejected_logps=ref_rejected_logps,
   )
-  h = _log_ratio_margin(pc, pr, lax.stop_gradient(rc), lax.stop_gradient(rr))
+  h = (pc - lax.stop_gradient(rc)) - (pr - lax.stop_gradient(rr))
   return jnp.square(h - 1.0 / (2.0 * beta))
 
 
@@ -217,8 +217,13 @@ def simpo_losses(
     chosen_lengths=chosen_lengths,
     rejected_lengths=rejected_lengths,
   )
-  z = beta * (pc / jnp.maximum(nc, 1.0) - pr / jnp.maximum(nr, 1.0)) - gamma
-  return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
+  # The Bradley-Terry loss on the length-normalised rewards with margin gamma.
+  return bradley_terry_losses(
+    beta * pc / jnp.maximum(nc, 1.0),
+    beta * pr / jnp.maximum(nr, 1.0),
+    margin=gamma,
+    label_smoothing=label_smoothing,
+  )
 
 
 def simpo_loss(

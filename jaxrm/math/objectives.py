@@ -12,6 +12,13 @@ Coste et al. (2023) find that with noisy labels, optimising the mean still over-
 the worst-case and uncertainty-weighted objectives barely do. ``ensemble_objective`` maps the
 names of an experiment flag to these functions.
 
+Members' offsets and scales are arbitrary under Bradley-Terry (only reward differences are
+trained), so the min and the variance over members mix incomparable numbers unless the
+members are first put on one scale: :func:`normalize_members` standardises each member, by
+fixed statistics (e.g. measured on ``pi_init`` samples, so a reward does not depend on the
+rest of the batch) or by the statistics of the rewards at hand; ``ensemble_objective(...,
+normalize=...)`` applies it before the objective.
+
 References:
     Coste, Anwar, Kirk and Krueger, "Reward Model Ensembles Help Mitigate Overoptimization",
     2023.
@@ -26,6 +33,7 @@ from jax.typing import ArrayLike
 from jaxrm.math._arrays import as_float
 
 OBJECTIVES = ("mean", "worst_case", "uncertainty_weighted")
+NORMALIZATIONS = ("none", "batch", "fixed")
 
 
 def _members(rewards: ArrayLike) -> jax.Array:
@@ -36,6 +44,41 @@ def _members(rewards: ArrayLike) -> jax.Array:
       f"{rewards.shape}; for one example's k member rewards pass rewards[:, None]"
     )
   return rewards
+
+
+def normalize_members(
+  rewards: ArrayLike,
+  *,
+  mean: ArrayLike | None = None,
+  std: ArrayLike | None = None,
+  eps: float = 1e-8,
+) -> jax.Array:
+  """Standardises each member's rewards: ``(r_j - mean_j) / (std_j + eps)``.
+
+  Args:
+      rewards: member rewards, ``[k, ...]``.
+      mean: ``[k]`` fixed member means, or None to use each member's mean over all entries
+          of ``rewards[j]``.
+      std: ``[k]`` fixed member standard deviations, or None to use each member's population
+          standard deviation over ``rewards[j]``. Give both or neither.
+      eps: added to the standard deviation.
+
+  Returns:
+      ``[k, ...]``.
+  """
+  rewards = _members(rewards)
+  k = rewards.shape[0]
+  if (mean is None) != (std is None):
+    raise ValueError("give both mean and std (fixed statistics) or neither (batch statistics)")
+  axes = tuple(range(1, rewards.ndim))
+  if mean is None:
+    mean = jnp.mean(rewards, axis=axes)
+    std = jnp.sqrt(jnp.mean(jnp.square(rewards - jnp.expand_dims(mean, axes)), axis=axes))
+  mean, std = jnp.asarray(mean, rewards.dtype), jnp.asarray(std, rewards.dtype)
+  for name, x in (("mean", mean), ("std", std)):
+    if x.shape != (k,):
+      raise ValueError(f"{name} must have shape [k] = ({k},), got {x.shape}")
+  return (rewards - jnp.expand_dims(mean, axes)) / (jnp.expand_dims(std, axes) + eps)
 
 
 def ensemble_mean(rewards: ArrayLike) -> jax.Array:
@@ -93,11 +136,23 @@ def ensemble_uncertainty_weighted(rewards: ArrayLike, *, coef: ArrayLike) -> jax
   return mean - jnp.asarray(coef, rewards.dtype) * var
 
 
-def ensemble_objective(name: str, **kwargs) -> Callable[[ArrayLike], jax.Array]:
+def ensemble_objective(
+  name: str,
+  *,
+  normalize: str = "none",
+  member_mean: ArrayLike | None = None,
+  member_std: ArrayLike | None = None,
+  **kwargs,
+) -> Callable[[ArrayLike], jax.Array]:
   """Returns the ensemble objective ``[k, batch, ...] -> [batch, ...]`` called ``name``.
 
   Args:
       name: ``'mean'``, ``'worst_case'`` or ``'uncertainty_weighted'``.
+      normalize: per-member normalisation before the objective (:func:`normalize_members`):
+          ``'none'``, ``'batch'`` (each member's statistics over the rewards passed) or
+          ``'fixed'`` (``member_mean`` and ``member_std``, ``[k]`` each).
+      member_mean: fixed member means for ``normalize='fixed'``.
+      member_std: fixed member standard deviations for ``normalize='fixed'``.
       **kwargs: the objective's hyperparameters: ``coef`` for ``'uncertainty_weighted'``
           (required), none for the others.
 
@@ -105,7 +160,8 @@ def ensemble_objective(name: str, **kwargs) -> Callable[[ArrayLike], jax.Array]:
       A function of the member rewards ``[k, batch, ...]`` returning ``[batch, ...]``.
 
   Raises:
-      ValueError: for an unknown name, or missing / unexpected hyperparameters.
+      ValueError: for an unknown name or normalisation, or missing / unexpected
+          hyperparameters.
 
   Example:
       >>> objective = ensemble_objective("uncertainty_weighted", coef=0.5)
@@ -127,8 +183,17 @@ def ensemble_objective(name: str, **kwargs) -> Callable[[ArrayLike], jax.Array]:
       f"ensemble objective {name!r} takes hyperparameters {list(required)}; "
       f"missing {missing}, unexpected {unexpected}"
     )
+  if normalize not in NORMALIZATIONS:
+    raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+  fixed = member_mean is not None or member_std is not None
+  if (normalize == "fixed") != fixed or (fixed and (member_mean is None or member_std is None)):
+    raise ValueError(
+      "normalize='fixed' needs both member_mean and member_std, and they are only used with it"
+    )
 
   def objective(rewards: ArrayLike) -> jax.Array:
+    if normalize != "none":
+      rewards = normalize_members(rewards, mean=member_mean, std=member_std)
     return fn(rewards, **kwargs)
 
   return objective
