@@ -19,6 +19,7 @@ from jaxrm.io import hf
 from jaxrm.models.policy import PolicyModel
 from jaxrm.models.presets import preset
 from jaxrm.models.reward_model import RewardModel
+from jaxrm.models.sampling import sample, sample_with_apply_fn
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "hf")
 POLICIES = ["gpt2", "llama", "qwen2", "mistral"]
@@ -185,8 +186,6 @@ def test_export_rejects_a_config_the_family_cannot_express(tmp_path):
 
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
 def test_kv_cached_sampler_matches_full_forward_sampler_with_gqa(name):
-  from jaxrm.models.sampling import sample, sample_with_apply_fn  # noqa: PLC0415
-
   model = hf.import_policy(os.path.join(DATA, name))
   assert model.config.kv_heads < model.config.num_heads
   tokens, _, _ = _reference(name)
