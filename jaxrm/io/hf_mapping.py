@@ -344,7 +344,7 @@ def hf_config_for(
   if model_type not in FAMILIES:
     raise ValueError(f"model_type must be one of {sorted(FAMILIES)}, got {model_type!r}")
   family = FAMILIES[model_type]
-  hf = hf_config_for_unchecked(config, model_type, head=head, base=base)
+  hf = _hf_config_fields(config, model_type, head=head, base=base)
   want = transformer_config(
     hf,
     max_len=None if family == "gpt2" else config.max_len,
@@ -362,7 +362,7 @@ def hf_config_for(
   return hf
 
 
-def hf_config_for_unchecked(
+def _hf_config_fields(
   config: TransformerConfig, model_type: str, *, head: str, base: dict[str, Any] | None
 ) -> dict[str, Any]:
   """``config.json`` fields for ``config`` without checking that they describe it exactly."""
