@@ -5,6 +5,7 @@ transformers, with logits computed by the transformers implementation in float32
 (tests/data/hf/make_fixtures.py; torch is needed only to regenerate them).
 """
 
+import functools
 import json
 import os
 import shutil
@@ -12,13 +13,19 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from safetensors.numpy import load_file, save_file
 
 from jaxrm.io import hf
+from jaxrm.math.preference import bradley_terry_loss
 from jaxrm.models.policy import PolicyModel
 from jaxrm.models.presets import preset
 from jaxrm.models.reward_model import RewardModel
+from jaxrm.models.sampling import sample, sample_with_apply_fn
+from jaxrm.steps import parallel
+from jaxrm.steps.rm_step import reward_model_step
+from jaxrm.steps.train_state import create_train_state
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "hf")
 POLICIES = ["gpt2", "llama", "qwen2", "mistral"]
@@ -185,8 +192,6 @@ def test_export_rejects_a_config_the_family_cannot_express(tmp_path):
 
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
 def test_kv_cached_sampler_matches_full_forward_sampler_with_gqa(name):
-  from jaxrm.models.sampling import sample, sample_with_apply_fn  # noqa: PLC0415
-
   model = hf.import_policy(os.path.join(DATA, name))
   assert model.config.kv_heads < model.config.num_heads
   tokens, _, _ = _reference(name)
@@ -200,3 +205,45 @@ def test_kv_cached_sampler_matches_full_forward_sampler_with_gqa(name):
   )
   np.testing.assert_array_equal(cached.tokens, full.tokens)
   np.testing.assert_allclose(cached.logprobs, full.logprobs, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["shard_map", "fsdp"])
+def test_reward_model_step_on_imported_gpt2_matches_single_device(mode):
+  model = hf.import_reward_model(os.path.join(DATA, "gpt2_reward"))
+  # SGD, not Adam: the key bias has an exactly-zero gradient (softmax is shift-invariant) that
+  # Adam would turn into +-lr steps from rounding noise, which differs between summation orders.
+  opt = optax.sgd(0.1)
+  step = functools.partial(
+    reward_model_step,
+    apply_fn=RewardModel(model.config).apply,
+    loss_fn=bradley_terry_loss,
+    optimizer=opt,
+  )
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(2, 13, size=(2, 16))
+  mask = np.arange(12)[None, None] < lengths[..., None]
+  toks = np.where(mask, rng.integers(3, 320, size=(2, 16, 12)), 0).astype(np.int32)
+  batch = {"chosen": toks[0], "chosen_mask": mask[0], "rejected": toks[1], "rejected_mask": mask[1]}
+
+  def run(mode, **kw):
+    pstep = parallel.make_parallel_step(step, mode=mode, **kw)
+    state = pstep.put_state(create_train_state(model.variables, opt, jax.random.key(0)))
+    for _ in range(2):
+      state, metrics = pstep(state, pstep.shard_batch(batch))
+    return state, jax.device_get(pstep.unreplicate(metrics)), pstep
+
+  ref, ref_m, _ = run("jit")
+  got, got_m, pstep = run(mode, **({"fsdp_min_size": 1024} if mode == "fsdp" else {}))
+  np.testing.assert_allclose(got_m["loss"], ref_m["loss"], rtol=1e-5)
+  moved = jax.tree.map(
+    lambda a, b: np.abs(a - b).max(), jax.device_get(ref.params), model.variables
+  )
+  assert max(jax.tree.leaves(moved)) > 1e-3  # training moved the parameters
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+    jax.device_get(pstep.unreplicate(got).params),
+    jax.device_get(ref.params),
+  )
+  if mode == "fsdp":  # the token embedding (the tied LM head) is split over the devices
+    wte = got.params["params"]["backbone"]["embed"]["embedding"]
+    assert wte.addressable_shards[0].data.size * 8 == wte.size

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxrm.data.hf_tokenizer import HFTokenizer, train_bpe_tokenizer
+from jaxrm.data.tokenizer import ByteTokenizer, encode_prompt_response
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 TOK = os.path.join(DATA, "hf", "tokenizer")
@@ -81,3 +82,22 @@ def test_errors_name_the_folder_or_the_missing_token(tmp_path):
     no_bos.decode(np.array([5, 999]))
   with pytest.raises(ValueError, match="vocab_size must be at least"):
     train_bpe_tokenizer(["abc"], vocab_size=100)
+
+
+@pytest.mark.parametrize("which", ["byte", "bpe"])
+def test_encode_prompt_response_marks_exactly_the_response_tokens(which, tok):
+  t = ByteTokenizer() if which == "byte" else tok
+  prompts = ["Human: hi\n\nAssistant:", "Human: " + "long " * 40 + "end\n\nAssistant:"]
+  responses = [" Hello there.", " A very long answer " * 20]
+  out = encode_prompt_response(t, prompts, responses, max_len=64, add_bos=True)
+  assert out.tokens.shape == (2, 64) and out.truncated.tolist() == [False, True]
+  row = out.tokens[0][out.mask[0]].tolist()
+  assert row == [t.bos_id] + t.encode(prompts[0]) + t.encode(responses[0]) + [t.eos_id]
+  assert out.tokens[0][out.response_mask[0]].tolist() == t.encode(responses[0]) + [t.eos_id]
+  # Row 1: prompt keeps its end (32 tokens with BOS), the response its beginning, EOS kept.
+  p1 = t.encode(prompts[1])
+  assert out.tokens[1, :32].tolist() == [t.bos_id] + p1[-31:]
+  resp = out.tokens[1][out.response_mask[1]].tolist()
+  assert resp == t.encode(responses[1])[:31] + [t.eos_id] and out.mask[1].all()
+  with pytest.raises(ValueError, match="same length"):
+    encode_prompt_response(t, ["a"], ["b", "c"], max_len=8)

@@ -15,7 +15,7 @@ from jaxrm.io import rm_io
 from jaxrm.io.checkpoint import CheckpointManager
 from jaxrm.models import ensemble
 from jaxrm.models.reward_model import RewardModel
-from jaxrm.models.transformer import TransformerConfig
+from jaxrm.models.transformer import RopeScaling, TransformerConfig
 from jaxrm.steps import train_state
 
 CFG = TransformerConfig(vocab_size=11, num_layers=1, width=8, num_heads=2, max_len=12)
@@ -79,6 +79,29 @@ def test_config_round_trips_through_json(dtype):
   d = rm_io.config_to_json(cfg)
   assert d["dtype"] == jnp.dtype(dtype).name
   assert rm_io.config_from_json(json.loads(json.dumps(d))) == cfg
+
+
+def test_llama_family_config_round_trips_through_json():
+  cfg = TransformerConfig(
+    vocab_size=259,
+    num_layers=2,
+    width=16,
+    num_heads=4,
+    max_len=64,
+    num_kv_heads=2,
+    norm="rmsnorm",
+    mlp="swiglu",
+    mlp_dim=24,
+    rope_scaling=RopeScaling("llama3", 8.0),
+    param_dtype=jnp.bfloat16,
+    tie_embeddings=True,
+    head_bias=False,
+  )
+  d = json.loads(json.dumps(rm_io.config_to_json(cfg)))
+  assert d["param_dtype"] == "bfloat16" and d["rope_scaling"]["kind"] == "llama3"
+  assert rm_io.config_from_json(d) == cfg
+  with pytest.raises(ValueError, match="'rope_scaling' is malformed"):
+    rm_io.config_from_json({**d, "rope_scaling": {"kind": "linear", "scale": 2.0}})
 
 
 def test_config_from_json_names_bad_fields():

@@ -22,7 +22,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -234,3 +234,77 @@ class ByteTokenizer:
   def batch_encode(self, texts: Sequence[str], **kwargs) -> BatchEncoding:
     """See :func:`batch_encode`."""
     return batch_encode(texts, **kwargs)
+
+
+class PromptResponseEncoding(NamedTuple):
+  """Output of :func:`encode_prompt_response`; arrays ``[batch, max_len]``."""
+
+  tokens: np.ndarray  # int32, pad id where mask is False
+  mask: np.ndarray  # bool, True on prompt and response tokens
+  response_mask: np.ndarray  # bool, True on response tokens (EOS included)
+  truncated: np.ndarray  # [batch] bool, True where prompt or response was cut
+
+
+def encode_prompt_response(
+  tokenizer: Any,
+  prompts: Sequence[str],
+  responses: Sequence[str],
+  *,
+  max_len: int,
+  max_prompt_len: int | None = None,
+  add_bos: bool = False,
+  add_eos: bool = True,
+) -> PromptResponseEncoding:
+  """Encodes (prompt, response) pairs for SFT: ``[BOS] prompt response [EOS]``, right-padded.
+
+  The prompt keeps its end (left truncation to ``max_prompt_len``, default ``max_len // 2``);
+  the response keeps its beginning and fills the rest, EOS always kept when requested. The
+  prompt and response are encoded separately and concatenated, so ``response_mask`` marks
+  exactly the response's tokens (what :func:`jaxrm.steps.sft.sft_step` learns).
+
+  Args:
+    tokenizer: any object with ``encode(text) -> list[int]`` and ``pad_id``/``bos_id``/
+      ``eos_id`` (:class:`ByteTokenizer`, :class:`jaxrm.data.hf_tokenizer.HFTokenizer`).
+    prompts: ``batch`` prompt strings (e.g. a rendered chat template with the generation
+      prompt).
+    responses: ``batch`` response strings.
+    max_len: output length.
+    max_prompt_len: prompt token budget (BOS included).
+    add_bos: prepend the BOS id.
+    add_eos: append the EOS id after the response.
+
+  Returns:
+    :class:`PromptResponseEncoding`.
+  """
+  if isinstance(prompts, str) or isinstance(responses, str):
+    raise TypeError("prompts and responses must be sequences of strings, not a single str")
+  if len(prompts) != len(responses):
+    raise ValueError(
+      f"prompts and responses must have the same length, got {len(prompts)} and {len(responses)}"
+    )
+  max_prompt_len = max_len // 2 if max_prompt_len is None else max_prompt_len
+  if not 1 <= max_prompt_len < max_len - int(add_eos):
+    raise ValueError(
+      f"max_prompt_len must be in [1, max_len - {int(add_eos)}) = [1, {max_len - int(add_eos)})"
+      f", got {max_prompt_len}"
+    )
+  bos = [tokenizer.bos_id] if add_bos else []
+  eos = [tokenizer.eos_id] if add_eos else []
+  n = len(prompts)
+  tokens = np.full((n, max_len), tokenizer.pad_id, np.int32)
+  mask = np.zeros((n, max_len), bool)
+  response_mask = np.zeros((n, max_len), bool)
+  truncated = np.zeros((n,), bool)
+  for i, (prompt, response) in enumerate(zip(prompts, responses)):
+    p = bos + tokenizer.encode(prompt)
+    if len(p) > max_prompt_len:
+      p, truncated[i] = bos + p[len(p) - max_prompt_len + len(bos) :], True
+    r = tokenizer.encode(response)
+    budget = max_len - len(p) - len(eos)
+    if len(r) > budget:
+      r, truncated[i] = r[:budget], True
+    ids = p + r + eos
+    tokens[i, : len(ids)] = ids
+    mask[i, : len(ids)] = True
+    response_mask[i, len(p) : len(ids)] = True
+  return PromptResponseEncoding(tokens, mask, response_mask, truncated)

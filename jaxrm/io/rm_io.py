@@ -6,7 +6,8 @@ A reward-model run directory ``<workdir>`` (written by the reward-model training
 :class:`jaxrm.models.reward_model.RewardModel`, and the JSON ``extra`` contains at least
 
 * ``model_config``: the :class:`jaxrm.models.transformer.TransformerConfig` as JSON
-  (:func:`config_to_json`; ``dtype`` as ``"float32"`` / ``"bfloat16"``);
+  (:func:`config_to_json`; ``dtype`` and ``param_dtype`` as ``"float32"`` / ``"bfloat16"``,
+  ``rope_scaling`` as an object or null);
 * ``pooling``: ``"last"`` or ``"mean"``;
 * ``tokenizer``: ``"byte"`` or ``"synthetic"``;
 * ``data`` (iterator state) and ``metrics`` (e.g. ``eval_accuracy``).
@@ -40,23 +41,25 @@ import orbax.checkpoint as ocp
 
 from jaxrm.io import checkpoint
 from jaxrm.models.reward_model import RewardModel
-from jaxrm.models.transformer import TransformerConfig
+from jaxrm.models.transformer import RopeScaling, TransformerConfig
 
 CHECKPOINT_DIR = "checkpoints"
 WHICH = ("latest", "best")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _FIELDS = {f.name for f in dataclasses.fields(TransformerConfig)}
+_DTYPE_FIELDS = ("dtype", "param_dtype")
 
 
 def config_to_json(cfg: TransformerConfig) -> dict[str, Any]:
   """The fields of ``cfg`` as a JSON-serialisable dict (``dtype`` as its name)."""
   if not isinstance(cfg, TransformerConfig):
     raise ValueError(f"cfg must be a TransformerConfig, got {type(cfg).__name__}")
-  out = dataclasses.asdict(cfg)
-  name = jnp.dtype(cfg.dtype).name
-  if name not in _DTYPES:
-    raise ValueError(f"cfg.dtype must be one of {sorted(_DTYPES)}, got {name}")
-  out["dtype"] = name
+  out = dataclasses.asdict(cfg)  # rope_scaling (a dataclass or None) becomes a dict or None
+  for field in _DTYPE_FIELDS:
+    name = jnp.dtype(getattr(cfg, field)).name
+    if name not in _DTYPES:
+      raise ValueError(f"cfg.{field} must be one of {sorted(_DTYPES)}, got {name}")
+    out[field] = name
   return out
 
 
@@ -70,12 +73,18 @@ def config_from_json(d: dict[str, Any]) -> TransformerConfig:
       f"model_config has unknown fields {unknown}; expected a subset of {sorted(_FIELDS)}"
     )
   fields = dict(d)
-  if "dtype" in fields:
-    if fields["dtype"] not in _DTYPES:
-      raise ValueError(
-        f"model_config field 'dtype' must be one of {sorted(_DTYPES)}, got {fields['dtype']!r}"
-      )
-    fields["dtype"] = _DTYPES[fields["dtype"]]
+  for field in _DTYPE_FIELDS:
+    if field in fields:
+      if fields[field] not in _DTYPES:
+        raise ValueError(
+          f"model_config field '{field}' must be one of {sorted(_DTYPES)}, got {fields[field]!r}"
+        )
+      fields[field] = _DTYPES[fields[field]]
+  if isinstance(fields.get("rope_scaling"), dict):
+    try:
+      fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
+    except TypeError as e:
+      raise ValueError(f"model_config field 'rope_scaling' is malformed: {e}") from None
   try:
     return TransformerConfig(**fields)
   except TypeError as e:  # a missing required field

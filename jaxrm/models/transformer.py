@@ -62,46 +62,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrm.math._arrays import is_concrete
+from jaxrm.models.rope import RopeScaling, apply_rotary, rope_frequencies
 
 _POSITIONS = ("rotary", "learned")
 _NORMS = ("layernorm", "rmsnorm")
 _MLPS = ("gelu", "swiglu")
-_ROPE_KINDS = ("linear", "llama3")
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-
-
-@dataclasses.dataclass(frozen=True)
-class RopeScaling:
-  """Rescaling of the rotary frequencies for context extension (hashable).
-
-  Attributes:
-    kind: ``'linear'`` (position interpolation: every frequency divided by ``factor``;
-      Chen et al. 2023) or ``'llama3'`` (wavelengths longer than
-      ``original_max_len / low_freq_factor`` divided by ``factor``, shorter than
-      ``original_max_len / high_freq_factor`` kept, smooth interpolation in between; as in
-      Hugging Face ``rope_type='llama3'``).
-    factor: the scale factor (> 0).
-    low_freq_factor: ``'llama3'`` only.
-    high_freq_factor: ``'llama3'`` only; must exceed ``low_freq_factor``.
-    original_max_len: ``'llama3'`` only: the pre-training context length.
-  """
-
-  kind: str
-  factor: float
-  low_freq_factor: float = 1.0
-  high_freq_factor: float = 4.0
-  original_max_len: int = 8192
-
-  def __post_init__(self):
-    if self.kind not in _ROPE_KINDS:
-      raise ValueError(f"rope_scaling.kind must be one of {_ROPE_KINDS}, got {self.kind!r}")
-    if not self.factor > 0:
-      raise ValueError(f"rope_scaling.factor must be positive, got {self.factor}")
-    if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
-      raise ValueError(
-        "rope_scaling needs high_freq_factor > low_freq_factor > 0, got "
-        f"{self.high_freq_factor} and {self.low_freq_factor}"
-      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,49 +261,6 @@ def _check_inputs(tokens, mask, config: TransformerConfig, cache: KVCache | None
   check_token_range(tokens, config.vocab_size)
 
 
-def rope_frequencies(
-  head_dim: int, *, base: float, scaling: RopeScaling | None = None
-) -> np.ndarray:
-  """Rotary inverse frequencies ``[head_dim // 2]`` (float64), with optional scaling.
-
-  ``inv_freq[i] = base ** (-2 i / head_dim)``; ``scaling`` rescales them as described in
-  :class:`RopeScaling`.
-  """
-  half = head_dim // 2
-  inv_freq = 1.0 / (base ** (np.arange(half, dtype=np.float64) / half))
-  if scaling is None:
-    return inv_freq
-  if scaling.kind == "linear":
-    return inv_freq / scaling.factor
-  # llama3: long wavelengths slowed by `factor`, short ones kept, smooth ramp between.
-  low_wavelen = scaling.original_max_len / scaling.low_freq_factor
-  high_wavelen = scaling.original_max_len / scaling.high_freq_factor
-  wavelen = 2 * np.pi / inv_freq
-  smooth = (scaling.original_max_len / wavelen - scaling.low_freq_factor) / (
-    scaling.high_freq_factor - scaling.low_freq_factor
-  )
-  ramp = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
-  out = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
-  middle = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
-  return np.where(middle, ramp, out)
-
-
-def _rotary(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-  """Rotary position embedding of ``x [batch, t, heads, head_dim]`` at ``positions [batch, t]``.
-
-  Half-split (``rotate_half``) convention of GPT-NeoX and Hugging Face Llama.
-  """
-  half = x.shape[-1] // 2
-  inv_freq = jnp.asarray(inv_freq, jnp.float32)
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, half]
-  sin = jnp.sin(angles)[:, :, None, :]
-  cos = jnp.cos(angles)[:, :, None, :]
-  x1 = x[..., :half].astype(jnp.float32)
-  x2 = x[..., half:].astype(jnp.float32)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
-
-
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, attn_mask: jax.Array) -> jax.Array:
   """Masked softmax attention; float32 softmax; rows with no valid key output zeros.
 
@@ -404,8 +327,8 @@ class _Block(nn.Module):
       v = proj((cfg.kv_heads, cfg.head_dim), name="value")(h)
     if cfg.position == "rotary":
       inv_freq = rope_frequencies(cfg.head_dim, base=cfg.rope_base, scaling=cfg.rope_scaling)
-      q = _rotary(q, positions, inv_freq)
-      k = _rotary(k, positions, inv_freq)
+      q = apply_rotary(q, positions, inv_freq)
+      k = apply_rotary(k, positions, inv_freq)
     if kv is not None:
       cache_k, cache_v, layer = kv
       start = (layer, 0, index, 0, 0)
