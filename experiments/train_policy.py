@@ -55,7 +55,10 @@ from jaxrm.data import (
   tokenizer,  # noqa: E402
 )
 from jaxrm.io import checkpoint as checkpoint_lib  # noqa: E402
-from jaxrm.io import rm_io  # noqa: E402
+from jaxrm.io import (
+  rm_io,  # noqa: E402
+  rundir,  # noqa: E402
+)
 from jaxrm.math import objectives  # noqa: E402
 from jaxrm.models import ensemble as ensemble_lib  # noqa: E402
 from jaxrm.models import presets  # noqa: E402
@@ -65,9 +68,27 @@ from jaxrm.steps import (
   rl,  # noqa: E402
 )
 from jaxrm.steps import rollout as rollout_lib  # noqa: E402
-from jaxrm.train import reward_model as rm_train  # noqa: E402
 
-ConfigError = rm_train.ConfigError
+
+class ConfigError(rundir.ConfigError):
+  """A bad flag of this script (named ``--<field>``)."""
+
+  def flag_message(self) -> str:
+    value = self.value
+    if isinstance(value, (tuple, list)):
+      value = ",".join(map(str, value))
+    elif isinstance(value, Mapping):
+      value = ",".join(f"{k}={v}" for k, v in value.items())
+    return f"flag --{self.field}={value}: {self.message}"
+
+
+def parse_world_overrides(text: str) -> dict[str, Any]:
+  try:
+    return synthetic.parse_world_overrides(text)
+  except ValueError as e:
+    raise ConfigError("synthetic_world", text, str(e)) from None
+
+
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 PARALLEL_MODES = ("auto", "jit", "shard_map", "pmap")
@@ -161,7 +182,7 @@ def parse_reward(spec: str) -> tuple[str, Any]:
 
 
 def validate_config(c: PolicyRunConfig, *, num_devices: int | None = None) -> None:
-  """Checks every setting; raises :class:`jaxrm.train.reward_model.ConfigError` naming the first bad one.
+  """Checks every setting; raises :class:`ConfigError` naming the first bad one.
 
   Checks that need the reward model or the world (token ranges, lengths, tokenizers) are
   made by :func:`build_run`, with the same error type.
@@ -196,7 +217,7 @@ def validate_config(c: PolicyRunConfig, *, num_devices: int | None = None) -> No
     need(os.path.isfile(p), "prompts", f"no such file: {p}")
   for name in ("prompt_len", "max_new_tokens", "synthetic_seed", "seed"):
     need(is_int(getattr(c, name)) and getattr(c, name) >= 0, name, "must be an int >= 0")
-  rm_train.parse_world_overrides(",".join(f"{k}={v}" for k, v in c.synthetic_world.items()))
+  parse_world_overrides(",".join(f"{k}={v}" for k, v in c.synthetic_world.items()))
   need(c.kl_coef >= 0, "kl_coef", "must be >= 0")
   need(c.target_kl is None or c.target_kl > 0, "target_kl", "must be > 0 (or unset: fixed)")
   need(c.kl_horizon > 0, "kl_horizon", "must be > 0")
@@ -390,7 +411,7 @@ def build_run(c: PolicyRunConfig) -> Run:
   """Builds the models, the reward, the prompt source and the compiled step of a config.
 
   Raises:
-    jaxrm.train.reward_model.ConfigError: a bad setting, naming its flag.
+    ConfigError: a bad setting, naming its flag.
   """
   validate_config(c)
   state_key, init_key, data_key = jax.random.split(jax.random.key(c.seed), 3)
@@ -524,7 +545,7 @@ def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> 
     ``final`` (the last metrics row).
 
   Raises:
-    jaxrm.train.reward_model.ConfigError: ``workdir`` holds a checkpoint of another config.
+    ConfigError: ``workdir`` holds a checkpoint of another config.
     FloatingPointError: with ``nonfinite='raise'``, at the first non-finite update.
   """
   c = run.config
@@ -545,7 +566,7 @@ def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> 
       check_resumable(extra.get("config", {}), c, workdir)
       last_row = extra.get("metrics")
       logging.info("Resuming from the checkpoint at step %d in %s", start, ckpt.directory)
-    rm_train.truncate_metrics(metrics_path, max_step=start)
+    rundir.truncate_metrics(metrics_path, max_step=start)
     carry = pstep.put_state((state, run.reward_params, run.ref_params))
     del state
 
@@ -741,7 +762,7 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> PolicyRunC
   ]
   return PolicyRunConfig(
     prompts=tuple(f.prompts),
-    synthetic_world=rm_train.parse_world_overrides(f.synthetic_world),
+    synthetic_world=parse_world_overrides(f.synthetic_world),
     **{n: f[n].value for n in names},
   )
 
@@ -749,7 +770,7 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> PolicyRunC
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     cli.die(f"unexpected arguments {argv[1:]}")
-  rm_train.quiet_orbax_logging()
+  rundir.quiet_orbax_logging()
   try:
     config = config_from_flags()
     summary = train_policy(config, flags.FLAGS.workdir)

@@ -544,3 +544,58 @@ def prepare(workdir: str | os.PathLike) -> str:
 def write_config(workdir: str | os.PathLike, config: Any, **more: Any) -> None:
   """Writes ``<workdir>/config.json``: the config and optional descriptive parts."""
   write_json(os.path.join(os.fspath(workdir), CONFIG_FILE), {"config": config, **more})
+
+
+def cached_tree(
+  path: str | os.PathLike,
+  make: Any,
+  fingerprint: str,
+  *,
+  meta: Mapping[str, Any] | None = None,
+) -> tuple[Any, dict]:
+  """The one cache of computed arrays: ``make()``'s tree, reused from ``path`` when it was
+  written for the same ``fingerprint`` and recomputed (and atomically saved) otherwise.
+
+  Args:
+    path: the ``.npz`` cache file.
+    make: a function of no argument returning a tree of arrays (deterministic).
+    fingerprint: identifies everything ``make`` depends on (:func:`fingerprint`).
+    meta: extra JSON saved beside the arrays (returned on a reuse).
+
+  Returns:
+    ``(tree, meta)``.
+  """
+  loaded = load_tree(path, jax.eval_shape(make), fingerprint)
+  if loaded is not None:
+    return loaded
+  tree = make()
+  meta = {**dict(meta or {}), "fingerprint": fingerprint}
+  save_tree(path, tree, meta)
+  return tree, meta
+
+
+def config_from_json(cls: type, d: Mapping[str, Any]) -> Any:
+  """Rebuilds a (nested) config dataclass from :func:`config_to_json`'s dict.
+
+  Nested dataclass fields are rebuilt from their default's type, lists become tuples;
+  fields absent from ``d`` keep their defaults.
+
+  Raises:
+    ValueError: naming an unknown field.
+  """
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - set(fields))
+  if unknown:
+    raise ValueError(f"unknown {cls.__name__} fields {unknown}")
+  kwargs = {}
+  for name, value in d.items():
+    f = fields[name]
+    default = f.default
+    if f.default_factory is not dataclasses.MISSING:
+      default = f.default_factory()
+    if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
+      value = config_from_json(type(default), value)
+    elif isinstance(value, list):
+      value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    kwargs[name] = value
+  return cls(**kwargs)
