@@ -34,6 +34,7 @@ from jaxrm.data import synthetic
 from jaxrm.math import best_of_n as bon_lib
 from jaxrm.math import metrics as metrics_lib
 from jaxrm.math import preference
+from jaxrm.models.policy import transformer_policy
 from jaxrm.models.reward_model import RewardModel
 from jaxrm.steps import rl as rl_lib
 from jaxrm.steps.rm_sweep import RewardModelSweep
@@ -335,7 +336,6 @@ def best_of_n(
 # ----------------------------------------------------------------------------- stage 4
 def _rl_config(cfg: StudyConfig) -> rl_lib.RLConfig:
   return rl_lib.RLConfig(
-    policy=cfg.world.policy_config(),
     max_new_tokens=cfg.world.response_len,
     eos_id=None,
     num_epochs=2,
@@ -399,6 +399,7 @@ def run_rl(
 def _run_rl_one(cfg, data, proxy, rl_cfg, optimizer, ref_params, start, *, seed):
   wc = cfg.world
   reward_fn = proxy_model(cfg, proxy["size"]).apply
+  policy = transformer_policy(wc.policy_config(), value_head=True)
   ones = jnp.ones((cfg.rl_batch_size, wc.prompt_len), bool)
 
   chunk_len = cfg.rl_log_every
@@ -412,6 +413,7 @@ def _run_rl_one(cfg, data, proxy, rl_cfg, optimizer, ref_params, start, *, seed)
       {"prompts": prompts, "prompt_mask": ones},
       reward_params,
       ref_params,
+      policy=policy,
       config=rl_cfg,
       reward_fn=reward_fn,
       optimizer=optimizer,

@@ -62,7 +62,7 @@ from jaxrm.io import (
 from jaxrm.math import objectives  # noqa: E402
 from jaxrm.models import ensemble as ensemble_lib  # noqa: E402
 from jaxrm.models import presets  # noqa: E402
-from jaxrm.models.policy import PolicyModel  # noqa: E402
+from jaxrm.models.policy import PolicyModel, transformer_policy  # noqa: E402
 from jaxrm.steps import (
   parallel,  # noqa: E402
   rl,  # noqa: E402
@@ -452,7 +452,6 @@ def build_run(c: PolicyRunConfig) -> Run:
     world_cfg=world_cfg,
   )
   rl_config = rl.RLConfig(
-    policy=policy_cfg,
     max_new_tokens=max_new,
     temperature=c.temperature,
     eos_id=eos,
@@ -473,7 +472,10 @@ def build_run(c: PolicyRunConfig) -> Run:
   if rl.uses_value_head(c.algo):
     init_params = rl.init_value_head(ref_params, init_key, config=policy_cfg)
   optimizer = optax.chain(optax.clip_by_global_norm(c.max_grad_norm), optax.adam(c.learning_rate))
-  step_fn = rl.make_step(c.algo, config=rl_config, reward_fn=reward_fn, optimizer=optimizer)
+  policy = transformer_policy(policy_cfg, value_head=rl.uses_value_head(c.algo))
+  step_fn = rl.make_step(
+    c.algo, policy=policy, config=rl_config, reward_fn=reward_fn, optimizer=optimizer
+  )
   pstep = parallel.make_parallel_step(rl.with_frozen_params(step_fn), mode=c.parallel)
   prompts = _prompt_source(c, data_key, world_cfg=world_cfg, prompt_len=prompt_len)
   return Run(

@@ -53,7 +53,13 @@ from jaxrm.math.scaling import fit_bon, fit_rl
 
 # Models.
 from jaxrm.models.ensemble import apply_ensemble, init_ensemble
-from jaxrm.models.policy import PolicyModel, token_logprobs
+from jaxrm.models.policy import (
+  PolicyFns,
+  PolicyModel,
+  apply_fn_policy,
+  token_logprobs,
+  transformer_policy,
+)
 from jaxrm.models.presets import preset
 from jaxrm.models.reward_model import RewardModel
 from jaxrm.models.sampling import sample
@@ -62,11 +68,13 @@ from jaxrm.models.transformer import Transformer, TransformerConfig
 # Steps.
 from jaxrm.steps.parallel import make_parallel_step
 from jaxrm.steps.rl import (
+  Algorithm,
   RLConfig,
   RLState,
   create_rl_state,
   grpo_step,
   init_value_head,
+  iterate,
   make_step,
   ppo_step,
   reinforce_step,

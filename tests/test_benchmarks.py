@@ -15,7 +15,6 @@ def _run(script, *args):
     capture_output=True,
     text=True,
     env=env,
-    timeout=600,
     cwd=ROOT,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -15,7 +15,7 @@ SCRIPT = os.path.join(ROOT, "experiments", "overoptimization.py")
 _DATA_SIZES = ("--data_sizes=256,384",)  # prefixes of the quick run's 512 comparisons
 
 
-def _run(*args, timeout=600):
+def _run(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   return subprocess.run(
@@ -23,7 +23,6 @@ def _run(*args, timeout=600):
     capture_output=True,
     text=True,
     env=env,
-    timeout=timeout,
     cwd=ROOT,
   )
 

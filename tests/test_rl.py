@@ -3,6 +3,7 @@
 import functools
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +11,7 @@ import optax
 import pytest
 
 from jaxrm.math import advantages as adv_lib
-from jaxrm.models.policy import PolicyModel
+from jaxrm.models.policy import PolicyModel, apply_fn_policy, transformer_policy
 from jaxrm.models.transformer import TransformerConfig
 from jaxrm.steps import parallel, rl
 from jaxrm.steps import rollout as rollout_lib
@@ -25,6 +26,8 @@ CFG = TransformerConfig(
 # summation order; a larger eps keeps those updates negligible in the parallel comparison.
 OPT = optax.adam(3e-3, eps=1e-5)
 BATCH = 32
+POLICY = transformer_policy(CFG)
+POLICY_V = transformer_policy(CFG, value_head=True)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -66,14 +69,19 @@ def policy_params(seed=0):
 
 
 def ppo_config(**kw):
-  base = dict(policy=CFG, max_new_tokens=NEW, eos_id=None, num_epochs=2, num_minibatches=2)
+  base = dict(max_new_tokens=NEW, eos_id=None, num_epochs=2, num_minibatches=2)
   base.update(kw)
   return rl.RLConfig(**base)
 
 
 PPO_CONFIG = ppo_config()
 PPO_STEP = functools.partial(
-  rl.ppo_step, config=PPO_CONFIG, reward_fn=toy_reward, optimizer=OPT, return_rollout=True
+  rl.ppo_step,
+  policy=POLICY_V,
+  config=PPO_CONFIG,
+  reward_fn=toy_reward,
+  optimizer=OPT,
+  return_rollout=True,
 )
 PPO_JIT = jax.jit(PPO_STEP)  # one compilation shared by the PPO tests
 
@@ -109,7 +117,7 @@ def test_token_frequency_matches_numpy_and_ignores_prompt_and_padding():
 ROLLOUT_JIT = jax.jit(
   functools.partial(
     rollout_lib.rollout,
-    config=CFG,
+    policy=POLICY_V,
     reward_fn=toy_reward,
     max_new_tokens=NEW,
     eos_id=2,
@@ -139,9 +147,7 @@ def ppo_params():
 def test_rollout_logprobs_and_tokens_equal_the_samplers_at_temperature_one():
   batch = make_prompts(0, b=8)
   keys = rollout_lib.example_keys(jax.random.key(3), 8)
-  sample = jax.jit(
-    functools.partial(rollout_lib.sample_per_example, config=CFG, max_new_tokens=NEW, eos_id=2)
-  )
+  sample = jax.jit(functools.partial(POLICY.sample, max_new_tokens=NEW, temperature=1.0, eos_id=2))
   out = sample(policy_params(), batch["prompts"], batch["prompt_mask"], keys)
   ro = rollout(ppo_params(), policy_params(), reward_params(), batch, jax.random.key(3))
   np.testing.assert_array_equal(ro.tokens, out.tokens)
@@ -437,7 +443,9 @@ def test_reinforce_improves_toy_reward_adapts_kl_coef_and_raise_mode_keeps_the_s
   config = ppo_config(baseline="moving_average", target_kl=0.2, kl_horizon=200.0, nonfinite="raise")
   opt = optax.adam(1e-2)
   step = jax.jit(
-    functools.partial(rl.reinforce_step, config=config, reward_fn=toy_reward, optimizer=opt)
+    functools.partial(
+      rl.reinforce_step, policy=POLICY, config=config, reward_fn=toy_reward, optimizer=opt
+    )
   )
   state = rl.create_rl_state(policy_params(), opt, jax.random.key(3), kl_coef=0.01)
   state, hist = run(step, state, 60)
@@ -461,7 +469,9 @@ def test_reinforce_improves_toy_reward_adapts_kl_coef_and_raise_mode_keeps_the_s
 def test_group_algorithms_improve_toy_reward(algo):
   config = ppo_config(num_samples=4, num_epochs=2, num_minibatches=2, kl_estimator="k3")
   opt = optax.adam(1e-2)
-  step = jax.jit(rl.make_step(algo, config=config, reward_fn=toy_reward, optimizer=opt))
+  step = jax.jit(
+    rl.make_step(algo, policy=POLICY, config=config, reward_fn=toy_reward, optimizer=opt)
+  )
   state = rl.create_rl_state(policy_params(), opt, jax.random.key(4), kl_coef=0.01)
   state, hist = run(step, state, 40, b=8)
   assert hist["score"][-10:].mean() > hist["score"][:5].mean() + 0.1
@@ -508,6 +518,7 @@ def test_bad_step_inputs_raise_clear_errors():
     eval_step(PPO_STEP, state, make_prompts(0, b=5))
   bad_reward = functools.partial(
     rl.ppo_step,
+    policy=POLICY_V,
     config=PPO_CONFIG,
     optimizer=OPT,
     reward_fn=lambda p, t, m: toy_reward(p, t, m)[:, None],
@@ -517,3 +528,92 @@ def test_bad_step_inputs_raise_clear_errors():
   no_head = rl.create_rl_state(policy_params(), OPT, jax.random.key(0), kl_coef=0.1)
   with pytest.raises(ValueError, match="value head"):
     eval_step(PPO_STEP, no_head, batch)
+
+
+# ----------------------------------------------------------------------------- model-agnostic
+class BigramLM(nn.Module):
+  """A policy that is not jaxrm's: token embedding -> tanh MLP -> logits and a value."""
+
+  vocab: int
+
+  @nn.compact
+  def __call__(self, tokens, mask):
+    del mask  # each position sees only its own token
+    h = jnp.tanh(nn.Dense(16)(nn.Embed(self.vocab, 16)(tokens)))
+    values = nn.Dense(1, kernel_init=nn.initializers.zeros)(h)[..., 0]
+    return nn.Dense(self.vocab)(h), values
+
+
+def test_ppo_trains_a_non_jaxrm_flax_policy_with_the_generic_sampler():
+  model = BigramLM(VOCAB)
+  policy = apply_fn_policy(model.apply, vocab_size=VOCAB)
+  dummy = jnp.zeros((1, PROMPT_LEN + NEW), jnp.int32)
+  params = model.init(jax.random.key(0), dummy, jnp.ones(dummy.shape, bool))
+  opt = optax.adam(1e-2)
+  config = ppo_config(num_epochs=2, num_minibatches=2)
+  step = jax.jit(
+    rl.make_step("ppo", policy=policy, config=config, reward_fn=toy_reward, optimizer=opt)
+  )
+  state = rl.create_rl_state(params, opt, jax.random.key(2), kl_coef=0.01)
+  hist = []
+  for i in range(40):
+    state, metrics = step(state, make_prompts(200 + i, b=16), reward_params(), params)
+    hist.append(metrics)
+  score = np.array([float(m["score"]) for m in jax.device_get(hist)])
+  print(f"\nnon-jaxrm policy PPO: score {score[:5].mean():.3f} -> {score[-5:].mean():.3f}")
+  assert score[:5].mean() < 0.25
+  assert score[-5:].mean() > score[:5].mean() + 0.3
+  assert int(state.num_skipped) == 0
+
+
+def test_generic_sampler_policy_steps_like_transformer_policy():
+  """apply_fn_policy over PolicyModel.apply (full-forward sampler) draws the same samples as
+  transformer_policy (KV cache) and makes the same PPO update, up to float rounding."""
+  generic = apply_fn_policy(
+    PolicyModel(CFG, value_head=True).apply, vocab_size=VOCAB, max_len=CFG.max_len
+  )
+  step = jax.jit(
+    functools.partial(
+      rl.ppo_step,
+      policy=generic,
+      config=PPO_CONFIG,
+      reward_fn=toy_reward,
+      optimizer=OPT,
+      return_rollout=True,
+    )
+  )
+  batch = make_prompts(12)
+  got, got_metrics, got_ro = step(ppo_state(0.05), batch, reward_params(), ppo_params())
+  want, want_metrics, want_ro = PPO_JIT(ppo_state(0.05), batch, reward_params(), ppo_params())
+  np.testing.assert_array_equal(got_ro["tokens"], want_ro["tokens"])
+  for k in ("score", "kl", "loss", "value_loss"):
+    np.testing.assert_allclose(got_metrics[k], want_metrics[k], atol=1e-5, err_msg=k)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got.params, want.params)
+
+
+def test_eos_id_outside_the_policys_vocabulary_raises_naming_it():
+  config = ppo_config(eos_id=VOCAB)
+  step = functools.partial(
+    rl.ppo_step, policy=POLICY_V, config=config, reward_fn=toy_reward, optimizer=OPT
+  )
+  with pytest.raises(ValueError, match=r"eos_id must be None or in \[0, vocab_size=8\)"):
+    eval_step(step, ppo_state(0.1), make_prompts(0))
+  with pytest.raises(ValueError, match="policy must be a PolicyFns"):
+    rl.make_step("ppo", policy=CFG, config=config, reward_fn=toy_reward, optimizer=OPT)
+
+
+def test_transformer_policy_ppo_reproduces_the_numbers_of_the_model_specific_steps():
+  """Two PPO steps as run before the steps took PolicyFns (values recorded from commit
+  5b3ef7f, whose steps built PolicyModel from RLConfig.policy; bitwise equal on CPU)."""
+  state = ppo_state(0.05)
+  for i in range(2):
+    state, metrics, ro = PPO_JIT(state, make_prompts(10 + i), reward_params(), policy_params())
+  metrics = jax.device_get(metrics)
+  params = jax.tree.leaves(jax.device_get(state.params))
+  assert int(np.asarray(ro["tokens"]).sum()) == 915
+  np.testing.assert_allclose(metrics["score"], 0.078125, rtol=1e-6)
+  np.testing.assert_allclose(metrics["kl"], 1.2911161184310913, rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss"], -0.0048882076516747475, rtol=1e-4)
+  np.testing.assert_allclose(metrics["value_loss"], 0.004922034218907356, rtol=1e-4)
+  abs_sum = sum(np.abs(np.asarray(x, np.float64)).sum() for x in params)
+  np.testing.assert_allclose(abs_sum, 598.6132519002422, rtol=1e-6)

@@ -263,7 +263,6 @@ def test_script_reports_a_bad_flag_in_one_line(tmp_path, args, expected):
     [sys.executable, SCRIPT, f"--workdir={tmp_path}"] + args,
     capture_output=True,
     text=True,
-    timeout=120,
     cwd=ROOT,
   )
   assert proc.returncode == 2

@@ -334,10 +334,10 @@ def test_bad_flags_stop_the_script_with_one_line_naming_the_flag(tmp_path):
     for args, _ in cases
   ]
   missing_workdir = subprocess.run(
-    [sys.executable, REPORT_SCRIPT], env=_env(), capture_output=True, text=True, timeout=120
+    [sys.executable, REPORT_SCRIPT], env=_env(), capture_output=True, text=True
   )
   for (args, flag), proc in zip(cases, procs):
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate()
     assert proc.returncode == 2, (args, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and flag in lines[0] and "error" in lines[0], (args, err)
@@ -407,9 +407,7 @@ def killed_and_reference_runs(tmp_path_factory, synthetic_npz):
   base = tmp_path_factory.mktemp("sigkill")
   env = _env(cache_dir=base / "jax_cache")
   reference = _seeded_workdir(base / "reference", synthetic_npz)
-  proc = subprocess.run(
-    _train_command(reference), env=env, capture_output=True, text=True, timeout=300
-  )
+  proc = subprocess.run(_train_command(reference), env=env, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
 
   killed = _seeded_workdir(base / "killed", synthetic_npz)
@@ -431,9 +429,7 @@ def killed_and_reference_runs(tmp_path_factory, synthetic_npz):
     proc.wait()
     kills.append((alive, sorted(_saved_steps(killed))))
   assert sum(alive for alive, _ in kills) >= 2, kills  # most kills hit a running process
-  proc = subprocess.run(
-    _train_command(killed), env=env, capture_output=True, text=True, timeout=300
-  )
+  proc = subprocess.run(_train_command(killed), env=env, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return reference, killed, env, kills, proc.stderr
 
@@ -480,9 +476,7 @@ def test_damaged_latest_checkpoint_is_reported_and_the_previous_one_used(
   assert data_files
   for path in data_files:
     path.unlink()
-  proc = subprocess.run(
-    _train_command(workdir), env=env, capture_output=True, text=True, timeout=300
-  )
+  proc = subprocess.run(_train_command(workdir), env=env, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Could not restore the checkpoint at step 40" in proc.stderr
   assert "Resuming from the checkpoint at step 35" in proc.stderr
@@ -498,7 +492,6 @@ def test_rm_report_script_writes_the_report_of_an_earlier_checkpoint(killed_and_
     env=env,
     capture_output=True,
     text=True,
-    timeout=300,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out_dir = reference / "reports" / "step_35"

@@ -6,6 +6,11 @@ per-token arrays returned here are aligned with ``tokens``: entry ``t`` concerns
 distribution from which ``tokens[:, t]`` was drawn, i.e. ``logits[:, t - 1]``; entry 0 is 0.
 So a response mask over ``tokens`` selects exactly the response log-probs.
 
+:class:`PolicyFns` is what the RL steps take instead of a model class (as the reward-model step
+takes an ``apply_fn``): the policy's forward pass and its sampler. :func:`transformer_policy`
+builds it for :class:`PolicyModel` (KV-cached sampler), :func:`apply_fn_policy` for any model
+given its ``apply_fn`` (full-forward sampler).
+
 Example::
 
   model = PolicyModel(config, value_head=True)
@@ -17,7 +22,8 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -150,3 +156,121 @@ def token_entropy(logits: jax.typing.ArrayLike) -> jax.Array:
   # p * logp with p == 0 (e.g. -inf logits after top-k filtering) contributes 0.
   ent = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
   return jnp.pad(ent, ((0, 0), (1, 0)))
+
+
+class PolicyFns(NamedTuple):
+  """The functions of a policy that the RL steps need (model-agnostic, like ``apply_fn``).
+
+  Attributes:
+    apply: ``apply(params, tokens [b, s], mask [b, s]) -> (logits [b, s, V], values)``, with
+      ``logits[:, t]`` the next-token logits after ``tokens[:, :t+1]`` and ``values [b, s]``
+      the value head read at token ``t`` (the state after ``tokens[:, :t+1]``), or None for
+      a policy without a value head (or called with parameters that have none, e.g. the
+      reference policy's).
+    sample: ``sample(params, prompts [b, p], prompt_mask [b, p], keys [b], *, max_new_tokens,
+      temperature, eos_id) -> jaxrm.models.sampling.SampleOutput``; row ``i`` is drawn with
+      ``keys[i]`` alone from ``softmax(logits / temperature)``, from LEFT-padded prompts,
+      with the output conventions of :func:`jaxrm.models.sampling.sample`.
+    vocab_size: vocabulary size, checked against ``eos_id`` when known (None: unchecked).
+    max_len: longest sequence the policy accepts, checked against ``prompt_len +
+      max_new_tokens`` when known (None: unchecked).
+  """
+
+  apply: Callable[..., tuple[jax.Array, jax.Array | None]]
+  sample: Callable[..., Any]
+  vocab_size: int | None = None
+  max_len: int | None = None
+
+
+def transformer_policy(config: TransformerConfig, *, value_head: bool = False) -> PolicyFns:
+  """:class:`PolicyFns` of ``PolicyModel(config)`` with the KV-cached sampler.
+
+  Args:
+    config: the backbone configuration.
+    value_head: read the value head (PPO). ``apply`` evaluates it only for parameters that
+      hold a ``'value_head'`` (:func:`jaxrm.steps.rl.init_value_head`) and returns
+      ``values=None`` for others (the reference policy needs none).
+
+  Returns:
+    :class:`PolicyFns` whose ``sample`` is :func:`jaxrm.models.sampling.sample` applied to
+    each row with its own key.
+  """
+  if not isinstance(config, TransformerConfig):
+    raise ValueError(f"config must be a TransformerConfig, got {type(config).__name__}")
+  plain, with_head = PolicyModel(config), PolicyModel(config, value_head=True)
+
+  def apply(params, tokens, mask):
+    inner = params.get("params") if isinstance(params, Mapping) else None
+    if value_head and isinstance(inner, Mapping) and "value_head" in inner:
+      return with_head.apply(params, tokens, mask)
+    return plain.apply(params, tokens, mask)
+
+  def sample(params, prompts, prompt_mask, keys, *, max_new_tokens, temperature, eos_id):
+    from jaxrm.models import sampling  # sampling imports PolicyModel from this module
+
+    def one(prompt, mask, key):
+      out = sampling.sample(
+        params,
+        prompt[None],
+        mask[None],
+        key,
+        config=config,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        eos_id=eos_id,
+      )
+      return jax.tree.map(lambda x: x[0], out)
+
+    return jax.vmap(one)(prompts, prompt_mask, keys)
+
+  return PolicyFns(apply=apply, sample=sample, vocab_size=config.vocab_size, max_len=config.max_len)
+
+
+def apply_fn_policy(
+  apply_fn: Callable[..., Any], *, vocab_size: int | None = None, max_len: int | None = None
+) -> PolicyFns:
+  """:class:`PolicyFns` of any model from its ``apply_fn`` (flax, haiku, equinox, ...).
+
+  Args:
+    apply_fn: ``apply_fn(params, tokens [b, s], mask [b, s])`` returning ``(logits [b, s, V],
+      values [b, s] | None)`` (aligned as in :class:`PolicyModel`), or the logits alone
+      (then ``values`` is None). Pass the same function object to reuse compilations.
+    vocab_size: optional vocabulary size (checks ``eos_id``).
+    max_len: optional longest sequence (checks the prompt and response lengths).
+
+  Returns:
+    :class:`PolicyFns` whose ``sample`` runs
+    :func:`jaxrm.models.sampling.sample_with_apply_fn` (one full forward pass per new token,
+    no KV cache) on each row with its own key.
+  """
+  if not callable(apply_fn):
+    raise ValueError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
+
+  def apply(params, tokens, mask):
+    out = apply_fn(params, tokens, mask)
+    if isinstance(out, tuple):
+      if len(out) != 2:
+        raise ValueError(f"apply_fn must return logits or (logits, values), got {len(out)} outputs")
+      return out
+    return out, None
+
+  def sample(params, prompts, prompt_mask, keys, *, max_new_tokens, temperature, eos_id):
+    from jaxrm.models import sampling  # sampling imports PolicyModel from this module
+
+    def one(prompt, mask, key):
+      out = sampling.sample_with_apply_fn(
+        apply_fn,
+        params,
+        prompt[None],
+        mask[None],
+        key,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        eos_id=eos_id,
+        max_len=max_len,
+      )
+      return jax.tree.map(lambda x: x[0], out)
+
+    return jax.vmap(one)(prompts, prompt_mask, keys)
+
+  return PolicyFns(apply=apply, sample=sample, vocab_size=vocab_size, max_len=max_len)

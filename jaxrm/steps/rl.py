@@ -2,16 +2,25 @@
 
 Each step is a pure function
 
-  ``step(state, batch, reward_params, ref_params, *, config, reward_fn, optimizer,
+  ``step(state, batch, reward_params, ref_params, *, policy, config, reward_fn, optimizer,
   axis_name=None, return_rollout=False) -> (state, metrics[, rollout])``
 
-that runs one rollout (:func:`jaxrm.steps.rollout.rollout`: sample from the current policy with the
-KV-cached sampler, score with ``reward_fn(reward_params, tokens, mask) -> [batch]``, compute
+that runs one rollout (:func:`jaxrm.steps.rollout.rollout`: sample from the current policy with
+``policy.sample``, score with ``reward_fn(reward_params, tokens, mask) -> [batch]``, compute
 log-probs, values and the KL to the reference policy ``ref_params``) and then its updates,
 all inside one ``jit`` with static shapes. ``batch`` holds the prompts:
 ``{'prompts': [b, p] int (LEFT-padded), 'prompt_mask': [b, p] bool}``. The reward and
 reference parameters are explicit arguments, never part of the state, so a seed sweep can
 ``jax.vmap`` a step over stacked states and stacked ``reward_params`` (one proxy per seed).
+
+The policy is model-agnostic, as ``apply_fn`` is for the reward-model step: ``policy`` is a
+:class:`jaxrm.models.policy.PolicyFns` (its ``apply`` and ``sample`` functions), built by
+:func:`jaxrm.models.policy.transformer_policy` for jaxrm's transformer (KV-cached sampler) or
+:func:`jaxrm.models.policy.apply_fn_policy` for any model's ``apply_fn``.
+
+All algorithms share one iteration frame (:func:`iterate`): collect a rollout -> finite flag
+-> KL coefficient -> targets -> ``_optimize`` (epochs x minibatches) -> KL controller and
+baseline -> finish. An :class:`Algorithm` states only its targets and its loss.
 
 Algorithms (token alignment and losses from :mod:`jaxrm.math.advantages`, :mod:`jaxrm.math.pg_losses`):
 
@@ -64,11 +73,11 @@ Randomness: the step key is ``fold_in(state.key, state.step)``; sampling uses
 
 Example::
 
-  config = RLConfig(policy=cfg, max_new_tokens=16, kl_estimator='k3', target_kl=6.0)
+  config = RLConfig(max_new_tokens=16, kl_estimator='k3', target_kl=6.0)
   params = init_value_head(policy_params, key, config=cfg)        # PPO needs a value head
   state = create_rl_state(params, optimizer, key, kl_coef=0.05)
-  step = jax.jit(functools.partial(ppo_step, config=config, reward_fn=reward_fn,
-                                   optimizer=optimizer))
+  step = jax.jit(make_step('ppo', policy=transformer_policy(cfg, value_head=True),
+                           config=config, reward_fn=reward_fn, optimizer=optimizer))
   state, metrics = step(state, {'prompts': p, 'prompt_mask': m}, reward_params, ref_params)
 
 References:
@@ -98,7 +107,7 @@ from jaxrm.math import advantages as adv_lib
 from jaxrm.math import kl as kl_lib
 from jaxrm.math import pg_losses
 from jaxrm.models import sampling
-from jaxrm.models.policy import PolicyModel
+from jaxrm.models.policy import PolicyFns, PolicyModel
 from jaxrm.models.transformer import TransformerConfig
 from jaxrm.steps import rollout as rollout_lib
 from jaxrm.steps import train_state as train_state_lib
@@ -112,8 +121,11 @@ GRPO_KL = ("loss", "reward")
 class RLConfig:
   """Hyperparameters of the policy-optimisation steps (hashable: a static jit argument).
 
+  The policy itself is not part of the config: the steps take its functions
+  (:class:`jaxrm.models.policy.PolicyFns`), and checks that need its vocabulary or length
+  (``eos_id``, prompt length) run in the step.
+
   Attributes:
-    policy: the policy's backbone configuration (sampler and forward passes).
     max_new_tokens: response length budget.
     temperature: sampling temperature; log-probs are those of ``softmax(logits / T)``.
     eos_id: token ending a response (``jaxrm.models.sampling.EOS_ID`` for the byte tokenizer), or
@@ -141,7 +153,6 @@ class RLConfig:
       in ``'raise'`` mode a step with a non-finite update returns its input state).
   """
 
-  policy: TransformerConfig
   max_new_tokens: int
   temperature: float = 1.0
   eos_id: int | None = sampling.EOS_ID
@@ -169,8 +180,6 @@ class RLConfig:
     def bad(name, want):
       raise ValueError(f"RLConfig.{name} must be {want}, got {getattr(self, name)!r}")
 
-    if not isinstance(self.policy, TransformerConfig):
-      bad("policy", "a TransformerConfig")
     for name in ("max_new_tokens", "num_epochs", "num_minibatches"):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -204,8 +213,10 @@ class RLConfig:
       bad("grpo_kl", f"one of {GRPO_KL}")
     if self.nonfinite not in train_state_lib.NONFINITE_MODES:
       bad("nonfinite", f"one of {train_state_lib.NONFINITE_MODES}")
-    if self.eos_id is not None and not 0 <= self.eos_id < self.policy.vocab_size:
-      bad("eos_id", f"None or in [0, vocab_size={self.policy.vocab_size})")
+    if self.eos_id is not None and (
+      not isinstance(self.eos_id, int) or isinstance(self.eos_id, bool) or self.eos_id < 0
+    ):
+      bad("eos_id", "None or an int >= 0 (checked against the vocabulary in the step)")
 
 
 class RLState(NamedTuple):
@@ -301,16 +312,19 @@ def _axis_size(axis_name: Any) -> Any:
   return 1 if axis_name is None else lax.psum(1, axis_name)
 
 
-def _prompts(batch: Mapping[str, Any], config: RLConfig) -> tuple[jax.Array, jax.Array]:
+def _prompts(
+  batch: Mapping[str, Any], policy: PolicyFns, config: RLConfig
+) -> tuple[jax.Array, jax.Array]:
   if not isinstance(batch, Mapping) or "prompts" not in batch or "prompt_mask" not in batch:
     keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
     raise ValueError(f"batch must be a dict with 'prompts' and 'prompt_mask', got {keys}")
   rollout_lib.check_prompts(
     batch["prompts"],
     batch["prompt_mask"],
-    config=config.policy,
+    max_len=policy.max_len,
     max_new_tokens=config.max_new_tokens,
   )
+  rollout_lib.check_eos_id(config.eos_id, vocab_size=policy.vocab_size)
   return (jnp.asarray(batch["prompts"], jnp.int32), jnp.asarray(batch["prompt_mask"]).astype(bool))
 
 
@@ -320,6 +334,7 @@ def _collect(
   reward_params,
   ref_params,
   *,
+  policy: PolicyFns,
   config: RLConfig,
   reward_fn,
   axis_name,
@@ -327,7 +342,7 @@ def _collect(
   value_head: bool = False,
 ):
   """Rollout of ``num_samples`` responses per prompt; returns (rollout, offset, update key)."""
-  prompts, prompt_mask = _prompts(batch, config)
+  prompts, prompt_mask = _prompts(batch, policy, config)
   if num_samples > 1:  # rows [p0 x k, p1 x k, ...]; global example = prompt * k + j
     prompts = jnp.repeat(prompts, num_samples, axis=0)
     prompt_mask = jnp.repeat(prompt_mask, num_samples, axis=0)
@@ -341,7 +356,7 @@ def _collect(
     prompts,
     prompt_mask,
     jax.random.fold_in(step_key, 0),
-    config=config.policy,
+    policy=policy,
     reward_fn=reward_fn,
     max_new_tokens=config.max_new_tokens,
     temperature=config.temperature,
@@ -501,15 +516,6 @@ def _broadcast(seq_values: jax.Array, response_mask: jax.Array) -> jax.Array:
   return jnp.where(response_mask, seq_values[:, None], 0.0)
 
 
-def _check_value_head(params):
-  inner = params.get("params") if isinstance(params, Mapping) else None
-  if isinstance(inner, Mapping) and "value_head" not in inner:
-    raise ValueError(
-      "ppo_step needs policy params with a value head (params['params'] has "
-      f"keys {sorted(inner)}); add one with init_value_head"
-    )
-
-
 def _check_optimizer(optimizer):
   if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
     raise ValueError(
@@ -628,6 +634,217 @@ def _groups(x: jax.Array, k: int) -> jax.Array:
   return x.reshape(-1, k)
 
 
+# ----------------------------------------------------------------------------- frame
+class Targets(NamedTuple):
+  """What an algorithm derives from a rollout before its updates.
+
+  Attributes:
+    data: per-sequence arrays (leading axis ``[batch]``) the loss reads besides ``tokens``,
+      ``mask`` and ``response_mask`` (minibatched with them).
+    metrics: scalar metrics of the targets (global under ``axis_name``).
+    baseline: the next REINFORCE baseline state (kept only if the rollout is finite).
+  """
+
+  data: dict[str, jax.Array]
+  metrics: dict[str, jax.Array]
+  baseline: adv_lib.ReinforceBaselineState
+
+
+class Algorithm(NamedTuple):
+  """An RL algorithm as the shared iteration frame (:func:`iterate`) sees it.
+
+  Attributes:
+    targets: ``targets(ro, state, *, kl_coef, config, axis_name) -> Targets``.
+    loss: ``loss(params, mb, *, policy, config, kl_coef, axis_name) -> (loss, aux)`` on a
+      minibatch ``mb`` of the rollout's ``tokens``, ``mask``, ``response_mask`` and
+      ``Targets.data``; ``aux`` is a dict of scalars (averaged over the updates).
+    grouped: samples ``config.num_samples`` responses per prompt.
+    value_head: reads the policy's values (rollout and loss).
+    epochs: makes ``config.num_epochs x config.num_minibatches`` updates (else one update on
+      the whole batch).
+  """
+
+  targets: Callable[..., Targets]
+  loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+  grouped: bool = False
+  value_head: bool = False
+  epochs: bool = False
+
+
+def iterate(
+  algorithm: Algorithm,
+  state: RLState,
+  batch: Mapping[str, jax.Array],
+  reward_params: Any,
+  ref_params: Any,
+  *,
+  policy: PolicyFns,
+  config: RLConfig,
+  reward_fn: rollout_lib.RewardFn,
+  optimizer: optax.GradientTransformation,
+  axis_name: Any = None,
+  return_rollout: bool = False,
+):
+  """One RL iteration of ``algorithm``: the frame every step shares.
+
+  Collect a rollout (``num_samples`` per prompt if grouped) -> is it finite on every device
+  -> the KL coefficient of ``state`` -> ``algorithm.targets`` -> the updates of
+  ``algorithm.loss`` (``num_epochs x num_minibatches`` stratified minibatches, or one) ->
+  the KL controller and baseline (unchanged when the rollout is not finite) -> advance the
+  step. Arguments and returns as :func:`ppo_step`.
+  """
+  _check_optimizer(optimizer)
+  ro, offset, key = _collect(
+    state,
+    batch,
+    reward_params,
+    ref_params,
+    policy=policy,
+    config=config,
+    reward_fn=reward_fn,
+    axis_name=axis_name,
+    num_samples=config.num_samples if algorithm.grouped else 1,
+    value_head=algorithm.value_head,
+  )
+  ok = _rollout_finite(ro, axis_name)
+  kl_coef = state.kl.kl_coef
+  targets = algorithm.targets(ro, state, kl_coef=kl_coef, config=config, axis_name=axis_name)
+  baseline = _select(ok, targets.baseline, state.baseline)
+  data = {"tokens": ro.tokens, "mask": ro.mask, "response_mask": ro.response_mask}
+  data.update(targets.data)
+  loss_fn = functools.partial(
+    algorithm.loss, policy=policy, config=config, kl_coef=kl_coef, axis_name=axis_name
+  )
+  new, metrics = _optimize(
+    state,
+    data,
+    loss_fn,
+    key=key,
+    num_epochs=config.num_epochs if algorithm.epochs else 1,
+    num_minibatches=config.num_minibatches if algorithm.epochs else 1,
+    offset=offset,
+    rollout_ok=ok,
+    optimizer=optimizer,
+    config=config,
+    axis_name=axis_name,
+  )
+  metrics.update(_rollout_metrics(ro, kl_coef, axis_name))
+  metrics.update(targets.metrics)
+  kl_state = _next_kl_state(state, ro, ok, config=config, axis_name=axis_name)
+  new = _finish(state, new, metrics, kl_state=kl_state, baseline=baseline, config=config)
+  return _result(new, metrics, ro, return_rollout, axis_name)
+
+
+# ----------------------------------------------------------------------------- algorithms
+def _ppo_targets(ro, state, *, kl_coef, config, axis_name):
+  advantages, returns, _ = ppo_targets(ro, kl_coef=kl_coef, config=config, axis_name=axis_name)
+  resp = ro.response_mask
+  metrics = {
+    "return_mean": _pmean(
+      pg_losses.masked_aggregate(returns, resp, axis_name=axis_name), axis_name
+    ),
+    "value_mean": _pmean(
+      pg_losses.masked_aggregate(ro.values, resp, axis_name=axis_name), axis_name
+    ),
+  }
+  data = {
+    "logprobs": ro.logprobs,
+    "values": ro.values,
+    "advantages": advantages,
+    "returns": returns,
+  }
+  return Targets(data, metrics, state.baseline)
+
+
+def _ppo_loss(params, mb, *, policy, config, kl_coef, axis_name):
+  """Clipped surrogate + ``value_coef`` x clipped value loss - ``entropy_coef`` x entropy."""
+  del kl_coef  # in the rewards
+  agg = dict(aggregation=config.aggregation, axis_name=axis_name)
+  logp, entropy, values = rollout_lib.policy_outputs(
+    params, mb["tokens"], mb["mask"], policy=policy, value_head=True, temperature=config.temperature
+  )
+  m = mb["response_mask"]
+  pl, paux = pg_losses.ppo_policy_loss(
+    logp, mb["logprobs"], mb["advantages"], m, clip_eps=config.clip_eps, **agg
+  )
+  vl, vaux = pg_losses.ppo_value_loss(
+    values, mb["values"], mb["returns"], m, clip_eps=config.value_clip_eps, **agg
+  )
+  ent = pg_losses.entropy_bonus(entropy, m, **agg)
+  loss = pl + config.value_coef * vl - config.entropy_coef * ent
+  return loss, {
+    "policy_loss": pl,
+    "value_loss": vl,
+    "clip_fraction": paux["clip_fraction"],
+    "approx_kl": paux["approx_kl"],
+    "value_clip_fraction": vaux["clip_fraction"],
+  }
+
+
+def _pg_loss(params, mb, *, policy, config, kl_coef, axis_name):
+  """``-A log pi - entropy_coef * H`` over the response (REINFORCE, RLOO)."""
+  del kl_coef  # in the advantages
+  agg = dict(aggregation=config.aggregation, axis_name=axis_name)
+  logp, entropy, _ = rollout_lib.policy_outputs(
+    params, mb["tokens"], mb["mask"], policy=policy, temperature=config.temperature
+  )
+  m = mb["response_mask"]
+  pl = pg_losses.reinforce_loss(logp, mb["advantages"], m, **agg)
+  ent = pg_losses.entropy_bonus(entropy, m, **agg)
+  return pl - config.entropy_coef * ent, {"policy_loss": pl}
+
+
+def _reinforce_targets(ro, state, *, kl_coef, config, axis_name):
+  advantages, episode, used, new_baseline = reinforce_targets(
+    ro, state.baseline, kl_coef=kl_coef, config=config, axis_name=axis_name
+  )
+  metrics = {"return_mean": _pmean(jnp.mean(episode), axis_name), "baseline": used}
+  return Targets({"advantages": advantages}, metrics, new_baseline)
+
+
+def _rloo_targets(ro, state, *, kl_coef, config, axis_name):
+  advantages, reward = rloo_targets(ro, kl_coef=kl_coef, config=config)
+  metrics = {"return_mean": _pmean(jnp.mean(reward), axis_name)}
+  return Targets({"advantages": advantages}, metrics, state.baseline)
+
+
+def _grpo_targets(ro, state, *, kl_coef, config, axis_name):
+  advantages, reward = grpo_targets(ro, kl_coef=kl_coef, config=config)
+  data = {"logprobs": ro.logprobs, "ref_logprobs": ro.ref_logprobs, "advantages": advantages}
+  metrics = {"return_mean": _pmean(jnp.mean(reward), axis_name)}
+  return Targets(data, metrics, state.baseline)
+
+
+def _grpo_loss(params, mb, *, policy, config, kl_coef, axis_name):
+  """Clipped surrogate - entropy bonus (+ ``kl_coef`` x the aggregated KL estimate)."""
+  agg = dict(aggregation=config.aggregation, axis_name=axis_name)
+  logp, entropy, _ = rollout_lib.policy_outputs(
+    params, mb["tokens"], mb["mask"], policy=policy, temperature=config.temperature
+  )
+  m = mb["response_mask"]
+  pl, paux = pg_losses.ppo_policy_loss(
+    logp, mb["logprobs"], mb["advantages"], m, clip_eps=config.clip_eps, **agg
+  )
+  loss = pl - config.entropy_coef * pg_losses.entropy_bonus(entropy, m, **agg)
+  kl_loss = jnp.zeros((), jnp.float32)
+  if config.grpo_kl == "loss":
+    per_token = kl_lib.kl_estimate(logp, mb["ref_logprobs"], estimator=config.kl_estimator)
+    kl_loss = pg_losses.masked_aggregate(per_token, m, **agg)
+    loss = loss + kl_coef * kl_loss
+  return loss, {
+    "policy_loss": pl,
+    "kl_loss": kl_loss,
+    "clip_fraction": paux["clip_fraction"],
+    "approx_kl": paux["approx_kl"],
+  }
+
+
+PPO = Algorithm(targets=_ppo_targets, loss=_ppo_loss, value_head=True, epochs=True)
+REINFORCE = Algorithm(targets=_reinforce_targets, loss=_pg_loss)
+RLOO = Algorithm(targets=_rloo_targets, loss=_pg_loss, grouped=True)
+GRPO = Algorithm(targets=_grpo_targets, loss=_grpo_loss, grouped=True, epochs=True)
+
+
 # ----------------------------------------------------------------------------- steps
 def ppo_step(
   state: RLState,
@@ -635,6 +852,7 @@ def ppo_step(
   reward_params: Any,
   ref_params: Any,
   *,
+  policy: PolicyFns,
   config: RLConfig,
   reward_fn: rollout_lib.RewardFn,
   optimizer: optax.GradientTransformation,
@@ -643,11 +861,19 @@ def ppo_step(
 ):
   """One PPO iteration: a rollout, GAE, then ``num_epochs x num_minibatches`` updates.
 
+  Per-token rewards ``-kl_coef * KL_t`` plus the score at the last response token, GAE with
+  the policy's values (:func:`ppo_targets`); each update minimises the clipped surrogate +
+  ``value_coef`` x the clipped value loss - ``entropy_coef`` x the entropy.
+
   Args:
-    state: :class:`RLState` whose ``params`` include a value head (:func:`init_value_head`).
+    state: :class:`RLState` whose ``params`` include a value head (:func:`init_value_head`
+      for jaxrm's transformer).
     batch: ``{'prompts': [b, p] int, 'prompt_mask': [b, p] bool}``, LEFT-padded prompts.
     reward_params: first argument of ``reward_fn``.
-    ref_params: reference policy variables (same architecture as the policy).
+    ref_params: reference policy variables (same ``policy.apply``).
+    policy: the policy's functions, with values (``transformer_policy(cfg,
+      value_head=True)``, or :func:`jaxrm.models.policy.apply_fn_policy` of an ``apply_fn``
+      returning values).
     config: :class:`RLConfig` (static).
     reward_fn: ``reward_fn(reward_params, tokens [b, s], mask [b, s]) -> [b]``.
     optimizer: optax transformation matching ``state.opt_state``.
@@ -665,98 +891,19 @@ def ppo_step(
     ``approx_kl`` (to the sampling policy), ``grad_norm`` (means over the updates),
     ``return_mean``, ``value_mean``, ``nonfinite`` (an update was skipped), ``num_skipped``.
   """
-  _check_optimizer(optimizer)
-  _check_value_head(state.params)
-  ro, offset, key = _collect(
+  return iterate(
+    PPO,
     state,
     batch,
     reward_params,
     ref_params,
+    policy=policy,
     config=config,
     reward_fn=reward_fn,
-    axis_name=axis_name,
-    value_head=True,
-  )
-  resp = ro.response_mask
-  ok = _rollout_finite(ro, axis_name)
-  kl_coef = state.kl.kl_coef
-  advantages, returns, _ = ppo_targets(ro, kl_coef=kl_coef, config=config, axis_name=axis_name)
-  data = {
-    "tokens": ro.tokens,
-    "mask": ro.mask,
-    "response_mask": resp,
-    "logprobs": ro.logprobs,
-    "values": ro.values,
-    "advantages": advantages,
-    "returns": returns,
-  }
-  agg = dict(aggregation=config.aggregation, axis_name=axis_name)
-
-  def loss_fn(params, mb):
-    logp, entropy, values = rollout_lib.policy_outputs(
-      params,
-      mb["tokens"],
-      mb["mask"],
-      config=config.policy,
-      value_head=True,
-      temperature=config.temperature,
-    )
-    m = mb["response_mask"]
-    pl, paux = pg_losses.ppo_policy_loss(
-      logp, mb["logprobs"], mb["advantages"], m, clip_eps=config.clip_eps, **agg
-    )
-    vl, vaux = pg_losses.ppo_value_loss(
-      values, mb["values"], mb["returns"], m, clip_eps=config.value_clip_eps, **agg
-    )
-    ent = pg_losses.entropy_bonus(entropy, m, **agg)
-    loss = pl + config.value_coef * vl - config.entropy_coef * ent
-    return loss, {
-      "policy_loss": pl,
-      "value_loss": vl,
-      "clip_fraction": paux["clip_fraction"],
-      "approx_kl": paux["approx_kl"],
-      "value_clip_fraction": vaux["clip_fraction"],
-    }
-
-  new, metrics = _optimize(
-    state,
-    data,
-    loss_fn,
-    key=key,
-    num_epochs=config.num_epochs,
-    num_minibatches=config.num_minibatches,
-    offset=offset,
-    rollout_ok=ok,
     optimizer=optimizer,
-    config=config,
     axis_name=axis_name,
+    return_rollout=return_rollout,
   )
-  metrics.update(_rollout_metrics(ro, kl_coef, axis_name))
-  metrics["return_mean"] = _pmean(
-    pg_losses.masked_aggregate(returns, resp, axis_name=axis_name), axis_name
-  )
-  metrics["value_mean"] = _pmean(
-    pg_losses.masked_aggregate(ro.values, resp, axis_name=axis_name), axis_name
-  )
-  kl_state = _next_kl_state(state, ro, ok, config=config, axis_name=axis_name)
-  new = _finish(state, new, metrics, kl_state=kl_state, baseline=state.baseline, config=config)
-  return _result(new, metrics, ro, return_rollout, axis_name)
-
-
-def _pg_loss_fn(config: RLConfig, axis_name):
-  """``-A log pi - entropy_coef * H`` over the response (REINFORCE, RLOO)."""
-  agg = dict(aggregation=config.aggregation, axis_name=axis_name)
-
-  def loss_fn(params, mb):
-    logp, entropy, _ = rollout_lib.policy_outputs(
-      params, mb["tokens"], mb["mask"], config=config.policy, temperature=config.temperature
-    )
-    m = mb["response_mask"]
-    pl = pg_losses.reinforce_loss(logp, mb["advantages"], m, **agg)
-    ent = pg_losses.entropy_bonus(entropy, m, **agg)
-    return pl - config.entropy_coef * ent, {"policy_loss": pl}
-
-  return loss_fn
 
 
 def reinforce_step(
@@ -764,12 +911,7 @@ def reinforce_step(
   batch: Mapping[str, jax.Array],
   reward_params: Any,
   ref_params: Any,
-  *,
-  config: RLConfig,
-  reward_fn: rollout_lib.RewardFn,
-  optimizer: optax.GradientTransformation,
-  axis_name: Any = None,
-  return_rollout: bool = False,
+  **kwargs: Any,
 ):
   """One REINFORCE iteration: a rollout, reward-to-go minus a baseline, one update.
 
@@ -780,41 +922,13 @@ def reinforce_step(
   it is independent of the current samples), ``'batch'`` (the mean episode return of this
   global batch; slightly biased, as each sample is in its own baseline) or ``'none'``.
 
-  Args and returns: as :func:`ppo_step` (no value head needed). Metrics: the rollout ones,
+  Args and returns: as :func:`ppo_step` (the same keyword-only arguments ``policy``,
+  ``config``, ``reward_fn``, ``optimizer``, ``axis_name``, ``return_rollout``; no value head
+  needed). Metrics: the rollout ones,
   ``loss``, ``policy_loss``, ``grad_norm``, ``return_mean`` (mean episode return),
   ``baseline`` (the value subtracted), ``nonfinite``, ``num_skipped``.
   """
-  _check_optimizer(optimizer)
-  ro, offset, key = _collect(
-    state, batch, reward_params, ref_params, config=config, reward_fn=reward_fn, axis_name=axis_name
-  )
-  resp = ro.response_mask
-  ok = _rollout_finite(ro, axis_name)
-  kl_coef = state.kl.kl_coef
-  advantages, episode, used, new_baseline = reinforce_targets(
-    ro, state.baseline, kl_coef=kl_coef, config=config, axis_name=axis_name
-  )
-  baseline_state = _select(ok, new_baseline, state.baseline)
-  data = {"tokens": ro.tokens, "mask": ro.mask, "response_mask": resp, "advantages": advantages}
-  new, metrics = _optimize(
-    state,
-    data,
-    _pg_loss_fn(config, axis_name),
-    key=key,
-    num_epochs=1,
-    num_minibatches=1,
-    offset=offset,
-    rollout_ok=ok,
-    optimizer=optimizer,
-    config=config,
-    axis_name=axis_name,
-  )
-  metrics.update(_rollout_metrics(ro, kl_coef, axis_name))
-  metrics["return_mean"] = _pmean(jnp.mean(episode), axis_name)
-  metrics["baseline"] = used
-  kl_state = _next_kl_state(state, ro, ok, config=config, axis_name=axis_name)
-  new = _finish(state, new, metrics, kl_state=kl_state, baseline=baseline_state, config=config)
-  return _result(new, metrics, ro, return_rollout, axis_name)
+  return iterate(REINFORCE, state, batch, reward_params, ref_params, **kwargs)
 
 
 def rloo_step(
@@ -822,12 +936,7 @@ def rloo_step(
   batch: Mapping[str, jax.Array],
   reward_params: Any,
   ref_params: Any,
-  *,
-  config: RLConfig,
-  reward_fn: rollout_lib.RewardFn,
-  optimizer: optax.GradientTransformation,
-  axis_name: Any = None,
-  return_rollout: bool = False,
+  **kwargs: Any,
 ):
   """One RLOO iteration: ``config.num_samples`` responses per prompt, one update.
 
@@ -836,46 +945,13 @@ def rloo_step(
   other samples of the same prompt (:func:`jaxrm.math.advantages.rloo_advantages`), applied to
   every response token of ``-A log pi``.
 
-  Args and returns: as :func:`ppo_step`, with ``b`` prompts giving ``b * num_samples``
+  Args and returns: as :func:`ppo_step` (the same keyword-only arguments, no value head),
+  with ``b`` prompts giving ``b * num_samples``
   sequences (the rollout returned has ``b * num_samples`` rows, the samples of a prompt
   adjacent). Metrics: the rollout ones, ``loss``, ``policy_loss``, ``grad_norm``,
   ``return_mean`` (mean sequence reward), ``nonfinite``, ``num_skipped``.
   """
-  _check_optimizer(optimizer)
-  k = config.num_samples
-  ro, offset, key = _collect(
-    state,
-    batch,
-    reward_params,
-    ref_params,
-    config=config,
-    reward_fn=reward_fn,
-    axis_name=axis_name,
-    num_samples=k,
-  )
-  resp = ro.response_mask
-  ok = _rollout_finite(ro, axis_name)
-  kl_coef = state.kl.kl_coef
-  advantages, reward = rloo_targets(ro, kl_coef=kl_coef, config=config)
-  data = {"tokens": ro.tokens, "mask": ro.mask, "response_mask": resp, "advantages": advantages}
-  new, metrics = _optimize(
-    state,
-    data,
-    _pg_loss_fn(config, axis_name),
-    key=key,
-    num_epochs=1,
-    num_minibatches=1,
-    offset=offset,
-    rollout_ok=ok,
-    optimizer=optimizer,
-    config=config,
-    axis_name=axis_name,
-  )
-  metrics.update(_rollout_metrics(ro, kl_coef, axis_name))
-  metrics["return_mean"] = _pmean(jnp.mean(reward), axis_name)
-  kl_state = _next_kl_state(state, ro, ok, config=config, axis_name=axis_name)
-  new = _finish(state, new, metrics, kl_state=kl_state, baseline=state.baseline, config=config)
-  return _result(new, metrics, ro, return_rollout, axis_name)
+  return iterate(RLOO, state, batch, reward_params, ref_params, **kwargs)
 
 
 def grpo_step(
@@ -883,12 +959,7 @@ def grpo_step(
   batch: Mapping[str, jax.Array],
   reward_params: Any,
   ref_params: Any,
-  *,
-  config: RLConfig,
-  reward_fn: rollout_lib.RewardFn,
-  optimizer: optax.GradientTransformation,
-  axis_name: Any = None,
-  return_rollout: bool = False,
+  **kwargs: Any,
 ):
   """One GRPO iteration: ``num_samples`` responses per prompt, clipped-surrogate updates.
 
@@ -905,71 +976,7 @@ def grpo_step(
   ``clip_fraction``, ``approx_kl``, ``grad_norm``, ``return_mean``, ``nonfinite``,
   ``num_skipped``.
   """
-  _check_optimizer(optimizer)
-  k = config.num_samples
-  ro, offset, key = _collect(
-    state,
-    batch,
-    reward_params,
-    ref_params,
-    config=config,
-    reward_fn=reward_fn,
-    axis_name=axis_name,
-    num_samples=k,
-  )
-  resp = ro.response_mask
-  ok = _rollout_finite(ro, axis_name)
-  kl_coef = state.kl.kl_coef
-  advantages, reward = grpo_targets(ro, kl_coef=kl_coef, config=config)
-  data = {
-    "tokens": ro.tokens,
-    "mask": ro.mask,
-    "response_mask": resp,
-    "logprobs": ro.logprobs,
-    "ref_logprobs": ro.ref_logprobs,
-    "advantages": advantages,
-  }
-  agg = dict(aggregation=config.aggregation, axis_name=axis_name)
-
-  def loss_fn(params, mb):
-    logp, entropy, _ = rollout_lib.policy_outputs(
-      params, mb["tokens"], mb["mask"], config=config.policy, temperature=config.temperature
-    )
-    m = mb["response_mask"]
-    pl, paux = pg_losses.ppo_policy_loss(
-      logp, mb["logprobs"], mb["advantages"], m, clip_eps=config.clip_eps, **agg
-    )
-    loss = pl - config.entropy_coef * pg_losses.entropy_bonus(entropy, m, **agg)
-    kl_loss = jnp.zeros((), jnp.float32)
-    if config.grpo_kl == "loss":
-      per_token = kl_lib.kl_estimate(logp, mb["ref_logprobs"], estimator=config.kl_estimator)
-      kl_loss = pg_losses.masked_aggregate(per_token, m, **agg)
-      loss = loss + kl_coef * kl_loss
-    return loss, {
-      "policy_loss": pl,
-      "kl_loss": kl_loss,
-      "clip_fraction": paux["clip_fraction"],
-      "approx_kl": paux["approx_kl"],
-    }
-
-  new, metrics = _optimize(
-    state,
-    data,
-    loss_fn,
-    key=key,
-    num_epochs=config.num_epochs,
-    num_minibatches=config.num_minibatches,
-    offset=offset,
-    rollout_ok=ok,
-    optimizer=optimizer,
-    config=config,
-    axis_name=axis_name,
-  )
-  metrics.update(_rollout_metrics(ro, kl_coef, axis_name))
-  metrics["return_mean"] = _pmean(jnp.mean(reward), axis_name)
-  kl_state = _next_kl_state(state, ro, ok, config=config, axis_name=axis_name)
-  new = _finish(state, new, metrics, kl_state=kl_state, baseline=state.baseline, config=config)
-  return _result(new, metrics, ro, return_rollout, axis_name)
+  return iterate(GRPO, state, batch, reward_params, ref_params, **kwargs)
 
 
 _STEPS = {"ppo": ppo_step, "reinforce": reinforce_step, "rloo": rloo_step, "grpo": grpo_step}
@@ -985,14 +992,21 @@ def get_step(algo: str) -> Callable[..., Any]:
 def make_step(
   algo: str,
   *,
+  policy: PolicyFns,
   config: RLConfig,
   reward_fn: rollout_lib.RewardFn,
   optimizer: optax.GradientTransformation,
   return_rollout: bool = False,
 ) -> Callable[..., Any]:
   """``step(state, batch, reward_params, ref_params, *, axis_name=None)`` for ``algo``."""
+  if not isinstance(policy, PolicyFns):
+    raise ValueError(
+      f"policy must be a PolicyFns (transformer_policy(config) or apply_fn_policy(apply_fn)), "
+      f"got {type(policy).__name__}"
+    )
   return functools.partial(
     get_step(algo),
+    policy=policy,
     config=config,
     reward_fn=reward_fn,
     optimizer=optimizer,
@@ -1001,6 +1015,6 @@ def make_step(
 
 
 def uses_value_head(algo: str) -> bool:
-  """Whether ``algo``'s policy parameters need a value head (:func:`init_value_head`)."""
+  """Whether ``algo``'s policy needs a value head (:func:`init_value_head`)."""
   get_step(algo)
   return algo == "ppo"

@@ -2,8 +2,9 @@
 
 A rollout (:func:`rollout`) takes a batch of LEFT-padded prompts and
 
-1. samples one response per prompt from the current policy with the KV-cached sampler
-   (:func:`jaxrm.models.sampling.sample`), each example with its own key
+1. samples one response per prompt from the current policy with its sampler
+   (``policy.sample`` of a :class:`jaxrm.models.policy.PolicyFns`: KV-cached for jaxrm's
+   transformer, full-forward for any ``apply_fn``), each example with its own key
    ``fold_in(key, global_example_index)`` (:func:`example_keys`), so a data-parallel run
    whose devices each sample a shard of the prompts draws exactly the samples of a
    single-device run on the global batch;
@@ -28,7 +29,8 @@ one id) used by tests and the experiment scripts.
 
 Example::
 
-  out = rollout(params, ref_params, None, prompts, prompt_mask, key, config=cfg,
+  out = rollout(params, ref_params, None, prompts, prompt_mask, key,
+                policy=transformer_policy(cfg),
                 reward_fn=lambda _, t, m: token_frequency(t, m, token_id=5,
                                                           prompt_len=prompts.shape[1]),
                 max_new_tokens=8, eos_id=None)
@@ -47,8 +49,7 @@ import jax.numpy as jnp
 
 from jaxrm.math import kl as kl_lib
 from jaxrm.models import sampling
-from jaxrm.models.policy import PolicyModel, token_entropy, token_logprobs
-from jaxrm.models.transformer import TransformerConfig
+from jaxrm.models.policy import PolicyFns, token_entropy, token_logprobs
 
 RewardFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
@@ -117,9 +118,12 @@ def global_offset(local_size: int, axis_name: Any) -> jax.Array:
 
 
 def check_prompts(
-  prompts: Any, prompt_mask: Any, *, config: TransformerConfig, max_new_tokens: int
+  prompts: Any, prompt_mask: Any, *, max_len: int | None, max_new_tokens: int
 ) -> None:
-  """Trace-time checks of a prompt batch; raises ``ValueError`` naming the argument."""
+  """Trace-time checks of a prompt batch; raises ``ValueError`` naming the argument.
+
+  ``max_len`` is the policy's longest sequence (:attr:`PolicyFns.max_len`; None: unchecked).
+  """
   shape, mask_shape = jnp.shape(prompts), jnp.shape(prompt_mask)
   if len(shape) != 2:
     raise ValueError(f"prompts must have shape [batch, prompt_len], got {shape}")
@@ -127,44 +131,17 @@ def check_prompts(
     raise ValueError(f"prompt_mask must have the shape of prompts {shape}, got {mask_shape}")
   if not jnp.issubdtype(jnp.result_type(prompts), jnp.integer):
     raise ValueError(f"prompts must be an integer array, got dtype {jnp.result_type(prompts)}")
-  if shape[1] + max_new_tokens > config.max_len:
+  if max_len is not None and shape[1] + max_new_tokens > max_len:
     raise ValueError(
       f"prompts length {shape[1]} (shape {shape}) + max_new_tokens "
-      f"{max_new_tokens} exceeds the policy's max_len={config.max_len}"
+      f"{max_new_tokens} exceeds the policy's max_len={max_len}"
     )
 
 
-def sample_per_example(
-  params: Any,
-  prompts: jax.Array,
-  prompt_mask: jax.Array,
-  keys: jax.Array,
-  *,
-  config: TransformerConfig,
-  max_new_tokens: int,
-  temperature: float = 1.0,
-  eos_id: int | None = sampling.EOS_ID,
-) -> sampling.SampleOutput:
-  """:func:`jaxrm.models.sampling.sample` with one key per example (``keys [batch]``).
-
-  Row ``i`` depends only on ``prompts[i]`` and ``keys[i]``, not on the rest of the batch
-  (``sample`` itself draws a whole batch from one key).
-  """
-
-  def one(prompt, mask, key):
-    out = sampling.sample(
-      params,
-      prompt[None],
-      mask[None],
-      key,
-      config=config,
-      max_new_tokens=max_new_tokens,
-      temperature=temperature,
-      eos_id=eos_id,
-    )
-    return jax.tree.map(lambda x: x[0], out)
-
-  return jax.vmap(one)(prompts, prompt_mask, keys)
+def check_eos_id(eos_id: int | None, *, vocab_size: int | None) -> None:
+  """Raises ``ValueError`` unless ``eos_id`` is None or a token of the policy's vocabulary."""
+  if eos_id is not None and vocab_size is not None and not 0 <= eos_id < vocab_size:
+    raise ValueError(f"eos_id must be None or in [0, vocab_size={vocab_size}), got {eos_id}")
 
 
 def policy_outputs(
@@ -172,25 +149,33 @@ def policy_outputs(
   tokens: jax.Array,
   mask: jax.Array,
   *,
-  config: TransformerConfig,
+  policy: PolicyFns,
   value_head: bool = False,
   temperature: float = 1.0,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-  """Full forward pass of a :class:`jaxrm.models.policy.PolicyModel`.
+  """Full forward pass of a policy -> per-token log-probs, entropies and values.
 
   Args:
-    params: policy variables (with a ``value_head`` if ``value_head``).
+    params: policy variables.
     tokens: ``[batch, seq]`` int.
     mask: ``[batch, seq]`` bool.
-    config: backbone configuration.
-    value_head: evaluate the value head.
+    policy: the policy's functions (:class:`jaxrm.models.policy.PolicyFns`).
+    value_head: return the values (``policy.apply`` must return them, else ``ValueError``).
     temperature: the logits are divided by it (the sampling distribution).
 
   Returns:
     ``(logprobs, entropy, values)``, each ``[batch, seq]`` aligned with ``tokens`` (entry 0
-    is 0); ``values[:, t]`` is the value head read at ``t - 1`` (None without a value head).
+    is 0); ``values[:, t]`` is the value read at ``t - 1`` (None unless ``value_head``).
   """
-  logits, values = PolicyModel(config, value_head=value_head).apply(params, tokens, mask)
+  logits, values = policy.apply(params, tokens, mask)
+  if not value_head:
+    values = None
+  elif values is None:
+    raise ValueError(
+      "this algorithm needs a value head, but the policy's apply returned values=None (for "
+      "jaxrm's transformer: transformer_policy(config, value_head=True) and params from "
+      "init_value_head)"
+    )
   logits = logits / temperature
   logp = token_logprobs(logits, tokens)
   entropy = token_entropy(logits)
@@ -207,7 +192,7 @@ def rollout(
   prompt_mask: jax.typing.ArrayLike,
   key: jax.Array,
   *,
-  config: TransformerConfig,
+  policy: PolicyFns,
   reward_fn: RewardFn,
   max_new_tokens: int,
   temperature: float = 1.0,
@@ -219,14 +204,15 @@ def rollout(
   """Samples one response per prompt, scores it, and computes log-probs, values and KL.
 
   Args:
-    policy_params: variables of ``PolicyModel(config, value_head=value_head)``.
-    ref_params: variables of the reference policy (same architecture; a value head, if any,
-      is ignored).
+    policy_params: the policy's variables (with a value head if ``value_head``).
+    ref_params: variables of the reference policy (same ``policy.apply``; a value head, if
+      any, is ignored).
     reward_params: first argument of ``reward_fn`` (any pytree, or None).
     prompts: ``[batch, prompt_len]`` int, LEFT-padded.
     prompt_mask: ``[batch, prompt_len]`` bool, ``False...False True...True`` per row.
     key: PRNG key; example ``i`` samples with ``fold_in(key, example_offset + i)``.
-    config: the policy's backbone configuration (static).
+    policy: the policy's functions (:class:`jaxrm.models.policy.PolicyFns`), e.g.
+      :func:`jaxrm.models.policy.transformer_policy`.
     reward_fn: ``reward_fn(reward_params, tokens [b, s], mask [b, s]) -> [b]``.
     max_new_tokens: response length budget (static).
     temperature: sampling temperature (static); log-probs are those of
@@ -239,18 +225,18 @@ def rollout(
   Returns:
     A :class:`Rollout`.
   """
-  check_prompts(prompts, prompt_mask, config=config, max_new_tokens=max_new_tokens)
+  check_prompts(prompts, prompt_mask, max_len=policy.max_len, max_new_tokens=max_new_tokens)
+  check_eos_id(eos_id, vocab_size=policy.vocab_size)
   kl_lib.kl_estimate(jnp.zeros(()), jnp.zeros(()), estimator=kl_estimator)  # validates
   prompts = jnp.asarray(prompts, jnp.int32)
   prompt_mask = jnp.asarray(prompt_mask).astype(bool)
   batch = prompts.shape[0]
   keys = example_keys(key, batch, offset=example_offset)
-  out = sample_per_example(
+  out = policy.sample(
     policy_params,
     prompts,
     prompt_mask,
     keys,
-    config=config,
     max_new_tokens=max_new_tokens,
     temperature=temperature,
     eos_id=eos_id,
@@ -263,9 +249,9 @@ def rollout(
     )
   scores = scores.astype(jnp.float32)
   logp, entropy, values = policy_outputs(
-    policy_params, tokens, mask, config=config, value_head=value_head, temperature=temperature
+    policy_params, tokens, mask, policy=policy, value_head=value_head, temperature=temperature
   )
-  ref_logp, _, _ = policy_outputs(ref_params, tokens, mask, config=config, temperature=temperature)
+  ref_logp, _, _ = policy_outputs(ref_params, tokens, mask, policy=policy, temperature=temperature)
   zero = lambda x: None if x is None else jnp.where(response, x, 0.0)
   logp, ref_logp, entropy, values = map(zero, (logp, ref_logp, entropy, values))
   kl = jnp.where(response, kl_lib.kl_estimate(logp, ref_logp, estimator=kl_estimator), 0.0)
