@@ -14,9 +14,10 @@ config dataclasses) and a plain ``--workdir``, and runs ``main`` with :func:`run
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import os
 import sys
@@ -38,22 +39,43 @@ def die(message: str) -> None:
   sys.exit(2)
 
 
-def define_config(name: str, help_string: str = "") -> flags.FlagHolder:
+def define_config(
+  name: str, help_string: str = "", *, aliases: Mapping[str, str] | None = None
+) -> flags.FlagHolder:
   """Defines ``--config`` with default ``experiments/configs/<name>.py``.
 
   ``ml_collections`` already applies the ``--config.*`` overrides of ``sys.argv`` here, so the
   one-line errors of :func:`parse_flags` are given here too.
+
+  Args:
+    name: the config file's name under ``experiments/configs``.
+    help_string: the flag's help.
+    aliases: flags that stand for other arguments (``{'--quick': '--config=...:quick'}``);
+      pass the same to :func:`run`.
   """
   default = os.path.join(CONFIG_DIR, f"{name}.py")
-  with _one_line_flag_errors(sys.argv, default):
-    resolve_field_types(load_config(_config_spec(sys.argv, default)))
+  argv = expand_aliases(sys.argv, aliases)
+  spec = _config_spec(argv, default)
+  with _one_line_flag_errors(argv, default):
+    resolve_field_types(load_config(spec))
+    # sys_argv: ml_collections must see the aliases' --config= too, or it would parse the
+    # default now and the aliased file again later, defining the override flags twice.
     return config_flags.DEFINE_config_file(
       "config",
       default,
       help_string
       or f"Config file[:variant] (default experiments/configs/{name}.py); "
       "override any field with --config.<field>=<value>.",
+      sys_argv=argv,
     )
+
+
+def expand_aliases(argv: Sequence[str], aliases: Mapping[str, str] | None) -> list[str]:
+  """Inserts the argument an alias stands for right after the program name (so an explicit
+  ``--config=`` later in ``argv`` still wins); the alias itself stays."""
+  argv = list(argv)
+  extra = [aliases[a] for a in argv[1:] if aliases and a in aliases]
+  return argv[:1] + extra + argv[1:]
 
 
 def load_config(spec: str) -> Any:
@@ -140,12 +162,12 @@ def print_help(argv: Sequence[str]) -> None:
   print("\n".join(lines))
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], aliases: Mapping[str, str] | None = None) -> list[str]:
   """absl flags parser with one-line errors and a useful ``--help``.
 
   Use as ``app.run(main, flags_parser=cli.parse_flags)`` (:func:`run` does).
   """
-  argv = ["--helpfull" if a == "--helpful" else a for a in argv]
+  argv = ["--helpfull" if a == "--helpful" else a for a in expand_aliases(argv, aliases)]
   if any(a in _HELP for a in argv[1:]):
     print_help([a for a in argv if a not in _HELP])
     sys.exit(0)
@@ -178,6 +200,6 @@ def no_arguments(argv: Sequence[str]) -> None:
     die(f"unexpected arguments {list(argv[1:])}")
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-  """``app.run(main)`` with :func:`parse_flags`."""
-  app.run(main, flags_parser=parse_flags)
+def run(main: Callable[[list[str]], None], *, aliases: Mapping[str, str] | None = None) -> None:
+  """``app.run(main)`` with :func:`parse_flags` (and the flag ``aliases`` of :func:`define_config`)."""
+  app.run(main, flags_parser=functools.partial(parse_flags, aliases=aliases))
