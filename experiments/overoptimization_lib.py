@@ -462,12 +462,7 @@ def _run_rl_one(cfg, data, proxy, rl_cfg, optimizer, ref_params, start, *, seed)
 def validate(cfg: StudyConfig) -> None:
   """Raises :class:`jaxrm.io.rundir.ConfigError` naming the offending field."""
 
-  def need(ok: bool, field: str, message: str) -> None:
-    if not ok:
-      obj = cfg
-      for part in field.split("."):
-        obj = getattr(obj, part)
-      raise ConfigError(field, obj, message)
+  need = functools.partial(rundir.check, cfg)
 
   for name in ("world_seed", "num_heldout", "rm_epochs", "rl_steps"):
     need(isinstance(getattr(cfg, name), int) and getattr(cfg, name) >= 0, name, "must be >= 0")

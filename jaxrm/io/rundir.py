@@ -108,6 +108,16 @@ class ConfigError(ValueError):
     return f"{flag}={value}: {self.message}"
 
 
+def check(config: Any, ok: bool, field: str, message: str) -> None:
+  """Raises :class:`ConfigError` for the dotted ``field`` of ``config`` (with its value)
+  unless ``ok``; the one helper of the loops' ``validate_config``."""
+  if not ok:
+    value = config
+    for part in field.split("."):
+      value = getattr(value, part)
+    raise ConfigError(field, value, message)
+
+
 def validate_log_config(log: LogConfig, *, prefix: str = "log") -> None:
   """Raises :class:`ConfigError` naming the first bad field of ``log``."""
   for name in ("log_every", "checkpoint_every", "keep_checkpoints"):

@@ -22,6 +22,7 @@ name (a randomly initialised byte-level policy). The steps take the policy's fun
 
 from collections.abc import Callable
 import dataclasses
+import functools
 import os
 import time
 from typing import Any
@@ -104,12 +105,7 @@ def validate_config(c: PolicyTrainConfig, *, num_devices: int | None = None) -> 
   one by its dotted path. Checks that need the reward model (tokenizer, lengths) are made by
   :func:`build_run`, with the same error type."""
 
-  def need(ok, field, message):
-    if not ok:
-      obj = c
-      for part in field.split("."):
-        obj = getattr(obj, part)
-      raise ConfigError(field, obj, message)
+  need = functools.partial(rundir.check, c)
 
   is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
   need(c.algo in rl_lib.ALGORITHMS, "algo", f"must be one of {list(rl_lib.ALGORITHMS)}")

@@ -22,7 +22,6 @@ import optax
 
 from jaxrm.data import pairs
 from jaxrm.io import rundir
-from jaxrm.io.rundir import ConfigError
 from jaxrm.math import preference
 from jaxrm.models import presets
 from jaxrm.models.reward_model import RewardModel
@@ -147,12 +146,7 @@ def validate_config(config: TrainConfig, *, num_devices: int | None = None) -> N
   """
   c = config
 
-  def need(ok: bool, path: str, message: str) -> None:
-    if not ok:
-      obj = c
-      for part in path.split("."):
-        obj = getattr(obj, part)
-      raise ConfigError(path, obj, message)
+  need = functools.partial(rundir.check, c)
 
   pairs.validate_data_config(c.data)
   need(
