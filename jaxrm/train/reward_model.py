@@ -56,6 +56,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -97,8 +98,6 @@ STEP_KEYS = ("chosen", "chosen_mask", "rejected", "rejected_mask", "weight", "la
 def _resolve_paths(config: TrainConfig) -> TrainConfig:
   if config.data.is_synthetic:
     return config
-  import dataclasses  # pylint: disable=import-outside-toplevel
-
   data = dataclasses.replace(
     config.data,
     files=tuple(os.path.abspath(p) for p in config.data.files),
