@@ -1,9 +1,36 @@
-"""Shared command-line plumbing of the experiment scripts: one-line errors for bad flags."""
+"""Shared command-line plumbing of the experiment scripts: one config system, one-line errors.
 
+Every script defines ``--config`` with :func:`define_config` (an ``ml_collections`` config
+file, ``experiments/configs/<name>.py``, whose ``get_config()`` returns the library's own
+config dataclasses) and a plain ``--workdir``, and runs ``main`` with :func:`run`:
+
+* any field, nested ones included, is overridable: ``--config.optimizer.learning_rate=1e-3``;
+  a variant is chosen through the config string: ``--config=experiments/configs/x.py:quick``;
+* a mistyped field, a malformed value or a bad setting (:class:`jaxrm.io.rundir.ConfigError`)
+  stops the script with one line on stderr naming it, exit status 2;
+* ``--help`` prints the script's docstring and every config field with its default;
+  ``--helpfull`` (absl's spelling; ``--helpful`` is accepted too) lists every absl flag.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+import contextlib
+import dataclasses
+import functools
+import importlib.util
 import os
 import sys
+import typing
+from typing import Any
 
-from absl import flags
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxrm.io import rundir
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+_HELP = ("--help", "-h", "-help", "--helpshort", "-?")
 
 
 def die(message: str) -> None:
@@ -12,12 +39,167 @@ def die(message: str) -> None:
   sys.exit(2)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flags parser that reports a bad flag in one line (instead of the usage text).
+def define_config(
+  name: str, help_string: str = "", *, aliases: Mapping[str, str] | None = None
+) -> flags.FlagHolder:
+  """Defines ``--config`` with default ``experiments/configs/<name>.py``.
 
-  Use as ``app.run(main, flags_parser=cli.parse_flags)``.
+  ``ml_collections`` already applies the ``--config.*`` overrides of ``sys.argv`` here, so the
+  one-line errors of :func:`parse_flags` are given here too.
+
+  Args:
+    name: the config file's name under ``experiments/configs``.
+    help_string: the flag's help.
+    aliases: flags that stand for other arguments (``{'--quick': '--config=...:quick'}``);
+      pass the same to :func:`run`.
   """
-  try:
+  default = os.path.join(CONFIG_DIR, f"{name}.py")
+  argv = expand_aliases(sys.argv, aliases)
+  spec = _config_spec(argv, default)
+  with _one_line_flag_errors(argv, default):
+    resolve_field_types(load_config(spec))
+    # sys_argv: ml_collections must see the aliases' --config= too, or it would parse the
+    # default now and the aliased file again later, defining the override flags twice.
+    return config_flags.DEFINE_config_file(
+      "config",
+      default,
+      help_string
+      or f"Config file[:variant] (default experiments/configs/{name}.py); "
+      "override any field with --config.<field>=<value>.",
+      sys_argv=argv,
+    )
+
+
+def expand_aliases(argv: Sequence[str], aliases: Mapping[str, str] | None) -> list[str]:
+  """Inserts the argument an alias stands for right after the program name (so an explicit
+  ``--config=`` later in ``argv`` still wins); the alias itself stays."""
+  argv = list(argv)
+  extra = [aliases[a] for a in argv[1:] if aliases and a in aliases]
+  return argv[:1] + extra + argv[1:]
+
+
+def load_config(spec: str) -> Any:
+  """``get_config()`` (or ``get_config(variant)``) of a config file ``path[:variant]``."""
+  path, _, variant = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_jaxrm_config", path)
+  if module_spec is None or not os.path.isfile(path):
+    die(f"--config={spec}: no such config file")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
+
+
+def config_fields(config: Any, prefix: str = "") -> list[tuple[str, Any]]:
+  """``(dotted_path, value)`` of every leaf field of a (nested) config dataclass."""
+  out = []
+  for f in dataclasses.fields(config):
+    value = getattr(config, f.name)
+    if dataclasses.is_dataclass(value):
+      out.extend(config_fields(value, f"{prefix}{f.name}."))
+    else:
+      out.append((f"{prefix}{f.name}", value))
+  return out
+
+
+def _config_spec(argv: Sequence[str], default: str | None = None) -> str:
+  spec = default if default is not None else flags.FLAGS["config"].default_as_str or ""
+  for arg in argv[1:]:
+    if arg.startswith("--config="):
+      spec = arg[len("--config=") :]
+  return spec.strip("'\"")
+
+
+def _unknown_override(argv: Sequence[str], default: str | None = None) -> str | None:
+  """The first ``--config.<path>`` of ``argv`` that names no field, as a one-line message."""
+  config = load_config(_config_spec(argv, default))
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config.") :].partition("=")[0]
+    obj = config
+    for i, part in enumerate(path.split(".")):
+      if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+        where = ".".join(path.split(".")[:i]) or "the config"
+        names = [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else []
+        return (
+          f"--config.{path}: no field {part!r} in {where} ({type(obj).__name__}); "
+          f"fields: {', '.join(names) or 'none (not a section)'}"
+        )
+      obj = getattr(obj, part)
+  return None
+
+
+def resolve_field_types(config: Any) -> None:
+  """Replaces string annotations of the config's dataclass fields by the types they name.
+
+  ``ml_collections`` parses an override by the field's annotation; a module with postponed
+  annotations (``from __future__ import annotations``) stores them as strings, which it
+  cannot use. ``typing.get_type_hints`` resolves them, once per class.
+  """
+  if not dataclasses.is_dataclass(config):
+    return
+  cls = type(config)
+  if any(isinstance(f.type, str) for f in dataclasses.fields(cls)):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+      f.type = hints.get(f.name, f.type)
+  for f in dataclasses.fields(config):
+    resolve_field_types(getattr(config, f.name))
+
+
+def print_help(argv: Sequence[str]) -> None:
+  """The script's docstring, its flags and every config field with its default."""
+  main_doc = (sys.modules["__main__"].__doc__ or "").strip()
+  spec = _config_spec(argv)
+  lines = [main_doc, "", "Flags:"]
+  lines.append(f"  --config=FILE[:VARIANT]  config file (now {spec})")
+  lines.append("  --workdir=DIR            the run directory")
+  lines.append("  --helpfull               every absl flag")
+  lines.append("")
+  lines.append("Config fields (override any with --config.<field>=<value>):")
+  for path, value in config_fields(load_config(spec)):
+    lines.append(f"  --config.{path}={value!r}")
+  print("\n".join(lines))
+
+
+def parse_flags(argv: list[str], aliases: Mapping[str, str] | None = None) -> list[str]:
+  """absl flags parser with one-line errors and a useful ``--help``.
+
+  Use as ``app.run(main, flags_parser=cli.parse_flags)`` (:func:`run` does).
+  """
+  argv = ["--helpfull" if a == "--helpful" else a for a in expand_aliases(argv, aliases)]
+  if any(a in _HELP for a in argv[1:]):
+    print_help([a for a in argv if a not in _HELP])
+    sys.exit(0)
+  with _one_line_flag_errors(argv):
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    die(str(e))
+  return argv
+
+
+@contextlib.contextmanager
+def _one_line_flag_errors(argv: Sequence[str], default: str | None = None):
+  try:
+    yield
+  except KeyError:  # ml_collections: an override naming no field
+    die(_unknown_override(argv, default) or "unknown --config field")
+  except (flags.Error, ValueError, TypeError, AttributeError) as e:
+    die(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+@contextlib.contextmanager
+def one_line_errors():
+  """Turns a :class:`jaxrm.io.rundir.ConfigError` into ``die(--config.<field>=...: ...)``."""
+  try:
+    yield
+  except rundir.ConfigError as e:
+    die(e.flag_message())
+
+
+def no_arguments(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    die(f"unexpected arguments {list(argv[1:])}")
+
+
+def run(main: Callable[[list[str]], None], *, aliases: Mapping[str, str] | None = None) -> None:
+  """``app.run(main)`` with :func:`parse_flags` (and the flag ``aliases`` of :func:`define_config`)."""
+  app.run(main, flags_parser=functools.partial(parse_flags, aliases=aliases))

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import os
 import time
 from typing import Any
@@ -31,6 +29,9 @@ import numpy as np
 import optax
 
 from jaxrm.data import synthetic
+from jaxrm.data.pairs import validate_world
+from jaxrm.io import rundir
+from jaxrm.io.rundir import ConfigError
 from jaxrm.math import best_of_n as bon_lib
 from jaxrm.math import metrics as metrics_lib
 from jaxrm.math import preference
@@ -52,25 +53,53 @@ class ProxySize:
   def name(self) -> str:
     return f"L{self.num_layers}W{self.width}"
 
+  @classmethod
+  def parse(cls, text: str) -> ProxySize:
+    """``'2x32x4'`` (LAYERSxWIDTHxHEADS) -> ``ProxySize(2, 32, 4)``.
 
-@dataclasses.dataclass(frozen=True)
+    Raises:
+      ConfigError: (``proxy_sizes``) for a malformed size or a width not divisible by heads.
+    """
+    try:
+      layers, width, heads = (int(x) for x in str(text).lower().split("x"))
+    except ValueError:
+      raise ConfigError("proxy_sizes", text, "is not LAYERSxWIDTHxHEADS, e.g. 2x32x4") from None
+    if min(layers, width, heads) < 1 or width % heads:
+      raise ConfigError(
+        "proxy_sizes", text, f"needs positive sizes and width {width} divisible by heads {heads}"
+      )
+    return cls(layers, width, heads)
+
+
+def _default_ppo() -> rl_lib.RLConfig:
+  # Fixed-length responses of the default world (validate() checks the length).
+  return rl_lib.RLConfig(max_new_tokens=12, eos_id=None, num_epochs=2, num_minibatches=2)
+
+
+@dataclasses.dataclass
 class StudyConfig:
-  """All settings of one study; every stage's cache is keyed by the fields it reads."""
+  """All settings of one study; every stage's cache is keyed by the fields it reads.
 
-  world: synthetic.WorldConfig = synthetic.WorldConfig()
+  Returned by ``experiments/configs/overoptimization.py``; every field is overridable from
+  the command line (``--config.ppo.num_epochs=4``, ``--config.world.gold_width=32``,
+  ``--config.proxy_sizes="('1x8x2','2x64x4')"``). Treated as immutable once a study starts.
+
+  Attributes (beyond the stage settings named after their stage):
+    world: the synthetic world; ``world_seed`` its seed.
+    data_sizes: extra comparison-data sizes: every proxy size is also trained on each.
+    proxy_sizes: proxy architectures as ``LAYERSxWIDTHxHEADS`` (:meth:`ProxySize.parse`).
+    ppo: the PPO hyperparameters of the RL stage (:class:`jaxrm.steps.rl.RLConfig`);
+      ``max_new_tokens`` must equal the world's ``response_len``.
+  """
+
+  world: synthetic.WorldConfig = dataclasses.field(default_factory=synthetic.WorldConfig)
   world_seed: int = 0
   num_comparisons: int = 2500
-  data_sizes: tuple[int, ...] = ()  # extra comparison-data sizes for the largest-data sweep
+  data_sizes: tuple[int, ...] = ()
   num_heldout: int = 2000
   labels: str = "deterministic"
   label_noise: float = 0.0
-  proxy_sizes: tuple[ProxySize, ...] = (
-    ProxySize(1, 4, 1),
-    ProxySize(1, 8, 2),
-    ProxySize(1, 16, 2),
-    ProxySize(2, 32, 4),
-    ProxySize(2, 64, 4),
-  )
+  proxy_sizes: tuple[str, ...] = ("1x4x1", "1x8x2", "1x16x2", "2x32x4", "2x64x4")
   num_seeds: int = 5
   rm_epochs: int = 3
   rm_batch_size: int = 64
@@ -83,55 +112,42 @@ class StudyConfig:
   rl_learning_rate: float = 1e-5
   kl_coef: float = 0.0
   rl_log_every: int = 10
+  ppo: rl_lib.RLConfig = dataclasses.field(default_factory=_default_ppo)
 
   @property
   def num_train(self) -> int:
     """Size of the generated comparison set (smaller data sizes use its prefixes)."""
     return max((self.num_comparisons,) + tuple(self.data_sizes))
 
+  @property
+  def sizes(self) -> tuple[ProxySize, ...]:
+    """``proxy_sizes`` parsed."""
+    return tuple(ProxySize.parse(s) for s in self.proxy_sizes)
+
   def fingerprint(self, *fields: str) -> str:
     """A short hash of the named fields and properties."""
-    d = {f: getattr(self, f) for f in fields}
-    d = json.loads(
-      json.dumps(
-        d, default=lambda x: dataclasses.asdict(x) if dataclasses.is_dataclass(x) else str(x)
-      )
-    )
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return rundir.fingerprint({f: getattr(self, f) for f in fields})
 
 
-_WORLD_FIELDS = ("world", "world_seed", "num_train", "num_heldout", "labels", "label_noise")
-_PROXY_FIELDS = _WORLD_FIELDS + ("num_seeds", "rm_epochs", "rm_batch_size", "rm_learning_rate")
+# The fields each stage reads (its cache key); tests check that together they cover every field.
+WORLD_FIELDS = ("world", "world_seed", "num_train", "num_heldout", "labels", "label_noise")
+PROXY_FIELDS = WORLD_FIELDS + ("num_seeds", "rm_epochs", "rm_batch_size", "rm_learning_rate")
+BON_FIELDS = PROXY_FIELDS + ("proxy_sizes", "bon_prompts", "bon_samples", "bon_max_n")
+RL_FIELDS = PROXY_FIELDS + (
+  "proxy_sizes",
+  "rl_steps",
+  "rl_batch_size",
+  "rl_learning_rate",
+  "kl_coef",
+  "rl_log_every",
+  "ppo",
+)
+# ``num_comparisons`` and ``data_sizes`` select the proxies' data (``num_train`` and the file
+# names of each size's cache) and so enter every key through ``num_train`` and the paths.
+SELECTION_FIELDS = ("num_comparisons", "data_sizes")
 
-
-# ----------------------------------------------------------------------------- caching
-def save_tree(path: str, tree: Any, meta: dict[str, Any]) -> None:
-  """Writes the leaves of ``tree`` and a JSON ``meta`` dict to ``path`` atomically."""
-  leaves = jax.tree.leaves(tree)
-  arrays = {f"leaf_{i}": np.asarray(x) for i, x in enumerate(leaves)}
-  arrays["meta"] = np.asarray(json.dumps(meta))
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
-
-
-def load_tree(path: str, template: Any, fingerprint: str) -> tuple[Any, dict] | None:
-  """Loads a tree saved by :func:`save_tree` if it exists and its fingerprint matches."""
-  if not os.path.exists(path):
-    return None
-  try:
-    with np.load(path) as f:
-      meta = json.loads(str(f["meta"]))
-      if meta.get("fingerprint") != fingerprint:
-        logging.info("%s was written by another config; recomputing", path)
-        return None
-      treedef = jax.tree.structure(template)
-      leaves = [jnp.asarray(f[f"leaf_{i}"]) for i in range(treedef.num_leaves)]
-  except (OSError, ValueError, KeyError) as e:  # a partial or corrupt file: recompute
-    logging.warning("could not read %s (%s); recomputing", path, e)
-    return None
-  return jax.tree.unflatten(treedef, leaves), meta
+save_tree = rundir.save_tree
+load_tree = rundir.load_tree
 
 
 # ----------------------------------------------------------------------------- stage 1
@@ -145,7 +161,7 @@ class WorldData:
 def build_world(cfg: StudyConfig, workdir: str) -> WorldData:
   """Builds (or loads) the world and its comparisons."""
   path = os.path.join(workdir, "world.npz")
-  fp = cfg.fingerprint(*_WORLD_FIELDS)
+  fp = cfg.fingerprint(*WORLD_FIELDS)
   key = jax.random.key(cfg.world_seed)
   k_world, k_train, k_heldout = jax.random.split(key, 3)
   num_train = cfg.num_train
@@ -193,9 +209,10 @@ def train_proxies(
   num = cfg.num_comparisons if num_comparisons is None else num_comparisons
   pairs = jax.tree.map(lambda x: x[:num], data.train.as_batch())
   steps = cfg.rm_epochs * num // cfg.rm_batch_size
-  fp = cfg.fingerprint(*_PROXY_FIELDS)
   results = []
-  for i, size in enumerate(cfg.proxy_sizes):
+  for i, size in enumerate(cfg.sizes):
+    # The seeds of size i come from key(1000 + i): the index and the whole size are in the key.
+    fp = cfg.fingerprint(*PROXY_FIELDS) + f"-{i}-{size.num_heads}"
     path = os.path.join(workdir, "proxies", f"n{num}_{size.name}.npz")
     model = proxy_model(cfg, size)
     sweep = RewardModelSweep(
@@ -287,9 +304,7 @@ def best_of_n(
   """
   num = cfg.num_comparisons if num_comparisons is None else num_comparisons
   path = os.path.join(workdir, f"bon_n{num}.npz")
-  fp = cfg.fingerprint(
-    *(_PROXY_FIELDS + ("proxy_sizes", "bon_prompts", "bon_samples", "bon_max_n"))
-  )
+  fp = cfg.fingerprint(*BON_FIELDS)
   ns = bon_ns(cfg.bon_max_n)
   shape = (len(proxies), cfg.num_seeds, len(ns))
   template = {
@@ -335,12 +350,8 @@ def best_of_n(
 
 # ----------------------------------------------------------------------------- stage 4
 def _rl_config(cfg: StudyConfig) -> rl_lib.RLConfig:
-  return rl_lib.RLConfig(
-    max_new_tokens=cfg.world.response_len,
-    eos_id=None,
-    num_epochs=2,
-    num_minibatches=2,
-  )
+  """``cfg.ppo``, re-validated (command-line overrides bypass its ``__post_init__``)."""
+  return dataclasses.replace(cfg.ppo)
 
 
 def _proxy_offsets(cfg: StudyConfig, data: WorldData, proxy: dict[str, Any]) -> np.ndarray:
@@ -371,9 +382,7 @@ def run_rl(
     that ``pi_init`` scores 0).
   """
   wc = cfg.world
-  fp = cfg.fingerprint(
-    *(_PROXY_FIELDS + ("rl_steps", "rl_batch_size", "rl_learning_rate", "kl_coef", "rl_log_every"))
-  )
+  fp = cfg.fingerprint(*RL_FIELDS)
   rl_cfg = _rl_config(cfg)
   optimizer = optax.adam(cfg.rl_learning_rate)
   ref_params = data.world.policy_params
@@ -435,55 +444,61 @@ def _run_rl_one(cfg, data, proxy, rl_cfg, optimizer, ref_params, start, *, seed)
   states = jax.vmap(lambda k: rl_lib.create_rl_state(start, optimizer, k, kl_coef=cfg.kl_coef))(
     keys
   )
-  logs, done, t0 = [], 0, time.perf_counter()
+  logs, done = [], 0
   num_steps = cfg.rl_steps // chunk_len * chunk_len
+  progress = rundir.Progress(num_steps)
   while done < num_steps:
     states, m = chunk(states, proxy["params"])
     m = {k: v.mean(axis=1) for k, v in jax.device_get(m).items()}  # [seeds], window means
     logs.append(m)
     done += chunk_len
-    elapsed = time.perf_counter() - t0
-    logging.info(
-      "rl %s: step %d/%d  kl %.2f  proxy %.3f  gold %.3f  %.1f steps/s  ETA %.0fs",
-      proxy["size"].name,
-      done,
-      num_steps,
-      m["kl"].mean(),
-      m["proxy"].mean(),
-      m["gold"].mean(),
-      done / elapsed,
-      elapsed / done * (num_steps - done),
-    )
+    progress.start(done)  # rates count from the end of the first (compiling) chunk
+    means = {k: float(m[k].mean()) for k in ("kl", "proxy", "gold")}
+    logging.info("rl %s: %s", proxy["size"].name, progress.line(done, means))
   return {k: np.stack([l[k] for l in logs], axis=1) for k in logs[0]}
 
 
 # ----------------------------------------------------------------------------- driver
 def validate(cfg: StudyConfig) -> None:
-  """Raises ValueError naming the offending setting."""
-  if cfg.num_seeds < 1:
-    raise ValueError(f"seeds must be >= 1, got {cfg.num_seeds}")
-  if not cfg.proxy_sizes:
-    raise ValueError("proxy_sizes must name at least one proxy architecture")
+  """Raises :class:`jaxrm.io.rundir.ConfigError` naming the offending field."""
+
+  need = functools.partial(rundir.check, cfg)
+
+  for name in ("world_seed", "num_heldout", "rm_epochs", "rl_steps"):
+    need(isinstance(getattr(cfg, name), int) and getattr(cfg, name) >= 0, name, "must be >= 0")
+  need(cfg.num_seeds >= 1, "num_seeds", "must be >= 1")
+  need(len(cfg.proxy_sizes) > 0, "proxy_sizes", "must name at least one proxy architecture")
+  cfg.sizes  # noqa: B018  (parses every size; raises ConfigError naming a bad one)
   for n in (cfg.num_comparisons,) + tuple(cfg.data_sizes):
-    if n < cfg.rm_batch_size:
-      raise ValueError(
-        f"comparison-data size {n} is smaller than the batch size {cfg.rm_batch_size}"
-      )
-  if cfg.bon_max_n < 1 or cfg.bon_samples < cfg.bon_max_n:
-    raise ValueError(
-      f"need 1 <= bon_max_n <= bon_samples, got bon_max_n={cfg.bon_max_n}, "
-      f"bon_samples={cfg.bon_samples}"
+    field = "num_comparisons" if n == cfg.num_comparisons else "data_sizes"
+    need(n >= cfg.rm_batch_size, field, f"size {n} is below rm_batch_size={cfg.rm_batch_size}")
+  need(cfg.bon_max_n >= 1, "bon_max_n", "must be >= 1")
+  need(cfg.bon_samples >= cfg.bon_max_n, "bon_samples", f"must be >= bon_max_n={cfg.bon_max_n}")
+  need(
+    cfg.labels in ("deterministic", "bradley_terry"),
+    "labels",
+    "must be 'deterministic' or 'bradley_terry'",
+  )
+  need(0.0 <= cfg.label_noise <= 0.5, "label_noise", "must lie in [0, 0.5]")
+  need(cfg.kl_coef >= 0, "kl_coef", "must be >= 0")
+  if cfg.rl_steps:
+    need(
+      1 <= cfg.rl_log_every <= cfg.rl_steps,
+      "rl_log_every",
+      f"must lie in [1, rl_steps={cfg.rl_steps}]",
     )
-  if cfg.labels not in ("deterministic", "bradley_terry"):
-    raise ValueError(f"labels must be 'deterministic' or 'bradley_terry', got {cfg.labels!r}")
-  if not 0.0 <= cfg.label_noise <= 0.5:
-    raise ValueError(f"label_noise must lie in [0, 0.5], got {cfg.label_noise}")
-  if cfg.rl_steps < 0 or cfg.kl_coef < 0:
-    raise ValueError(f"rl_steps and kl_coef must be >= 0, got {cfg.rl_steps}, {cfg.kl_coef}")
-  if cfg.rl_steps and not 1 <= cfg.rl_log_every <= cfg.rl_steps:
-    raise ValueError(
-      f"rl_log_every must lie in [1, rl_steps={cfg.rl_steps}], got {cfg.rl_log_every}"
-    )
+  validate_world(cfg.world, field="world")
+  need(isinstance(cfg.ppo, rl_lib.RLConfig), "ppo", "must be a jaxrm.steps.rl.RLConfig")
+  try:
+    dataclasses.replace(cfg.ppo)
+  except (TypeError, ValueError) as e:
+    raise ConfigError("ppo", cfg.ppo, str(e)) from None
+  need(
+    cfg.ppo.max_new_tokens == cfg.world.response_len,
+    "ppo.max_new_tokens",
+    f"must equal world.response_len={cfg.world.response_len} (fixed-length responses)",
+  )
+  need(cfg.ppo.eos_id is None, "ppo.eos_id", "must be None (fixed-length responses)")
 
 
 def _proxy_summary(proxies: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -503,7 +518,7 @@ def _proxy_summary(proxies: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def run_study(cfg: StudyConfig, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) every stage and returns the raw measurements as a JSON-able dict."""
   validate(cfg)
-  timing, results = {}, {"config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))}
+  timing, results = {}, {"config": rundir.config_to_json(cfg)}
 
   def timed(name, fn, *args, **kw):
     t = time.perf_counter()

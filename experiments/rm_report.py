@@ -16,12 +16,13 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import cli  # noqa: E402
-from jaxrm.train import reward_model as rm_train  # noqa: E402
+from jaxrm.io import rundir  # noqa: E402
+from jaxrm.train import rm_eval  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string(
   "workdir", None, "Run directory of train_reward_model.py.", required=True
@@ -31,11 +32,10 @@ _OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory (see the docst
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    cli.die(f"unexpected arguments {argv[1:]}")
-  rm_train.quiet_orbax_logging()
+  cli.no_arguments(argv)
+  rundir.quiet_orbax_logging()
   try:
-    paths = rm_train.write_run_report(_WORKDIR.value, step=_STEP.value, out_dir=_OUT_DIR.value)
+    paths = rm_eval.write_run_report(_WORKDIR.value, step=_STEP.value, out_dir=_OUT_DIR.value)
   except FileNotFoundError as e:
     cli.die(str(e))
   for path in paths.values():
@@ -43,4 +43,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

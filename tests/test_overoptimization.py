@@ -1,5 +1,6 @@
 """Tests of the over-optimisation study: the --quick run's outputs and the analysis checks."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,10 +10,12 @@ import numpy as np
 import pytest
 
 from experiments import overoptimization_analysis as analysis
+from experiments import overoptimization_lib as lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "overoptimization.py")
-_DATA_SIZES = ("--data_sizes=256,384",)  # prefixes of the quick run's 512 comparisons
+# Prefixes of the quick run's 512 comparisons, and a nested field set from the command line.
+_ARGS = ("--config.data_sizes=(256,384)", "--config.ppo.clip_eps=0.25")
 
 
 def _run(*args):
@@ -30,7 +33,7 @@ def _run(*args):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("overopt_quick"))
-  proc = _run(f"--workdir={workdir}", "--quick", *_DATA_SIZES)
+  proc = _run(f"--workdir={workdir}", "--quick", *_ARGS)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, proc
 
@@ -88,7 +91,7 @@ def test_rerun_reuses_the_cached_stages(quick_run):
   workdir, _ = quick_run
   with open(os.path.join(workdir, "results.json")) as f:
     first = json.load(f)
-  proc = _run(f"--workdir={workdir}", "--quick", *_DATA_SIZES)
+  proc = _run(f"--workdir={workdir}", "--quick", *_ARGS)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, "results.json")) as f:
     second = json.load(f)
@@ -96,10 +99,38 @@ def test_rerun_reuses_the_cached_stages(quick_run):
   assert second["timing_this_invocation"]["proxies"] < first["timing_this_invocation"]["proxies"]
 
 
-def test_bad_flag_gives_a_one_line_error(tmp_path):
-  proc = _run(f"--workdir={tmp_path}", "--proxy_sizes=2x10x3")
-  assert proc.returncode != 0
-  assert "--proxy_sizes" in proc.stderr and "divisible" in proc.stderr
+def test_nested_override_from_the_command_line_reaches_the_study(quick_run):
+  workdir, _ = quick_run
+  for name in ("results.json", "config.json"):
+    with open(os.path.join(workdir, name)) as f:
+      config = json.load(f)["config"]
+    assert config["ppo"]["clip_eps"] == 0.25 and config["ppo"]["num_epochs"] == 2
+    assert config["data_sizes"] == [256, 384] and config["num_seeds"] == 2  # the quick variant
+
+
+@pytest.mark.parametrize(
+  "arg, message",
+  [
+    ("--config.proxy_sizes=('2x10x3',)", "--config.proxy_sizes=2x10x3: needs positive sizes"),
+    ("--config.ppo.num_epochz=3", "no field 'num_epochz' in ppo"),
+    ("--config.ppo.max_new_tokens=5", "--config.ppo.max_new_tokens=5: must equal"),
+  ],
+)
+def test_bad_setting_gives_a_one_line_error(tmp_path, arg, message):
+  proc = _run(f"--workdir={tmp_path}", "--quick", arg)
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_every_field_is_in_a_stage_cache_key_and_ppo_settings_key_the_rl_stage():
+  fields = {f.name for f in dataclasses.fields(lib.StudyConfig)}
+  keyed = set(lib.RL_FIELDS) | set(lib.BON_FIELDS) | set(lib.SELECTION_FIELDS)
+  assert fields <= keyed, fields - keyed
+  a, b = lib.StudyConfig(), lib.StudyConfig()
+  b.ppo.num_epochs = 3
+  assert a.fingerprint(*lib.RL_FIELDS) != b.fingerprint(*lib.RL_FIELDS)
+  assert a.fingerprint(*lib.BON_FIELDS) == b.fingerprint(*lib.BON_FIELDS)
 
 
 def _synthetic_results(betas, params, *, rl_gold_scale=1.0, seeds=3):

@@ -1,27 +1,28 @@
-"""Tests for experiments/train_policy.py: config, rewards, resume, metrics, flag errors."""
+"""Tests of the policy loop (jaxrm.train.policy, jaxrm.train.sources) and its script: config,
+rewards, prompts, resume, metrics, one-line errors, a nested field set on the command line."""
 
-import dataclasses
 import functools
 import json
 import os
 import subprocess
 import sys
 
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from experiments import train_policy as tp
 from jaxrm.data import synthetic
-from jaxrm.io import rm_io
+from jaxrm.io import rm_io, rundir
 from jaxrm.io.checkpoint import CheckpointManager
 from jaxrm.models import ensemble
 from jaxrm.models.reward_model import RewardModel
 from jaxrm.models.transformer import TransformerConfig
 from jaxrm.steps import train_state
+from jaxrm.steps.rl import RLConfig
+from jaxrm.train import policy as tp
+from jaxrm.train.sources import PromptConfig, RewardConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "train_policy.py")
@@ -39,23 +40,30 @@ def fast_compiles():
   jax.config.update("jax_disable_most_optimizations", old)
 
 
+def _set(config, path, value):
+  *parents, name = path.split(".")
+  obj = config
+  for part in parents:
+    obj = getattr(obj, part)
+  setattr(obj, name, value)
+
+
 def base_config(**kw):
-  base = dict(
+  """The tiny synthetic run; ``kw`` by dotted path with ``__`` for ``.``."""
+  config = tp.PolicyTrainConfig(
     algo="ppo",
-    reward="token_frequency:3",
-    policy="synthetic",
-    synthetic_world=WORLD,
+    reward=RewardConfig(source="token_frequency", token_id=3),
+    world=synthetic.WorldConfig(**WORLD),
+    rl=RLConfig(max_new_tokens=12, eos_id=None, num_epochs=2, num_minibatches=2),
     steps=4,
     batch_size=8,
-    num_epochs=2,
-    num_minibatches=2,
-    learning_rate=1e-3,
-    log_every=1,
-    checkpoint_every=2,
     parallel="jit",
+    log=rundir.LogConfig(log_every=1, checkpoint_every=2, plots=False),
   )
-  base.update(kw)
-  return tp.PolicyRunConfig(**base)
+  config.optimizer.learning_rate = 1e-3
+  for key, value in kw.items():
+    _set(config, key.replace("__", "."), value)
+  return config
 
 
 @functools.cache
@@ -92,12 +100,12 @@ def rm_dirs(tmp_path_factory):
 
 
 def read_rows(workdir):
-  with open(os.path.join(workdir, tp.METRICS_FILE)) as f:
+  with open(os.path.join(workdir, rundir.METRICS_FILE)) as f:
     return [json.loads(line) for line in f]
 
 
 def restore_params(run, workdir):
-  with CheckpointManager(os.path.join(workdir, tp.CHECKPOINT_DIR)) as ckpt:
+  with CheckpointManager(os.path.join(workdir, rundir.CHECKPOINT_DIR)) as ckpt:
     state, extra, step = ckpt.restore_latest(template=tp.initial_state(run))
   state = state._replace(key=jax.random.key_data(state.key))
   return jax.device_get(state), extra, step
@@ -106,11 +114,14 @@ def restore_params(run, workdir):
 def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, rm_dirs):
   dirs, _ = rm_dirs
   config = base_config(
-    reward=",".join(dirs),
-    ensemble_objective="uncertainty_weighted",
-    uncertainty_coef=0.3,
-    target_kl=0.5,
-    kl_horizon=50.0,
+    reward=RewardConfig(
+      source="rm",
+      rm_dirs=tuple(dirs),
+      ensemble_objective="uncertainty_weighted",
+      uncertainty_coef=0.3,
+    ),
+    rl__target_kl=0.5,
+    rl__kl_horizon=50.0,
   )
   run = tp.build_run(config)
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
@@ -118,7 +129,7 @@ def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, rm_dir
   assert summary["steps"] == 4 and summary["resumed_from"] == 0
   tp.train(run, resumed, steps=3)  # "interrupted" after step 3 (checkpoints at 2 and 3)
   # A crash after step 3 could have left rows beyond the checkpoint; they are dropped.
-  with open(os.path.join(resumed, tp.METRICS_FILE), "a") as f:
+  with open(os.path.join(resumed, rundir.METRICS_FILE), "a") as f:
     f.write(json.dumps({"step": 4, "score": 123.0}) + "\n")
   summary = tp.train(run, resumed)
   assert summary["resumed_from"] == 3
@@ -144,22 +155,33 @@ def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, rm_dir
     "num_skipped",
   ):
     assert key in rows_a[-1], key
-  assert extra_a["config"]["reward"] == config.reward
+  assert extra_a["config"]["reward"]["rm_dirs"] == list(config.reward.rm_dirs)
   # The adaptive KL coefficient moved and was checkpointed (it is part of the state above).
   assert rows_a[-1]["kl_coef"] != config.kl_coef
   assert all(np.isfinite(r["score"]) and r["response_length"] == 12 for r in rows_a)
 
 
-def test_resuming_with_other_settings_names_the_changed_flags():
+def test_resuming_with_other_settings_names_the_changed_field():
   saved = base_config().to_json()
-  tp.check_resumable(saved, base_config(steps=100, log_every=5), "/w")  # allowed changes
-  with pytest.raises(tp.ConfigError, match="--kl_coef: 0.05 -> 0.1"):
-    tp.check_resumable(saved, base_config(kl_coef=0.1), "/w")
+  allowed = base_config(steps=100, log__log_every=5, parallel="auto").to_json()
+  rundir.check_resumable(saved, allowed, changeable=tp.CHANGEABLE_ON_RESUME, workdir="/w")
+  with pytest.raises(rundir.ConfigError) as e:
+    rundir.check_resumable(
+      saved,
+      base_config(rl__clip_eps=0.1).to_json(),
+      changeable=tp.CHANGEABLE_ON_RESUME,
+      workdir="/w",
+    )
+  assert e.value.flag_message().startswith("--config.rl.clip_eps=0.1: differs")
 
 
 def test_ensemble_reward_applies_the_objective_to_the_member_rewards(rm_dirs):
   dirs, params = rm_dirs
-  run = tp.build_run(base_config(reward=",".join(dirs), ensemble_objective="worst_case"))
+  run = tp.build_run(
+    base_config(
+      reward=RewardConfig(source="rm", rm_dirs=tuple(dirs), ensemble_objective="worst_case")
+    )
+  )
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 16, size=(5, 16)).astype(np.int32)
   mask = np.ones(tokens.shape, bool)
@@ -171,7 +193,7 @@ def test_ensemble_reward_applies_the_objective_to_the_member_rewards(rm_dirs):
 
 
 def test_synthetic_gold_reward_is_the_worlds_gold_and_token_frequency_counts_the_response():
-  gold_run = tp.build_run(base_config(reward="synthetic_gold"))
+  gold_run = tp.build_run(base_config(reward__source="synthetic_gold"))
   world_cfg = synthetic.WorldConfig(**WORLD)
   world = synthetic.init_world(world_cfg, jax.random.key(0))
   prompts = synthetic.sample_prompts(world_cfg, jax.random.key(1), 6)
@@ -181,7 +203,7 @@ def test_synthetic_gold_reward_is_the_worlds_gold_and_token_frequency_counts_the
   got = jax.jit(gold_run.reward_fn)(gold_run.reward_params, tokens, mask)
   want = jax.jit(synthetic.gold_reward, static_argnums=1)(world, world_cfg, tokens, mask)
   np.testing.assert_allclose(got, want, rtol=1e-5)
-  tf_run = tp.build_run(base_config(reward="token_frequency:3"))
+  tf_run = tp.build_run(base_config())
   want = (np.asarray(tokens)[:, world_cfg.prompt_len :] == 3).mean(1)
   np.testing.assert_allclose(jax.jit(tf_run.reward_fn)(None, tokens, mask), want, rtol=1e-6)
   # The prompt source depends on the step only (resumable) and has the world's shape.
@@ -191,74 +213,54 @@ def test_synthetic_gold_reward_is_the_worlds_gold_and_token_frequency_counts_the
   assert not np.array_equal(batch["prompts"], tf_run.prompts(8)["prompts"])
 
 
-def test_flags_parse_into_the_run_config():
-  fv = flags.FlagValues()
-  tp.define_flags(fv)
-  fv(
-    [
-      "train_policy.py",
-      "--workdir=/tmp/w",
-      "--algo=grpo",
-      "--reward=token_frequency:5",
-      "--target_kl=2.5",
-      "--kl_estimator=k3",
-      "--steps=7",
-      "--batch_size=16",
-      "--synthetic_world=num_calibration=512,policy_layers=1",
-      "--parallel=pmap",
-    ]
-  )
-  config = tp.config_from_flags(fv)
-  assert config == dataclasses.replace(
-    tp.PolicyRunConfig(),
-    algo="grpo",
-    reward="token_frequency:5",
-    target_kl=2.5,
-    kl_estimator="k3",
-    steps=7,
-    batch_size=16,
-    parallel="pmap",
-    synthetic_world={"num_calibration": 512, "policy_layers": 1},
-  )
-  tp.validate_config(config, num_devices=8)
-
-
 @pytest.mark.parametrize(
-  "overrides, flag",
+  "overrides, field",
   [
-    (dict(reward="token_frequency:x"), "--reward=token_frequency:x"),
-    (dict(reward="/no/such/run"), "--reward=/no/such/run"),
-    (dict(batch_size=0), "--batch_size=0"),
-    (dict(batch_size=12, parallel="shard_map"), "--batch_size=12"),
-    (dict(num_minibatches=3), "--num_minibatches=3"),
-    (dict(target_kl=-1.0), "--target_kl=-1.0"),
-    (dict(policy="huge"), "--policy=huge"),
+    (dict(reward__source="token_freq"), "reward.source"),
+    (dict(reward__source="rm", reward__rm_dirs=("/no/such/run",)), "reward.rm_dirs"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(batch_size=12, parallel="shard_map"), "batch_size"),
+    (dict(rl__num_minibatches=3), "rl.num_minibatches"),
+    (dict(rl__target_kl=-1.0), "rl"),
+    (dict(policy="huge"), "policy"),
+    (dict(rl__max_new_tokens=13), "rl.max_new_tokens"),
   ],
 )
-def test_bad_settings_raise_a_config_error_naming_the_flag(overrides, flag):
-  with pytest.raises(tp.ConfigError) as e:
+def test_bad_settings_raise_a_config_error_naming_the_field(overrides, field):
+  with pytest.raises(rundir.ConfigError) as e:
     tp.validate_config(base_config(**overrides), num_devices=8)
-  assert e.value.flag_message().startswith(f"flag {flag}:")
+  assert e.value.field == field
+  assert e.value.flag_message().startswith(f"--config.{field}=")
 
 
-def test_rewards_that_do_not_fit_the_policy_raise_naming_the_flag(tmp_path):
-  with pytest.raises(tp.ConfigError, match="outside the policy's vocabulary"):
-    tp.build_run(base_config(reward="token_frequency:16"))
+def test_rewards_that_do_not_fit_the_policy_raise_naming_the_field(tmp_path):
+  with pytest.raises(rundir.ConfigError, match="outside the policy's vocabulary"):
+    tp.build_run(base_config(reward__token_id=16))
   write_rm_run(str(tmp_path / "byte_rm"), 0, tokenizer="byte")
-  with pytest.raises(tp.ConfigError, match="'byte' tokenizer, the policy 'synthetic'"):
-    tp.build_run(base_config(reward=str(tmp_path / "byte_rm")))
-  with pytest.raises(tp.ConfigError, match="synthetic_gold needs --policy=synthetic"):
-    tp.build_run(base_config(reward="synthetic_gold", policy="tiny"))
+  with pytest.raises(rundir.ConfigError, match="'byte' tokenizer, the policy 'synthetic'"):
+    tp.build_run(
+      base_config(reward=RewardConfig(source="rm", rm_dirs=(str(tmp_path / "byte_rm"),)))
+    )
+  with pytest.raises(rundir.ConfigError, match="synthetic_gold needs the synthetic policy"):
+    tp.build_run(
+      base_config(
+        reward__source="synthetic_gold",
+        policy="tiny",
+        prompts=PromptConfig(source="bos"),
+        rl=RLConfig(max_new_tokens=4, num_minibatches=2),
+      )
+    )
 
 
 @pytest.mark.parametrize(
   "args, expected",
   [
-    (["--algo=dpo"], "flag --algo=dpo: value should be one of"),
-    (["--reward=token_frequency:x"], "flag --reward=token_frequency:x: token_frequency needs"),
+    (["--config.algo=dpo"], "--config.algo=dpo: must be one of"),
+    (["--config.reward.tokn_id=3"], "no field 'tokn_id' in reward (RewardConfig)"),
+    (["--config.rl.kl_coef=0.1"], "no field 'kl_coef' in rl (RLConfig)"),
   ],
 )
-def test_script_reports_a_bad_flag_in_one_line(tmp_path, args, expected):
+def test_script_reports_a_bad_setting_in_one_line(tmp_path, args, expected):
   proc = subprocess.run(
     [sys.executable, SCRIPT, f"--workdir={tmp_path}"] + args,
     capture_output=True,
@@ -270,24 +272,50 @@ def test_script_reports_a_bad_flag_in_one_line(tmp_path, args, expected):
   assert len(lines) == 1 and expected in lines[0], proc.stderr
 
 
+def test_script_sets_a_nested_field_from_the_command_line(tmp_path):
+  workdir = tmp_path / "run"
+  world = [f"--config.world.{k}={v}" for k, v in WORLD.items()]
+  proc = subprocess.run(
+    [
+      sys.executable,
+      SCRIPT,
+      f"--workdir={workdir}",
+      *world,
+      "--config.steps=1",
+      "--config.batch_size=4",
+      "--config.rl.num_minibatches=2",
+      "--config.rl.num_epochs=1",
+      "--config.rl.clip_eps=0.3",
+      "--config.parallel=jit",
+      "--config.log.plots=False",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(workdir / rundir.CONFIG_FILE) as f:
+    config = json.load(f)["config"]
+  assert config["rl"]["clip_eps"] == 0.3 and config["world"]["gold_width"] == 32
+  assert [r["step"] for r in read_rows(workdir)] == [1]
+
+
 def test_prompt_files_give_left_padded_bos_prompts_in_a_new_order_each_pass(tmp_path):
   path = tmp_path / "prefs.jsonl"
   texts = ["Hi", "What is 2+2?", "A much longer prompt that gets truncated on the left"]
   path.write_text(
     "".join(json.dumps({"prompt": t, "chosen": " yes", "rejected": " no"}) + "\n" for t in texts)
   )
+  byte = dict(policy="tiny", rl=RLConfig(max_new_tokens=4, num_minibatches=1))
   run = tp.build_run(
     base_config(
-      policy="tiny",
-      prompts=(str(path),),
-      prompt_len=8,
-      max_new_tokens=4,
+      prompts=PromptConfig(source="jsonl", files=(str(path),), prompt_len=8),
       batch_size=2,
-      num_minibatches=1,
-      reward="token_frequency:104",
+      reward__token_id=104,
+      **byte,
     )
   )
-  assert run.rl_config.eos_id == 2 and run.tokenizer == "byte"
+  assert run.tokenizer == "byte"
   batches = [run.prompts(step) for step in range(3)]  # 6 prompts: two passes over 3
   seen = [tuple(row) for b in batches for row in b["prompts"]]
   assert len(set(seen[:3])) == 3 and set(seen[:3]) == set(seen[3:])
@@ -298,9 +326,7 @@ def test_prompt_files_give_left_padded_bos_prompts_in_a_new_order_each_pass(tmp_
   hi = [row for row in seen if list(row[-2:]) == [ord("H") + 3, ord("i") + 3]]
   assert hi and list(hi[0][:5]) == [0, 0, 0, 0, 0]
   path.write_text(json.dumps({"prompt": "x", "chosen": 1}) + "\n")
-  with pytest.raises(tp.ConfigError, match="prefs.jsonl:1"):
+  with pytest.raises(rundir.ConfigError, match="prefs.jsonl:1"):
     tp.build_run(
-      base_config(
-        policy="tiny", prompts=(str(path),), prompt_len=8, max_new_tokens=4, num_minibatches=1
-      )
+      base_config(prompts=PromptConfig(source="jsonl", files=(str(path),), prompt_len=8), **byte)
     )

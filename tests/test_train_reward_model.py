@@ -7,10 +7,12 @@
 * a damaged latest checkpoint makes the resumed run fall back to the previous one (the
   checkpoint manager's own cases are in tests/test_checkpoint.py, e.g.
   ``test_damaged_latest_checkpoint_falls_back_to_previous_with_warning``);
-* bad flags stop the script with one line naming the flag; ``rm_report.py`` writes the report
-  of an earlier checkpoint.
+* bad settings, mistyped config fields and bad values stop the script with one line naming
+  them; a nested field set on the command line reaches the run's config; ``rm_report.py``
+  writes the report of an earlier checkpoint.
 """
 
+import dataclasses
 import gzip
 import json
 import os
@@ -21,17 +23,17 @@ import subprocess
 import sys
 import time
 
-from absl import flags
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from experiments import train_reward_model as script
-from jaxrm.io import rm_io
+from jaxrm.data import pairs, preferences, synthetic
+from jaxrm.io import rm_io, rundir
 from jaxrm.models import presets
 from jaxrm.models.reward_model import RewardModel
 from jaxrm.train import reward_model as rm_train
+from jaxrm.train import rm_eval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SCRIPT = os.path.join(ROOT, "experiments", "train_reward_model.py")
@@ -44,30 +46,37 @@ TINY_WORLD = {
   "gold_width": 32,
   "num_calibration": 256,
 }
-WORLD_FLAG = ",".join(f"{k}={v}" for k, v in TINY_WORLD.items())
+WORLD_FLAGS = [f"--config.data.synthetic.world.{k}={v}" for k, v in TINY_WORLD.items()]
+
+
+def _set(config, path, value):
+  *parents, name = path.split(".")
+  obj = config
+  for part in parents:
+    obj = getattr(obj, part)
+  setattr(obj, name, value)
 
 
 def _config(**overrides):
-  base = dict(
-    data=("synthetic",),
-    synthetic_pairs=256,
-    synthetic_world=TINY_WORLD,
-    test_fraction=0.25,
-    model="tiny",
+  """The tiny synthetic run; ``overrides`` by dotted path with ``__`` for ``.``."""
+  config = rm_train.TrainConfig(
+    data=pairs.DataConfig(
+      test_fraction=0.25,
+      synthetic=pairs.SyntheticConfig(world=synthetic.WorldConfig(**TINY_WORLD), pairs=256),
+    ),
     batch_size=16,
     steps=8,
-    learning_rate=1e-3,
-    warmup_steps=2,
-    eval_every=4,
-    log_every=2,
-    checkpoint_every=4,
+    optimizer=rm_train.OptimizerConfig(learning_rate=1e-3, warmup_steps=2),
+    eval=rm_train.EvalConfig(every=4),
+    log=rundir.LogConfig(log_every=2, checkpoint_every=4),
   )
-  base.update(overrides)
-  return rm_train.TrainConfig(**base)
+  for key, value in overrides.items():
+    _set(config, key.replace("__", "."), value)
+  return config
 
 
 def _rows(workdir):
-  return rm_train.read_metrics(os.path.join(workdir, rm_train.METRICS_FILE))
+  return rundir.read_metrics(os.path.join(workdir, rundir.METRICS_FILE))
 
 
 def _leaves(state):
@@ -88,13 +97,13 @@ def _assert_bitwise_equal(state_a, state_b):
 def synthetic_npz(tmp_path_factory):
   """The tiny world's comparisons, made once and copied into each run's data directory."""
   workdir = tmp_path_factory.mktemp("synthetic_cache")
-  rm_train.synthetic_comparisons(_config(), workdir)
-  return workdir / rm_train.DATA_DIR / rm_train.SYNTHETIC_FILE
+  pairs.synthetic_comparisons(_config().data.synthetic, workdir)
+  return workdir / rundir.DATA_DIR / pairs.SYNTHETIC_FILE
 
 
 def _seeded_workdir(path, synthetic_npz):
-  os.makedirs(path / rm_train.DATA_DIR)
-  shutil.copy(synthetic_npz, path / rm_train.DATA_DIR)
+  os.makedirs(path / rundir.DATA_DIR)
+  shutil.copy(synthetic_npz, path / rundir.DATA_DIR)
   return path
 
 
@@ -123,9 +132,9 @@ def test_shard_map_run_writes_metrics_checkpoints_and_report(shard_map_run, synt
   for row in rows[:2]:
     assert {"loss", "accuracy", "pairs_per_sec", "eta_sec", "learning_rate"} <= set(row)
   assert {"accuracy", "log_loss", "ece", "brier"} <= set(rows[-1])
-  assert sorted(os.listdir(workdir / rm_train.CHECKPOINT_DIR)) == ["4", "8"]
+  assert sorted(os.listdir(workdir / rundir.CHECKPOINT_DIR)) == ["4", "8"]
   # The cached comparisons were reused, not made again.
-  assert (workdir / "data" / rm_train.SYNTHETIC_FILE).read_bytes() == synthetic_npz.read_bytes()
+  assert (workdir / "data" / pairs.SYNTHETIC_FILE).read_bytes() == synthetic_npz.read_bytes()
 
   with open(workdir / "rm_report.json") as f:
     rep = json.load(f)
@@ -136,14 +145,14 @@ def test_shard_map_run_writes_metrics_checkpoints_and_report(shard_map_run, synt
   assert rep["heldout"]["accuracy"] == pytest.approx(rows[-1]["accuracy"], abs=1 / 64)
   assert rep["gold"]["pairwise_accuracy"] is not None
   assert rep["length"]["constant_length"] and rep["subsets"] is None
-  for name in ("rm_report.md", "reliability.png", "reward_histogram.png"):
+  for name in ("rm_report.md", "reliability.png", "reward_histogram.png", "curves_train.png"):
     assert (workdir / name).stat().st_size > 0
   assert (workdir / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_checkpoint_extra_follows_the_reward_model_format(shard_map_run):
   workdir, _ = shard_map_run
-  extra = rm_train.read_checkpoint_extra(workdir, 8)
+  extra = rundir.read_checkpoint_extra(workdir, 8)
   assert rm_io.config_from_json(extra["model_config"]) == presets.preset(
     "tiny", vocab_size=16, max_len=16
   )
@@ -152,7 +161,7 @@ def test_checkpoint_extra_follows_the_reward_model_format(shard_map_run):
   assert extra["metrics"]["eval_accuracy"] == _rows(workdir)[-1]["accuracy"]
   assert rm_train.TrainConfig.from_json(extra["config"]) == _config(parallel="shard_map")
   apply_fn, params, _ = rm_io.load_reward_model(str(workdir))
-  run = rm_train.restore_run(workdir)
+  run = rm_eval.restore_run(workdir)
   _assert_bitwise_equal(params, run.state.params)
   tokens = np.arange(32, dtype=np.int32).reshape(2, 16) % 16
   mask = np.ones((2, 16), bool)
@@ -165,11 +174,11 @@ def test_checkpoint_extra_follows_the_reward_model_format(shard_map_run):
 def test_pmap_run_trains_the_same_model_as_shard_map(shard_map_run, tmp_path, synthetic_npz):
   workdir = _seeded_workdir(tmp_path / "pmap", synthetic_npz)
   summary = rm_train.train_and_evaluate(
-    _config(parallel="pmap", eval_every=8, checkpoint_every=8, report=False), workdir
+    _config(parallel="pmap", eval__every=8, log__checkpoint_every=8, eval__report=False), workdir
   )
   assert summary["eval"]["num_pairs"] == 64
-  reference = rm_train.restore_run(shard_map_run[0]).state.params
-  got = rm_train.restore_run(workdir).state.params
+  reference = rm_eval.restore_run(shard_map_run[0]).state.params
+  got = rm_eval.restore_run(workdir).state.params
   for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(reference)):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
   assert [r["step"] for r in _rows(workdir)] == [2, 4, 6, 8, 8]
@@ -177,7 +186,7 @@ def test_pmap_run_trains_the_same_model_as_shard_map(shard_map_run, tmp_path, sy
 
 def test_report_of_an_earlier_checkpoint_goes_to_its_own_directory(shard_map_run):
   workdir, _ = shard_map_run
-  paths = rm_train.write_run_report(workdir, step=4)
+  paths = rm_eval.write_run_report(workdir, step=4)
   assert paths["json"] == str(workdir / "reports" / "step_4" / "rm_report.json")
   with open(paths["json"]) as f:
     rep = json.load(f)
@@ -185,7 +194,7 @@ def test_report_of_an_earlier_checkpoint_goes_to_its_own_directory(shard_map_run
   assert rep["run"]["step"] == 4
   assert rep["heldout"]["log_loss"] == pytest.approx(eval_4["log_loss"], rel=1e-4)
   with pytest.raises(FileNotFoundError, match="no checkpoint at step 5"):
-    rm_train.write_run_report(workdir, step=5)
+    rm_eval.write_run_report(workdir, step=5)
 
 
 def test_resume_refuses_changed_settings_and_a_finished_run_only_reports(shard_map_run, tmp_path):
@@ -193,10 +202,12 @@ def test_resume_refuses_changed_settings_and_a_finished_run_only_reports(shard_m
   shutil.copytree(shard_map_run[0], workdir)
   before = _rows(workdir)
   with pytest.raises(rm_train.ConfigError, match="learning_rate") as e:
-    rm_train.train_and_evaluate(_config(parallel="shard_map", learning_rate=2e-3), workdir)
-  assert e.value.flag_message().startswith("flag --learning_rate=0.002: differs")
+    rm_train.train_and_evaluate(
+      _config(parallel="shard_map", optimizer__learning_rate=2e-3), workdir
+    )
+  assert e.value.flag_message().startswith("--config.optimizer.learning_rate=0.002: differs")
   # A changed execution mode is allowed; the finished run is not trained again.
-  summary = rm_train.train_and_evaluate(_config(parallel="jit", report=False), workdir)
+  summary = rm_train.train_and_evaluate(_config(parallel="jit", eval__report=False), workdir)
   assert summary["resumed_from"] == 8 and summary["step"] == 8
   assert _rows(workdir) == before
 
@@ -209,22 +220,17 @@ def test_hh_sample_trains_through_tfds_and_reports_without_the_source_files(tmp_
   files[1].write_text("".join(lines[32:]))
   workdir = tmp_path / "run"
   config = rm_train.TrainConfig(
-    data=tuple(map(str, files)),
-    test_fraction=0.25,
-    max_len=128,
-    model="tiny",
+    data=pairs.DataConfig(files=tuple(map(str, files)), test_fraction=0.25, max_len=128),
     batch_size=8,
     steps=6,
-    warmup_steps=2,
-    learning_rate=1e-3,
-    eval_every=3,
-    log_every=3,
-    checkpoint_every=3,
+    optimizer=rm_train.OptimizerConfig(warmup_steps=2, learning_rate=1e-3),
+    eval=rm_train.EvalConfig(every=3),
+    log=rundir.LogConfig(log_every=3, checkpoint_every=3),
     parallel="jit",
   )
   summary = rm_train.train_and_evaluate(config, workdir)
   assert 0.0 <= summary["eval"]["accuracy"] <= 1.0
-  builder = tfds.builder_from_directory(rm_train._dataset_dir(str(workdir)))
+  builder = tfds.builder_from_directory(pairs.dataset_dir(workdir))
   stats = builder.info.metadata["splits"]
   with open(workdir / "rm_report.json") as f:
     rep = json.load(f)
@@ -239,7 +245,7 @@ def test_hh_sample_trains_through_tfds_and_reports_without_the_source_files(tmp_
   assert not rep["length"]["constant_length"] and rep["length"]["pearson"] is not None
   test_subsets = {
     e.subset
-    for e in rm_train.data_lib.get_examples(
+    for e in preferences.get_examples(
       builder.as_data_source(split="test"), range(splits["test"]["pairs"])
     )
   }
@@ -249,7 +255,7 @@ def test_hh_sample_trains_through_tfds_and_reports_without_the_source_files(tmp_
   # The report of a checkpoint reads the prepared dataset; the JSONL files are not needed.
   for path in files:
     path.unlink()
-  paths = rm_train.write_run_report(workdir, step=3)
+  paths = rm_eval.write_run_report(workdir, step=3)
   with open(paths["json"]) as f:
     assert json.load(f)["run"]["step"] == 3
 
@@ -257,73 +263,33 @@ def test_hh_sample_trains_through_tfds_and_reports_without_the_source_files(tmp_
 # ----------------------------------------------------------------------------- flags
 
 
-def test_flags_parse_into_the_train_config():
-  fv = flags.FlagValues()
-  script.define_flags(fv)
-  fv(
-    [
-      "prog",
-      "--workdir=/tmp/x",
-      "--data=a.jsonl,b.jsonl.gz",
-      "--test_data=c.jsonl",
-      "--model=small",
-      "--loss=hinge",
-      "--margin=0.5",
-      "--batch_size=64",
-      "--nobucket",
-      "--synthetic_world=policy_layers=1,feature_coef=0.5",
-      "--parallel=pmap",
-    ]
-  )
-  config = script.config_from_flags(fv)
-  assert config.data == ("a.jsonl", "b.jsonl.gz") and config.test_data == ("c.jsonl",)
-  assert (
-    config.model,
-    config.loss,
-    config.margin,
-    config.batch_size,
-    config.bucket,
-    config.parallel,
-  ) == ("small", "hinge", 0.5, 64, False, "pmap")
-  assert config.synthetic_world == {"policy_layers": 1, "feature_coef": 0.5}
-  fv = flags.FlagValues()
-  script.define_flags(fv)
-  fv(["prog", "--workdir=/tmp/x"])
-  assert script.config_from_flags(fv) == rm_train.TrainConfig()
-
-
 @pytest.mark.parametrize(
   "field, value, message",
   [
     ("batch_size", 0, "must be an int >= 1"),
-    ("test_fraction", 1.0, "must be in \\[0, 1\\)"),
-    ("data", ("/nonexistent/pairs.jsonl",), "file not found: /nonexistent/pairs.jsonl"),
-    ("test_data", (SAMPLE,), "must be empty with --data=synthetic"),
-    ("model", "huge", "must be one of"),
-    ("label_smoothing", 1.5, "must be in \\[0, 1\\]"),
-    ("synthetic_world", {"vocab_size": 0}, "vocab_size must be >= 1"),
+    ("data.test_fraction", 1.0, "must be in \\[0, 1\\)"),
+    ("data.files", ("/nonexistent/pairs.jsonl",), "file not found: /nonexistent/pairs.jsonl"),
+    ("data.test_files", (SAMPLE,), "must be empty for the synthetic world"),
+    ("model.preset", "huge", "must be one of"),
+    ("loss.label_smoothing", 1.5, "must be in \\[0, 1\\]"),
+    ("data.synthetic.world.vocab_size", 0, "vocab_size must be >= 1"),
+    ("log.keep_checkpoints", 0, "must be an int >= 1"),
   ],
 )
 def test_validate_config_names_the_bad_setting(field, value, message):
-  config = rm_train.TrainConfig(**{field: value})
+  config = rm_train.TrainConfig()
+  _set(config, field, value)
   with pytest.raises(rm_train.ConfigError, match=message) as e:
     rm_train.validate_config(config, num_devices=1)
-  assert e.value.field == field
-  assert e.value.flag_message().startswith(f"flag --{field}=")
+  assert field.startswith(e.value.field)  # the world is named as a whole
+  assert e.value.flag_message().startswith(f"--config.{e.value.field}=")
 
 
-@pytest.mark.parametrize(
-  "text, message",
-  [
-    ("colour=3", "unknown WorldConfig field 'colour'"),
-    ("policy_layers=two", "policy_layers must be a int"),
-    ("policy_layers", "is not FIELD=VALUE"),
-  ],
-)
-def test_malformed_world_overrides_name_the_flag(text, message):
-  with pytest.raises(rm_train.ConfigError, match=message) as e:
-    rm_train.parse_world_overrides(text)
-  assert e.value.flag_message().startswith(f"flag --synthetic_world={text}:")
+def test_config_round_trips_through_json():
+  config = _config(data__files=("a.jsonl",), loss__margin=0.5)
+  again = rm_train.TrainConfig.from_json(json.loads(json.dumps(config.to_json())))
+  assert again == config and isinstance(again.data.synthetic.world, synthetic.WorldConfig)
+  assert dataclasses.replace(again.data.synthetic.world) == config.data.synthetic.world
 
 
 def test_batch_size_must_divide_among_the_devices_of_the_mode():
@@ -347,9 +313,15 @@ def _env(cache_dir=None):
 def test_bad_flags_stop_the_script_with_one_line_naming_the_flag(tmp_path):
   # More cases of the same checks run in-process in test_validate_config_names_the_bad_setting.
   cases = [
-    (["--batch_size=0"], "--batch_size=0"),
-    (["--model=huge"], "--model=huge"),
-    ([f"--data={tmp_path}/missing.jsonl"], f"--data={tmp_path}/missing.jsonl"),
+    (["--config.batch_size=0"], "--config.batch_size=0: must be an int >= 1"),
+    (["--config.model.preset=huge"], "--config.model.preset=huge"),
+    (
+      [f"--config.data.files={tmp_path}/missing.jsonl"],
+      f"--config.data.files={tmp_path}/missing.jsonl: file not found",
+    ),
+    # A mistyped nested field and a malformed value: one line, not a traceback.
+    (["--config.optimizer.learnign_rate=1"], "no field 'learnign_rate' in optimizer"),
+    (["--config.steps=many"], "--config.steps=many"),
   ]
   procs = [
     subprocess.Popen(
@@ -372,7 +344,29 @@ def test_bad_flags_stop_the_script_with_one_line_naming_the_flag(tmp_path):
   assert missing_workdir.returncode == 2
   assert missing_workdir.stderr.strip().count("\n") == 0
   assert "--workdir" in missing_workdir.stderr
-  assert not os.path.exists(tmp_path / "w" / rm_train.CHECKPOINT_DIR)
+  assert not os.path.exists(tmp_path / "w" / rundir.CHECKPOINT_DIR)
+
+
+def test_help_lists_every_config_field_and_helpful_is_accepted():
+  proc = subprocess.run(
+    [sys.executable, TRAIN_SCRIPT, "--help"],
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode == 0, proc.stderr
+  assert "--config.optimizer.learning_rate=0.001" in proc.stdout
+  assert "--config.data.synthetic.world.gold_width=64" in proc.stdout
+  proc = subprocess.run(
+    [sys.executable, TRAIN_SCRIPT, "--helpful"],
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode in (0, 1) and "--workdir" in proc.stdout + proc.stderr
+  assert "Unknown command line flag" not in proc.stderr
 
 
 # ----------------------------------------------------------------------------- SIGKILL
@@ -383,26 +377,25 @@ def _train_command(workdir):
     sys.executable,
     TRAIN_SCRIPT,
     f"--workdir={workdir}",
-    "--data=synthetic",
-    "--synthetic_pairs=256",
-    f"--synthetic_world={WORLD_FLAG}",
-    "--test_fraction=0.25",
-    "--model=tiny",
-    "--batch_size=16",
-    "--steps=40",
-    "--learning_rate=1e-3",
-    "--warmup_steps=5",
-    "--eval_every=10",
-    "--log_every=5",
-    "--checkpoint_every=5",
-    "--keep_checkpoints=2",
-    "--parallel=jit",
-    "--noreport",
+    "--config.data.synthetic.pairs=256",
+    *WORLD_FLAGS,
+    "--config.data.test_fraction=0.25",
+    "--config.model.preset=tiny",
+    "--config.batch_size=16",
+    "--config.steps=40",
+    "--config.optimizer.learning_rate=1e-3",
+    "--config.optimizer.warmup_steps=5",
+    "--config.eval.every=10",
+    "--config.log.log_every=5",
+    "--config.log.checkpoint_every=5",
+    "--config.log.keep_checkpoints=2",
+    "--config.parallel=jit",
+    "--config.eval.report=False",
   ]
 
 
 def _saved_steps(workdir):
-  directory = workdir / rm_train.CHECKPOINT_DIR
+  directory = workdir / rundir.CHECKPOINT_DIR
   if not directory.is_dir():
     return set()
   return {int(p.name) for p in directory.iterdir() if p.name.isdigit()}
@@ -444,7 +437,13 @@ def killed_and_reference_runs(tmp_path_factory, synthetic_npz):
 def test_run_killed_with_sigkill_resumes_to_bitwise_identical_state(killed_and_reference_runs):
   reference, killed, _, _, stderr = killed_and_reference_runs
   assert "Resuming from the checkpoint at step" in stderr
-  ref, got = rm_train.restore_run(reference), rm_train.restore_run(killed)
+  ref, got = rm_eval.restore_run(reference), rm_eval.restore_run(killed)
+  # The nested fields set on the command line reached the run's config.
+  assert got.config == ref.config
+  assert got.config.data.synthetic.world == synthetic.WorldConfig(**TINY_WORLD)
+  assert got.config.log.keep_checkpoints == 2 and got.config.eval.report is False
+  with open(reference / rundir.CONFIG_FILE) as f:
+    assert json.load(f)["config"]["data"]["synthetic"]["world"]["gold_width"] == 32
   assert ref.step == got.step == 40
   _assert_bitwise_equal(got.state, ref.state)  # params, Adam moments, step, key
   assert got.extra["data"] == ref.extra["data"]
@@ -471,7 +470,7 @@ def test_damaged_latest_checkpoint_is_reported_and_the_previous_one_used(
   shutil.copytree(killed, workdir)
   data_files = [
     p
-    for p in (workdir / rm_train.CHECKPOINT_DIR / "40" / "state").rglob("*")
+    for p in (workdir / rundir.CHECKPOINT_DIR / "40" / "state").rglob("*")
     if p.is_file() and p.parent.name == "d"
   ]
   assert data_files
@@ -481,8 +480,8 @@ def test_damaged_latest_checkpoint_is_reported_and_the_previous_one_used(
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Could not restore the checkpoint at step 40" in proc.stderr
   assert "Resuming from the checkpoint at step 35" in proc.stderr
-  assert (workdir / rm_train.CHECKPOINT_DIR / "40.corrupt").is_dir()
-  _assert_bitwise_equal(rm_train.restore_run(workdir).state, rm_train.restore_run(reference).state)
+  assert (workdir / rundir.CHECKPOINT_DIR / "40.corrupt").is_dir()
+  _assert_bitwise_equal(rm_eval.restore_run(workdir).state, rm_eval.restore_run(reference).state)
 
 
 def test_rm_report_script_writes_the_report_of_an_earlier_checkpoint(killed_and_reference_runs):

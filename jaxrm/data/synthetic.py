@@ -50,9 +50,13 @@ from jaxrm.models.transformer import TransformerConfig
 _LABELS = ("deterministic", "bradley_terry")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(unsafe_hash=True)
 class WorldConfig:
   """Everything that defines a synthetic world (hashable; the world is a function of it).
+
+  Mutable so that command-line configs can override its fields
+  (``--config.data.synthetic.world.gold_width=32``); treated as immutable once a run starts
+  (it is a static jit argument, hashed by value).
 
   Attributes:
     vocab_size: tokens ``0 .. vocab_size - 1``; all are ordinary tokens (masks are explicit).

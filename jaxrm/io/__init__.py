@@ -1,6 +1,7 @@
-"""I/O layer: orbax checkpoints, Hugging Face checkpoints (import/export), loading reward-model
-runs, reward-model reports.
+"""I/O layer: orbax checkpoints, the run directory (``rundir``: layout, metrics, atomic writes,
+resume rule, progress; ``files``: JSON, atomic writes, caches), Hugging Face checkpoints
+(import/export), loading reward-model runs, reward-model reports.
 
 ``jaxrm.io.report`` (matplotlib) is imported on use."""
 
-from jaxrm.io import checkpoint, hf, rm_io
+from jaxrm.io import checkpoint, files, hf, rm_io, rundir

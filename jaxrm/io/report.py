@@ -37,9 +37,10 @@ import math
 import os
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
+from jaxrm.io import rundir
+from jaxrm.io.rundir import to_json
 from jaxrm.math import metrics
 
 REPORT_JSON = "rm_report.json"
@@ -78,19 +79,6 @@ def _same_shape(name: str, x: Any, n: int, dtype=np.float64) -> np.ndarray:
 def _finite_or_none(x: float) -> float | None:
   x = float(x)
   return x if math.isfinite(x) else None
-
-
-def to_json(value: Any) -> Any:
-  """A copy of ``value`` with NumPy/JAX numbers as Python numbers and NaN/inf as None."""
-  if isinstance(value, Mapping):
-    return {str(k): to_json(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [to_json(v) for v in value]
-  if isinstance(value, (np.ndarray, np.generic, jnp.ndarray)):
-    return to_json(np.asarray(value).tolist())
-  if isinstance(value, float):
-    return _finite_or_none(value)
-  return value
 
 
 # ------------------------------------------------------------------------------ sections
@@ -618,13 +606,6 @@ def render_markdown(report: Mapping[str, Any]) -> str:
   return "\n".join(out).rstrip() + "\n"
 
 
-def _atomic_write(path: str, text: str) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def write_report(
   report: Mapping[str, Any],
   out_dir: str | os.PathLike,
@@ -653,6 +634,6 @@ def write_report(
   }
   plot_reliability(report["calibration"]["bins"], paths["reliability"])
   plot_reward_histogram(rewards_chosen, rewards_rejected, paths["histogram"])
-  _atomic_write(paths["json"], json.dumps(to_json(report), indent=2, allow_nan=False) + "\n")
-  _atomic_write(paths["markdown"], render_markdown(report))
+  rundir.atomic_write(paths["json"], json.dumps(to_json(report), indent=2, allow_nan=False) + "\n")
+  rundir.atomic_write(paths["markdown"], render_markdown(report))
   return paths

@@ -24,6 +24,8 @@ from typing import NamedTuple
 from jax.typing import ArrayLike
 import numpy as np
 
+from jaxrm.math.metrics import spearman  # noqa: F401  (re-exported: rank agreement of fitted quantities)
+
 _FORMS = ("bon", "rl")
 
 

@@ -28,9 +28,13 @@ GRPO_KL = ("loss", "reward")
 REWARD_NORMS = ("none", "whiten", "running")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(unsafe_hash=True)
 class RLConfig:
   """Hyperparameters of the policy-optimisation steps (hashable: a static jit argument).
+
+  Mutable so that command-line configs can override its fields (``--config.rl.kl_coef``);
+  treated as immutable once a run starts (hashed by value as a static jit argument).
+  ``dataclasses.replace(config)`` re-runs the checks below after overrides.
 
   The policy itself is not part of the config: the steps take its functions
   (:class:`jaxrm.models.policy.PolicyFns`), and checks that need its vocabulary or length

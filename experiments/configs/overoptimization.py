@@ -1,0 +1,45 @@
+r"""The reward over-optimisation study (Gao et al. 2022) in the synthetic world.
+
+Returns an :class:`experiments.overoptimization_lib.StudyConfig`. Default run (about 15 min
+on a 2-core CPU)::
+
+  python experiments/overoptimization.py --workdir=runs/overopt
+
+Variant ``quick`` (tiny settings: every stage and output, none of the statistics; about 1-2
+min), also selected by ``--quick``::
+
+  python experiments/overoptimization.py \
+      --config=experiments/configs/overoptimization.py:quick --workdir=/tmp/overopt_quick
+
+Any field can be overridden, e.g. ``--config.num_seeds=3``, ``--config.ppo.num_epochs=4``,
+``--config.world.feature_quantile=0.95``, ``--config.data_sizes="(1000,5000)"``.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from experiments.overoptimization_lib import StudyConfig  # noqa: E402
+from jaxrm.data.synthetic import WorldConfig  # noqa: E402
+
+
+def get_config(variant: str = "") -> StudyConfig:
+  """The default study; ``variant='quick'``: the smoke-run settings."""
+  config = StudyConfig()
+  if variant == "quick":
+    config.world = WorldConfig(num_calibration=2048, gold_width=32)
+    config.num_comparisons = 512
+    config.num_heldout = 256
+    config.num_seeds = 2
+    config.rm_epochs = 1
+    config.proxy_sizes = ("1x8x2", "1x16x2", "1x32x2")
+    config.bon_prompts = 2
+    config.bon_samples = 512
+    config.bon_max_n = 256
+    config.rl_steps = 6
+    config.rl_batch_size = 16
+    config.rl_log_every = 2
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} of overoptimization.py; known: 'quick'")
+  return config

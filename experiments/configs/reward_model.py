@@ -1,0 +1,42 @@
+r"""Reward model on the synthetic world's gold-labelled comparisons (about a minute on 2 CPUs).
+
+Returns a :class:`jaxrm.train.reward_model.TrainConfig`. Run::
+
+  python experiments/train_reward_model.py --workdir=runs/rm_synthetic
+
+Variant ``hh`` (HH-RLHF harmless-base, 10% held out; about 6 min on a shared 2-core CPU; see
+BUILD_NOTES.md for the measured accuracy)::
+
+  python experiments/train_reward_model.py \
+      --config=experiments/configs/reward_model.py:hh --workdir=runs/rm_hh
+
+Any field can be overridden, e.g. ``--config.optimizer.learning_rate=3e-4``,
+``--config.data.synthetic.world.gold_width=32``,
+``--config.data.files="('a.jsonl','b.jsonl.gz')"``.
+"""
+
+import os
+
+from jaxrm.data.pairs import DataConfig
+from jaxrm.train.reward_model import EvalConfig, OptimizerConfig, TrainConfig
+
+HH_FILE = os.environ.get("JAXRM_HH_FILE", "/work/shared/data/hh-rlhf/harmless-base-test.jsonl.gz")
+
+
+def get_config(variant: str = "") -> TrainConfig:
+  """The synthetic run; ``variant='hh'``: the HH-RLHF run."""
+  config = TrainConfig(
+    steps=300,
+    batch_size=64,
+    optimizer=OptimizerConfig(learning_rate=1e-3),
+    eval=EvalConfig(every=50),
+  )
+  if variant == "hh":
+    config.data = DataConfig(files=(HH_FILE,), test_fraction=0.1, max_len=256)
+    config.batch_size = 32
+    config.optimizer.warmup_steps = 30
+    config.log.checkpoint_every = 100
+    config.log.log_every = 25
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} of reward_model.py; known: 'hh'")
+  return config

@@ -1,0 +1,460 @@
+"""The run directory: one layout, metrics file, atomic write, resume rule and progress line.
+
+Every training loop (:mod:`jaxrm.train`) and study writes everything about a run under one
+``workdir``:
+
+* ``config.json``: the run's config (:func:`config_to_json`), written with :func:`write_json`;
+* ``metrics.jsonl``: one strict-JSON object per line with at least ``step``
+  (:class:`MetricsWriter`; NaN/inf become ``null``); rows after a restored checkpoint's step
+  are removed on resume (:func:`truncate_metrics`), so the file never holds a step twice;
+* ``curves_<split>.png``: learning curves of the numeric columns of ``metrics.jsonl``, one
+  file per ``split`` (rows without a split are ``train``), written beside it
+  (:func:`plot_curves`, matplotlib Agg);
+* ``checkpoints/<step>``: :class:`jaxrm.io.checkpoint.CheckpointManager` checkpoints whose JSON
+  ``extra`` holds at least ``config`` and ``metrics`` (:func:`checkpoint_extra`);
+* ``data/``: caches (:func:`save_tree` / :func:`load_tree`, keyed by a :func:`fingerprint`);
+* ``tensorboard/``: TensorBoard event files when ``LogConfig.tensorboard`` (needs the light
+  ``tensorboardX`` writer, no TensorFlow); Weights & Biases when ``LogConfig.wandb`` (needs
+  ``wandb``).
+
+Resume rule (:func:`check_resumable`, the only one): a run restarted in a workdir that holds a
+checkpoint must have the checkpoint's config, except for the fields its loop declares
+changeable (the ``log`` section, the execution mode, ``steps``, ...). Fields are compared
+flattened to dotted paths (``optimizer.learning_rate``), and the first difference is reported
+as a :class:`ConfigError` naming it, in one line.
+
+Progress (:class:`Progress`): throughput and ETA are measured from the end of the first step
+this process ran, so compilation is not counted; time spent in evaluation and checkpoints is
+excluded with :meth:`Progress.exclude`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+import dataclasses
+import io
+import json
+import logging as std_logging
+import math
+import os
+import time
+from typing import Any
+
+from absl import logging
+import numpy as np
+
+from jaxrm.io.files import (  # noqa: F401  (re-exported: the run directory's file API)
+  atomic_write,
+  cached_tree,
+  config_from_json,
+  config_to_json,
+  fingerprint,
+  flatten,
+  load_tree,
+  save_tree,
+  to_json,
+  write_json,
+  write_npz,
+)
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+DATA_DIR = "data"
+TENSORBOARD_DIR = "tensorboard"
+CURVES_PREFIX = "curves_"
+
+
+@dataclasses.dataclass(unsafe_hash=True)
+class LogConfig:
+  """Logging and checkpointing of a run; every field may change when a run is resumed.
+
+  Attributes:
+    log_every: period of the metrics rows and the progress line, in steps.
+    checkpoint_every: checkpoint period in steps (also at the last step).
+    keep_checkpoints: most recent checkpoints kept.
+    plots: write ``curves_<split>.png`` beside ``metrics.jsonl`` at the end of the run.
+    tensorboard: also write TensorBoard event files under ``tensorboard/`` (needs
+      ``tensorboardX``).
+    wandb: also log to Weights & Biases (needs ``wandb``; project ``wandb_project``).
+    wandb_project: the W&B project.
+  """
+
+  log_every: int = 10
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  plots: bool = True
+  tensorboard: bool = False
+  wandb: bool = False
+  wandb_project: str = "jaxrm"
+
+
+class ConfigError(ValueError):
+  """A bad setting; ``field`` is its dotted path in the run's config (``optimizer.learning_rate``)."""
+
+  def __init__(self, field: str, value: Any, message: str):
+    self.field, self.value, self.message = field, value, message
+    super().__init__(f"{field}={value!r}: {message}")
+
+  def flag_message(self) -> str:
+    """One line naming the command-line override: ``--config.batch_size=0: must be >= 1``.
+
+    ``workdir`` is a plain flag and is named ``--workdir``.
+    """
+    value = self.value
+    if isinstance(value, (tuple, list)):
+      value = ",".join(map(str, value))
+    flag = "--workdir" if self.field == "workdir" else f"--config.{self.field}"
+    return f"{flag}={value}: {self.message}"
+
+
+def check(config: Any, ok: bool, field: str, message: str) -> None:
+  """Raises :class:`ConfigError` for the dotted ``field`` of ``config`` (with its value)
+  unless ``ok``; the one helper of the loops' ``validate_config``."""
+  if not ok:
+    value = config
+    for part in field.split("."):
+      value = getattr(value, part)
+    raise ConfigError(field, value, message)
+
+
+def validate_log_config(log: LogConfig, *, prefix: str = "log") -> None:
+  """Raises :class:`ConfigError` naming the first bad field of ``log``."""
+  for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
+    value = getattr(log, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ConfigError(f"{prefix}.{name}", value, "must be an int >= 1")
+  for name in ("plots", "tensorboard", "wandb"):
+    if not isinstance(getattr(log, name), bool):
+      raise ConfigError(f"{prefix}.{name}", getattr(log, name), "must be True or False")
+
+
+# ----------------------------------------------------------------------------- resume rule
+
+
+def _is_changeable(path: str, changeable: Collection[str]) -> bool:
+  return any(path == c or path.startswith(f"{c}.") for c in changeable)
+
+
+def check_resumable(
+  saved: Mapping[str, Any],
+  current: Mapping[str, Any],
+  *,
+  changeable: Collection[str],
+  workdir: str | os.PathLike,
+) -> None:
+  """The one resume rule: ``current`` must equal ``saved`` outside ``changeable``.
+
+  Args:
+    saved: the config JSON of the checkpoint being resumed.
+    current: the config JSON of this process (:func:`config_to_json`).
+    changeable: dotted paths (a section name covers its fields) that may differ.
+    workdir: the run directory (named in the error).
+
+  Raises:
+    ConfigError: naming the first (sorted) differing field, its new and saved values.
+  """
+  old, new = flatten(to_json(saved)), flatten(to_json(current))
+  for path in sorted(set(old) | set(new)):
+    if _is_changeable(path, changeable):
+      continue
+    if path not in old or path not in new or old[path] != new[path]:
+      raise ConfigError(
+        path,
+        new.get(path, "<absent>"),
+        f"differs from the checkpointed run in {os.fspath(workdir)} "
+        f"({old.get(path, '<absent>')!r}); resume with the same value or use another --workdir",
+      )
+
+
+def checkpoint_extra(config: Any, *, metrics: Mapping[str, Any] | None, **parts: Any) -> dict:
+  """The JSON ``extra`` of a checkpoint: ``config`` (checked on resume by
+  :func:`check_resumable`), ``metrics`` (the row saved with it) and loop-specific ``parts``
+  (data position, model description, ...)."""
+  return to_json({"config": config_to_json(config), "metrics": dict(metrics or {}), **parts})
+
+
+def read_checkpoint_extra(workdir: str | os.PathLike, step: int) -> dict[str, Any]:
+  """The JSON ``extra`` of checkpoint ``step`` of a run, read without restoring arrays."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  path = os.path.join(os.fspath(workdir), CHECKPOINT_DIR, str(int(step)), "extra")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no checkpoint at step {step}: {path} does not exist")
+  return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """The rows of a ``metrics.jsonl`` (a torn last line is ignored)."""
+  rows = []
+  if not os.path.exists(path):
+    return rows
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(row, dict) and "step" in row:
+        rows.append(row)
+  return rows
+
+
+def truncate_metrics(path: str | os.PathLike, *, max_step: int) -> int:
+  """Drops the rows after ``max_step`` (and torn lines) atomically; returns how many."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = f.readlines()
+  kept = [json.dumps(r) + "\n" for r in read_metrics(path) if int(r["step"]) <= max_step]
+  if len(kept) == len(lines):
+    return 0
+  atomic_write(path, "".join(kept))
+  logging.info("Removed %d rows after step %d from %s", len(lines) - len(kept), max_step, path)
+  return len(lines) - len(kept)
+
+
+def scalar_row(step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+  """A JSON row of scalar metrics: bools, ints and floats (non-finite as None)."""
+  row = {"step": int(step)}
+  for k, v in metrics.items():
+    v = np.asarray(v)
+    if v.dtype == bool:
+      row[k] = bool(v)
+    elif v.dtype.kind in "iu":
+      row[k] = int(v)
+    else:
+      row[k] = float(v) if np.isfinite(v) else None
+  return row
+
+
+class MetricsWriter:
+  """Appends strict-JSON rows to ``<workdir>/metrics.jsonl`` (flushed at once: a killed
+  process loses at most a torn line) and mirrors them to TensorBoard / W&B when asked.
+
+  Use as a context manager; :meth:`close` writes the learning-curve PNGs
+  (``LogConfig.plots``).
+  """
+
+  def __init__(
+    self, workdir: str | os.PathLike, *, log: LogConfig | None = None, config: Any = None
+  ):
+    self.workdir = os.fspath(workdir)
+    self.path = os.path.join(self.workdir, METRICS_FILE)
+    self.log = log or LogConfig()
+    os.makedirs(self.workdir, exist_ok=True)
+    self._file = open(self.path, "a")
+    self._tb = self._wandb = None
+    if self.log.tensorboard:
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      except ImportError:
+        raise ConfigError(
+          "log.tensorboard", True, "needs the tensorboardX package (pip install tensorboardX)"
+        ) from None
+      self._tb = SummaryWriter(os.path.join(self.workdir, TENSORBOARD_DIR))
+    if self.log.wandb:
+      try:
+        import wandb  # pylint: disable=import-outside-toplevel
+      except ImportError:
+        raise ConfigError(
+          "log.wandb", True, "needs the wandb package (pip install wandb)"
+        ) from None
+      self._wandb = wandb.init(
+        project=self.log.wandb_project,
+        dir=self.workdir,
+        name=os.path.basename(os.path.abspath(self.workdir)),
+        config=config_to_json(config) if config is not None else None,
+        resume="allow",
+      )
+
+  def write(self, row: Mapping[str, Any]) -> None:
+    """Appends ``row`` (must hold ``step``)."""
+    row = to_json(dict(row))
+    self._file.write(json.dumps(row, allow_nan=False) + "\n")
+    self._file.flush()
+    scalars = {
+      k: v
+      for k, v in row.items()
+      if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    split = row.get("split", "train")
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(f"{split}/{k}", v, row["step"])
+      self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.log({f"{split}/{k}": v for k, v in scalars.items()}, step=row["step"])
+
+  def close(self) -> None:
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
+    if self.log.plots:
+      plot_curves(self.workdir)
+
+  def __enter__(self) -> MetricsWriter:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def plot_curves(workdir: str | os.PathLike, *, max_panels: int = 16) -> list[str]:
+  """Writes ``curves_<split>.png`` beside ``metrics.jsonl``: each numeric column against step.
+
+  Returns:
+    The written paths (none when the file has no rows).
+  """
+  workdir = os.fspath(workdir)
+  rows = read_metrics(os.path.join(workdir, METRICS_FILE))
+  splits: dict[str, list[dict[str, Any]]] = {}
+  for row in rows:
+    splits.setdefault(str(row.get("split", "train")), []).append(row)
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg", force=True)
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  paths = []
+  for split, split_rows in splits.items():
+    keys = []
+    for row in split_rows:
+      for k, v in row.items():
+        numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if k not in ("step", "split") and numeric and k not in keys:
+          keys.append(k)
+    keys = keys[:max_panels]
+    if not keys:
+      continue
+    cols = min(4, len(keys))
+    nrows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.4 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+      pts = [(r["step"], r[key]) for r in split_rows if isinstance(r.get(key), (int, float))]
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
+      ax.set_title(key, fontsize=9)
+      ax.set_xlabel("step", fontsize=8)
+      ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(keys) :]:
+      ax.set_visible(False)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    path = os.path.join(workdir, f"{CURVES_PREFIX}{split}.png")
+    atomic_write(path, buffer.getvalue())
+    paths.append(path)
+  return paths
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def format_duration(seconds: float | None) -> str:
+  """``h:mm:ss``, or ``-`` when unknown."""
+  if seconds is None or not math.isfinite(seconds):
+    return "-"
+  seconds = int(round(seconds))
+  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+  """Throughput and ETA of a loop, compilation excluded.
+
+  Call :meth:`start` once the first step of this process has finished (its result fetched
+  or blocked on): rates count only the steps after it, so the compile time of the first step
+  never enters the ETA. :meth:`exclude` removes time spent outside training (evaluation,
+  checkpoints).
+
+  Args:
+    total_steps: the step the loop ends at.
+    items_per_step: examples per step (pairs, sequences) for the ``items/s`` rate.
+    clock: a ``time.perf_counter``-like function (tests pass a fake one).
+  """
+
+  def __init__(self, total_steps: int, *, items_per_step: int = 1, clock=time.perf_counter):
+    self.total_steps = total_steps
+    self.items_per_step = items_per_step
+    self._clock = clock
+    self._t0: float | None = None
+    self._step0 = 0
+    self._excluded = 0.0
+
+  def start(self, step: int) -> None:
+    """Marks the end of this process's first finished step (``step`` steps done)."""
+    if self._t0 is None:
+      self._t0, self._step0 = self._clock(), step
+
+  def exclude(self, seconds: float) -> None:
+    """Removes ``seconds`` (evaluation, checkpoint writes) from the measured time."""
+    if self._t0 is not None:
+      self._excluded += seconds
+
+  def steps_per_sec(self, step: int) -> float | None:
+    """Steps per second since :meth:`start`, or None before a second step has finished."""
+    if self._t0 is None or step <= self._step0:
+      return None
+    return (step - self._step0) / max(self._clock() - self._t0 - self._excluded, 1e-9)
+
+  def items_per_sec(self, step: int) -> float | None:
+    rate = self.steps_per_sec(step)
+    return None if rate is None else rate * self.items_per_step
+
+  def eta(self, step: int) -> float | None:
+    """Seconds left at the measured rate, or None while unknown."""
+    rate = self.steps_per_sec(step)
+    return None if rate is None else (self.total_steps - step) / rate
+
+  def line(self, step: int, metrics: Mapping[str, Any] = (), *, unit: str = "steps") -> str:
+    """``step 20/100 | loss 0.6931 | 120.0 pairs/s | ETA 0:01:05`` (the one progress line)."""
+    parts = [f"step {step}/{self.total_steps}"]
+    for key, value in dict(metrics).items():
+      if value is None:
+        parts.append(f"{key} nan")
+      elif isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        parts.append(f"{key} {int(value)}")
+      else:
+        parts.append(f"{key} {float(value):.4g}")
+    rate = self.items_per_sec(step)
+    parts.append(f"{'-' if rate is None else f'{rate:.1f}'} {unit}/s")
+    parts.append(f"ETA {format_duration(self.eta(step))}")
+    return " | ".join(parts)
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class _DropLibraryInfo(std_logging.Filter):
+  """Drops INFO/DEBUG records logged from orbax (tens of lines per checkpoint)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
+def quiet_orbax_logging() -> None:
+  """Hides orbax's INFO logging on the absl handler (warnings and errors still show).
+
+  For scripts: call it once after ``absl.app.run`` has installed the handler.
+  """
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
+    handler.addFilter(_DropLibraryInfo())
+
+
+def prepare(workdir: str | os.PathLike) -> str:
+  """Creates ``workdir`` and returns its absolute path."""
+  workdir = os.path.abspath(os.fspath(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  return workdir
+
+
+def write_config(workdir: str | os.PathLike, config: Any, **more: Any) -> None:
+  """Writes ``<workdir>/config.json``: the config and optional descriptive parts."""
+  write_json(os.path.join(os.fspath(workdir), CONFIG_FILE), {"config": config, **more})

@@ -1,0 +1,260 @@
+"""Settings of a reward-model run and what they build: optimizer, loss and initial state.
+
+:class:`TrainConfig` nests the library's own parts (``data``: :class:`jaxrm.data.pairs.DataConfig`,
+``log``: :class:`jaxrm.io.rundir.LogConfig`) with the model, loss, optimizer and evaluation
+settings below. It is what ``experiments/configs/reward_model.py`` returns, so every field is
+overridable from the command line (``--config.optimizer.learning_rate=1e-3``). Configs are
+mutable dataclasses (``ml_collections`` sets overrides with ``setattr``) and are treated as
+immutable once a run starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxrm.data import pairs
+from jaxrm.io import rundir
+from jaxrm.math import preference
+from jaxrm.models import presets
+from jaxrm.models.reward_model import RewardModel
+from jaxrm.steps import train_state as train_state_lib
+
+PARALLEL_MODES = ("auto", "jit", "shard_map", "pmap")
+POOLINGS = ("last", "mean")
+# Sections and fields that do not change the trained parameters: they may differ on resume.
+CHANGEABLE_ON_RESUME = ("eval", "log", "parallel", "nonfinite")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+  """The reward model: a preset backbone (:data:`jaxrm.models.presets.PRESETS`) and a pooling
+  (``'last'`` real token or ``'mean'``, :class:`jaxrm.models.reward_model.RewardModel`)."""
+
+  preset: str = "tiny"
+  pooling: str = "last"
+
+
+@dataclasses.dataclass
+class LossConfig:
+  """The pairwise loss.
+
+  Attributes:
+    name: a name of :func:`jaxrm.math.preference.get_loss`.
+    margin: the loss's margin (None: the loss's default, 0 or 1 for the hinge).
+    label_smoothing: in ``[0, 1]``.
+    center_coef: coefficient of :func:`jaxrm.math.preference.reward_centering_penalty` on the
+      batch's rewards (computed per device shard under ``shard_map``/``pmap``).
+  """
+
+  name: str = "bradley_terry"
+  margin: float | None = None
+  label_smoothing: float = 0.0
+  center_coef: float = 0.0
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+  """AdamW with linear warm-up and cosine decay to 10% (:func:`make_optimizer`).
+
+  Attributes:
+    learning_rate: peak learning rate.
+    warmup_steps: linear warm-up steps.
+    weight_decay: decoupled weight decay on matrices (not on biases, norms).
+    grad_clip: global-norm gradient clipping (0: none).
+  """
+
+  learning_rate: float = 3e-4
+  warmup_steps: int = 50
+  weight_decay: float = 0.01
+  grad_clip: float = 1.0
+
+
+@dataclasses.dataclass
+class EvalConfig:
+  """Held-out evaluation: every ``every`` steps (and at every checkpoint and the end), and
+  the report of the final model when ``report``."""
+
+  every: int = 100
+  report: bool = True
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """Every setting of a reward-model run (:func:`jaxrm.train.reward_model.train_and_evaluate`).
+
+  Attributes:
+    data: the preference pairs.
+    model: the reward model.
+    loss: the pairwise loss.
+    optimizer: the optimizer.
+    eval: held-out evaluation and report.
+    log: metrics rows, checkpoints, plots, TensorBoard / W&B.
+    steps: optimizer steps.
+    batch_size: pairs per step (global; divisible by the devices in multi-device modes).
+    seed: seed of the initialisation, the step keys and the data order.
+    parallel: ``'auto'``, ``'jit'``, ``'shard_map'`` or ``'pmap'``
+      (:func:`jaxrm.steps.parallel.make_parallel_step`).
+    nonfinite: ``'skip'`` a step with a non-finite loss or gradient, or ``'raise'``.
+  """
+
+  data: pairs.DataConfig = dataclasses.field(default_factory=pairs.DataConfig)
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+  optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+  eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+  log: rundir.LogConfig = dataclasses.field(default_factory=rundir.LogConfig)
+  steps: int = 1000
+  batch_size: int = 32
+  seed: int = 0
+  parallel: str = "auto"
+  nonfinite: str = "skip"
+
+  def to_json(self) -> dict[str, Any]:
+    """The fields as a nested JSON-serialisable dict (tuples as lists)."""
+    return rundir.config_to_json(self)
+
+  @classmethod
+  def from_json(cls, d: dict[str, Any]) -> TrainConfig:
+    """Inverse of :meth:`to_json`; unknown keys raise ``ValueError``."""
+    return rundir.config_from_json(cls, d)
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+  return isinstance(x, (int, float, np.number)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_config(config: TrainConfig, *, num_devices: int | None = None) -> None:
+  """Checks every setting; raises :class:`jaxrm.io.rundir.ConfigError` naming the first bad
+  one by its dotted path (``optimizer.learning_rate``).
+
+  Args:
+    config: the settings.
+    num_devices: devices of the multi-device modes (default: ``jax.device_count()``),
+      which must divide ``batch_size``.
+  """
+  c = config
+
+  need = functools.partial(rundir.check, c)
+
+  pairs.validate_data_config(c.data)
+  need(
+    c.model.preset in presets.PRESETS, "model.preset", f"must be one of {sorted(presets.PRESETS)}"
+  )
+  need(c.model.pooling in POOLINGS, "model.pooling", f"must be one of {list(POOLINGS)}")
+  need(
+    c.loss.name in preference.LOSS_NAMES,
+    "loss.name",
+    f"must be one of {list(preference.LOSS_NAMES)}",
+  )
+  need(c.loss.margin is None or _is_num(c.loss.margin), "loss.margin", "must be a finite number")
+  need(
+    _is_num(c.loss.label_smoothing) and 0.0 <= c.loss.label_smoothing <= 1.0,
+    "loss.label_smoothing",
+    "must be in [0, 1]",
+  )
+  need(_is_num(c.loss.center_coef) and c.loss.center_coef >= 0, "loss.center_coef", "must be >= 0")
+  o = c.optimizer
+  need(_is_num(o.learning_rate) and o.learning_rate > 0, "optimizer.learning_rate", "must be > 0")
+  need(_is_int(o.warmup_steps) and o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
+  need(_is_num(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+  need(_is_num(o.grad_clip) and o.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0 (0: none)")
+  need(_is_int(c.eval.every) and c.eval.every >= 1, "eval.every", "must be an int >= 1")
+  need(isinstance(c.eval.report, bool), "eval.report", "must be True or False")
+  rundir.validate_log_config(c.log)
+  need(_is_int(c.batch_size) and c.batch_size >= 1, "batch_size", "must be an int >= 1")
+  need(_is_int(c.steps) and c.steps >= 1, "steps", "must be an int >= 1")
+  need(_is_int(c.seed) and c.seed >= 0, "seed", "must be an int >= 0")
+  need(c.parallel in PARALLEL_MODES, "parallel", f"must be one of {list(PARALLEL_MODES)}")
+  need(
+    c.nonfinite in train_state_lib.NONFINITE_MODES,
+    "nonfinite",
+    f"must be one of {list(train_state_lib.NONFINITE_MODES)}",
+  )
+  n = jax.device_count() if num_devices is None else num_devices
+  mode = c.parallel if c.parallel != "auto" else ("shard_map" if n > 1 else "jit")
+  if mode in ("shard_map", "pmap"):
+    need(
+      c.batch_size % n == 0,
+      "batch_size",
+      f"must be divisible by the {n} devices of --config.parallel={mode}",
+    )
+
+
+def make_optimizer(config: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with linear warm-up and cosine decay to 10%, global-norm clipping first.
+
+  Returns:
+    ``(optimizer, learning_rate_schedule)``.
+  """
+  o = config.optimizer
+  warmup = min(o.warmup_steps, config.steps)
+  schedule = optax.warmup_cosine_decay_schedule(
+    init_value=0.0,
+    peak_value=o.learning_rate,
+    warmup_steps=warmup,
+    decay_steps=max(config.steps, warmup + 1),
+    end_value=0.1 * o.learning_rate,
+  )
+  decay_mask = lambda params: jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
+  parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+  parts.append(optax.adamw(schedule, weight_decay=o.weight_decay, mask=decay_mask))
+  return optax.chain(*parts), schedule
+
+
+def make_loss_fn(config: LossConfig):
+  """The pairwise loss of ``config`` plus the reward-centring penalty (if ``center_coef``)."""
+  kwargs = {"label_smoothing": config.label_smoothing}
+  if config.margin is not None:
+    kwargs["margin"] = config.margin
+  base = preference.get_loss(config.name, **kwargs)
+  if not config.center_coef:
+    return base
+
+  def loss_fn(rewards_chosen, rewards_rejected, *, weights=None, labels=None):
+    return base(
+      rewards_chosen, rewards_rejected, weights=weights, labels=labels
+    ) + preference.reward_centering_penalty(
+      rewards_chosen, rewards_rejected, coef=config.center_coef
+    )
+
+  return loss_fn
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(model: RewardModel):
+  # One compiled initialiser per architecture and process (a fresh jax.jit would recompile).
+  return jax.jit(model.init)
+
+
+def init_state(
+  config: TrainConfig, model: RewardModel, optimizer: optax.GradientTransformation, max_len: int
+) -> train_state_lib.TrainState:
+  """The step-0 train state: parameters from ``fold_in(key(seed), 0)``, step keys from
+  ``fold_in(key(seed), 1)``."""
+  root = jax.random.key(config.seed)
+  tokens = jnp.zeros((1, min(max_len, 8)), jnp.int32)
+  mask = jnp.ones(tokens.shape, bool)
+  params = _jitted_init(model)(jax.random.fold_in(root, 0), tokens, mask)
+  return train_state_lib.create_train_state(params, optimizer, jax.random.fold_in(root, 1))
+
+
+def abstract_state(
+  config: TrainConfig, model: RewardModel, optimizer: optax.GradientTransformation, max_len: int
+) -> Any:
+  """Shapes, dtypes and a default-device sharding of :func:`init_state` (nothing computed);
+  a restore template."""
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  shapes = jax.eval_shape(lambda: init_state(config, model, optimizer, max_len))
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)

@@ -1,0 +1,139 @@
+"""Tests of the run directory (jaxrm.io.rundir): resume rule, metrics truncation, atomic
+writes, caches, progress/ETA, learning curves and the optional TensorBoard writer."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrm.io import rundir
+
+
+@dataclasses.dataclass
+class _Opt:
+  learning_rate: float = 1e-3
+  betas: tuple[float, ...] = (0.9, 0.99)
+
+
+@dataclasses.dataclass
+class _Cfg:
+  steps: int = 10
+  optimizer: _Opt = dataclasses.field(default_factory=_Opt)
+  log: rundir.LogConfig = dataclasses.field(default_factory=rundir.LogConfig)
+
+
+def test_resume_rule_allows_declared_fields_and_names_the_first_other_difference():
+  saved = rundir.config_to_json(_Cfg())
+  changed = _Cfg(steps=20, log=rundir.LogConfig(log_every=1, plots=False))
+  rundir.check_resumable(
+    saved, rundir.config_to_json(changed), changeable=("steps", "log"), workdir="/w"
+  )
+  bad = _Cfg(optimizer=_Opt(learning_rate=2e-3), steps=20)
+  with pytest.raises(rundir.ConfigError) as e:
+    rundir.check_resumable(saved, rundir.config_to_json(bad), changeable=("steps",), workdir="/w")
+  assert e.value.field == "optimizer.learning_rate"
+  assert e.value.flag_message().startswith("--config.optimizer.learning_rate=0.002: differs")
+  assert "/w" in e.value.message and "0.001" in e.value.message
+  # A field that is only on one side is a difference too (a config from another version).
+  with pytest.raises(rundir.ConfigError, match="absent"):
+    rundir.check_resumable({**saved, "extra": 1}, saved, changeable=(), workdir="/w")
+  # Tuples and lists compare equal after the JSON round trip.
+  rundir.check_resumable(json.loads(json.dumps(saved)), saved, changeable=(), workdir="/w")
+
+
+def test_truncate_metrics_drops_rows_after_the_restored_step_and_torn_lines(tmp_path):
+  path = tmp_path / rundir.METRICS_FILE
+  with rundir.MetricsWriter(tmp_path, log=rundir.LogConfig(plots=False)) as w:
+    for step in (1, 2, 3, 4):
+      w.write({"step": step, "loss": 1.0 / step})
+  with open(path, "a") as f:
+    f.write('{"step": 5, "lo')  # torn by a kill
+  assert rundir.truncate_metrics(path, max_step=2) == 3
+  assert [r["step"] for r in rundir.read_metrics(path)] == [1, 2]
+  assert rundir.truncate_metrics(path, max_step=2) == 0
+
+
+def test_metrics_rows_are_strict_json_with_nonfinite_as_null(tmp_path):
+  with rundir.MetricsWriter(tmp_path, log=rundir.LogConfig(plots=False)) as w:
+    w.write({"step": 1, "loss": float("nan"), "score": np.float32(2.5), "n": np.int32(3)})
+  line = (tmp_path / rundir.METRICS_FILE).read_text().strip()
+  assert json.loads(line) == {"step": 1, "loss": None, "score": 2.5, "n": 3}
+  assert "NaN" not in line
+
+
+def test_atomic_write_leaves_no_temporary_file_and_replaces_the_old_content(tmp_path):
+  path = tmp_path / "sub" / "x.json"
+  rundir.write_json(path, {"a": (1, 2), "b": float("inf")})
+  rundir.write_json(path, {"a": [3]})
+  assert json.loads(path.read_text()) == {"a": [3]}
+  rundir.write_npz(tmp_path / "a.npz", x=np.arange(3))
+  with np.load(tmp_path / "a.npz") as f:
+    np.testing.assert_array_equal(f["x"], [0, 1, 2])
+  assert sorted(os.listdir(tmp_path)) == ["a.npz", "sub"]
+  assert os.listdir(tmp_path / "sub") == ["x.json"]
+
+
+def test_tree_cache_is_reused_only_for_the_same_fingerprint(tmp_path):
+  tree = {"a": jnp.arange(3.0), "b": (jnp.ones((2, 2), jnp.int32),)}
+  path = tmp_path / "c.npz"
+  fp = rundir.fingerprint({"seed": 0})
+  rundir.save_tree(path, tree, {"fingerprint": fp, "note": "x"})
+  loaded, meta = rundir.load_tree(path, jax.eval_shape(lambda: tree), fp)
+  jax.tree.map(np.testing.assert_array_equal, loaded, tree)
+  assert meta["note"] == "x"
+  assert rundir.load_tree(path, tree, rundir.fingerprint({"seed": 1})) is None
+  path.write_bytes(b"torn")
+  assert rundir.load_tree(path, tree, fp) is None
+
+
+class _Clock:
+  def __init__(self):
+    self.t = 0.0
+
+  def __call__(self):
+    return self.t
+
+
+def test_progress_eta_excludes_the_first_step_and_excluded_time():
+  clock = _Clock()
+  progress = rundir.Progress(101, items_per_step=8, clock=clock)
+  clock.t = 30.0  # the first step compiles for 30 s
+  progress.start(1)
+  assert progress.eta(1) is None and "ETA -" in progress.line(1)
+  clock.t = 40.0  # 10 more steps in 10 s, of which 5 s were an evaluation
+  progress.exclude(5.0)
+  assert progress.steps_per_sec(11) == pytest.approx(2.0)
+  assert progress.items_per_sec(11) == pytest.approx(16.0)
+  assert progress.eta(11) == pytest.approx(45.0)
+  line = progress.line(11, {"loss": 0.5, "skipped": 0}, unit="pairs")
+  assert line == "step 11/101 | loss 0.5 | skipped 0 | 16.0 pairs/s | ETA 0:00:45"
+  assert rundir.format_duration(3725) == "1:02:05" and rundir.format_duration(None) == "-"
+
+
+def test_learning_curves_are_written_beside_the_metrics_one_png_per_split(tmp_path):
+  with rundir.MetricsWriter(tmp_path) as w:
+    for step in (1, 2, 3):
+      w.write({"step": step, "split": "train", "loss": 1.0 / step, "ok": True})
+    w.write({"step": 3, "split": "eval", "accuracy": 0.6})
+  for split in ("train", "eval"):
+    data = (tmp_path / f"curves_{split}.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tensorboard_events_are_written_when_asked(tmp_path):
+  pytest.importorskip("tensorboardX")
+  log = rundir.LogConfig(tensorboard=True, plots=False)
+  with rundir.MetricsWriter(tmp_path, log=log) as w:
+    w.write({"step": 1, "loss": 0.5})
+  events = os.listdir(tmp_path / rundir.TENSORBOARD_DIR)
+  assert events and events[0].startswith("events.out.tfevents")
+
+
+def test_bad_log_config_names_the_field():
+  with pytest.raises(rundir.ConfigError, match="must be an int >= 1") as e:
+    rundir.validate_log_config(rundir.LogConfig(log_every=0))
+  assert e.value.flag_message().startswith("--config.log.log_every=0:")
