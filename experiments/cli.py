@@ -27,7 +27,7 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxrm.io import rundir
+from jaxrm.io import compile_cache, rundir
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 _HELP = ("--help", "-h", "-help", "--helpshort", "-?")
@@ -201,5 +201,7 @@ def no_arguments(argv: Sequence[str]) -> None:
 
 
 def run(main: Callable[[list[str]], None], *, aliases: Mapping[str, str] | None = None) -> None:
-  """``app.run(main)`` with :func:`parse_flags` (and the flag ``aliases`` of :func:`define_config`)."""
+  """``app.run(main)`` with :func:`parse_flags` (and the flag ``aliases`` of :func:`define_config`),
+  after enabling the persistent compilation cache (:mod:`jaxrm.io.compile_cache`)."""
+  compile_cache.enable_compilation_cache()
   app.run(main, flags_parser=functools.partial(parse_flags, aliases=aliases))

@@ -30,7 +30,7 @@ import optax
 
 from jaxrm.data import synthetic
 from jaxrm.data.pairs import validate_world
-from jaxrm.io import rundir
+from jaxrm.io import environment, rundir
 from jaxrm.io.rundir import ConfigError
 from jaxrm.math import best_of_n as bon_lib
 from jaxrm.math import metrics as metrics_lib
@@ -518,7 +518,8 @@ def _proxy_summary(proxies: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def run_study(cfg: StudyConfig, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) every stage and returns the raw measurements as a JSON-able dict."""
   validate(cfg)
-  timing, results = {}, {"config": rundir.config_to_json(cfg)}
+  timing = {}
+  results = {"config": rundir.config_to_json(cfg), "environment": environment.environment()}
 
   def timed(name, fn, *args, **kw):
     t = time.perf_counter()

@@ -73,14 +73,21 @@ def test_sweep_equals_separate_runs_of_the_step():
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_seeds_differ_and_every_epoch_visits_each_pair_once():
-  perm_a = rm_sweep._batch_indices(jax.random.key(1), jnp.int32(0), 96, 16)
-  epoch = np.concatenate(
-    [np.asarray(rm_sweep._batch_indices(jax.random.key(1), jnp.int32(t), 96, 16)) for t in range(6)]
-  )
-  assert sorted(epoch.tolist()) == list(range(96))
-  perm_b = rm_sweep._batch_indices(jax.random.key(2), jnp.int32(0), 96, 16)
-  assert not np.array_equal(perm_a, perm_b)
+def test_chunk_permutations_are_the_epochs_permutations():
+  """A chunk of 13 steps from step 5 (6 steps per epoch) touches epochs 0..3; each row is the
+  permutation of fold_in(key, epoch), a permutation of all pairs, and seeds differ."""
+  key = jax.random.key(1)
+  perms, first = rm_sweep._chunk_permutations(key, jnp.int32(5), 13, 96, 16)
+  assert int(first) == 0 and perms.shape == (4, 96)
+  for e in range(4):
+    expected = jax.random.permutation(jax.random.fold_in(key, e), 96)
+    np.testing.assert_array_equal(perms[e], expected)
+    assert sorted(np.asarray(perms[e]).tolist()) == list(range(96))
+  perms, first = rm_sweep._chunk_permutations(key, jnp.int32(13), 5, 96, 16)
+  assert int(first) == 2 and perms.shape == (2, 96)
+  np.testing.assert_array_equal(perms[0], jax.random.permutation(jax.random.fold_in(key, 2), 96))
+  other, _ = rm_sweep._chunk_permutations(jax.random.key(2), jnp.int32(0), 6, 96, 16)
+  assert not np.array_equal(perms[0], other[0])
 
 
 def test_sweep_rejects_bad_arguments():

@@ -179,11 +179,12 @@ class KVCache(NamedTuple):
   """Key/value cache for incremental decoding; a pure pytree passed in and out of the model.
 
   ``cache_len`` is the static number of slots. Slots are filled left to right; slot order is
-  time order.
+  time order. Heads come before slots, the layout attention reads: a decode step writes its
+  one new slot per head and reads the cache without transposing or copying it.
   """
 
-  keys: jax.Array  # [num_layers, batch, cache_len, kv_heads, head_dim], config.dtype
-  values: jax.Array  # [num_layers, batch, cache_len, kv_heads, head_dim], config.dtype
+  keys: jax.Array  # [num_layers, batch, kv_heads, cache_len, head_dim], config.dtype
+  values: jax.Array  # [num_layers, batch, kv_heads, cache_len, head_dim], config.dtype
   mask: jax.Array  # [batch, cache_len] bool, True on slots holding a real token
   index: jax.Array  # shape=(), int32: next slot to write
 
@@ -205,7 +206,7 @@ def init_cache(config: TransformerConfig, batch_size: int, cache_len: int | None
     raise ValueError(f"cache_len must be in [1, max_len={config.max_len}], got {cache_len}")
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
-  shape = (config.num_layers, batch_size, cache_len, config.kv_heads, config.head_dim)
+  shape = (config.num_layers, batch_size, config.kv_heads, cache_len, config.head_dim)
   return KVCache(
     keys=jnp.zeros(shape, config.dtype),
     values=jnp.zeros(shape, config.dtype),
@@ -269,23 +270,24 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, attn_mask: jax.Array) -> j
 
   Args:
     q: ``[batch, t, heads, head_dim]``.
-    k: ``[batch, L, kv_heads, head_dim]``; ``kv_heads`` divides ``heads``.
-    v: ``[batch, L, kv_heads, head_dim]``.
+    k: ``[batch, kv_heads, L, head_dim]`` (head-major, the cache's layout); ``kv_heads``
+      divides ``heads``.
+    v: ``[batch, kv_heads, L, head_dim]``.
     attn_mask: ``[batch, t, L]`` bool, True where query may attend key.
 
   Returns:
     ``[batch, t, heads, head_dim]`` in the dtype of ``v``.
   """
   b, t, heads, d = q.shape
-  kv_heads = k.shape[2]
+  kv_heads = k.shape[1]
   q = q.reshape(b, t, kv_heads, heads // kv_heads, d)
   scale = d**-0.5
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
   mask = attn_mask[:, None, None, :, :]
   logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
   probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+  out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v)
   return out.reshape(b, t, heads, d)
 
 
@@ -303,7 +305,7 @@ class _Block(nn.Module):
   """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
 
   With ``kv = (keys, values, layer)`` (the stacked cache arrays and this block's layer),
-  the new keys/values are written straight into ``[layer, :, index:index + t]`` of the
+  the new keys/values are written straight into ``[layer, :, :, index:index + t]`` of the
   stacked arrays (one in-place update per step inside a decode loop, no re-stacking), and
   attention runs over all cache slots of this layer.
   """
@@ -329,9 +331,10 @@ class _Block(nn.Module):
       inv_freq = rope_frequencies(cfg.head_dim, base=cfg.rope_base, scaling=cfg.rope_scaling)
       q = apply_rotary(q, positions, inv_freq)
       k = apply_rotary(k, positions, inv_freq)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, kv_heads, t, head_dim]
     if kv is not None:
       cache_k, cache_v, layer = kv
-      start = (layer, 0, index, 0, 0)
+      start = (layer, 0, 0, index, 0)
       cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], start)
       cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], start)
       k, v = cache_k[layer], cache_v[layer]

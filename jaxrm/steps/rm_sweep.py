@@ -129,12 +129,25 @@ def _init(sweep: RewardModelSweep, keys: jax.Array):
   return jax.vmap(one)(keys)
 
 
-def _batch_indices(key: jax.Array, step: jax.Array, num_pairs: int, batch_size: int):
-  """Indices of the pairs of ``step``: epoch-wise permutations, remainder dropped."""
+def _chunk_permutations(
+  key: jax.Array, start: jax.Array, num_steps: int, num_pairs: int, batch_size: int
+):
+  """The permutations of every epoch that steps ``start .. start + num_steps - 1`` touch.
+
+  Drawn once per chunk instead of once per step (a permutation is a sort of ``num_pairs``
+  keys, the largest cost of a small proxy's step). Epoch ``e`` is the permutation of
+  ``fold_in(key, e)``; step ``t`` takes its slice ``t % steps_per_epoch`` of epoch
+  ``t // steps_per_epoch`` (the remainder of an epoch is dropped).
+
+  Returns:
+    ``(perms [num_epochs, num_pairs], first_epoch)``, ``num_epochs`` static.
+  """
   steps_per_epoch = num_pairs // batch_size
-  epoch, pos = step // steps_per_epoch, step % steps_per_epoch
-  perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_pairs)
-  return lax.dynamic_slice_in_dim(perm, pos * batch_size, batch_size)
+  num_epochs = (num_steps - 1) // steps_per_epoch + 2
+  first_epoch = start // steps_per_epoch
+  epochs = first_epoch + jnp.arange(num_epochs)
+  perms = jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(key, e), num_pairs))(epochs)
+  return perms, first_epoch
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=1)
@@ -150,9 +163,15 @@ def _train_chunk(sweep: RewardModelSweep, states, pairs, num_steps: int):
 
   def one_seed(state):
     data_key = jax.random.fold_in(state.key, 0x7FFFFFFF)  # not a step index
+    steps_per_epoch = num_pairs // sweep.batch_size
+    perms, first_epoch = _chunk_permutations(
+      data_key, state.step, num_steps, num_pairs, sweep.batch_size
+    )
 
     def body(state, _):
-      idx = _batch_indices(data_key, state.step, num_pairs, sweep.batch_size)
+      epoch, pos = state.step // steps_per_epoch, state.step % steps_per_epoch
+      perm = perms[epoch - first_epoch]
+      idx = lax.dynamic_slice_in_dim(perm, pos * sweep.batch_size, sweep.batch_size)
       batch = {k: v[idx] for k, v in pairs.items()}
       return step_fn(state, batch)
 
