@@ -19,6 +19,7 @@ Usage::
   python benchmarks/model_throughput.py                 # small + medium, seq 256
   python benchmarks/model_throughput.py --quick         # a few seconds
   python benchmarks/model_throughput.py --presets=tiny,small,medium --seq_len=512
+  python benchmarks/model_throughput.py --presets=small --sampler_batches=1,16,64
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ flags.DEFINE_integer("steps", 5, "Timed reward-model steps (after one warm-up)."
 flags.DEFINE_integer("matmul_size", 2048, "n of the [n, n] @ [n, n] ceiling matmul.")
 flags.DEFINE_integer("matmul_reps", 5, "Matmul repetitions (best is reported).")
 flags.DEFINE_integer("sampler_batch", 32, "Sequences sampled together.")
+flags.DEFINE_list(
+  "sampler_batches",
+  [],
+  "If given: also time the sampler at each of these batch sizes (tokens/s against batch).",
+)
 flags.DEFINE_integer("prompt_len", 32, "Prompt length (left-padded, varying real lengths).")
 flags.DEFINE_integer("new_tokens", 64, "Tokens generated per sequence.")
 flags.DEFINE_integer("sampler_reps", 3, "Timed sampler calls (best is reported).")
@@ -210,6 +216,28 @@ def main(argv):
   print("-+-".join("-" * w for w in widths))
   for row in rows:
     print(line(row))
+  if FLAGS.sampler_batches:
+    _sampler_scaling(dtype)
+
+
+def _sampler_scaling(dtype) -> None:
+  """Prints sampler tokens/s at each ``--sampler_batches`` size (does decode use the batch?)."""
+  batches = [int(b) for b in FLAGS.sampler_batches]
+  print(f"sampler tokens/s against batch (prompt {FLAGS.prompt_len}, {FLAGS.new_tokens} new):")
+  print("preset | " + " | ".join(f"batch {b}" for b in batches))
+  for name in FLAGS.presets:
+    cfg = preset(name, max_len=FLAGS.prompt_len + FLAGS.new_tokens, dtype=dtype)
+    rates = [
+      benchmark_sampler(
+        cfg,
+        batch=b,
+        prompt_len=FLAGS.prompt_len,
+        new_tokens=FLAGS.new_tokens,
+        reps=FLAGS.sampler_reps,
+      )["sampler_tokens_per_s"]
+      for b in batches
+    ]
+    print(f"{name} | " + " | ".join(f"{r:,.0f}" for r in rates))
 
 
 if __name__ == "__main__":

@@ -22,9 +22,11 @@ def _run(script, *args):
 
 
 def test_model_throughput_quick_prints_mfu_table():
-  out = _run("model_throughput.py", "--quick")
+  out = _run("model_throughput.py", "--quick", "--sampler_batches=1,4")
   assert "matmul ceiling" in out and "MFU" in out and "sampler tok/s" in out
-  assert out.strip().splitlines()[-1].split("|")[0].strip() == "tiny"
+  lines = out.strip().splitlines()
+  assert lines[-1].split("|")[0].strip() == "tiny" and len(lines[-1].split("|")) == 3
+  assert lines[-2] == "preset | batch 1 | batch 4"
 
 
 def test_seed_sweep_prints_one_row_per_seed_count():
