@@ -78,7 +78,8 @@ def decode_samples(
   return out
 
 
-def _short(text: str, max_chars: int) -> str:
+def shorten(text: str, max_chars: int) -> str:
+  """``text``, or its last ``max_chars`` characters after an ellipsis."""
   return text if len(text) <= max_chars else "…" + text[-max_chars:]
 
 
@@ -135,7 +136,7 @@ class SampleWriter:
         record["reward"],
         gold_text,
         record["response_tokens"],
-        _short(record["prompt"], self.config.max_chars),
+        shorten(record["prompt"], self.config.max_chars),
         record["response"],
       )
     return out
