@@ -85,10 +85,10 @@ def pipeline(tmp_path_factory):
     policy=dirs["sft"],
     reference=LLAMA,
     tokenizer=TOKENIZER,
-    prompts=PromptConfig(source="jsonl", files=(HH,), prompt_len=32),
+    prompts=PromptConfig(source="jsonl", files=(HH,), prompt_len=16),
     reward=RewardConfig(source="rm", rm_dirs=(dirs["rm"],)),
-    rl=RLConfig(max_new_tokens=16, eos_id=eos, num_epochs=1, num_minibatches=1),
-    steps=2,
+    rl=RLConfig(max_new_tokens=8, eos_id=eos, num_epochs=1, num_minibatches=1),
+    steps=1,
     batch_size=2,
     parallel="jit",
     samples=SamplesConfig(every=1, num=2),
@@ -129,14 +129,14 @@ def test_best_of_n_keeps_the_highest_reward_sample_of_each_prompt(pipeline):
 def test_ppo_against_the_reward_model_writes_decoded_samples(pipeline):
   d = pipeline["dirs"]["ppo"]
   rows = _read_jsonl(os.path.join(d, SAMPLES_FILE))
-  assert [r["step"] for r in rows] == [1, 1, 2, 2]
+  assert [r["step"] for r in rows] == [1, 1]
   for r in rows:
     assert isinstance(r["prompt"], str) and r["prompt"].endswith("Assistant:")
     assert isinstance(r["reward"], float) and r["gold"] is None
-    assert 1 <= r["response_tokens"] <= 16
+    assert 1 <= r["response_tokens"] <= 8
   metrics = rundir.read_metrics(os.path.join(d, rundir.METRICS_FILE))
-  assert [m["step"] for m in metrics] == [1, 2]
-  assert pipeline["ppo"]["final"]["step"] == 2
+  assert [m["step"] for m in metrics] == [1]
+  assert pipeline["ppo"]["final"]["step"] == 1
 
 
 def test_exports_reimport_equal(pipeline):
