@@ -74,7 +74,13 @@ def _with_max_len(cfg: TransformerConfig, max_len: int, where: str) -> Transform
 
 
 def load_policy(
-  source: str, *, max_len: int, tokenizer: str = "", key: jax.Array | None = None
+  source: str,
+  *,
+  max_len: int,
+  tokenizer: str = "",
+  key: jax.Array | None = None,
+  dtype: Any = jnp.float32,
+  remat: bool = False,
 ) -> LoadedPolicy:
   """Resolves a policy source (see the module docstring).
 
@@ -83,6 +89,9 @@ def load_policy(
     max_len: the longest sequence (prompt + response) it must accept.
     tokenizer: a folder with ``tokenizer.json`` ('' : see the module docstring).
     key: PRNG key of a preset's initialisation (default ``key(0)``).
+    dtype: parameter and compute dtype of a preset or checkpoint (``jnp.bfloat16`` on
+      GPU/TPU); an SFT run keeps its own.
+    remat: rematerialise block activations (preset or checkpoint).
 
   Raises:
     ValueError: an unknown source, a checkpoint without a tokenizer, a sequence longer than
@@ -91,7 +100,14 @@ def load_policy(
   kind = policy_kind(source)
   if kind == "preset":
     tok = RunTokenizer.from_source(tokenizer)
-    cfg = presets.preset(source, vocab_size=tok.vocab_size, max_len=max_len)
+    cfg = presets.preset(
+      source,
+      vocab_size=tok.vocab_size,
+      max_len=max_len,
+      dtype=dtype,
+      param_dtype=dtype,
+      remat=remat,
+    )
     dummy = jnp.zeros((1, min(max_len, 8)), jnp.int32)
     key = jax.random.key(0) if key is None else key
     variables = jax.jit(PolicyModel(cfg).init)(key, dummy, jnp.ones(dummy.shape, bool))
@@ -100,7 +116,7 @@ def load_policy(
     if not tokenizer and not has_tokenizer_json(source):
       raise ValueError(f"the checkpoint {source!r} has no tokenizer.json; name a tokenizer folder")
     tok = RunTokenizer.from_source(tokenizer or source)
-    model = hf.import_policy(source, max_len=max_len)
+    model = hf.import_policy(source, max_len=max_len, dtype=dtype, param_dtype=dtype, remat=remat)
     cfg = model.config
     if cfg.max_len < max_len:
       raise ValueError(f"checkpoint {source!r}: max_len={max_len} exceeds its {cfg.max_len}")

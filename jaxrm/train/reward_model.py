@@ -84,6 +84,7 @@ from jaxrm.steps import train_state as train_state_lib
 from jaxrm.train import rm_eval
 from jaxrm.train.rm_config import (  # noqa: F401  (the config types live beside the loop's API)
   CHANGEABLE_ON_RESUME,
+  DTYPES,
   EvalConfig,
   LossConfig,
   ModelConfig,
@@ -128,7 +129,10 @@ def import_backbone(config: TrainConfig, data: pairs.RunData) -> hf.HFModel:
   """Imports ``model.hf_checkpoint`` as a reward model for sequences of ``data.max_len``."""
   path = config.model.hf_checkpoint
   try:
-    imported = hf.import_reward_model(path, max_len=data.max_len)
+    dtype = DTYPES[config.model.dtype]
+    imported = hf.import_reward_model(
+      path, max_len=data.max_len, dtype=dtype, param_dtype=dtype, remat=config.model.remat
+    )
   except ValueError as e:
     raise ConfigError("model.hf_checkpoint", path, str(e)) from None
   if imported.config.max_len < data.max_len:
@@ -185,8 +189,13 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
     imported = import_backbone(config, data)
     model_config = imported.config
   else:
+    dtype = DTYPES[config.model.dtype]
     model_config = presets.preset(
-      config.model.preset, vocab_size=data.vocab_size, max_len=data.max_len
+      config.model.preset,
+      vocab_size=data.vocab_size,
+      max_len=data.max_len,
+      **({} if dtype == DTYPES["float32"] else {"dtype": dtype, "param_dtype": dtype}),
+      **({"remat": True} if config.model.remat else {}),
     )
   model = RewardModel(model_config, pooling=config.model.pooling)
   optimizer, schedule = make_optimizer(config)
@@ -244,7 +253,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
     logging.info(
       "Training %s (%s parameters, %s pooling, %s) for %d steps on %d pairs, "
       "batch %d, mode %s on %d device(s); workdir %s",
-      config.model.preset,
+      config.model.hf_checkpoint or config.model.preset,
       f"{presets.param_count(model_config):,}",
       config.model.pooling,
       config.loss.name,

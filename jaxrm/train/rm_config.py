@@ -30,6 +30,7 @@ from jaxrm.steps import train_state as train_state_lib
 
 PARALLEL_MODES = ("auto", "jit", "shard_map", "pmap")
 POOLINGS = ("last", "mean")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Sections and fields that do not change the trained parameters: they may differ on resume.
 CHANGEABLE_ON_RESUME = ("eval", "log", "parallel", "nonfinite")
 
@@ -43,11 +44,16 @@ class ModelConfig:
   GPT-2, Llama, Mistral, Qwen2; a ``*ForSequenceClassification`` score head is kept, otherwise
   the head starts at zero) whose backbone replaces the preset. Its ``tokenizer.json``, if any,
   is the run's tokenizer unless ``data.tokenizer`` names another.
+
+  ``dtype``: ``'float32'`` or ``'bfloat16'`` (parameters and matmuls; GPU/TPU);
+  ``remat``: rematerialise block activations in the backward pass (long sequences).
   """
 
   preset: str = "tiny"
   pooling: str = "last"
   hf_checkpoint: str = ""
+  dtype: str = "float32"
+  remat: bool = False
 
 
 @dataclasses.dataclass
@@ -162,6 +168,8 @@ def validate_config(config: TrainConfig, *, num_devices: int | None = None) -> N
   )
   need(c.model.pooling in POOLINGS, "model.pooling", f"must be one of {list(POOLINGS)}")
   need(isinstance(c.model.hf_checkpoint, str), "model.hf_checkpoint", "must be a path or ''")
+  need(c.model.dtype in DTYPES, "model.dtype", f"must be one of {list(DTYPES)}")
+  need(isinstance(c.model.remat, bool), "model.remat", "must be True or False")
   if c.model.hf_checkpoint:
     need(
       os.path.isfile(os.path.join(c.model.hf_checkpoint, "config.json")),

@@ -58,7 +58,7 @@ from jaxrm.models.policy import PolicyModel
 from jaxrm.steps import parallel, sft
 from jaxrm.steps import train_state as train_state_lib
 from jaxrm.train import rm_eval
-from jaxrm.train.rm_config import OptimizerConfig, make_optimizer
+from jaxrm.train.rm_config import DTYPES, OptimizerConfig, make_optimizer
 
 PARALLEL_MODES = ("auto", "jit", "shard_map", "pmap", "fsdp")
 CHANGEABLE_ON_RESUME = ("eval_every", "log", "parallel", "nonfinite")
@@ -101,6 +101,8 @@ class SFTConfig:
     parallel: ``'auto'``, ``'jit'``, ``'shard_map'``, ``'pmap'`` or ``'fsdp'``.
     nonfinite: ``'skip'`` a step with a non-finite loss or gradient, or ``'raise'``.
     log: metrics rows, checkpoints, plots, TensorBoard / W&B.
+    dtype: ``'float32'`` or ``'bfloat16'`` parameters and matmuls of a preset or checkpoint.
+    remat: rematerialise block activations in the backward pass.
   """
 
   policy: str = "tiny"
@@ -116,6 +118,8 @@ class SFTConfig:
   parallel: str = "auto"
   nonfinite: str = "skip"
   log: rundir.LogConfig = dataclasses.field(default_factory=rundir.LogConfig)
+  dtype: str = "float32"
+  remat: bool = False
 
   def to_json(self) -> dict[str, Any]:
     return rundir.config_to_json(self)
@@ -165,6 +169,8 @@ def validate_config(c: SFTConfig, *, num_devices: int | None = None) -> None:
     f"must be one of {list(train_state_lib.NONFINITE_MODES)}",
   )
   rundir.validate_log_config(c.log)
+  need(c.dtype in DTYPES, "dtype", f"must be one of {list(DTYPES)}")
+  need(isinstance(c.remat, bool), "remat", "must be True or False")
   n = jax.device_count() if num_devices is None else num_devices
   mode = c.parallel if c.parallel != "auto" else ("shard_map" if n > 1 else "jit")
   if mode != "jit":
@@ -247,7 +253,12 @@ def train_and_evaluate(config: SFTConfig, workdir: str | os.PathLike) -> dict[st
   root = jax.random.key(c.seed)
   try:
     policy = policy_io.load_policy(
-      c.policy, max_len=max_len, tokenizer=c.tokenizer, key=jax.random.fold_in(root, 0)
+      c.policy,
+      max_len=max_len,
+      tokenizer=c.tokenizer,
+      key=jax.random.fold_in(root, 0),
+      dtype=DTYPES[c.dtype],
+      remat=c.remat,
     )
   except ValueError as e:
     raise ConfigError("policy", c.policy, str(e)) from None
