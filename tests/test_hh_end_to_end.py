@@ -95,9 +95,10 @@ def pipeline(tmp_path_factory):
     log=LOG,
   )
   ppo = policy.train_and_evaluate(ppo_config, dirs["ppo"])
+  run = policy.build_run(ppo_config)
   hf_runs.export_reward_model_run(dirs["rm"], dirs["rm_hf"])
   hf_runs.export_policy_run(dirs["sft"], dirs["sft_hf"])
-  return {"dirs": dirs, "rm": rm_summary, "bon": bon, "ppo": ppo}
+  return {"dirs": dirs, "rm": rm_summary, "bon": bon, "ppo": ppo, "ppo_run": run}
 
 
 def test_reward_model_trains_on_hh_with_the_checkpoint_and_writes_its_report(pipeline):
@@ -137,6 +138,17 @@ def test_ppo_against_the_reward_model_writes_decoded_samples(pipeline):
   metrics = rundir.read_metrics(os.path.join(d, rundir.METRICS_FILE))
   assert [m["step"] for m in metrics] == [1]
   assert pipeline["ppo"]["final"]["step"] == 1
+
+
+def test_ppo_starts_from_the_sft_policy_with_the_checkpoint_as_kl_reference(pipeline):
+  run = pipeline["ppo_run"]
+  _, sft_params, _ = hf_runs.load_policy_params(pipeline["dirs"]["sft"])
+  start = {**run.init_params["params"]}
+  assert "value_head" in start
+  del start["value_head"]
+  jax.tree.map(np.testing.assert_array_equal, {"params": start}, sft_params)
+  reference = hf.import_policy(LLAMA, max_len=run.policy_config.max_len)
+  jax.tree.map(np.testing.assert_array_equal, run.ref_params, reference.variables)
 
 
 def test_exports_reimport_equal(pipeline):

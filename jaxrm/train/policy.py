@@ -256,7 +256,7 @@ def build_run(c: PolicyTrainConfig) -> Run:
   )
   init_params = ref_params if text is None else text.policy.variables
   if rl_lib.uses_value_head(c.algo):
-    init_params = rl_lib.init_value_head(ref_params, init_key, config=policy_cfg)
+    init_params = rl_lib.init_value_head(init_params, init_key, config=policy_cfg)
   optimizer = optax.chain(
     optax.clip_by_global_norm(c.optimizer.max_grad_norm), optax.adam(c.optimizer.learning_rate)
   )
