@@ -138,6 +138,7 @@ def test_ppo_against_the_reward_model_writes_decoded_samples(pipeline):
   metrics = rundir.read_metrics(os.path.join(d, rundir.METRICS_FILE))
   assert [m["step"] for m in metrics] == [1]
   assert pipeline["ppo"]["final"]["step"] == 1
+  assert RunTokenizer.load(d).name == RunTokenizer.from_source(TOKENIZER).name
 
 
 def test_ppo_starts_from_the_sft_policy_with_the_checkpoint_as_kl_reference(pipeline):

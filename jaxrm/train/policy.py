@@ -336,6 +336,8 @@ def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> 
       logging.info("Resuming from the checkpoint at step %d in %s", start, ckpt.directory)
     rundir.truncate_metrics(os.path.join(workdir, rundir.METRICS_FILE), max_step=start)
     rundir.write_config(workdir, c, tokenizer=run.tokenizer)
+    if run.text_tokenizer is not None:  # the policy's tokenizer and convention, for readers
+      run.text_tokenizer.save(workdir)
     sampler = PolicySampler(run, workdir)
     sampler.writer.truncate(start)
     carry = pstep.put_state((state, run.reward_params, run.ref_params))
