@@ -162,7 +162,7 @@ def run_best_of_n(config: BestOfNConfig, workdir: str | os.PathLike) -> dict[str
     policy = policy_io.load_policy(
       c.policy, max_len=seq_len, tokenizer=c.tokenizer, key=jax.random.key(c.seed)
     )
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, RuntimeError) as e:
     raise ConfigError("policy", c.policy, str(e)) from None
   tok = policy.tok
   tok.save(workdir)

@@ -65,7 +65,7 @@ class TextPolicy(NamedTuple):
 def _load(source: str, field: str, *, max_len: int, tokenizer: str, key: jax.Array):
   try:
     return policy_io.load_policy(source, max_len=max_len, tokenizer=tokenizer, key=key)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, RuntimeError) as e:
     raise ConfigError(field, source, str(e)) from None
 
 

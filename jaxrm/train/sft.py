@@ -260,7 +260,7 @@ def train_and_evaluate(config: SFTConfig, workdir: str | os.PathLike) -> dict[st
       dtype=DTYPES[c.dtype],
       remat=c.remat,
     )
-  except ValueError as e:
+  except (ValueError, FileNotFoundError, RuntimeError) as e:
     raise ConfigError("policy", c.policy, str(e)) from None
   try:
     policy.tok.save(workdir)
