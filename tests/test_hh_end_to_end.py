@@ -192,3 +192,21 @@ def test_policy_rejects_an_eos_id_other_than_the_tokenizers_and_a_mismatched_ref
   config.tokenizer = TOKENIZER
   with pytest.raises(rundir.ConfigError, match="reference=.*architecture and tokenizer"):
     policy.build_run(config)
+
+
+def test_the_readme_config_variants_are_valid_with_the_runs_they_name(pipeline):
+  """The 'hf' variants the README runs: valid as written, given the runs they point at."""
+  from experiments import cli  # noqa: PLC0415
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  load = lambda name: cli.load_config(os.path.join(root, "experiments", "configs", f"{name}.py:hf"))
+  dirs = pipeline["dirs"]
+  rm.validate_config(load("reward_model"), num_devices=1)
+  sft.validate_config(load("sft"), num_devices=1)
+  config = load("best_of_n")
+  config.policy, config.reward.rm_dirs = dirs["sft"], (dirs["rm"],)
+  best_of_n.validate_config(config)
+  config = load("policy")
+  config.policy, config.reward.rm_dirs = dirs["sft"], (dirs["rm"],)
+  policy.validate_config(config, num_devices=1)
+  assert config.rl.eos_id == RunTokenizer.from_source(TOKENIZER).eos_id
