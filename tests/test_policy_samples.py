@@ -55,7 +55,9 @@ def test_synthetic_samples_carry_gold_and_are_written_at_intervals_and_the_end(t
   assert [r["step"] for r in rows] == [2, 2, 2, 3, 3, 3]  # every 2 steps and the last step
   world = synthetic.WorldConfig(**WORLD)
   for r in rows:
-    assert r["reward"] == r["gold"]  # optimising gold: the reward is the gold reward
+    # Optimising gold: the reward is the gold reward (two compilations of the same function:
+    # equal up to float32 rounding; 1.2e-7 apart on -1.405 was seen).
+    np.testing.assert_allclose(r["reward"], r["gold"], rtol=1e-6)
     assert len(r["prompt"].split()) == world.prompt_len
     assert len(r["response"].split()) == r["response_tokens"] == 12
   # A crash after step 2: the resumed run rewrites step 3's samples, once.
