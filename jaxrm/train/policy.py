@@ -11,8 +11,8 @@ and trains it (:func:`train`), writing under ``workdir`` (:mod:`jaxrm.io.rundir`
   at the end; the JSON extra holds the config and the last metrics row.
 
 Re-running resumes from the last checkpoint and ends with the parameters of an uninterrupted
-run; only ``steps``, the ``log`` section and ``parallel`` may differ from the checkpointed
-config (:data:`CHANGEABLE_ON_RESUME`, :func:`jaxrm.io.rundir.check_resumable`).
+run; only ``steps``, the ``log`` and ``samples`` sections and ``parallel`` may differ from the
+checkpointed config (:data:`CHANGEABLE_ON_RESUME`, :func:`jaxrm.io.rundir.check_resumable`).
 
 Policies: ``'synthetic'`` (``pi_init`` of the synthetic world of ``world``/``world_seed``, the
 same world as the reward-model loop's, :func:`jaxrm.data.pairs.world_for_seed`), a preset
@@ -57,7 +57,7 @@ from jaxrm.train.policy_text import (
 )
 
 PARALLEL_MODES = ("auto", "jit", "shard_map", "pmap")
-CHANGEABLE_ON_RESUME = ("steps", "log", "parallel")
+CHANGEABLE_ON_RESUME = ("steps", "log", "parallel", "samples")
 
 
 def _default_rl() -> rl_lib.RLConfig:
