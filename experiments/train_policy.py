@@ -18,6 +18,12 @@ PPO against a proxy reward model of the synthetic world::
   python experiments/train_policy.py --workdir=runs/ppo_synthetic \
       --config.reward.source=rm --config.reward.rm_dirs=runs/rm_synthetic --config.steps=200
 
+PPO of an SFT run (or a local Hugging Face checkpoint) against a text reward model with the same
+tokenizer; decoded samples go to ``samples.jsonl`` and the log::
+
+  python experiments/train_policy.py --config=experiments/configs/policy.py:hf \
+      --workdir=runs/ppo_hf --config.policy=runs/sft_hf --config.reward.rm_dirs=runs/rm_hf
+
 RLOO with a byte-level policy on a rule-based reward, adaptive KL::
 
   python experiments/train_policy.py --config=experiments/configs/policy.py:byte \

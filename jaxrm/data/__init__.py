@@ -10,11 +10,13 @@ from their modules on first use, so importing ``jaxrm.data.synthetic`` (or parsi
 import importlib
 
 _MODULES = (
+  "demonstrations",
   "iterator",
   "preference_builder",
   "preference_files",
   "preference_records",
   "preferences",
+  "run_tokenizer",
   "synthetic",
   "tokenizer",
 )
@@ -36,7 +38,9 @@ _LAZY = {
   "PreferenceText": "preference_records",
   "read_preference_files": "preference_files",
   "ReadStats": "preference_files",
+  "read_demonstrations": "demonstrations",
   "render_messages": "preference_records",
+  "RunTokenizer": "run_tokenizer",
   "split_shared_prompt": "preference_records",
   "tokenize_pair": "preference_records",
   "TokenizedPair": "preference_records",

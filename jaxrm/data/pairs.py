@@ -23,7 +23,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from jaxrm.data import synthetic, tokenizer
+from jaxrm.data import synthetic
 from jaxrm.io import rundir
 from jaxrm.io.rundir import ConfigError
 
@@ -67,6 +67,10 @@ class DataConfig:
     skip_malformed: skip and count malformed JSONL lines instead of failing.
     bucket: length bucketing (batches padded to the smallest power of two >= 32 that fits).
     synthetic: the synthetic world's comparisons (used when ``files`` is empty).
+    tokenizer: files only: a folder with ``tokenizer.json`` (a Hugging Face checkpoint or
+      tokenizer folder); empty: the model checkpoint's own tokenizer if the reward-model
+      loop imports one that has a ``tokenizer.json``, else the byte tokenizer. The run
+      stores the tokenizer it used (:mod:`jaxrm.data.run_tokenizer`).
   """
 
   files: tuple[str, ...] = ()
@@ -77,6 +81,7 @@ class DataConfig:
   skip_malformed: bool = False
   bucket: bool = True
   synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
+  tokenizer: str = ""
 
   @property
   def is_synthetic(self) -> bool:
@@ -112,8 +117,16 @@ def validate_data_config(c: DataConfig, *, prefix: str = "data") -> None:
 
   need(isinstance(c.files, (tuple, list)) and all(c.files), "files", "must be a tuple of paths")
   need(isinstance(c.test_files, (tuple, list)), "test_files", "must be a tuple of paths")
+  need(isinstance(c.tokenizer, str), "tokenizer", "must be a folder path or ''")
+  if c.tokenizer:
+    need(
+      os.path.isfile(os.path.join(c.tokenizer, "tokenizer.json")),
+      "tokenizer",
+      f"{c.tokenizer} has no tokenizer.json",
+    )
   if c.is_synthetic:
     need(not c.test_files, "test_files", "must be empty for the synthetic world (no files)")
+    need(not c.tokenizer, "tokenizer", "must be empty for the synthetic world (no files)")
   else:
     for path in c.files:
       need(os.path.isfile(path), "files", f"file not found: {path}")
@@ -186,7 +199,7 @@ class RunData(NamedTuple):
 
   train: Any  # dict of [n, ...] arrays (synthetic) or a random-access record source (TFDS)
   test: Any  # the same kind, or None without a held-out split
-  tokenizer: str  # 'byte' or 'synthetic'
+  tokenizer: str  # 'synthetic', 'byte' or 'hf:<digest>' (jaxrm.data.run_tokenizer)
   vocab_size: int
   max_len: int  # the model's max_len and the longest batch
   info: dict[str, Any]  # JSON description (source, per-split counts) for config and report
@@ -220,7 +233,9 @@ def dataset_dir(workdir: str | os.PathLike) -> str:
   )
 
 
-def load_data(config: DataConfig, workdir: str | os.PathLike, *, prepare: bool = True) -> RunData:
+def load_data(
+  config: DataConfig, workdir: str | os.PathLike, *, prepare: bool = True, tok: Any = None
+) -> RunData:
   """Builds (or reuses) the run's train and held-out pairs.
 
   Args:
@@ -228,6 +243,10 @@ def load_data(config: DataConfig, workdir: str | os.PathLike, *, prepare: bool =
     workdir: the run directory; the data lives under ``<workdir>/data``.
     prepare: build the TFDS dataset if needed (training). False (reports) reads the
       prepared dataset as it is, so the source files need not exist any more.
+    tok: files only: the run's :class:`jaxrm.data.run_tokenizer.RunTokenizer` (None: the
+      byte tokenizer; with ``prepare=False``, the tokenizer stored with the run). It is saved
+      under ``<workdir>/tokenizer`` (once; a run keeps its tokenizer) and the dataset is
+      tokenised with that copy.
 
   Returns:
     A :class:`RunData`.
@@ -253,10 +272,19 @@ def load_data(config: DataConfig, workdir: str | os.PathLike, *, prepare: bool =
 
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
-  from jaxrm.data import preferences  # pylint: disable=import-outside-toplevel
+  from jaxrm.data import (
+    preferences,  # pylint: disable=import-outside-toplevel
+    run_tokenizer,  # pylint: disable=C0415
+  )
 
+  stored = os.path.join(workdir, run_tokenizer.TOKENIZER_DIR, run_tokenizer.CONVENTION_FILE)
+  if tok is None and not prepare and os.path.isfile(stored):
+    tok = run_tokenizer.RunTokenizer.load(workdir)  # a report of a finished run
+  tok = run_tokenizer.RunTokenizer.from_source(None) if tok is None else tok
   data_dir = os.path.join(workdir, rundir.DATA_DIR)
   if prepare:
+    saved = tok.save(workdir)
+    tokenizer_dir = saved if tok.kind == "hf" else ""
     try:
       builder = preferences.build_preference_dataset(
         list(config.files),
@@ -267,6 +295,10 @@ def load_data(config: DataConfig, workdir: str | os.PathLike, *, prepare: bool =
         test_fraction=0.0 if config.test_files else config.test_fraction,
         split_seed=config.split_seed,
         skip_malformed=config.skip_malformed,
+        add_bos=tok.add_bos,
+        add_eos=tok.add_eos,
+        min_prompt_fraction=tok.min_prompt_fraction,
+        tokenizer_dir=tokenizer_dir,
       )
     except ValueError as e:
       if "was built from other files or settings" in str(e):
@@ -294,7 +326,8 @@ def load_data(config: DataConfig, workdir: str | os.PathLike, *, prepare: bool =
     "test_pairs": 0 if test is None else len(test),
     "read_stats": metadata.get("splits", {}),
   }
-  return RunData(train, test, "byte", tokenizer.VOCAB_SIZE, config.max_len, info)
+  info["tokenizer"] = tok.name
+  return RunData(train, test, tok.name, tok.vocab_size, config.max_len, info)
 
 
 def num_examples(data: Any) -> int:

@@ -37,6 +37,9 @@ class PreferencePairsConfig(tfds.core.BuilderConfig):
     split_seed: seed of that hash split.
     max_len, add_bos, add_eos, min_prompt_fraction: see :func:`tokenize_pair`.
     skip_malformed: skip and count malformed lines instead of failing.
+    tokenizer_dir: a folder with ``tokenizer.json`` (:mod:`jaxrm.data.hf_tokenizer`), or
+      empty for the byte tokenizer; its ``tokenizer.json`` is fingerprinted with the data
+      files, so a dataset is never reused with another tokenizer.
   """
 
   train_files: tuple[str, ...] = ()
@@ -48,6 +51,7 @@ class PreferencePairsConfig(tfds.core.BuilderConfig):
   add_bos: bool = True
   add_eos: bool = True
   min_prompt_fraction: float = 0.5
+  tokenizer_dir: str = ""
 
   def settings(self) -> dict[str, Any]:
     """The data settings as a JSON-serialisable dict (recorded in the metadata)."""
@@ -101,7 +105,7 @@ class PreferencePairs(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
       builder=self,
-      description="Byte-tokenised preference pairs (jaxrm.data.preferences).",
+      description="Tokenised preference pairs (jaxrm.data.preferences).",
       features=tfds.features.FeaturesDict(
         {
           "chosen": tfds.features.Tensor(shape=(None,), dtype=np.int32),
@@ -122,7 +126,7 @@ class PreferencePairs(tfds.core.GeneratorBasedBuilder):
     config = self.builder_config
     _validate_config(config)
     self.info.metadata["settings"] = config.settings()
-    self.info.metadata["files"] = _file_fingerprints(config.train_files + config.test_files)
+    self.info.metadata["files"] = _file_fingerprints(_fingerprinted_files(config))
     self.info.metadata["splits"] = {}
     if config.test_files:
       return {
@@ -146,6 +150,11 @@ class PreferencePairs(tfds.core.GeneratorBasedBuilder):
     config = self.builder_config
     file_index = {path: i for i, path in enumerate(files)}
     stats = ReadStats()
+    tok = None
+    if config.tokenizer_dir:
+      from jaxrm.data.hf_tokenizer import HFTokenizer  # pylint: disable=C0415
+
+      tok = HFTokenizer.from_pretrained(config.tokenizer_dir)
     for e in iter_preference_examples(
       files,
       max_len=config.max_len,
@@ -155,6 +164,7 @@ class PreferencePairs(tfds.core.GeneratorBasedBuilder):
       add_bos=config.add_bos,
       add_eos=config.add_eos,
       min_prompt_fraction=config.min_prompt_fraction,
+      tok=tok,
     ):
       yield (
         f"{file_index[e.source]}:{e.line}",
@@ -180,6 +190,15 @@ class PreferencePairs(tfds.core.GeneratorBasedBuilder):
       stats.skipped,
       stats.truncated_pairs,
     )
+
+
+def _fingerprinted_files(config: PreferencePairsConfig) -> tuple[str, ...]:
+  files = config.train_files + config.test_files
+  if config.tokenizer_dir:
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+      if name == "tokenizer.json" or os.path.isfile(os.path.join(config.tokenizer_dir, name)):
+        files += (os.path.join(config.tokenizer_dir, name),)
+  return files
 
 
 def _validate_config(config: PreferencePairsConfig) -> None:
@@ -270,6 +289,7 @@ def build_preference_dataset(
   add_bos: bool = True,
   add_eos: bool = True,
   min_prompt_fraction: float = 0.5,
+  tokenizer_dir: str | os.PathLike = "",
   overwrite: bool = False,
 ) -> PreferencePairs:
   """Builds (or reuses) array_record files under ``data_dir/preference_pairs/name/1.0.0``.
@@ -283,7 +303,7 @@ def build_preference_dataset(
     max_len: maximum tokens per sequence.
     name: the config name (a sub-directory).
     test_files, test_fraction, split_seed, skip_malformed, add_bos, add_eos,
-      min_prompt_fraction: see :class:`PreferencePairsConfig`.
+      min_prompt_fraction, tokenizer_dir: see :class:`PreferencePairsConfig`.
     overwrite: rebuild a dataset of this name that was built differently.
 
   Returns:
@@ -304,6 +324,7 @@ def build_preference_dataset(
     add_bos=bool(add_bos),
     add_eos=bool(add_eos),
     min_prompt_fraction=float(min_prompt_fraction),
+    tokenizer_dir=os.path.abspath(os.fspath(tokenizer_dir)) if tokenizer_dir else "",
   )
   _validate_config(config)
   data_dir = os.fspath(data_dir)
@@ -316,7 +337,7 @@ def build_preference_dataset(
     stored = dict(builder.info.metadata)
     current = {
       "settings": config.settings(),
-      "files": _file_fingerprints(config.train_files + config.test_files),
+      "files": _file_fingerprints(_fingerprinted_files(config)),
     }
     if any(stored.get(k) != v for k, v in current.items()):
       if not overwrite:

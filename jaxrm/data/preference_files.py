@@ -156,6 +156,7 @@ def iter_preference_examples(
   add_bos: bool = True,
   add_eos: bool = True,
   min_prompt_fraction: float = 0.5,
+  tok: Any = None,
 ) -> Iterator[PreferenceExample]:
   """Streams tokenised pairs from JSONL files (``.gz`` decompressed), in file order.
 
@@ -166,7 +167,7 @@ def iter_preference_examples(
     stats: a :class:`ReadStats` updated in place while iterating.
     line_filter: if given, only raw lines with ``line_filter(line)`` True are read (the
       others are not counted); used to split one file into train and test.
-    add_bos, add_eos, min_prompt_fraction: see :func:`tokenize_pair`.
+    add_bos, add_eos, min_prompt_fraction, tok: see :func:`tokenize_pair`.
 
   Yields:
     :class:`PreferenceExample` per record.
@@ -211,6 +212,7 @@ def iter_preference_examples(
         add_bos=add_bos,
         add_eos=add_eos,
         min_prompt_fraction=min_prompt_fraction,
+        tok=tok,
       )
       truncated = pair.truncated_prompt or pair.truncated_response
       stats.records += 1

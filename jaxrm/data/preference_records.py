@@ -21,7 +21,8 @@ Optional fields: ``"subset"`` (string, for per-subset accuracy; default: the fil
 ``.jsonl``/``.json``/``.gz``) and ``"weight"`` (a number in ``[0, MAX_WEIGHT]``, the float32
 range; default 1). Other fields are ignored.
 
-Tokens: the byte tokenizer (:mod:`jaxrm.data.tokenizer`). Each sequence is
+Tokens: the byte tokenizer (:mod:`jaxrm.data.tokenizer`) or a run's subword tokenizer
+(:mod:`jaxrm.data.run_tokenizer`; the ``tok`` argument). Each sequence is
 ``[BOS] + prompt + response + [EOS]`` (both on by default: BOS gives every sequence a
 common first position, EOS a common read-out token for the reward head). The shared-prefix
 length ``prompt_len`` counts BOS and the prompt bytes.
@@ -328,8 +329,9 @@ def tokenize_pair(
   add_bos: bool = True,
   add_eos: bool = True,
   min_prompt_fraction: float = 0.5,
+  tok: Any = None,
 ) -> TokenizedPair:
-  """Byte-tokenises a pair and truncates it to ``max_len`` by the module's rule.
+  """Tokenises a pair and truncates it to ``max_len`` by the module's rule.
 
   Args:
     prompt: shared prompt text.
@@ -340,6 +342,9 @@ def tokenize_pair(
     add_eos: end both sequences with ``EOS_ID`` (kept even if the response is cut).
     min_prompt_fraction: the least share of the text budget the prompt keeps (or all of
       it, if shorter) when the pair must be truncated; in ``[0, 1]``.
+    tok: the tokenizer (any object with ``encode``, ``bos_id``, ``eos_id``, e.g.
+      :class:`jaxrm.data.hf_tokenizer.HFTokenizer`); None: the byte tokenizer. Prompt and
+      responses are encoded separately and concatenated.
 
   Returns:
     A :class:`TokenizedPair`; both sequences start with the same ``prompt_len`` tokens.
@@ -351,15 +356,16 @@ def tokenize_pair(
     )
   if not 0.0 <= min_prompt_fraction <= 1.0:
     raise ValueError(f"min_prompt_fraction must be in [0, 1], got {min_prompt_fraction}")
-  p, c, r = (tokenizer.encode(t) for t in (prompt, chosen, rejected))
+  tok = tokenizer.ByteTokenizer() if tok is None else tok
+  p, c, r = (tok.encode(t) for t in (prompt, chosen, rejected))
   budget = max_len - num_special
   longest = max(len(c), len(r))
   keep = len(p)
   if len(p) + longest > budget:
     keep = min(len(p), max(budget - longest, int(min_prompt_fraction * budget)))
   room = budget - keep
-  head = [tokenizer.BOS_ID] * add_bos + p[len(p) - keep :]
-  tail = [tokenizer.EOS_ID] * add_eos
+  head = [tok.bos_id] * add_bos + p[len(p) - keep :]
+  tail = [tok.eos_id] * add_eos
   return TokenizedPair(
     chosen=np.asarray(head + c[:room] + tail, np.int32),
     rejected=np.asarray(head + r[:room] + tail, np.int32),

@@ -1,6 +1,8 @@
 """I/O layer: orbax checkpoints, the run directory (``rundir``: layout, metrics, atomic writes,
 resume rule, progress; ``files``: JSON, atomic writes, caches), Hugging Face checkpoints
-(import/export), loading reward-model runs, reward-model reports.
+(import/export; ``hf_runs``: export of trained runs), loading reward-model runs, starting
+policies (``policy_io``), scoring strings with a text reward-model run (``text_scoring``),
+reward-model reports.
 
 ``jaxrm.io.report`` (matplotlib) is imported on use."""
 

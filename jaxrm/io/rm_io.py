@@ -317,3 +317,57 @@ def load_reward_ensemble(
         )
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[m[1] for m in members])
   return members[0][0], stacked
+
+
+def _first_device() -> jax.sharding.Sharding:
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def load_params(
+  workdir: str | os.PathLike,
+  template_fn: Callable[[dict[str, Any]], Any],
+  *,
+  which: str = "latest",
+) -> tuple[Any, dict[str, Any]]:
+  """``(params, extra)`` of any run whose checkpoints hold ``state.params`` (reward-model,
+  SFT and other :class:`jaxrm.steps.train_state.TrainState` runs).
+
+  Args:
+    workdir: the run directory (holding ``checkpoints/``).
+    template_fn: ``extra -> params`` shapes (``jax.eval_shape`` of the model's init), from
+      the checkpoint's JSON extra.
+    which: ``'latest'`` (the newest readable checkpoint) or ``'best'`` (by
+      ``eval_accuracy``).
+
+  Returns:
+    The restored parameters (on the first local device) and the extra (with ``'step'``).
+  """
+  mgr = _manager(workdir)
+  errors = []
+  try:
+    for step in _candidate_steps(mgr, os.fspath(workdir), which, "eval_accuracy", "max"):
+      try:
+        extra = _read_extra(mgr, step)
+        template = jax.tree.map(
+          lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=_first_device()),
+          template_fn(extra),
+        )
+        restored = mgr.restore(
+          step,
+          args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+              item={"params": template},
+              restore_args=ocp.checkpoint_utils.construct_restore_args({"params": template}),
+              partial_restore=True,
+            )
+          ),
+        )["state"]
+        params = restored["params"]
+        extra = checkpoint.check_integrity(extra, step, params, prefix=".params")
+        return params, {**extra, "step": step}
+      except Exception as e:  # pylint: disable=broad-except  # unreadable: try the previous
+        logging.warning("Could not read %s/%d (%s: %s)", mgr.directory, step, type(e).__name__, e)
+        errors.append(f"step {step}: {type(e).__name__}: {e}")
+  finally:
+    mgr.close()
+  raise RuntimeError(f"no checkpoint of {workdir} could be read: {'; '.join(errors)}")

@@ -11,13 +11,19 @@ and trains it (:func:`train`), writing under ``workdir`` (:mod:`jaxrm.io.rundir`
   at the end; the JSON extra holds the config and the last metrics row.
 
 Re-running resumes from the last checkpoint and ends with the parameters of an uninterrupted
-run; only ``steps``, the ``log`` section and ``parallel`` may differ from the checkpointed
-config (:data:`CHANGEABLE_ON_RESUME`, :func:`jaxrm.io.rundir.check_resumable`).
+run; only ``steps``, the ``log`` and ``samples`` sections and ``parallel`` may differ from the
+checkpointed config (:data:`CHANGEABLE_ON_RESUME`, :func:`jaxrm.io.rundir.check_resumable`).
 
 Policies: ``'synthetic'`` (``pi_init`` of the synthetic world of ``world``/``world_seed``, the
-same world as the reward-model loop's, :func:`jaxrm.data.pairs.world_for_seed`) or a preset
-name (a randomly initialised byte-level policy). The steps take the policy's functions
+same world as the reward-model loop's, :func:`jaxrm.data.pairs.world_for_seed`), a preset
+name (a randomly initialised byte-level policy), a local Hugging Face checkpoint folder or an
+SFT run directory (text policies with their tokenizer, :mod:`jaxrm.train.policy_text`; the
+KL reference is ``reference`` or the starting policy). The steps take the policy's functions
 (:func:`jaxrm.models.policy.transformer_policy`).
+
+Samples: every ``samples.every`` steps and at the end, decoded responses (prompt, response,
+reward, gold where known) go to ``samples.jsonl`` and a couple to the log
+(:mod:`jaxrm.train.samples`).
 """
 
 from collections.abc import Callable
@@ -33,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxrm.data import pairs, synthetic, tokenizer
+from jaxrm.data import pairs, run_tokenizer, synthetic, tokenizer
 from jaxrm.io import checkpoint as checkpoint_lib
 from jaxrm.io import rundir
 from jaxrm.io.rundir import ConfigError
@@ -41,10 +47,17 @@ from jaxrm.models import presets
 from jaxrm.models.policy import PolicyModel, transformer_policy
 from jaxrm.steps import parallel
 from jaxrm.steps import rl as rl_lib
+from jaxrm.train import samples as samples_lib
 from jaxrm.train import sources
+from jaxrm.train.policy_text import (
+  PolicySampler,
+  is_text_policy_source,
+  load_text_policy,
+  validate_text_policy,
+)
 
 PARALLEL_MODES = ("auto", "jit", "shard_map", "pmap")
-CHANGEABLE_ON_RESUME = ("steps", "log", "parallel")
+CHANGEABLE_ON_RESUME = ("steps", "log", "parallel", "samples")
 
 
 def _default_rl() -> rl_lib.RLConfig:
@@ -79,6 +92,12 @@ class PolicyTrainConfig:
     seed: seed of the run (policy init, sampling, prompts).
     parallel: ``'auto'``, ``'jit'``, ``'shard_map'`` or ``'pmap'``.
     log: metrics, checkpoints, plots, TensorBoard / W&B.
+    tokenizer: text policies: a folder with ``tokenizer.json`` ('' : the checkpoint's own, the
+      SFT run's, or the byte tokenizer of a preset; :func:`jaxrm.io.policy_io.load_policy`).
+    reference: the KL reference policy ('' : the starting policy), a source as ``policy``
+      with the same architecture and tokenizer.
+    samples: decoded samples written to ``samples.jsonl`` and the log
+      (:mod:`jaxrm.train.samples`).
   """
 
   algo: str = "ppo"
@@ -95,6 +114,9 @@ class PolicyTrainConfig:
   seed: int = 0
   parallel: str = "auto"
   log: rundir.LogConfig = dataclasses.field(default_factory=rundir.LogConfig)
+  tokenizer: str = ""
+  reference: str = ""
+  samples: samples_lib.SamplesConfig = dataclasses.field(default_factory=samples_lib.SamplesConfig)
 
   def to_json(self) -> dict[str, Any]:
     return rundir.config_to_json(self)
@@ -110,10 +132,12 @@ def validate_config(c: PolicyTrainConfig, *, num_devices: int | None = None) -> 
   is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
   need(c.algo in rl_lib.ALGORITHMS, "algo", f"must be one of {list(rl_lib.ALGORITHMS)}")
   need(
-    c.policy == "synthetic" or c.policy in presets.PRESETS,
+    c.policy == "synthetic" or c.policy in presets.PRESETS or is_text_policy_source(c.policy),
     "policy",
-    f"must be 'synthetic' or a preset: {sorted(presets.PRESETS)}",
+    f"must be 'synthetic', a preset {sorted(presets.PRESETS)}, a Hugging Face checkpoint "
+    "folder or an SFT run directory",
   )
+  validate_text_policy(c)
   pairs.validate_world(c.world, field="world")
   need(is_int(c.world_seed) and c.world_seed >= 0, "world_seed", "must be an int >= 0")
   sources.validate_reward_config(c.reward)
@@ -184,6 +208,11 @@ class Run:
   prompts: Callable[[int], dict[str, np.ndarray]]  # step -> batch
   pstep: parallel.ParallelStep
   state_key: jax.Array
+  policy_config: Any = None  # the policy's TransformerConfig
+  text_tokenizer: Any = None  # RunTokenizer of text policies (None: synthetic)
+  world: Any = None  # the synthetic world (gold of the samples), or None
+  prompt_len: int = 0
+  policy_hf: Any = None  # the Hugging Face family the policy descends from, or None
 
 
 def build_run(c: PolicyTrainConfig) -> Run:
@@ -195,13 +224,19 @@ def build_run(c: PolicyTrainConfig) -> Run:
   validate_config(c)
   rl_config = dataclasses.replace(c.rl)  # a fresh (hashable) copy, checked
   state_key, init_key, data_key = jax.random.split(jax.random.key(c.seed), 3)
-  world = world_cfg = None
+  world = world_cfg = text = None
+  text_tok = run_tokenizer.RunTokenizer.from_source(None)
   if c.policy == "synthetic":
     world_cfg = c.world
     world = pairs.world_for_seed(world_cfg, c.world_seed)
     policy_cfg = world_cfg.policy_config()
     prompt_len, tok = world_cfg.prompt_len, "synthetic"
     ref_params = world.policy_params
+  elif c.tokenizer or c.reference or c.policy not in presets.PRESETS:
+    prompt_len = 1 if c.prompts.source == "bos" else c.prompts.prompt_len
+    text = load_text_policy(c, max_len=prompt_len + rl_config.max_new_tokens, key=init_key)
+    policy_cfg, ref_params, tok = text.policy.config, text.ref_params, text.policy.tok.name
+    text_tok = text.policy.tok
   else:
     prompt_len = 1 if c.prompts.source == "bos" else c.prompts.prompt_len
     policy_cfg = presets.preset(
@@ -219,9 +254,9 @@ def build_run(c: PolicyTrainConfig) -> Run:
     world=world,
     world_cfg=world_cfg,
   )
-  init_params = ref_params
+  init_params = ref_params if text is None else text.policy.variables
   if rl_lib.uses_value_head(c.algo):
-    init_params = rl_lib.init_value_head(ref_params, init_key, config=policy_cfg)
+    init_params = rl_lib.init_value_head(init_params, init_key, config=policy_cfg)
   optimizer = optax.chain(
     optax.clip_by_global_norm(c.optimizer.max_grad_norm), optax.adam(c.optimizer.learning_rate)
   )
@@ -232,7 +267,12 @@ def build_run(c: PolicyTrainConfig) -> Run:
   pstep = parallel.make_parallel_step(rl_lib.with_frozen_params(step_fn), mode=c.parallel)
   prompt_cfg = dataclasses.replace(c.prompts, prompt_len=prompt_len)
   prompts = sources.make_prompts(
-    prompt_cfg, data_key, batch_size=c.batch_size, seed=c.seed, world_cfg=world_cfg
+    prompt_cfg,
+    data_key,
+    batch_size=c.batch_size,
+    seed=c.seed,
+    world_cfg=world_cfg,
+    tok=None if world is not None else text_tok,
   )
   return Run(
     config=c,
@@ -245,6 +285,11 @@ def build_run(c: PolicyTrainConfig) -> Run:
     prompts=prompts,
     pstep=pstep,
     state_key=state_key,
+    policy_config=policy_cfg,
+    text_tokenizer=None if world is not None else text_tok,
+    world=world,
+    prompt_len=prompt_len,
+    policy_hf=None if text is None else text.policy.hf,
   )
 
 
@@ -291,6 +336,10 @@ def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> 
       logging.info("Resuming from the checkpoint at step %d in %s", start, ckpt.directory)
     rundir.truncate_metrics(os.path.join(workdir, rundir.METRICS_FILE), max_step=start)
     rundir.write_config(workdir, c, tokenizer=run.tokenizer)
+    if run.text_tokenizer is not None:  # the policy's tokenizer and convention, for readers
+      run.text_tokenizer.save(workdir)
+    sampler = PolicySampler(run, workdir)
+    sampler.writer.truncate(start)
     carry = pstep.put_state((state, run.reward_params, run.ref_params))
     del state
     progress = rundir.Progress(steps, items_per_step=c.batch_size)
@@ -315,6 +364,10 @@ def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> 
             )
           if log_now:
             logging.info("%s", progress.line(done, _fmt(last_row), unit="prompts"))
+        if sampler.writer.due(done, steps):
+          t0 = time.perf_counter()
+          sampler.write(pstep.unreplicate(carry)[0].params, step=done)
+          progress.exclude(time.perf_counter() - t0)
         if done % c.log.checkpoint_every == 0 or done == steps:
           t0 = time.perf_counter()
           host_state = pstep.unreplicate(carry)[0]

@@ -22,8 +22,13 @@ Everything about a run lives under ``workdir``:
   ``log.keep_checkpoints`` plus the best by held-out accuracy. ``state`` is the
   :class:`jaxrm.steps.train_state.TrainState`; the JSON ``extra`` holds ``config`` (this
   :class:`TrainConfig`), ``model_config`` (:func:`jaxrm.io.rm_io.config_to_json`), ``pooling``,
-  ``tokenizer`` (``'byte'`` or ``'synthetic'``), ``preset``, ``data`` (the training
+  ``tokenizer`` (``'synthetic'``, ``'byte'`` or ``'hf:<digest>'``), ``preset``, ``hf`` (with
+  ``model.hf_checkpoint``: the checkpoint's ``model_type`` and ``config.json``, for export),
+  ``data`` (the training
   iterator's position) and ``metrics`` (the held-out and training metrics at that step);
+* ``tokenizer/``: text runs: the run's tokenizer and its BOS/EOS convention
+  (:class:`jaxrm.data.run_tokenizer.RunTokenizer`), so that
+  :func:`jaxrm.io.text_scoring.score_texts` scores strings exactly as training tokenised them;
 * ``rm_report.json``, ``rm_report.md``, ``reliability.png``, ``reward_histogram.png``: the
   report of the final model (:func:`jaxrm.train.rm_eval.write_run_report` writes one for any checkpoint).
 
@@ -67,9 +72,10 @@ import jax
 import numpy as np
 
 from jaxrm.data import pairs
+from jaxrm.data.run_tokenizer import RunTokenizer, has_tokenizer_json
 from jaxrm.io import checkpoint as checkpoint_lib
+from jaxrm.io import hf, rm_io, rundir
 from jaxrm.io import report as report_lib
-from jaxrm.io import rm_io, rundir
 from jaxrm.io.rundir import ConfigError, LogConfig  # noqa: F401  (public names of the loop)
 from jaxrm.models import presets
 from jaxrm.models.reward_model import RewardModel
@@ -78,6 +84,7 @@ from jaxrm.steps import train_state as train_state_lib
 from jaxrm.train import rm_eval
 from jaxrm.train.rm_config import (  # noqa: F401  (the config types live beside the loop's API)
   CHANGEABLE_ON_RESUME,
+  DTYPES,
   EvalConfig,
   LossConfig,
   ModelConfig,
@@ -104,6 +111,44 @@ def _resolve_paths(config: TrainConfig) -> TrainConfig:
     test_files=tuple(os.path.abspath(p) for p in config.data.test_files),
   )
   return dataclasses.replace(config, data=data)
+
+
+def run_tokenizer_for(config: TrainConfig) -> RunTokenizer:
+  """The tokenizer of a text run: ``data.tokenizer``, else the ``tokenizer.json`` of
+  ``model.hf_checkpoint``, else the byte tokenizer (:class:`ConfigError` naming the field)."""
+  field, path = "data.tokenizer", config.data.tokenizer
+  if not path and has_tokenizer_json(config.model.hf_checkpoint):
+    field, path = "model.hf_checkpoint", config.model.hf_checkpoint
+  try:
+    return RunTokenizer.from_source(path)
+  except ValueError as e:
+    raise ConfigError(field, path, str(e)) from None
+
+
+def import_backbone(config: TrainConfig, data: pairs.RunData) -> hf.HFModel:
+  """Imports ``model.hf_checkpoint`` as a reward model for sequences of ``data.max_len``."""
+  path = config.model.hf_checkpoint
+  try:
+    dtype = DTYPES[config.model.dtype]
+    imported = hf.import_reward_model(
+      path, max_len=data.max_len, dtype=dtype, param_dtype=dtype, remat=config.model.remat
+    )
+  except ValueError as e:
+    raise ConfigError("model.hf_checkpoint", path, str(e)) from None
+  if imported.config.max_len < data.max_len:
+    raise ConfigError(
+      "data.max_len",
+      data.max_len,
+      f"exceeds the {imported.config.max_len} positions of the checkpoint {path}",
+    )
+  if data.vocab_size > imported.config.vocab_size:
+    raise ConfigError(
+      "model.hf_checkpoint",
+      path,
+      f"its vocabulary ({imported.config.vocab_size}) is smaller than the tokenizer's "
+      f"({data.vocab_size}, {data.tokenizer})",
+    )
+  return imported
 
 
 def _run_description(config: TrainConfig, model_config, data: pairs.RunData) -> dict[str, Any]:
@@ -137,10 +182,21 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
   config = _resolve_paths(config)
   validate_config(config)
   workdir = rundir.prepare(workdir)
-  data = pairs.load_data(config.data, workdir)
-  model_config = presets.preset(
-    config.model.preset, vocab_size=data.vocab_size, max_len=data.max_len
-  )
+  tok = None if config.data.is_synthetic else run_tokenizer_for(config)
+  data = pairs.load_data(config.data, workdir, tok=tok)
+  imported = None
+  if config.model.hf_checkpoint:
+    imported = import_backbone(config, data)
+    model_config = imported.config
+  else:
+    dtype = DTYPES[config.model.dtype]
+    model_config = presets.preset(
+      config.model.preset,
+      vocab_size=data.vocab_size,
+      max_len=data.max_len,
+      **({} if dtype == DTYPES["float32"] else {"dtype": dtype, "param_dtype": dtype}),
+      **({"remat": True} if config.model.remat else {}),
+    )
   model = RewardModel(model_config, pooling=config.model.pooling)
   optimizer, schedule = make_optimizer(config)
   train_iter = pairs.make_iterator(
@@ -151,8 +207,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
     max_len=data.max_len,
     train=True,
   )
-  host_state = init_state(config, model, optimizer, data.max_len)
+  host_state = init_state(
+    config, model, optimizer, data.max_len, params=imported and imported.variables
+  )
   description = _run_description(config, model_config, data)
+  if imported is not None:
+    description["hf"] = {"model_type": imported.model_type, "config": imported.hf_config}
   has_test = data.test is not None
   log = config.log
 
@@ -193,7 +253,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
     logging.info(
       "Training %s (%s parameters, %s pooling, %s) for %d steps on %d pairs, "
       "batch %d, mode %s on %d device(s); workdir %s",
-      config.model.preset,
+      config.model.hf_checkpoint or config.model.preset,
       f"{presets.param_count(model_config):,}",
       config.model.pooling,
       config.loss.name,

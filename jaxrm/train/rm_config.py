@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any
 
 import jax
@@ -29,6 +30,7 @@ from jaxrm.steps import train_state as train_state_lib
 
 PARALLEL_MODES = ("auto", "jit", "shard_map", "pmap")
 POOLINGS = ("last", "mean")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Sections and fields that do not change the trained parameters: they may differ on resume.
 CHANGEABLE_ON_RESUME = ("eval", "log", "parallel", "nonfinite")
 
@@ -36,10 +38,22 @@ CHANGEABLE_ON_RESUME = ("eval", "log", "parallel", "nonfinite")
 @dataclasses.dataclass
 class ModelConfig:
   """The reward model: a preset backbone (:data:`jaxrm.models.presets.PRESETS`) and a pooling
-  (``'last'`` real token or ``'mean'``, :class:`jaxrm.models.reward_model.RewardModel`)."""
+  (``'last'`` real token or ``'mean'``, :class:`jaxrm.models.reward_model.RewardModel`).
+
+  ``hf_checkpoint``: a local Hugging Face checkpoint folder (:func:`jaxrm.io.hf.import_reward_model`:
+  GPT-2, Llama, Mistral, Qwen2; a ``*ForSequenceClassification`` score head is kept, otherwise
+  the head starts at zero) whose backbone replaces the preset. Its ``tokenizer.json``, if any,
+  is the run's tokenizer unless ``data.tokenizer`` names another.
+
+  ``dtype``: ``'float32'`` or ``'bfloat16'`` (parameters and matmuls; GPU/TPU);
+  ``remat``: rematerialise block activations in the backward pass (long sequences).
+  """
 
   preset: str = "tiny"
   pooling: str = "last"
+  hf_checkpoint: str = ""
+  dtype: str = "float32"
+  remat: bool = False
 
 
 @dataclasses.dataclass
@@ -153,6 +167,16 @@ def validate_config(config: TrainConfig, *, num_devices: int | None = None) -> N
     c.model.preset in presets.PRESETS, "model.preset", f"must be one of {sorted(presets.PRESETS)}"
   )
   need(c.model.pooling in POOLINGS, "model.pooling", f"must be one of {list(POOLINGS)}")
+  need(isinstance(c.model.hf_checkpoint, str), "model.hf_checkpoint", "must be a path or ''")
+  need(c.model.dtype in DTYPES, "model.dtype", f"must be one of {list(DTYPES)}")
+  need(isinstance(c.model.remat, bool), "model.remat", "must be True or False")
+  if c.model.hf_checkpoint:
+    need(
+      os.path.isfile(os.path.join(c.model.hf_checkpoint, "config.json")),
+      "model.hf_checkpoint",
+      "is not a Hugging Face checkpoint folder (no config.json in it)",
+    )
+    need(not c.data.is_synthetic, "model.hf_checkpoint", "needs text data (data.files)")
   need(
     c.loss.name in preference.LOSS_NAMES,
     "loss.name",
@@ -239,14 +263,22 @@ def _jitted_init(model: RewardModel):
 
 
 def init_state(
-  config: TrainConfig, model: RewardModel, optimizer: optax.GradientTransformation, max_len: int
+  config: TrainConfig,
+  model: RewardModel,
+  optimizer: optax.GradientTransformation,
+  max_len: int,
+  *,
+  params: Any = None,
 ) -> train_state_lib.TrainState:
-  """The step-0 train state: parameters from ``fold_in(key(seed), 0)``, step keys from
-  ``fold_in(key(seed), 1)``."""
+  """The step-0 train state: parameters from ``fold_in(key(seed), 0)`` (or ``params``, e.g.
+  an imported checkpoint's variables), step keys from ``fold_in(key(seed), 1)``."""
   root = jax.random.key(config.seed)
-  tokens = jnp.zeros((1, min(max_len, 8)), jnp.int32)
-  mask = jnp.ones(tokens.shape, bool)
-  params = _jitted_init(model)(jax.random.fold_in(root, 0), tokens, mask)
+  if params is None:
+    tokens = jnp.zeros((1, min(max_len, 8)), jnp.int32)
+    mask = jnp.ones(tokens.shape, bool)
+    params = _jitted_init(model)(jax.random.fold_in(root, 0), tokens, mask)
+  else:
+    params = jax.tree.map(jnp.asarray, params)
   return train_state_lib.create_train_state(params, optimizer, jax.random.fold_in(root, 1))
 
 

@@ -171,6 +171,7 @@ def write_report(
     },
     "model": {
       "preset": config.model.preset,
+      "hf_checkpoint": config.model.hf_checkpoint or None,
       "pooling": config.model.pooling,
       "tokenizer": data.tokenizer,
       "num_params": int(num_params),

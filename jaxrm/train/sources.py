@@ -68,7 +68,8 @@ class PromptConfig:
 
   Attributes:
     source: ``'synthetic'`` (the world's prompts; synthetic policy), ``'jsonl'`` (the prompts
-      of JSONL preference ``files``; byte-level policies) or ``'bos'`` (BOS only).
+      of JSONL preference ``files``, encoded with the policy's tokenizer) or ``'bos'`` (BOS
+      only).
     files: JSONL(.gz) preference files (``source='jsonl'``).
     prompt_len: prompt tokens of byte-level prompts (the world fixes its own).
   """
@@ -209,6 +210,7 @@ def make_prompts(
   batch_size: int,
   seed: int,
   world_cfg: synthetic.WorldConfig | None = None,
+  tok: Any = None,
 ) -> Callable[[int], dict[str, np.ndarray]]:
   """A deterministic function ``step -> {'prompts', 'prompt_mask'}`` (resuming is exact).
 
@@ -218,6 +220,8 @@ def make_prompts(
     batch_size: prompts per step.
     seed: the seed of the file prompts' order (one permutation per pass).
     world_cfg: the synthetic world (``source='synthetic'``).
+    tok: the policy's :class:`jaxrm.data.run_tokenizer.RunTokenizer` (``'jsonl'``, ``'bos'``);
+      None: the byte tokenizer.
   """
   b = batch_size
   if c.source == "synthetic":
@@ -229,14 +233,18 @@ def make_prompts(
 
     return synthetic_prompts
   if c.source == "bos":
-    ones = np.full((b, c.prompt_len), tokenizer.BOS_ID, np.int32)
+    bos = tokenizer.BOS_ID if tok is None else tok.bos_id
+    if bos is None:
+      raise ConfigError("prompts.source", c.source, "the policy's tokenizer has no BOS token")
+    ones = np.full((b, c.prompt_len), bos, np.int32)
     return lambda step: {"prompts": ones, "prompt_mask": np.ones(ones.shape, bool)}
-  enc = tokenizer.batch_encode(
+  encoder = tokenizer.ByteTokenizer() if tok is None else tok.tok
+  enc = encoder.batch_encode(
     read_prompt_texts(tuple(c.files)),
     max_len=c.prompt_len,
     truncation_side="left",
     padding_side="left",
-    add_bos=True,
+    add_bos=True if tok is None else tok.add_bos,
   )
   n = enc.tokens.shape[0]
   logging.info(

@@ -1,0 +1,158 @@
+"""The SFT loop: imported checkpoint + tokenizer, response-only loss, resume, export, errors."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from jaxrm.data import demonstrations
+from jaxrm.data.preference_records import PreferenceDataError
+from jaxrm.data.run_tokenizer import RunTokenizer
+from jaxrm.io import hf, hf_runs, policy_io, rundir
+from jaxrm.models.policy import PolicyModel
+from jaxrm.train import sft
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+HH = os.path.join(DATA, "hh_rlhf_sample.jsonl.gz")
+LLAMA = os.path.join(DATA, "hf", "llama")
+TOKENIZER = os.path.join(DATA, "hf", "tokenizer")
+
+
+def tiny_sft_config(**overrides) -> sft.SFTConfig:
+  config = sft.SFTConfig(
+    policy=LLAMA,
+    tokenizer=TOKENIZER,
+    data=sft.SFTDataConfig(files=(HH,), test_fraction=0.25, max_len=64),
+    optimizer=sft.OptimizerConfig(learning_rate=3e-3, warmup_steps=0),
+    steps=4,
+    batch_size=4,
+    eval_every=100,
+    parallel="jit",
+    log=rundir.LogConfig(log_every=2, checkpoint_every=2, plots=False),
+  )
+  for k, v in overrides.items():
+    setattr(config, k, v)
+  return config
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("sft"))
+  summary = sft.train_and_evaluate(tiny_sft_config(), workdir)
+  return workdir, summary
+
+
+def _params(workdir):
+  _, variables, _ = hf_runs.load_policy_params(workdir)
+  return variables
+
+
+def test_sft_lowers_the_heldout_response_loss_of_the_imported_checkpoint(sft_run):
+  workdir, summary = sft_run
+  c = tiny_sft_config()
+  tok = RunTokenizer.from_source(TOKENIZER)
+  demos = demonstrations.read_demonstrations((HH,), test_fraction=0.25)
+  test = sft.encode_demonstrations(demos["test"], tok, c.data)
+  start = hf.import_policy(LLAMA, max_len=64)
+  before = sft.heldout_loss(start.config, start.variables, test, batch_size=4)
+  assert summary["eval"]["num_tokens"] == before["num_tokens"] == int(test["response_mask"].sum())
+  assert summary["eval"]["loss"] < before["loss"], (summary["eval"], before)
+  rows = rundir.read_metrics(os.path.join(workdir, rundir.METRICS_FILE))
+  assert [r["step"] for r in rows if r["split"] == "train"] == [2, 4]
+  assert [r["step"] for r in rows if r["split"] == "eval"] == [4]
+
+
+def test_heldout_loss_counts_only_response_tokens():
+  c = tiny_sft_config()
+  tok = RunTokenizer.from_source(TOKENIZER)
+  demos = demonstrations.read_demonstrations((HH,))["train"][:5]
+  arrays = sft.encode_demonstrations(demos, tok, c.data)
+  model = hf.import_policy(LLAMA, max_len=64)
+  got = sft.heldout_loss(model.config, model.variables, arrays, batch_size=4)  # 4 + 1 (padded)
+  logits, _ = PolicyModel(model.config).apply(model.variables, arrays["tokens"], arrays["mask"])
+  logp = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1))
+  nll, count = 0.0, 0
+  for i in range(5):
+    for t in range(1, 64):
+      if arrays["response_mask"][i, t]:
+        nll -= logp[i, t - 1, arrays["tokens"][i, t]]
+        count += 1
+  assert got["num_tokens"] == count
+  np.testing.assert_allclose(got["loss"], nll / count, rtol=1e-5)
+
+
+def test_resumed_sft_run_ends_bitwise_equal(sft_run, tmp_path):
+  workdir, _ = sft_run
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(workdir, resumed)
+  shutil.rmtree(os.path.join(resumed, rundir.CHECKPOINT_DIR, "4"))  # crashed after step 2
+  summary = sft.train_and_evaluate(tiny_sft_config(), resumed)
+  assert summary["resumed_from"] == 2
+  for a, b in zip(jax.tree.leaves(_params(workdir)), jax.tree.leaves(_params(resumed))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  rows = rundir.read_metrics(os.path.join(resumed, rundir.METRICS_FILE))
+  assert [r["step"] for r in rows if r["split"] == "train"] == [2, 4]
+
+
+def test_sft_run_is_a_policy_source_and_exports_to_causal_lm_exactly(sft_run, tmp_path):
+  workdir, _ = sft_run
+  params = _params(workdir)
+  loaded = policy_io.load_policy(workdir, max_len=64)
+  assert loaded.kind == "run" and loaded.hf["model_type"] == "llama"
+  assert loaded.tok.name == RunTokenizer.from_source(TOKENIZER).name
+  out = hf_runs.export_policy_run(workdir, str(tmp_path / "export"))
+  with open(os.path.join(out, "config.json")) as f:
+    config = json.load(f)
+  assert config["architectures"] == ["LlamaForCausalLM"]
+  assert config["eos_token_id"] == loaded.tok.eos_id
+  assert config["max_position_embeddings"] == 128  # the imported checkpoint's, kept
+  assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+  back = hf.import_policy(out, max_len=64)
+  assert back.config == loaded.config
+  for a, b, c in zip(
+    jax.tree.leaves(params), jax.tree.leaves(back.variables), jax.tree.leaves(loaded.variables)
+  ):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_demonstrations_read_both_forms_and_name_bad_lines(tmp_path):
+  path = tmp_path / "demos.jsonl"
+  lines = [
+    {"prompt": "\n\nHuman: hi", "response": "\n\nAssistant: hello"},
+    {"prompt": [{"role": "user", "content": "x"}], "response": "y"},
+    {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"},
+  ]
+  path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+  demos = demonstrations.read_demonstrations([str(path)])["train"]
+  assert [(d.prompt, d.response) for d in demos] == [
+    ("\n\nHuman: hi\n\nAssistant:", " hello"),
+    ("\n\nHuman: x", "y"),
+    ("\n\nHuman: a\n\nAssistant:", " b"),
+  ]
+  path.write_text(json.dumps(lines[0]) + "\n" + json.dumps({"prompt": "p", "response": 3}) + "\n")
+  with pytest.raises(PreferenceDataError, match=r"demos.jsonl:2: .*response"):
+    demonstrations.read_demonstrations([str(path)])
+
+
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
+    ("policy", "nonexistent/dir", "must be a preset"),
+    ("tokenizer", LLAMA, "tokenizer.json"),
+    ("batch_size", 0, "must be an int >= 1"),
+    ("parallel", "tpu", "must be one of"),
+  ],
+)
+def test_bad_settings_are_config_errors_naming_the_field(tmp_path, field, value, message):
+  with pytest.raises(rundir.ConfigError, match=message) as e:
+    sft.train_and_evaluate(tiny_sft_config(**{field: value}), str(tmp_path))
+  assert e.value.field == field
+
+
+def test_checkpoint_without_a_tokenizer_needs_one(tmp_path):
+  with pytest.raises(rundir.ConfigError, match="no tokenizer.json; name a tokenizer folder"):
+    sft.train_and_evaluate(tiny_sft_config(tokenizer=""), str(tmp_path))
