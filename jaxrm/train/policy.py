@@ -287,7 +287,10 @@ def build_run(c: PolicyTrainConfig) -> Run:
   )
 
 
-EVAL_STREAM = 0x5EED  # fold_in(key(seed), EVAL_STREAM): the evaluation prompts and sampling
+# split(fold_in(key(seed), EVAL_STREAM)) -> (prompt key, sampling key) of the evaluation: its
+# prompts are batch 0 of the run's prompt source under the prompt key (``seed + 1`` orders
+# file prompts), sampled with the sampling key at every evaluation.
+EVAL_STREAM = 0x5EED
 
 
 def _make_evaluate(
