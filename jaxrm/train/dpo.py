@@ -257,8 +257,17 @@ def _mean_row(fetched: list[dict[str, Any]]) -> dict[str, Any]:
   return row
 
 
-def train_and_evaluate(config: DPOTrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
+def train_and_evaluate(
+  config: DPOTrainConfig, workdir: str | os.PathLike, *, until: int | None = None
+) -> dict[str, Any]:
   """Trains (or resumes) a DPO-family run; see the module docstring.
+
+  Args:
+    config: the run's settings (validated with :func:`validate_config`).
+    workdir: the run directory (created if needed).
+    until: stop after this step with a checkpoint, as an interrupted run would (the
+      schedule stays that of ``config.steps``; no report, best-of-n or results); re-running
+      resumes. Default: ``config.steps``.
 
   Returns:
     A summary: ``step``, ``resumed_from`` (or None), ``train`` (the last training row),
@@ -272,6 +281,9 @@ def train_and_evaluate(config: DPOTrainConfig, workdir: str | os.PathLike) -> di
   """
   c = config
   validate_config(c)
+  until = c.steps if until is None else until
+  if not (isinstance(until, int) and 1 <= until <= c.steps):
+    raise ValueError(f"until must be an int in [1, steps={c.steps}], got {until!r}")
   workdir = rundir.prepare(workdir)
   data = pairs.load_data(c.data, workdir)
   apply_fn, ref_params, model_config, world, prompt_len = _policy(c, data)
@@ -339,7 +351,7 @@ def train_and_evaluate(config: DPOTrainConfig, workdir: str | os.PathLike) -> di
     progress = rundir.Progress(c.steps, items_per_step=c.batch_size)
     step, pending = start, []
     with rundir.MetricsWriter(workdir, log=log, config=c) as writer:
-      while step < c.steps:
+      while step < until:
         batch = step_batch(next(train_iter), c.loss.name)
         carry, metrics = pstep(carry, pstep.shard_batch(batch))
         step += 1
@@ -358,7 +370,7 @@ def train_and_evaluate(config: DPOTrainConfig, workdir: str | os.PathLike) -> di
           shown = {k: last_row.get(k) for k in ("loss", "accuracy", "margin")}
           logging.info("%s", progress.line(step, shown, unit="pairs"))
           pending = []
-        checkpoint_now = step % log.checkpoint_every == 0 or step == c.steps
+        checkpoint_now = step % log.checkpoint_every == 0 or step in (until, c.steps)
         if has_test and (step % c.eval.every == 0 or checkpoint_now):
           t0 = time.perf_counter()
           scores, _ = evaluate(data.test)
@@ -394,6 +406,8 @@ def train_and_evaluate(config: DPOTrainConfig, workdir: str | os.PathLike) -> di
       "report": None,
       "best_of_n": None,
     }
+    if step < c.steps:
+      return summary
     if c.eval.report:
       eval_data = data.test if has_test else data.train
       scores, subset_names = evaluate(eval_data)
