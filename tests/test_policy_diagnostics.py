@@ -176,3 +176,15 @@ def test_gold_is_logged_for_any_reward_of_the_synthetic_policy_but_not_for_byte_
     parallel="jit",
   )
   assert tp.build_run(byte).reward.diagnostics_fn is None
+
+
+def test_plot_overlays_draws_the_panels_with_data_and_skips_the_others(tmp_path):
+  with rundir.MetricsWriter(tmp_path, log=rundir.LogConfig(plots=False)) as w:
+    for step in range(3):
+      w.write({"step": step, "score": step * 1.0, "gold": 0.5 * step})
+      w.write({"step": step, "split": "eval", "gold": 0.1})
+  path = rundir.plot_overlays(tmp_path, "x.png", {"reward": ("score", "gold"), "none": ("kl",)})
+  with open(path, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert rundir.plot_overlays(tmp_path, "y.png", {"none": ("kl",)}) is None
+  assert not os.path.exists(tmp_path / "y.png")
