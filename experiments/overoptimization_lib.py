@@ -429,7 +429,7 @@ def _run_rl_one(cfg, data, proxy, rl_cfg, optimizer, ref_params, start, *, seed)
       return_rollout=True,
     )
     gold = synthetic.gold_reward(data.world, wc, ro["tokens"], ro["mask"])
-    return state, {"kl": metrics["kl"], "proxy": metrics["score"], "gold": gold.mean()}
+    return state, {"kl": metrics["kl_k1"], "proxy": metrics["score"], "gold": gold.mean()}
 
   @functools.partial(jax.jit, donate_argnums=0)
   def chunk(states, reward_params):

@@ -362,7 +362,7 @@ def test_ppo_raises_token_frequency_reward_and_a_larger_kl_coef_ends_at_a_smalle
   start = hist["score"][0, 0]
   assert start == hist["score"][0, 1]
   end = hist["score"][-20:].mean(0)
-  kl = hist["kl"][-20:].mean(0)
+  kl = hist["kl_k1"][-20:].mean(0)
   print(
     f"\nPPO toy reward: start {start:.3f}, end {end} and final KL {kl} for kl_coef "
     f"{betas}, {steps} steps, {seconds:.1f}s (incl. compile)"
@@ -432,7 +432,7 @@ def test_parallel_ppo_step_matches_single_device_step_on_the_global_batch(mode):
     metrics, rollout = pstep.unreplicate((metrics, rollout))
     if i == 0:
       np.testing.assert_array_equal(rollout["tokens"], ref_rollout["tokens"])
-    for k in ("score", "kl", "entropy", "loss", "clip_fraction", "value_loss"):
+    for k in ("score", "kl_k1", "entropy", "loss", "clip_fraction", "value_loss"):
       np.testing.assert_allclose(metrics[k], ref_metrics[k], atol=1e-5, err_msg=k)
   got = jax.device_get(pstep.unreplicate(carry)[0])
   want = jax.device_get(ref_state)
@@ -452,11 +452,11 @@ def test_reinforce_improves_toy_reward_adapts_kl_coef_and_raise_mode_keeps_the_s
   state, hist = run(step, state, 60)
   assert hist["score"][-10:].mean() > hist["score"][:5].mean() + 0.1
   # kl_coef[i + 1] = kl_coef[i] * (1 + clip(KL_i / target - 1, -0.2, 0.2) * n / horizon).
-  error = np.clip(hist["kl_estimate"][:-1] / 0.2 - 1.0, -0.2, 0.2)
+  error = np.clip(hist["kl_k1"][:-1] / 0.2 - 1.0, -0.2, 0.2)
   np.testing.assert_allclose(
     hist["kl_coef"][1:], hist["kl_coef"][:-1] * (1 + error * BATCH / 200.0), rtol=1e-5
   )
-  assert hist["kl"][-10:].mean() > 0.2 and float(state.kl.kl_coef) > 0.01
+  assert hist["kl_k1"][-10:].mean() > 0.2 and float(state.kl.kl_coef) > 0.01
   assert int(state.baseline.count) == 60 and not hist["nonfinite"].any()
   # nonfinite='raise': a NaN reward returns the input state unchanged (step included).
   before = jax.device_get(state._replace(key=jax.random.key_data(state.key)))
@@ -587,7 +587,7 @@ def test_generic_sampler_policy_steps_like_transformer_policy():
   got, got_metrics, got_ro = step(ppo_state(0.05), batch, reward_params(), ppo_params())
   want, want_metrics, want_ro = PPO_JIT(ppo_state(0.05), batch, reward_params(), ppo_params())
   np.testing.assert_array_equal(got_ro["tokens"], want_ro["tokens"])
-  for k in ("score", "kl", "loss", "value_loss"):
+  for k in ("score", "kl_k1", "loss", "value_loss"):
     np.testing.assert_allclose(got_metrics[k], want_metrics[k], atol=1e-5, err_msg=k)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got.params, want.params)
 
@@ -613,7 +613,7 @@ def test_transformer_policy_ppo_reproduces_the_numbers_of_the_model_specific_ste
   params = jax.tree.leaves(jax.device_get(state.params))
   assert int(np.asarray(ro["tokens"]).sum()) == 915
   np.testing.assert_allclose(metrics["score"], 0.078125, rtol=1e-6)
-  np.testing.assert_allclose(metrics["kl"], 1.2911161184310913, rtol=1e-5)
+  np.testing.assert_allclose(metrics["kl_k1"], 1.2911161184310913, rtol=1e-5)
   np.testing.assert_allclose(metrics["loss"], -0.0048882076516747475, rtol=1e-4)
   np.testing.assert_allclose(metrics["value_loss"], 0.004922034218907356, rtol=1e-4)
   abs_sum = sum(np.abs(np.asarray(x, np.float64)).sum() for x in params)

@@ -99,9 +99,11 @@ def rm_dirs(tmp_path_factory):
   return dirs, params
 
 
-def read_rows(workdir):
+def read_rows(workdir, split="train"):
+  """The metrics rows of ``split`` (None: all rows; evaluation rows have split='eval')."""
   with open(os.path.join(workdir, rundir.METRICS_FILE)) as f:
-    return [json.loads(line) for line in f]
+    rows = [json.loads(line) for line in f]
+  return [r for r in rows if split is None or r.get("split", "train") == split]
 
 
 def restore_params(run, workdir):
@@ -139,14 +141,22 @@ def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, rm_dir
   jax.tree.map(np.testing.assert_array_equal, a, b)  # params, opt state, KL, key: bitwise
   rows_a, rows_b = read_rows(straight), read_rows(resumed)
   assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] == [1, 2, 3, 4]
-  for ra, rb in zip(rows_a, rows_b):
+  all_a, all_b = read_rows(straight, None), read_rows(resumed, None)
+  assert [(r["step"], r.get("split")) for r in all_a if r.get("split")] == [
+    (0, "eval"),
+    (4, "eval"),
+  ]
+  assert len(all_a) == len(all_b)
+  for ra, rb in zip(all_a, all_b):
     assert {k: v for k, v in ra.items() if k != "time"} == {
       k: v for k, v in rb.items() if k != "time"
     }
   for key in (
     "score",
-    "kl",
-    "kl_estimate",
+    "gold",
+    "ensemble_std",
+    "kl_k1",
+    "kl_exact",
     "entropy",
     "response_length",
     "clip_fraction",

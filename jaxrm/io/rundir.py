@@ -354,6 +354,58 @@ def plot_curves(workdir: str | os.PathLike, *, max_panels: int = 16) -> list[str
   return paths
 
 
+def plot_overlays(
+  workdir: str | os.PathLike, filename: str, panels: Mapping[str, Collection[str]]
+) -> str | None:
+  """Writes ``<workdir>/<filename>``: one panel per entry of ``panels`` (title -> metric
+  keys), each key of each split of ``metrics.jsonl`` a line against the step (``key`` for the
+  ``train`` split, ``key (split)`` for the others), so related metrics share axes (proxy and
+  gold reward, KL estimators). Panels with none of their keys in the file are left out.
+
+  Returns:
+    The written path, or None when no panel has data.
+  """
+  workdir = os.fspath(workdir)
+  rows = read_metrics(os.path.join(workdir, METRICS_FILE))
+  lines: dict[str, list[tuple[str, list[tuple[int, float]]]]] = {}
+  for title, keys in panels.items():
+    for key in keys:
+      for split in dict.fromkeys(str(r.get("split", "train")) for r in rows):
+        pts = [
+          (r["step"], r[key])
+          for r in rows
+          if str(r.get("split", "train")) == split
+          and isinstance(r.get(key), (int, float))
+          and not isinstance(r.get(key), bool)
+        ]
+        if pts:
+          label = key if split == "train" else f"{key} ({split})"
+          lines.setdefault(title, []).append((label, pts))
+  if not lines:
+    return None
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg", force=True)
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig, axes = plt.subplots(1, len(lines), figsize=(4.0 * len(lines), 3.0), squeeze=False)
+  for ax, (title, series) in zip(axes.flat, lines.items()):
+    for label, pts in series:
+      marker = "." if len(pts) < 30 else None
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=80)
+  plt.close(fig)
+  path = os.path.join(workdir, filename)
+  atomic_write(path, buffer.getvalue())
+  return path
+
+
 # ----------------------------------------------------------------------------- progress
 
 

@@ -394,6 +394,7 @@ def ppo_step(
   optimizer: optax.GradientTransformation,
   axis_name: Any = None,
   return_rollout: bool = False,
+  diagnostics_fn: Callable[..., Any] | None = None,
 ):
   """One PPO iteration: a rollout, GAE, then ``num_epochs x num_minibatches`` updates.
 
@@ -417,11 +418,16 @@ def ppo_step(
     return_rollout: also return ``{'tokens', 'mask', 'response_mask', 'scores'}`` of the
       rollout (gathered over ``axis_name``: the global batch in device order), e.g. to score
       the same samples with a gold reward.
+    diagnostics_fn: logged-only ``diagnostics_fn(reward_params, tokens, mask) -> {name:
+      [batch]}`` (e.g. a gold reward next to the proxy), each name's batch mean a metric
+      (:func:`jaxrm.steps.rl_diagnostics.rollout_metrics`).
 
   Returns:
     ``(state, metrics)`` or ``(state, metrics, rollout)``. Metrics (scalars, global):
-    ``score`` (mean ``reward_fn``), ``kl`` (mean k1 sequence KL to the reference),
-    ``kl_estimate`` (the same with ``config.kl_estimator``), ``entropy`` (per response
+    ``score`` (mean ``reward_fn``), ``kl_k1`` (mean k1 sequence KL to the reference),
+    ``kl_k2``/``kl_k3`` (the same with ``config.kl_estimator`` when not k1), ``kl_exact``
+    (``config.exact_kl``: the full-distribution per-token KL summed over the response), the
+    ``diagnostics_fn`` names, ``entropy`` (per response
     token), ``response_length``, ``kl_coef`` (used by this step), ``loss``,
     ``policy_loss``, ``value_loss``, ``clip_fraction``, ``value_clip_fraction``,
     ``approx_kl`` (k3 estimate of KL(sampling policy || current policy) from the token ratios;
@@ -442,6 +448,7 @@ def ppo_step(
     optimizer=optimizer,
     axis_name=axis_name,
     return_rollout=return_rollout,
+    diagnostics_fn=diagnostics_fn,
   )
 
 
@@ -536,8 +543,11 @@ def make_step(
   reward_fn: rollout_lib.RewardFn,
   optimizer: optax.GradientTransformation,
   return_rollout: bool = False,
+  diagnostics_fn: Callable[..., Any] | None = None,
 ) -> Callable[..., Any]:
-  """``step(state, batch, reward_params, ref_params, *, axis_name=None)`` for ``algo``."""
+  """``step(state, batch, reward_params, ref_params, *, axis_name=None)`` for ``algo``.
+
+  ``diagnostics_fn``: logged-only per-sequence quantities (:func:`ppo_step`)."""
   if not isinstance(policy, PolicyFns):
     raise ValueError(
       f"policy must be a PolicyFns (transformer_policy(config) or apply_fn_policy(apply_fn)), "
@@ -550,6 +560,7 @@ def make_step(
     reward_fn=reward_fn,
     optimizer=optimizer,
     return_rollout=return_rollout,
+    diagnostics_fn=diagnostics_fn,
   )
 
 

@@ -80,6 +80,10 @@ class RLConfig:
       updated with the batch first). After ``missing_eos_penalty``.
     nonfinite: ``'skip'`` or ``'raise'`` (see :func:`jaxrm.steps.train_state.apply_if_finite`;
       in ``'raise'`` mode a step with a non-finite update returns its input state).
+    exact_kl: log ``kl_exact``, the exact per-token KL of the full next-token distributions
+      summed over the sampled responses (:func:`jaxrm.steps.rollout.token_exact_kl`; a softmax
+      over the vocabulary of both policies per rollout; turn off for huge vocabularies).
+      Logged only; the penalty uses ``kl_estimator``.
   """
 
   max_new_tokens: int
@@ -109,6 +113,7 @@ class RLConfig:
   ratio_level: str = "token"
   missing_eos_penalty: float | None = None
   reward_norm: str = "none"
+  exact_kl: bool = True
 
   def __post_init__(self):
     def bad(name, want):
@@ -162,6 +167,8 @@ class RLConfig:
         bad("missing_eos_penalty", "None or >= 0")
       if self.eos_id is None:
         bad("missing_eos_penalty", "None when eos_id is None (every response has no EOS)")
+    if not isinstance(self.exact_kl, bool):
+      bad("exact_kl", "True or False")
     if self.reward_norm not in REWARD_NORMS:
       bad("reward_norm", f"one of {REWARD_NORMS}")
     if self.eos_id is not None and (

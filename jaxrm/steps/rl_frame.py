@@ -21,8 +21,9 @@ import optax
 
 from jaxrm.math import advantages as adv_lib
 from jaxrm.math import kl as kl_lib
-from jaxrm.math import pg_losses, running_stats
+from jaxrm.math import running_stats
 from jaxrm.models.policy import PolicyFns
+from jaxrm.steps import rl_diagnostics
 from jaxrm.steps import rollout as rollout_lib
 from jaxrm.steps import train_state as train_state_lib
 from jaxrm.steps.rl_config import RLConfig, RLState
@@ -109,6 +110,7 @@ def _collect(
     kl_estimator=config.kl_estimator,
     value_head=value_head,
     example_offset=offset,
+    exact_kl=config.exact_kl,
   )
   return ro, offset, jax.random.fold_in(step_key, 1)
 
@@ -130,19 +132,6 @@ def _sequence_kl(ro: rollout_lib.Rollout) -> tuple[jax.Array, jax.Array]:
   """``(k1, chosen estimator)`` sequence KL sums over the response, each ``[batch]``."""
   k1 = kl_lib.sequence_kl(kl_lib.kl_k1(ro.logprobs, ro.ref_logprobs), ro.response_mask)
   return k1, kl_lib.sequence_kl(ro.kl, ro.response_mask)
-
-
-def _rollout_metrics(ro: rollout_lib.Rollout, kl_coef, axis_name) -> dict[str, jax.Array]:
-  k1, est = _sequence_kl(ro)
-  resp = ro.response_mask
-  return {
-    "score": _pmean(jnp.mean(ro.scores), axis_name),
-    "kl": _pmean(jnp.mean(k1), axis_name),
-    "kl_estimate": _pmean(jnp.mean(est), axis_name),
-    "entropy": _pmean(pg_losses.masked_aggregate(ro.entropy, resp, axis_name=axis_name), axis_name),
-    "response_length": _pmean(jnp.mean(jnp.sum(resp, axis=1, dtype=jnp.float32)), axis_name),
-    "kl_coef": kl_coef,
-  }
 
 
 def _next_kl_state(
@@ -314,6 +303,7 @@ def iterate(
   optimizer: optax.GradientTransformation,
   axis_name: Any = None,
   return_rollout: bool = False,
+  diagnostics_fn: rl_diagnostics.DiagnosticsFn | None = None,
 ):
   """One RL iteration of ``algorithm``: the frame every step shares.
 
@@ -321,7 +311,8 @@ def iterate(
   -> the KL coefficient of ``state`` -> ``algorithm.targets`` -> the updates of
   ``algorithm.loss`` (``num_epochs x num_minibatches`` stratified minibatches, or one) ->
   the KL controller and baseline (unchanged when the rollout is not finite) -> advance the
-  step. Arguments and returns as :func:`ppo_step`.
+  step. Arguments and returns as :func:`ppo_step`; the rollout metrics (and the logged-only
+  ``diagnostics_fn``) are those of :func:`jaxrm.steps.rl_diagnostics.rollout_metrics`.
   """
   _check_optimizer(optimizer)
   ro, offset, key = _collect(
@@ -361,7 +352,16 @@ def iterate(
     config=config,
     axis_name=axis_name,
   )
-  metrics.update(_rollout_metrics(ro, kl_coef, axis_name))
+  metrics.update(
+    rl_diagnostics.rollout_metrics(
+      ro,
+      config=config,
+      axis_name=axis_name,
+      diagnostics_fn=diagnostics_fn,
+      reward_params=reward_params,
+    )
+  )
+  metrics["kl_coef"] = kl_coef
   metrics.update(targets.metrics)
   if config.missing_eos_penalty is not None or config.reward_norm != "none":
     metrics["shaped_score"] = _pmean(jnp.mean(scores), axis_name)

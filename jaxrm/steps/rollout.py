@@ -15,7 +15,10 @@ A rollout (:func:`rollout`) takes a batch of LEFT-padded prompts and
    the sampler's cached ones, so that the PPO ratio is exactly 1 before the first update)
    and the reference policy's log-probs;
 4. estimates the per-token ``KL(pi || pi_ref)`` with the chosen estimator (k1/k2/k3,
-   :mod:`jaxrm.math.kl`).
+   :mod:`jaxrm.math.kl`) and, with ``exact_kl=True``, computes the exact per-token KL between
+   the two full next-token distributions at each sampled prefix
+   (:func:`jaxrm.math.kl.exact_kl_from_logits`; summed over a response it is an unbiased,
+   lower-variance estimate of the sequence KL, exact given the sampled prefixes).
 
 Log-probs are those of the *sampling* distribution ``softmax(logits / temperature)``, for
 the policy and for the reference (as in TRL), so with ``temperature=1`` they are the model's
@@ -70,6 +73,7 @@ class Rollout(NamedTuple):
   values: jax.Array | None  # float32; value of the state in which tokens[t] is chosen
   kl: jax.Array  # float32; per-token KL(pi || pi_ref) estimate (the chosen estimator)
   scores: jax.Array  # [batch] float32; reward_fn of each full sequence
+  kl_exact: jax.Array | None = None  # float32; KL(pi(.|tokens[:t]) || pi_ref(.|tokens[:t]))
 
 
 def token_frequency(
@@ -144,6 +148,28 @@ def check_eos_id(eos_id: int | None, *, vocab_size: int | None) -> None:
     raise ValueError(f"eos_id must be None or in [0, vocab_size={vocab_size}), got {eos_id}")
 
 
+def _forward(params, tokens, mask, *, policy: PolicyFns, value_head: bool, temperature: float):
+  """``(logits / temperature, values or None)`` of a full forward pass."""
+  logits, values = policy.apply(params, tokens, mask)
+  if not value_head:
+    values = None
+  elif values is None:
+    raise ValueError(
+      "this algorithm needs a value head, but the policy's apply returned values=None (for "
+      "jaxrm's transformer: transformer_policy(config, value_head=True) and params from "
+      "init_value_head)"
+    )
+  return logits / temperature, values
+
+
+def _outputs(logits, values, tokens):
+  logp = token_logprobs(logits, tokens)
+  entropy = token_entropy(logits)
+  if values is not None:
+    values = jnp.pad(values[:, :-1], ((0, 0), (1, 0)))
+  return logp, entropy, values
+
+
 def policy_outputs(
   params: Any,
   tokens: jax.Array,
@@ -167,21 +193,26 @@ def policy_outputs(
     ``(logprobs, entropy, values)``, each ``[batch, seq]`` aligned with ``tokens`` (entry 0
     is 0); ``values[:, t]`` is the value read at ``t - 1`` (None unless ``value_head``).
   """
-  logits, values = policy.apply(params, tokens, mask)
-  if not value_head:
-    values = None
-  elif values is None:
-    raise ValueError(
-      "this algorithm needs a value head, but the policy's apply returned values=None (for "
-      "jaxrm's transformer: transformer_policy(config, value_head=True) and params from "
-      "init_value_head)"
-    )
-  logits = logits / temperature
-  logp = token_logprobs(logits, tokens)
-  entropy = token_entropy(logits)
-  if values is not None:
-    values = jnp.pad(values[:, :-1], ((0, 0), (1, 0)))
-  return logp, entropy, values
+  logits, values = _forward(
+    params, tokens, mask, policy=policy, value_head=value_head, temperature=temperature
+  )
+  return _outputs(logits, values, tokens)
+
+
+def token_exact_kl(logits: jax.Array, ref_logits: jax.Array) -> jax.Array:
+  """Exact per-token ``KL(pi || pi_ref)`` of the next-token distributions, aligned with tokens.
+
+  Args:
+    logits: ``[batch, seq, vocab]`` of the policy; ``logits[:, t]`` predicts ``tokens[:, t+1]``.
+    ref_logits: the same of the reference.
+
+  Returns:
+    ``[batch, seq]`` float32; entry ``t >= 1`` is the KL between ``softmax(logits[:, t-1])``
+    and ``softmax(ref_logits[:, t-1])`` (the distributions ``tokens[:, t]`` is drawn from),
+    entry 0 is 0 (the alignment of :func:`jaxrm.models.policy.token_logprobs`).
+  """
+  kl = kl_lib.exact_kl_from_logits(logits[:, :-1], ref_logits[:, :-1])
+  return jnp.pad(kl, ((0, 0), (1, 0)))
 
 
 def rollout(
@@ -200,6 +231,7 @@ def rollout(
   kl_estimator: str = "k1",
   value_head: bool = False,
   example_offset: Any = 0,
+  exact_kl: bool = False,
 ) -> Rollout:
   """Samples one response per prompt, scores it, and computes log-probs, values and KL.
 
@@ -221,6 +253,8 @@ def rollout(
     kl_estimator: ``'k1'``, ``'k2'`` or ``'k3'`` for :attr:`Rollout.kl`.
     value_head: evaluate the policy's value head (PPO).
     example_offset: global index of the first example (see :func:`example_keys`).
+    exact_kl: also compute :attr:`Rollout.kl_exact` (:func:`token_exact_kl`, a softmax over
+      the vocabulary of both policies); else it is None.
 
   Returns:
     A :class:`Rollout`.
@@ -248,12 +282,17 @@ def rollout(
       f"reward_fn must return rewards of shape [batch] = ({batch},), got {scores.shape}"
     )
   scores = scores.astype(jnp.float32)
-  logp, entropy, values = policy_outputs(
+  logits, values = _forward(
     policy_params, tokens, mask, policy=policy, value_head=value_head, temperature=temperature
   )
-  ref_logp, _, _ = policy_outputs(ref_params, tokens, mask, policy=policy, temperature=temperature)
+  ref_logits, _ = _forward(
+    ref_params, tokens, mask, policy=policy, value_head=False, temperature=temperature
+  )
+  logp, entropy, values = _outputs(logits, values, tokens)
+  ref_logp = token_logprobs(ref_logits, tokens)
+  full_kl = token_exact_kl(logits, ref_logits) if exact_kl else None
   zero = lambda x: None if x is None else jnp.where(response, x, 0.0)
-  logp, ref_logp, entropy, values = map(zero, (logp, ref_logp, entropy, values))
+  logp, ref_logp, entropy, values, full_kl = map(zero, (logp, ref_logp, entropy, values, full_kl))
   kl = jnp.where(response, kl_lib.kl_estimate(logp, ref_logp, estimator=kl_estimator), 0.0)
   return Rollout(
     tokens=tokens,
@@ -265,4 +304,5 @@ def rollout(
     values=values,
     kl=kl,
     scores=scores,
+    kl_exact=full_kl,
   )

@@ -6,6 +6,15 @@ and trains it (:func:`train`), writing under ``workdir`` (:mod:`jaxrm.io.rundir`
 
 * ``config.json``; ``metrics.jsonl`` with one row per step (``step`` is the number of steps
   done, 1-based; the metrics of :mod:`jaxrm.steps.rl` plus ``time``) and its learning curves;
+* diagnostics (:mod:`jaxrm.steps.rl_diagnostics`, :func:`jaxrm.train.sources.make_reward_source`):
+  every row has ``score`` (the reward optimised), ``gold`` (the synthetic world's gold reward
+  of the same samples, whenever the policy is the synthetic world's), ``ensemble_std`` (member
+  disagreement, ensemble rewards), ``kl_k1`` / ``kl_<estimator>`` / ``kl_exact`` (the KL to
+  the reference, the estimator in the key) and ``response_length``. Every ``eval_every``
+  steps, at step 0 and at ``steps``, a row with ``split='eval'`` holds the same metrics on a
+  fixed prompt batch (``eval_batch_size`` prompts drawn with their own key, sampled with a
+  fixed key); ``rl_curves.png`` plots score and gold, the KLs, the response length (and
+  ``ensemble_std``) of both splits against the step;
 * ``checkpoints/<step>``: the :class:`jaxrm.steps.rl_lib.RLState` (policy and value head,
   optimizer, KL controller, baseline, PRNG key, step) every ``log.checkpoint_every`` steps and
   at the end; the JSON extra holds the config and the last metrics row.
@@ -45,7 +54,7 @@ from jaxrm.io import rundir
 from jaxrm.io.rundir import ConfigError
 from jaxrm.models import presets
 from jaxrm.models.policy import PolicyModel, transformer_policy
-from jaxrm.steps import parallel
+from jaxrm.steps import parallel, rl_diagnostics
 from jaxrm.steps import rl as rl_lib
 from jaxrm.train import samples as samples_lib
 from jaxrm.train import sources
@@ -57,7 +66,8 @@ from jaxrm.train.policy_text import (
 )
 
 PARALLEL_MODES = ("auto", "jit", "shard_map", "pmap")
-CHANGEABLE_ON_RESUME = ("steps", "log", "parallel", "samples")
+CHANGEABLE_ON_RESUME = ("steps", "log", "parallel", "samples", "eval_every", "eval_batch_size")
+RL_CURVES_FILE = "rl_curves.png"
 
 
 def _default_rl() -> rl_lib.RLConfig:
@@ -98,6 +108,9 @@ class PolicyTrainConfig:
       with the same architecture and tokenizer.
     samples: decoded samples written to ``samples.jsonl`` and the log
       (:mod:`jaxrm.train.samples`).
+    eval_every: period (steps) of the ``split='eval'`` rows on a fixed prompt batch (also at
+      step 0 and at ``steps``); 0: never.
+    eval_batch_size: prompts of the evaluation batch.
   """
 
   algo: str = "ppo"
@@ -117,6 +130,8 @@ class PolicyTrainConfig:
   tokenizer: str = ""
   reference: str = ""
   samples: samples_lib.SamplesConfig = dataclasses.field(default_factory=samples_lib.SamplesConfig)
+  eval_every: int = 50
+  eval_batch_size: int = 64
 
   def to_json(self) -> dict[str, Any]:
     return rundir.config_to_json(self)
@@ -176,6 +191,8 @@ def validate_config(c: PolicyTrainConfig, *, num_devices: int | None = None) -> 
     need(is_int(getattr(c, name)) and getattr(c, name) >= 1, name, "must be an int >= 1")
   need(is_int(c.seed) and c.seed >= 0, "seed", "must be an int >= 0")
   need(c.parallel in PARALLEL_MODES, "parallel", f"must be one of {list(PARALLEL_MODES)}")
+  need(is_int(c.eval_every) and c.eval_every >= 0, "eval_every", "must be an int >= 0")
+  need(is_int(c.eval_batch_size) and c.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
   rundir.validate_log_config(c.log)
   devices = jax.device_count() if num_devices is None else num_devices
   shards = 1 if c.parallel == "jit" or (c.parallel == "auto" and devices == 1) else devices
@@ -213,6 +230,8 @@ class Run:
   world: Any = None  # the synthetic world (gold of the samples), or None
   prompt_len: int = 0
   policy_hf: Any = None  # the Hugging Face family the policy descends from, or None
+  reward: sources.RewardSource | None = None  # the reward with its diagnostics (gold, ...)
+  evaluate: Callable[[Any], dict[str, Any]] | None = None  # policy params -> eval metrics
 
 
 def build_run(c: PolicyTrainConfig) -> Run:
@@ -245,7 +264,7 @@ def build_run(c: PolicyTrainConfig) -> Run:
     dummy = jnp.zeros((1, policy_cfg.max_len), jnp.int32)
     ref_params = jax.jit(PolicyModel(policy_cfg).init)(init_key, dummy, jnp.ones(dummy.shape, bool))
     tok = "byte"
-  reward_fn, reward_params = sources.make_reward(
+  reward = sources.make_reward_source(
     c.reward,
     tokenizer_name=tok,
     vocab_size=policy_cfg.vocab_size,
@@ -254,6 +273,8 @@ def build_run(c: PolicyTrainConfig) -> Run:
     world=world,
     world_cfg=world_cfg,
   )
+  reward_fn, reward_params = reward.fn, reward.params
+  step_reward_fn, diagnostics_fn, step_reward_params = reward.for_step()
   init_params = ref_params if text is None else text.policy.variables
   if rl_lib.uses_value_head(c.algo):
     init_params = rl_lib.init_value_head(init_params, init_key, config=policy_cfg)
@@ -262,7 +283,12 @@ def build_run(c: PolicyTrainConfig) -> Run:
   )
   policy = transformer_policy(policy_cfg, value_head=rl_lib.uses_value_head(c.algo))
   step_fn = rl_lib.make_step(
-    c.algo, policy=policy, config=rl_config, reward_fn=reward_fn, optimizer=optimizer
+    c.algo,
+    policy=policy,
+    config=rl_config,
+    reward_fn=step_reward_fn,
+    optimizer=optimizer,
+    diagnostics_fn=diagnostics_fn,
   )
   pstep = parallel.make_parallel_step(rl_lib.with_frozen_params(step_fn), mode=c.parallel)
   prompt_cfg = dataclasses.replace(c.prompts, prompt_len=prompt_len)
@@ -273,6 +299,17 @@ def build_run(c: PolicyTrainConfig) -> Run:
     seed=c.seed,
     world_cfg=world_cfg,
     tok=None if world is not None else text_tok,
+  )
+  evaluate = _make_evaluate(
+    c,
+    prompt_cfg,
+    world_cfg=world_cfg,
+    policy=policy,
+    rl_config=rl_config,
+    reward_fn=step_reward_fn,
+    diagnostics_fn=diagnostics_fn,
+    reward_params=step_reward_params,
+    ref_params=ref_params,
   )
   return Run(
     config=c,
@@ -290,7 +327,44 @@ def build_run(c: PolicyTrainConfig) -> Run:
     world=world,
     prompt_len=prompt_len,
     policy_hf=None if text is None else text.policy.hf,
+    reward=reward,
+    evaluate=evaluate,
   )
+
+
+# split(fold_in(key(seed), EVAL_STREAM)) -> (prompt key, sampling key) of the evaluation: its
+# prompts are batch 0 of the run's prompt source under the prompt key (``seed + 1`` orders
+# file prompts), sampled with the sampling key at every evaluation.
+EVAL_STREAM = 0x5EED
+
+
+def _make_evaluate(
+  c,
+  prompt_cfg,
+  *,
+  world_cfg,
+  policy,
+  rl_config,
+  reward_fn,
+  diagnostics_fn,
+  reward_params,
+  ref_params,
+):
+  """``evaluate(policy_params) -> metrics`` on the fixed evaluation batch (``eval_*``)."""
+  prompt_key, sample_key = jax.random.split(jax.random.fold_in(jax.random.key(c.seed), EVAL_STREAM))
+  batch = sources.make_prompts(
+    prompt_cfg, prompt_key, batch_size=c.eval_batch_size, seed=c.seed + 1, world_cfg=world_cfg
+  )(0)
+  fn = jax.jit(
+    functools.partial(
+      rl_diagnostics.evaluate,
+      policy=policy,
+      config=rl_config,
+      reward_fn=reward_fn,
+      diagnostics_fn=diagnostics_fn,
+    )
+  )
+  return lambda params: fn(params, ref_params, reward_params, batch, sample_key)
 
 
 def initial_state(run: Run) -> rl_lib.RLState:
@@ -301,7 +375,7 @@ def initial_state(run: Run) -> rl_lib.RLState:
 
 
 def _fmt(row: dict[str, Any]) -> dict[str, Any]:
-  keys = ("score", "kl", "entropy", "response_length", "kl_coef", "num_skipped")
+  keys = ("score", "gold", "kl_k1", "entropy", "response_length", "kl_coef", "num_skipped")
   return {k: row.get(k) for k in keys if k in row}
 
 
@@ -340,12 +414,15 @@ def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> 
       run.text_tokenizer.save(workdir)
     sampler = PolicySampler(run, workdir)
     sampler.writer.truncate(start)
-    carry = pstep.put_state((state, run.reward_params, run.ref_params))
+    step_reward_params = run.reward.for_step()[2] if run.reward else run.reward_params
+    carry = pstep.put_state((state, step_reward_params, run.ref_params))
     del state
     progress = rundir.Progress(steps, items_per_step=c.batch_size)
     pending = []
     t_start = time.time()
     with rundir.MetricsWriter(workdir, log=c.log, config=c) as writer:
+      if start == 0:
+        _write_eval(run, writer, 0, pstep.unreplicate(carry)[0].params)
       for step in range(start, steps):
         carry, metrics = pstep(carry, pstep.shard_batch(run.prompts(step)))
         pending.append((step + 1, metrics))
@@ -368,11 +445,17 @@ def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> 
           t0 = time.perf_counter()
           sampler.write(pstep.unreplicate(carry)[0].params, step=done)
           progress.exclude(time.perf_counter() - t0)
+        if c.eval_every and (done % c.eval_every == 0 or done == steps):
+          t0 = time.perf_counter()
+          _write_eval(run, writer, done, pstep.unreplicate(carry)[0].params)
+          progress.exclude(time.perf_counter() - t0)
         if done % c.log.checkpoint_every == 0 or done == steps:
           t0 = time.perf_counter()
           host_state = pstep.unreplicate(carry)[0]
           ckpt.save(done, host_state, rundir.checkpoint_extra(c, metrics=last_row))
           progress.exclude(time.perf_counter() - t0)
+  if c.log.plots:
+    plot_rl_curves(workdir)
   return {
     "steps": steps,
     "resumed_from": start,
@@ -380,6 +463,27 @@ def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> 
     "final": last_row,
     "workdir": workdir,
   }
+
+
+def _write_eval(run: Run, writer: rundir.MetricsWriter, step: int, params: Any) -> None:
+  """Writes the ``split='eval'`` row of ``step`` (:func:`jaxrm.steps.rl_diagnostics.evaluate`)."""
+  if not run.config.eval_every or run.evaluate is None:
+    return
+  row = rundir.scalar_row(step, jax.device_get(run.evaluate(params)))
+  writer.write({**row, "split": "eval"})
+  logging.info("eval at step %d: %s", step, _fmt(row))
+
+
+def plot_rl_curves(workdir: str | os.PathLike) -> str | None:
+  """Writes ``rl_curves.png``: score and gold, the KLs, response length (and ensemble_std),
+  train and eval splits, against the step (:func:`jaxrm.io.rundir.plot_overlays`)."""
+  panels = {
+    "reward (score = optimised, gold)": ("score", "gold"),
+    "KL to the reference (estimator in key)": ("kl_k1", "kl_k2", "kl_k3", "kl_exact"),
+    "response_length": ("response_length",),
+    "ensemble_std (member disagreement)": ("ensemble_std",),
+  }
+  return rundir.plot_overlays(workdir, RL_CURVES_FILE, panels)
 
 
 def train_and_evaluate(config: PolicyTrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:

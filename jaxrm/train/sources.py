@@ -12,6 +12,14 @@ Rewards (:class:`RewardConfig`, :func:`make_reward`), each a pure
 * ``'synthetic_gold'``: the gold reward of the synthetic world
   (:func:`jaxrm.data.synthetic.gold_reward`).
 
+Diagnostics (:func:`make_reward_source`): logged-only per-sequence quantities next to the
+reward, ``diagnostics_fn(reward_params, diagnostics_params, tokens, mask) -> {name: [b]}``:
+
+* ``gold``: the synthetic world's gold reward, whenever the policy is the synthetic world's
+  (so gold is logged next to a proxy's ``score`` in any run, and over-optimisation shows);
+* ``ensemble_std``: for an ensemble of reward models, the standard deviation of the members'
+  raw rewards (population, before any normalisation) of each sequence (member disagreement).
+
 Prompts (:class:`PromptConfig`, :func:`make_prompts`): a deterministic function
 ``step -> {'prompts' [b, p], 'prompt_mask' [b, p]}`` (so a resumed run sees the prompts of an
 uninterrupted one): the synthetic world's prompts, the prompts of JSONL preference files
@@ -23,10 +31,11 @@ import dataclasses
 import functools
 import gzip
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxrm.data import synthetic, tokenizer
@@ -105,7 +114,52 @@ def validate_reward_config(c: RewardConfig, *, prefix: str = "reward") -> None:
   need(isinstance(c.token_id, int) and c.token_id >= 0, "token_id", "must be an int >= 0")
 
 
+class RewardSource(NamedTuple):
+  """A reward with its logged-only diagnostics (:func:`make_reward_source`).
+
+  Attributes:
+    fn: ``fn(params, tokens [b, s], mask [b, s]) -> [b]``, the reward optimised.
+    params: its parameters.
+    diagnostics_fn: ``diagnostics_fn(params, diagnostics_params, tokens, mask) -> {name:
+      [b]}`` (module docstring), or None.
+    diagnostics_params: the diagnostics' own parameters (the gold model), or None.
+  """
+
+  fn: Callable[..., jax.Array]
+  params: Any
+  diagnostics_fn: Callable[..., dict[str, jax.Array]] | None = None
+  diagnostics_params: Any = None
+
+  def for_step(self) -> tuple[Callable[..., jax.Array], Callable[..., Any] | None, Any]:
+    """``(reward_fn, diagnostics_fn, params)`` for the RL steps (:mod:`jaxrm.steps.rl`), both
+    functions of the one pytree ``params = (self.params, self.diagnostics_params)``."""
+    fn, diag = self.fn, self.diagnostics_fn
+    reward_fn = lambda p, tokens, mask: fn(p[0], tokens, mask)
+    diagnostics_fn = None
+    if diag is not None:
+      diagnostics_fn = lambda p, tokens, mask: diag(p[0], p[1], tokens, mask)
+    return reward_fn, diagnostics_fn, (self.params, self.diagnostics_params)
+
+
 def make_reward(
+  c: RewardConfig,
+  **kwargs: Any,
+) -> tuple[Callable[..., jax.Array], Any]:
+  """``(reward_fn, reward_params)`` of a reward source (:func:`make_reward_source`'s ``fn``
+  and ``params``; same arguments)."""
+  source = make_reward_source(c, **kwargs)
+  return source.fn, source.params
+
+
+def _gold_fn(world_cfg: synthetic.WorldConfig) -> Callable[..., jax.Array]:
+  def gold(params, tokens, mask):
+    gold_params, stats = params
+    return synthetic.gold_reward(synthetic.World(None, gold_params, stats), world_cfg, tokens, mask)
+
+  return gold
+
+
+def make_reward_source(
   c: RewardConfig,
   *,
   tokenizer_name: str,
@@ -115,20 +169,51 @@ def make_reward(
   world: synthetic.World | None = None,
   world_cfg: synthetic.WorldConfig | None = None,
   prefix: str = "reward",
-) -> tuple[Callable[..., jax.Array], Any]:
-  """``(reward_fn, reward_params)`` of a reward source for a policy's sequences.
+) -> RewardSource:
+  """The :class:`RewardSource` of a reward config for a policy's sequences: the reward and
+  its diagnostics (``gold`` whenever ``world`` is given, ``ensemble_std`` for ensembles).
 
   Args:
     c: the source.
     tokenizer_name: the policy's tokenizer (``'synthetic'`` or ``'byte'``); a reward model
       must use the same.
     vocab_size, seq_len, prompt_len: the policy's vocabulary, sequence and prompt lengths.
-    world, world_cfg: the synthetic world (``synthetic_gold`` needs them).
+    world, world_cfg: the synthetic world (``synthetic_gold`` needs them; with them every
+      source also logs ``gold``).
     prefix: the config path of ``c`` in errors.
 
   Raises:
     ConfigError: a reward that cannot score the policy's sequences, naming the field.
   """
+  fn, params, members = _reward(
+    c,
+    tokenizer_name=tokenizer_name,
+    vocab_size=vocab_size,
+    seq_len=seq_len,
+    prompt_len=prompt_len,
+    world=world,
+    world_cfg=world_cfg,
+    prefix=prefix,
+  )
+  gold = None if world is None else _gold_fn(world_cfg)
+  if gold is None and members is None:
+    return RewardSource(fn, params)
+
+  def diagnostics(reward_params, diagnostics_params, tokens, mask):
+    out = {}
+    if gold is not None:
+      out["gold"] = gold(diagnostics_params, tokens, mask)
+    if members is not None:
+      out["ensemble_std"] = jnp.std(members(reward_params, tokens, mask), axis=0)
+    return out
+
+  diagnostics_params = None if world is None else (world.gold_params, world.stats)
+  return RewardSource(fn, params, diagnostics, diagnostics_params)
+
+
+def _reward(c, *, tokenizer_name, vocab_size, seq_len, prompt_len, world, world_cfg, prefix):
+  """``(reward_fn, reward_params, members_fn or None)``; ``members_fn(params, tokens, mask)
+  -> [members, b]`` for an ensemble."""
   if c.source == "token_frequency":
     if c.token_id >= vocab_size:
       raise ConfigError(
@@ -137,18 +222,11 @@ def make_reward(
         f"is outside the policy's vocabulary [0, {vocab_size})",
       )
     fn = functools.partial(rollout_lib.token_frequency, token_id=c.token_id, prompt_len=prompt_len)
-    return lambda params, tokens, mask: fn(tokens, mask), None
+    return (lambda params, tokens, mask: fn(tokens, mask)), None, None
   if c.source == "synthetic_gold":
     if world is None:
       raise ConfigError(f"{prefix}.source", c.source, "synthetic_gold needs the synthetic policy")
-
-    def gold(params, tokens, mask):
-      gold_params, stats = params
-      return synthetic.gold_reward(
-        synthetic.World(None, gold_params, stats), world_cfg, tokens, mask
-      )
-
-    return gold, (world.gold_params, world.stats)
+    return _gold_fn(world_cfg), (world.gold_params, world.stats), None
   field = f"{prefix}.rm_dirs"
   kw = {"which": c.rm_checkpoint}
   extra = rm_io.read_extra(c.rm_dirs[0], **kw)
@@ -169,16 +247,15 @@ def make_reward(
     )
   if len(c.rm_dirs) == 1:
     apply_fn, params, _ = rm_io.load_reward_model(c.rm_dirs[0], **kw)
-    return lambda p, tokens, mask: apply_fn(p, tokens, mask), params
+    return (lambda p, tokens, mask: apply_fn(p, tokens, mask)), params, None
   try:
     apply_fn, stacked = rm_io.load_reward_ensemble(list(c.rm_dirs), **kw)
   except ValueError as e:
     raise ConfigError(field, c.rm_dirs, str(e)) from None
   hyper = {"coef": c.uncertainty_coef} if c.ensemble_objective == "uncertainty_weighted" else {}
   objective = objectives.ensemble_objective(c.ensemble_objective, **hyper)
-  return (
-    lambda p, tokens, mask: objective(ensemble_lib.apply_ensemble(apply_fn, p, tokens, mask))
-  ), stacked
+  members = lambda p, tokens, mask: ensemble_lib.apply_ensemble(apply_fn, p, tokens, mask)
+  return (lambda p, tokens, mask: objective(members(p, tokens, mask))), stacked, members
 
 
 def read_prompt_texts(paths: tuple[str, ...], *, field: str = "prompts.files") -> list[str]:
