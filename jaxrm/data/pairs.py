@@ -102,6 +102,9 @@ def validate_world(world: Any, *, field: str) -> None:
     raise ConfigError(field, world, str(e)) from None
 
 
+MAX_LEN_LIMIT = 1 << 16  # the model's position table has max_len rows; larger is a typo
+
+
 def validate_data_config(c: DataConfig, *, prefix: str = "data") -> None:
   """Raises :class:`ConfigError` naming the first bad field (``data.max_len``, ...)."""
 
@@ -126,7 +129,11 @@ def validate_data_config(c: DataConfig, *, prefix: str = "data") -> None:
     )
   need(_is_num(c.test_fraction) and 0 <= c.test_fraction < 1, "test_fraction", "must be in [0, 1)")
   need(_is_int(c.split_seed) and c.split_seed >= 0, "split_seed", "must be an int >= 0")
-  need(_is_int(c.max_len) and c.max_len >= 8, "max_len", "must be an int >= 8")
+  need(
+    _is_int(c.max_len) and 8 <= c.max_len <= MAX_LEN_LIMIT,
+    "max_len",
+    f"must be an int in [8, {MAX_LEN_LIMIT}] (tokens per sequence and the model's positions)",
+  )
   s = c.synthetic
   need(_is_int(s.pairs) and s.pairs >= 2, "synthetic.pairs", "must be an int >= 2")
   need(_is_int(s.seed) and s.seed >= 0, "synthetic.seed", "must be an int >= 0")

@@ -44,7 +44,7 @@ from jaxrm.steps import rl as rl_lib
 from jaxrm.train import sources
 
 PARALLEL_MODES = ("auto", "jit", "shard_map", "pmap")
-CHANGEABLE_ON_RESUME = ("steps", "log", "parallel")
+CHANGEABLE_ON_RESUME = ("steps", "log", "parallel", "max_consecutive_skips")
 
 
 def _default_rl() -> rl_lib.RLConfig:
@@ -79,6 +79,9 @@ class PolicyTrainConfig:
     seed: seed of the run (policy init, sampling, prompts).
     parallel: ``'auto'``, ``'jit'``, ``'shard_map'`` or ``'pmap'``.
     log: metrics, checkpoints, plots, TensorBoard / W&B.
+    max_consecutive_skips: stop the run (:class:`jaxrm.io.rundir.RunStopped`, naming the last
+      good checkpoint) once this many consecutive updates were skipped as non-finite, or
+      every update of a shorter run; 0 never stops.
   """
 
   algo: str = "ppo"
@@ -95,6 +98,7 @@ class PolicyTrainConfig:
   seed: int = 0
   parallel: str = "auto"
   log: rundir.LogConfig = dataclasses.field(default_factory=rundir.LogConfig)
+  max_consecutive_skips: int = 20
 
   def to_json(self) -> dict[str, Any]:
     return rundir.config_to_json(self)
@@ -106,6 +110,7 @@ def validate_config(c: PolicyTrainConfig, *, num_devices: int | None = None) -> 
   :func:`build_run`, with the same error type."""
 
   need = functools.partial(rundir.check, c)
+  rundir.check_finite_fields(c)  # no inf/NaN hyperparameter, whatever its name
 
   is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
   need(c.algo in rl_lib.ALGORITHMS, "algo", f"must be one of {list(rl_lib.ALGORITHMS)}")
@@ -151,6 +156,11 @@ def validate_config(c: PolicyTrainConfig, *, num_devices: int | None = None) -> 
   for name in ("steps", "batch_size"):
     need(is_int(getattr(c, name)) and getattr(c, name) >= 1, name, "must be an int >= 1")
   need(is_int(c.seed) and c.seed >= 0, "seed", "must be an int >= 0")
+  need(
+    is_int(c.max_consecutive_skips) and c.max_consecutive_skips >= 0,
+    "max_consecutive_skips",
+    "must be an int >= 0 (0: never stop)",
+  )
   need(c.parallel in PARALLEL_MODES, "parallel", f"must be one of {list(PARALLEL_MODES)}")
   rundir.validate_log_config(c.log)
   devices = jax.device_count() if num_devices is None else num_devices
@@ -260,6 +270,33 @@ def _fmt(row: dict[str, Any]) -> dict[str, Any]:
   return {k: row.get(k) for k in keys if k in row}
 
 
+def _check_resumable_before_restore(ckpt, c: PolicyTrainConfig, workdir: str) -> None:
+  """The resume rule on the newest checkpoint's JSON, before any array is restored (a
+  checkpoint of another algorithm or policy would fail inside orbax's restore)."""
+  peek = ckpt.latest_extra()
+  if peek is not None:
+    rundir.check_resumable(
+      peek[0].get("config", {}), c.to_json(), changeable=CHANGEABLE_ON_RESUME, workdir=workdir
+    )
+
+
+def _skip_monitor(c: PolicyTrainConfig, steps: int, *, state) -> rundir.SkipMonitor:
+  skipped = int(np.asarray(jax.device_get(state.num_skipped)))
+  return rundir.SkipMonitor(c.max_consecutive_skips, total_steps=steps, skipped=skipped)
+
+
+def _count_skip(skips: rundir.SkipMonitor, row: dict[str, Any], ckpt, *, raise_nonfinite) -> None:
+  """Feeds one metrics row to the skip monitor; raises :class:`jaxrm.io.rundir.RunStopped`
+  (naming the last good checkpoint) in ``raise`` mode or when too many skipped in a row."""
+  last = rundir.describe_checkpoint(ckpt.latest_step(), ckpt.directory)
+  if raise_nonfinite and row["nonfinite"]:
+    raise rundir.RunStopped(
+      f"non-finite update at step {row['step']} (--config.rl.nonfinite=raise; the state "
+      f"before it is that of step {row['step'] - 1}); last good checkpoint: {last}"
+    )
+  skips.update(row["step"], bool(row["nonfinite"]), last_checkpoint=last)
+
+
 def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> dict[str, Any]:
   """Trains (or resumes) ``run`` in ``workdir`` until ``steps`` (default ``config.steps``).
 
@@ -269,7 +306,9 @@ def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> 
 
   Raises:
     jaxrm.io.rundir.ConfigError: ``workdir`` holds a checkpoint of another config.
-    FloatingPointError: with ``rl.nonfinite='raise'``, at the first non-finite update.
+    jaxrm.io.rundir.RunStopped: with ``rl.nonfinite='raise'`` at the first non-finite update,
+      or after ``max_consecutive_skips`` skipped updates in a row (naming the last good
+      checkpoint).
   """
   c = run.config
   steps = c.steps if steps is None else steps
@@ -281,6 +320,7 @@ def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> 
   with checkpoint_lib.CheckpointManager(
     os.path.join(workdir, rundir.CHECKPOINT_DIR), max_to_keep=c.log.keep_checkpoints
   ) as ckpt:
+    _check_resumable_before_restore(ckpt, c, workdir)
     restored = ckpt.restore_latest(template=state)
     if restored is not None:
       state, extra, start = restored
@@ -294,6 +334,7 @@ def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> 
     carry = pstep.put_state((state, run.reward_params, run.ref_params))
     del state
     progress = rundir.Progress(steps, items_per_step=c.batch_size)
+    skips = _skip_monitor(c, steps, state=pstep.unreplicate(carry)[0])
     pending = []
     t_start = time.time()
     with rundir.MetricsWriter(workdir, log=c.log, config=c) as writer:
@@ -307,12 +348,9 @@ def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> 
             last_row = rundir.scalar_row(s, pstep.unreplicate(m))
             last_row["time"] = time.time() - t_start
             writer.write(last_row)
+            _count_skip(skips, last_row, ckpt, raise_nonfinite=raise_nonfinite)
           pending.clear()
           progress.start(done)  # after the first (compiling) step of this process
-          if raise_nonfinite and last_row["nonfinite"]:
-            raise FloatingPointError(
-              f"non-finite update at step {done}; the state before it is that of step {step}"
-            )
           if log_now:
             logging.info("%s", progress.line(done, _fmt(last_row), unit="prompts"))
         if done % c.log.checkpoint_every == 0 or done == steps:
@@ -325,6 +363,7 @@ def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> 
     "resumed_from": start,
     "steps_per_sec": progress.steps_per_sec(steps),
     "final": last_row,
+    "skipped_updates": skips.total,
     "workdir": workdir,
   }
 
