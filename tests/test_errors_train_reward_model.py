@@ -11,6 +11,7 @@ import errno
 import gzip
 import json
 import os
+import pathlib
 import shutil
 
 import jax
@@ -164,10 +165,11 @@ def test_bad_data_files_name_the_file_and_exit_2(tmp_path, capfd):
     (empty_gz, f"{empty_gz}"),
     (huge, f"{huge}:7: field 'weight'"),
     (deep, f"{deep}:1"),
-    (tmp_path, "not a file"),
+    (tmp_path, "is a directory, not a data file"),
+    (pathlib.Path("/dev/null"), "is not a regular file"),
   ]
   for path, message in cases:
-    workdir = tmp_path / f"w_{path.name}"
+    workdir = tmp_path / f"w_{path.name or 'dir'}"
     result = run_script(
       "train_reward_model",
       [f"--workdir={workdir}", *FILE_RUN, f"--config.data.files=('{path}',)"],
@@ -179,17 +181,41 @@ def test_bad_data_files_name_the_file_and_exit_2(tmp_path, capfd):
     assert not _saved_steps(workdir)
 
 
-def test_too_few_pairs_for_a_held_out_split_leaves_the_workdir_usable(tmp_path, capfd):
-  data = _jsonl(tmp_path / "few.jsonl", _records(2))
+def test_a_refused_run_leaves_the_workdir_usable_for_the_corrected_command(tmp_path, capfd):
+  one = _jsonl(tmp_path / "one.jsonl", _records(1))
+  eight = _jsonl(tmp_path / "eight.jsonl", _records(8))
   workdir = tmp_path / "w"
-  args = [f"--workdir={workdir}", *FILE_RUN, f"--config.data.files=('{data}',)"]
-  refused = run_script("train_reward_model", [*args, "--config.data.test_fraction=0.5"], capfd)
-  assert refused.code == 2 and "got no preference pairs" in error_line(refused)
-  assert "--config.data.skip_malformed" not in error_line(refused)
-  # The corrected command (no held-out split) is not refused for the first one's leftovers.
-  fixed = run_script("train_reward_model", [*args, "--config.data.test_fraction=0"], capfd)
+  args = [f"--workdir={workdir}", *FILE_RUN]
+  too_few = run_script(
+    "train_reward_model",
+    [*args, f"--config.data.files=('{one}',)", "--config.data.test_fraction=0.5"],
+    capfd,
+  )
+  assert too_few.code == 2 and "got no preference pairs" in error_line(too_few)
+  assert "skip_malformed" not in error_line(too_few)
+  # Built, then refused: the batch is larger than the training split.
+  too_big = run_script(
+    "train_reward_model",
+    [*args, f"--config.data.files=('{eight}',)", "--config.batch_size=16"],
+    capfd,
+  )
+  assert too_big.code == 2 and "--config.batch_size=16: exceeds" in error_line(too_big)
+  # The corrected command is not refused for what the failed ones left in data/.
+  fixed = run_script(
+    "train_reward_model",
+    [*args, f"--config.data.files=('{eight}',)", "--config.data.test_fraction=0"],
+    capfd,
+  )
   assert fixed.code == 0, fixed.stderr[-3000:]
   assert _saved_steps(workdir) == [2]
+  # Once a checkpoint depends on the dataset, other data is refused, naming the field.
+  other = run_script(
+    "train_reward_model",
+    [*args, f"--config.data.files=('{one}',)", "--config.data.test_fraction=0"],
+    capfd,
+  )
+  assert other.code == 2 and "--config.data.files=" in error_line(other)
+  assert rm_eval.restore_run(workdir).step == 2
 
 
 # ----------------------------------------------------------------------------- non-finite

@@ -102,6 +102,15 @@ def validate_world(world: Any, *, field: str) -> None:
     raise ConfigError(field, world, str(e)) from None
 
 
+def _not_a_file(path: str) -> str:
+  """Why ``path`` is no data file: missing, a directory or a special file (FIFO, device)."""
+  if not os.path.exists(path):
+    return "file not found"
+  if os.path.isdir(path):
+    return "is a directory, not a data file"
+  return "is not a regular file (a FIFO or device?)"
+
+
 MAX_LEN_LIMIT = 1 << 16  # the model's position table has max_len rows; larger is a typo
 
 
@@ -118,10 +127,9 @@ def validate_data_config(c: DataConfig, *, prefix: str = "data") -> None:
   if c.is_synthetic:
     need(not c.test_files, "test_files", "must be empty for the synthetic world (no files)")
   else:
-    for path in c.files:
-      need(os.path.isfile(path), "files", f"file not found: {path}")
-    for path in c.test_files:
-      need(os.path.isfile(path), "test_files", f"file not found: {path}")
+    for name in ("files", "test_files"):
+      for path in getattr(c, name):
+        need(os.path.isfile(path), name, f"{_not_a_file(path)}: {path}")
     need(
       len(set(c.files) | set(c.test_files)) == len(c.files) + len(c.test_files),
       "test_files",
@@ -274,6 +282,9 @@ def load_data(config: DataConfig, workdir: str | os.PathLike, *, prepare: bool =
         test_fraction=0.0 if config.test_files else config.test_fraction,
         split_seed=config.split_seed,
         skip_malformed=config.skip_malformed,
+        # A run refused before its first checkpoint must not block the corrected command:
+        # with no checkpoint, nothing depends on the old dataset and it is rebuilt.
+        overwrite=not _has_checkpoint(workdir),
       )
     except ValueError as e:
       if "was built from other files or settings" in str(e):
@@ -302,6 +313,11 @@ def load_data(config: DataConfig, workdir: str | os.PathLike, *, prepare: bool =
     "read_stats": metadata.get("splits", {}),
   }
   return RunData(train, test, "byte", tokenizer.VOCAB_SIZE, config.max_len, info)
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  directory = os.path.join(workdir, rundir.CHECKPOINT_DIR)
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
 def num_examples(data: Any) -> int:
