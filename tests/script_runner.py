@@ -14,6 +14,7 @@ the exception itself, so a test that expects a clean error fails with its traceb
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 from typing import NamedTuple
@@ -53,6 +54,13 @@ def run_script(name: str, argv: list[str], capfd) -> Result:
   saved_argv = sys.argv
   sys.argv = [path, *argv]
   _forget_script_flags()
+  # The log lines a user sees on stderr (pytest's own logging capture hides them otherwise).
+  logger = logging.getLogger("absl")
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(logging.Formatter("%(levelname).1s %(message)s"))
+  saved_level = logger.level
+  logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
   try:
     spec = importlib.util.spec_from_file_location(f"_script_{name}", path)
     module = importlib.util.module_from_spec(spec)
@@ -66,6 +74,8 @@ def run_script(name: str, argv: list[str], capfd) -> Result:
     except SystemExit as e:
       code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
   finally:
+    logger.removeHandler(handler)
+    logger.setLevel(saved_level)
     sys.argv = saved_argv
     flags.FLAGS.unparse_flags()
   out, err = capfd.readouterr()
