@@ -221,10 +221,13 @@ def one_line_errors():
     if type(e).__name__ == "CheckpointWriteError":
       die(str(e), status=1)
     where = getattr(e, "filename", None)
+    if what in rundir.NOT_ONLY_WRITES:
+      failed = f"{where}: {what}" if where else what
+    else:
+      failed = f"could not write{f' {where}' if where else ''}: {what}"
     die(
-      f"could not write{f' {where}' if where else ''}: {what} ({type(e).__name__}); "
-      "nothing past the last checkpoint is lost: free space (or fix the permissions) and "
-      "re-run the same command to resume",
+      f"{failed} ({type(e).__name__}); nothing past the last checkpoint is lost: free space "
+      "(or fix the permissions) and re-run the same command to resume",
       status=1,
     )
 

@@ -210,6 +210,4 @@ def test_write_failure_finds_the_cause_in_wrapped_errors():
     rundir.write_failure(ValueError("RESOURCE_EXHAUSTED: writing")) == "no space left on device"
   )
   assert rundir.write_failure(ValueError("a bug")) is None
-  assert (
-    rundir.write_failure(FileNotFoundError(2, "missing")) == "the checkpoint directory vanished"
-  )
+  assert rundir.write_failure(FileNotFoundError(2, "missing")) is None  # a bug, or a read

@@ -78,7 +78,7 @@ class CheckpointIntegrityError(ValueError):
 
 
 class CheckpointWriteError(OSError):
-  """A checkpoint could not be written (disk full, read-only or vanished directory, ...).
+  """A checkpoint could not be written (disk full, quota, read-only file system, permissions).
 
   The message is one line naming the step, the cause and the last complete checkpoint, which
   is untouched (orbax writes into a temporary directory that is never listed as a step).

@@ -125,8 +125,8 @@ _WRITE_FAILURES = {
   errno.EROFS: "read-only file system",
   errno.EACCES: "permission denied",
   errno.EPERM: "operation not permitted",
-  errno.ENOENT: "the checkpoint directory vanished",
 }
+NOT_ONLY_WRITES = ("permission denied", "operation not permitted")  # reads fail so too
 _WRITE_FAILURE_TEXT = (
   ("RESOURCE_EXHAUSTED", "no space left on device"),
   ("No space left on device", "no space left on device"),
