@@ -219,6 +219,7 @@ def one_line_errors():
     if what is None:
       raise
     if type(e).__name__ == "CheckpointWriteError":
+      _WRITER_THREADS_FAILED.append(True)
       die(str(e), status=1)
     where = getattr(e, "filename", None)
     if what in rundir.NOT_ONLY_WRITES:
@@ -237,12 +238,27 @@ def no_arguments(argv: Sequence[str]) -> None:
     die(f"unexpected arguments {list(argv[1:])}")
 
 
-def run(main: Callable[[list[str]], None], *, aliases: Mapping[str, str] | None = None) -> None:
+_WRITER_THREADS_FAILED: list[bool] = []  # a checkpoint write failed in this process
+
+
+def run(
+  main: Callable[[list[str]], None],
+  *,
+  aliases: Mapping[str, str] | None = None,
+  exit_process: bool = True,
+) -> None:
   """``app.run(main)`` with :func:`parse_flags` (and the flag ``aliases`` of :func:`define_config`).
 
   Before ``main`` runs, every float of the config is checked to be finite
   (:func:`jaxrm.io.rundir.check_finite_fields`: ``--config.<any>.learning_rate=inf`` is a
   usage error in every script); ``main`` runs inside :func:`one_line_errors`.
+
+  Args:
+    main: the script's ``main(argv)``.
+    aliases: see :func:`define_config`.
+    exit_process: after a failed checkpoint write, end the process with ``os._exit(1)``
+      (no interpreter shutdown, during which orbax's failing writer threads would print
+      tracebacks after the error line); in-process callers (tests) pass False.
   """
 
   def checked_main(argv: list[str]) -> None:
@@ -251,4 +267,14 @@ def run(main: Callable[[list[str]], None], *, aliases: Mapping[str, str] | None 
         rundir.check_finite_fields(flags.FLAGS["config"].value)
       main(argv)
 
-  app.run(checked_main, flags_parser=functools.partial(parse_flags, aliases=aliases))
+  try:
+    app.run(checked_main, flags_parser=functools.partial(parse_flags, aliases=aliases))
+  except SystemExit:
+    if exit_process and _WRITER_THREADS_FAILED:
+      # orbax's writer threads, still failing on the full disk, print tracebacks while the
+      # interpreter shuts down (after the one error line); nothing of the run is left to
+      # flush (metrics are flushed per row, checkpoints are closed), so leave at once.
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(1)  # pylint: disable=protected-access
+    raise

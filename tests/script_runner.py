@@ -70,7 +70,7 @@ def run_script(name: str, argv: list[str], capfd) -> Result:
       aliases = getattr(module, "ALIASES", None)
       from experiments import cli  # noqa: PLC0415  (after the script put the root on the path)
 
-      cli.run(module.main, aliases=aliases)
+      cli.run(module.main, aliases=aliases, exit_process=False)
     except SystemExit as e:
       code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
   finally:

@@ -54,8 +54,11 @@ Example::
 
 import hashlib
 import json
+import logging as std_logging
 import math
 import os
+import sys
+import threading
 from typing import Any
 
 from absl import logging
@@ -223,6 +226,53 @@ def check_integrity(
         f"checkpoint at step {step}: array {name} does not match its sha256 digest (damaged)"
       )
   return extra
+
+
+class _NoOrbaxTraceback(std_logging.Filter):
+  """Keeps orbax's error lines but drops their tracebacks (the error is reported once)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if "orbax" in record.pathname and record.exc_info:
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _quiet_writer_threads():
+  """Silences the repeats of a failed write while a save runs; returns the undo function.
+
+  When a write fails, orbax's writer threads keep reporting the same error: tensorstore
+  callbacks print ``RuntimeError: Event loop is closed`` tracebacks (through
+  ``sys.excepthook`` / ``threading.excepthook``) and orbax logs each failure with its
+  traceback, hundreds of lines that bury the one-line :class:`CheckpointWriteError`. Those
+  repeats are silenced (for good once a save failed, as the threads outlive it); any other
+  exception still prints its traceback."""
+  if getattr(sys.excepthook, "_jaxrm_quiet", False):
+    return lambda: None
+
+  def closed_loop(exc: BaseException | None) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+  previous_hook, previous_thread_hook = sys.excepthook, threading.excepthook
+
+  def excepthook(exc_type, exc, tb):
+    if not closed_loop(exc):
+      previous_hook(exc_type, exc, tb)
+
+  def thread_hook(args):
+    if not closed_loop(args.exc_value):
+      previous_thread_hook(args)
+
+  excepthook._jaxrm_quiet = True  # pylint: disable=protected-access
+  sys.excepthook, threading.excepthook = excepthook, thread_hook
+  handler = logging.get_absl_handler()
+  log_filter = _NoOrbaxTraceback()
+  handler.addFilter(log_filter)
+
+  def restore() -> None:
+    sys.excepthook, threading.excepthook = previous_hook, previous_thread_hook
+    handler.removeFilter(log_filter)
+
+  return restore
 
 
 class CheckpointManager:
@@ -404,11 +454,13 @@ class CheckpointManager:
         _EXTRA: ocp.args.JsonSave(extra),
       }
     )
+    undo_quiet = _quiet_writer_threads()
     try:
-      return self._manager.save(step, args=args, metrics=metrics, force=True)
+      saved = self._manager.save(step, args=args, metrics=metrics, force=True)
     except Exception as e:  # pylint: disable=broad-except
       what = rundir.write_failure(e)
       if what is None:
+        undo_quiet()
         raise
       self._failed_save = True
       complete = [s for s in self._manager.all_steps() if s != step]
@@ -418,6 +470,8 @@ class CheckpointManager:
         f"the last complete checkpoint is {last} (free space and re-run the same command "
         "to resume from it)"
       ) from e
+    undo_quiet()
+    return saved
 
   def restore(self, step: int, template: Any) -> tuple[Any, dict[str, Any]]:
     """Restores checkpoint ``step``.
