@@ -366,8 +366,18 @@ def test_a_tiny_held_out_split_is_flagged_not_reported_as_a_plain_accuracy(
   tmp_path, capfd, synthetic_npz
 ):
   workdir = _workdir(tmp_path / "w", synthetic_npz)
-  result = _train(workdir, capfd, "--config.data.test_fraction=0.03", "--config.eval.report=True")
+  result = _train(
+    workdir,
+    capfd,
+    "--config.data.test_fraction=0.03",
+    "--config.eval.report=True",
+    "--config.log.log_every=3",  # rows at 3 and 4; checkpoints (with a skip check) at 2 and 4
+  )
   assert result.code == 0, result.stderr[-3000:]
+  train_rows = [
+    r for r in rundir.read_metrics(workdir / rundir.METRICS_FILE) if r["split"] == "train"
+  ]
+  assert [(r["step"], r["steps_in_row"]) for r in train_rows] == [(3, 3), (4, 1)]
   assert "UNRELIABLE: only 4 held-out pair(s)" in result.stderr
   evals = [r for r in rundir.read_metrics(workdir / rundir.METRICS_FILE) if r["split"] == "eval"]
   assert evals and all("only 4 held-out pair(s)" in r["unreliable"] for r in evals)

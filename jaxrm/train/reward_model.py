@@ -223,6 +223,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
     )
     step, last_row = start, None
     pending: list[dict[str, jax.Array]] = []
+    skip_checked = 0  # steps of ``pending`` already given to ``skips``
     with rundir.MetricsWriter(workdir, log=log, config=config) as writer:
       while step < config.steps:
         batch = next(train_iter)
@@ -246,12 +247,14 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
         checkpoint_now = step % log.checkpoint_every == 0 or step == config.steps
         if step % log.log_every == 0 or step == config.steps or checkpoint_now:
           fetched = jax.device_get([pstep.unreplicate(m) for m in pending])
-          for i, m in enumerate(fetched):  # before any checkpoint of these steps is written
+          # Each step once, and before any checkpoint of it is written.
+          for i in range(skip_checked, len(fetched)):
             skips.update(
               step - len(fetched) + i + 1,
-              bool(m["nonfinite"]),
+              bool(fetched[i]["nonfinite"]),
               last_checkpoint=rundir.describe_checkpoint(ckpt.latest_step(), ckpt.directory),
             )
+          skip_checked = len(fetched)
         if step % log.log_every == 0 or step == config.steps:
           mean = lambda key, rows=fetched: float(np.mean([float(m[key]) for m in rows]))
           last_row = {
@@ -273,8 +276,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
           shown = {k: last_row[k] for k in ("loss", "accuracy")}
           shown["skipped"] = skips.total
           logging.info("%s", progress.line(step, shown, unit="pairs"))
-        if step % log.log_every == 0 or step == config.steps or checkpoint_now:
-          pending = []
+          pending, skip_checked = [], 0
 
         if has_test and (step % config.eval.every == 0 or checkpoint_now):
           jax.block_until_ready(state)
