@@ -119,7 +119,7 @@ def test_resume_with_another_algorithm_is_refused_before_any_restore(tmp_path, c
 
 
 def test_diverging_run_stops_naming_the_last_good_checkpoint_and_saves_no_nan(tmp_path, capfd):
-  # learning_rate=1e30: every update overflows and is skipped; the parameters stay finite.
+  # learning_rate=1e30: every update is non-finite and skipped; the parameters stay finite.
   workdir = tmp_path / "w"
   result = _train(
     workdir,
@@ -147,7 +147,7 @@ def test_raise_mode_stops_with_one_line_at_the_first_nonfinite_update(tmp_path, 
     "--config.rl.nonfinite=raise",
   )
   line = error_line(result)
-  # The first update already overflows (new parameters ~1e30 past float32 in places).
+  # With learning_rate=1e30 the very first update is already non-finite.
   assert result.code == 1 and "non-finite update at step 1" in line
   assert "--config.rl.nonfinite=raise" in line
   assert "last good checkpoint: none (no checkpoint was saved)" in line
