@@ -6,8 +6,14 @@ config dataclasses) and a plain ``--workdir``, and runs ``main`` with :func:`run
 
 * any field, nested ones included, is overridable: ``--config.optimizer.learning_rate=1e-3``;
   a variant is chosen through the config string: ``--config=experiments/configs/x.py:quick``;
-* a mistyped field, a malformed value or a bad setting (:class:`jaxrm.io.rundir.ConfigError`)
+* a mistyped field, a malformed value or a bad setting (:class:`jaxrm.io.rundir.ConfigError`,
+  e.g. a non-finite float anywhere in the config, an unusable ``--workdir``) or malformed data
   stops the script with one line on stderr naming it, exit status 2;
+* a run that stops on purpose (:class:`jaxrm.io.rundir.RunStopped`: too many skipped updates,
+  a diverged evaluation, ``nonfinite='raise'``) or cannot write (disk full, read-only files)
+  prints one line saying what happened and naming the last good checkpoint, exit status 1;
+  nothing past that checkpoint is lost, and the same command resumes from it. Any other
+  exception is a bug and keeps its traceback;
 * ``--help`` prints the script's docstring and every config field with its default;
   ``--helpfull`` (absl's spelling; ``--helpful`` is accepted too) lists every absl flag.
 """
@@ -33,10 +39,10 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 _HELP = ("--help", "-h", "-help", "--helpshort", "-?")
 
 
-def die(message: str) -> None:
-  """Prints ``<script>: error: <message>`` to stderr and exits with status 2."""
+def die(message: str, *, status: int = 2) -> None:
+  """Prints ``<script>: error: <message>`` to stderr and exits with ``status`` (2: usage)."""
   print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(status)
 
 
 def define_config(
@@ -188,11 +194,43 @@ def _one_line_flag_errors(argv: Sequence[str], default: str | None = None):
 
 @contextlib.contextmanager
 def one_line_errors():
-  """Turns a :class:`jaxrm.io.rundir.ConfigError` into ``die(--config.<field>=...: ...)``."""
+  """Turns a user's mistake or a stopped run into one line on stderr and an exit status.
+
+  * :class:`jaxrm.io.rundir.ConfigError`: ``--config.<field>=<value>: <why>``, status 2;
+  * a malformed data file (``PreferenceDataError``, naming file, line and field), status 2;
+  * :class:`jaxrm.io.rundir.RunStopped` (its message names the last good checkpoint) and
+    a failed write (disk full, read-only, permission: :func:`jaxrm.io.rundir.write_failure`),
+    status 1.
+
+  Anything else propagates with its traceback (a bug, not a mistake).
+  """
   try:
     yield
   except rundir.ConfigError as e:
     die(e.flag_message())
+  except rundir.RunStopped as e:
+    die(str(e), status=1)
+  except (ValueError, OSError, RuntimeError) as e:
+    reason = getattr(e, "reason", None)
+    if type(e).__name__ == "PreferenceDataError" and reason is not None:
+      hint = " (set --config.data.skip_malformed=True to skip such lines)"
+      die(f"bad data: {e}{hint if getattr(e, 'skippable', False) else ''}")
+    what = rundir.write_failure(e)
+    if what is None:
+      raise
+    if type(e).__name__ == "CheckpointWriteError":
+      _WRITER_THREADS_FAILED.append(True)
+      die(str(e), status=1)
+    where = getattr(e, "filename", None)
+    if what in rundir.NOT_ONLY_WRITES:
+      failed = f"{where}: {what}" if where else what
+    else:
+      failed = f"could not write{f' {where}' if where else ''}: {what}"
+    die(
+      f"{failed} ({type(e).__name__}); nothing past the last checkpoint is lost: free space "
+      "(or fix the permissions) and re-run the same command to resume",
+      status=1,
+    )
 
 
 def no_arguments(argv: Sequence[str]) -> None:
@@ -200,8 +238,45 @@ def no_arguments(argv: Sequence[str]) -> None:
     die(f"unexpected arguments {list(argv[1:])}")
 
 
-def run(main: Callable[[list[str]], None], *, aliases: Mapping[str, str] | None = None) -> None:
+_WRITER_THREADS_FAILED: list[bool] = []  # a checkpoint write failed in this process
+
+
+def run(
+  main: Callable[[list[str]], None],
+  *,
+  aliases: Mapping[str, str] | None = None,
+  exit_process: bool = True,
+) -> None:
   """``app.run(main)`` with :func:`parse_flags` (and the flag ``aliases`` of :func:`define_config`),
-  after enabling the persistent compilation cache (:mod:`jaxrm.io.compile_cache`)."""
+  after enabling the persistent compilation cache (:mod:`jaxrm.io.compile_cache`).
+
+  Before ``main`` runs, every float of the config is checked to be finite
+  (:func:`jaxrm.io.rundir.check_finite_fields`: ``--config.<any>.learning_rate=inf`` is a
+  usage error in every script); ``main`` runs inside :func:`one_line_errors`.
+
+  Args:
+    main: the script's ``main(argv)``.
+    aliases: see :func:`define_config`.
+    exit_process: after a failed checkpoint write, end the process with ``os._exit(1)``
+      (no interpreter shutdown, during which orbax's failing writer threads would print
+      tracebacks after the error line); in-process callers (tests) pass False.
+  """
+
+  def checked_main(argv: list[str]) -> None:
+    with one_line_errors():
+      if "config" in flags.FLAGS:
+        rundir.check_finite_fields(flags.FLAGS["config"].value)
+      main(argv)
+
   compile_cache.enable_compilation_cache()
-  app.run(main, flags_parser=functools.partial(parse_flags, aliases=aliases))
+  try:
+    app.run(checked_main, flags_parser=functools.partial(parse_flags, aliases=aliases))
+  except SystemExit:
+    if exit_process and _WRITER_THREADS_FAILED:
+      # orbax's writer threads, still failing on the full disk, print tracebacks while the
+      # interpreter shuts down (after the one error line); nothing of the run is left to
+      # flush (metrics are flushed per row, checkpoints are closed), so leave at once.
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(1)  # pylint: disable=protected-access
+    raise

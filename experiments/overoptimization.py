@@ -33,8 +33,9 @@ from experiments import overoptimization_lib as lib  # noqa: E402
 from jaxrm.io import rundir  # noqa: E402
 
 QUICK = f"--config={os.path.join(cli.CONFIG_DIR, 'overoptimization.py')}:quick"
+ALIASES = {"--quick": QUICK}
 
-_CONFIG = cli.define_config("overoptimization", aliases={"--quick": QUICK})
+_CONFIG = cli.define_config("overoptimization", aliases=ALIASES)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/overopt", "Where results and caches go.")
 flags.DEFINE_bool("quick", False, f"Tiny settings for a smoke run: the same as {QUICK}.")
 
@@ -55,4 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, aliases={"--quick": QUICK})
+  cli.run(main, aliases=ALIASES)

@@ -464,6 +464,17 @@ def validate(cfg: StudyConfig) -> None:
 
   need = functools.partial(rundir.check, cfg)
 
+  rundir.check_finite_fields(cfg)
+  for name in ("rm_learning_rate", "rl_learning_rate"):
+    value = getattr(cfg, name)
+    need(isinstance(value, (int, float)) and value > 0, name, "must be a number > 0")
+  for name in ("rm_batch_size", "rl_batch_size", "bon_prompts", "num_comparisons"):
+    value = getattr(cfg, name)
+    need(
+      isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+      name,
+      "must be an int >= 1",
+    )
   for name in ("world_seed", "num_heldout", "rm_epochs", "rl_steps"):
     need(isinstance(getattr(cfg, name), int) and getattr(cfg, name) >= 0, name, "must be >= 0")
   need(cfg.num_seeds >= 1, "num_seeds", "must be >= 1")

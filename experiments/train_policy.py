@@ -54,6 +54,13 @@ def main(argv: list[str]) -> None:
   with cli.one_line_errors():
     summary = policy.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   logging.info("Done: %s", json.dumps(summary["final"]))
+  if summary["skipped_updates"]:
+    logging.warning(
+      "%d of %d updates were skipped (non-finite loss, gradient or update); see num_skipped in "
+      "metrics.jsonl",
+      summary["skipped_updates"],
+      summary["steps"],
+    )
 
 
 if __name__ == "__main__":

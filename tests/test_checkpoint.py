@@ -344,3 +344,50 @@ def test_the_integrity_key_is_reserved(tmp_path):
   with checkpoint.CheckpointManager(tmp_path) as ckpt:
     with pytest.raises(ValueError, match="reserved key '__integrity__'"):
       ckpt.save(1, make_state(), {checkpoint.INTEGRITY_KEY: 1})
+
+
+def test_latest_extra_reads_the_json_of_the_newest_checkpoint_without_a_template(tmp_path):
+  with checkpoint.CheckpointManager(tmp_path / "ckpt") as mgr:
+    assert mgr.latest_extra() is None
+    mgr.save(1, make_state(1), {"config": {"model": "tiny"}})
+    mgr.save(2, make_state(2), {"config": {"model": "tiny"}, "n": 2})
+    extra, step = mgr.latest_extra()
+  assert step == 2 and extra == {"config": {"model": "tiny"}, "n": 2}
+
+
+def test_a_failed_write_raises_one_line_naming_the_last_complete_checkpoint(tmp_path, monkeypatch):
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  real_save = ocp.CheckpointManager.save
+
+  def save(self, step, *args, **kwargs):
+    if step == 2:
+      raise ValueError("RESOURCE_EXHAUSTED: Error writing local file") from OSError(28, "full")
+    return real_save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  directory = tmp_path / "ckpt"
+  with pytest.raises(checkpoint.CheckpointWriteError) as e:
+    with checkpoint.CheckpointManager(directory) as mgr:
+      mgr.save(1, make_state(1), {})
+      mgr.save(2, make_state(2), {})
+  message = str(e.value)
+  assert "\n" not in message and "at step 2" in message and "no space left on device" in message
+  assert f"the last complete checkpoint is step 1 in {directory}" in message
+  monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
+  with checkpoint.CheckpointManager(directory) as mgr:
+    state, _, step = mgr.restore_latest(make_state(0))
+  assert step == 1
+  assert_bitwise_equal(state, make_state(1))
+
+
+def test_a_bug_in_a_save_is_not_disguised_as_a_write_failure(tmp_path, monkeypatch):
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  def save(self, step, *args, **kwargs):
+    raise ValueError("some bug")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  with pytest.raises(ValueError, match="some bug"):
+    with checkpoint.CheckpointManager(tmp_path / "ckpt") as mgr:
+      mgr.save(1, make_state(1), {})

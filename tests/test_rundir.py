@@ -137,3 +137,77 @@ def test_bad_log_config_names_the_field():
   with pytest.raises(rundir.ConfigError, match="must be an int >= 1") as e:
     rundir.validate_log_config(rundir.LogConfig(log_every=0))
   assert e.value.flag_message().startswith("--config.log.log_every=0:")
+
+
+def test_finite_check_names_the_first_nonfinite_float_of_a_nested_config():
+  @dataclasses.dataclass
+  class Inner:
+    coef: float = 1.0
+    sizes: tuple[float, ...] = (1.0, 2.0)
+
+  @dataclasses.dataclass
+  class Outer:
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    steps: int = 3
+    name: str = "inf"  # a string that reads as inf is no float
+
+  rundir.check_finite_fields(Outer())
+  for inner, field in [
+    (Inner(coef=float("inf")), "inner.coef"),
+    (Inner(coef=np.float32("nan")), "inner.coef"),
+    (Inner(sizes=(1.0, -np.inf)), "inner.sizes"),
+  ]:
+    with pytest.raises(rundir.ConfigError, match="must be a finite number") as e:
+      rundir.check_finite_fields(Outer(inner=inner))
+    assert e.value.field == field
+
+
+def test_skip_monitor_counts_and_stops_after_the_configured_streak():
+  monitor = rundir.SkipMonitor(3, total_steps=100, skipped=5)
+  for step, bad in enumerate([True, True, False, True, True], start=1):
+    monitor.update(step, bad, last_checkpoint="step 4 in /x")
+  assert monitor.total == 9 and monitor.streak == 2
+  with pytest.raises(rundir.RunStopped, match=r"stopped at step 6: the last 3 updates") as e:
+    monitor.update(6, True, last_checkpoint="step 4 in /x")
+  assert str(e.value).endswith("last good checkpoint: step 4 in /x")
+  # A run shorter than the limit stops when every one of its updates was skipped.
+  short = rundir.SkipMonitor(20, total_steps=2)
+  short.update(1, True, last_checkpoint="none")
+  with pytest.raises(rundir.RunStopped, match="the last 2 updates"):
+    short.update(2, True, last_checkpoint="none")
+  never = rundir.SkipMonitor(0, total_steps=5)
+  for step in range(1, 6):
+    never.update(step, True, last_checkpoint="none")
+  assert never.total == 5
+
+
+def test_prepare_refuses_an_empty_path_a_file_and_a_path_below_a_file(tmp_path):
+  assert rundir.prepare(tmp_path / "new" / "run") == str(tmp_path / "new" / "run")
+  a_file = tmp_path / "f"
+  a_file.write_text("x")
+  for path, message in [
+    ("", "must name a directory"),
+    (a_file, "is a file"),
+    (a_file / "r", "cannot be created"),
+  ]:
+    with pytest.raises(rundir.ConfigError, match=message) as e:
+      rundir.prepare(path)
+    assert e.value.field == "workdir"
+  assert a_file.read_text() == "x"
+
+
+def test_write_failure_finds_the_cause_in_wrapped_errors():
+  enospc = OSError(28, "No space left on device")
+  assert rundir.write_failure(enospc) == "no space left on device"
+  try:
+    try:
+      raise enospc
+    except OSError as inner:
+      raise RuntimeError("Event loop is closed") from inner
+  except RuntimeError as outer:
+    assert rundir.write_failure(outer) == "no space left on device"
+  assert (
+    rundir.write_failure(ValueError("RESOURCE_EXHAUSTED: writing")) == "no space left on device"
+  )
+  assert rundir.write_failure(ValueError("a bug")) is None
+  assert rundir.write_failure(FileNotFoundError(2, "missing")) is None  # a bug, or a read

@@ -107,6 +107,18 @@ def validate_world(world: Any, *, field: str) -> None:
     raise ConfigError(field, world, str(e)) from None
 
 
+def _not_a_file(path: str) -> str:
+  """Why ``path`` is no data file: missing, a directory or a special file (FIFO, device)."""
+  if not os.path.exists(path):
+    return "file not found"
+  if os.path.isdir(path):
+    return "is a directory, not a data file"
+  return "is not a regular file (a FIFO or device?)"
+
+
+MAX_LEN_LIMIT = 1 << 16  # the model's position table has max_len rows; larger is a typo
+
+
 def validate_data_config(c: DataConfig, *, prefix: str = "data") -> None:
   """Raises :class:`ConfigError` naming the first bad field (``data.max_len``, ...)."""
 
@@ -128,10 +140,9 @@ def validate_data_config(c: DataConfig, *, prefix: str = "data") -> None:
     need(not c.test_files, "test_files", "must be empty for the synthetic world (no files)")
     need(not c.tokenizer, "tokenizer", "must be empty for the synthetic world (no files)")
   else:
-    for path in c.files:
-      need(os.path.isfile(path), "files", f"file not found: {path}")
-    for path in c.test_files:
-      need(os.path.isfile(path), "test_files", f"file not found: {path}")
+    for name in ("files", "test_files"):
+      for path in getattr(c, name):
+        need(os.path.isfile(path), name, f"{_not_a_file(path)}: {path}")
     need(
       len(set(c.files) | set(c.test_files)) == len(c.files) + len(c.test_files),
       "test_files",
@@ -139,7 +150,11 @@ def validate_data_config(c: DataConfig, *, prefix: str = "data") -> None:
     )
   need(_is_num(c.test_fraction) and 0 <= c.test_fraction < 1, "test_fraction", "must be in [0, 1)")
   need(_is_int(c.split_seed) and c.split_seed >= 0, "split_seed", "must be an int >= 0")
-  need(_is_int(c.max_len) and c.max_len >= 8, "max_len", "must be an int >= 8")
+  need(
+    _is_int(c.max_len) and 8 <= c.max_len <= MAX_LEN_LIMIT,
+    "max_len",
+    f"must be an int in [8, {MAX_LEN_LIMIT}] (tokens per sequence and the model's positions)",
+  )
   s = c.synthetic
   need(_is_int(s.pairs) and s.pairs >= 2, "synthetic.pairs", "must be an int >= 2")
   need(_is_int(s.seed) and s.seed >= 0, "synthetic.seed", "must be an int >= 0")
@@ -299,6 +314,9 @@ def load_data(
         add_eos=tok.add_eos,
         min_prompt_fraction=tok.min_prompt_fraction,
         tokenizer_dir=tokenizer_dir,
+        # A run refused before its first checkpoint must not block the corrected command:
+        # with no checkpoint, nothing depends on the old dataset and it is rebuilt.
+        overwrite=not _has_checkpoint(workdir),
       )
     except ValueError as e:
       if "was built from other files or settings" in str(e):
@@ -328,6 +346,11 @@ def load_data(
   }
   info["tokenizer"] = tok.name
   return RunData(train, test, tok.name, tok.vocab_size, config.max_len, info)
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  directory = os.path.join(workdir, rundir.CHECKPOINT_DIR)
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
 def num_examples(data: Any) -> int:

@@ -54,8 +54,11 @@ Example::
 
 import hashlib
 import json
+import logging as std_logging
 import math
 import os
+import sys
+import threading
 from typing import Any
 
 from absl import logging
@@ -65,6 +68,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxrm.io import rundir
+
 _STATE = "state"
 _EXTRA = "extra"
 _METRICS_ITEM = "metrics"  # orbax's reserved item holding the metrics of a step
@@ -73,6 +78,14 @@ INTEGRITY_KEY = "__integrity__"  # reserved key of the extra dict: the digests o
 
 class CheckpointIntegrityError(ValueError):
   """A checkpoint's arrays or JSON dict do not match the digests recorded when it was saved."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (disk full, quota, read-only file system, permissions).
+
+  The message is one line naming the step, the cause and the last complete checkpoint, which
+  is untouched (orbax writes into a temporary directory that is never listed as a step).
+  """
 
 
 def _is_key(x: Any) -> bool:
@@ -215,6 +228,53 @@ def check_integrity(
   return extra
 
 
+class _NoOrbaxTraceback(std_logging.Filter):
+  """Keeps orbax's error lines but drops their tracebacks (the error is reported once)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if "orbax" in record.pathname and record.exc_info:
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _quiet_writer_threads():
+  """Silences the repeats of a failed write while a save runs; returns the undo function.
+
+  When a write fails, orbax's writer threads keep reporting the same error: tensorstore
+  callbacks print ``RuntimeError: Event loop is closed`` tracebacks (through
+  ``sys.excepthook`` / ``threading.excepthook``) and orbax logs each failure with its
+  traceback, hundreds of lines that bury the one-line :class:`CheckpointWriteError`. Those
+  repeats are silenced (for good once a save failed, as the threads outlive it); any other
+  exception still prints its traceback."""
+  if getattr(sys.excepthook, "_jaxrm_quiet", False):
+    return lambda: None
+
+  def closed_loop(exc: BaseException | None) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+  previous_hook, previous_thread_hook = sys.excepthook, threading.excepthook
+
+  def excepthook(exc_type, exc, tb):
+    if not closed_loop(exc):
+      previous_hook(exc_type, exc, tb)
+
+  def thread_hook(args):
+    if not closed_loop(args.exc_value):
+      previous_thread_hook(args)
+
+  excepthook._jaxrm_quiet = True  # pylint: disable=protected-access
+  sys.excepthook, threading.excepthook = excepthook, thread_hook
+  handler = logging.get_absl_handler()
+  log_filter = _NoOrbaxTraceback()
+  handler.addFilter(log_filter)
+
+  def restore() -> None:
+    sys.excepthook, threading.excepthook = previous_hook, previous_thread_hook
+    handler.removeFilter(log_filter)
+
+  return restore
+
+
 class CheckpointManager:
   """Saves and restores ``(state pytree, JSON dict)`` checkpoints with orbax.
 
@@ -241,6 +301,7 @@ class CheckpointManager:
     if max_to_keep is not None and max_to_keep < 1:
       raise ValueError(f"max_to_keep must be None or >= 1, got {max_to_keep}")
     self._directory = epath.Path(directory).absolute()
+    self._failed_save = False
     self._best_metric = best_metric
     self._best_mode = best_mode
     self._quarantine_non_directories()
@@ -393,7 +454,24 @@ class CheckpointManager:
         _EXTRA: ocp.args.JsonSave(extra),
       }
     )
-    return self._manager.save(step, args=args, metrics=metrics, force=True)
+    undo_quiet = _quiet_writer_threads()
+    try:
+      saved = self._manager.save(step, args=args, metrics=metrics, force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      what = rundir.write_failure(e)
+      if what is None:
+        undo_quiet()
+        raise
+      self._failed_save = True
+      complete = [s for s in self._manager.all_steps() if s != step]
+      last = f"step {max(complete)} in {self._directory}" if complete else "none"
+      raise CheckpointWriteError(
+        f"could not write the checkpoint at step {step} in {self._directory}: {what}; "
+        f"the last complete checkpoint is {last} (free space and re-run the same command "
+        "to resume from it)"
+      ) from e
+    undo_quiet()
+    return saved
 
   def restore(self, step: int, template: Any) -> tuple[Any, dict[str, Any]]:
     """Restores checkpoint ``step``.
@@ -430,6 +508,34 @@ class CheckpointManager:
       )
     extra = check_integrity(extra, step, state)
     return _rewrap_keys(state, template), extra
+
+  def read_extra(self, step: int) -> dict[str, Any]:
+    """The JSON ``extra`` of checkpoint ``step``, read without its arrays (no template)."""
+    self._manager.wait_until_finished()
+    restored = self._manager.restore(
+      int(step), args=ocp.args.Composite(**{_EXTRA: ocp.args.JsonRestore()})
+    )
+    extra = restored[_EXTRA]
+    if not isinstance(extra, dict):
+      raise ValueError(
+        f"checkpoint at step {step}: extra is {type(extra).__name__}, expected a dict"
+      )
+    return {k: v for k, v in extra.items() if k != INTEGRITY_KEY}
+
+  def latest_extra(self) -> tuple[dict[str, Any], int] | None:
+    """``(extra, step)`` of the newest checkpoint whose JSON ``extra`` reads, or None.
+
+    Lets a loop check the checkpointed config (:func:`jaxrm.io.rundir.check_resumable`)
+    before restoring arrays with a template built from the current config: a checkpoint of
+    another model would otherwise fail to restore with orbax's structure-mismatch error.
+    An unreadable ``extra`` is skipped here; :meth:`restore_latest` reports the damage.
+    """
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        return self.read_extra(step), step
+      except Exception:  # pylint: disable=broad-except  # damaged: restore_latest reports it
+        continue
+    return None
 
   def restore_latest(self, template: Any) -> tuple[Any, dict[str, Any], int] | None:
     """Restores the newest readable checkpoint.
@@ -490,5 +596,13 @@ class CheckpointManager:
   def __enter__(self) -> "CheckpointManager":
     return self
 
-  def __exit__(self, *exc_info: Any) -> None:
-    self.close()
+  def __exit__(self, exc_type: Any, *exc_info: Any) -> None:
+    if exc_type is None and not self._failed_save:
+      self.close()
+      return
+    # Leaving on an error (or after a failed write): closing must not replace that error by
+    # orbax's own complaint about the failed write ("Event loop is closed", ...).
+    try:
+      self.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("Closing the checkpoint manager of %s: %s", self._directory, e)

@@ -471,6 +471,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     ]
     if run.get("evaluated_on"):
       out += [f"Evaluated on the **{run['evaluated_on']}** split.", ""]
+    for warning in run.get("warnings") or ():
+      out += [f"**Warning:** {warning}.", ""]
   model = report.get("model")
   if model:
     out += ["## Model", ""] + _key_values(model)

@@ -32,11 +32,13 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 import dataclasses
+import errno
 import io
 import json
 import logging as std_logging
 import math
 import os
+import tempfile
 import time
 from typing import Any
 
@@ -89,6 +91,13 @@ class LogConfig:
   wandb_project: str = "jaxrm"
 
 
+class RunStopped(RuntimeError):
+  """A run stopped on purpose, not by a bug: too many skipped updates, a non-finite update
+  with ``nonfinite='raise'``, a diverged evaluation, a checkpoint that could not be written.
+  The message is one line saying what happened and naming the last good checkpoint; scripts
+  print it and exit with status 1 (:func:`experiments.cli.one_line_errors`)."""
+
+
 class ConfigError(ValueError):
   """A bad setting; ``field`` is its dotted path in the run's config (``optimizer.learning_rate``)."""
 
@@ -106,6 +115,42 @@ class ConfigError(ValueError):
       value = ",".join(map(str, value))
     flag = "--workdir" if self.field == "workdir" else f"--config.{self.field}"
     return f"{flag}={value}: {self.message}"
+
+
+# Errors of a failed write, as orbax/tensorstore report them (often wrapped in ValueError
+# or RuntimeError rather than an OSError with an errno).
+_WRITE_FAILURES = {
+  errno.ENOSPC: "no space left on device",
+  errno.EDQUOT: "disk quota exceeded",
+  errno.EROFS: "read-only file system",
+  errno.EACCES: "permission denied",
+  errno.EPERM: "operation not permitted",
+}
+NOT_ONLY_WRITES = ("permission denied", "operation not permitted")  # reads fail so too
+_WRITE_FAILURE_TEXT = (
+  ("RESOURCE_EXHAUSTED", "no space left on device"),
+  ("No space left on device", "no space left on device"),
+  ("Disk quota exceeded", "disk quota exceeded"),
+  ("Read-only file system", "read-only file system"),
+  ("Permission denied", "permission denied"),
+  ("PERMISSION_DENIED", "permission denied"),
+)
+
+
+def write_failure(error: BaseException) -> str | None:
+  """What an exception of a failed file write says went wrong (``'no space left on
+  device'``), searching its cause chain; None if it is no write failure (a bug)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _WRITE_FAILURES:
+      return _WRITE_FAILURES[error.errno]
+    text = str(error)
+    for needle, what in _WRITE_FAILURE_TEXT:
+      if needle in text:
+        return what
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def check(config: Any, ok: bool, field: str, message: str) -> None:
@@ -127,6 +172,71 @@ def validate_log_config(log: LogConfig, *, prefix: str = "log") -> None:
   for name in ("plots", "tensorboard", "wandb"):
     if not isinstance(getattr(log, name), bool):
       raise ConfigError(f"{prefix}.{name}", getattr(log, name), "must be True or False")
+
+
+def check_finite_fields(config: Any, *, prefix: str = "") -> None:
+  """Raises :class:`ConfigError` for the first float field of a (nested) config dataclass
+  that is NaN or infinite (tuples of floats included): the generic check behind every
+  loop's ``validate_config``, so that no hyperparameter (a learning rate, a coefficient)
+  can be ``inf`` whatever its name. Range checks stay with each field's loop."""
+  if not dataclasses.is_dataclass(config):
+    return
+  for f in dataclasses.fields(config):
+    value = getattr(config, f.name)
+    path = f"{prefix}{f.name}"
+    if dataclasses.is_dataclass(value):
+      check_finite_fields(value, prefix=f"{path}.")
+      continue
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    for item in items:
+      if isinstance(item, (float, np.floating)) and not math.isfinite(item):
+        raise ConfigError(path, value, "must be a finite number")
+
+
+class SkipMonitor:
+  """Counts the updates a loop skipped (non-finite loss, gradient or update) and stops a run
+  that skips ``max_consecutive`` in a row.
+
+  The loops feed it every step's ``nonfinite`` flag in step order (:meth:`update`); it keeps
+  the total (shown on the progress line and in the summary) and the current streak. A streak
+  of ``max_consecutive`` means the run no longer trains (a diverged model, a bad setting):
+  :meth:`update` raises :class:`RunStopped` naming the last good checkpoint, rather than
+  letting the run finish and report the untrained model as a result.
+
+  Args:
+    max_consecutive: the streak that stops the run; 0 never stops. A run of fewer steps
+      stops when every one of its steps was skipped (``total_steps``).
+    total_steps: the step the run ends at.
+    skipped: updates skipped before this process (a resumed run's ``num_skipped``).
+  """
+
+  def __init__(self, max_consecutive: int, *, total_steps: int, skipped: int = 0):
+    self.max_consecutive = min(int(max_consecutive), int(total_steps)) if max_consecutive else 0
+    self.total = int(skipped)
+    self.streak = 0
+
+  def update(self, step: int, nonfinite: bool, *, last_checkpoint: str) -> None:
+    """Records step ``step`` (1-based: steps done); raises :class:`RunStopped` when the
+    streak reaches ``max_consecutive``. ``last_checkpoint`` describes the run's last good
+    checkpoint for the message (``'step 40 in runs/x/checkpoints'`` or ``'none'``)."""
+    if not nonfinite:
+      self.streak = 0
+      return
+    self.total += 1
+    self.streak += 1
+    if self.max_consecutive and self.streak >= self.max_consecutive:
+      raise RunStopped(
+        f"stopped at step {step}: the last {self.streak} updates were skipped (non-finite "
+        f"loss, gradient or update; {self.total} skipped in all), so the run no longer trains "
+        f"(learning rate or a coefficient too large?); last good checkpoint: {last_checkpoint}"
+      )
+
+
+def describe_checkpoint(step: int | None, directory: Any) -> str:
+  """``'step 40 in <directory>'``, or ``'none (no checkpoint was saved)'``."""
+  if step is None:
+    return "none (no checkpoint was saved)"
+  return f"step {step} in {os.fspath(directory)}"
 
 
 # ----------------------------------------------------------------------------- resume rule
@@ -501,10 +611,29 @@ def quiet_orbax_logging() -> None:
 
 
 def prepare(workdir: str | os.PathLike) -> str:
-  """Creates ``workdir`` and returns its absolute path."""
-  workdir = os.path.abspath(os.fspath(workdir))
-  os.makedirs(workdir, exist_ok=True)
-  return workdir
+  """Creates ``workdir`` and returns its absolute path.
+
+  Raises:
+    ConfigError: (``workdir``) for an empty path, a path that is (or lies under) a file, a
+      directory that cannot be created or is not writable.
+  """
+  raw = os.fspath(workdir) if workdir is not None else ""
+  if not str(raw).strip():
+    raise ConfigError("workdir", raw, "must name a directory (it is empty)")
+  path = os.path.abspath(raw)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError("workdir", raw, "is a file, not a directory")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise ConfigError("workdir", raw, f"cannot be created: {e.strerror or e}") from None
+  try:  # a write probe: os.access says yes to root on a read-only mount
+    fd, probe = tempfile.mkstemp(prefix=".write_probe_", dir=path)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError("workdir", raw, f"is not writable: {e.strerror or e}") from None
+  return path
 
 
 def write_config(workdir: str | os.PathLike, config: Any, **more: Any) -> None:

@@ -66,7 +66,15 @@ from jaxrm.train.policy_text import (
 )
 
 PARALLEL_MODES = ("auto", "jit", "shard_map", "pmap")
-CHANGEABLE_ON_RESUME = ("steps", "log", "parallel", "samples", "eval_every", "eval_batch_size")
+CHANGEABLE_ON_RESUME = (
+  "steps",
+  "log",
+  "parallel",
+  "samples",
+  "eval_every",
+  "eval_batch_size",
+  "max_consecutive_skips",
+)
 RL_CURVES_FILE = "rl_curves.png"
 
 
@@ -111,6 +119,9 @@ class PolicyTrainConfig:
     eval_every: period (steps) of the ``split='eval'`` rows on a fixed prompt batch (also at
       step 0 and at ``steps``); 0: never.
     eval_batch_size: prompts of the evaluation batch.
+    max_consecutive_skips: stop the run (:class:`jaxrm.io.rundir.RunStopped`, naming the last
+      good checkpoint) once this many consecutive updates were skipped as non-finite, or
+      every update of a shorter run; 0 never stops.
   """
 
   algo: str = "ppo"
@@ -132,6 +143,7 @@ class PolicyTrainConfig:
   samples: samples_lib.SamplesConfig = dataclasses.field(default_factory=samples_lib.SamplesConfig)
   eval_every: int = 50
   eval_batch_size: int = 64
+  max_consecutive_skips: int = 20
 
   def to_json(self) -> dict[str, Any]:
     return rundir.config_to_json(self)
@@ -143,6 +155,7 @@ def validate_config(c: PolicyTrainConfig, *, num_devices: int | None = None) -> 
   :func:`build_run`, with the same error type."""
 
   need = functools.partial(rundir.check, c)
+  rundir.check_finite_fields(c)  # no inf/NaN hyperparameter, whatever its name
 
   is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
   need(c.algo in rl_lib.ALGORITHMS, "algo", f"must be one of {list(rl_lib.ALGORITHMS)}")
@@ -190,6 +203,11 @@ def validate_config(c: PolicyTrainConfig, *, num_devices: int | None = None) -> 
   for name in ("steps", "batch_size"):
     need(is_int(getattr(c, name)) and getattr(c, name) >= 1, name, "must be an int >= 1")
   need(is_int(c.seed) and c.seed >= 0, "seed", "must be an int >= 0")
+  need(
+    is_int(c.max_consecutive_skips) and c.max_consecutive_skips >= 0,
+    "max_consecutive_skips",
+    "must be an int >= 0 (0: never stop)",
+  )
   need(c.parallel in PARALLEL_MODES, "parallel", f"must be one of {list(PARALLEL_MODES)}")
   need(is_int(c.eval_every) and c.eval_every >= 0, "eval_every", "must be an int >= 0")
   need(is_int(c.eval_batch_size) and c.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
@@ -379,6 +397,33 @@ def _fmt(row: dict[str, Any]) -> dict[str, Any]:
   return {k: row.get(k) for k in keys if k in row}
 
 
+def _check_resumable_before_restore(ckpt, c: PolicyTrainConfig, workdir: str) -> None:
+  """The resume rule on the newest checkpoint's JSON, before any array is restored (a
+  checkpoint of another algorithm or policy would fail inside orbax's restore)."""
+  peek = ckpt.latest_extra()
+  if peek is not None:
+    rundir.check_resumable(
+      peek[0].get("config", {}), c.to_json(), changeable=CHANGEABLE_ON_RESUME, workdir=workdir
+    )
+
+
+def _skip_monitor(c: PolicyTrainConfig, steps: int, *, state) -> rundir.SkipMonitor:
+  skipped = int(np.asarray(jax.device_get(state.num_skipped)))
+  return rundir.SkipMonitor(c.max_consecutive_skips, total_steps=steps, skipped=skipped)
+
+
+def _count_skip(skips: rundir.SkipMonitor, row: dict[str, Any], ckpt, *, raise_nonfinite) -> None:
+  """Feeds one metrics row to the skip monitor; raises :class:`jaxrm.io.rundir.RunStopped`
+  (naming the last good checkpoint) in ``raise`` mode or when too many skipped in a row."""
+  last = rundir.describe_checkpoint(ckpt.latest_step(), ckpt.directory)
+  if raise_nonfinite and row["nonfinite"]:
+    raise rundir.RunStopped(
+      f"non-finite update at step {row['step']} (--config.rl.nonfinite=raise; the state "
+      f"before it is that of step {row['step'] - 1}); last good checkpoint: {last}"
+    )
+  skips.update(row["step"], bool(row["nonfinite"]), last_checkpoint=last)
+
+
 def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> dict[str, Any]:
   """Trains (or resumes) ``run`` in ``workdir`` until ``steps`` (default ``config.steps``).
 
@@ -388,7 +433,9 @@ def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> 
 
   Raises:
     jaxrm.io.rundir.ConfigError: ``workdir`` holds a checkpoint of another config.
-    FloatingPointError: with ``rl.nonfinite='raise'``, at the first non-finite update.
+    jaxrm.io.rundir.RunStopped: with ``rl.nonfinite='raise'`` at the first non-finite update,
+      or after ``max_consecutive_skips`` skipped updates in a row (naming the last good
+      checkpoint).
   """
   c = run.config
   steps = c.steps if steps is None else steps
@@ -400,6 +447,7 @@ def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> 
   with checkpoint_lib.CheckpointManager(
     os.path.join(workdir, rundir.CHECKPOINT_DIR), max_to_keep=c.log.keep_checkpoints
   ) as ckpt:
+    _check_resumable_before_restore(ckpt, c, workdir)
     restored = ckpt.restore_latest(template=state)
     if restored is not None:
       state, extra, start = restored
@@ -418,6 +466,7 @@ def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> 
     carry = pstep.put_state((state, step_reward_params, run.ref_params))
     del state
     progress = rundir.Progress(steps, items_per_step=c.batch_size)
+    skips = _skip_monitor(c, steps, state=pstep.unreplicate(carry)[0])
     pending = []
     t_start = time.time()
     with rundir.MetricsWriter(workdir, log=c.log, config=c) as writer:
@@ -433,12 +482,9 @@ def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> 
             last_row = rundir.scalar_row(s, pstep.unreplicate(m))
             last_row["time"] = time.time() - t_start
             writer.write(last_row)
+            _count_skip(skips, last_row, ckpt, raise_nonfinite=raise_nonfinite)
           pending.clear()
           progress.start(done)  # after the first (compiling) step of this process
-          if raise_nonfinite and last_row["nonfinite"]:
-            raise FloatingPointError(
-              f"non-finite update at step {done}; the state before it is that of step {step}"
-            )
           if log_now:
             logging.info("%s", progress.line(done, _fmt(last_row), unit="prompts"))
         if sampler.writer.due(done, steps):
@@ -461,6 +507,7 @@ def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> 
     "resumed_from": start,
     "steps_per_sec": progress.steps_per_sec(steps),
     "final": last_row,
+    "skipped_updates": skips.total,
     "workdir": workdir,
   }
 

@@ -221,6 +221,16 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
     max_to_keep=log.keep_checkpoints,
     best_metric=BEST_METRIC if has_test else None,
   ) as ckpt:
+    # The config check comes before any array is restored: the state template is built from
+    # this config, and a checkpoint of another model would fail inside orbax.
+    peek = ckpt.latest_extra()
+    if peek is not None:
+      rundir.check_resumable(
+        peek[0].get("config", {}),
+        config.to_json(),
+        changeable=CHANGEABLE_ON_RESUME,
+        workdir=workdir,
+      )
     restored = ckpt.restore_latest(template=host_state)
     start, last_eval = 0, None
     if restored is not None:
@@ -266,8 +276,14 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
     )
 
     progress = rundir.Progress(config.steps, items_per_step=config.batch_size)
+    skips = rundir.SkipMonitor(
+      config.max_consecutive_skips,
+      total_steps=config.steps,
+      skipped=int(jax.device_get(pstep.unreplicate(state).num_skipped)),
+    )
     step, last_row = start, None
     pending: list[dict[str, jax.Array]] = []
+    skip_checked = 0  # steps of ``pending`` already given to ``skips``
     with rundir.MetricsWriter(workdir, log=log, config=config) as writer:
       while step < config.steps:
         batch = next(train_iter)
@@ -280,10 +296,26 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
           jax.block_until_ready(step_metrics)
           progress.start(step)
         if config.nonfinite == "raise":
-          train_state_lib.raise_if_nonfinite(pstep.unreplicate(step_metrics), step=step - 1)
+          try:
+            train_state_lib.raise_if_nonfinite(pstep.unreplicate(step_metrics), step=step - 1)
+          except FloatingPointError as e:
+            raise rundir.RunStopped(
+              f"{e} (--config.nonfinite=raise); last good checkpoint: "
+              f"{rundir.describe_checkpoint(ckpt.latest_step(), ckpt.directory)}"
+            ) from None
 
-        if step % log.log_every == 0 or step == config.steps:
+        checkpoint_now = step % log.checkpoint_every == 0 or step == config.steps
+        if step % log.log_every == 0 or step == config.steps or checkpoint_now:
           fetched = jax.device_get([pstep.unreplicate(m) for m in pending])
+          # Each step once, and before any checkpoint of it is written.
+          for i in range(skip_checked, len(fetched)):
+            skips.update(
+              step - len(fetched) + i + 1,
+              bool(fetched[i]["nonfinite"]),
+              last_checkpoint=rundir.describe_checkpoint(ckpt.latest_step(), ckpt.directory),
+            )
+          skip_checked = len(fetched)
+        if step % log.log_every == 0 or step == config.steps:
           mean = lambda key, rows=fetched: float(np.mean([float(m[key]) for m in rows]))
           last_row = {
             "split": "train",
@@ -302,26 +334,35 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
           }
           writer.write(last_row)
           shown = {k: last_row[k] for k in ("loss", "accuracy")}
+          shown["skipped"] = skips.total
           logging.info("%s", progress.line(step, shown, unit="pairs"))
-          pending = []
+          pending, skip_checked = [], 0
 
-        checkpoint_now = step % log.checkpoint_every == 0 or step == config.steps
         if has_test and (step % config.eval.every == 0 or checkpoint_now):
           jax.block_until_ready(state)
           t0 = time.perf_counter()
           scores, _ = rm_eval.score_pairs(peval, state.params, data.test, config, data.max_len)
+          rm_eval.check_finite_rewards(
+            scores,
+            step=step,
+            last_checkpoint=rundir.describe_checkpoint(ckpt.latest_step(), ckpt.directory),
+          )
           last_eval = report_lib.heldout_metrics(
             scores["rewards_chosen"], scores["rewards_rejected"]
           )
+          problem = rm_eval.evaluation_problem(scores)
+          if problem:
+            last_eval["unreliable"] = problem
           writer.write({"split": "eval", "step": step, **last_eval})
           logging.info(
-            "eval at step %d | accuracy %.4f (± %.4f) | log-loss %.4f | ECE %.4f | %d pairs",
+            "eval at step %d | accuracy %.4f (± %.4f) | log-loss %.4f | ECE %.4f | %d pairs%s",
             step,
             last_eval["accuracy"],
             last_eval["accuracy_stderr"],
             last_eval["log_loss"],
             last_eval["ece"],
             last_eval["num_pairs"],
+            f" | UNRELIABLE: {problem}" if problem else "",
           )
           progress.exclude(time.perf_counter() - t0)
         if checkpoint_now:
@@ -331,7 +372,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
           if last_row is not None:
             saved_metrics.update({f"train_{k}": last_row[k] for k in ("loss", "accuracy")})
           if has_test:
-            saved_metrics.update({f"eval_{k}": v for k, v in last_eval.items()})
+            saved_metrics.update(
+              {f"eval_{k}": v for k, v in last_eval.items() if k != "unreliable"}
+            )
           ckpt.save(
             step,
             rm_eval.to_host(pstep.unreplicate(state)),
@@ -349,6 +392,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
       "eval": last_eval,
       "train": last_row,
       "pairs_per_sec": progress.items_per_sec(step),
+      "skipped_updates": skips.total,
       "report": None,
     }
     if config.eval.report:
@@ -366,9 +410,18 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
         best_step=ckpt.best_step() if has_test else None,
         checkpoint_steps=ckpt.all_steps(),
       )
-  logging.info(
-    "Done: step %d%s",
-    step,
-    "" if last_eval is None else f", held-out accuracy {last_eval['accuracy']:.4f}",
-  )
+  held_out = ""
+  if last_eval is not None:
+    held_out = f", held-out accuracy {last_eval['accuracy']:.4f}"
+    if last_eval.get("unreliable"):
+      held_out += f" (UNRELIABLE: {last_eval['unreliable']})"
+  logging.info("Done: step %d%s, %d skipped updates", step, held_out, skips.total)
+  if skips.total:
+    logging.warning(
+      "%d of the run's %d updates were skipped (non-finite loss, gradient or update); "
+      "see num_skipped in %s",
+      skips.total,
+      step,
+      rundir.METRICS_FILE,
+    )
   return summary

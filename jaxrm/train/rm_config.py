@@ -32,7 +32,7 @@ PARALLEL_MODES = ("auto", "jit", "shard_map", "pmap")
 POOLINGS = ("last", "mean")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Sections and fields that do not change the trained parameters: they may differ on resume.
-CHANGEABLE_ON_RESUME = ("eval", "log", "parallel", "nonfinite")
+CHANGEABLE_ON_RESUME = ("eval", "log", "parallel", "nonfinite", "max_consecutive_skips")
 
 
 @dataclasses.dataclass
@@ -116,7 +116,10 @@ class TrainConfig:
     seed: seed of the initialisation, the step keys and the data order.
     parallel: ``'auto'``, ``'jit'``, ``'shard_map'`` or ``'pmap'``
       (:func:`jaxrm.steps.parallel.make_parallel_step`).
-    nonfinite: ``'skip'`` a step with a non-finite loss or gradient, or ``'raise'``.
+    nonfinite: ``'skip'`` a step with a non-finite loss, gradient or update, or ``'raise'``.
+    max_consecutive_skips: stop the run (:class:`jaxrm.io.rundir.RunStopped`, naming the last
+      good checkpoint) once this many consecutive updates were skipped, or every update of a
+      run shorter than that; 0 never stops.
   """
 
   data: pairs.DataConfig = dataclasses.field(default_factory=pairs.DataConfig)
@@ -130,6 +133,7 @@ class TrainConfig:
   seed: int = 0
   parallel: str = "auto"
   nonfinite: str = "skip"
+  max_consecutive_skips: int = 20
 
   def to_json(self) -> dict[str, Any]:
     """The fields as a nested JSON-serialisable dict (tuples as lists)."""
@@ -161,6 +165,7 @@ def validate_config(config: TrainConfig, *, num_devices: int | None = None) -> N
   c = config
 
   need = functools.partial(rundir.check, c)
+  rundir.check_finite_fields(c)
 
   pairs.validate_data_config(c.data)
   need(
@@ -205,6 +210,11 @@ def validate_config(config: TrainConfig, *, num_devices: int | None = None) -> N
     c.nonfinite in train_state_lib.NONFINITE_MODES,
     "nonfinite",
     f"must be one of {list(train_state_lib.NONFINITE_MODES)}",
+  )
+  need(
+    _is_int(c.max_consecutive_skips) and c.max_consecutive_skips >= 0,
+    "max_consecutive_skips",
+    "must be an int >= 0 (0: never stop)",
   )
   n = jax.device_count() if num_devices is None else num_devices
   mode = c.parallel if c.parallel != "auto" else ("shard_map" if n > 1 else "jit")

@@ -105,6 +105,46 @@ def score_pairs(
   return arrays, iterator.subset_names
 
 
+MIN_EVAL_PAIRS = 20  # fewer held-out pairs make an accuracy too noisy to report as a number
+
+
+def check_finite_rewards(scores: dict[str, np.ndarray], *, step: int, last_checkpoint: str) -> None:
+  """Raises :class:`jaxrm.io.rundir.RunStopped` if a held-out reward is NaN or infinite.
+
+  A model whose rewards overflow has diverged (a learning rate or coefficient far too large);
+  the run stops before the diverged parameters are checkpointed, naming the last good
+  checkpoint.
+  """
+  rewards = np.concatenate([scores["rewards_chosen"], scores["rewards_rejected"]])
+  bad = int(np.sum(~np.isfinite(rewards)))
+  if bad:
+    raise rundir.RunStopped(
+      f"stopped at step {step}: {bad} of the {rewards.size} held-out rewards are not finite, "
+      "so the model has diverged (learning rate or a coefficient too large?); last good "
+      f"checkpoint: {last_checkpoint}"
+    )
+
+
+def evaluation_problem(scores: dict[str, np.ndarray]) -> str | None:
+  """Why a held-out accuracy from ``scores`` would mislead as a plain number, or None.
+
+  Too few pairs (< :data:`MIN_EVAL_PAIRS`), or most pairs scored exactly equal (chosen and
+  rejected identical after truncation, or a model that gives every input the same reward:
+  ties count as errors, so such an accuracy says nothing about the model).
+  """
+  rc, rr = np.asarray(scores["rewards_chosen"]), np.asarray(scores["rewards_rejected"])
+  n = rc.size
+  if n < MIN_EVAL_PAIRS:
+    return f"only {n} held-out pair(s) (fewer than {MIN_EVAL_PAIRS}): give more held-out data"
+  ties = int(np.sum(rc == rr))
+  if 2 * ties > n:
+    return (
+      f"{ties} of {n} held-out pairs score exactly equal (pairs identical after truncation "
+      "to data.max_len, or a constant model)"
+    )
+  return None
+
+
 def _training_section(config: rm_config.TrainConfig, workdir: str, step: int) -> dict[str, Any]:
   rows = [
     r for r in rundir.read_metrics(os.path.join(workdir, rundir.METRICS_FILE)) if r["step"] <= step
@@ -135,6 +175,7 @@ def _training_section(config: rm_config.TrainConfig, workdir: str, step: int) ->
     "pairs_per_sec_median": float(np.median(rates)) if rates else None,
     "best_eval_step": best["step"] if best else None,
     "best_eval_accuracy": best["accuracy"] if best else None,
+    "skipped_updates": train[-1].get("num_skipped") if train else None,
   }
 
 
@@ -161,6 +202,16 @@ def write_report(
     splits["test"] = pairs.split_statistics(data.test, read_stats.get("test"))
   data_section = {k: v for k, v in data.info.items() if k != "read_stats"}
   data_section["splits"] = splits
+  warnings = []
+  problem = evaluation_problem(scores)
+  if problem:
+    warnings.append(f"the {split} accuracy below is unreliable: {problem}")
+  training = _training_section(config, workdir, step)
+  if training["skipped_updates"]:
+    warnings.append(
+      f"{training['skipped_updates']} of {step} updates were skipped (non-finite loss, "
+      "gradient or update)"
+    )
   sections = {
     "run": {
       "workdir": workdir,
@@ -168,6 +219,7 @@ def write_report(
       "best_checkpoint_step": best_step,
       "checkpoint_steps": list(checkpoint_steps),
       "evaluated_on": split,
+      "warnings": warnings,
     },
     "model": {
       "preset": config.model.preset,
@@ -178,7 +230,7 @@ def write_report(
       "config": rm_io.config_to_json(model_config),
     },
     "data": data_section,
-    "training": _training_section(config, workdir, step),
+    "training": training,
   }
   gold = (scores["gold_chosen"], scores["gold_rejected"]) if "gold_chosen" in scores else None
   report = report_lib.build_report(

@@ -104,6 +104,12 @@ def validate_reward_config(c: RewardConfig, *, prefix: str = "reward") -> None:
         "rm_dirs",
         f"{d} is not a reward-model run directory (no {rm_io.CHECKPOINT_DIR}/ in it)",
       )
+      ckpt_dir = os.path.join(d, rm_io.CHECKPOINT_DIR)
+      need(
+        any(n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n)) for n in os.listdir(ckpt_dir)),
+        "rm_dirs",
+        f"{d} holds no saved checkpoint yet (its {rm_io.CHECKPOINT_DIR}/ is empty); train it first",
+      )
   need(c.rm_checkpoint in rm_io.WHICH, "rm_checkpoint", f"must be one of {list(rm_io.WHICH)}")
   need(
     c.ensemble_objective in objectives.OBJECTIVES,
