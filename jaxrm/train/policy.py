@@ -491,7 +491,7 @@ def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> 
           t0 = time.perf_counter()
           sampler.write(pstep.unreplicate(carry)[0].params, step=done)
           progress.exclude(time.perf_counter() - t0)
-        if c.eval_every and (done % c.eval_every == 0 or done == steps):
+        if c.eval_every and (done % c.eval_every == 0 or done == c.steps):
           t0 = time.perf_counter()
           _write_eval(run, writer, done, pstep.unreplicate(carry)[0].params)
           progress.exclude(time.perf_counter() - t0)
