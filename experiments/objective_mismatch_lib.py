@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 from typing import Any
@@ -98,7 +99,7 @@ class MismatchConfig:
   label_noises: tuple[float, ...] = (0.0, 0.25)
   losses: tuple[str, ...] = LOSSES
   bt_replicates: int = 2
-  train_steps: tuple[int, ...] = (30, 250)
+  train_steps: tuple[int, ...] = (50, 250)
   rm_batch_size: int = 64
   rm_learning_rate: float = 1e-3
   loss_margin: float = 1.0
@@ -369,8 +370,12 @@ def train_population(cfg, data, world_seed: int, wdir: str) -> list[dict[str, An
       )
       pairs = training_pairs(data, n, noise, data_key)
       states, done, snaps, losses = sweep.init(keys), 0, {}, {}
+      # One chunk length that divides every snapshot's steps: one compiled program per sweep.
+      chunk = functools.reduce(math.gcd, np.diff((0,) + tuple(cfg.train_steps)).tolist())
       for st in cfg.train_steps:
-        states, m = sweep.train(states, pairs, num_steps=st - done, log_every_chunk=False)
+        states, m = sweep.train(
+          states, pairs, num_steps=st - done, chunk=chunk, log_every_chunk=False
+        )
         done = st
         snaps[f"s{st}"] = jax.tree.map(np.asarray, states.params)
         losses[f"s{st}"] = np.asarray(m["loss"][:, -10:].mean(axis=1)).tolist()
