@@ -463,7 +463,8 @@ def write_summary(results, path):
     f"world); sizes {cfg['proxy_sizes']}, comparisons {cfg['data_sizes']}, label noise "
     f"{cfg['label_noises']}, losses {cfg['losses']}, train steps {cfg['train_steps']}, "
     f"{cfg['bt_replicates']} BT seeds; PPO on {sum(bool(p.get('rl')) for p in proxies)} "
-    f"(stratified by accuracy, {cfg['rl_per_size']} per size and world). Primary outcome: "
+    f"(stratified by accuracy, {cfg['rl_per_size']} per world of size {cfg['rl_sizes']}) and "
+    f"on gold. Primary outcome: "
     f"`{cfg['primary_outcome']}`.\n"
   )
   acc = np.array([p["acc"] for p in proxies])

@@ -50,6 +50,7 @@ from jaxrm.steps import rl as rl_lib
 from jaxrm.steps.rm_sweep import RewardModelSweep
 
 LOSSES = ("bt", "bt_margin", "bt_center")
+ProxySize = oo.ProxySize
 
 
 def _default_ppo() -> rl_lib.RLConfig:
@@ -82,7 +83,10 @@ class MismatchConfig:
       best-of-``offdist_n`` policy.
     bon_prompts, bon_samples, bon_outcome_ns: best-of-n outcomes (``bon_samples`` per prompt;
       gold reached at each ``n`` of ``bon_outcome_ns``; for best-of-n a fixed n is a fixed KL).
-    rl_per_size: proxies per size optimised by PPO (stratified by held-out accuracy); 0 = none.
+    rl_sizes: the proxy sizes optimised by PPO (each costs one PPO compilation per world,
+      minutes on a busy 2-core CPU; PPO on gold always runs when ``rl_per_size > 0``).
+    rl_per_size: proxies of each ``rl_sizes`` size optimised by PPO, stratified by held-out
+      accuracy; 0 = no RL.
     rl_*, kl_coef, ppo: PPO settings (as the over-optimisation study's).
     rl_kl_budgets: KL (nats) at which RL gold is read off each run.
     bootstrap_resamples, near_equal_accuracy, primary_outcome: analysis settings (fixed
@@ -113,7 +117,8 @@ class MismatchConfig:
   bon_prompts: int = 64
   bon_samples: int = 256
   bon_outcome_ns: tuple[int, ...] = (16, 128)
-  rl_per_size: int = 2
+  rl_sizes: tuple[str, ...] = ("1x8x2",)
+  rl_per_size: int = 6
   rl_steps: int = 150
   rl_batch_size: int = 64
   rl_learning_rate: float = 1e-5
@@ -165,6 +170,7 @@ EVAL_FIELDS = (
   )
 )
 RL_FIELDS = EVAL_FIELDS + (
+  "rl_sizes",
   "rl_per_size",
   "rl_steps",
   "rl_batch_size",
@@ -579,6 +585,8 @@ def run_rl_world(cfg, data, proxies, world_seed: int, wdir: str) -> dict[str, An
   gold = run("gold", 1, gold_params, gold_fn, None, world_seed * 100 + 99)
   gold = {k: v[0] for k, v in gold.items()}
   for si, size in enumerate(cfg.sizes):
+    if size not in {oo.ProxySize.parse(s) for s in cfg.rl_sizes}:
+      continue
     members = [p for p in proxies if p["size"] == size.name]
     chosen = rl_subset(cfg, members)
     if not chosen:
@@ -644,6 +652,11 @@ def validate(cfg: MismatchConfig) -> None:
     f"must lie in [1, bon_samples={cfg.bon_samples}]",
   )
   need(cfg.rl_per_size >= 0, "rl_per_size", "must be >= 0")
+  need(
+    {oo.ProxySize.parse(s) for s in cfg.rl_sizes} <= set(cfg.sizes),
+    "rl_sizes",
+    f"must be a subset of proxy_sizes {tuple(cfg.proxy_sizes)}",
+  )
   if cfg.rl_per_size:
     need(cfg.rl_steps >= 1, "rl_steps", "must be >= 1 when rl_per_size > 0")
     need(

@@ -1,7 +1,8 @@
 r"""The objective-mismatch study (Lambert & Calandra 2023; Wen et al. 2024) in the synthetic world.
 
 Returns an :class:`experiments.objective_mismatch_lib.MismatchConfig`. Default run (2 worlds,
-96 proxies each, PPO on a stratified subset)::
+96 proxies each, PPO on 6 proxies of one size per world,
+stratified by accuracy, and on gold)::
 
   python experiments/objective_mismatch.py --workdir=runs/mismatch
 
@@ -44,6 +45,8 @@ def get_config(variant: str = "") -> MismatchConfig:
     config.bon_samples = 64
     config.bon_outcome_ns = (8, 32)
     config.primary_outcome = "bon_gold_n32"
+    config.world_seeds = (0,)
+    config.rl_sizes = ("1x4x1",)
     config.rl_per_size = 2
     config.rl_steps = 4
     config.rl_batch_size = 16
