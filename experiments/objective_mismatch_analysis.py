@@ -249,7 +249,7 @@ def run_checks(results, outs, table, near, runs) -> list[dict[str, Any]]:
   check(
     "weaker_within_size_than_across",
     within < acc["estimate"],
-    f"mean within-(world, size) Spearman {within:.2f} vs across all {acc['estimate']:.2f}",
+    f"mean within-(world, size) Spearman {within:.3f} vs across all {acc['estimate']:.3f}",
   )
   check(
     "near_equal_accuracy_proxies_differ",
