@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import cli  # noqa: E402
 from experiments import objective_mismatch_analysis as analysis  # noqa: E402
 from experiments import objective_mismatch_lib as lib  # noqa: E402
+from experiments import objective_mismatch_outcomes as outcomes  # noqa: E402
 from jaxrm.io import rundir  # noqa: E402
 
 QUICK = f"--config={os.path.join(cli.CONFIG_DIR, 'objective_mismatch.py')}:quick"
@@ -51,7 +52,7 @@ def main(argv):
     lib.validate(cfg)
     workdir = rundir.prepare(_WORKDIR.value)
     rundir.write_config(workdir, cfg)
-    results = lib.run_study(cfg, workdir)
+    results = outcomes.run_study(cfg, workdir)
   results = analysis.analyse(results, workdir)
   if results["smoke_run"]:
     print("SMOKE RUN (--quick): tiny settings; the checks below are not evidence.")

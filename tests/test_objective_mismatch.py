@@ -11,6 +11,7 @@ import pytest
 
 from experiments import objective_mismatch_analysis as analysis
 from experiments import objective_mismatch_lib as lib
+from experiments import objective_mismatch_outcomes as outcomes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "objective_mismatch.py")
@@ -113,7 +114,7 @@ def test_every_field_is_in_a_stage_cache_key_or_read_by_the_analysis_only():
 def test_rl_subset_is_stratified_by_accuracy():
   cfg = lib.MismatchConfig(rl_per_size=3)
   members = [{"acc": a} for a in np.linspace(0.6, 0.9, 12)[::-1]]
-  chosen = lib.rl_subset(cfg, members)
+  chosen = outcomes.rl_subset(cfg, members)
   accs = sorted(members[i]["acc"] for i in chosen)
   assert len(chosen) == 3 and accs[0] < 0.7 and 0.7 < accs[1] < 0.8 and accs[2] > 0.8
 
