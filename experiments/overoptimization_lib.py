@@ -405,9 +405,17 @@ def run_rl(
   return dict(out, step=np.arange(1, shape[1] + 1) * cfg.rl_log_every)
 
 
-def _run_rl_one(cfg, data, proxy, rl_cfg, optimizer, ref_params, start, *, seed):
+def _run_rl_one(
+  cfg, data, proxy, rl_cfg, optimizer, ref_params, start, *, seed, reward_fn=None, name=None
+):
+  """PPO against ``proxy['params']`` (stacked over ``cfg.num_seeds`` members) -> curves.
+
+  ``reward_fn`` defaults to the proxy architecture's ``apply`` (``name`` to its size's name);
+  the objective-mismatch study passes gold's here to run the same PPO on gold.
+  """
   wc = cfg.world
-  reward_fn = proxy_model(cfg, proxy["size"]).apply
+  reward_fn = proxy_model(cfg, proxy["size"]).apply if reward_fn is None else reward_fn
+  name = proxy["size"].name if name is None else name
   policy = transformer_policy(wc.policy_config(), value_head=True)
   ones = jnp.ones((cfg.rl_batch_size, wc.prompt_len), bool)
 
@@ -454,7 +462,7 @@ def _run_rl_one(cfg, data, proxy, rl_cfg, optimizer, ref_params, start, *, seed)
     done += chunk_len
     progress.start(done)  # rates count from the end of the first (compiling) chunk
     means = {k: float(m[k].mean()) for k in ("kl", "proxy", "gold")}
-    logging.info("rl %s: %s", proxy["size"].name, progress.line(done, means))
+    logging.info("rl %s: %s", name, progress.line(done, means))
   return {k: np.stack([l[k] for l in logs], axis=1) for k in logs[0]}
 
 
