@@ -88,14 +88,6 @@ class DataConfig:
     return not self.files
 
 
-def _is_int(x: Any) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _is_num(x: Any) -> bool:
-  return isinstance(x, (int, float, np.number)) and not isinstance(x, bool) and np.isfinite(x)
-
-
 def validate_world(world: Any, *, field: str) -> None:
   """Raises :class:`ConfigError` (``field``) unless ``world`` is a valid WorldConfig
   (re-running its checks after command-line overrides)."""
@@ -148,19 +140,23 @@ def validate_data_config(c: DataConfig, *, prefix: str = "data") -> None:
       "test_files",
       "must not repeat a data file",
     )
-  need(_is_num(c.test_fraction) and 0 <= c.test_fraction < 1, "test_fraction", "must be in [0, 1)")
-  need(_is_int(c.split_seed) and c.split_seed >= 0, "split_seed", "must be an int >= 0")
   need(
-    _is_int(c.max_len) and 8 <= c.max_len <= MAX_LEN_LIMIT,
+    rundir.is_num(c.test_fraction) and 0 <= c.test_fraction < 1,
+    "test_fraction",
+    "must be in [0, 1)",
+  )
+  need(rundir.is_int(c.split_seed) and c.split_seed >= 0, "split_seed", "must be an int >= 0")
+  need(
+    rundir.is_int(c.max_len) and 8 <= c.max_len <= MAX_LEN_LIMIT,
     "max_len",
     f"must be an int in [8, {MAX_LEN_LIMIT}] (tokens per sequence and the model's positions)",
   )
   s = c.synthetic
-  need(_is_int(s.pairs) and s.pairs >= 2, "synthetic.pairs", "must be an int >= 2")
-  need(_is_int(s.seed) and s.seed >= 0, "synthetic.seed", "must be an int >= 0")
+  need(rundir.is_int(s.pairs) and s.pairs >= 2, "synthetic.pairs", "must be an int >= 2")
+  need(rundir.is_int(s.seed) and s.seed >= 0, "synthetic.seed", "must be an int >= 0")
   need(s.labels in SYNTHETIC_LABELS, "synthetic.labels", f"must be one of {list(SYNTHETIC_LABELS)}")
   need(
-    _is_num(s.label_noise) and 0 <= s.label_noise <= 0.5,
+    rundir.is_num(s.label_noise) and 0 <= s.label_noise <= 0.5,
     "synthetic.label_noise",
     "must be in [0, 0.5]",
   )

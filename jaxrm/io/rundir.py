@@ -153,6 +153,16 @@ def write_failure(error: BaseException) -> str | None:
   return None
 
 
+def is_int(x: Any) -> bool:
+  """A Python or NumPy integer, not a bool (a config's integer fields)."""
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def is_num(x: Any) -> bool:
+  """A finite Python or NumPy number, not a bool (a config's real fields)."""
+  return isinstance(x, (int, float, np.number)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def check(config: Any, ok: bool, field: str, message: str) -> None:
   """Raises :class:`ConfigError` for the dotted ``field`` of ``config`` (with its value)
   unless ``ok``; the one helper of the loops' ``validate_config``."""

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
-import numpy as np
 
 from jaxrm.data import pairs
 from jaxrm.io import rundir
@@ -132,14 +130,6 @@ class DPOTrainConfig:
     return rundir.config_from_json(cls, d)
 
 
-def _is_int(x: Any) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _is_num(x: Any) -> bool:
-  return isinstance(x, (int, float, np.number)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def validate_config(c: DPOTrainConfig, *, num_devices: int | None = None) -> None:
   """Checks every setting; raises :class:`jaxrm.io.rundir.ConfigError` naming the first bad
   one by its dotted path (``loss.beta``)."""
@@ -156,9 +146,9 @@ def validate_config(c: DPOTrainConfig, *, num_devices: int | None = None) -> Non
     )
   l = c.loss
   need(l.name in LOSSES, "loss.name", f"must be one of {list(LOSSES)}")
-  need(_is_num(l.beta) and l.beta > 0, "loss.beta", "must be > 0")
+  need(rundir.is_num(l.beta) and l.beta > 0, "loss.beta", "must be > 0")
   need(
-    _is_num(l.label_smoothing) and 0 <= l.label_smoothing <= 0.5,
+    rundir.is_num(l.label_smoothing) and 0 <= l.label_smoothing <= 0.5,
     "loss.label_smoothing",
     "must be in [0, 0.5]",
   )
@@ -172,23 +162,35 @@ def validate_config(c: DPOTrainConfig, *, num_devices: int | None = None) -> Non
     "loss.label_smoothing",
     "must be > 0 for loss.name='cdpo'",
   )
-  need(_is_num(l.gamma), "loss.gamma", "must be a finite number")
+  need(rundir.is_num(l.gamma), "loss.gamma", "must be a finite number")
   for name in ("desirable_weight", "undesirable_weight"):
-    need(_is_num(getattr(l, name)) and getattr(l, name) >= 0, f"loss.{name}", "must be >= 0")
+    need(rundir.is_num(getattr(l, name)) and getattr(l, name) >= 0, f"loss.{name}", "must be >= 0")
   o = c.optimizer
-  need(_is_num(o.learning_rate) and o.learning_rate > 0, "optimizer.learning_rate", "must be > 0")
-  need(_is_int(o.warmup_steps) and o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
-  need(_is_num(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
-  need(_is_num(o.grad_clip) and o.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0 (0: none)")
+  need(
+    rundir.is_num(o.learning_rate) and o.learning_rate > 0, "optimizer.learning_rate", "must be > 0"
+  )
+  need(
+    rundir.is_int(o.warmup_steps) and o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0"
+  )
+  need(
+    rundir.is_num(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0"
+  )
+  need(
+    rundir.is_num(o.grad_clip) and o.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0 (0: none)"
+  )
   e = c.eval
-  need(_is_int(e.every) and e.every >= 1, "eval.every", "must be an int >= 1")
+  need(rundir.is_int(e.every) and e.every >= 1, "eval.every", "must be an int >= 1")
   need(isinstance(e.report, bool), "eval.report", "must be True or False")
-  need(_is_int(e.bon_prompts) and e.bon_prompts >= 0, "eval.bon_prompts", "must be an int >= 0")
-  need(_is_int(e.bon_samples) and e.bon_samples >= 1, "eval.bon_samples", "must be an int >= 1")
+  need(
+    rundir.is_int(e.bon_prompts) and e.bon_prompts >= 0, "eval.bon_prompts", "must be an int >= 0"
+  )
+  need(
+    rundir.is_int(e.bon_samples) and e.bon_samples >= 1, "eval.bon_samples", "must be an int >= 1"
+  )
   rundir.validate_log_config(c.log)
   for name in ("steps", "batch_size"):
-    need(_is_int(getattr(c, name)) and getattr(c, name) >= 1, name, "must be an int >= 1")
-  need(_is_int(c.seed) and c.seed >= 0, "seed", "must be an int >= 0")
+    need(rundir.is_int(getattr(c, name)) and getattr(c, name) >= 1, name, "must be an int >= 1")
+  need(rundir.is_int(c.seed) and c.seed >= 0, "seed", "must be an int >= 0")
   need(c.parallel in PARALLEL_MODES, "parallel", f"must be one of {list(PARALLEL_MODES)}")
   need(
     c.nonfinite in train_state_lib.NONFINITE_MODES,

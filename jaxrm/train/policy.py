@@ -157,7 +157,7 @@ def validate_config(c: PolicyTrainConfig, *, num_devices: int | None = None) -> 
   need = functools.partial(rundir.check, c)
   rundir.check_finite_fields(c)  # no inf/NaN hyperparameter, whatever its name
 
-  is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+  is_int = rundir.is_int
   need(c.algo in rl_lib.ALGORITHMS, "algo", f"must be one of {list(rl_lib.ALGORITHMS)}")
   need(
     c.policy == "synthetic" or c.policy in presets.PRESETS or is_text_policy_source(c.policy),

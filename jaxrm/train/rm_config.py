@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxrm.data import pairs
@@ -145,14 +143,6 @@ class TrainConfig:
     return rundir.config_from_json(cls, d)
 
 
-def _is_int(x: Any) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _is_num(x: Any) -> bool:
-  return isinstance(x, (int, float, np.number)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def validate_config(config: TrainConfig, *, num_devices: int | None = None) -> None:
   """Checks every setting; raises :class:`jaxrm.io.rundir.ConfigError` naming the first bad
   one by its dotted path (``optimizer.learning_rate``).
@@ -187,24 +177,38 @@ def validate_config(config: TrainConfig, *, num_devices: int | None = None) -> N
     "loss.name",
     f"must be one of {list(preference.LOSS_NAMES)}",
   )
-  need(c.loss.margin is None or _is_num(c.loss.margin), "loss.margin", "must be a finite number")
   need(
-    _is_num(c.loss.label_smoothing) and 0.0 <= c.loss.label_smoothing <= 1.0,
+    c.loss.margin is None or rundir.is_num(c.loss.margin), "loss.margin", "must be a finite number"
+  )
+  need(
+    rundir.is_num(c.loss.label_smoothing) and 0.0 <= c.loss.label_smoothing <= 1.0,
     "loss.label_smoothing",
     "must be in [0, 1]",
   )
-  need(_is_num(c.loss.center_coef) and c.loss.center_coef >= 0, "loss.center_coef", "must be >= 0")
+  need(
+    rundir.is_num(c.loss.center_coef) and c.loss.center_coef >= 0,
+    "loss.center_coef",
+    "must be >= 0",
+  )
   o = c.optimizer
-  need(_is_num(o.learning_rate) and o.learning_rate > 0, "optimizer.learning_rate", "must be > 0")
-  need(_is_int(o.warmup_steps) and o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
-  need(_is_num(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
-  need(_is_num(o.grad_clip) and o.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0 (0: none)")
-  need(_is_int(c.eval.every) and c.eval.every >= 1, "eval.every", "must be an int >= 1")
+  need(
+    rundir.is_num(o.learning_rate) and o.learning_rate > 0, "optimizer.learning_rate", "must be > 0"
+  )
+  need(
+    rundir.is_int(o.warmup_steps) and o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0"
+  )
+  need(
+    rundir.is_num(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0"
+  )
+  need(
+    rundir.is_num(o.grad_clip) and o.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0 (0: none)"
+  )
+  need(rundir.is_int(c.eval.every) and c.eval.every >= 1, "eval.every", "must be an int >= 1")
   need(isinstance(c.eval.report, bool), "eval.report", "must be True or False")
   rundir.validate_log_config(c.log)
-  need(_is_int(c.batch_size) and c.batch_size >= 1, "batch_size", "must be an int >= 1")
-  need(_is_int(c.steps) and c.steps >= 1, "steps", "must be an int >= 1")
-  need(_is_int(c.seed) and c.seed >= 0, "seed", "must be an int >= 0")
+  need(rundir.is_int(c.batch_size) and c.batch_size >= 1, "batch_size", "must be an int >= 1")
+  need(rundir.is_int(c.steps) and c.steps >= 1, "steps", "must be an int >= 1")
+  need(rundir.is_int(c.seed) and c.seed >= 0, "seed", "must be an int >= 0")
   need(c.parallel in PARALLEL_MODES, "parallel", f"must be one of {list(PARALLEL_MODES)}")
   need(
     c.nonfinite in train_state_lib.NONFINITE_MODES,
@@ -212,7 +216,7 @@ def validate_config(config: TrainConfig, *, num_devices: int | None = None) -> N
     f"must be one of {list(train_state_lib.NONFINITE_MODES)}",
   )
   need(
-    _is_int(c.max_consecutive_skips) and c.max_consecutive_skips >= 0,
+    rundir.is_int(c.max_consecutive_skips) and c.max_consecutive_skips >= 0,
     "max_consecutive_skips",
     "must be an int >= 0 (0: never stop)",
   )

@@ -125,10 +125,6 @@ class SFTConfig:
     return rundir.config_to_json(self)
 
 
-def _is_int(x: Any) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
 def validate_config(c: SFTConfig, *, num_devices: int | None = None) -> None:
   """Raises :class:`ConfigError` naming the first bad setting by its dotted path."""
   need = functools.partial(rundir.check, c)
@@ -147,21 +143,23 @@ def validate_config(c: SFTConfig, *, num_devices: int | None = None) -> None:
   for path in d.files:
     need(os.path.isfile(path), "data.files", f"file not found: {path}")
   need(0 <= d.test_fraction < 1, "data.test_fraction", "must be in [0, 1)")
-  need(_is_int(d.split_seed) and d.split_seed >= 0, "data.split_seed", "must be an int >= 0")
-  need(_is_int(d.max_len) and d.max_len >= 8, "data.max_len", "must be an int >= 8")
+  need(rundir.is_int(d.split_seed) and d.split_seed >= 0, "data.split_seed", "must be an int >= 0")
+  need(rundir.is_int(d.max_len) and d.max_len >= 8, "data.max_len", "must be an int >= 8")
   need(
-    _is_int(d.max_prompt_len) and 0 <= d.max_prompt_len < d.max_len - 1,
+    rundir.is_int(d.max_prompt_len) and 0 <= d.max_prompt_len < d.max_len - 1,
     "data.max_prompt_len",
     "must be an int in [0, data.max_len - 1) (0: max_len // 2)",
   )
   o = c.optimizer
   need(o.learning_rate > 0, "optimizer.learning_rate", "must be > 0")
-  need(_is_int(o.warmup_steps) and o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
+  need(
+    rundir.is_int(o.warmup_steps) and o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0"
+  )
   need(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
   need(o.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0 (0: none)")
   for name in ("steps", "batch_size", "eval_every"):
-    need(_is_int(getattr(c, name)) and getattr(c, name) >= 1, name, "must be an int >= 1")
-  need(_is_int(c.seed) and c.seed >= 0, "seed", "must be an int >= 0")
+    need(rundir.is_int(getattr(c, name)) and getattr(c, name) >= 1, name, "must be an int >= 1")
+  need(rundir.is_int(c.seed) and c.seed >= 0, "seed", "must be an int >= 0")
   need(c.parallel in PARALLEL_MODES, "parallel", f"must be one of {list(PARALLEL_MODES)}")
   need(
     c.nonfinite in train_state_lib.NONFINITE_MODES,
