@@ -221,29 +221,6 @@ def best_of_n_gold(
   )
 
 
-def _write_report(workdir, scores, subset_names, *, sections):
-  """The reward-model report (:func:`jaxrm.io.report.build_report`) of the implicit reward."""
-  gold = (scores["gold_chosen"], scores["gold_rejected"]) if "gold_chosen" in scores else None
-  report = report_lib.build_report(
-    scores["rewards_chosen"],
-    scores["rewards_rejected"],
-    response_lengths=(
-      scores["chosen_len"] - scores["prompt_len"],
-      scores["rejected_len"] - scores["prompt_len"],
-    ),
-    subset_ids=scores.get("subset_id"),
-    subset_names=subset_names,
-    gold=gold,
-    sections=sections,
-  )
-  return report_lib.write_report(
-    report,
-    workdir,
-    rewards_chosen=scores["rewards_chosen"],
-    rewards_rejected=scores["rewards_rejected"],
-  )
-
-
 def _mean_row(fetched: list[dict[str, Any]]) -> dict[str, Any]:
   row = {}
   for k in fetched[0]:
@@ -422,7 +399,9 @@ def train_and_evaluate(
         "data": description["dataset"],
         "training": {"loss": rundir.config_to_json(c.loss), "steps": c.steps, "seed": c.seed},
       }
-      summary["report"] = _write_report(workdir, scores, subset_names, sections=sections)
+      summary["report"] = rm_eval.write_scores_report(
+        scores, workdir, subset_names=subset_names, sections=sections
+      )[1]
     if world is not None and c.eval.bon_prompts:
       final_state, ref = pstep.unreplicate(carry)
       summary["best_of_n"] = best_of_n_gold(

@@ -232,25 +232,7 @@ def write_report(
     "data": data_section,
     "training": training,
   }
-  gold = (scores["gold_chosen"], scores["gold_rejected"]) if "gold_chosen" in scores else None
-  report = report_lib.build_report(
-    scores["rewards_chosen"],
-    scores["rewards_rejected"],
-    response_lengths=(
-      scores["chosen_len"] - scores["prompt_len"],
-      scores["rejected_len"] - scores["prompt_len"],
-    ),
-    subset_ids=scores.get("subset_id"),
-    subset_names=subset_names,
-    gold=gold,
-    sections=sections,
-  )
-  paths = report_lib.write_report(
-    report,
-    out_dir,
-    rewards_chosen=scores["rewards_chosen"],
-    rewards_rejected=scores["rewards_rejected"],
-  )
+  report, paths = write_scores_report(scores, out_dir, subset_names=subset_names, sections=sections)
   logging.info(
     "Wrote the report of step %d (%s split, accuracy %.4f) to %s",
     step,
@@ -347,3 +329,41 @@ def write_run_report(
     best_step=best_step,
     checkpoint_steps=run.steps,
   )
+
+
+def write_scores_report(
+  scores: dict[str, Any], out_dir: str, *, subset_names: Any, sections: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, str]]:
+  """Builds and writes the report (:func:`jaxrm.io.report.build_report`) of scored pairs.
+
+  Args:
+    scores: ``rewards_chosen``/``rewards_rejected`` ``[n]``, ``chosen_len``/``rejected_len``/
+      ``prompt_len`` ``[n]`` and optionally ``subset_id`` and ``gold_chosen``/
+      ``gold_rejected`` ``[n]`` (as :func:`score_pairs` returns them).
+    out_dir: where ``rm_report.json``/``.md`` and the plots go.
+    subset_names: names of the ``subset_id`` values, or None.
+    sections: extra report sections (run, model, data, training).
+
+  Returns:
+    ``(report, paths)``.
+  """
+  gold = (scores["gold_chosen"], scores["gold_rejected"]) if "gold_chosen" in scores else None
+  report = report_lib.build_report(
+    scores["rewards_chosen"],
+    scores["rewards_rejected"],
+    response_lengths=(
+      scores["chosen_len"] - scores["prompt_len"],
+      scores["rejected_len"] - scores["prompt_len"],
+    ),
+    subset_ids=scores.get("subset_id"),
+    subset_names=subset_names,
+    gold=gold,
+    sections=sections,
+  )
+  paths = report_lib.write_report(
+    report,
+    out_dir,
+    rewards_chosen=scores["rewards_chosen"],
+    rewards_rejected=scores["rewards_rejected"],
+  )
+  return report, paths
