@@ -41,9 +41,7 @@ def main(argv):
   with cli.one_line_errors():
     lib.validate(cfg)
     if not 0 < abs(_EPS.value) < 1:
-      raise rundir.ConfigError(
-        f"--relative_perturbation must be in (-1, 1) and non-zero, got {_EPS.value}"
-      )
+      cli.die(f"--relative_perturbation={_EPS.value}: must be in (-1, 1) and non-zero")
     workdir = rundir.prepare(_WORKDIR.value)
   perturbed = copy.deepcopy(cfg)
   perturbed.rm_learning_rate = cfg.rm_learning_rate * (1 + _EPS.value)

@@ -136,7 +136,8 @@ def test_ppo_against_the_reward_model_writes_decoded_samples(pipeline):
     assert isinstance(r["reward"], float) and r["gold"] is None
     assert 1 <= r["response_tokens"] <= 8
   metrics = rundir.read_metrics(os.path.join(d, rundir.METRICS_FILE))
-  assert [m["step"] for m in metrics] == [1]
+  assert [m["step"] for m in metrics if m.get("split") != "eval"] == [1]
+  assert [m["step"] for m in metrics if m.get("split") == "eval"] == [0, 1]  # eval_every rows
   assert pipeline["ppo"]["final"]["step"] == 1
   assert RunTokenizer.load(d).name == RunTokenizer.from_source(TOKENIZER).name
 
