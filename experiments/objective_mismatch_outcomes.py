@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from experiments import overoptimization_lib as oo
+from experiments import overoptimization_rl as oo_rl
 from experiments.objective_mismatch_lib import (
   EVAL_FIELDS,
   RL_FIELDS,
@@ -190,11 +191,11 @@ def run_rl_world(cfg, data, proxies, world_seed: int, wdir: str) -> dict[str, An
     t = time.perf_counter()
     occ = overopt_config(cfg, world_seed, num)
     proxy = {"size": size, "params": params}
-    curves = oo._run_rl_one(  # noqa: SLF001  (the over-optimisation study's PPO loop)
+    curves = oo_rl.run_rl_one(  # the over-optimisation study's PPO loop
       occ, data, proxy, rl_cfg, optimizer, ref, start, seed=seed, reward_fn=reward_fn, name=name
     )
     if size is not None:  # re-centre the proxy so that pi_init scores 0
-      curves["proxy"] = curves["proxy"] - oo._proxy_offsets(occ, data, proxy)[:, None]  # noqa: SLF001
+      curves["proxy"] = curves["proxy"] - oo_rl.proxy_offsets(occ, data, proxy)[:, None]
     curves = {k: np.asarray(v) for k, v in curves.items()}
     oo.save_tree(path, curves, {"fingerprint": fp, "seconds": time.perf_counter() - t})
     return curves
