@@ -45,6 +45,28 @@ def test_gold_matches_numpy_formula(world):
   )
 
 
+def test_gold_components_match_numpy_formula_and_sum_to_gold(world):
+  tokens, mask = _samples(world, 256, 25)
+  raw = np.asarray(synthetic.RewardModel(CFG.gold_config()).apply(world.gold_params, tokens, mask))
+  s = jax.tree.map(float, world.stats)
+  count = (np.asarray(tokens)[:, CFG.prompt_len :] == CFG.feature_token).sum(1).astype(np.float64)
+  rest = (raw - s.raw_mean) / s.raw_std / s.std
+  feature = (
+    CFG.feature_coef * (count - s.count_mean) / s.count_std
+    - CFG.feature_penalty * np.maximum(count - s.count_threshold, 0) ** CFG.feature_penalty_power
+    - s.mean
+  ) / s.std
+  parts = synthetic.gold_components(world, CFG, tokens, mask)
+  np.testing.assert_allclose(parts["rest"], rest, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(parts["feature"], feature, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    parts["rest"] + parts["feature"],
+    synthetic.gold_reward(world, CFG, tokens, mask),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+
+
 def test_gold_falls_past_the_feature_threshold(world):
   """The planted feature has negative returns beyond its pi_init quantile."""
   tokens, mask = _samples(world, 64, 30)

@@ -275,6 +275,30 @@ def gold_reward(world: World, cfg: WorldConfig, tokens: jax.Array, mask: jax.Arr
   return (_combine(cfg, stats, raw, count) - stats.mean) / stats.std
 
 
+def gold_components(
+  world: World, cfg: WorldConfig, tokens: jax.Array, mask: jax.Array
+) -> dict[str, jax.Array]:
+  """Gold split into its two parts, each ``[batch]`` float32, in gold's units.
+
+  ``rest`` is the random-transformer part and ``feature`` the planted feature's term (its
+  linear reward minus the penalty past ``count_threshold``, with gold's centring), so that
+  ``rest + feature == gold_reward(world, cfg, tokens, mask)`` up to float rounding. Under
+  ``pi_init`` ``rest`` has mean 0. Tells which flaw an optimiser exploits: the planted
+  feature or the transformer's idiosyncrasies.
+
+  Args:
+    world, cfg, tokens, mask: as :func:`gold_reward`.
+
+  Returns:
+    ``{'rest': [batch], 'feature': [batch]}``.
+  """
+  raw, count = _gold_parts(world.gold_params, cfg, tokens, mask)
+  stats = world.stats
+  rest = (raw - stats.raw_mean) / stats.raw_std
+  feature = _combine(cfg, stats, raw, count) - rest - stats.mean
+  return {"rest": rest / stats.std, "feature": feature / stats.std}
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def init_world(cfg: WorldConfig, key: jax.Array) -> World:
   """Builds ``pi_init`` and gold from a key and measures gold's normalising statistics.
