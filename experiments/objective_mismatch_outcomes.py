@@ -8,7 +8,6 @@ in ``evals_<size>.json``), PPO on gold and on a stratified subset (``rl/<name>.n
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -19,7 +18,6 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from experiments import overoptimization_lib as oo
 from experiments import overoptimization_rl as oo_rl
@@ -33,11 +31,9 @@ from experiments.objective_mismatch_lib import (
   train_population,
   validate,
 )
-from jaxrm.data import synthetic
 from jaxrm.io import rundir
 from jaxrm.math import best_of_n as bon_lib
 from jaxrm.math import rm_evals
-from jaxrm.steps import rl as rl_lib
 
 
 # ----------------------------------------------------------------------------- evaluations
@@ -174,14 +170,9 @@ def run_rl_world(cfg, data, proxies, world_seed: int, wdir: str) -> dict[str, An
   Returns the gold run's curves ``{'kl', 'gold', 'proxy'}`` (each ``[T]``).
   """
   fp = cfg.fingerprint(*RL_FIELDS, world_seed=world_seed)
-  wc = cfg.world
-  rl_cfg = dataclasses.replace(cfg.ppo)
-  optimizer = optax.adam(cfg.rl_learning_rate)
-  ref = data.world.policy_params
-  start = rl_lib.init_value_head(ref, jax.random.key(0), config=wc.policy_config())
   windows = cfg.rl_steps // cfg.rl_log_every
 
-  def run(name, num, params, reward_fn, size, seed):
+  def run(name, num, params, size, seed):
     shape = (num, windows)
     template = {k: jax.ShapeDtypeStruct(shape, jnp.float32) for k in ("kl", "gold", "proxy")}
     path = os.path.join(wdir, "rl", f"{name}.npz")
@@ -191,8 +182,8 @@ def run_rl_world(cfg, data, proxies, world_seed: int, wdir: str) -> dict[str, An
     t = time.perf_counter()
     occ = overopt_config(cfg, world_seed, num)
     proxy = {"size": size, "params": params}
-    curves = oo_rl.run_rl_one(  # the over-optimisation study's PPO loop
-      occ, data, proxy, rl_cfg, optimizer, ref, start, seed=seed, reward_fn=reward_fn, name=name
+    curves = oo_rl.run_rl_one(  # the over-optimisation study's RL loop (training curves)
+      occ, data, proxy, seed=seed, reward="gold" if size is None else "proxy"
     )
     if size is not None:  # re-centre the proxy so that pi_init scores 0
       curves["proxy"] = curves["proxy"] - oo_rl.proxy_offsets(occ, data, proxy)[:, None]
@@ -200,9 +191,7 @@ def run_rl_world(cfg, data, proxies, world_seed: int, wdir: str) -> dict[str, An
     oo.save_tree(path, curves, {"fingerprint": fp, "seconds": time.perf_counter() - t})
     return curves
 
-  gold_fn = lambda p, tk, mk: synthetic.gold_reward(p, wc, tk, mk)
-  gold_params = jax.tree.map(lambda x: x[None], data.world)
-  gold = run("gold", 1, gold_params, gold_fn, None, world_seed * 100 + 99)
+  gold = run("gold", 1, None, None, world_seed * 100 + 99)
   gold = {k: v[0] for k, v in gold.items()}
   for si, size in enumerate(cfg.sizes):
     if size not in {oo.ProxySize.parse(s) for s in cfg.rl_sizes}:
@@ -212,7 +201,7 @@ def run_rl_world(cfg, data, proxies, world_seed: int, wdir: str) -> dict[str, An
     if not chosen:
       continue
     params = jax.tree.map(lambda *x: np.stack(x), *[members[i]["params"] for i in chosen])
-    curves = run(size.name, len(chosen), params, None, size, world_seed * 100 + si)
+    curves = run(size.name, len(chosen), params, size, world_seed * 100 + si)
     for j, i in enumerate(chosen):
       members[i]["rl"] = {k: v[j].tolist() for k, v in curves.items()}
   return gold

@@ -112,6 +112,15 @@ class StudyConfig:
   kl_coef: float = 0.0
   rl_log_every: int = 10
   ppo: rl_lib.RLConfig = dataclasses.field(default_factory=_default_ppo)
+  # --- RL arm (experiments/overoptimization_rl.py)
+  # rl_algorithm: 'ppo', 'rloo', 'grpo' or 'reinforce' (hyperparameters: ``ppo``, an RLConfig).
+  # rl_eval_prompts: fixed held-out prompts sampled at every evaluation (every rl_log_every).
+  # kl_sweep: KL coefficients of the sweep arms f"{reward}_kl{coef:g}" for kl_sweep_reward and
+  # gold; kl_sweep_reward: a proxy size ('L1W8' or '1x8x2'), '' = the smallest-but-one proxy.
+  rl_algorithm: str = "ppo"
+  rl_eval_prompts: int = 256
+  kl_sweep: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)
+  kl_sweep_reward: str = ""
 
   @property
   def num_train(self) -> int:
@@ -140,6 +149,11 @@ RL_FIELDS = PROXY_FIELDS + (
   "kl_coef",
   "rl_log_every",
   "ppo",
+  # --- RL arm (experiments/overoptimization_rl.py)
+  "rl_algorithm",
+  "rl_eval_prompts",
+  "kl_sweep",
+  "kl_sweep_reward",
 )
 # ``num_comparisons`` and ``data_sizes`` select the proxies' data (``num_train`` and the file
 # names of each size's cache) and so enter every key through ``num_train`` and the paths.

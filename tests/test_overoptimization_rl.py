@@ -1,0 +1,180 @@
+"""Tests of the over-optimisation study's RL stage (experiments/overoptimization_rl.py)."""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import overoptimization_lib as lib
+from experiments import overoptimization_rl as orl
+from jaxrm.data import synthetic
+from jaxrm.io.rundir import ConfigError
+from jaxrm.models.policy import transformer_policy
+
+WORLD = {
+  "num_calibration": 256,
+  "policy_layers": 1,
+  "policy_width": 16,
+  "gold_layers": 1,
+  "gold_width": 32,
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fast_compiles():
+  old = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
+def _config(**kw):
+  cfg = lib.StudyConfig(
+    world=synthetic.WorldConfig(**WORLD),
+    num_comparisons=128,
+    num_heldout=64,
+    num_seeds=2,
+    rm_epochs=1,
+    rm_batch_size=32,
+    proxy_sizes=("1x8x2", "1x16x2"),
+    rl_steps=8,
+    rl_batch_size=8,
+    rl_learning_rate=3e-3,
+    rl_log_every=4,
+    rl_eval_prompts=32,
+    kl_sweep=(0.0, 3.0),
+  )
+  for k, v in kw.items():
+    setattr(cfg, k, v)
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("overopt_rl"))
+  cfg = _config()
+  lib.validate(cfg)
+  data = lib.build_world(cfg, workdir)
+  proxies = lib.train_proxies(cfg, data, workdir)
+  out = orl.run_rl(cfg, data, proxies, workdir)
+  return cfg, data, proxies, workdir, out
+
+
+def test_output_follows_the_contract_schema(study):
+  cfg, _, _, _, out = study
+  windows = cfg.rl_steps // cfg.rl_log_every
+  np.testing.assert_array_equal(out["step"], [4, 8])
+  names = ["L1W8", "L1W16", "gold", "L1W16_kl0", "L1W16_kl3", "gold_kl0", "gold_kl3"]
+  assert list(out["arms"]) == names == list(out["arm_info"])
+  assert out["arm_info"]["L1W16_kl3"] == {"reward": "L1W16", "kl_coef": 3.0}
+  assert out["arm_info"]["gold"] == {"reward": "gold", "kl_coef": 0.0}
+  for arm in out["arms"].values():
+    assert set(arm) == set(orl.CURVE_KEYS)
+    for v in arm.values():
+      assert v.shape == (cfg.num_seeds, windows) and np.all(np.isfinite(v))
+  gold = out["arms"]["gold"]
+  np.testing.assert_array_equal(gold["proxy"], gold["gold"])  # the oracle optimises gold
+  # Same seeds, same keys, same reward: the default arm (kl_coef 0) is the sweep's kl0 arm.
+  for k in orl.CURVE_KEYS:
+    np.testing.assert_array_equal(out["arms"]["gold"][k], out["arms"]["gold_kl0"][k])
+
+
+def test_gold_parts_sum_to_gold(study):
+  for arm in study[-1]["arms"].values():
+    np.testing.assert_allclose(arm["gold_rest"] + arm["gold_feature"], arm["gold"], atol=2e-5)
+
+
+def test_a_kl_penalty_ends_at_lower_kl_on_the_same_seeds(study):
+  arms = study[-1]["arms"]
+  for reward in ("L1W16", "gold"):
+    free, penalised = arms[f"{reward}_kl0"], arms[f"{reward}_kl3"]
+    assert np.all(free["kl_exact"][:, -1] > 0.05), free["kl_exact"]  # the policy moved
+    assert np.all(penalised["kl_exact"][:, -1] < free["kl_exact"][:, -1]), reward
+
+
+def _np_log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_heldout_gold_and_exact_kl_match_an_independent_computation(study):
+  cfg, data, proxies, _, _ = study
+  wc = cfg.world
+  size, proxy = cfg.sizes[0], proxies[0]
+  curves, states = orl.train_members(
+    cfg,
+    data,
+    size,
+    proxy["params"],
+    np.array([0.0, 0.5]),
+    jax.random.split(jax.random.key(5), 2),
+  )
+  prompts, key = orl.eval_batch(cfg)
+  # The eval prompts are the fixed held-out batch, not the training stream.
+  np.testing.assert_array_equal(prompts, orl.eval_batch(cfg)[0])
+  policy = transformer_policy(wc.policy_config(), value_head=True)
+  for i in range(2):
+    params = jax.tree.map(lambda x, i=i: x[i], states.params)
+    b = prompts.shape[0]
+    keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(b))
+    out = policy.sample(
+      params, prompts, jnp.ones(prompts.shape, bool), keys, max_new_tokens=12, eos_id=None
+    )
+    gold = np.asarray(synthetic.gold_reward(data.world, wc, out.tokens, out.mask), np.float64)
+    np.testing.assert_allclose(curves["gold"][i, -1], gold.mean(), rtol=1e-5, atol=1e-5)
+    member = jax.tree.map(lambda x, i=i: x[i], proxy["params"])
+    score = lib.proxy_model(cfg, size).apply(member, out.tokens, out.mask)
+    np.testing.assert_allclose(curves["proxy"][i, -1], np.mean(score), rtol=1e-5, atol=1e-5)
+    # Exact sequence KL in float64 from the full next-token distributions.
+    logits, _ = policy.apply(params, out.tokens, out.mask)
+    ref_logits, _ = policy.apply(
+      orl.start_params(cfg, data), out.tokens, out.mask
+    )  # pi_init (zero value head)
+    p = wc.prompt_len
+    lp = _np_log_softmax(np.asarray(logits, np.float64)[:, p - 1 : -1])
+    lq = _np_log_softmax(np.asarray(ref_logits, np.float64)[:, p - 1 : -1])
+    kl = (np.exp(lp) * (lp - lq)).sum(-1).sum(-1)  # [b]
+    np.testing.assert_allclose(curves["kl_exact"][i, -1], kl.mean(), rtol=1e-4, atol=1e-6)
+    tok = np.asarray(out.tokens)[:, p:]
+    k1 = np.take_along_axis(lp - lq, tok[..., None], -1)[..., 0].sum(-1)
+    np.testing.assert_allclose(curves["kl_k1"][i, -1], k1.mean(), rtol=1e-4, atol=1e-5)
+    assert kl.mean() > 1e-3  # the policy moved, so the check is not 0 == 0
+
+
+def test_resuming_from_cached_arms_gives_identical_curves(study):
+  cfg, data, proxies, workdir, out = study
+  copy = workdir + "_resume"
+  shutil.copytree(workdir, copy)
+  os.remove(os.path.join(copy, "rl", "gold_kl3.npz"))  # one arm of the gold group lost
+  again = orl.run_rl(cfg, data, proxies, copy)
+  for arm, curves in out["arms"].items():
+    for k, v in curves.items():
+      np.testing.assert_array_equal(again["arms"][arm][k], v, err_msg=f"{arm} {k}")
+  # The lost arm is written again.
+  assert os.path.exists(os.path.join(copy, "rl", "gold_kl3.npz"))
+
+
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
+    ("rl_algorithm", "trpo", "rl_algorithm"),
+    ("rl_eval_prompts", 0, "rl_eval_prompts"),
+    ("kl_sweep", (0.1, -1.0), "kl_sweep"),
+    ("kl_sweep", (0.1, 0.1), "kl_sweep"),
+    ("kl_sweep_reward", "L9W9", "kl_sweep_reward"),
+  ],
+)
+def test_bad_rl_fields_name_the_field(field, value, message):
+  cfg = _config(**{field: value})
+  with pytest.raises(ConfigError, match=message):
+    orl.validate_rl(cfg)
+
+
+def test_sweep_reward_defaults_to_the_smallest_but_one_proxy():
+  assert orl.sweep_reward(_config(proxy_sizes=("2x32x4", "1x4x1", "1x8x2"))) == "L1W8"
+  assert orl.sweep_reward(_config(kl_sweep_reward="2x32x4", proxy_sizes=("2x32x4",))) == "L2W32"
+  assert "L1W8_kl1" in orl.arms(lib.StudyConfig())
+  assert len(lib.StudyConfig().kl_sweep) >= 4
