@@ -32,6 +32,7 @@ The objective-mismatch study reuses :func:`run_rl_one` and :func:`proxy_offsets`
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import os
@@ -72,6 +73,8 @@ CURVE_KEYS = EVAL_KEYS + TRAIN_KEYS
 # key(world_seed + 7), the offsets key(world_seed + 11), training key(2000 + i)).
 _EVAL_PROMPT_STREAM, _EVAL_SAMPLE_STREAM = 7_000_001, 7_000_002
 _GOLD_SEED_INDEX = 999  # training keys of the gold arms: key(2000 + 999)
+# Times each reward's chunk was traced (= compiled) in this process: one per member count.
+TRACES: collections.Counter = collections.Counter()
 
 
 def _rl_config(cfg: StudyConfig) -> rl_lib.RLConfig:
@@ -262,6 +265,7 @@ def chunk_fn(
 
   @functools.partial(jax.jit, donate_argnums=0)
   def chunk(states, world, reward_params, eval_prompts, eval_key):
+    TRACES[GOLD if size is None else size.name] += 1  # runs at trace time only
     return jax.vmap(member, in_axes=(0, None, 0, None, None))(
       states, world, reward_params, eval_prompts, eval_key
     )
