@@ -124,7 +124,13 @@ def test_heldout_gold_and_exact_kl_match_an_independent_computation(study):
     b = prompts.shape[0]
     keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(b))
     out = policy.sample(
-      params, prompts, jnp.ones(prompts.shape, bool), keys, max_new_tokens=12, eos_id=None
+      params,
+      prompts,
+      jnp.ones(prompts.shape, bool),
+      keys,
+      max_new_tokens=12,
+      eos_id=None,
+      temperature=1.0,
     )
     gold = np.asarray(synthetic.gold_reward(data.world, wc, out.tokens, out.mask), np.float64)
     np.testing.assert_allclose(curves["gold"][i, -1], gold.mean(), rtol=1e-5, atol=1e-5)
