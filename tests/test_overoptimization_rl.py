@@ -200,3 +200,19 @@ def test_another_world_reuses_the_compiled_chunk(study):
   curves, _ = orl.train_members(other, data, None, stacked, np.zeros(n), keys)
   assert orl.TRACES == traces  # world 1's parameters are arguments of world 0's program
   assert np.all(np.isfinite(curves["gold"]))
+
+
+def test_rloo_is_a_config_value(study):
+  """A grouped algorithm without a value head: ``num_samples`` rows per prompt, same outputs."""
+  _, data, _, _, _ = study
+  cfg = _config(rl_algorithm="rloo", rl_steps=2, rl_log_every=2)
+  orl.validate_rl(cfg)
+  assert not isinstance(orl.start_params(cfg, data)["params"].get("value_head"), dict)
+  stacked = jax.tree.map(lambda x: jnp.stack([x] * 2), data.world)
+  curves, _ = orl.train_members(
+    cfg, data, None, stacked, np.zeros(2), jax.random.split(jax.random.key(0), 2)
+  )
+  assert set(curves) == set(orl.CURVE_KEYS) | {"train_proxy"}
+  for v in curves.values():
+    assert v.shape == (2, 1) and np.all(np.isfinite(v))
+  assert np.all(curves["kl_exact"] > 0)  # one update moved the policy
