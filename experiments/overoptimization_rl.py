@@ -431,3 +431,12 @@ def run_rl(
     "arms": {a: out[a] for a in info},
     "arm_info": info,
   }
+
+
+def to_json(out: dict[str, Any]) -> dict[str, Any]:
+  """:func:`run_rl`'s output with every array as nested lists (for ``results.json``)."""
+  return {
+    "step": np.asarray(out["step"]).tolist(),
+    "arms": {a: {k: np.asarray(v).tolist() for k, v in c.items()} for a, c in out["arms"].items()},
+    "arm_info": {a: dict(v) for a, v in out["arm_info"].items()},
+  }

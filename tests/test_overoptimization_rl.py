@@ -1,5 +1,6 @@
 """Tests of the over-optimisation study's RL stage (experiments/overoptimization_rl.py)."""
 
+import json
 import os
 import shutil
 
@@ -77,6 +78,9 @@ def test_output_follows_the_contract_schema(study):
       assert v.shape == (cfg.num_seeds, windows) and np.all(np.isfinite(v))
   gold = out["arms"]["gold"]
   np.testing.assert_allclose(gold["proxy"], gold["gold"], atol=1e-5)  # the oracle optimises gold
+  back = json.loads(json.dumps(orl.to_json(out)))
+  np.testing.assert_array_equal(back["arms"]["L1W8_kl3"]["gold"], out["arms"]["L1W8_kl3"]["gold"])
+  assert back["arm_info"] == out["arm_info"] and back["step"] == [4, 8]
   # Same seeds, same keys, same reward: the default arm (kl_coef 0) is the sweep's kl0 arm.
   for k in orl.CURVE_KEYS:
     np.testing.assert_array_equal(out["arms"]["gold"][k], out["arms"]["gold_kl0"][k])
