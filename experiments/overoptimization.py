@@ -50,8 +50,11 @@ def main(argv):
     rundir.write_config(workdir, cfg)
     results = lib.run_study(cfg, workdir)
   results = analysis.analyse(results, workdir)
+  if results["smoke_run"]:
+    print("SMOKE RUN (quick config): tiny settings, the checks below mean nothing")
   for c in results["checks"]:
-    print(f"{'PASS' if c['passed'] else 'FAIL'}  {c['name']}: {c['detail']}")
+    per = " ".join(f"{k}:{'PASS' if v else 'FAIL'}" for k, v in c["per_world"].items())
+    print(f"{'PASS' if c['passed'] else 'FAIL'}  {c['name']} (pooled; {per}): {c['detail']}")
   logging.info("study finished in %.0fs; results in %s", time.perf_counter() - start, workdir)
 
 

@@ -122,6 +122,7 @@ class StudyConfig:
   kl_coef: float = 0.0
   rl_log_every: int = 10
   ppo: rl_lib.RLConfig = dataclasses.field(default_factory=_default_ppo)
+  smoke: bool = False  # labels the outputs as a smoke run (the ``quick`` variant)
 
   @property
   def world_seed(self) -> int:
@@ -175,6 +176,7 @@ RL_FIELDS = PROXY_FIELDS + (
 # names of each size's cache) and so enter every key through ``num_train`` and the paths;
 # ``world_seeds`` selects the worlds, each keyed by its ``world_seed`` under ``world{seed}/``.
 SELECTION_FIELDS = ("num_comparisons", "data_sizes", "world_seeds")
+LABEL_FIELDS = ("smoke",)  # labels the outputs only: no cache depends on it
 
 save_tree = rundir.save_tree
 load_tree = rundir.load_tree

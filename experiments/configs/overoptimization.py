@@ -34,6 +34,7 @@ def get_config(variant: str = "") -> StudyConfig:
     config.num_seeds = 2
     config.rm_epochs = 1
     config.proxy_sizes = ("1x8x2", "1x16x2", "1x32x2")
+    config.smoke = True
     config.world_seeds = (0, 1)
     config.bon_prompts = 8
     config.bon_samples = 128
