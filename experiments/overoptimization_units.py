@@ -87,7 +87,7 @@ _STATIC = ("names", "params", "ns", "kl", "num_seeds")
 def pooled_unit(units: list[dict]) -> dict:
   """The mean over worlds of every curve (replicate by replicate for the bootstrap)."""
   pooled = {k: units[0][k] for k in _STATIC}
-  for k, v in units[0].items():
+  for k in units[0]:
     if k in _STATIC or k == "rl":
       continue
     values = [u[k] for u in units]
