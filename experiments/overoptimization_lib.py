@@ -538,8 +538,13 @@ def _proxy_summary(proxies: list[dict[str, Any]]) -> list[dict[str, Any]]:
   ]
 
 
-def run_world(cfg: StudyConfig, workdir: str, timing: dict[str, float]) -> dict[str, Any]:
-  """Every stage for one world (``cfg`` a per-world config); caches under ``workdir``."""
+def run_world(
+  cfg: StudyConfig, workdir: str, timing: dict[str, float], *, data_sweep: bool = True
+) -> dict[str, Any]:
+  """Every stage for one world (``cfg`` a per-world config); caches under ``workdir``.
+
+  ``data_sweep``: also train and evaluate proxies on each of ``cfg.data_sizes``.
+  """
 
   def timed(name, fn, *args, **kw):
     t = time.perf_counter()
@@ -567,7 +572,7 @@ def run_world(cfg: StudyConfig, workdir: str, timing: dict[str, float]) -> dict[
 
     rl_out = timed("rl", overoptimization_rl.run_rl, cfg, data, proxies, workdir)
     out["rl"] = _jsonable(rl_out)
-  if cfg.data_sizes:
+  if cfg.data_sizes and data_sweep:
     sweep = []
     for n in sorted(set(cfg.data_sizes)):
       px = timed(f"proxies_n{n}", train_proxies, cfg, data, workdir, num_comparisons=n)
@@ -595,16 +600,18 @@ def run_study(cfg: StudyConfig, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) every stage in every world; returns the measurements as a JSON-able dict.
 
   ``results['worlds'][i]`` holds world ``world_seeds[i]``: ``proxies``, ``bon`` (see
-  :func:`best_of_n`), ``rl`` (``overoptimization_rl.run_rl``) and ``data_sweep``;
+  :func:`best_of_n`), ``rl`` (``overoptimization_rl.run_rl``) and (first world only: the
+  data-size sweep is not a trend check) ``data_sweep``;
   ``results['proxies']`` names the proxy sizes (held-out accuracy averaged over worlds).
   """
   validate(cfg)
   timing: dict[str, float] = {}
   results = {"config": rundir.config_to_json(cfg), "environment": environment.environment()}
   worlds = []
-  for seed in cfg.world_seeds:
+  for i, seed in enumerate(cfg.world_seeds):
     wcfg = cfg.for_world(seed)
-    worlds.append(run_world(wcfg, os.path.join(workdir, f"world{seed}"), timing))
+    wdir = os.path.join(workdir, f"world{seed}")
+    worlds.append(run_world(wcfg, wdir, timing, data_sweep=i == 0))
   results["worlds"] = worlds
   results["proxies"] = [
     dict(p, heldout_accuracy=[a for w in worlds for a in w["proxies"][i]["heldout_accuracy"]])

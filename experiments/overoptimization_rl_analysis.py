@@ -72,7 +72,8 @@ def penalty_sweep(unit: dict) -> tuple[bool, str, list[dict]]:
   """Does each KL-penalised arm's final point lie on its unpenalised arm's gold-vs-KL curve?
 
   "On the curve": the penalised final gold minus the unpenalised curve's gold at the same KL
-  (interpolated) lies within 2 standard errors (the penalised arm's seed spread).
+  (interpolated) lies within its 95% t-interval half-width ``t_{0.975, seeds-1} * s.e.``
+  (s.e. from the penalised arm's seed spread; the unpenalised curve's own noise is not added).
   """
   rl = unit["rl"]
   rows = []
@@ -89,6 +90,9 @@ def penalty_sweep(unit: dict) -> tuple[bool, str, list[dict]]:
     kl_final = float(np.maximum(arm["kl_exact"][:, -1], 0).mean())
     gold_final = arm["gold"][:, -1]
     se = gold_final.std(ddof=1) / math.sqrt(len(gold_final)) if len(gold_final) > 1 else math.inf
+    half_width = (
+      scaling.student_t_quantile(0.975, len(gold_final) - 1) * se if len(gold_final) > 1 else se
+    )
     on = value_at(*_curve(rl["arms"][base], "gold"), kl_final)
     diff = float(gold_final.mean() - on) if np.isfinite(on) else math.nan
     rows.append(
@@ -100,30 +104,39 @@ def penalty_sweep(unit: dict) -> tuple[bool, str, list[dict]]:
         "unpenalised_gold_at_kl": on,
         "difference": diff,
         "se": float(se),
-        "on_curve": bool(np.isfinite(diff) and abs(diff) <= 2 * se),
+        "half_width_95": float(half_width),
+        "on_curve": bool(np.isfinite(diff) and abs(diff) <= half_width),
       }
     )
   if not rows:
     return False, "no KL-penalty arms in the RL output: not measured", rows
   detail = "; ".join(
     f"{r['arm']}: final KL {r['final_kl']:.2f}, gold {r['final_gold']:.2f} vs "
-    f"{r['unpenalised_gold_at_kl']:.2f} unpenalised (diff {r['difference']:+.2f}, s.e. "
-    f"{r['se']:.2f})"
+    f"{r['unpenalised_gold_at_kl']:.2f} unpenalised (diff {r['difference']:+.2f}, 95% "
+    f"half-width {r['half_width_95']:.2f})"
     for r in rows
   )
   return all(r["on_curve"] for r in rows), detail, rows
 
 
 def kl_efficiency(unit: dict) -> tuple[bool, str, list[dict]]:
-  """KL RL needs to reach the gold (and proxy) level best-of-n reaches at n, / best-of-n's KL."""
+  """KL RL needs to reach the gold (and proxy) level best-of-n reaches at n, / best-of-n's KL.
+
+  For n in ``EFFICIENCY_NS`` up to best-of-n's observed gold peak (interpolated on RL's
+  seed-mean curve; inf where RL never reaches the level). Passes when every finite gold ratio
+  exceeds 1.
+  """
   rows = []
   for i, name in enumerate(unit["names"]):
     arm = unit["rl"]["arms"].get(name)
     if arm is None:
       continue
+    peak_n = unit["ns"][int(np.argmax(unit["gold"][i]))]
     for n in EFFICIENCY_NS:
       j = np.nonzero(unit["ns"] == n)[0]
-      if not j.size:
+      # Past best-of-n's observed gold peak its gold level is one RL passes on the way up:
+      # only levels on best-of-n's rising side are compared.
+      if not j.size or n > peak_n:
         continue
       kl_b = float(unit["kl"][j[0]])
       row = {"proxy": name, "n": n, "bon_kl": kl_b}
