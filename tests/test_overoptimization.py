@@ -332,3 +332,13 @@ def test_seed_resampling_and_bon_curves_match_references():
   # Replicates scatter around the estimate (a resample is not the sample).
   assert np.all(reps[..., -1].std(1) > 0)
   np.testing.assert_allclose(reps[..., -1].mean(1), got[:, 0, -1] - got[:, 0, :1].T[0], atol=0.3)
+
+
+def test_bootstrap_replicates_are_recentred_on_the_estimate():
+  w = _world(0, BETAS, PARAMS)
+  w["bon"]["boot_gold"] = w["bon"]["boot_gold"] - 0.5 * NS / NS.max()  # biased low at large n
+  w["bon"]["boot_oracle"] = w["bon"]["boot_oracle"] - 1.0
+  u = units.world_unit(w, 0.0, np.random.default_rng(0))
+  np.testing.assert_allclose(u["boot"].mean(axis=1), u["gold"], atol=1e-12)
+  np.testing.assert_allclose(u["boot_oracle"].mean(axis=0), u["oracle_gold"], atol=1e-12)
+  assert np.all(u["boot"].std(axis=1)[:, 1:] > 0)  # the spread is kept
