@@ -1,9 +1,13 @@
 r"""Reward over-optimisation (Gao, Schulman & Hilton 2022) in jaxrm's synthetic RLHF world.
 
-Builds a world (pi_init, gold, gold-labelled comparisons), trains proxy reward models of
-several sizes (all seeds of a size at once), optimises against each proxy by best-of-n and by
-PPO, fits Gao et al.'s functional forms and writes under ``--workdir``: ``config.json``,
-``results.json``, ``figure1.png``, ``coefficients.png``, ``summary.md`` and the stage caches.
+In each of several worlds (``--config.world_seeds``; pi_init, gold, gold-labelled comparisons)
+trains proxy reward models of several sizes (all seeds of a size at once), optimises against
+each proxy by best-of-n (over many prompts, with the oracle best-of-n selected by gold and the
+KL-regularised optimum pi_beta as references) and by RL, fits Gao et al.'s functional forms,
+evaluates every check per world and pooled with bootstrap intervals (proxy seeds, prompts,
+samples), and writes under ``--workdir``: ``config.json``, ``results.json``, ``figure1.png``,
+``coefficients.png``, ``decomposition.png``, ``summary.md`` and the stage caches
+(``world{seed}/``).
 An interrupted run resumes from its finished stages; a stage whose settings changed is
 recomputed (each stage's cache is keyed by every field it reads).
 

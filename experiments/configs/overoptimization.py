@@ -5,8 +5,8 @@ on a 2-core CPU)::
 
   python experiments/overoptimization.py --workdir=runs/overopt
 
-Variant ``quick`` (tiny settings: every stage and output, none of the statistics; about 1-2
-min), also selected by ``--quick``::
+Variant ``quick`` (tiny settings, two worlds: every stage and output, none of the statistics;
+labelled a smoke run in its outputs), also selected by ``--quick``::
 
   python experiments/overoptimization.py \
       --config=experiments/configs/overoptimization.py:quick --workdir=/tmp/overopt_quick
