@@ -196,7 +196,7 @@ def overopt_config(cfg: MismatchConfig, world_seed: int, num_members: int = 1) -
   """The over-optimisation study's config for one world (its stages are reused here)."""
   return oo.StudyConfig(
     world=cfg.world,
-    world_seed=world_seed,
+    world_seeds=(world_seed,),
     num_comparisons=max(cfg.data_sizes),
     num_heldout=cfg.num_heldout,
     labels=cfg.labels,

@@ -1,9 +1,13 @@
 r"""Reward over-optimisation (Gao, Schulman & Hilton 2022) in jaxrm's synthetic RLHF world.
 
-Builds a world (pi_init, gold, gold-labelled comparisons), trains proxy reward models of
-several sizes (all seeds of a size at once), optimises against each proxy by best-of-n and by
-PPO, fits Gao et al.'s functional forms and writes under ``--workdir``: ``config.json``,
-``results.json``, ``figure1.png``, ``coefficients.png``, ``summary.md`` and the stage caches.
+In each of several worlds (``--config.world_seeds``; pi_init, gold, gold-labelled comparisons)
+trains proxy reward models of several sizes (all seeds of a size at once), optimises against
+each proxy by best-of-n (over many prompts, with the oracle best-of-n selected by gold and the
+KL-regularised optimum pi_beta as references) and by RL, fits Gao et al.'s functional forms,
+evaluates every check per world and pooled with bootstrap intervals (proxy seeds, prompts,
+samples), and writes under ``--workdir``: ``config.json``, ``results.json``, ``figure1.png``,
+``coefficients.png``, ``decomposition.png``, ``summary.md`` and the stage caches
+(``world{seed}/``).
 An interrupted run resumes from its finished stages; a stage whose settings changed is
 recomputed (each stage's cache is keyed by every field it reads).
 
@@ -50,8 +54,11 @@ def main(argv):
     rundir.write_config(workdir, cfg)
     results = lib.run_study(cfg, workdir)
   results = analysis.analyse(results, workdir)
+  if results["smoke_run"]:
+    print("SMOKE RUN (quick config): tiny settings, the checks below mean nothing")
   for c in results["checks"]:
-    print(f"{'PASS' if c['passed'] else 'FAIL'}  {c['name']}: {c['detail']}")
+    per = " ".join(f"{k}:{'PASS' if v else 'FAIL'}" for k, v in c["per_world"].items())
+    print(f"{'PASS' if c['passed'] else 'FAIL'}  {c['name']} (pooled; {per}): {c['detail']}")
   logging.info("study finished in %.0fs; results in %s", time.perf_counter() - start, workdir)
 
 

@@ -1,15 +1,23 @@
-"""Analysis of the over-optimisation study: fits, PASS/FAIL checks, figures and summary.
+"""Analysis of the over-optimisation study: fits, PASS/FAIL checks per world and pooled.
 
-Everything here is computed from the study's own measurements (``results`` below); nothing
-is tuned to make a check pass. The checks are those of the study's issue:
+Everything is computed from the study's measurements; every check is evaluated in every world
+and on the pooled unit (the mean over worlds: ``experiments.overoptimization_units``), and its
+uncertainty comes from the same bootstrap as the figure's bands (proxy seeds, prompts and
+samples within prompt). A check's verdict is the pooled one; the per-world verdicts are shown
+beside it. No check uses a fitted curve outside the measured KL range:
 
-* the proxy score of best-of-n rises monotonically with n for every proxy;
-* gold rises, peaks and falls for the smaller proxies (best-of-n);
-* the best-of-n fits ``R_bon(d) = d (alpha - beta d)`` reach R^2 >= 0.9;
-* across proxy sizes beta_bon falls and the fitted gold peak rises (Spearman with log
-  parameters <= -0.8 and >= +0.8);
-* RL reaches a given gold score only at a larger KL than best-of-n;
-* >= 3 seeds, shown as mean and band.
+* ``bon_proxy_monotone``: best-of-n's proxy score rises with n for every proxy;
+* ``bon_gold_peaks_for_smaller_proxies``: gold has an interior observed peak above pi_init and
+  falls from it to the largest n, the fall's bootstrap 95% interval above 0 (smaller half);
+* ``bon_fit_r2``: ``R_bon`` fits reach R^2 >= 0.9;
+* ``beta_bon_falls_with_size`` / ``observed_peak_rises_with_size``: Spearman with log params
+  <= -0.8 / >= 0.8 and its bootstrap 95% interval excluding 0;
+* ``bon_advance_prediction``: pre-registered (threshold below, fixed before any result was
+  seen): ``R_bon`` fitted on n <= 256 predicts the larger n within ``ADVANCE_TOLERANCE`` of the
+  observed peak; likewise ``R_RL`` fitted on the first third of the RL evaluations;
+* ``bon_ess``: the estimator's effective sample size at the largest n >= ``ESS_MIN``;
+* RL checks (``overoptimization_rl_analysis``): oracle fraction, KL-penalty sweep, KL
+  efficiency.
 """
 
 from __future__ import annotations
@@ -21,12 +29,22 @@ from typing import Any
 
 import numpy as np
 
+from experiments import overoptimization_plots as plots
+from experiments import overoptimization_rl_analysis as rl_analysis
+from experiments import overoptimization_units as units_lib
 from jaxrm.math import scaling
 from jaxrm.math.metrics import spearman
 
+# Pre-registered thresholds (stated before the second edition's runs were looked at).
+ADVANCE_TOLERANCE = 0.25  # max |predicted - observed| gold over held-out points / observed peak
+ADVANCE_MAX_N = 256  # R_bon is fitted on n <= this and predicts the larger n
+ESS_MIN = 30.0  # pooled effective sample size needed to report a point
+SPEARMAN_MIN = 0.8
 
-def _fit_dict(fit: scaling.Fit) -> dict[str, Any]:
+
+def _fit_dict(fit: scaling.Fit, d_max: float) -> dict[str, Any]:
   peak_d, peak_r = scaling.gold_peak(fit)
+  inside = bool(np.isfinite(peak_d) and peak_d <= d_max)
   return {
     "alpha": fit.alpha,
     "beta": fit.beta,
@@ -36,340 +54,217 @@ def _fit_dict(fit: scaling.Fit) -> dict[str, Any]:
     "num_points": fit.num_points,
     "peak_sqrt_kl": peak_d,
     "peak_gold": peak_r,
+    "peak_inside_data": inside,
   }
 
 
-def fit_curves(results: dict[str, Any]) -> dict[str, Any]:
-  """Fits R_bon / R_RL to every proxy's seed-mean best-of-n / RL gold curve.
+def bon_betas(d: np.ndarray, curves: np.ndarray) -> np.ndarray:
+  """Least-squares ``beta`` of ``R_bon = d (alpha - beta d)`` for every curve ``[..., n]``."""
+  x = np.stack([d, -(d**2)], axis=1)  # [n, 2]
+  coef = np.linalg.lstsq(x, curves.reshape(-1, d.size).T, rcond=None)[0]  # [2, m]
+  return coef[1].reshape(curves.shape[:-1])
 
-  The functional forms describe the expected curve, so they are fitted to the mean over
-  seeds (as the figure shows it); R^2 is that of the mean curve. For RL the mean is taken
-  over seeds at each logged window, of ``sqrt(KL)`` and gold alike.
-  """
-  bon, fits = results["bon"], {"bon": [], "rl": []}
-  d_bon = np.sqrt(np.asarray(bon["kl"]))
-  for gold in np.asarray(bon["gold"]):  # [seeds, n]
-    fits["bon"].append(_fit_dict(scaling.fit_bon(d_bon, gold.mean(0))))
-  rl = results.get("rl")
+
+def _spearman(x, y) -> float:
+  x, y = np.asarray(x, float), np.asarray(y, float)
+  if len(x) < 3 or np.ptp(y) == 0:
+    return math.nan
+  return float(spearman(x, y))
+
+
+def _ci(samples) -> list[float]:
+  s = np.asarray(samples, float)
+  s = s[np.isfinite(s)]
+  return [float(np.percentile(s, 2.5)), float(np.percentile(s, 97.5))] if s.size else [math.nan] * 2
+
+
+def fit_unit(unit: dict) -> dict[str, Any]:
+  """R_bon fits of every proxy's seed-mean curve, and R_RL fits of every proxy arm."""
+  d = np.sqrt(unit["kl"])
+  fits = {"bon": [_fit_dict(scaling.fit_bon(d, g), d.max()) for g in unit["gold"]], "rl": []}
+  rl = unit["rl"]
   if rl is not None:
-    for kl, gold in zip(np.asarray(rl["kl"]), np.asarray(rl["gold"])):  # [seeds, t]
-      d = np.sqrt(np.maximum(kl, 0.0)).mean(0)
-      fits["rl"].append(_fit_dict(scaling.fit_rl(d, gold.mean(0))))
+    for name in unit["names"]:
+      arm = rl["arms"].get(name)
+      if arm is None:
+        continue
+      dr = np.sqrt(np.maximum(arm["kl_exact"], 0.0)).mean(0)
+      fits["rl"].append(_fit_dict(scaling.fit_rl(dr, arm["gold"].mean(0)), dr.max()))
   return fits
 
 
-def fit_data_sweep(results: dict[str, Any]) -> list[dict[str, Any]]:
-  """R_bon fits for every (comparison-data size, proxy size): the main run and ``--data_sizes``."""
-  d = np.sqrt(np.asarray(results["bon"]["kl"]))
-  main = {
-    "num_comparisons": results["config"]["num_comparisons"],
-    "proxies": results["proxies"],
-    "bon_gold": results["bon"]["gold"],
-  }
-  entries = {e["num_comparisons"]: e for e in results.get("data_sweep", [])}
-  entries.setdefault(main["num_comparisons"], main)
+def observed_peaks(unit: dict) -> dict[str, Any]:
+  """Observed best-of-n gold peaks: value and sqrt(KL) of the argmax, with bootstrap 95% CIs."""
+  d = np.sqrt(unit["kl"])
   out = []
-  for entry in (entries[n] for n in sorted(entries)):
-    fits = []
-    for gold in np.asarray(entry["bon_gold"]):  # [seeds, n]: fitted on the seed mean
-      fits.append(_fit_dict(scaling.fit_bon(d, gold.mean(0))))
+  for i in range(len(unit["names"])):
+    mean, boot = unit["gold"][i], unit["boot"][i]
+    j = int(np.argmax(mean))
     out.append(
       {
-        "num_comparisons": entry["num_comparisons"],
-        "fits": fits,
-        "heldout_accuracy": [float(np.mean(p["heldout_accuracy"])) for p in entry["proxies"]],
+        "peak_gold": float(mean[j]),
+        "peak_gold_ci": _ci(boot.max(axis=1)),
+        "peak_sqrt_kl": float(d[j]),
+        "peak_sqrt_kl_ci": _ci(d[np.argmax(boot, axis=1)]),
+        "peak_n": int(unit["ns"][j]),
+        "fall_to_max_n": float(mean[j] - mean[-1]),
+        "fall_ci": _ci(boot[:, j] - boot[:, -1]),
       }
     )
   return out
 
 
-def plot_data_sweep(results: dict[str, Any], path: str) -> None:
-  """alpha_bon, beta_bon and the fitted gold peak against comparison-data size."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  sweep = results["data_fits"]
-  sizes = [e["num_comparisons"] for e in sweep]
-  colours = _colours(len(results["proxies"]))
-  fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-  for i, p in enumerate(results["proxies"]):
-    series = {
-      "alpha_bon": [e["fits"][i]["alpha"] for e in sweep],
-      "beta_bon": [e["fits"][i]["beta"] for e in sweep],
-      "fitted gold peak": [e["fits"][i]["peak_gold"] for e in sweep],
-      "held-out accuracy": [e["heldout_accuracy"][i] for e in sweep],
-    }
-    for ax, (name, values) in zip(axes, series.items()):
-      ax.plot(sizes, values, "o-", color=colours[i], label=p["name"])
-      ax.set_title(name)
-  for ax in axes:
-    ax.set_xscale("log")
-    ax.set_xticks(sizes, [str(n) for n in sizes])
-    ax.minorticks_off()
-    ax.set_xlabel("comparisons")
-  axes[0].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+def advance_prediction_bon(unit: dict) -> list[dict[str, Any]]:
+  """R_bon fitted on n <= ADVANCE_MAX_N predicts larger n; error relative to the observed peak."""
+  d, ns = np.sqrt(unit["kl"]), unit["ns"]
+  train = ns <= ADVANCE_MAX_N
+  out = []
+  for g in unit["gold"]:
+    if train.all() or train.sum() < 3:
+      out.append({"error": math.nan, "points": 0})
+      continue
+    fit = scaling.fit_bon(d[train], g[train])
+    err = np.abs(fit.predict(d[~train]) - g[~train]).max() / max(abs(g.max()), 1e-12)
+    out.append({"error": float(err), "points": int((~train).sum()), "beta": fit.beta})
+  return out
 
 
-def _first_reach(d: np.ndarray, r: np.ndarray, target: float) -> float:
-  """Smallest d at which the curve ``r(d)`` (sorted by d) reaches ``target`` (inf if never)."""
-  order = np.argsort(d)
-  d, r = d[order], r[order]
-  hit = np.nonzero(r >= target)[0]
-  return float(d[hit[0]]) if hit.size else math.inf
+def unit_checks(unit: dict, fits: dict) -> tuple[dict[str, tuple[bool, str]], dict[str, Any]]:
+  """Every check on one unit: ``{name: (passed, detail)}`` and the statistics behind them."""
+  names, params = unit["names"], unit["params"]
+  d = np.sqrt(unit["kl"])
+  out, stats = {}, {}
+  mono = [bool(np.all(np.diff(p) >= -1e-6)) for p in unit["proxy"]]
+  out["bon_proxy_monotone"] = (all(mono), ", ".join(f"{s}: {m}" for s, m in zip(names, mono)))
 
-
-def _spearman_or_nan(x, y) -> float:
-  x, y = np.asarray(x, float), np.asarray(y, float)
-  if len(x) < 3:
-    return math.nan
-  y = np.where(np.isposinf(y), np.finfo(float).max, y)
-  return float(spearman(x, y))
-
-
-def run_checks(results: dict[str, Any], fits: dict[str, Any]) -> tuple[list[dict], dict]:
-  """Evaluates the study's checks; returns (checks, trend statistics)."""
-  checks = []
-
-  def check(name: str, passed: bool, detail: str):
-    checks.append({"name": name, "passed": bool(passed), "detail": detail})
-
-  bon = results["bon"]
-  gold, proxy = np.asarray(bon["gold"]), np.asarray(bon["proxy"])  # [sizes, seeds, n]
-  sizes = [p["name"] for p in results["proxies"]]
-  params = np.array([p["num_params"] for p in results["proxies"]], float)
-  num_seeds = gold.shape[1]
-
-  mono = [bool(np.all(np.diff(proxy[i].mean(0)) >= -1e-6)) for i in range(len(sizes))]
-  check(
-    "bon_proxy_monotone",
-    all(mono),
-    "proxy best-of-n score non-decreasing in n for "
-    + ", ".join(f"{s}: {m}" for s, m in zip(sizes, mono)),
-  )
-
-  # Gold rises, peaks and falls: the seed-mean curve has an interior maximum above pi_init,
-  # and the fall from that n to the largest n, paired within seeds, exceeds two standard
-  # errors of the paired differences (seeds differ in level, which says nothing about the
-  # fall; the unpaired version is reported beside it).
+  peaks = observed_peaks(unit)
+  stats["observed_peaks"] = peaks
+  smaller = list(range(len(names) // 2)) or [0]
   falls, details = [], []
-  for i in range(len(sizes)):
-    mean = gold[i].mean(0)
-    peak = int(np.argmax(mean))
-    drop = gold[i][:, peak] - gold[i][:, -1]  # [seeds]
-    se = drop.std(ddof=1) / math.sqrt(num_seeds) if num_seeds > 1 else math.inf
-    se_unpaired = gold[i][:, -1].std(ddof=1) / math.sqrt(num_seeds) if num_seeds > 1 else math.inf
-    falls.append(bool(0 < peak < len(mean) - 1 and mean[peak] > 0 and drop.mean() > 2 * se))
+  for i in smaller:
+    p = peaks[i]
+    interior = 0 < p["peak_n"] < unit["ns"][-1]
+    falls.append(bool(interior and p["peak_gold"] > 0 and p["fall_ci"][0] > 0))
     details.append(
-      f"{sizes[i]}: {falls[-1]} (peak {mean[peak]:.2f} at n={bon['ns'][peak]}, "
-      f"fall {drop.mean():.2f}, paired s.e. {se:.2f}, unpaired s.e. "
-      f"{se_unpaired:.2f})"
+      f"{names[i]}: peak {p['peak_gold']:.2f} at n={p['peak_n']}, fall {p['fall_to_max_n']:.2f} "
+      f"[{p['fall_ci'][0]:.2f}, {p['fall_ci'][1]:.2f}]"
     )
-  smaller = list(range(len(sizes) // 2)) or [0]
-  check(
-    "bon_gold_peaks_for_smaller_proxies",
-    all(falls[i] for i in smaller),
-    "gold rises, peaks and falls (fall from the peak to the largest n > 2 paired s.e.): "
-    + "; ".join(details)
-    + f"; required for the {len(smaller)} smallest",
-  )
+  out["bon_gold_peaks_for_smaller_proxies"] = (all(falls), "; ".join(details))
 
   r2 = [f["r_squared"] for f in fits["bon"]]
-  check(
-    "bon_fit_r2",
+  out["bon_fit_r2"] = (
     all(r >= 0.9 for r in r2),
-    "R^2 of R_bon fits: " + ", ".join(f"{s}: {r:.3f}" for s, r in zip(sizes, r2)),
+    ", ".join(f"{s}: {r:.3f}" for s, r in zip(names, r2)),
   )
 
-  betas = [f["beta"] for f in fits["bon"]]
-  peaks = [f["peak_gold"] for f in fits["bon"]]
-  observed_peaks = gold.mean(1).max(1)
-  trend = {
-    "spearman_beta_bon_log_params": _spearman_or_nan(np.log(params), betas),
-    "spearman_peak_gold_log_params": _spearman_or_nan(np.log(params), peaks),
-    "spearman_observed_peak_log_params": _spearman_or_nan(np.log(params), observed_peaks),
-    "spearman_alpha_bon_log_params": _spearman_or_nan(
-      np.log(params), [f["alpha"] for f in fits["bon"]]
-    ),
-  }
-  check(
-    "beta_bon_falls_with_size",
-    trend["spearman_beta_bon_log_params"] <= -0.8,
-    f"Spearman(beta_bon, log params) = {trend['spearman_beta_bon_log_params']:.2f} (need <= -0.8)",
+  logp = np.log(params)
+  betas = np.array([f["beta"] for f in fits["bon"]])
+  boot_betas = bon_betas(d, unit["boot"])  # [S, B]
+  rho_beta = _spearman(logp, betas)
+  rho_beta_boot = [_spearman(logp, boot_betas[:, b]) for b in range(boot_betas.shape[1])]
+  ci = _ci(rho_beta_boot)
+  stats["spearman_beta_bon_log_params"] = {"value": rho_beta, "ci": ci}
+  out["beta_bon_falls_with_size"] = (
+    rho_beta <= -SPEARMAN_MIN and ci[1] < 0,
+    f"Spearman {rho_beta:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] (need <= -{SPEARMAN_MIN}, CI < 0)",
   )
-  check(
-    "gold_peak_rises_with_size",
-    trend["spearman_peak_gold_log_params"] >= 0.8,
-    f"Spearman(fitted gold peak, log params) = "
-    f"{trend['spearman_peak_gold_log_params']:.2f} (need >= 0.8); observed-maximum "
-    f"version {trend['spearman_observed_peak_log_params']:.2f}",
+  obs = [p["peak_gold"] for p in peaks]
+  rho_peak = _spearman(logp, obs)
+  boot_peak = unit["boot"].max(axis=2)  # [S, B]
+  ci = _ci([_spearman(logp, boot_peak[:, b]) for b in range(boot_peak.shape[1])])
+  stats["spearman_observed_peak_log_params"] = {"value": rho_peak, "ci": ci}
+  out["observed_peak_rises_with_size"] = (
+    rho_peak >= SPEARMAN_MIN and ci[0] > 0,
+    f"Spearman {rho_peak:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] (need >= {SPEARMAN_MIN}, CI > 0)",
   )
 
-  rl = results.get("rl")
-  if rl is not None:
-    d_bon = np.sqrt(np.asarray(bon["kl"]))
-    rl_gold, rl_kl = np.asarray(rl["gold"]), np.asarray(rl["kl"])
-    verdicts, details = [], []
-    for i, s in enumerate(sizes):
-      bon_curve = gold[i].mean(0)
-      rl_curve, rl_d = rl_gold[i].mean(0), np.sqrt(np.maximum(rl_kl[i], 0.0)).mean(0)
-      target = 0.5 * min(bon_curve.max(), rl_curve.max())
-      if target <= 0:
-        verdicts.append(False)
-        details.append(f"{s}: no positive gold to compare")
-        continue
-      db, dr = _first_reach(d_bon, bon_curve, target), _first_reach(rl_d, rl_curve, target)
-      verdicts.append(dr > db)
-      details.append(f"{s}: gold {target:.2f} at sqrt(KL) {db:.2f} (BoN) vs {dr:.2f} (RL)")
-    trend["rl_vs_bon_sqrt_kl_at_half_peak"] = details
-    check("rl_spends_more_kl_than_bon", all(verdicts), "; ".join(details))
-
-  check("seeds", num_seeds >= 3, f"{num_seeds} seeds per proxy size (mean and band shown)")
-  return checks, trend
-
-
-def _colours(n: int):
-  import matplotlib
-
-  cmap = matplotlib.colormaps["viridis"]
-  return [cmap(0.85 * i / max(n - 1, 1)) for i in range(n)]
-
-
-def plot_figure1(results: dict[str, Any], fits: dict[str, Any], path: str) -> None:
-  """Gao et al. Figure 1 layout: gold (solid), proxy (dashed), fits (thin) vs sqrt(KL)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  panels = [("bon", "Best-of-n")] + ([("rl", "RL (PPO)")] if results.get("rl") else [])
-  fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False)
-  colours = _colours(len(results["proxies"]))
-  for ax, (kind, title) in zip(axes[0], panels):
-    data = results[kind]
-    for i, p in enumerate(results["proxies"]):
-      c = colours[i]
-      gold, proxy = np.asarray(data["gold"][i]), np.asarray(data["proxy"][i])
-      if kind == "bon":
-        d = np.broadcast_to(np.sqrt(np.asarray(data["kl"])), gold.shape)
-      else:
-        d = np.sqrt(np.maximum(np.asarray(data["kl"][i]), 0.0))
-      dm, gm, pm = d.mean(0), gold.mean(0), proxy.mean(0)  # seed means
-      gs = gold.std(0, ddof=1) / math.sqrt(gold.shape[0]) if gold.shape[0] > 1 else 0 * gm
-      ax.plot(dm, gm, "-", color=c, lw=2, label=f"{p['name']} ({p['num_params']:,} params)")
-      ax.fill_between(dm, gm - gs, gm + gs, color=c, alpha=0.2, lw=0)
-      ax.plot(dm, pm, "--", color=c, lw=1.3)
-      fit = fits[kind][i]
-      grid = np.linspace(0, dm.max(), 200)
-      form = scaling.bon_reward if kind == "bon" else scaling.rl_reward
-      ax.plot(
-        grid, form(grid, alpha=fit["alpha"], beta=fit["beta"]), "-", color=c, lw=0.7, alpha=0.8
-      )
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xlabel("sqrt(KL(pi || pi_init))  [nats^0.5]")
-    ax.set_ylabel("reward (pi_init = 0)")
-    ax.set_title(f"{title}: gold solid, proxy dashed, fit thin")
-  axes[0][0].legend(fontsize=7, loc="upper left")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def plot_coefficients(results: dict[str, Any], fits: dict[str, Any], path: str) -> None:
-  """Fitted alpha, beta (95% CI) and gold peak against proxy parameter count."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  params = np.array([p["num_params"] for p in results["proxies"]], float)
-  kinds = [k for k in ("bon", "rl") if fits.get(k)]
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-  for kind, marker in zip(kinds, ("o", "s")):
-    for ax, name in zip(axes[:2], ("alpha", "beta")):
-      values = np.array([f[name] for f in fits[kind]])
-      ci = np.array([f[f"{name}_ci"] for f in fits[kind]])
-      ax.errorbar(
-        params,
-        values,
-        yerr=[values - ci[:, 0], ci[:, 1] - values],
-        fmt=marker + "-",
-        capsize=3,
-        label=f"{name}_{kind}",
-      )
-    peaks = np.array([f["peak_gold"] for f in fits[kind]], float)
-    finite = np.isfinite(peaks)
-    axes[2].plot(params[finite], peaks[finite], marker + "-", label=f"fitted peak ({kind})")
-  observed = np.asarray(results["bon"]["gold"]).mean(1).max(1)
-  axes[2].plot(params, observed, "^:", label="observed max (BoN)")
-  for ax, title in zip(axes, ("alpha", "beta", "gold peak")):
-    ax.set_xscale("log")
-    ax.set_xlabel("proxy RM parameters")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def write_summary(results: dict[str, Any], path: str) -> None:
-  """Markdown summary: proxies, fitted coefficients, trend statistics and checks."""
-  fits, lines = results["fits"], []
-  lines.append("# Reward over-optimisation study (synthetic world)\n")
-  lines.append(
-    "| proxy | params | held-out acc. | alpha_bon | beta_bon | R² bon | "
-    "peak gold (bon fit) | alpha_RL | beta_RL | R² RL |"
+  adv = advance_prediction_bon(unit)
+  stats["advance_prediction_bon"] = adv
+  errs = [a["error"] for a in adv]
+  out["bon_advance_prediction"] = (
+    all(np.isfinite(e) and e <= ADVANCE_TOLERANCE for e in errs),
+    f"R_bon fitted on n <= {ADVANCE_MAX_N}, max error on larger n / observed peak "
+    f"(need <= {ADVANCE_TOLERANCE}): " + ", ".join(f"{s}: {e:.2f}" for s, e in zip(names, errs)),
   )
-  lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-  for i, p in enumerate(results["proxies"]):
-    b = fits["bon"][i]
-    r = fits["rl"][i] if fits.get("rl") else None
-    rl_cols = f"{r['alpha']:.3f} | {r['beta']:.3f} | {r['r_squared']:.3f}" if r else "– | – | –"
-    lines.append(
-      f"| {p['name']} | {p['num_params']:,} | "
-      f"{np.mean(p['heldout_accuracy']):.3f} | {b['alpha']:.3f} | {b['beta']:.3f} | "
-      f"{b['r_squared']:.3f} | {b['peak_gold']:.3f} | {rl_cols} |"
-    )
-  lines.append("\n## Trends across proxy size\n")
-  for k, v in results["trend"].items():
-    lines.append(f"- {k}: {v if isinstance(v, list) else f'{v:.3f}'}")
-  for entry in results.get("data_fits", []):
-    lines.append(
-      f"- {entry['num_comparisons']} comparisons: beta_bon "
-      + ", ".join(f"{p['name']} {f['beta']:.3f}" for p, f in zip(results["proxies"], entry["fits"]))
-    )
-  lines.append("\n## Checks\n")
-  for c in results["checks"]:
-    lines.append(f"- **{'PASS' if c['passed'] else 'FAIL'}** {c['name']}: {c['detail']}")
-  if "timing_this_invocation" in results:
-    lines.append("\n## Wall-clock of this invocation (s; stages loaded from cache take ~1 s)\n")
-    lines.append(", ".join(f"{k}: {v:.0f}" for k, v in results["timing_this_invocation"].items()))
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  ess = float(unit["ess"][-1])
+  out["bon_ess"] = (
+    ess >= ESS_MIN,
+    f"effective sample size at n={int(unit['ns'][-1])}: {ess:.1f} (need >= {ESS_MIN:g})",
+  )
+  if unit["rl"] is not None:
+    rl_out, rl_stats = rl_analysis.rl_checks(unit, tolerance=ADVANCE_TOLERANCE)
+    out.update(rl_out)
+    stats["rl"] = rl_stats
+  return out, stats
 
 
 def analyse(results: dict[str, Any], workdir: str) -> dict[str, Any]:
-  """Adds fits, trends and checks to ``results``; writes results.json, figures, summary.md."""
-  results["fits"] = fit_curves(results)
-  results["checks"], results["trend"] = run_checks(results, results["fits"])
-  if results.get("data_sweep"):
+  """Adds fits, per-world and pooled checks to ``results``; writes results.json, figures, summary."""
+  rng = np.random.default_rng(0)
+  kl_coef = results["config"].get("kl_coef", 0.0)
+  units = [units_lib.world_unit(w, kl_coef, rng) for w in results["worlds"]]
+  pooled = units_lib.pooled_unit(units)
+  analysis = []
+  for label, unit in [("pooled", pooled)] + [
+    (f"world{w['world_seed']}", u) for w, u in zip(results["worlds"], units)
+  ]:
+    fits = fit_unit(unit)
+    checks, stats = unit_checks(unit, fits)
+    analysis.append({"label": label, "fits": fits, "checks": checks, "stats": stats})
+  results["analysis"] = [
+    {"label": a["label"], "fits": a["fits"], "stats": a["stats"], "checks": a["checks"]}
+    for a in analysis
+  ]
+  checks = []
+  for name, (passed, detail) in analysis[0]["checks"].items():
+    per_world = {a["label"]: a["checks"][name][0] for a in analysis[1:] if name in a["checks"]}
+    checks.append({"name": name, "passed": bool(passed), "detail": detail, "per_world": per_world})
+  num_seeds = pooled["num_seeds"]
+  checks.append(
+    {
+      "name": "seeds_and_worlds",
+      "passed": num_seeds >= 3 and len(units) >= 3,
+      "detail": f"{num_seeds} proxy seeds per size, {len(units)} worlds",
+      "per_world": {},
+    }
+  )
+  results["checks"] = checks
+  results["smoke_run"] = bool(results["config"].get("smoke", False))
+  plots.plot_figure1(pooled, units, results, os.path.join(workdir, "figure1.png"))
+  plots.plot_coefficients(results, os.path.join(workdir, "coefficients.png"))
+  plots.plot_decomposition(pooled, os.path.join(workdir, "decomposition.png"))
+  if results["worlds"][0].get("data_sweep"):
     results["data_fits"] = fit_data_sweep(results)
-    plot_data_sweep(results, os.path.join(workdir, "data_sizes.png"))
-  plot_figure1(results, results["fits"], os.path.join(workdir, "figure1.png"))
-  plot_coefficients(results, results["fits"], os.path.join(workdir, "coefficients.png"))
-  write_summary(results, os.path.join(workdir, "summary.md"))
+    plots.plot_data_sweep(results, os.path.join(workdir, "data_sizes.png"))
+  plots.write_summary(results, units, os.path.join(workdir, "summary.md"))
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=1, default=_json_default)
   return results
 
 
+def fit_data_sweep(results: dict[str, Any]) -> list[dict[str, Any]]:
+  """R_bon fits for every (comparison-data size, proxy size) of the first world."""
+  world = results["worlds"][0]
+  d = np.sqrt(np.asarray(world["bon"]["kl"]))
+  entries = {e["num_comparisons"]: e for e in world.get("data_sweep", [])}
+  entries.setdefault(
+    results["config"]["num_comparisons"],
+    {"proxies": world["proxies"], "bon_gold": world["bon"]["gold"]},
+  )
+  out = []
+  for n in sorted(entries):
+    entry = entries[n]
+    fits = [
+      _fit_dict(scaling.fit_bon(d, g.mean(0)), d.max()) for g in np.asarray(entry["bon_gold"])
+    ]
+    acc = [float(np.mean(p["heldout_accuracy"])) for p in entry["proxies"]]
+    out.append({"num_comparisons": n, "fits": fits, "heldout_accuracy": acc})
+  return out
+
+
 def _json_default(x):
   if isinstance(x, np.ndarray):
     return x.tolist()
-  if isinstance(x, (np.floating, np.integer)):
+  if isinstance(x, (np.floating, np.integer, np.bool_)):
     return x.item()
-  raise TypeError(f"not JSON serialisable: {type(x)}")
+  raise TypeError(f"not JSON-serialisable: {type(x)}")

@@ -84,7 +84,15 @@ class StudyConfig:
   ``--config.proxy_sizes="('1x8x2','2x64x4')"``). Treated as immutable once a study starts.
 
   Attributes (beyond the stage settings named after their stage):
-    world: the synthetic world; ``world_seed`` its seed.
+    world: the synthetic world.
+    world_seeds: one world per seed; every stage runs per world on ``for_world(seed)`` (whose
+      ``world_seed`` property is its only seed), with its caches under ``workdir/world{seed}/``.
+    bon_prompts, bon_samples: best-of-n draws ``bon_samples`` responses for each of
+      ``bon_prompts`` prompts; ``bon_max_n`` the largest n reported.
+    bon_bootstrap: replicates of the bootstrap over prompts and samples within prompt (seeds
+      are resampled in the analysis); bands and check intervals use it.
+    tilted_betas: the KL-regularised optimum's temperatures, in units of the reward's standard
+      deviation under ``pi_init`` (so one grid serves gold and every proxy).
     data_sizes: extra comparison-data sizes: every proxy size is also trained on each.
     proxy_sizes: proxy architectures as ``LAYERSxWIDTHxHEADS`` (:meth:`ProxySize.parse`).
     ppo: the PPO hyperparameters of the RL stage (:class:`jaxrm.steps.rl.RLConfig`);
@@ -92,7 +100,7 @@ class StudyConfig:
   """
 
   world: synthetic.WorldConfig = dataclasses.field(default_factory=synthetic.WorldConfig)
-  world_seed: int = 0
+  world_seeds: tuple[int, ...] = (0, 1, 2)
   num_comparisons: int = 2500
   data_sizes: tuple[int, ...] = ()
   num_heldout: int = 2000
@@ -103,15 +111,18 @@ class StudyConfig:
   rm_epochs: int = 3
   rm_batch_size: int = 64
   rm_learning_rate: float = 1e-3
-  bon_prompts: int = 4
-  bon_samples: int = 8192
-  bon_max_n: int = 4096
+  bon_prompts: int = 64
+  bon_samples: int = 1024
+  bon_max_n: int = 512
+  bon_bootstrap: int = 200
+  tilted_betas: tuple[float, ...] = tuple(float(b) for b in np.round(np.geomspace(0.08, 8, 13), 4))
   rl_steps: int = 300
   rl_batch_size: int = 64
   rl_learning_rate: float = 1e-5
   kl_coef: float = 0.0
   rl_log_every: int = 10
   ppo: rl_lib.RLConfig = dataclasses.field(default_factory=_default_ppo)
+  smoke: bool = False  # labels the outputs as a smoke run (the ``quick`` variant)
   # --- RL arm (experiments/overoptimization_rl.py)
   # rl_algorithm: 'ppo', 'rloo', 'grpo' or 'reinforce' (hyperparameters: ``ppo``, an RLConfig).
   # rl_eval_prompts: fixed held-out prompts sampled at every evaluation (every rl_log_every).
@@ -121,6 +132,19 @@ class StudyConfig:
   rl_eval_prompts: int = 256
   kl_sweep: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)
   kl_sweep_reward: str = ""
+
+  @property
+  def world_seed(self) -> int:
+    """The seed of a per-world config (:meth:`for_world`)."""
+    if len(self.world_seeds) != 1:
+      raise ValueError(
+        f"world_seed needs a per-world config (cfg.for_world(seed)); world_seeds={self.world_seeds}"
+      )
+    return int(self.world_seeds[0])
+
+  def for_world(self, seed: int) -> StudyConfig:
+    """This config restricted to the world ``seed`` (its stages read ``world_seed``)."""
+    return dataclasses.replace(self, world_seeds=(int(seed),))
 
   @property
   def num_train(self) -> int:
@@ -140,7 +164,14 @@ class StudyConfig:
 # The fields each stage reads (its cache key); tests check that together they cover every field.
 WORLD_FIELDS = ("world", "world_seed", "num_train", "num_heldout", "labels", "label_noise")
 PROXY_FIELDS = WORLD_FIELDS + ("num_seeds", "rm_epochs", "rm_batch_size", "rm_learning_rate")
-BON_FIELDS = PROXY_FIELDS + ("proxy_sizes", "bon_prompts", "bon_samples", "bon_max_n")
+BON_FIELDS = PROXY_FIELDS + (
+  "proxy_sizes",
+  "bon_prompts",
+  "bon_samples",
+  "bon_max_n",
+  "bon_bootstrap",
+  "tilted_betas",
+)
 RL_FIELDS = PROXY_FIELDS + (
   "proxy_sizes",
   "rl_steps",
@@ -156,8 +187,10 @@ RL_FIELDS = PROXY_FIELDS + (
   "kl_sweep_reward",
 )
 # ``num_comparisons`` and ``data_sizes`` select the proxies' data (``num_train`` and the file
-# names of each size's cache) and so enter every key through ``num_train`` and the paths.
-SELECTION_FIELDS = ("num_comparisons", "data_sizes")
+# names of each size's cache) and so enter every key through ``num_train`` and the paths;
+# ``world_seeds`` selects the worlds, each keyed by its ``world_seed`` under ``world{seed}/``.
+SELECTION_FIELDS = ("num_comparisons", "data_sizes", "world_seeds")
+LABEL_FIELDS = ("smoke",)  # labels the outputs only: no cache depends on it
 
 save_tree = rundir.save_tree
 load_tree = rundir.load_tree
@@ -300,6 +333,42 @@ def bon_ns(max_n: int) -> np.ndarray:
   return ns[ns <= max_n]
 
 
+BON_VALUES = ("gold", "gold_rest", "gold_feature")  # the scores averaged along every curve
+
+
+def bon_samples(cfg: StudyConfig, data: WorldData) -> dict[str, jax.Array]:
+  """``bon_samples`` responses of ``pi_init`` to each of ``bon_prompts`` prompts, with gold.
+
+  Returns:
+    ``tokens [P * N, seq]``, ``mask``, and ``gold``, ``gold_rest``, ``gold_feature`` ``[P, N]``.
+  """
+  wc, num = cfg.world, cfg.bon_prompts * cfg.bon_samples
+  k_prompts, k_samples = jax.random.split(jax.random.key(cfg.world_seed + 7))
+  prompts = synthetic.sample_prompts(wc, k_prompts, cfg.bon_prompts)
+  prompts = jnp.repeat(prompts, cfg.bon_samples, axis=0)
+  # World parameters are jit arguments: one compiled program serves every world.
+  sample = jax.jit(lambda w, p, k: synthetic.sample_responses(w, wc, p, k))
+  parts = jax.jit(lambda w, tk, mk: synthetic.gold_components(w, wc, tk, mk))
+  tokens, mask, rest, feature = [], [], [], []
+  chunk = 8192
+  for i in range(0, num, chunk):
+    tk, mk = sample(data.world, prompts[i : i + chunk], jax.random.fold_in(k_samples, i))
+    g = parts(data.world, tk, mk)
+    tokens.append(tk)
+    mask.append(mk)
+    rest.append(np.asarray(g["rest"]))
+    feature.append(np.asarray(g["feature"]))
+  shape = (cfg.bon_prompts, cfg.bon_samples)
+  rest, feature = np.concatenate(rest).reshape(shape), np.concatenate(feature).reshape(shape)
+  return {
+    "tokens": jnp.concatenate(tokens),
+    "mask": jnp.concatenate(mask),
+    "gold": rest + feature,
+    "gold_rest": rest,
+    "gold_feature": feature,
+  }
+
+
 def best_of_n(
   cfg: StudyConfig,
   data: WorldData,
@@ -308,57 +377,95 @@ def best_of_n(
   *,
   num_comparisons: int | None = None,
 ) -> dict[str, Any]:
-  """Best-of-n against every proxy: gold and proxy reward for each n, per seed.
+  """Best-of-n and the KL-regularised optimum against every proxy seed and against gold.
 
-  Returns:
-    ``ns [n_values]``, ``kl [n_values]`` (``kl_bon``), ``gold`` and ``proxy`` of shape
-    ``[num_sizes, num_seeds, n_values]``, both re-centred so that ``pi_init`` (n = 1)
-    scores 0.
+  ``bon_samples`` samples of ``pi_init`` for each of ``bon_prompts`` prompts are scored by gold
+  (and its two parts, ``synthetic.gold_components``) and by every proxy; the unbiased
+  estimator gives every n <= ``bon_max_n`` from them (``experiments.overoptimization_bon``).
+  The oracle selects by gold itself.
+
+  Returns (``S`` proxy sizes, ``seeds``, ``n_values``, ``B`` = ``bon_bootstrap``, ``T`` =
+  ``len(tilted_betas)``; every reward re-centred so that ``pi_init`` scores 0):
+    ``ns``, ``kl`` (``kl_bon``), ``ess`` (the estimator's pooled effective sample size per n)
+    ``[n_values]``; ``gold``, ``proxy``, ``gold_rest``, ``gold_feature`` ``[S, seeds,
+    n_values]``; ``oracle_gold``, ``oracle_gold_rest``, ``oracle_gold_feature``
+    ``[n_values]``; ``boot_gold [S, seeds, B, n_values]`` and ``boot_oracle [B, n_values]``
+    (bootstrap over prompts and samples within prompt); ``tilted_gold``, ``tilted_gold_rest``,
+    ``tilted_gold_feature``, ``tilted_proxy``, ``tilted_kl``, ``tilted_ess`` ``[S, seeds, T]``
+    (pi_beta of each proxy) and ``oracle_tilted_*`` ``[T]`` (pi_beta of gold: the frontier).
   """
+  from experiments import overoptimization_bon as ob  # noqa: PLC0415  (imports jaxrm only)
+
   num = cfg.num_comparisons if num_comparisons is None else num_comparisons
   path = os.path.join(workdir, f"bon_n{num}.npz")
   fp = cfg.fingerprint(*BON_FIELDS)
   ns = bon_ns(cfg.bon_max_n)
-  shape = (len(proxies), cfg.num_seeds, len(ns))
-  template = {
-    "gold": jax.ShapeDtypeStruct(shape, jnp.float32),
-    "proxy": jax.ShapeDtypeStruct(shape, jnp.float32),
-  }
+  num_sizes, seeds, nv, nb = len(proxies), cfg.num_seeds, len(ns), len(cfg.tilted_betas)
+  shapes = {k: (num_sizes, seeds, nv) for k in ("gold", "proxy") + BON_VALUES[1:]}
+  shapes.update({f"oracle_{k}": (nv,) for k in BON_VALUES})
+  shapes.update(boot_gold=(num_sizes, seeds, cfg.bon_bootstrap, nv))
+  shapes.update(boot_oracle=(cfg.bon_bootstrap, nv))
+  for k in BON_VALUES + ("proxy", "kl", "ess"):
+    shapes[f"tilted_{k}"] = (num_sizes, seeds, nb)
+    if k != "proxy":
+      shapes[f"oracle_tilted_{k}"] = (nb,)
+  template = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
   loaded = load_tree(path, template, fp)
   if loaded is None:
     t = time.perf_counter()
-    wc = cfg.world
-    k_prompts, k_samples = jax.random.split(jax.random.key(cfg.world_seed + 7))
-    prompts = synthetic.sample_prompts(wc, k_prompts, cfg.bon_prompts)
-    prompts = jnp.repeat(prompts, cfg.bon_samples, axis=0)
-    sample = jax.jit(lambda p, k: synthetic.sample_responses(data.world, wc, p, k))
-    tokens, mask = [], []
-    for i in range(0, prompts.shape[0], 8192):
-      tk, mk = sample(prompts[i : i + 8192], jax.random.fold_in(k_samples, i))
-      tokens.append(tk)
-      mask.append(mk)
-    tokens, mask = jnp.concatenate(tokens), jnp.concatenate(mask)
-    gold_fn = lambda params, tk, mk: synthetic.gold_reward(params, wc, tk, mk)
-    gold = score_batches(gold_fn, jax.tree.map(lambda x: x[None], data.world), tokens, mask)[0]
-    gold = gold.reshape(cfg.bon_prompts, cfg.bon_samples)
-    out_gold, out_proxy = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-    for i, p in enumerate(proxies):
-      scores = score_batches(proxy_model(cfg, p["size"]).apply, p["params"], tokens, mask)
-      scores = scores - scores.mean(axis=1, keepdims=True)
-      for s in range(cfg.num_seeds):
-        g, pr = bon_lib.batched_best_of_n_expected_reward(
-          scores[s].reshape(cfg.bon_prompts, cfg.bon_samples), gold, ns
-        )
-        out_gold[i, s], out_proxy[i, s] = g, pr
-    # Re-centre so that pi_init (n = 1) scores 0 on these prompts, as in Gao et al.
-    out_gold -= out_gold[..., :1]
-    out_proxy -= out_proxy[..., :1]
-    result = {"gold": out_gold, "proxy": out_proxy}
+    samples = bon_samples(cfg, data)
+    values = np.stack([samples[k] for k in BON_VALUES])  # [3, P, N]
+    shape = (cfg.bon_prompts, cfg.bon_samples)
+    select = [samples["gold"]]  # the oracle first, then every proxy seed
+    for p in proxies:
+      scores = score_batches(
+        proxy_model(cfg, p["size"]).apply, p["params"], samples["tokens"], samples["mask"]
+      )
+      select += list((scores - scores.mean(axis=1, keepdims=True)).reshape((-1,) + shape))
+    select = np.stack(select)  # [1 + S * seeds, P, N]
+    logging.info("best-of-n: %d samples scored in %.1fs", select[0].size, time.perf_counter() - t)
+    result = {}
+    curves = ob.bon_curves(select, np.concatenate([values, select[:1]]), ns)  # [K, 4, nv]
+    own = np.stack(
+      [ob.bon_curves(select[k : k + 1], select[k : k + 1], ns)[0, 0] for k in range(len(select))]
+    )  # [K, nv]: each selector's own score
+    curves = curves - curves[..., :1]
+    own = own - own[:, :1]
+    for j, k in enumerate(BON_VALUES):
+      result[f"oracle_{k}"] = curves[0, j]
+      result[k] = curves[1:, j].reshape(num_sizes, seeds, nv)
+    result["proxy"] = own[1:].reshape(num_sizes, seeds, nv)
+    boot = ob.bootstrap_bon(
+      select,
+      samples["gold"],
+      ns,
+      key=jax.random.key(cfg.world_seed + 13),
+      num_boot=cfg.bon_bootstrap,
+    )  # [K, B, nv]
+    result["boot_oracle"] = boot[0]
+    result["boot_gold"] = boot[1:].reshape(num_sizes, seeds, cfg.bon_bootstrap, nv)
+    logging.info("best-of-n: estimator and bootstrap done at %.1fs", time.perf_counter() - t)
+    tilt = ob.tilted_curves(select, values, cfg.tilted_betas)
+    own_tilt = np.stack(
+      [
+        ob.tilted_curves(select[k : k + 1], select[k : k + 1], cfg.tilted_betas)["value"][0, :, 0]
+        for k in range(len(select))
+      ]
+    )  # [K, T]
+    for j, k in enumerate(BON_VALUES):
+      result[f"oracle_tilted_{k}"] = tilt["value"][0, :, j]
+      result[f"tilted_{k}"] = tilt["value"][1:, :, j].reshape(num_sizes, seeds, nb)
+    result["tilted_proxy"] = own_tilt[1:].reshape(num_sizes, seeds, nb)
+    for k in ("kl", "ess"):
+      result[f"oracle_tilted_{k}"] = tilt[k][0]
+      result[f"tilted_{k}"] = tilt[k][1:].reshape(num_sizes, seeds, nb)
+    result = {k: np.asarray(v, np.float32) for k, v in result.items()}
     save_tree(path, result, {"fingerprint": fp, "seconds": time.perf_counter() - t})
     logging.info("best-of-n done in %.1fs", time.perf_counter() - t)
   else:
     result = loaded[0]
-  return dict(result, ns=ns, kl=np.asarray(bon_lib.kl_bon(ns)))
+  ess = bon_lib.best_of_n_ess(cfg.bon_samples, ns) * cfg.bon_prompts
+  return dict(result, ns=ns, kl=np.asarray(bon_lib.kl_bon(ns)), ess=ess)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -378,7 +485,23 @@ def validate(cfg: StudyConfig) -> None:
       name,
       "must be an int >= 1",
     )
-  for name in ("world_seed", "num_heldout", "rm_epochs", "rl_steps"):
+  seeds = cfg.world_seeds
+  need(isinstance(seeds, (tuple, list)) and len(seeds) >= 1, "world_seeds", "must name >= 1 seed")
+  need(
+    all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds),
+    "world_seeds",
+    "must be ints >= 0",
+  )
+  need(len(set(seeds)) == len(seeds), "world_seeds", "must be distinct")
+  need(
+    isinstance(cfg.bon_bootstrap, int) and cfg.bon_bootstrap >= 2, "bon_bootstrap", "must be >= 2"
+  )
+  need(
+    len(cfg.tilted_betas) >= 1 and all(b > 0 for b in cfg.tilted_betas),
+    "tilted_betas",
+    "must be a non-empty tuple of numbers > 0",
+  )
+  for name in ("num_heldout", "rm_epochs", "rl_steps"):
     need(isinstance(getattr(cfg, name), int) and getattr(cfg, name) >= 0, name, "must be >= 0")
   need(cfg.num_seeds >= 1, "num_seeds", "must be >= 1")
   need(len(cfg.proxy_sizes) > 0, "proxy_sizes", "must name at least one proxy architecture")
@@ -429,30 +552,41 @@ def _proxy_summary(proxies: list[dict[str, Any]]) -> list[dict[str, Any]]:
   ]
 
 
-def run_study(cfg: StudyConfig, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) every stage and returns the raw measurements as a JSON-able dict."""
-  validate(cfg)
-  timing = {}
-  results = {"config": rundir.config_to_json(cfg), "environment": environment.environment()}
+def run_world(
+  cfg: StudyConfig, workdir: str, timing: dict[str, float], *, data_sweep: bool = True
+) -> dict[str, Any]:
+  """Every stage for one world (``cfg`` a per-world config); caches under ``workdir``.
+
+  ``data_sweep``: also train and evaluate proxies on each of ``cfg.data_sizes``.
+  """
 
   def timed(name, fn, *args, **kw):
     t = time.perf_counter()
     out = fn(*args, **kw)
-    timing[name] = time.perf_counter() - t
-    logging.info("stage %s: %.1fs", name, timing[name])
+    timing[f"world{cfg.world_seed}/{name}"] = time.perf_counter() - t
+    logging.info("world %d stage %s: %.1fs", cfg.world_seed, name, time.perf_counter() - t)
     return out
 
+  os.makedirs(workdir, exist_ok=True)
   data = timed("world", build_world, cfg, workdir)
   proxies = timed("proxies", train_proxies, cfg, data, workdir)
-  results["proxies"] = _proxy_summary(proxies)
+  out = {"world_seed": cfg.world_seed, "proxies": _proxy_summary(proxies)}
   bon = timed("best_of_n", best_of_n, cfg, data, proxies, workdir)
-  results["bon"] = {k: np.asarray(v).tolist() for k, v in bon.items()}
+  out["bon"] = {k: np.asarray(v).tolist() for k, v in bon.items()}
+  logging.info(
+    "world %d: best-of-n ESS at n=%d: %.1f pooled over %d prompts (%.2f per prompt)",
+    cfg.world_seed,
+    bon["ns"][-1],
+    bon["ess"][-1],
+    cfg.bon_prompts,
+    bon["ess"][-1] / cfg.bon_prompts,
+  )
   if cfg.rl_steps > 0:
     from experiments import overoptimization_rl  # noqa: PLC0415  (it imports this module)
 
     rl_out = timed("rl", overoptimization_rl.run_rl, cfg, data, proxies, workdir)
-    results["rl"] = {k: np.asarray(v).tolist() for k, v in rl_out.items()}
-  if cfg.data_sizes:
+    out["rl"] = _jsonable(rl_out)
+  if cfg.data_sizes and data_sweep:
     sweep = []
     for n in sorted(set(cfg.data_sizes)):
       px = timed(f"proxies_n{n}", train_proxies, cfg, data, workdir, num_comparisons=n)
@@ -464,7 +598,39 @@ def run_study(cfg: StudyConfig, workdir: str) -> dict[str, Any]:
           "bon_gold": np.asarray(b["gold"]).tolist(),
         }
       )
-    results["data_sweep"] = sweep
+    out["data_sweep"] = sweep
+  return out
+
+
+def _jsonable(tree):
+  if isinstance(tree, dict):
+    return {k: _jsonable(v) for k, v in tree.items()}
+  if isinstance(tree, (str, int, float, bool)) or tree is None:
+    return tree
+  return np.asarray(tree).tolist()
+
+
+def run_study(cfg: StudyConfig, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) every stage in every world; returns the measurements as a JSON-able dict.
+
+  ``results['worlds'][i]`` holds world ``world_seeds[i]``: ``proxies``, ``bon`` (see
+  :func:`best_of_n`), ``rl`` (``overoptimization_rl.run_rl``) and (first world only: the
+  data-size sweep is not a trend check) ``data_sweep``;
+  ``results['proxies']`` names the proxy sizes (held-out accuracy averaged over worlds).
+  """
+  validate(cfg)
+  timing: dict[str, float] = {}
+  results = {"config": rundir.config_to_json(cfg), "environment": environment.environment()}
+  worlds = []
+  for i, seed in enumerate(cfg.world_seeds):
+    wcfg = cfg.for_world(seed)
+    wdir = os.path.join(workdir, f"world{seed}")
+    worlds.append(run_world(wcfg, wdir, timing, data_sweep=i == 0))
+  results["worlds"] = worlds
+  results["proxies"] = [
+    dict(p, heldout_accuracy=[a for w in worlds for a in w["proxies"][i]["heldout_accuracy"]])
+    for i, p in enumerate(worlds[0]["proxies"])
+  ]
   # Wall-clock of this invocation: a stage loaded from the workdir's cache takes about 1 s.
   results["timing_this_invocation"] = timing
   return results

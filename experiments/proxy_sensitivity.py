@@ -43,6 +43,7 @@ def main(argv):
     if not 0 < abs(_EPS.value) < 1:
       cli.die(f"--relative_perturbation={_EPS.value}: must be in (-1, 1) and non-zero")
     workdir = rundir.prepare(_WORKDIR.value)
+  cfg = cfg.for_world(cfg.world_seeds[0])  # one world: the sensitivity of its proxies
   perturbed = copy.deepcopy(cfg)
   perturbed.rm_learning_rate = cfg.rm_learning_rate * (1 + _EPS.value)
   data = lib.build_world(cfg, workdir)

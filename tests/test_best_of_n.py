@@ -210,3 +210,46 @@ def test_best_of_n_rejects_a_nan_proxy_score_instead_of_picking_it():
 def test_best_of_n_rejects_string_scores_naming_the_argument():
   with pytest.raises(ValueError, match="^gold_scores must be a numeric array"):
     bon.best_of_n_expected_reward(np.array([0.1, 0.2]), np.array(["a", "b"]), [1])
+
+
+# ----------------------------------------------------------------------------- ESS and resamples
+def test_ess_matches_numpy_and_its_limits():
+  n_samples, ns = 50, np.array([1, 2, 7, 50])
+  w = np.array(
+    [
+      [
+        math.comb(i - 1, n - 1) / math.comb(n_samples, n) if i >= n else 0.0
+        for i in range(1, n_samples + 1)
+      ]
+      for n in ns
+    ]
+  )
+  np.testing.assert_allclose(bon.best_of_n_ess(n_samples, ns), 1 / (w**2).sum(1), rtol=1e-10)
+  np.testing.assert_allclose(bon.best_of_n_ess(n_samples, [1, 50]), [50.0, 1.0], rtol=1e-10)
+
+
+def test_resampled_estimator_equals_the_estimator_on_the_repeated_samples():
+  rng = np.random.default_rng(3)
+  n_samples, ns = 12, np.array([1, 2, 3, 5, 12])
+  proxy, gold = rng.normal(size=n_samples), rng.normal(size=n_samples)
+  order = np.argsort(proxy)
+  table = bon.best_of_n_cumulative_weights(n_samples, ns)
+  with jax.enable_x64(True):
+    for _ in range(5):
+      counts = rng.multinomial(n_samples, np.ones(n_samples) / n_samples)
+      got = np.asarray(bon.best_of_n_resampled(gold[order], counts[order], table))
+      idx = np.repeat(np.arange(n_samples), counts)
+      # The NumPy reference: mean over every n-subset of the repeated list (ties broken by
+      # the copies' shared gold, so the pick among tied copies does not matter).
+      want = [_exact_subset_mean(proxy[idx], gold[idx], n) for n in ns[:3]]
+      np.testing.assert_allclose(got[:3], want, rtol=1e-10)
+      ref, _ = bon.best_of_n_expected_reward(proxy[idx], gold[idx], ns)
+      np.testing.assert_allclose(got, ref, rtol=1e-10)
+    ones = np.ones(n_samples, int)
+    np.testing.assert_allclose(
+      bon.best_of_n_resampled(gold[order], ones, table),
+      bon.best_of_n_expected_reward(proxy, gold, ns)[0],
+      rtol=1e-10,
+    )
+  with pytest.raises(ValueError, match="counts must have"):
+    bon.best_of_n_resampled(gold, np.ones(3, int), table)

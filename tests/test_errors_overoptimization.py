@@ -34,6 +34,11 @@ def _study(workdir, capfd, *extra):
     ("--config.num_seeds=0", "--config.num_seeds=0: must be >= 1"),
     ("--config.rl_batch_size=0", "--config.rl_batch_size=0: must be an int >= 1"),
     ("--config.label_noise=0.9", "--config.label_noise=0.9: must lie in [0, 0.5]"),
+    ("--config.world_seeds=(0,0)", "--config.world_seeds=0,0: must be distinct"),
+    ("--config.world_seeds=()", "--config.world_seeds=: must name >= 1 seed"),
+    ("--config.world_seeds=(-1,)", "--config.world_seeds=-1: must be ints >= 0"),
+    ("--config.bon_bootstrap=1", "--config.bon_bootstrap=1: must be >= 2"),
+    ("--config.tilted_betas=(0.5,-1.0)", "--config.tilted_betas=0.5,-1.0: must be a non-empty"),
   ],
 )
 def test_bad_setting_is_a_usage_error_naming_the_field(tmp_path, capfd, arg, message):

@@ -5,8 +5,8 @@ on a 2-core CPU)::
 
   python experiments/overoptimization.py --workdir=runs/overopt
 
-Variant ``quick`` (tiny settings: every stage and output, none of the statistics; about 1-2
-min), also selected by ``--quick``::
+Variant ``quick`` (tiny settings, two worlds: every stage and output, none of the statistics;
+labelled a smoke run in its outputs), also selected by ``--quick``::
 
   python experiments/overoptimization.py \
       --config=experiments/configs/overoptimization.py:quick --workdir=/tmp/overopt_quick
@@ -34,9 +34,12 @@ def get_config(variant: str = "") -> StudyConfig:
     config.num_seeds = 2
     config.rm_epochs = 1
     config.proxy_sizes = ("1x8x2", "1x16x2", "1x32x2")
-    config.bon_prompts = 2
-    config.bon_samples = 512
-    config.bon_max_n = 256
+    config.smoke = True
+    config.world_seeds = (0, 1)
+    config.bon_prompts = 8
+    config.bon_samples = 128
+    config.bon_max_n = 64
+    config.bon_bootstrap = 8
     config.rl_steps = 6
     config.rl_batch_size = 16
     config.rl_log_every = 2

@@ -244,3 +244,82 @@ def batched_best_of_n_expected_reward(
   check_finite(proxy, "proxy_scores")
   gold_n, proxy_n = jax.vmap(lambda p, g: best_of_n_expected_reward(p, g, ns))(proxy, gold)
   return jnp.mean(gold_n, axis=0), jnp.mean(proxy_n, axis=0)
+
+
+def best_of_n_ess(num_samples: int, ns: ArrayLike) -> np.ndarray:
+  """Effective sample size ``1 / sum_i w_i(n)^2`` of the unbiased estimator, for each ``n``.
+
+  The weights (:func:`best_of_n_weights`) do not depend on the scores (ties aside), so neither
+  does the ESS: ``N`` at ``n = 1``, 1 at ``n = N``. Averaging ``P`` prompts with equal weight
+  multiplies it by ``P`` (the pooled ESS is the sum of the per-prompt ones).
+
+  Args:
+      num_samples: ``N`` per prompt.
+      ns: ``[n_values]`` concrete integers in ``[1, N]``.
+
+  Returns:
+      float64 ``[n_values]``: the ESS per prompt.
+  """
+  w = best_of_n_weights(num_samples, ns)
+  return 1.0 / np.sum(w * w, axis=-1)
+
+
+def best_of_n_cumulative_weights(num_samples: int, ns: ArrayLike) -> np.ndarray:
+  """``F[k, j] = C(k, n_j) / C(N, n_j)``: the estimator's weight on the ``k`` lowest ranks.
+
+  (The hockey-stick identity sums :func:`best_of_n_weights` over ranks ``1..k``.) Float64
+  ``[N + 1, n_values]``; used by :func:`best_of_n_resampled`.
+  """
+  num_samples = int(num_samples)
+  if num_samples < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+  ns_np = _concrete_ns(ns, num_samples)
+  log_fact = np.array([math.lgamma(k + 1.0) for k in range(num_samples + 1)])
+  k = np.arange(num_samples + 1)[:, None]
+  n = ns_np[None, :]
+  valid = k >= n
+  kk = np.where(valid, k, n)
+  log_f = (
+    log_fact[kk]
+    - log_fact[n]
+    - log_fact[kk - n]
+    - (log_fact[num_samples] - log_fact[n] - log_fact[num_samples - n])
+  )
+  return np.where(valid, np.exp(log_f), 0.0)
+
+
+def best_of_n_resampled(
+  sorted_values: ArrayLike, counts: ArrayLike, cumulative_weights: ArrayLike
+) -> jax.Array:
+  """The unbiased best-of-n estimate on a resample (e.g. a bootstrap) of the ``N`` samples.
+
+  A resample repeats sample ``j`` ``counts[j]`` times (``sum counts = N``). Sorted by proxy,
+  its copies occupy ranks ``K_{j-1} + 1 .. K_j`` (``K`` the cumulative counts), so the
+  estimator on the resample is ``sum_j values_j (F[K_j] - F[K_{j-1}])`` with ``F`` from
+  :func:`best_of_n_cumulative_weights`: no re-sorting per resample.
+
+  Args:
+      sorted_values: scores of the samples sorted by ascending proxy score, ``[..., N]`` (for
+          tied proxy scores pass the tie-averaged values, as :func:`best_of_n_expected_reward`
+          uses; the study's continuous scores have no ties).
+      counts: integer multiplicities ``[..., N]`` in the same order, each row summing to ``N``.
+      cumulative_weights: ``[N + 1, n_values]`` from :func:`best_of_n_cumulative_weights`.
+
+  Returns:
+      ``[..., n_values]``. With all counts 1 it equals :func:`best_of_n_expected_reward`.
+  """
+  values = as_float(sorted_values, "sorted_values")
+  counts = jnp.asarray(counts)
+  table = jnp.asarray(cumulative_weights, values.dtype)
+  if counts.shape != values.shape:
+    raise ValueError(
+      f"counts must have the shape of sorted_values {values.shape}, got {counts.shape}"
+    )
+  if table.ndim != 2 or table.shape[0] != values.shape[-1] + 1:
+    raise ValueError(
+      f"cumulative_weights must have shape [N + 1, n_values] = [{values.shape[-1] + 1}, ...], "
+      f"got {table.shape}"
+    )
+  cum = jnp.cumsum(counts.astype(jnp.int32), axis=-1)
+  upper, lower = table[cum], table[cum - counts.astype(jnp.int32)]  # [..., N, n_values]
+  return jnp.sum((upper - lower) * values[..., None], axis=-2)
