@@ -33,7 +33,9 @@ def get_config(variant: str = "") -> StudyConfig:
     config.num_heldout = 256
     config.num_seeds = 2
     config.rm_epochs = 1
-    config.proxy_sizes = ("1x8x2", "1x16x2", "1x32x2")
+    # Two proxy sizes: each reward architecture compiles its own RL program (the smoke run's
+    # main cost), and two sizes are the fewest a trend check can be computed on.
+    config.proxy_sizes = ("1x8x2", "1x16x2")
     config.smoke = True
     config.world_seeds = (0, 1)
     config.bon_prompts = 8
@@ -43,6 +45,8 @@ def get_config(variant: str = "") -> StudyConfig:
     config.rl_steps = 6
     config.rl_batch_size = 16
     config.rl_log_every = 2
+    config.rl_eval_prompts = 32
+    config.kl_sweep = (0.1, 1.0)
   elif variant:
     raise ValueError(f"unknown variant {variant!r} of overoptimization.py; known: 'quick'")
   return config
