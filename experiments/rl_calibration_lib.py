@@ -67,7 +67,7 @@ class CalibrationConfig:
   kl_coef: float = 0.0
   num_seeds: int = 2
   eval_every: int = 25
-  eval_prompts: int = 1024
+  eval_prompts: int = 512
   bon_prompts: int = 128
   bon_samples: int = 2048
   bon_max_n: int = 1024
