@@ -107,7 +107,7 @@ class StudyConfig:
   labels: str = "deterministic"
   label_noise: float = 0.0
   proxy_sizes: tuple[str, ...] = ("1x4x1", "1x8x2", "1x16x2", "2x32x4", "2x64x4")
-  num_seeds: int = 5
+  num_seeds: int = 3
   rm_epochs: int = 3
   rm_batch_size: int = 64
   rm_learning_rate: float = 1e-3
@@ -536,6 +536,10 @@ def validate(cfg: StudyConfig) -> None:
     f"must equal world.response_len={cfg.world.response_len} (fixed-length responses)",
   )
   need(cfg.ppo.eos_id is None, "ppo.eos_id", "must be None (fixed-length responses)")
+  if cfg.rl_steps:
+    from experiments import overoptimization_rl  # noqa: PLC0415  (it imports this module)
+
+    overoptimization_rl.validate_rl(cfg)  # before any stage runs, not when RL starts
 
 
 def _proxy_summary(proxies: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -39,6 +39,10 @@ def _study(workdir, capfd, *extra):
     ("--config.world_seeds=(-1,)", "--config.world_seeds=-1: must be ints >= 0"),
     ("--config.bon_bootstrap=1", "--config.bon_bootstrap=1: must be >= 2"),
     ("--config.tilted_betas=(0.5,-1.0)", "--config.tilted_betas=0.5,-1.0: must be a non-empty"),
+    # RL settings are checked with the others, before the first stage (not when RL starts).
+    ("--config.rl_algorithm=ppo2", "--config.rl_algorithm=ppo2: must be one of"),
+    ("--config.kl_sweep_reward=L9W9", "--config.kl_sweep_reward=L9W9: must name a proxy size"),
+    ("--config.rl_eval_prompts=0", "--config.rl_eval_prompts=0: must be an int >= 1"),
   ],
 )
 def test_bad_setting_is_a_usage_error_naming_the_field(tmp_path, capfd, arg, message):
