@@ -47,6 +47,7 @@ def _config(**kw):
     rl_log_every=4,
     rl_eval_prompts=32,
     kl_sweep=(0.0, 3.0),
+    world_seeds=(kw.pop("world_seed", 0),),  # a per-world config, as the study's stages get
   )
   for k, v in kw.items():
     setattr(cfg, k, v)
