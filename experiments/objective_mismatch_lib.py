@@ -43,9 +43,8 @@ import optax
 
 from experiments import overoptimization_lib as oo
 from jaxrm.data import synthetic
-from jaxrm.data.pairs import validate_world
+from jaxrm.data.pairs import validate_fixed_length_rl, validate_world
 from jaxrm.io import rundir
-from jaxrm.io.rundir import ConfigError
 from jaxrm.math import preference
 from jaxrm.steps import rl as rl_lib
 from jaxrm.steps.rm_sweep import RewardModelSweep
@@ -489,16 +488,7 @@ def validate(cfg: MismatchConfig) -> None:
     )
     need(all(b > 0 for b in cfg.rl_kl_budgets), "rl_kl_budgets", "must be > 0")
     need(cfg.kl_coef >= 0, "kl_coef", "must be >= 0")
-    need(isinstance(cfg.ppo, rl_lib.RLConfig), "ppo", "must be a jaxrm.steps.rl.RLConfig")
-    try:
-      dataclasses.replace(cfg.ppo)
-    except (TypeError, ValueError) as e:
-      raise ConfigError("ppo", cfg.ppo, str(e)) from None
-    need(
-      cfg.ppo.max_new_tokens == cfg.world.response_len and cfg.ppo.eos_id is None,
-      "ppo.max_new_tokens",
-      f"must equal world.response_len={cfg.world.response_len} with ppo.eos_id None",
-    )
+    validate_fixed_length_rl(cfg.ppo, cfg.world, field="ppo")
   need(cfg.bootstrap_resamples >= 10, "bootstrap_resamples", "must be >= 10")
   need(0 < cfg.near_equal_accuracy < 1, "near_equal_accuracy", "must lie in (0, 1)")
   outcomes = [f"bon_gold_n{n}" for n in cfg.bon_outcome_ns] + ["bon_gold_peak"]

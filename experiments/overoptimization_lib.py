@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from jaxrm.data import synthetic
-from jaxrm.data.pairs import validate_world
+from jaxrm.data.pairs import validate_fixed_length_rl, validate_world
 from jaxrm.io import environment, rundir
 from jaxrm.io.rundir import ConfigError
 from jaxrm.math import best_of_n as bon_lib
@@ -525,17 +525,7 @@ def validate(cfg: StudyConfig) -> None:
       f"must lie in [1, rl_steps={cfg.rl_steps}]",
     )
   validate_world(cfg.world, field="world")
-  need(isinstance(cfg.ppo, rl_lib.RLConfig), "ppo", "must be a jaxrm.steps.rl.RLConfig")
-  try:
-    dataclasses.replace(cfg.ppo)
-  except (TypeError, ValueError) as e:
-    raise ConfigError("ppo", cfg.ppo, str(e)) from None
-  need(
-    cfg.ppo.max_new_tokens == cfg.world.response_len,
-    "ppo.max_new_tokens",
-    f"must equal world.response_len={cfg.world.response_len} (fixed-length responses)",
-  )
-  need(cfg.ppo.eos_id is None, "ppo.eos_id", "must be None (fixed-length responses)")
+  validate_fixed_length_rl(cfg.ppo, cfg.world, field="ppo")
   if cfg.rl_steps:
     from experiments import overoptimization_rl  # noqa: PLC0415  (it imports this module)
 

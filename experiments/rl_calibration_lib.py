@@ -20,9 +20,8 @@ import numpy as np
 import optax
 
 from jaxrm.data import synthetic
-from jaxrm.data.pairs import validate_world
+from jaxrm.data.pairs import validate_fixed_length_rl, validate_world
 from jaxrm.io import rundir
-from jaxrm.io.rundir import ConfigError
 from jaxrm.math import best_of_n as bon_lib
 from jaxrm.models.policy import transformer_policy
 from jaxrm.steps import rl as rl_lib
@@ -86,17 +85,7 @@ def validate(cfg: CalibrationConfig) -> None:
   rundir.check_finite_fields(cfg)
   validate_world(cfg.world, field="world")
   need(cfg.algo in rl_lib.ALGORITHMS, "algo", f"must be one of {rl_lib.ALGORITHMS}")
-  need(isinstance(cfg.rl, rl_lib.RLConfig), "rl", "must be a jaxrm.steps.rl.RLConfig")
-  try:
-    dataclasses.replace(cfg.rl)
-  except (TypeError, ValueError) as e:
-    raise ConfigError("rl", cfg.rl, str(e)) from None
-  need(
-    cfg.rl.max_new_tokens == cfg.world.response_len,
-    "rl.max_new_tokens",
-    f"must equal world.response_len={cfg.world.response_len} (fixed-length responses)",
-  )
-  need(cfg.rl.eos_id is None, "rl.eos_id", "must be None (fixed-length responses)")
+  validate_fixed_length_rl(cfg.rl, cfg.world, field="rl")
   for name in ("batch_size", "steps", "num_seeds", "eval_every", "eval_prompts", "bon_prompts"):
     need(rundir.is_int(getattr(cfg, name)) and getattr(cfg, name) >= 1, name, "must be an int >= 1")
   need(rundir.is_int(cfg.world_seed) and cfg.world_seed >= 0, "world_seed", "must be an int >= 0")

@@ -26,6 +26,7 @@ import numpy as np
 from jaxrm.data import synthetic
 from jaxrm.io import rundir
 from jaxrm.io.rundir import ConfigError
+from jaxrm.steps.rl_config import RLConfig
 
 SYNTHETIC_FILE = "synthetic.npz"
 DATASET_NAME = "default"
@@ -97,6 +98,26 @@ def validate_world(world: Any, *, field: str) -> None:
     dataclasses.replace(world)
   except (TypeError, ValueError) as e:
     raise ConfigError(field, world, str(e)) from None
+
+
+def validate_fixed_length_rl(rl: Any, world: synthetic.WorldConfig, *, field: str) -> None:
+  """Raises :class:`ConfigError` (``field`` or ``field.<name>``) unless ``rl`` is a valid
+  :class:`jaxrm.steps.rl.RLConfig` (re-running its checks after command-line overrides) for
+  ``world``'s fixed-length responses: ``max_new_tokens == world.response_len``, no EOS."""
+  if not isinstance(rl, RLConfig):
+    raise ConfigError(field, rl, "must be a jaxrm.steps.rl.RLConfig")
+  try:
+    dataclasses.replace(rl)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(field, rl, str(e)) from None
+  if rl.max_new_tokens != world.response_len:
+    raise ConfigError(
+      f"{field}.max_new_tokens",
+      rl.max_new_tokens,
+      f"must equal world.response_len={world.response_len} (fixed-length responses)",
+    )
+  if rl.eos_id is not None:
+    raise ConfigError(f"{field}.eos_id", rl.eos_id, "must be None (fixed-length responses)")
 
 
 def _not_a_file(path: str) -> str:
