@@ -95,10 +95,10 @@ class EnsembleConfig:
   bon_samples: int = 1024
   bon_max_n: int = 512
   bon_bootstrap: int = 200
-  rl_steps: int = 160
+  rl_steps: int = 120
   rl_batch_size: int = 64
   rl_learning_rate: float = 1e-5
-  rl_log_every: int = 20
+  rl_log_every: int = 15
   rl_eval_prompts: int = 128
   rl_algorithm: str = "ppo"
   kl_coef: float = 0.0
