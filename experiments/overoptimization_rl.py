@@ -202,10 +202,14 @@ def chunk_fn(
   batch_size: int,
   chunk_len: int,
   evaluate: bool,
+  reward_fn=None,
 ):
   """The jitted chunk of ``chunk_len`` RL steps of every member, built once per key.
 
   ``size=None``: the reward is gold (``reward_params`` a stacked :class:`World`).
+  ``reward_fn``: optional hashable ``(reward_params, tokens, mask) -> [b]`` replacing the
+  reward that ``size`` names (e.g. an ensemble objective, ``experiments.ensembles_rl``);
+  ``size`` then only names the program in :data:`TRACES`. None keeps the proxy / gold reward.
 
   Returns:
     ``chunk(states [m], world, reward_params [m], eval_prompts [e, p], eval_key) ->
@@ -213,7 +217,7 @@ def chunk_fn(
     shape ``[m, chunk_len]``, and with ``evaluate`` the held-out :data:`EVAL_KEYS` ``[m]``
     (``proxy`` not re-centred) measured after the last step.
   """
-  reward_fn = _reward_fn(wc, size)
+  reward_fn = _reward_fn(wc, size) if reward_fn is None else reward_fn
   value_head = rl_lib.uses_value_head(algorithm)
   policy = transformer_policy(wc.policy_config(), value_head=value_head)
   step = rl_lib.make_step(
@@ -291,6 +295,7 @@ def train_members(
   *,
   evaluate: bool = True,
   name: str = "",
+  reward_fn=None,
 ) -> tuple[dict[str, np.ndarray], Any]:
   """RL of ``m`` members against ``size``'s reward (gold for None), vmapped together.
 
@@ -303,6 +308,7 @@ def train_members(
     keys: ``[m]`` training keys.
     evaluate: measure the held-out :data:`EVAL_KEYS` after every ``rl_log_every`` steps.
     name: for the progress lines.
+    reward_fn: optional hashable reward replacing ``size``'s (:func:`chunk_fn`).
 
   Returns:
     ``(curves, states)``: ``train_gold``, ``train_kl_k1``, ``train_proxy`` (window means)
@@ -320,6 +326,7 @@ def train_members(
     cfg.rl_batch_size,
     chunk_len,
     evaluate,
+    *(() if reward_fn is None else (reward_fn,)),  # the existing cache keys stay as they were
   )
   optimizer = optax.adam(cfg.rl_learning_rate)
   start = start_params(cfg, data)
