@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -64,7 +65,7 @@ class HiddenContextConfig:
       )
     if self.labels not in LABELS:
       raise ValueError(f"HiddenContextConfig.labels must be one of {LABELS}, got {self.labels!r}")
-    if not jnp.isfinite(self.group2_feature_weight):
+    if not math.isfinite(self.group2_feature_weight):
       raise ValueError(
         "HiddenContextConfig.group2_feature_weight must be finite, got "
         f"{self.group2_feature_weight}"
