@@ -79,15 +79,21 @@ def plot_variance(cfg: dpl_lib.DPLConfig, results: dict, raw_worlds: list[dict],
       "std"
     ]
   )
+  rng = np.random.default_rng(0)
+  levels = np.unique(np.round(true_std, 4))
   for ax, kind in zip(axes[:2], dpl_lib.DPL_KINDS):
-    for labels, colour in (("hidden", "tab:red"), ("control", "tab:grey")):
+    for j, (labels, colour) in enumerate((("hidden", "tab:red"), ("control", "tab:grey"))):
       arm = w0["diagnostics"]["arms"].get(f"{kind}/{labels}")
       if arm is None:
         continue
-      ax.scatter(true_std, arm["std"][0], s=3, alpha=0.3, color=colour, label=f"{labels} labels")
-    ax.set_xlabel("true hidden-context std sqrt(p(1-p))|g1 - g2|")
-    ax.set_ylabel("predicted std")
-    ax.set_title(f"{kind} (world {w0['world_seed']}, seed 0)")
+      std = np.asarray(arm["std"])  # [seeds, n]
+      jitter = rng.uniform(-0.01, 0.01, size=true_std.shape) + 0.02 * (j - 0.5)
+      ax.scatter(true_std + jitter, std[0], s=2, alpha=0.15, color=colour)
+      by_level = [std[:, np.round(true_std, 4) == v].mean() for v in levels]
+      ax.plot(levels, by_level, "o-", color=colour, lw=2, label=f"{labels} labels (all seeds)")
+    ax.set_xlabel("true hidden-context std sqrt(p(1-p))|g1 - g2| (discrete: feature counts)")
+    ax.set_ylabel("predicted std (dots: seed 0; line: mean per level)")
+    ax.set_title(f"{kind} (world {w0['world_seed']})")
     ax.legend(fontsize=8)
   ax = axes[2]
   names = [
