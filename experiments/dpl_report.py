@@ -68,46 +68,42 @@ def plot_bon(cfg: dpl_lib.DPLConfig, results: dict, path: str) -> None:
 
 
 def plot_variance(cfg: dpl_lib.DPLConfig, results: dict, raw_worlds: list[dict], path: str) -> None:
-  """Predicted std vs the true hidden-context std (first world, seed 0) and r^2 per arm."""
-  plt = _plt()
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-  w0 = raw_worlds[0]
+  """Per world: predicted std vs the true hidden-context std (each DPL head), and r^2 per arm."""
   from jaxrm.data import hidden_context  # noqa: PLC0415
 
-  true_std = np.asarray(
-    hidden_context.utility_moments(w0["diagnostics"]["golds"], group2_prob=cfg.hidden.group2_prob)[
-      "std"
-    ]
-  )
+  plt = _plt()
+  rows = len(raw_worlds)
+  fig, axes = plt.subplots(rows, 3, figsize=(15, 4.2 * rows), squeeze=False)
   rng = np.random.default_rng(0)
-  levels = np.unique(np.round(true_std, 4))
-  for ax, kind in zip(axes[:2], dpl_lib.DPL_KINDS):
-    for j, (labels, colour) in enumerate((("hidden", "tab:red"), ("control", "tab:grey"))):
-      arm = w0["diagnostics"]["arms"].get(f"{kind}/{labels}")
-      if arm is None:
-        continue
-      std = np.asarray(arm["std"])  # [seeds, n]
-      jitter = rng.uniform(-0.01, 0.01, size=true_std.shape) + 0.02 * (j - 0.5)
-      ax.scatter(true_std + jitter, std[0], s=2, alpha=0.15, color=colour)
-      by_level = [std[:, np.round(true_std, 4) == v].mean() for v in levels]
-      ax.plot(levels, by_level, "o-", color=colour, lw=2, label=f"{labels} labels (all seeds)")
-    ax.set_xlabel("true hidden-context std sqrt(p(1-p))|g1 - g2| (discrete: feature counts)")
-    ax.set_ylabel("predicted std (dots: seed 0; line: mean per level)")
-    ax.set_title(f"{kind} (world {w0['world_seed']})")
-    ax.legend(fontsize=8)
-  ax = axes[2]
-  names = [
-    n for n in results["worlds"][0]["stats"]["diagnostics"] if n.split("/")[0] != "bradley_terry"
-  ]
-  for j, w in enumerate(results["worlds"]):
-    vals = [np.mean(w["stats"]["diagnostics"][n]["r2"]) for n in names]
-    ax.bar(np.arange(len(names)) + 0.4 * j / len(results["worlds"]), vals,
-           width=0.4 / len(results["worlds"]), label=f"world {w['world_seed']}")  # fmt: skip
-  ax.set_xticks(np.arange(len(names)))
-  ax.set_xticklabels([n.replace("/", "\n") for n in names], fontsize=8)
-  ax.set_ylabel("r^2 = Var[mu] / (Var[mu] + E[sigma^2]) (seed mean)")
-  ax.set_title("explained variance (lower: more hidden context)")
-  ax.legend(fontsize=8)
+  for r, (w, stats) in enumerate(zip(raw_worlds, results["worlds"])):
+    golds = w["diagnostics"]["golds"]
+    true_std = np.asarray(
+      hidden_context.utility_moments(golds, group2_prob=cfg.hidden.group2_prob)["std"]
+    )
+    levels = np.unique(np.round(true_std, 4))
+    for ax, kind in zip(axes[r][:2], dpl_lib.DPL_KINDS):
+      for j, (labels, colour) in enumerate((("hidden", "tab:red"), ("control", "tab:grey"))):
+        arm = w["diagnostics"]["arms"].get(f"{kind}/{labels}")
+        if arm is None:
+          continue
+        std = np.asarray(arm["std"])  # [seeds, n]
+        jitter = rng.uniform(-0.01, 0.01, size=true_std.shape) + 0.02 * (j - 0.5)
+        ax.scatter(true_std + jitter, std[0], s=2, alpha=0.15, color=colour)
+        by_level = [std[:, np.round(true_std, 4) == v].mean() for v in levels]
+        ax.plot(levels, by_level, "o-", color=colour, lw=2, label=f"{labels} labels")
+      ax.set_xlabel("true hidden-context std sqrt(p(1-p)) |g1 - g2|")
+      ax.set_ylabel("predicted std")
+      ax.set_title(
+        f"world {w['world_seed']}: {kind} (dots seed 0, line mean per level)", fontsize=9
+      )
+      ax.legend(fontsize=8)
+    ax = axes[r][2]
+    names = [n for n in stats["stats"]["diagnostics"] if not n.startswith("bradley_terry")]
+    ax.bar(np.arange(len(names)), [np.mean(stats["stats"]["diagnostics"][n]["r2"]) for n in names])
+    ax.set_xticks(np.arange(len(names)))
+    ax.set_xticklabels([n.replace("/", "\n") for n in names], fontsize=8)
+    ax.set_ylabel("r^2 (seed mean)")
+    ax.set_title(f"world {w['world_seed']}: r^2 = Var[mu] / (Var[mu] + E[sigma^2])", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=90)
   plt.close(fig)
