@@ -239,7 +239,7 @@ def train_models(cfg: DPLConfig, seed: int, data: dict, workdir: str) -> dict[st
   """Trains every arm's ``num_seeds`` models; returns ``{f'{kind}/{labels}': params}``."""
   steps = cfg.rm_epochs * cfg.num_comparisons // cfg.rm_batch_size
   out = {}
-  for i, (kind, labels) in enumerate(arms(cfg)):
+  for kind, labels in arms(cfg):
     fp = cfg.fingerprint(*MODEL_FIELDS, seed=seed) + f"-{kind}-{labels}"
     path = os.path.join(workdir, "models", f"{kind}_{labels}.npz")
     model = model_of(cfg, kind)
@@ -271,7 +271,6 @@ def train_models(cfg: DPLConfig, seed: int, data: dict, workdir: str) -> dict[st
       out[f"{kind}/{labels}"] = (states.params, meta)
     else:
       out[f"{kind}/{labels}"] = loaded
-    del i
   return out
 
 
