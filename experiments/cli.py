@@ -280,3 +280,47 @@ def run(
       sys.stderr.flush()
       os._exit(1)  # pylint: disable=protected-access
     raise
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyFlags:
+  """The flags :func:`study_flags` defines; pass ``aliases`` to :func:`run`."""
+
+  config: flags.FlagHolder
+  workdir: flags.FlagHolder
+  aliases: dict[str, str]
+
+
+def study_flags(name: str, default_workdir: str | None, workdir_help: str = "") -> StudyFlags:
+  """A study script's flags: ``--config`` (``experiments/configs/<name>.py``), ``--workdir``
+  (required when ``default_workdir`` is None) and ``--quick``, which stands for
+  ``--config=experiments/configs/<name>.py:quick`` (the config's smoke-run variant)."""
+  quick = f"--config={os.path.join(CONFIG_DIR, f'{name}.py')}:quick"
+  aliases = {"--quick": quick}
+  config = define_config(name, aliases=aliases)
+  workdir = flags.DEFINE_string(
+    "workdir",
+    default_workdir,
+    workdir_help or "Where results and caches go.",
+    required=default_workdir is None,
+  )
+  flags.DEFINE_bool("quick", False, f"Tiny settings for a smoke run: the same as {quick}.")
+  return StudyFlags(config, workdir, aliases)
+
+
+def print_checks(results: Mapping[str, Any]) -> None:
+  """Prints a study's pre-registered checks, one ``PASS``/``FAIL`` line each, pooled and per
+  world where ``results['checks'][i]['per_world']`` exists (a bool or ``{'passed': bool}`` per
+  world), after a banner when ``results['smoke_run']``."""
+  if results["smoke_run"]:
+    print("SMOKE RUN (--quick): tiny settings; the checks below are not evidence.")
+  for c in results["checks"]:
+    per_world = c.get("per_world")
+    where = ""
+    if per_world is not None:
+      per = " ".join(
+        f"{k}:{'PASS' if (v['passed'] if isinstance(v, Mapping) else v) else 'FAIL'}"
+        for k, v in per_world.items()
+      )
+      where = f" (pooled; {per})"
+    print(f"{'PASS' if c['passed'] else 'FAIL'}  {c['name']}{where}: {c['detail']}")

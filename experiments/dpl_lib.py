@@ -36,7 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import dpl_train
 from experiments import overoptimization_bon as ob
 from experiments.overoptimization_lib import ProxySize, bon_ns, score_batches
 from jaxrm.data import hidden_context, synthetic
@@ -47,6 +46,8 @@ from jaxrm.math import best_of_n as bon_lib
 from jaxrm.math import preference
 from jaxrm.models.distributional_rm import DistributionalRewardModel, Head
 from jaxrm.models.reward_model import RewardModel
+from jaxrm.steps import rm_step
+from jaxrm.steps.rm_sweep import RewardModelSweep
 
 KINDS = ("bradley_terry", "mean_variance", "categorical")
 DPL_KINDS = KINDS[1:]
@@ -244,7 +245,8 @@ def train_models(cfg: DPLConfig, seed: int, data: dict, workdir: str) -> dict[st
     path = os.path.join(workdir, "models", f"{kind}_{labels}.npz")
     model = model_of(cfg, kind)
     pairs = data[{"hidden": "train", "control": "control"}[labels]].as_batch()
-    sweep = dpl_train.OutputSweep(
+    sweep = RewardModelSweep(
+      step_fn=rm_step.output_pair_step,  # the loss sees [batch, ...] outputs
       init_fn=lambda k, m=model, p=pairs: m.init(k, p["chosen"][:1], p["chosen_mask"][:1]),
       apply_fn=model.apply,
       loss_fn=_loss(cfg, kind),

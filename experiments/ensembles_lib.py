@@ -103,6 +103,7 @@ class EnsembleConfig:
   rl_algorithm: str = "ppo"
   kl_coef: float = 0.0
   ppo: rl_lib.RLConfig = dataclasses.field(default_factory=_default_ppo)
+  rl_compile_opt_level: int = -1  # the RL chunk's XLA backend level (StudyConfig's field)
   smoke: bool = False
 
   @property
@@ -148,6 +149,7 @@ RL_FIELDS = MEMBER_FIELDS + (
   "rl_algorithm",
   "kl_coef",
   "ppo",
+  "rl_compile_opt_level",
 )
 # Read by the analysis only (never cached), and the selection of worlds (each world's caches
 # live under world{seed}/, keyed by the seed through study_config's world_seed).
@@ -181,6 +183,7 @@ def study_config(cfg: EnsembleConfig, world_seed: int, noise: float) -> oo.Study
     rl_algorithm=cfg.rl_algorithm,
     rl_eval_prompts=cfg.rl_eval_prompts,
     kl_sweep=(),
+    rl_compile_opt_level=cfg.rl_compile_opt_level,
   )
 
 

@@ -27,7 +27,7 @@ import os
 import sys
 import time
 
-from absl import flags, logging
+from absl import logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,29 +37,22 @@ from experiments import objective_mismatch_lib as lib  # noqa: E402
 from experiments import objective_mismatch_outcomes as outcomes  # noqa: E402
 from jaxrm.io import rundir  # noqa: E402
 
-QUICK = f"--config={os.path.join(cli.CONFIG_DIR, 'objective_mismatch.py')}:quick"
-
-_CONFIG = cli.define_config("objective_mismatch", aliases={"--quick": QUICK})
-_WORKDIR = flags.DEFINE_string("workdir", "runs/mismatch", "Where results and caches go.")
-flags.DEFINE_bool("quick", False, f"Tiny settings for a smoke run: the same as {QUICK}.")
+_FLAGS = cli.study_flags("objective_mismatch", "runs/mismatch")
 
 
 def main(argv):
   cli.no_arguments(argv)
-  cfg = _CONFIG.value
+  cfg = _FLAGS.config.value
   start = time.perf_counter()
   with cli.one_line_errors():
     lib.validate(cfg)
-    workdir = rundir.prepare(_WORKDIR.value)
+    workdir = rundir.prepare(_FLAGS.workdir.value)
     rundir.write_config(workdir, cfg)
     results = outcomes.run_study(cfg, workdir)
   results = analysis.analyse(results, workdir)
-  if results["smoke_run"]:
-    print("SMOKE RUN (--quick): tiny settings; the checks below are not evidence.")
-  for c in results["checks"]:
-    print(f"{'PASS' if c['passed'] else 'FAIL'}  {c['name']}: {c['detail']}")
+  cli.print_checks(results)
   logging.info("study finished in %.0fs; results in %s", time.perf_counter() - start, workdir)
 
 
 if __name__ == "__main__":
-  cli.run(main, aliases={"--quick": QUICK})
+  cli.run(main, aliases=_FLAGS.aliases)

@@ -126,6 +126,7 @@ class MismatchConfig:
   kl_coef: float = 0.0
   rl_kl_budgets: tuple[float, ...] = (1.0, 3.0)
   ppo: rl_lib.RLConfig = dataclasses.field(default_factory=_default_ppo)
+  rl_compile_opt_level: int = -1  # the RL chunk's XLA backend level (StudyConfig's field)
   bootstrap_resamples: int = 1000
   near_equal_accuracy: float = 0.01
   primary_outcome: str = "bon_gold_n128"
@@ -178,6 +179,7 @@ RL_FIELDS = EVAL_FIELDS + (
   "rl_log_every",
   "kl_coef",
   "ppo",
+  "rl_compile_opt_level",
 )
 # Read by the analysis only (recomputed on every run, never cached), and the selection of
 # worlds (each world's caches live in their own directory, named by its seed).
@@ -209,6 +211,7 @@ def overopt_config(cfg: MismatchConfig, world_seed: int, num_members: int = 1) -
     kl_coef=cfg.kl_coef,
     rl_log_every=cfg.rl_log_every,
     ppo=cfg.ppo,
+    rl_compile_opt_level=cfg.rl_compile_opt_level,
   )
 
 
@@ -488,6 +491,11 @@ def validate(cfg: MismatchConfig) -> None:
     )
     need(all(b > 0 for b in cfg.rl_kl_budgets), "rl_kl_budgets", "must be > 0")
     need(cfg.kl_coef >= 0, "kl_coef", "must be >= 0")
+    need(
+      cfg.rl_compile_opt_level in (-1, 0, 1, 2, 3),
+      "rl_compile_opt_level",
+      "must be -1 (XLA's default) or 0..3",
+    )
     validate_fixed_length_rl(cfg.ppo, cfg.world, field="ppo")
   need(cfg.bootstrap_resamples >= 10, "bootstrap_resamples", "must be >= 10")
   need(0 < cfg.near_equal_accuracy < 1, "near_equal_accuracy", "must lie in (0, 1)")

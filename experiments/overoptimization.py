@@ -27,7 +27,7 @@ import os
 import sys
 import time
 
-from absl import flags, logging
+from absl import logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -36,31 +36,22 @@ from experiments import overoptimization_analysis as analysis  # noqa: E402
 from experiments import overoptimization_lib as lib  # noqa: E402
 from jaxrm.io import rundir  # noqa: E402
 
-QUICK = f"--config={os.path.join(cli.CONFIG_DIR, 'overoptimization.py')}:quick"
-ALIASES = {"--quick": QUICK}
-
-_CONFIG = cli.define_config("overoptimization", aliases=ALIASES)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/overopt", "Where results and caches go.")
-flags.DEFINE_bool("quick", False, f"Tiny settings for a smoke run: the same as {QUICK}.")
+_FLAGS = cli.study_flags("overoptimization", "runs/overopt")
 
 
 def main(argv):
   cli.no_arguments(argv)
-  cfg = _CONFIG.value
+  cfg = _FLAGS.config.value
   start = time.perf_counter()
   with cli.one_line_errors():
     lib.validate(cfg)
-    workdir = rundir.prepare(_WORKDIR.value)
+    workdir = rundir.prepare(_FLAGS.workdir.value)
     rundir.write_config(workdir, cfg)
     results = lib.run_study(cfg, workdir)
   results = analysis.analyse(results, workdir)
-  if results["smoke_run"]:
-    print("SMOKE RUN (quick config): tiny settings, the checks below mean nothing")
-  for c in results["checks"]:
-    per = " ".join(f"{k}:{'PASS' if v else 'FAIL'}" for k, v in c["per_world"].items())
-    print(f"{'PASS' if c['passed'] else 'FAIL'}  {c['name']} (pooled; {per}): {c['detail']}")
+  cli.print_checks(results)
   logging.info("study finished in %.0fs; results in %s", time.perf_counter() - start, workdir)
 
 
 if __name__ == "__main__":
-  cli.run(main, aliases=ALIASES)
+  cli.run(main, aliases=_FLAGS.aliases)

@@ -56,7 +56,7 @@ from experiments.overoptimization_lib import (
   score_batches,
 )
 from jaxrm.data import synthetic
-from jaxrm.io import rundir
+from jaxrm.io import compile_cache, rundir
 from jaxrm.io.rundir import ConfigError
 from jaxrm.models.policy import transformer_policy
 from jaxrm.steps import rl as rl_lib
@@ -129,6 +129,11 @@ def validate_rl(cfg: StudyConfig) -> None:
     "must not repeat a coefficient (arm names use :g)",
   )
   sweep_reward(cfg)  # raises for a kl_sweep_reward that names no proxy
+  need(
+    cfg.rl_compile_opt_level in (-1, 0, 1, 2, 3),
+    "rl_compile_opt_level",
+    "must be -1 (XLA's default) or 0..3",
+  )
   if cfg.rl_algorithm in ("ppo", "grpo"):  # the algorithms with minibatches
     grouped = cfg.rl_algorithm == "grpo"
     num = cfg.rl_batch_size * (cfg.ppo.num_samples if grouped else 1)
@@ -203,6 +208,8 @@ def chunk_fn(
   chunk_len: int,
   evaluate: bool,
   reward_fn=None,
+  *,
+  opt_level: int = -1,
 ):
   """The jitted chunk of ``chunk_len`` RL steps of every member, built once per key.
 
@@ -210,6 +217,7 @@ def chunk_fn(
   ``reward_fn``: optional hashable ``(reward_params, tokens, mask) -> [b]`` replacing the
   reward that ``size`` names (e.g. an ensemble objective, ``experiments.ensembles_rl``);
   ``size`` then only names the program in :data:`TRACES`. None keeps the proxy / gold reward.
+  ``opt_level``: XLA backend optimisation level (:func:`jaxrm.io.compile_cache.backend_options`).
 
   Returns:
     ``chunk(states [m], world, reward_params [m], eval_prompts [e, p], eval_key) ->
@@ -267,7 +275,9 @@ def chunk_fn(
       train.update(heldout(state.params, world, reward_params, prompts, key))
     return state, train
 
-  @functools.partial(jax.jit, donate_argnums=0)
+  @functools.partial(
+    jax.jit, donate_argnums=0, compiler_options=compile_cache.backend_options(opt_level)
+  )
   def chunk(states, world, reward_params, eval_prompts, eval_key):
     TRACES[GOLD if size is None else size.name] += 1  # runs at trace time only
     return jax.vmap(member, in_axes=(0, None, 0, None, None))(
@@ -327,6 +337,7 @@ def train_members(
     chunk_len,
     evaluate,
     *(() if reward_fn is None else (reward_fn,)),  # the existing cache keys stay as they were
+    opt_level=cfg.rl_compile_opt_level,
   )
   optimizer = optax.adam(cfg.rl_learning_rate)
   start = start_params(cfg, data)

@@ -37,28 +37,21 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import flags
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import cli  # noqa: E402
 from experiments.rl_calibration_lib import run_calibration  # noqa: E402
 
-QUICK = f"--config={os.path.join(cli.CONFIG_DIR, 'rl_calibration.py')}:quick"
-ALIASES = {"--quick": QUICK}
-
-_CONFIG = cli.define_config("rl_calibration", aliases=ALIASES)
-_WORKDIR = flags.DEFINE_string(
-  "workdir", None, "Output directory (results.json, metrics.jsonl, PNG).", required=True
+_FLAGS = cli.study_flags(
+  "rl_calibration", None, "Output directory (results.json, metrics.jsonl, PNG)."
 )
-flags.DEFINE_bool("quick", False, f"Tiny settings for a smoke run: the same as {QUICK}.")
 
 
 def main(argv: list[str]) -> None:
   cli.no_arguments(argv)
   with cli.one_line_errors():
-    run_calibration(_CONFIG.value, _WORKDIR.value)
+    run_calibration(_FLAGS.config.value, _FLAGS.workdir.value)
 
 
 if __name__ == "__main__":
-  cli.run(main, aliases=ALIASES)
+  cli.run(main, aliases=_FLAGS.aliases)

@@ -19,3 +19,18 @@ os.environ.setdefault(
   os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache"),
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+import jax  # noqa: E402  (after the environment above)
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+  """Compiles with XLA's backend optimisations off (``jax_disable_most_optimizations``) for a
+  module's tests, which check numbers, not speed, and whose time is mostly compiling; the old
+  setting is restored after the module. Use ``pytestmark = pytest.mark.usefixtures(
+  "fast_compiles")``."""
+  old = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)

@@ -7,6 +7,9 @@ call defined, imports the script afresh under the given ``sys.argv`` and runs it
 costs no interpreter start and no JAX import, and compiled functions are shared between calls
 (the error tests of each script make many short runs).
 
+:func:`run_subprocess` runs a script in a fresh process instead, as a user's command would
+(one CPU device), and :func:`quick_run` a study's ``--quick`` run that way.
+
 A user mistake ends in ``SystemExit`` with a code and one line on stderr; a bug propagates as
 the exception itself, so a test that expects a clean error fails with its traceback.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import subprocess
 import sys
 from typing import NamedTuple
 
@@ -67,9 +71,10 @@ def run_script(name: str, argv: list[str], capfd) -> Result:
     code = 0
     try:
       spec.loader.exec_module(module)
-      aliases = getattr(module, "ALIASES", None)
       from experiments import cli  # noqa: PLC0415  (after the script put the root on the path)
 
+      study = getattr(module, "_FLAGS", None)  # a study script's cli.study_flags (--quick)
+      aliases = study.aliases if isinstance(study, cli.StudyFlags) else None
       cli.run(module.main, aliases=aliases, exit_process=False)
     except SystemExit as e:
       code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -88,3 +93,27 @@ def error_line(result: Result) -> str:
   lines = [line for line in result.stderr.splitlines() if ": error: " in line]
   assert len(lines) == 1, result.stderr[-3000:]
   return lines[0]
+
+
+def run_subprocess(path: str, *args: str) -> subprocess.CompletedProcess:
+  """Runs the repository's script ``path`` (relative to the root) with ``args`` in a fresh
+  Python process, as a user's command would: on one CPU device (the suite's forced host
+  devices removed from ``XLA_FLAGS``), with the suite's compilation cache (inherited)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run(
+    [sys.executable, os.path.join(ROOT, path), *args],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=ROOT,
+  )
+
+
+def quick_run(tmp_path_factory, name: str, *args: str) -> tuple[str, subprocess.CompletedProcess]:
+  """``experiments/<name>.py --quick *args`` in a fresh workdir (asserts it succeeded);
+  returns the workdir and the finished process. For a test module's fixture."""
+  workdir = str(tmp_path_factory.mktemp(f"{name}_quick"))
+  proc = run_subprocess(f"experiments/{name}.py", f"--workdir={workdir}", "--quick", *args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc

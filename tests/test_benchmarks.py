@@ -1,22 +1,10 @@
 """Smoke tests of the benchmark scripts: they run and print their tables (no timing asserted)."""
 
-import os
-import subprocess
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import script_runner
 
 
 def _run(script, *args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run(
-    [sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
-    capture_output=True,
-    text=True,
-    env=env,
-    cwd=ROOT,
-  )
+  proc = script_runner.run_subprocess(f"benchmarks/{script}", *args)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
 
@@ -33,3 +21,11 @@ def test_seed_sweep_prints_one_row_per_seed_count():
   out = _run("seed_sweep.py", "--seeds=1,2", "--steps=3", "--width=8", "--batch_size=16")
   rows = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
   assert [int(r.split("|")[0]) for r in rows] == [1, 2]
+
+
+def test_rl_chunk_compile_prints_one_row_per_opt_level():
+  out = _run(
+    "rl_chunk_compile.py", "--opt_levels=0", "--members=1", "--noevaluate", "--run_chunks=1"
+  )
+  rows = [line.split("|") for line in out.splitlines() if line.strip()[:1] in "-0123456789"]
+  assert [int(r[0]) for r in rows] == [0] and float(rows[0][2]) > 0

@@ -9,11 +9,12 @@ import numpy as np
 import optax
 from scipy import stats
 
-from experiments import dpl_analysis, dpl_lib, dpl_train
+from experiments import dpl_analysis, dpl_lib
 from jaxrm.math import preference
 from jaxrm.models.distributional_rm import DistributionalRewardModel, Head
 from jaxrm.models.reward_model import RewardModel
 from jaxrm.models.transformer import TransformerConfig
+from jaxrm.steps import rm_step
 from jaxrm.steps.rm_sweep import RewardModelSweep
 from tests.script_runner import run_script
 
@@ -28,7 +29,7 @@ def _pairs(n=96):
   return {"chosen": chosen, "chosen_mask": mask, "rejected": rejected, "rejected_mask": mask}
 
 
-def test_output_sweep_with_a_scalar_model_is_reward_model_sweep():
+def test_output_pair_step_sweep_with_a_scalar_model_is_the_reward_model_step_sweep():
   # Same init, data order and update: RewardModelSweep step for step.
   pairs, model = _pairs(), RewardModel(CFG)
   kw = dict(
@@ -40,7 +41,7 @@ def test_output_sweep_with_a_scalar_model_is_reward_model_sweep():
   )
   keys = jax.random.split(jax.random.key(0), 2)
   ref = RewardModelSweep(**kw)
-  ours = dpl_train.OutputSweep(**kw)
+  ours = RewardModelSweep(**kw, step_fn=rm_step.output_pair_step)
   s_ref, m_ref = ref.train(ref.init(keys), pairs, num_steps=14, chunk=5, log_every_chunk=False)
   s_out, m_out = ours.train(ours.init(keys), pairs, num_steps=14, chunk=5, log_every_chunk=False)
   np.testing.assert_allclose(m_out["loss"], m_ref["loss"], rtol=1e-5)
@@ -48,11 +49,12 @@ def test_output_sweep_with_a_scalar_model_is_reward_model_sweep():
                s_out.params, s_ref.params)  # fmt: skip
 
 
-def test_output_sweep_trains_a_distributional_head():
+def test_output_pair_step_sweep_trains_a_distributional_head():
   pairs = _pairs()
   head = Head("categorical", num_atoms=4)
   model = DistributionalRewardModel(CFG, head=head)
-  sweep = dpl_train.OutputSweep(
+  sweep = RewardModelSweep(
+    step_fn=rm_step.output_pair_step,
     init_fn=lambda k: model.init(k, pairs["chosen"][:1], pairs["chosen_mask"][:1]),
     apply_fn=model.apply,
     loss_fn=head.loss_fn(entropy_coef=0.1),

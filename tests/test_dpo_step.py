@@ -22,12 +22,7 @@ APPLY = MODEL.apply
 OPT = optax.adam(1e-2, eps=1e-5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compiles():
-  old = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # tests/conftest.py
 
 
 @functools.cache

@@ -3,8 +3,6 @@
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +14,8 @@ from experiments import ensembles_lib as lib
 from experiments import ensembles_rl
 from experiments import overoptimization_lib as oo
 from jaxrm.data import synthetic
+from tests import script_runner
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "experiments", "ensembles.py")
 CHECKS = {
   "a_overopt_bon",
   "a_overopt_rl",
@@ -28,20 +25,9 @@ CHECKS = {
 }
 
 
-def _run(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  return subprocess.run(
-    [sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, cwd=ROOT
-  )
-
-
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("ensembles_quick"))
-  proc = _run(f"--workdir={workdir}", "--quick")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir, proc
+  return script_runner.quick_run(tmp_path_factory, "ensembles")
 
 
 def test_quick_run_writes_every_output_labelled_as_a_smoke_run(quick_run):
@@ -101,7 +87,7 @@ def test_a_second_run_reuses_every_stage(quick_run):
   before = [os.path.getmtime(p) for p in caches]
   with open(os.path.join(workdir, "results.json")) as f:
     first = json.load(f)["statistics"]
-  proc = _run(f"--workdir={workdir}", "--quick")
+  proc = script_runner.run_subprocess("experiments/ensembles.py", f"--workdir={workdir}", "--quick")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert [os.path.getmtime(p) for p in caches] == before
   with open(os.path.join(workdir, "results.json")) as f:

@@ -35,13 +35,7 @@ BASE = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compiles():
-  """XLA's backend optimisations off (about half the compile time); restored after."""
-  old = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # tests/conftest.py
 
 
 def _train(workdir, capfd, *extra):

@@ -28,13 +28,7 @@ TOKENIZER = os.path.join(DATA, "hf", "tokenizer")
 LOG = rundir.LogConfig(log_every=1, checkpoint_every=100, plots=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compiles():
-  """XLA backend optimisations off (compiles dominate; the checks are on numbers)."""
-  old = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # tests/conftest.py
 
 
 def _read_jsonl(path):

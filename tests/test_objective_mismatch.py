@@ -3,8 +3,6 @@
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,25 +10,12 @@ import pytest
 from experiments import objective_mismatch_analysis as analysis
 from experiments import objective_mismatch_lib as lib
 from experiments import objective_mismatch_outcomes as outcomes
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "experiments", "objective_mismatch.py")
-
-
-def _run(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  return subprocess.run(
-    [sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, cwd=ROOT
-  )
+from tests import script_runner
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("mismatch_quick"))
-  proc = _run(f"--workdir={workdir}", "--quick")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir, proc
+  return script_runner.quick_run(tmp_path_factory, "objective_mismatch")
 
 
 def test_quick_run_writes_every_output_labelled_as_a_smoke_run(quick_run):
@@ -95,7 +80,9 @@ def test_quick_results_follow_the_schema(quick_run):
   ],
 )
 def test_bad_setting_gives_a_one_line_error(tmp_path, arg, message):
-  proc = _run(f"--workdir={tmp_path}", "--quick", arg)
+  proc = script_runner.run_subprocess(
+    "experiments/objective_mismatch.py", f"--workdir={tmp_path}", "--quick", arg
+  )
   assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and message in lines[0], proc.stderr

@@ -3,8 +3,6 @@
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -16,31 +14,15 @@ from experiments import overoptimization_lib as lib
 from experiments import overoptimization_rl_analysis as rl_analysis
 from experiments import overoptimization_units as units
 from jaxrm.math import best_of_n as bon_math
+from tests import script_runner
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "experiments", "overoptimization.py")
 # Prefixes of the quick run's 512 comparisons, and a nested field set from the command line.
 _ARGS = ("--config.data_sizes=(256,384)", "--config.ppo.clip_eps=0.25")
 
 
-def _run(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  return subprocess.run(
-    [sys.executable, SCRIPT, *args],
-    capture_output=True,
-    text=True,
-    env=env,
-    cwd=ROOT,
-  )
-
-
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("overopt_quick"))
-  proc = _run(f"--workdir={workdir}", "--quick", *_ARGS)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir, proc
+  return script_runner.quick_run(tmp_path_factory, "overoptimization", *_ARGS)
 
 
 def test_quick_run_writes_every_output(quick_run):
@@ -113,7 +95,9 @@ def test_rerun_reuses_the_cached_stages(quick_run):
   workdir, _ = quick_run
   with open(os.path.join(workdir, "results.json")) as f:
     first = json.load(f)
-  proc = _run(f"--workdir={workdir}", "--quick", *_ARGS)
+  proc = script_runner.run_subprocess(
+    "experiments/overoptimization.py", f"--workdir={workdir}", "--quick", *_ARGS
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, "results.json")) as f:
     second = json.load(f)
@@ -141,7 +125,9 @@ def test_nested_override_from_the_command_line_reaches_the_study(quick_run):
   ],
 )
 def test_bad_setting_gives_a_one_line_error(tmp_path, arg, message):
-  proc = _run(f"--workdir={tmp_path}", "--quick", arg)
+  proc = script_runner.run_subprocess(
+    "experiments/overoptimization.py", f"--workdir={tmp_path}", "--quick", arg
+  )
   assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and message in lines[0], proc.stderr

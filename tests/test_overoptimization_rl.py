@@ -24,12 +24,7 @@ WORLD = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compiles():
-  old = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # tests/conftest.py
 
 
 def _config(**kw):

@@ -28,12 +28,7 @@ WORLD = {"num_calibration": 256, "policy_layers": 1, "gold_layers": 1, "gold_wid
 RM_CFG = TransformerConfig(vocab_size=16, num_layers=1, width=8, num_heads=2, max_len=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compiles():
-  old = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # tests/conftest.py
 
 
 def write_rm_run(workdir, seed):

@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 
-import jax
 import numpy as np
 import pytest
 
@@ -18,12 +17,7 @@ from jaxrm.train.sources import RewardConfig
 WORLD = {"num_calibration": 256, "policy_layers": 1, "gold_layers": 1, "gold_width": 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compiles():
-  old = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # tests/conftest.py
 
 
 def gold_config(**kw):

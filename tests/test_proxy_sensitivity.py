@@ -2,19 +2,14 @@
 
 import json
 import os
-import subprocess
-import sys
+
+from tests import script_runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args):
-  return subprocess.run(
-    [sys.executable, os.path.join(ROOT, "experiments", "proxy_sensitivity.py"), *args],
-    capture_output=True,
-    text=True,
-    env=dict(os.environ, PYTHONPATH=ROOT),
-  )
+  return script_runner.run_subprocess("experiments/proxy_sensitivity.py", *args)
 
 
 def test_writes_one_row_per_size_with_both_runs(tmp_path):

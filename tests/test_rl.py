@@ -31,14 +31,7 @@ POLICY = transformer_policy(CFG)
 POLICY_V = transformer_policy(CFG, value_head=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compiles():
-  """Compiles with XLA's backend optimisations off: about half the compile time, which
-  dominates these tests (they check numbers, not speed). Restored after the module."""
-  old = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # tests/conftest.py
 
 
 def toy_reward(params, tokens, mask):

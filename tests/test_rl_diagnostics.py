@@ -25,12 +25,7 @@ CONFIG = rl.RLConfig(max_new_tokens=NEW, eos_id=EOS, kl_estimator="k3", temperat
 GOLD_W = np.linspace(-1.0, 2.0, VOCAB).astype(np.float32)  # a stand-in "gold" reward
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compiles():
-  old = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # tests/conftest.py
 
 
 def proxy(params, tokens, mask):

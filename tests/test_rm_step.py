@@ -312,3 +312,36 @@ def test_create_train_state_accepts_typed_and_raw_keys_and_rejects_others():
   assert s1.step.dtype == jnp.int32 and s1.step.shape == () and s2.num_skipped.dtype == jnp.int32
   with pytest.raises(ValueError, match="key must be"):
     ts.create_train_state(params, optax.adam(1e-3), jnp.ones(2, jnp.float32))
+
+
+def test_output_pair_step_rejects_outputs_without_the_pair_axis_and_non_scalar_losses():
+  pairs = {
+    "chosen": jnp.zeros((4, 3), jnp.int32),
+    "chosen_mask": jnp.ones((4, 3), bool),
+    "rejected": jnp.zeros((4, 3), jnp.int32),
+    "rejected_mask": jnp.ones((4, 3), bool),
+  }
+  params = {"w": jnp.ones(2)}
+  opt = optax.sgd(0.1)
+  state = ts.create_train_state(params, opt, jax.random.key(0))
+
+  def two_outputs(p, tokens, mask):  # [b, 2]: fine
+    return jnp.ones((tokens.shape[0], 1)) * p["w"]
+
+  def loss(c, r, *, weights=None, labels=None):
+    return jnp.mean((c - r) ** 2 + c.sum(-1, keepdims=True))
+
+  step = functools.partial(rm_step.output_pair_step, loss_fn=loss, optimizer=opt)
+  new, m = step(state, pairs, apply_fn=two_outputs)
+  assert m["loss"].shape == () and not bool(m["nonfinite"])
+  with pytest.raises(ValueError, match=r"outputs \[2 \* batch, \.\.\.\] = \(8, \.\.\.\)"):
+    step(state, pairs, apply_fn=lambda p, t, mk: jnp.ones((3, 2)) * p["w"])
+  with pytest.raises(ValueError, match="loss_fn must return a scalar"):
+    step(state, pairs, apply_fn=two_outputs, loss_fn=lambda c, r, **kw: c - r)
+  short = {
+    **pairs,
+    "rejected": pairs["rejected"][:, :2],
+    "rejected_mask": pairs["rejected_mask"][:, :2],
+  }
+  with pytest.raises(ValueError, match="same length"):
+    step(state, short, apply_fn=two_outputs)

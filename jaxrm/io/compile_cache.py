@@ -62,3 +62,20 @@ def enable_compilation_cache(
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
   return path
+
+
+def backend_options(opt_level: int) -> dict[str, int] | None:
+  """Per-program XLA compiler options for backend (LLVM) optimisation level ``opt_level``.
+
+  Pass the result as ``jax.jit(..., compiler_options=...)`` or ``lowered.compile(
+  compiler_options=...)``. Level ``-1`` keeps XLA's default (3) and returns ``None``. On the
+  CPU, lower levels compile the studies' RL chunk several times faster; level 0 also runs it
+  several times slower (``benchmarks/rl_chunk_compile.py``; figures in BUILD_NOTES.md). The
+  level is part of the persistent cache's key, so programs at different levels do not collide.
+
+  Raises:
+    ValueError: ``opt_level`` is not one of -1, 0, 1, 2, 3.
+  """
+  if opt_level not in (-1, 0, 1, 2, 3):
+    raise ValueError(f"opt_level must be -1 (XLA's default) or 0..3, got {opt_level!r}")
+  return None if opt_level == -1 else {"xla_backend_optimization_level": opt_level}

@@ -266,3 +266,71 @@ def reward_model_eval_step(
   if axis_name is not None:
     out = jax.tree.map(lambda x: lax.all_gather(x, axis_name, tiled=True, to="invarying"), out)
   return out
+
+
+def output_pair_step(
+  state: train_state_lib.TrainState,
+  batch: Mapping[str, jax.Array],
+  *,
+  apply_fn: Callable[..., Any],
+  loss_fn: Callable[..., jax.Array],
+  optimizer: optax.GradientTransformation,
+  nonfinite: str = "skip",
+) -> tuple[train_state_lib.TrainState, dict[str, jax.Array]]:
+  """One update of a model with ``[batch, ...]`` outputs on a batch of preference pairs.
+
+  :func:`reward_model_step` for models that return more than a scalar per sequence, e.g. a
+  distributional head's ``(mean, std)`` ``[b, 2]`` or logits ``[b, K]``
+  (:mod:`jaxrm.models.distributional_rm`): the loss sees both sides' outputs. Chosen and
+  rejected are scored in one ``apply_fn`` call on the concatenated ``[2 * batch, seq]``
+  tokens (their lengths must agree); single device (no mapped axis). With a scalar model and
+  a pairwise loss it is :func:`reward_model_step`'s update.
+
+  Args:
+    state: the current train state.
+    batch: preference batch (module docstring); ``'weight'`` and ``'label'`` are forwarded to
+      ``loss_fn`` as ``weights=`` and ``labels=``.
+    apply_fn: ``apply_fn(params, tokens [b, s], mask [b, s]) -> outputs [b, ...]``.
+    loss_fn: ``loss_fn(outputs_chosen [b, ...], outputs_rejected [b, ...], *, weights=None,
+      labels=None) -> scalar``.
+    optimizer: optax gradient transformation matching ``state.opt_state``.
+    nonfinite: ``'skip'`` or ``'raise'`` (:func:`jaxrm.steps.train_state.apply_if_finite`).
+
+  Returns:
+    ``(new_state, metrics)``: ``loss``, ``grad_norm``, ``nonfinite``, ``num_skipped``.
+
+  Raises:
+    ValueError: a malformed batch, chosen and rejected of different lengths, outputs whose
+      leading axis is not ``2 * batch``, or a non-scalar loss (at trace time).
+  """
+  b = _check_batch(batch)
+  if jnp.shape(batch["chosen"])[1] != jnp.shape(batch["rejected"])[1]:
+    raise ValueError(
+      f"chosen and rejected must have the same length, got {jnp.shape(batch['chosen'])} "
+      f"and {jnp.shape(batch['rejected'])}"
+    )
+  tokens = jnp.concatenate([batch["chosen"], batch["rejected"]])
+  mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
+
+  def objective(params):
+    out = apply_fn(params, tokens, mask)
+    if jnp.shape(out)[:1] != (2 * b,):
+      raise ValueError(
+        f"apply_fn must return outputs [2 * batch, ...] = ({2 * b}, ...), got {jnp.shape(out)}"
+      )
+    loss = loss_fn(out[:b], out[b:], weights=batch.get("weight"), labels=batch.get("label"))
+    if jnp.shape(loss) != ():
+      raise ValueError(f"loss_fn must return a scalar, got shape {jnp.shape(loss)}")
+    return loss
+
+  loss, grads = jax.value_and_grad(objective)(state.params)
+  new_state, is_nonfinite = train_state_lib.apply_if_finite(
+    state, grads, loss, optimizer, nonfinite=nonfinite
+  )
+  metrics = {
+    "loss": loss,
+    "grad_norm": optax.tree.norm(grads),
+    "nonfinite": is_nonfinite,
+    "num_skipped": new_state.num_skipped,
+  }
+  return new_state, metrics

@@ -44,6 +44,10 @@ class RewardModelSweep:
     optimizer: optax transformation shared by all seeds.
     batch_size: pairs per step and seed.
     nonfinite: ``'skip'`` or ``'raise'``, see :func:`jaxrm.steps.train_state.apply_if_finite`.
+    step_fn: the update, ``step_fn(state, batch, *, apply_fn, loss_fn, optimizer, nonfinite)
+      -> (state, metrics)``; default :func:`jaxrm.steps.rm_step.reward_model_step` (scalar
+      rewards). :func:`jaxrm.steps.rm_step.output_pair_step` trains models with ``[batch, ...]``
+      outputs (distributional heads) on the same data order.
   """
 
   init_fn: Callable[[jax.Array], Any]
@@ -52,6 +56,7 @@ class RewardModelSweep:
   optimizer: optax.GradientTransformation
   batch_size: int
   nonfinite: str = "skip"
+  step_fn: Callable[..., Any] = rm_step.reward_model_step
 
   def init(self, keys: jax.Array) -> train_state_lib.TrainState:
     """Stacked train states ``[num_seeds, ...]``, one per key of ``keys [num_seeds]``."""
@@ -100,17 +105,20 @@ class RewardModelSweep:
         jax.block_until_ready(metrics)
         elapsed = time.perf_counter() - start
         rate = done * self.batch_size * num_seeds / elapsed
+        shown = [f"{k} {float(metrics[k][:, -1].mean()):.4f}" for k in _SHOWN if k in metrics]
         logging.info(
-          "rm sweep: step %d/%d  loss %.4f  acc %.3f  %.0f pairs/s  ETA %.0fs",
+          "rm sweep: step %d/%d  %s  %.0f pairs/s  ETA %.0fs",
           done,
           num_steps,
-          float(metrics["loss"][:, -1].mean()),
-          float(metrics["accuracy"][:, -1].mean()),
+          "  ".join(shown),
           rate,
           elapsed / done * (num_steps - done),
         )
     metrics = {k: jnp.concatenate([m[k] for m in all_metrics], axis=1) for k in all_metrics[0]}
     return states, metrics
+
+
+_SHOWN = ("loss", "accuracy")  # the metrics of the progress line (when the step returns them)
 
 
 def _num_pairs(pairs: Mapping[str, Any]) -> int:
@@ -154,7 +162,7 @@ def _chunk_permutations(
 def _train_chunk(sweep: RewardModelSweep, states, pairs, num_steps: int):
   num_pairs = _num_pairs(pairs)
   step_fn = functools.partial(
-    rm_step.reward_model_step,
+    sweep.step_fn,
     apply_fn=sweep.apply_fn,
     loss_fn=sweep.loss_fn,
     optimizer=sweep.optimizer,
