@@ -12,11 +12,13 @@ An interrupted run resumes from its finished stages; a stage whose settings chan
 recomputed (each stage's cache is keyed by every field it reads).
 
 The settings are ``experiments/configs/overoptimization.py`` (any field overridable as
-``--config.<field>=<value>``). Default run (about 15 min on a 2-core CPU)::
+``--config.<field>=<value>``). Default run (three worlds; 38-47 min per world on the loaded
+2-core CPU, mostly RL; BUILD_NOTES.md)::
 
   python experiments/overoptimization.py --workdir=runs/overopt
 
-Smoke run (about 1-2 min; ``--quick`` selects the config's ``quick`` variant)::
+Smoke run (``--quick`` selects the config's ``quick`` variant; 2-4 min on a 2-core CPU from a
+cold compilation cache, less with a warm one; BUILD_NOTES.md)::
 
   python experiments/overoptimization.py --workdir=/tmp/overopt_quick --quick
 """
