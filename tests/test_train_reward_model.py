@@ -353,7 +353,6 @@ def test_help_lists_every_config_field_and_helpful_is_accepted():
     env=_env(),
     capture_output=True,
     text=True,
-    timeout=120,
   )
   assert proc.returncode == 0, proc.stderr
   assert "--config.optimizer.learning_rate=0.001" in proc.stdout
@@ -363,7 +362,6 @@ def test_help_lists_every_config_field_and_helpful_is_accepted():
     env=_env(),
     capture_output=True,
     text=True,
-    timeout=120,
   )
   assert proc.returncode in (0, 1) and "--workdir" in proc.stdout + proc.stderr
   assert "Unknown command line flag" not in proc.stderr
@@ -418,10 +416,9 @@ def killed_and_reference_runs(tmp_path_factory, synthetic_npz):
     proc = subprocess.Popen(
       _train_command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.time() + 120
-    # Kill at a random moment after this process has written its first checkpoint.
+    # Kill at a random moment after this process has written its first checkpoint (or ended:
+    # no wall-clock limit, which a loaded machine's compile could exceed).
     while not (_saved_steps(killed) - before) and proc.poll() is None:
-      assert time.time() < deadline, "no checkpoint within 120 s"
       time.sleep(0.01)
     time.sleep(rng.uniform(0.0, 0.4))
     alive = proc.poll() is None
