@@ -476,7 +476,7 @@ def summarise(rows: list[dict], workloads: dict[str, Workload], peak: float) -> 
   out = []
   for name, w in workloads.items():
     flops = rm_flops_per_pair(w)
-    get = lambda side, kind: [
+    get = lambda side, kind, name=name: [
       r for r in rows if r["workload"] == name and r["side"] == side and r["kind"] == kind
     ]
     js, ts = get("jaxrm", "step"), get("trl", "step")
