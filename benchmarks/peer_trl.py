@@ -631,14 +631,14 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   check_data_file(FLAGS.data)
   workloads = resolve_workloads()
-  require_peer_packages()
   if FLAGS.child:
     w = Workload(**{k: FLAGS[k].value for k in Workload.__dataclass_fields__})
-    if FLAGS.child == "jaxrm_train":
+    if FLAGS.child == "jaxrm_train":  # no torch in jaxrm's process: its imports cost seconds
       jaxrm_train_child(w, FLAGS.data, FLAGS.workdir, FLAGS.out)
     else:
       trl_train_child(w, FLAGS.ids_file, FLAGS.workdir, FLAGS.out, pad_full=FLAGS.pad_full)
     return
+  require_peer_packages()
   run_benchmark(workloads)
 
 
