@@ -16,12 +16,14 @@ Per workload and round, interleaved (jaxrm, TRL, jaxrm, TRL, ...):
   :func:`jaxrm.train.reward_model.train_and_evaluate` (the library path of
   ``experiments/train_reward_model.py``, config variant ``hh`` with the workload's shape as a
   registered preset; it also evaluates every 50 steps, checkpoints and writes its report) and
-  TRL's ``RewardTrainer.train()`` with its CPU defaults (bf16 autocast, gradient checkpointing,
-  padding to the longest in the batch; no evaluation);
+  TRL's ``RewardTrainer.train()`` with its CPU defaults (bf16 autocast, gradient checkpointing;
+  ``--trl_float32``: float32 without checkpointing), padding to the longest in the batch, no
+  evaluation; TRL's process gets pre-tokenised ids, jaxrm's builds its dataset;
 * **FLOP utilisation**: model FLOPs (:func:`jaxrm.models.presets.flops_per_token`, at the full
   length) per second over the float32 matmul ceiling measured at the start of this run.
 
-Ratios are jaxrm / TRL per round; the table reports their medians. Then the sampler:
+Ratios are jaxrm's speed over TRL's (TRL seconds / jaxrm seconds) per round; the table
+reports their medians. Then the sampler:
 jaxrm's KV-cached :func:`jaxrm.models.sampling.sample` against HF ``generate`` (GPT-2 LM head,
 same shape, random init, the same left-padded prompts, temperature 1 sampling without top-k,
 ``--new_tokens`` tokens each) at each ``--sampler_batches``.
