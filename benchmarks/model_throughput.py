@@ -36,10 +36,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxrm.models.policy import PolicyModel  # noqa: E402
+from benchmarks.timing import benchmark_sampler, best_time, measure_matmul_flops  # noqa: E402
 from jaxrm.models.presets import flops_per_token, param_count, preset  # noqa: E402
 from jaxrm.models.reward_model import RewardModel  # noqa: E402
-from jaxrm.models.sampling import sample  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("presets", ["small", "medium"], "Presets to benchmark.")
@@ -61,25 +60,6 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of
 flags.DEFINE_bool("quick", False, "Shrink everything for a few-second smoke run.")
 
 
-def _best_time(fn, reps):
-  best = float("inf")
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    best = min(best, time.perf_counter() - start)
-  return best
-
-
-def measure_matmul_flops(n: int, reps: int) -> float:
-  """Best float32 FLOP/s of a jitted ``[n, n] @ [n, n]`` on the default device."""
-  keys = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(keys[0], (n, n), jnp.float32)
-  b = jax.random.normal(keys[1], (n, n), jnp.float32)
-  matmul = jax.jit(jnp.matmul)
-  jax.block_until_ready(matmul(a, b))  # compile + warm-up
-  return 2.0 * n**3 / _best_time(lambda: matmul(a, b), reps)
-
-
 def benchmark_reward_step(cfg, *, seq_len: int, batch_pairs: int, steps: int) -> dict:
   """Times a jitted value_and_grad of the Bradley-Terry loss; returns a metrics dict."""
   model = RewardModel(cfg)
@@ -99,7 +79,7 @@ def benchmark_reward_step(cfg, *, seq_len: int, batch_pairs: int, steps: int) ->
   step = jax.jit(jax.value_and_grad(loss_fn)).lower(params, *batch).compile()
   compile_s = time.perf_counter() - start
   jax.block_until_ready(step(params, *batch))  # warm-up
-  seconds = _best_time(lambda: step(params, *batch), steps)
+  seconds = best_time(lambda: step(params, *batch), steps)
   tokens = 2 * batch_pairs * seq_len
   flops = tokens * flops_per_token(cfg, seq_len, head="reward", backward=True)
   return dict(
@@ -108,38 +88,6 @@ def benchmark_reward_step(cfg, *, seq_len: int, batch_pairs: int, steps: int) ->
     tokens_per_s=tokens / seconds,
     model_flops_per_s=flops / seconds,
     compile_s=compile_s,
-  )
-
-
-def benchmark_sampler(cfg, *, batch: int, prompt_len: int, new_tokens: int, reps: int) -> dict:
-  """Times the KV-cached sampler; returns a metrics dict."""
-  model = PolicyModel(cfg)
-  rng = np.random.default_rng(1)
-  lengths = rng.integers(1, prompt_len + 1, size=batch)
-  mask = np.arange(prompt_len)[None, :] >= (prompt_len - lengths)[:, None]  # left-padded
-  tokens = np.where(mask, rng.integers(3, cfg.vocab_size, size=(batch, prompt_len)), 0)
-  params = jax.jit(model.init)(jax.random.key(0), jnp.asarray(tokens), jnp.asarray(mask))
-  run = lambda: sample(
-    params,
-    tokens,
-    mask,
-    jax.random.key(1),
-    config=cfg,
-    max_new_tokens=new_tokens,
-    temperature=1.0,
-    eos_id=None,
-  )
-  start = time.perf_counter()
-  jax.block_until_ready(run())
-  first_s = time.perf_counter() - start
-  seconds = _best_time(run, reps)
-  # Forward FLOPs of the generated tokens (attention at the full length: an upper bound).
-  flops = batch * new_tokens * flops_per_token(cfg, prompt_len + new_tokens, head="policy")
-  return dict(
-    sample_s=seconds,
-    sampler_tokens_per_s=batch * new_tokens / seconds,
-    sampler_flops_per_s=flops / seconds,
-    sampler_compile_s=max(first_s - seconds, 0.0),
   )
 
 

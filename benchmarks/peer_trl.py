@@ -1,0 +1,648 @@
+r"""jaxrm against TRL's ``RewardTrainer`` and HF ``generate`` on the same machine (issue 14).
+
+Same data (HH-RLHF JSONL via ``--data``, byte tokens: TRL gets jaxrm's own token ids, already
+truncated to the sequence length), same GPT-2-style shapes (layers, width, heads, sequence
+length), same batch of pairs and steps. TRL's model is ``transformers.GPT2ForSequenceClassification``
+(random init, ``num_labels=1``, learned positions; jaxrm's presets use rotary positions).
+
+Per workload and round, interleaved (jaxrm, TRL, jaxrm, TRL, ...):
+
+* **per step**: jaxrm's library step (:func:`jaxrm.steps.rm_step.reward_model_step`, AdamW,
+  ``make_parallel_step``) timed in this process on real batches padded to the full length,
+  compile excluded (the first call is reported as ``first step s``); TRL: ``RewardTrainer.train()``
+  in a subprocess with ``pad_to_multiple_of=seq_len`` (the same full-length shape), the median
+  time between its ``on_step_begin`` and ``on_step_end`` callbacks after two warm-up steps;
+* **end to end**: wall time of a whole training process, ``steps * batch / seconds``: jaxrm's
+  :func:`jaxrm.train.reward_model.train_and_evaluate` (the library path of
+  ``experiments/train_reward_model.py``, config variant ``hh`` with the workload's shape as a
+  registered preset; it also evaluates every 50 steps, checkpoints and writes its report) and
+  TRL's ``RewardTrainer.train()`` with its CPU defaults (bf16 autocast, gradient checkpointing;
+  ``--trl_float32``: float32 without checkpointing), padding to the longest in the batch, no
+  evaluation; TRL's process gets pre-tokenised ids, jaxrm's builds its dataset;
+* **FLOP utilisation**: model FLOPs (:func:`jaxrm.models.presets.flops_per_token`, at the full
+  length) per second over the float32 matmul ceiling measured at the start of this run.
+
+Ratios are jaxrm's speed over TRL's (TRL seconds / jaxrm seconds) per round; the table
+reports their medians. Then the sampler:
+jaxrm's KV-cached :func:`jaxrm.models.sampling.sample` against HF ``generate`` (GPT-2 LM head,
+same shape, random init, the same left-padded prompts, temperature 1 sampling without top-k,
+``--new_tokens`` tokens each) at each ``--sampler_batches``.
+
+Needs torch, transformers and trl: ``pip install -e '.[peer]'`` (install torch first from
+the local CPU wheel, see BUILD_NOTES.md). Writes ``<workdir>/peer_results.jsonl`` (one row per
+measurement) and ``<workdir>/peer_summary.json``.
+
+Usage::
+
+  python benchmarks/peer_trl.py --workdir=/tmp/peer --quick     # smoke run, about a minute
+  python benchmarks/peer_trl.py --workdir=runs/peer --workloads=hh,gpt2_4x256 --rounds=2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DATA = "/work/shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
+INSTALL_HINT = "pip install -e '.[peer]'"
+VOCAB_SIZE = 259  # jaxrm's byte tokenizer: pad 0, bos 1, eos 2, bytes 3..258
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """One shape: ``layers`` x ``width`` with ``heads``, ``seq_len`` tokens, ``batch_pairs``
+  pairs per step, ``steps`` optimizer steps of the end-to-end runs (0: no end-to-end run)."""
+
+  layers: int
+  width: int
+  heads: int
+  seq_len: int
+  batch_pairs: int
+  steps: int
+
+
+WORKLOADS = {
+  # The README's HH model: experiments/configs/reward_model.py:hh (preset 'tiny', max_len 256,
+  # batch 32).
+  "hh": Workload(layers=2, width=64, heads=2, seq_len=256, batch_pairs=32, steps=100),
+  # The issue's GPT-2 shapes.
+  "gpt2_4x256": Workload(layers=4, width=256, heads=4, seq_len=128, batch_pairs=16, steps=20),
+  "gpt2_6x512": Workload(layers=6, width=512, heads=8, seq_len=256, batch_pairs=8, steps=0),
+  "quick": Workload(layers=2, width=32, heads=2, seq_len=64, batch_pairs=4, steps=6),
+}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Output folder (results, run directories).")
+flags.DEFINE_string("data", DEFAULT_DATA, "HH-RLHF-format JSONL(.gz) preference file.")
+flags.DEFINE_list("workloads", ["hh", "gpt2_4x256", "gpt2_6x512"], f"Of {sorted(WORKLOADS)}.")
+flags.DEFINE_integer("layers", None, "Override every workload's layer count.")
+flags.DEFINE_integer("width", None, "Override every workload's width.")
+flags.DEFINE_integer("heads", None, "Override every workload's head count.")
+flags.DEFINE_integer("seq_len", None, "Override every workload's sequence length.")
+flags.DEFINE_integer("batch_pairs", None, "Override every workload's pairs per step.")
+flags.DEFINE_integer("steps", None, "Override every workload's end-to-end steps (0: none).")
+flags.DEFINE_integer("rounds", 2, "Interleaved rounds (jaxrm, TRL) per workload.")
+flags.DEFINE_integer("step_reps", 4, "Timed steps per round for the per-step figures.")
+flags.DEFINE_list("sampler_batches", ["16", "64"], "Sampler batch sizes (empty: no sampler).")
+flags.DEFINE_string("sampler_workload", "gpt2_4x256", "Shape of the sampler's model.")
+flags.DEFINE_integer("prompt_len", 32, "Sampler prompt length (left-padded).")
+flags.DEFINE_integer("new_tokens", 64, "Sampler tokens generated per sequence.")
+flags.DEFINE_integer("matmul_size", 2048, "n of the [n, n] @ [n, n] ceiling matmul.")
+flags.DEFINE_string(
+  "jaxrm_cache_dir",
+  "",
+  "If set: jaxrm's end-to-end runs use this persistent compilation cache (as the scripts do by "
+  "default), filled first by one unmeasured run per workload; empty: every run compiles cold.",
+)
+flags.DEFINE_bool("trl_float32", False, "TRL in float32 without gradient checkpointing.")
+flags.DEFINE_bool("quick", False, "Tiny shapes, 1 round, few steps: a smoke run.")
+flags.DEFINE_enum("child", "", ["", "jaxrm_train", "trl_train"], "Internal: subprocess role.")
+flags.DEFINE_string("ids_file", "", "Internal (trl_train): token ids JSONL.")
+flags.DEFINE_bool("pad_full", False, "Internal (trl_train): pad every batch to seq_len.")
+flags.DEFINE_string("out", "", "Internal: the child's JSON result file.")
+
+
+def require_peer_packages():
+  """Imports torch, transformers, trl and datasets, or exits naming the install command."""
+  try:
+    import datasets  # noqa: F401
+    import torch
+    import transformers
+    import trl
+  except ImportError as e:
+    raise SystemExit(
+      f"peer_trl.py needs torch, transformers, trl and datasets ({e}); install them with "
+      f"`{INSTALL_HINT}` (torch first: `pip install torch==2.13.0`, a CPU build)"
+    ) from None
+  return torch, transformers, trl
+
+
+def resolve_workloads() -> dict[str, Workload]:
+  """The ``--workloads`` with the shape overrides applied (``--quick``: only 'quick')."""
+  names = ["quick"] if FLAGS.quick else FLAGS.workloads
+  unknown = [n for n in names if n not in WORKLOADS]
+  if unknown:
+    raise app.UsageError(f"--workloads: unknown {unknown}; known: {sorted(WORKLOADS)}")
+  over = {
+    k: FLAGS[k].value
+    for k in ("layers", "width", "heads", "seq_len", "batch_pairs", "steps")
+    if FLAGS[k].value is not None
+  }
+  for k, v in over.items():
+    if v < (0 if k == "steps" else 1):
+      raise app.UsageError(f"--{k} must be positive, got {v}")
+  out = {n: dataclasses.replace(WORKLOADS[n], **over) for n in names}
+  for n, w in out.items():
+    if w.width % w.heads:
+      raise app.UsageError(f"--heads: {w.heads} does not divide width {w.width} ({n})")
+  return out
+
+
+def data_config(data: str, seq_len: int):
+  """jaxrm's HH data settings (variant 'hh': 10% held out) at ``seq_len`` tokens."""
+  from jaxrm.data.pairs import DataConfig
+
+  return DataConfig(files=(data,), test_fraction=0.1, max_len=seq_len)
+
+
+def export_token_ids(data: str, seq_len: int, workdir: str) -> tuple[str, int]:
+  """Writes jaxrm's training split as ``{"chosen_ids", "rejected_ids"}`` JSON lines (the
+  tokenised, truncated sequences, padding removed). Returns ``(path, number of pairs)``."""
+  import numpy as np
+
+  from jaxrm.data import pairs
+
+  run = pairs.load_data(data_config(data, seq_len), os.path.join(workdir, f"tokens_{seq_len}"))
+  path = os.path.join(workdir, f"token_ids_{seq_len}.jsonl")
+  with open(path, "w") as f:
+    for i in range(len(run.train)):
+      rec = run.train[i]
+      row = {
+        k + "_ids": np.asarray(rec[k])[np.asarray(rec[k]) != 0].tolist()
+        for k in ("chosen", "rejected")
+      }
+      f.write(json.dumps(row) + "\n")
+  return path, len(run.train)
+
+
+def register_preset(w: Workload) -> str:
+  """Adds the workload's shape to jaxrm's preset table (in this process) and names it."""
+  from jaxrm.models import presets
+
+  name = f"peer_{w.layers}x{w.width}h{w.heads}"
+  presets.PRESETS[name] = (w.layers, w.width, w.heads, w.seq_len)
+  return name
+
+
+def train_config(w: Workload, data: str, steps: int):
+  """The README's HH run (``experiments/configs/reward_model.py:hh``) at the workload's shape."""
+  from experiments.configs import reward_model as rm_configs
+
+  config = rm_configs.get_config("hh")
+  config.data = data_config(data, w.seq_len)
+  config.model.preset = register_preset(w)
+  config.batch_size = w.batch_pairs
+  config.steps = max(steps, 1)
+  return config
+
+
+# ----------------------------------------------------------------------------- jaxrm side
+
+
+def jaxrm_step_times(w: Workload, data: str, workdir: str, reps: int, cache: dict) -> dict:
+  """jaxrm's training step on real full-length batches: first call (compile included) and
+  the median of ``reps`` steady calls, seconds. ``cache`` keeps the compiled step per shape."""
+  import functools
+
+  import jax
+
+  from jaxrm.data import pairs
+  from jaxrm.models import presets
+  from jaxrm.models.reward_model import RewardModel
+  from jaxrm.steps import parallel, rm_step
+  from jaxrm.train.rm_config import init_state, make_loss_fn, make_optimizer
+
+  key = (w.layers, w.width, w.heads, w.seq_len, w.batch_pairs)
+  first_s = None
+  if key not in cache:
+    config = train_config(w, data, steps=1000)
+    run = pairs.load_data(config.data, os.path.join(workdir, f"tokens_{w.seq_len}"))
+    backbone = presets.preset(config.model.preset, vocab_size=run.vocab_size, max_len=w.seq_len)
+    model = RewardModel(backbone, pooling=config.model.pooling)
+    optimizer, _ = make_optimizer(config)
+    step_fn = functools.partial(
+      rm_step.reward_model_step,
+      apply_fn=model.apply,
+      loss_fn=make_loss_fn(config.loss),
+      optimizer=optimizer,
+      nonfinite=config.nonfinite,
+    )
+    pstep = parallel.make_parallel_step(step_fn, mode=config.parallel)
+    it = pairs.make_iterator(
+      run.train, batch_size=w.batch_pairs, seed=0, bucket=False, max_len=w.seq_len, train=True
+    )
+    keys = ("chosen", "chosen_mask", "rejected", "rejected_mask", "weight")
+    batches = [pstep.shard_batch({k: b[k] for k in keys}) for b in (next(it) for _ in range(4))]
+    state = pstep.put_state(init_state(config, model, optimizer, w.seq_len))
+    start = time.perf_counter()
+    state, m = pstep(state, batches[0])
+    jax.block_until_ready(m)
+    first_s = time.perf_counter() - start
+    cache[key] = [pstep, state, batches]
+  pstep, state, batches = cache[key]
+  times = []
+  for i in range(reps + 1):
+    start = time.perf_counter()
+    state, m = pstep(state, batches[i % len(batches)])
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - start)
+  cache[key][1] = state
+  return {"first_step_s": first_s, "step_s": statistics.median(times[1:])}
+
+
+def jaxrm_train_child(w: Workload, data: str, run_dir: str, out: str) -> None:
+  """Child process: one whole jaxrm training run; writes its summary figures to ``out``."""
+  from jaxrm.io import rundir
+  from jaxrm.train import reward_model
+
+  rundir.quiet_orbax_logging()
+  if FLAGS.jaxrm_cache_dir:
+    from jaxrm.io import compile_cache
+
+    compile_cache.enable_compilation_cache(FLAGS.jaxrm_cache_dir)
+  summary = reward_model.train_and_evaluate(train_config(w, data, w.steps), run_dir)
+  with open(out, "w") as f:
+    json.dump({"step": summary["step"], "pairs_per_sec_steady": summary["pairs_per_sec"]}, f)
+
+
+# ------------------------------------------------------------------------------- TRL side
+
+
+def byte_tokenizer(transformers):
+  """A Hugging Face tokenizer object with jaxrm's byte vocabulary (pad 0, bos 1, eos 2); TRL
+  only reads its pad/eos ids, as the dataset is already tokenised."""
+  from tokenizers import Tokenizer, models
+
+  vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{f"<0x{b:02X}>": b + 3 for b in range(256)}}
+  tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<eos>"))
+  return transformers.PreTrainedTokenizerFast(
+    tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
+  )
+
+
+def gpt2_config(transformers, w: Workload, *, n_positions: int, num_labels: int | None):
+  """GPT-2 configuration at the workload's shape over the byte vocabulary."""
+  extra = {} if num_labels is None else {"num_labels": num_labels}
+  return transformers.GPT2Config(
+    vocab_size=VOCAB_SIZE,
+    n_positions=n_positions,
+    n_embd=w.width,
+    n_layer=w.layers,
+    n_head=w.heads,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    **extra,
+  )
+
+
+def trl_train_child(w: Workload, ids_file: str, run_dir: str, out: str, *, pad_full: bool):
+  """Child process: ``RewardTrainer.train()`` for ``w.steps`` steps; writes the step times
+  (``on_step_begin`` -> ``on_step_end``, seconds) and settings to ``out``."""
+  torch, transformers, trl = require_peer_packages()
+  import datasets
+
+  times, marks = [], {}
+
+  class StepTimer(transformers.TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+      marks["begin"] = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+      times.append(time.perf_counter() - marks["begin"])
+
+  torch.manual_seed(0)
+  cfg = gpt2_config(transformers, w, n_positions=w.seq_len, num_labels=1)
+  model = transformers.GPT2ForSequenceClassification(cfg)
+  with open(ids_file) as f:
+    rows = [json.loads(line) for line in f]
+  precision = {"bf16": False, "gradient_checkpointing": False} if FLAGS.trl_float32 else {}
+  args = trl.RewardConfig(
+    output_dir=run_dir,
+    per_device_train_batch_size=w.batch_pairs,
+    max_steps=w.steps,
+    max_length=w.seq_len,
+    pad_to_multiple_of=w.seq_len if pad_full else None,
+    save_strategy="no",
+    report_to="none",
+    logging_steps=max(w.steps // 4, 1),
+    seed=0,
+    use_cpu=True,
+    **precision,
+  )
+  trainer = trl.RewardTrainer(
+    model=model,
+    args=args,
+    train_dataset=datasets.Dataset.from_list(rows),
+    processing_class=byte_tokenizer(transformers),
+    callbacks=[StepTimer()],
+  )
+  trainer.train()
+  with open(out, "w") as f:
+    json.dump(
+      {
+        "step_times": times,
+        "bf16": bool(args.bf16),
+        "gradient_checkpointing": bool(args.gradient_checkpointing),
+        "train_pairs": len(trainer.train_dataset),
+      },
+      f,
+    )
+
+
+# ----------------------------------------------------------------------- subprocess runs
+
+
+def run_child(role: str, w: Workload, workdir: str, tag: str, **extra) -> tuple[float, dict]:
+  """Runs this script as ``--child=role`` in a fresh run folder; returns (wall s, its JSON)."""
+  run_dir = os.path.join(workdir, "runs", tag)
+  shutil.rmtree(run_dir, ignore_errors=True)
+  os.makedirs(run_dir)
+  out = os.path.join(run_dir, "child.json")
+  cmd = [sys.executable, os.path.abspath(__file__), f"--child={role}", f"--workdir={run_dir}"]
+  cmd += [f"--data={FLAGS.data}", f"--out={out}", f"--trl_float32={FLAGS.trl_float32}"]
+  cmd += [f"--jaxrm_cache_dir={FLAGS.jaxrm_cache_dir}"]
+  cmd += [f"--{k}={v}" for k, v in dataclasses.asdict(w).items()]
+  cmd += [f"--{k}={v}" for k, v in extra.items()]
+  start = time.perf_counter()
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+  wall = time.perf_counter() - start
+  if proc.returncode:
+    raise RuntimeError(f"{role} child failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+  with open(out) as f:
+    return wall, json.load(f)
+
+
+def trl_step_s(step_times: list[float]) -> float:
+  """Median step time after two warm-up steps (all of them if there are fewer than three)."""
+  return statistics.median(step_times[2:] if len(step_times) > 2 else step_times)
+
+
+def model_config(w: Workload, max_len: int):
+  """jaxrm's :class:`TransformerConfig` at the workload's shape (a preset's defaults)."""
+  from jaxrm.models import presets
+
+  shape = dict(num_layers=w.layers, width=w.width, num_heads=w.heads)
+  return presets.preset("tiny", vocab_size=VOCAB_SIZE, max_len=max_len, **shape)
+
+
+def rm_flops_per_pair(w: Workload) -> float:
+  """Forward+backward model FLOPs of one pair (two sequences) at the full length."""
+  from jaxrm.models.presets import flops_per_token
+
+  cfg = model_config(w, w.seq_len)
+  return 2 * w.seq_len * flops_per_token(cfg, w.seq_len, head="reward", backward=True)
+
+
+def one_round(name: str, w: Workload, r: int, ids: str, cache: dict) -> list[dict]:
+  """One interleaved round of a workload: jaxrm step, TRL step, jaxrm run, TRL run."""
+  workdir, rows = FLAGS.workdir, []
+  reps = FLAGS.step_reps
+  jx = jaxrm_step_times(w, FLAGS.data, workdir, reps, cache)
+  rows.append(dict(workload=name, round=r, side="jaxrm", kind="step", **jx))
+  short = dataclasses.replace(w, steps=reps + 2)
+  _, tr = run_child(
+    "trl_train", short, workdir, f"{name}_trl_step_{r}", ids_file=ids, pad_full=True
+  )
+  rows.append(
+    dict(workload=name, round=r, side="trl", kind="step", step_s=trl_step_s(tr["step_times"]))
+  )
+  if w.steps:
+    wall, res = run_child("jaxrm_train", w, workdir, f"{name}_jaxrm_e2e_{r}")
+    rows.append(dict(workload=name, round=r, side="jaxrm", kind="e2e", wall_s=wall, **res))
+    wall, res = run_child("trl_train", w, workdir, f"{name}_trl_e2e_{r}", ids_file=ids)
+    res["step_s_median"] = trl_step_s(res.pop("step_times"))
+    rows.append(dict(workload=name, round=r, side="trl", kind="e2e", wall_s=wall, **res))
+  return rows
+
+
+# -------------------------------------------------------------------------- the sampler
+
+
+def sampler_rows(w: Workload, batches: list[int], peak: float) -> list[dict]:
+  """Tokens/s of jaxrm's sampler and HF ``generate`` at each batch size (best of 2 calls
+  after a warm-up each), both on the same prompts and model shape."""
+  from benchmarks.timing import benchmark_sampler, sampler_prompts
+
+  torch, transformers, _ = require_peer_packages()
+  total = FLAGS.prompt_len + FLAGS.new_tokens
+  cfg = model_config(w, total)
+  torch.manual_seed(0)
+  model = transformers.GPT2LMHeadModel(
+    gpt2_config(transformers, w, n_positions=total, num_labels=None)
+  )
+  model.eval()
+  rows = []
+  for b in batches:
+    jx = benchmark_sampler(
+      cfg, batch=b, prompt_len=FLAGS.prompt_len, new_tokens=FLAGS.new_tokens, reps=2
+    )
+    tokens, mask = sampler_prompts(vocab_size=VOCAB_SIZE, batch=b, prompt_len=FLAGS.prompt_len)
+    hf_s = hf_generate_s(torch, model, tokens, mask, FLAGS.new_tokens)
+    rows.append(
+      dict(
+        kind="sampler",
+        batch=b,
+        jaxrm_tokens_per_s=jx["sampler_tokens_per_s"],
+        jaxrm_mfu=jx["sampler_flops_per_s"] / peak,
+        hf_tokens_per_s=b * FLAGS.new_tokens / hf_s,
+      )
+    )
+  return rows
+
+
+def hf_generate_s(torch, model, tokens, mask, new_tokens: int) -> float:
+  """Best of two timed ``generate`` calls (after one warm-up) that each produce exactly
+  ``new_tokens`` tokens per row, seconds."""
+  ids, att = torch.as_tensor(tokens, dtype=torch.long), torch.as_tensor(mask, dtype=torch.long)
+  kwargs = dict(
+    attention_mask=att,
+    max_new_tokens=new_tokens,
+    min_new_tokens=new_tokens,
+    do_sample=True,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    pad_token_id=0,
+  )
+  best = float("inf")
+  with torch.no_grad():
+    for i in range(3):
+      start = time.perf_counter()
+      out = model.generate(ids, **kwargs)
+      if out.shape[1] != tokens.shape[1] + new_tokens:
+        raise RuntimeError(f"generate returned {out.shape[1] - tokens.shape[1]} new tokens")
+      if i:
+        best = min(best, time.perf_counter() - start)
+  return best
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def summarise(rows: list[dict], workloads: dict[str, Workload], peak: float) -> list[dict]:
+  """Per workload: medians over rounds of pairs/s, FLOP utilisation and jaxrm/TRL ratios."""
+  med = statistics.median
+  out = []
+  for name, w in workloads.items():
+    flops = rm_flops_per_pair(w)
+    get = lambda side, kind, name=name: [
+      r for r in rows if r["workload"] == name and r["side"] == side and r["kind"] == kind
+    ]
+    js, ts = get("jaxrm", "step"), get("trl", "step")
+    je, te = get("jaxrm", "e2e"), get("trl", "e2e")
+    s = dict(workload=name, **dataclasses.asdict(w))
+    s["jaxrm_step_pairs_s"] = med(w.batch_pairs / r["step_s"] for r in js)
+    s["trl_step_pairs_s"] = med(w.batch_pairs / r["step_s"] for r in ts)
+    s["step_ratio"] = med(t["step_s"] / j["step_s"] for j, t in zip(js, ts))
+    s["jaxrm_step_flop_util"] = s["jaxrm_step_pairs_s"] * flops / peak
+    s["trl_step_flop_util"] = s["trl_step_pairs_s"] * flops / peak
+    s["jaxrm_first_step_s"] = js[0]["first_step_s"]
+    if je:
+      s["jaxrm_e2e_pairs_s"] = med(w.steps * w.batch_pairs / r["wall_s"] for r in je)
+      s["trl_e2e_pairs_s"] = med(w.steps * w.batch_pairs / r["wall_s"] for r in te)
+      s["e2e_ratio"] = med(t["wall_s"] / j["wall_s"] for j, t in zip(je, te))
+      s["jaxrm_e2e_wall_s"] = med(r["wall_s"] for r in je)
+      s["trl_e2e_wall_s"] = med(r["wall_s"] for r in te)
+      s["jaxrm_e2e_flop_util"] = s["jaxrm_e2e_pairs_s"] * flops / peak
+      s["trl_e2e_flop_util"] = s["trl_e2e_pairs_s"] * flops / peak
+      s["trl_bf16"], s["trl_gradient_checkpointing"] = (
+        te[0]["bf16"],
+        te[0]["gradient_checkpointing"],
+      )
+    out.append(s)
+  return out
+
+
+def print_table(summary: list[dict], sampler: list[dict]) -> None:
+  """The readable table (markdown) of the summary and sampler rows."""
+  print("| workload | measure | jaxrm | TRL | jaxrm / TRL |")
+  print("|---|---|---|---|---|")
+  for s in summary:
+    w = (
+      f"{s['workload']} ({s['layers']}x{s['width']}, seq {s['seq_len']}, {s['batch_pairs']} pairs)"
+    )
+    print(
+      f"| {w} | step pairs/s (FLOP util.) | {s['jaxrm_step_pairs_s']:.3g} "
+      f"({s['jaxrm_step_flop_util']:.0%}) | {s['trl_step_pairs_s']:.3g} "
+      f"({s['trl_step_flop_util']:.0%}) | {s['step_ratio']:.2f}x |"
+    )
+    print(f"| {w} | jaxrm first step s (compile) | {s['jaxrm_first_step_s']:.1f} | | |")
+    if "e2e_ratio" in s:
+      print(
+        f"| {w} | end to end, {s['steps']} steps: pairs/s (wall s) | "
+        f"{s['jaxrm_e2e_pairs_s']:.3g} ({s['jaxrm_e2e_wall_s']:.1f}) | "
+        f"{s['trl_e2e_pairs_s']:.3g} ({s['trl_e2e_wall_s']:.1f}) | **{s['e2e_ratio']:.2f}x** |"
+      )
+  for r in sampler:
+    print(
+      f"| sampler, batch {r['batch']} | tokens/s | {r['jaxrm_tokens_per_s']:,.0f} | "
+      f"HF generate {r['hf_tokens_per_s']:,.0f} | "
+      f"{r['jaxrm_tokens_per_s'] / r['hf_tokens_per_s']:.2f}x |"
+    )
+
+
+def versions() -> dict:
+  import jax
+
+  torch, transformers, trl = require_peer_packages()
+  return dict(
+    jax=jax.__version__,
+    torch=torch.__version__,
+    transformers=transformers.__version__,
+    trl=trl.__version__,
+    python=platform.python_version(),
+    cpus=os.cpu_count(),
+    torch_threads=torch.get_num_threads(),
+  )
+
+
+def run_benchmark(workloads: dict[str, Workload]) -> None:
+  """The parent process: ceiling, interleaved rounds, sampler, table and files."""
+  import jax
+
+  from benchmarks.timing import measure_matmul_flops
+
+  rounds = 1 if FLAGS.quick else FLAGS.rounds
+  if FLAGS.quick:
+    FLAGS.step_reps, FLAGS.matmul_size, FLAGS.new_tokens, FLAGS.prompt_len = 2, 512, 8, 8
+  batches = [int(b) for b in FLAGS.sampler_batches]
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  info = versions()
+  print(" | ".join(f"{k} {v}" for k, v in info.items()), f"| device {jax.devices()[0]}")
+  peak = measure_matmul_flops(FLAGS.matmul_size, 5)
+  print(f"float32 matmul ceiling ({FLAGS.matmul_size}^2, best of 5): {peak / 1e9:.1f} GFLOP/s")
+  rows, cache = [], {}
+  ids = {
+    w.seq_len: export_token_ids(FLAGS.data, w.seq_len, FLAGS.workdir) for w in workloads.values()
+  }
+  if FLAGS.jaxrm_cache_dir:  # what a second run of the same script finds
+    for name, w in workloads.items():
+      if w.steps:
+        run_child("jaxrm_train", w, FLAGS.workdir, f"{name}_jaxrm_fill_cache")
+  for r in range(rounds):
+    for name, w in workloads.items():
+      new = one_round(name, w, r, ids[w.seq_len][0], cache)
+      for row in new:
+        print(json.dumps(row, default=float), flush=True)
+      rows += new
+  sampler_w = WORKLOADS["quick" if FLAGS.quick else FLAGS.sampler_workload]
+  sampler = sampler_rows(sampler_w, batches, peak) if batches else []
+  summary = summarise(rows, workloads, peak)
+  print_table(summary, sampler)
+  with open(os.path.join(FLAGS.workdir, "peer_results.jsonl"), "w") as f:
+    for row in rows + sampler:
+      f.write(json.dumps(row, default=float) + "\n")
+  with open(os.path.join(FLAGS.workdir, "peer_summary.json"), "w") as f:
+    json.dump(
+      dict(
+        versions=info,
+        matmul_flops_per_s=peak,
+        train_pairs={k: v[1] for k, v in ids.items()},
+        workloads=summary,
+        sampler=sampler,
+        sampler_shape=dataclasses.asdict(sampler_w),
+        jaxrm_compile_cache=FLAGS.jaxrm_cache_dir or "off (cold compile in every run)",
+        argv=sys.argv,
+      ),
+      f,
+      indent=1,
+    )
+
+
+def check_data_file(path: str) -> None:
+  if not os.path.isfile(path):
+    raise app.UsageError(f"--data: no such file {path!r}")
+  with (gzip.open if path.endswith(".gz") else open)(path, "rt") as f:
+    first = f.readline()
+  try:
+    row = json.loads(first)
+  except json.JSONDecodeError:
+    raise app.UsageError(f"--data: {path!r} does not start with a JSON line") from None
+  if not {"chosen", "rejected"} <= set(row):
+    raise app.UsageError(f"--data: {path!r} lines need 'chosen' and 'rejected' fields")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required")
+  check_data_file(FLAGS.data)
+  workloads = resolve_workloads()
+  if FLAGS.child:
+    w = Workload(**{k: FLAGS[k].value for k in Workload.__dataclass_fields__})
+    if FLAGS.child == "jaxrm_train":  # no torch in jaxrm's process: its imports cost seconds
+      jaxrm_train_child(w, FLAGS.data, FLAGS.workdir, FLAGS.out)
+    else:
+      trl_train_child(w, FLAGS.ids_file, FLAGS.workdir, FLAGS.out, pad_full=FLAGS.pad_full)
+    return
+  require_peer_packages()
+  run_benchmark(workloads)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,94 @@
+"""benchmarks/peer_trl.py without its optional packages: input errors, the install message,
+the token ids handed to TRL and the medians of per-round ratios (no torch imported here)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "peer_trl.py")
+SAMPLE = os.path.join(ROOT, "tests", "data", "hh_rlhf_sample.jsonl.gz")
+
+sys.path.insert(0, ROOT)
+from benchmarks import peer_trl  # noqa: E402
+
+
+def _run(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  return subprocess.run(
+    [sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, cwd=ROOT
+  )
+
+
+def test_bad_data_flag_is_named(tmp_path):
+  proc = _run(f"--workdir={tmp_path}", f"--data={tmp_path / 'missing.jsonl'}")
+  assert proc.returncode != 0
+  assert "--data: no such file" in proc.stderr
+
+
+def test_unknown_workload_is_named(tmp_path):
+  proc = _run(f"--workdir={tmp_path}", f"--data={SAMPLE}", "--workloads=hh,gpt9")
+  assert proc.returncode != 0
+  assert "--workloads: unknown ['gpt9']" in proc.stderr
+
+
+@pytest.mark.skipif(
+  importlib.util.find_spec("torch") is not None, reason="the peer packages are installed"
+)
+def test_missing_peer_packages_name_the_install_command(tmp_path):
+  proc = _run(f"--workdir={tmp_path}", f"--data={SAMPLE}", "--quick")
+  assert proc.returncode != 0
+  assert "pip install -e '.[peer]'" in proc.stderr
+
+
+def test_exported_token_ids_are_jaxrms_training_batches(tmp_path):
+  from jaxrm.data import pairs
+
+  path, n = peer_trl.export_token_ids(SAMPLE, 48, str(tmp_path))
+  rows = [json.loads(line) for line in open(path)]
+  run = pairs.load_data(peer_trl.data_config(SAMPLE, 48), tmp_path / "tokens_48")
+  assert len(rows) == n == len(run.train) > 0
+  it = pairs.make_iterator(run.train, batch_size=4, seed=0, bucket=False, max_len=48, train=True)
+  batch = next(it)
+  for j, i in enumerate(batch["index"]):
+    for key in ("chosen", "rejected"):
+      ids = rows[i][key + "_ids"]
+      assert 0 < len(ids) <= 48 and 0 not in ids
+      np.testing.assert_array_equal(batch[key][j][batch[key + "_mask"][j]], ids)
+
+
+def _rows(step_times, wall_times):
+  rows = []
+  for r, ((js, ts), (jw, tw)) in enumerate(zip(step_times, wall_times)):
+    rows.append(dict(workload="w", round=r, side="jaxrm", kind="step", step_s=js, first_step_s=9.0))
+    rows.append(dict(workload="w", round=r, side="trl", kind="step", step_s=ts))
+    rows.append(dict(workload="w", round=r, side="jaxrm", kind="e2e", wall_s=jw))
+    trl = dict(bf16=True, gradient_checkpointing=True)
+    rows.append(dict(workload="w", round=r, side="trl", kind="e2e", wall_s=tw, **trl))
+  return rows
+
+
+def test_summary_reports_medians_of_per_round_ratios():
+  w = peer_trl.Workload(layers=2, width=32, heads=2, seq_len=64, batch_pairs=4, steps=10)
+  # Per-round step ratios 4, 1, 1.5 -> median 1.5 (the ratio of the medians would be 4 / 2);
+  # end to end 2, 0.5, 3 -> median 2 (the ratio of the medians would be 20 / 20).
+  rows = _rows([(1.0, 4.0), (2.0, 2.0), (4.0, 6.0)], [(10.0, 20.0), (40.0, 20.0), (20.0, 60.0)])
+  (s,) = peer_trl.summarise(rows, {"w": w}, peak=1e12)
+  assert s["step_ratio"] == pytest.approx(1.5)
+  assert s["e2e_ratio"] == pytest.approx(2.0)
+  assert s["jaxrm_step_pairs_s"] == pytest.approx(4 / 2.0)
+  assert s["jaxrm_e2e_pairs_s"] == pytest.approx(10 * 4 / 20.0)
+  assert s["trl_e2e_pairs_s"] == pytest.approx(10 * 4 / 20.0)
+  flops = peer_trl.rm_flops_per_pair(w)
+  assert s["jaxrm_step_flop_util"] == pytest.approx(2.0 * flops / 1e12)
+  assert s["jaxrm_first_step_s"] == 9.0
+
+
+def test_trl_step_time_drops_two_warmup_steps():
+  assert peer_trl.trl_step_s([30.0, 5.0, 1.0, 2.0, 3.0]) == 2.0
+  assert peer_trl.trl_step_s([4.0, 2.0]) == 3.0
