@@ -205,15 +205,14 @@ def train_config(w: Workload, data: str, steps: int):
 def jaxrm_step_times(w: Workload, data: str, workdir: str, reps: int, cache: dict) -> dict:
   """jaxrm's training step on real full-length batches: first call (compile included) and
   the median of ``reps`` steady calls, seconds. ``cache`` keeps the compiled step per shape."""
-  import functools
-
   import jax
 
   from jaxrm.data import pairs
   from jaxrm.models import presets
   from jaxrm.models.reward_model import RewardModel
-  from jaxrm.steps import parallel, rm_step
-  from jaxrm.train.rm_config import init_state, make_loss_fn, make_optimizer
+  from jaxrm.steps import parallel
+  from jaxrm.train import reward_model as rm_train
+  from jaxrm.train.rm_config import init_state, make_optimizer
 
   key = (w.layers, w.width, w.heads, w.seq_len, w.batch_pairs)
   first_s = None
@@ -223,14 +222,9 @@ def jaxrm_step_times(w: Workload, data: str, workdir: str, reps: int, cache: dic
     backbone = presets.preset(config.model.preset, vocab_size=run.vocab_size, max_len=w.seq_len)
     model = RewardModel(backbone, pooling=config.model.pooling)
     optimizer, _ = make_optimizer(config)
-    step_fn = functools.partial(
-      rm_step.reward_model_step,
-      apply_fn=model.apply,
-      loss_fn=make_loss_fn(config.loss),
-      optimizer=optimizer,
-      nonfinite=config.nonfinite,
+    pstep = parallel.make_parallel_step(
+      rm_train.step_fn(config, model, optimizer), mode=config.parallel
     )
-    pstep = parallel.make_parallel_step(step_fn, mode=config.parallel)
     it = pairs.make_iterator(
       run.train, batch_size=w.batch_pairs, seed=0, bucket=False, max_len=w.seq_len, train=True
     )

@@ -161,6 +161,18 @@ def _run_description(config: TrainConfig, model_config, data: pairs.RunData) -> 
   }
 
 
+def step_fn(config: TrainConfig, model: RewardModel, optimizer) -> Any:
+  """The run's ``(state, batch) -> (state, metrics)`` step (:func:`rm_step.reward_model_step`
+  with the config's loss and non-finite policy), before :func:`parallel.make_parallel_step`."""
+  return functools.partial(
+    rm_step.reward_model_step,
+    apply_fn=model.apply,
+    loss_fn=make_loss_fn(config.loss),
+    optimizer=optimizer,
+    nonfinite=config.nonfinite,
+  )
+
+
 def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
   """Trains (or resumes training) a reward model; see the module docstring.
 
@@ -249,14 +261,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
     rundir.truncate_metrics(os.path.join(workdir, rundir.METRICS_FILE), max_step=start)
     rundir.write_config(workdir, config, **description)
 
-    step_fn = functools.partial(
-      rm_step.reward_model_step,
-      apply_fn=model.apply,
-      loss_fn=make_loss_fn(config.loss),
-      optimizer=optimizer,
-      nonfinite=config.nonfinite,
-    )
-    pstep = parallel.make_parallel_step(step_fn, mode=config.parallel)
+    pstep = parallel.make_parallel_step(step_fn(config, model, optimizer), mode=config.parallel)
     peval = rm_eval.make_eval_step(model.apply, mode=pstep.mode)
     state = pstep.put_state(host_state)
     del host_state
