@@ -16,7 +16,7 @@ Settings: ``experiments/configs/ensembles.py`` (any field overridable as
 
   python experiments/ensembles.py --workdir=runs/ensembles
 
-Smoke run (labelled as a smoke run in every output; 2-4 min on a 2-core CPU from a cold
+Smoke run (labelled as a smoke run in every output; 107 s on the idle 2-core CPU from a cold
 compilation cache, less with a warm one; BUILD_NOTES.md)::
 
   python experiments/ensembles.py --workdir=/tmp/ensembles_quick --quick

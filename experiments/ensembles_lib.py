@@ -41,7 +41,7 @@ from experiments import overoptimization_lib as oo
 from experiments import overoptimization_rl as orl
 from jaxrm.data import synthetic
 from jaxrm.data.pairs import validate_world
-from jaxrm.io import environment, rundir
+from jaxrm.io import compile_cache, environment, rundir
 from jaxrm.math import best_of_n as bon_lib
 from jaxrm.math import objectives
 from jaxrm.steps import rl as rl_lib
@@ -104,6 +104,7 @@ class EnsembleConfig:
   kl_coef: float = 0.0
   ppo: rl_lib.RLConfig = dataclasses.field(default_factory=_default_ppo)
   rl_compile_opt_level: int = -1  # the RL chunk's XLA backend level (StudyConfig's field)
+  fast_compiles: bool = False  # every program at XLA's -O0 (StudyConfig's field)
   smoke: bool = False
 
   @property
@@ -121,6 +122,7 @@ class EnsembleConfig:
 # The fields each stage reads (its cache key); a test checks that they cover every field.
 MEMBER_FIELDS = (
   "world",
+  "fast_compiles",
   "num_comparisons",
   "num_heldout",
   "labels",
@@ -184,6 +186,7 @@ def study_config(cfg: EnsembleConfig, world_seed: int, noise: float) -> oo.Study
     rl_eval_prompts=cfg.rl_eval_prompts,
     kl_sweep=(),
     rl_compile_opt_level=cfg.rl_compile_opt_level,
+    fast_compiles=cfg.fast_compiles,
   )
 
 
@@ -396,6 +399,7 @@ def run_study(cfg: EnsembleConfig, workdir: str) -> dict[str, Any]:
   validate(cfg)
   log = Log(workdir)
   results = {"config": rundir.config_to_json(cfg), "environment": environment.environment()}
-  results["worlds"] = [run_world(cfg, s, workdir, log) for s in cfg.world_seeds]
+  with compile_cache.optimizations_off(cfg.fast_compiles):
+    results["worlds"] = [run_world(cfg, s, workdir, log) for s in cfg.world_seeds]
   results["timing_this_invocation"] = log.timing
   return results

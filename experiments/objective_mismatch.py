@@ -16,7 +16,7 @@ Settings: ``experiments/configs/objective_mismatch.py`` (any field overridable a
 
   python experiments/objective_mismatch.py --workdir=runs/mismatch
 
-Smoke run (labelled as a smoke run in every output; 2-4 min on a 2-core CPU from a cold
+Smoke run (labelled as a smoke run in every output; 80 s on the idle 2-core CPU from a cold
 compilation cache, less with a warm one; BUILD_NOTES.md)::
 
   python experiments/objective_mismatch.py --workdir=/tmp/mismatch_quick --quick

@@ -127,6 +127,7 @@ class MismatchConfig:
   rl_kl_budgets: tuple[float, ...] = (1.0, 3.0)
   ppo: rl_lib.RLConfig = dataclasses.field(default_factory=_default_ppo)
   rl_compile_opt_level: int = -1  # the RL chunk's XLA backend level (StudyConfig's field)
+  fast_compiles: bool = False  # every program at XLA's -O0 (StudyConfig's field)
   bootstrap_resamples: int = 1000
   near_equal_accuracy: float = 0.01
   primary_outcome: str = "bon_gold_n128"
@@ -141,7 +142,7 @@ class MismatchConfig:
 
 
 # The fields each stage reads (its cache key); a test checks that they cover every field.
-WORLD_FIELDS = ("world", "num_heldout", "labels", "data_sizes")
+WORLD_FIELDS = ("world", "num_heldout", "labels", "data_sizes", "fast_compiles")
 SET_FIELDS = WORLD_FIELDS + (
   "eval_prompts",
   "eval_k",
@@ -212,6 +213,7 @@ def overopt_config(cfg: MismatchConfig, world_seed: int, num_members: int = 1) -
     rl_log_every=cfg.rl_log_every,
     ppo=cfg.ppo,
     rl_compile_opt_level=cfg.rl_compile_opt_level,
+    fast_compiles=cfg.fast_compiles,
   )
 
 

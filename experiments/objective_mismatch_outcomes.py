@@ -31,7 +31,7 @@ from experiments.objective_mismatch_lib import (
   train_population,
   validate,
 )
-from jaxrm.io import rundir
+from jaxrm.io import compile_cache, rundir
 from jaxrm.math import best_of_n as bon_lib
 from jaxrm.math import rm_evals
 
@@ -219,22 +219,23 @@ def run_study(cfg: MismatchConfig, workdir: str) -> dict[str, Any]:
     logging.info("stage %s: %.1fs", name, time.perf_counter() - t)
     return out
 
-  for w in cfg.world_seeds:
-    wdir = os.path.join(workdir, f"world{w}")
-    data = timed("world", oo.build_world, overopt_config(cfg, w), wdir)
-    sets = timed("sets", build_sets, cfg, data, w, wdir)
-    pop = timed("proxies", train_population, cfg, data, w, wdir)
-    timed("evaluations", evaluate_world, cfg, data, sets, pop, w, wdir)
-    oracle = {"bon": pop[0]["bon_oracle"]}
-    if cfg.rl_per_size:
-      oracle["rl"] = {
-        k: v.tolist() for k, v in timed("rl", run_rl_world, cfg, data, pop, w, wdir).items()
-      }
-    oracles[str(w)] = oracle
-    for p in pop:
-      p.pop("params")
-      p.pop("bon_oracle")
-    proxies.extend(pop)
+  with compile_cache.optimizations_off(cfg.fast_compiles):
+    for w in cfg.world_seeds:
+      wdir = os.path.join(workdir, f"world{w}")
+      data = timed("world", oo.build_world, overopt_config(cfg, w), wdir)
+      sets = timed("sets", build_sets, cfg, data, w, wdir)
+      pop = timed("proxies", train_population, cfg, data, w, wdir)
+      timed("evaluations", evaluate_world, cfg, data, sets, pop, w, wdir)
+      oracle = {"bon": pop[0]["bon_oracle"]}
+      if cfg.rl_per_size:
+        oracle["rl"] = {
+          k: v.tolist() for k, v in timed("rl", run_rl_world, cfg, data, pop, w, wdir).items()
+        }
+      oracles[str(w)] = oracle
+      for p in pop:
+        p.pop("params")
+        p.pop("bon_oracle")
+      proxies.extend(pop)
   ns = bon_ns(cfg)
   return {
     "config": rundir.config_to_json(cfg),

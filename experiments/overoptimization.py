@@ -17,8 +17,8 @@ The settings are ``experiments/configs/overoptimization.py`` (any field overrida
 
   python experiments/overoptimization.py --workdir=runs/overopt
 
-Smoke run (``--quick`` selects the config's ``quick`` variant; 2-4 min on a 2-core CPU from a
-cold compilation cache, less with a warm one; BUILD_NOTES.md)::
+Smoke run (``--quick`` selects the config's ``quick`` variant; about 2 min on the idle 2-core
+CPU from a cold compilation cache, less with a warm one; BUILD_NOTES.md)::
 
   python experiments/overoptimization.py --workdir=/tmp/overopt_quick --quick
 """

@@ -30,7 +30,7 @@ import optax
 
 from jaxrm.data import synthetic
 from jaxrm.data.pairs import validate_fixed_length_rl, validate_world
-from jaxrm.io import environment, rundir
+from jaxrm.io import compile_cache, environment, rundir
 from jaxrm.io.rundir import ConfigError
 from jaxrm.math import best_of_n as bon_lib
 from jaxrm.math import metrics as metrics_lib
@@ -123,13 +123,18 @@ class StudyConfig:
   rl_log_every: int = 10
   ppo: rl_lib.RLConfig = dataclasses.field(default_factory=_default_ppo)
   smoke: bool = False  # labels the outputs as a smoke run (the ``quick`` variant)
+  # fast_compiles: compile every program with XLA's backend optimisations off
+  # (compile_cache.optimizations_off: a cold run compiles ~2x faster, its steps run slower; the
+  # quick variants use it). In every stage's key: it can change float rounding.
+  fast_compiles: bool = False
   # --- RL arm (experiments/overoptimization_rl.py)
   # rl_algorithm: 'ppo', 'rloo', 'grpo' or 'reinforce' (hyperparameters: ``ppo``, an RLConfig).
   # rl_eval_prompts: fixed held-out prompts sampled at every evaluation (every rl_log_every).
   # kl_sweep: KL coefficients of the sweep arms f"{reward}_kl{coef:g}" for kl_sweep_reward and
   # gold; kl_sweep_reward: a proxy size ('L1W8' or '1x8x2'), '' = the smallest-but-one proxy.
-  # rl_compile_opt_level: XLA backend optimisation level of the RL chunk (-1: XLA's default;
-  # 0 compiles it ~2x faster and runs it ~4x slower on the CPU: the quick variants use 0).
+  # rl_compile_opt_level: XLA backend optimisation level of the RL chunk alone (-1: XLA's
+  # default, or fast_compiles' level 0 when that is set; 0 compiles it ~2x faster and runs it
+  # ~4x slower on the CPU).
   rl_algorithm: str = "ppo"
   rl_eval_prompts: int = 256
   kl_sweep: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)
@@ -166,6 +171,7 @@ class StudyConfig:
 
 # The fields each stage reads (its cache key); tests check that together they cover every field.
 WORLD_FIELDS = ("world", "world_seed", "num_train", "num_heldout", "labels", "label_noise")
+WORLD_FIELDS += ("fast_compiles",)  # every stage's key extends WORLD_FIELDS
 PROXY_FIELDS = WORLD_FIELDS + ("num_seeds", "rm_epochs", "rm_batch_size", "rm_learning_rate")
 BON_FIELDS = PROXY_FIELDS + (
   "proxy_sizes",
@@ -620,10 +626,11 @@ def run_study(cfg: StudyConfig, workdir: str) -> dict[str, Any]:
   timing: dict[str, float] = {}
   results = {"config": rundir.config_to_json(cfg), "environment": environment.environment()}
   worlds = []
-  for i, seed in enumerate(cfg.world_seeds):
-    wcfg = cfg.for_world(seed)
-    wdir = os.path.join(workdir, f"world{seed}")
-    worlds.append(run_world(wcfg, wdir, timing, data_sweep=i == 0))
+  with compile_cache.optimizations_off(cfg.fast_compiles):
+    for i, seed in enumerate(cfg.world_seeds):
+      wcfg = cfg.for_world(seed)
+      wdir = os.path.join(workdir, f"world{seed}")
+      worlds.append(run_world(wcfg, wdir, timing, data_sweep=i == 0))
   results["worlds"] = worlds
   results["proxies"] = [
     dict(p, heldout_accuracy=[a for w in worlds for a in w["proxies"][i]["heldout_accuracy"]])

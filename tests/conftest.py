@@ -20,17 +20,16 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
-import jax  # noqa: E402  (after the environment above)
-import pytest  # noqa: E402
+import pytest  # noqa: E402  (after the environment above)
+
+from jaxrm.io import compile_cache  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def fast_compiles():
-  """Compiles with XLA's backend optimisations off (``jax_disable_most_optimizations``) for a
-  module's tests, which check numbers, not speed, and whose time is mostly compiling; the old
-  setting is restored after the module. Use ``pytestmark = pytest.mark.usefixtures(
+  """Compiles with XLA's backend optimisations off (:func:`compile_cache.optimizations_off`)
+  for a module's tests, which check numbers, not speed, and whose time is mostly compiling; the
+  old setting is restored after the module. Use ``pytestmark = pytest.mark.usefixtures(
   "fast_compiles")``."""
-  old = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+  with compile_cache.optimizations_off():
+    yield

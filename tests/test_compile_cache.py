@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from jaxrm.io import compile_cache
@@ -65,3 +67,17 @@ def test_bad_arguments(tmp_path):
     compile_cache.enable_compilation_cache(str(a_file))
   with pytest.raises(ValueError, match="min_compile_time_secs"):
     compile_cache.enable_compilation_cache(str(tmp_path), min_compile_time_secs=-1)
+
+
+def test_optimizations_off_sets_and_restores_jax_flag():
+  flag = "jax_disable_most_optimizations"
+  before = jax.config.values[flag]
+  with compile_cache.optimizations_off(enabled=False):
+    assert jax.config.values[flag] == before
+  with pytest.raises(RuntimeError, match="inside"):
+    with compile_cache.optimizations_off():
+      assert jax.config.values[flag] is True
+      # a program compiled here runs as usual
+      assert float(jax.jit(lambda x: (x * 2.0).sum())(jnp.arange(3.0))) == 6.0
+      raise RuntimeError("inside")
+  assert jax.config.values[flag] == before

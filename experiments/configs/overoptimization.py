@@ -30,7 +30,7 @@ def get_config(variant: str = "") -> StudyConfig:
   if variant == "quick":
     config.world = WorldConfig(num_calibration=2048, gold_width=32)
     config.num_comparisons = 512
-    config.num_heldout = 256
+    config.num_heldout = 512  # = num_comparisons: both sets share one compiled sampler
     config.num_seeds = 2
     config.rm_epochs = 1
     # Two proxy sizes: each reward architecture compiles its own RL program (the smoke run's
@@ -46,9 +46,9 @@ def get_config(variant: str = "") -> StudyConfig:
     config.rl_batch_size = 16
     config.rl_log_every = 2
     config.rl_eval_prompts = 32
-    # The RL chunk's compile is the smoke run's main cost: LLVM -O0 halves it (and slows the
-    # few steps run here; benchmarks/rl_chunk_compile.py).
-    config.rl_compile_opt_level = 0
+    # Compiling is the smoke run's main cost: every program at LLVM -O0 compiles about twice
+    # as fast (and runs the few steps here slower; BUILD_NOTES.md, benchmarks/rl_chunk_compile.py).
+    config.fast_compiles = True
     config.kl_sweep = (0.1, 1.0)
   elif variant:
     raise ValueError(f"unknown variant {variant!r} of overoptimization.py; known: 'quick'")

@@ -14,6 +14,7 @@ recompile: JAX logs a warning and compiles (``jax_raise_persistent_cache_errors`
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from absl import logging
@@ -79,3 +80,25 @@ def backend_options(opt_level: int) -> dict[str, int] | None:
   if opt_level not in (-1, 0, 1, 2, 3):
     raise ValueError(f"opt_level must be -1 (XLA's default) or 0..3, got {opt_level!r}")
   return None if opt_level == -1 else {"xla_backend_optimization_level": opt_level}
+
+
+@contextlib.contextmanager
+def optimizations_off(enabled: bool = True):
+  """Within the block, programs compile with XLA's backend optimisations off (JAX's
+  ``jax_disable_most_optimizations``: LLVM -O0, no expensive LLVM passes); the old setting is
+  restored on exit. ``enabled=False`` changes nothing.
+
+  On the CPU a cold smoke run compiles about twice as fast and its steps run slower (figures in
+  BUILD_NOTES.md). The setting can change float rounding and is part of the persistent cache's
+  key, but not of jit's in-memory cache: a program already compiled in this process is reused
+  as it was compiled.
+  """
+  if not enabled:
+    yield
+    return
+  old = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", old)
