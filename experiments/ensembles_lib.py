@@ -74,6 +74,9 @@ class EnsembleConfig:
       replicates over prompts and samples within prompt).
     rl_*, kl_coef, ppo: RL settings (the over-optimisation study's RL stage);
       ``rl_steps=0``: best-of-n only.
+    fast_compiles: compile every program with XLA's backend optimisations off
+      (:func:`jaxrm.io.compile_cache.optimizations_off`; the quick variant); in every
+      stage's key. ``rl_compile_opt_level`` (not -1) still sets the RL chunk's level.
     smoke: a smoke run (``--quick``): outputs say so and the checks are not evidence.
   """
 

@@ -91,6 +91,9 @@ class MismatchConfig:
     rl_kl_budgets: KL (nats) at which RL gold is read off each run.
     bootstrap_resamples, near_equal_accuracy, primary_outcome: analysis settings (fixed
       before any result was seen).
+    fast_compiles: compile every program with XLA's backend optimisations off
+      (:func:`jaxrm.io.compile_cache.optimizations_off`; the quick variant); in every
+      stage's key. ``rl_compile_opt_level`` (not -1) still sets the RL chunk's level.
     smoke: a smoke run (``--quick``): outputs say so and the checks are not evidence.
   """
 
