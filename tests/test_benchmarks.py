@@ -29,3 +29,21 @@ def test_rl_chunk_compile_prints_one_row_per_opt_level():
   )
   rows = [line.split("|") for line in out.splitlines() if line.strip()[:1] in "-0123456789"]
   assert [int(r[0]) for r in rows] == [0] and float(rows[0][2]) > 0
+
+
+def test_attention_share_blocked_attention_gives_the_library_loss():
+  out = _run(
+    "attention_share.py",
+    "--layers=1",
+    "--width=16",
+    "--heads=2",
+    "--seq_len=16",
+    "--batch_pairs=2",
+    "--reps=1",
+    "--variants=library,blocks4,identity",
+  )
+  rows = {r[0].strip(): r for r in (line.split("|") for line in out.splitlines()) if len(r) == 7}
+  assert set(rows) == {"variant", "library", "blocks4", "identity"}
+  loss = {k: float(rows[k][6]) for k in ("library", "blocks4", "identity")}
+  assert abs(loss["blocks4"] - loss["library"]) <= 1e-5
+  assert loss["identity"] != loss["library"]  # the lower bound is not the model
