@@ -5,8 +5,8 @@ member, optionally the held-out evaluation) is the main cost of every study's ``
 and of the slowest tests, and it is almost all compile time. This builds the quick config's
 world 0 (``--config``: ``quick`` or the default ``''``) and times ``lower``, ``compile`` of
 the gold chunk (no persistent cache) at each ``--opt_levels`` entry (XLA's
-``xla_backend_optimization_level``, passed per program as the studies' ``compile_opt_level``
-does; ``-1`` = XLA's default), then the steady-state seconds per chunk over ``--run_chunks``
+``xla_backend_optimization_level``, passed per program as the studies'
+``rl_compile_opt_level`` does; ``-1`` = XLA's default), then the steady-state seconds per chunk over ``--run_chunks``
 calls. Commands (the figures in BUILD_NOTES.md)::
 
   python benchmarks/rl_chunk_compile.py --members=1 --noevaluate

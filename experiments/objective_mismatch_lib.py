@@ -44,7 +44,7 @@ import optax
 from experiments import overoptimization_lib as oo
 from jaxrm.data import synthetic
 from jaxrm.data.pairs import validate_fixed_length_rl, validate_world
-from jaxrm.io import rundir
+from jaxrm.io import compile_cache, rundir
 from jaxrm.math import preference
 from jaxrm.steps import rl as rl_lib
 from jaxrm.steps.rm_sweep import RewardModelSweep
@@ -497,7 +497,7 @@ def validate(cfg: MismatchConfig) -> None:
     need(all(b > 0 for b in cfg.rl_kl_budgets), "rl_kl_budgets", "must be > 0")
     need(cfg.kl_coef >= 0, "kl_coef", "must be >= 0")
     need(
-      cfg.rl_compile_opt_level in (-1, 0, 1, 2, 3),
+      cfg.rl_compile_opt_level in compile_cache.OPT_LEVELS,
       "rl_compile_opt_level",
       "must be -1 (XLA's default) or 0..3",
     )

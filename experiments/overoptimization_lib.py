@@ -170,8 +170,15 @@ class StudyConfig:
 
 
 # The fields each stage reads (its cache key); tests check that together they cover every field.
-WORLD_FIELDS = ("world", "world_seed", "num_train", "num_heldout", "labels", "label_noise")
-WORLD_FIELDS += ("fast_compiles",)  # every stage's key extends WORLD_FIELDS
+WORLD_FIELDS = (  # every stage's key extends WORLD_FIELDS
+  "world",
+  "world_seed",
+  "num_train",
+  "num_heldout",
+  "labels",
+  "label_noise",
+  "fast_compiles",
+)
 PROXY_FIELDS = WORLD_FIELDS + ("num_seeds", "rm_epochs", "rm_batch_size", "rm_learning_rate")
 BON_FIELDS = PROXY_FIELDS + (
   "proxy_sizes",

@@ -130,7 +130,7 @@ def validate_rl(cfg: StudyConfig) -> None:
   )
   sweep_reward(cfg)  # raises for a kl_sweep_reward that names no proxy
   need(
-    cfg.rl_compile_opt_level in (-1, 0, 1, 2, 3),
+    cfg.rl_compile_opt_level in compile_cache.OPT_LEVELS,
     "rl_compile_opt_level",
     "must be -1 (XLA's default) or 0..3",
   )

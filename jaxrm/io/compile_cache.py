@@ -65,6 +65,9 @@ def enable_compilation_cache(
   return path
 
 
+OPT_LEVELS = (-1, 0, 1, 2, 3)  # -1: XLA's default (3); 0..3: LLVM's -O0..-O3
+
+
 def backend_options(opt_level: int) -> dict[str, int] | None:
   """Per-program XLA compiler options for backend (LLVM) optimisation level ``opt_level``.
 
@@ -77,7 +80,7 @@ def backend_options(opt_level: int) -> dict[str, int] | None:
   Raises:
     ValueError: ``opt_level`` is not one of -1, 0, 1, 2, 3.
   """
-  if opt_level not in (-1, 0, 1, 2, 3):
+  if opt_level not in OPT_LEVELS:
     raise ValueError(f"opt_level must be -1 (XLA's default) or 0..3, got {opt_level!r}")
   return None if opt_level == -1 else {"xla_backend_optimization_level": opt_level}
 
