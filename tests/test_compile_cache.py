@@ -65,6 +65,10 @@ def test_bad_arguments(tmp_path):
   a_file.write_text("x")
   with pytest.raises(ValueError, match="not a directory"):
     compile_cache.enable_compilation_cache(str(a_file))
+  with pytest.raises(ValueError, match="opt_level"):
+    compile_cache.backend_options(7)
+  assert compile_cache.backend_options(-1) is None
+  assert compile_cache.backend_options(0) == {"xla_backend_optimization_level": 0}
   with pytest.raises(ValueError, match="min_compile_time_secs"):
     compile_cache.enable_compilation_cache(str(tmp_path), min_compile_time_secs=-1)
 

@@ -10,6 +10,7 @@ import pytest
 from experiments import objective_mismatch_analysis as analysis
 from experiments import objective_mismatch_lib as lib
 from experiments import objective_mismatch_outcomes as outcomes
+from jaxrm.io.rundir import ConfigError
 from tests import script_runner
 
 
@@ -86,6 +87,11 @@ def test_bad_setting_gives_a_one_line_error(tmp_path, arg, message):
   assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_bad_rl_compile_opt_level_names_the_field():
+  with pytest.raises(ConfigError, match="rl_compile_opt_level"):
+    lib.validate(lib.MismatchConfig(rl_compile_opt_level=7))
 
 
 def test_every_field_is_in_a_stage_cache_key_or_read_by_the_analysis_only():

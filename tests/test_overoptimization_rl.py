@@ -174,6 +174,7 @@ def test_resuming_from_cached_arms_gives_identical_curves(study):
     ("kl_sweep", (0.1, -1.0), "kl_sweep"),
     ("kl_sweep", (0.1, 0.1), "kl_sweep"),
     ("kl_sweep_reward", "L9W9", "kl_sweep_reward"),
+    ("rl_compile_opt_level", 7, "rl_compile_opt_level"),
   ],
 )
 def test_bad_rl_fields_name_the_field(field, value, message):
