@@ -2,16 +2,14 @@ r"""How much of the reward-model training step is attention, and what causal blo
 
 Times jaxrm's reward-model training step (``jaxrm.train.reward_model.step_fn`` with the
 README's HH settings, ``experiments/configs/reward_model.py:hh``) on random full-length batches
-with the library's attention swapped (``jaxrm.models.transformer._attend``, patched in this
-process only, one freshly jitted step per variant):
+with the attention varied (one freshly jitted step per variant):
 
 - ``library``: the library's attention;
 - ``identity``: no attention at all (the output is the query): a lower bound on the step
   without attention, not a model;
-- ``blocksN``: the queries split into ``N`` causal blocks, block ``i`` attending only keys
-  ``[0, (i + 1) * seq / N)`` (the keys every later position masks anyway), each block the
-  library's attention. Exact for the causal training forward; its loss is printed beside the
-  library's.
+- ``blockN``: the library's attention with ``TransformerConfig.attention_query_block=N``:
+  query blocks of ``N`` tokens, block ``[s, e)`` attending only keys ``[0, e)`` (the keys no
+  later position masks). The same attention; its loss is printed beside the library's.
 
 Per variant: first call (compile included), median steady step, pairs/s, and the process's
 user and system CPU seconds per steady step. Command (figures in BUILD_NOTES.md)::
@@ -20,13 +18,13 @@ user and system CPU seconds per steady step. Command (figures in BUILD_NOTES.md)
 """
 
 import contextlib
+import dataclasses
 import resource
 import statistics
 import time
 
 from absl import app, flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from experiments.configs import reward_model as rm_configs
@@ -43,48 +41,25 @@ _SEQ = flags.DEFINE_integer("seq_len", 256, "Tokens per response (README HH run:
 _PAIRS = flags.DEFINE_integer("batch_pairs", 32, "Pairs per step (README HH run: 32).")
 _REPS = flags.DEFINE_integer("reps", 8, "Timed steady steps per variant.")
 _VARIANTS = flags.DEFINE_list(
-  "variants", ["library", "identity", "blocks2", "blocks4", "blocks8"], "Attention variants."
+  "variants", ["library", "identity", "block128", "block64", "block32"], "Attention variants."
 )
 
 
-def causal_blocks(num_blocks: int, attend):
-  """``attend`` applied per causal query block (falls back to ``attend`` when the query and key
-  lengths differ, as with a KV cache, or the length is not a multiple of ``num_blocks``)."""
-
-  def blocked(q, k, v, attn_mask):
-    t = q.shape[1]
-    if k.shape[2] != t or t % num_blocks:
-      return attend(q, k, v, attn_mask)
-    size = t // num_blocks
-    outs = [
-      attend(
-        q[:, i * size : (i + 1) * size],
-        k[:, :, : (i + 1) * size],
-        v[:, :, : (i + 1) * size],
-        attn_mask[:, i * size : (i + 1) * size, : (i + 1) * size],
-      )
-      for i in range(num_blocks)
-    ]
-    return jnp.concatenate(outs, axis=1)
-
-  return blocked
-
-
-def variant_attend(name: str):
-  library = transformer._attend  # pylint: disable=protected-access
+def variant(name: str, backbone: transformer.TransformerConfig):
+  """The variant's backbone and the attention function to run it with (None: the library's)."""
   if name == "library":
-    return library
+    return backbone, None
   if name == "identity":
-    return lambda q, k, v, attn_mask: q
-  if name.startswith("blocks") and name[6:].isdigit() and int(name[6:]) >= 1:
-    return causal_blocks(int(name[6:]), library)
-  raise app.UsageError(f"--variants: unknown variant {name!r} (library, identity, blocksN)")
+    return backbone, lambda q, k, v, attn_mask, query_block=None: q
+  if name.startswith("block") and name[5:].isdigit() and int(name[5:]) >= 1:
+    return dataclasses.replace(backbone, attention_query_block=int(name[5:])), None
+  raise app.UsageError(f"--variants: unknown variant {name!r} (library, identity, blockN)")
 
 
 @contextlib.contextmanager
 def patched_attention(attend):
   saved = transformer._attend  # pylint: disable=protected-access
-  transformer._attend = attend
+  transformer._attend = attend or saved
   try:
     yield
   finally:
@@ -131,7 +106,6 @@ def main(argv):
   del argv
   if _REPS.value < 1:
     raise app.UsageError("--reps must be >= 1")
-  attends = {name: variant_attend(name) for name in _VARIANTS.value}
   config = rm_configs.get_config("hh")
   backbone = transformer.TransformerConfig(
     vocab_size=259,
@@ -158,8 +132,9 @@ def main(argv):
     f"{_REPS.value} steps"
   )
   print("variant | first call s | step s | pairs/s | user s/step | sys s/step | first loss")
-  for name, attend in attends.items():
-    r = time_variant(attend, batches, config, backbone)
+  variants = {name: variant(name, backbone) for name in _VARIANTS.value}
+  for name, (variant_backbone, attend) in variants.items():
+    r = time_variant(attend, batches, config, variant_backbone)
     print(
       f"{name} | {r['first_s']:.2f} | {r['step_s']:.4f} | {_PAIRS.value / r['step_s']:.1f} | "
       f"{r['user_s']:.3f} | {r['sys_s']:.3f} | {r['loss']:.7f}",

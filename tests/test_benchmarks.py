@@ -40,10 +40,10 @@ def test_attention_share_blocked_attention_gives_the_library_loss():
     "--seq_len=16",
     "--batch_pairs=2",
     "--reps=1",
-    "--variants=library,blocks4,identity",
+    "--variants=library,block4,identity",
   )
   rows = {r[0].strip(): r for r in (line.split("|") for line in out.splitlines()) if len(r) == 7}
-  assert set(rows) == {"variant", "library", "blocks4", "identity"}
-  loss = {k: float(rows[k][6]) for k in ("library", "blocks4", "identity")}
-  assert abs(loss["blocks4"] - loss["library"]) <= 1e-5
+  assert set(rows) == {"variant", "library", "block4", "identity"}
+  loss = {k: float(rows[k][6]) for k in ("library", "block4", "identity")}
+  assert abs(loss["block4"] - loss["library"]) <= 1e-5
   assert loss["identity"] != loss["library"]  # the lower bound is not the model

@@ -115,6 +115,7 @@ def _records(n):
     ("--config.data.max_len=1000000000", "--config.data.max_len=1000000000: must be an int in"),
     ("--config.data.max_len=4", "--config.data.max_len=4: must be an int in [8,"),
     ("--config.max_consecutive_skips=-1", "--config.max_consecutive_skips=-1: must be"),
+    ("--config.model.attention_query_block=0", "--config.model.attention_query_block=0: must"),
     ("--workdir=", "--workdir=: must name a directory"),
   ],
 )

@@ -341,6 +341,7 @@ def test_kv_cache_rejects_more_tokens_than_slots():
     (dict(mlp="relu"), "mlp"),
     (dict(param_dtype=jnp.float16), "param_dtype"),
     (dict(mlp_dim=0), "mlp_dim"),
+    (dict(attention_query_block=0), "attention_query_block"),
   ],
 )
 def test_config_rejects_invalid_hyperparameters(fields, pattern):
@@ -395,6 +396,43 @@ def test_remat_gives_the_same_outputs_and_gradients(cfg):
   np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
   for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("block", [3, 4])  # S = 10: uneven (3, 3, 3, 1) and (4, 4, 2) blocks
+def test_attention_query_blocks_give_the_same_outputs_and_gradients(cfg, block):
+  _, params, _ = _setup(cfg)
+  tokens = _random_tokens(9, (B, S))
+  mask = np.array([[1] * 7 + [0] * 3, [0, 0, 0, 0, 0] + [1] * 5], bool)  # right, left pads
+
+  def loss(params, c):
+    return jnp.sum(Transformer(c).apply(params, tokens, mask) ** 2)
+
+  want = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, cfg)
+  blocked = dataclasses.replace(cfg, attention_query_block=block)
+  got = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, blocked)
+  # The same sums grouped differently: float32 rounding, 1e-6 of the scale (the loss is ~700,
+  # the largest gradient ~100-200).
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  scale = max(float(np.abs(w).max()) for w in jax.tree.leaves(want[1]))
+  for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    np.testing.assert_allclose(g, w, rtol=0, atol=1e-6 * scale)
+  hidden = Transformer(blocked).apply(params, tokens, mask)
+  ref = _np_transformer(params, tokens, mask, cfg)
+  np.testing.assert_allclose(np.asarray(hidden)[mask], ref[mask], atol=2e-4, rtol=2e-4)
+
+
+def test_attention_query_blocks_decode_with_a_kv_cache_like_the_full_forward():
+  _, params, _ = _setup(CFG)
+  blocked = Transformer(dataclasses.replace(CFG, attention_query_block=2))
+  tokens = _random_tokens(10, (B, S))
+  mask = np.ones((B, S), bool)
+  full = np.asarray(Transformer(CFG).apply(params, tokens, mask))
+  cache = init_cache(CFG, B, cache_len=S)
+  out, cache = blocked.apply(params, tokens[:, :6], mask[:, :6], cache)
+  step, _ = blocked.apply(params, tokens[:, 6:], mask[:, 6:], cache)
+  np.testing.assert_allclose(np.asarray(out), full[:, :6], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(step), full[:, 6:], atol=1e-5)
 
 
 def test_bfloat16_parameters_are_stored_in_bfloat16():

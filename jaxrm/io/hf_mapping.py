@@ -352,6 +352,8 @@ def hf_config_for(
     param_dtype=config.param_dtype,
     remat=config.remat,
   )
+  # How attention is computed, not what: any block length exports.
+  want = dataclasses.replace(want, attention_query_block=config.attention_query_block)
   diff = [
     f"{f.name}={getattr(config, f.name)!r} (needs {getattr(want, f.name)!r})"
     for f in dataclasses.fields(config)

@@ -103,6 +103,12 @@ class TransformerConfig:
       not).
     param_dtype: storage dtype of the parameters, ``jnp.float32`` or ``jnp.bfloat16``.
     remat: rematerialise block activations in the backward pass (saves memory).
+    attention_query_block: None (default) for one attention over the whole sequence, or a
+      query block length: without a KV cache, a sequence longer than this is attended in
+      query blocks of this length, block ``[s, e)`` reading only keys ``[0, e)``, the ones
+      causal masking leaves it. The same attention (float sums may group differently),
+      without the masked upper triangle of the score matrix: a speed setting for long
+      sequences (``benchmarks/attention_share.py``). Decoding with a KV cache ignores it.
   """
 
   vocab_size: int
@@ -127,10 +133,11 @@ class TransformerConfig:
   head_bias: bool = True
   param_dtype: Any = jnp.float32
   remat: bool = False
+  attention_query_block: int | None = None
 
   def __post_init__(self):
     names = ("vocab_size", "num_layers", "width", "num_heads", "max_len", "mlp_ratio")
-    optional = ("mlp_dim", "num_kv_heads")
+    optional = ("mlp_dim", "num_kv_heads", "attention_query_block")
     for name in names + optional:
       value = getattr(self, name)
       if name in optional and value is None:
@@ -262,7 +269,9 @@ def _check_inputs(tokens, mask, config: TransformerConfig, cache: KVCache | None
   check_token_range(tokens, config.vocab_size)
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, attn_mask: jax.Array) -> jax.Array:
+def _attend(
+  q: jax.Array, k: jax.Array, v: jax.Array, attn_mask: jax.Array, *, query_block: int | None = None
+) -> jax.Array:
   """Masked softmax attention; float32 softmax; rows with no valid key output zeros.
 
   Grouped-query attention: query head ``h`` reads key/value head ``h // (heads // kv_heads)``
@@ -274,10 +283,27 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, attn_mask: jax.Array) -> j
       divides ``heads``.
     v: ``[batch, kv_heads, L, head_dim]``.
     attn_mask: ``[batch, t, L]`` bool, True where query may attend key.
+    query_block: with ``t == L`` and a causal ``attn_mask`` (query ``i`` never attends key
+      ``j > i``), attend query blocks ``[s, e)`` of this length to keys ``[0, e)`` only
+      (:attr:`TransformerConfig.attention_query_block`). None: one block.
 
   Returns:
     ``[batch, t, heads, head_dim]`` in the dtype of ``v``.
   """
+  t = q.shape[1]
+  if query_block is None or t <= query_block or k.shape[2] != t:
+    return _attend_block(q, k, v, attn_mask)
+  blocks = []
+  for start in range(0, t, query_block):
+    end = min(start + query_block, t)
+    blocks.append(
+      _attend_block(q[:, start:end], k[:, :, :end], v[:, :, :end], attn_mask[:, start:end, :end])
+    )
+  return jnp.concatenate(blocks, axis=1)
+
+
+def _attend_block(q: jax.Array, k: jax.Array, v: jax.Array, attn_mask: jax.Array) -> jax.Array:
+  """:func:`_attend` over all of ``k`` and ``v``, one block."""
   b, t, heads, d = q.shape
   kv_heads = k.shape[1]
   q = q.reshape(b, t, kv_heads, heads // kv_heads, d)
@@ -339,7 +365,9 @@ class _Block(nn.Module):
       cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], start)
       k, v = cache_k[layer], cache_v[layer]
       kv = (cache_k, cache_v, layer)
-    attn = _attend(q, k, v, attn_mask)
+    attn = _attend(
+      q, k, v, attn_mask, query_block=None if kv is not None else cfg.attention_query_block
+    )
     attn = nn.DenseGeneral(
       cfg.width, axis=(-2, -1), use_bias=cfg.attn_out_bias, name="attn_out", **dense
     )(attn)

@@ -209,6 +209,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
       **({} if dtype == DTYPES["float32"] else {"dtype": dtype, "param_dtype": dtype}),
       **({"remat": True} if config.model.remat else {}),
     )
+  if config.model.attention_query_block is not None:
+    model_config = dataclasses.replace(
+      model_config, attention_query_block=config.model.attention_query_block
+    )
   model = RewardModel(model_config, pooling=config.model.pooling)
   optimizer, schedule = make_optimizer(config)
   train_iter = pairs.make_iterator(

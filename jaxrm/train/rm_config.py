@@ -44,7 +44,10 @@ class ModelConfig:
   is the run's tokenizer unless ``data.tokenizer`` names another.
 
   ``dtype``: ``'float32'`` or ``'bfloat16'`` (parameters and matmuls; GPU/TPU);
-  ``remat``: rematerialise block activations in the backward pass (long sequences).
+  ``remat``: rematerialise block activations in the backward pass (long sequences);
+  ``attention_query_block``: None, or attend in causal query blocks of this many tokens
+  (:attr:`jaxrm.models.transformer.TransformerConfig.attention_query_block`: the same
+  attention without the masked half of the score matrix; faster for long sequences on CPU).
   """
 
   preset: str = "tiny"
@@ -52,6 +55,7 @@ class ModelConfig:
   hf_checkpoint: str = ""
   dtype: str = "float32"
   remat: bool = False
+  attention_query_block: int | None = None
 
 
 @dataclasses.dataclass
@@ -165,6 +169,12 @@ def validate_config(config: TrainConfig, *, num_devices: int | None = None) -> N
   need(isinstance(c.model.hf_checkpoint, str), "model.hf_checkpoint", "must be a path or ''")
   need(c.model.dtype in DTYPES, "model.dtype", f"must be one of {list(DTYPES)}")
   need(isinstance(c.model.remat, bool), "model.remat", "must be True or False")
+  block = c.model.attention_query_block
+  need(
+    block is None or (rundir.is_int(block) and block >= 1),
+    "model.attention_query_block",
+    "must be None or a positive integer",
+  )
   if c.model.hf_checkpoint:
     need(
       os.path.isfile(os.path.join(c.model.hf_checkpoint, "config.json")),
