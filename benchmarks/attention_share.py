@@ -4,12 +4,12 @@ Times jaxrm's reward-model training step (``jaxrm.train.reward_model.step_fn`` w
 README's HH settings, ``experiments/configs/reward_model.py:hh``) on random full-length batches
 with the attention varied (one freshly jitted step per variant):
 
-- ``library``: the library's attention;
+- ``full``: the library's attention over the whole score matrix (``attention_query_block=None``);
 - ``identity``: no attention at all (the output is the query): a lower bound on the step
   without attention, not a model;
 - ``blockN``: the library's attention with ``TransformerConfig.attention_query_block=N``:
   query blocks of ``N`` tokens, block ``[s, e)`` attending only keys ``[0, e)`` (the keys no
-  later position masks). The same attention; its loss is printed beside the library's.
+  later position masks). The same attention; its loss is printed beside the full one.
 
 Per variant: first call (compile included), median steady step, pairs/s, and the process's
 user and system CPU seconds per steady step. Command (figures in BUILD_NOTES.md)::
@@ -41,19 +41,19 @@ _SEQ = flags.DEFINE_integer("seq_len", 256, "Tokens per response (README HH run:
 _PAIRS = flags.DEFINE_integer("batch_pairs", 32, "Pairs per step (README HH run: 32).")
 _REPS = flags.DEFINE_integer("reps", 8, "Timed steady steps per variant.")
 _VARIANTS = flags.DEFINE_list(
-  "variants", ["library", "identity", "block128", "block64", "block32"], "Attention variants."
+  "variants", ["full", "identity", "block128", "block64", "block32"], "Attention variants."
 )
 
 
 def variant(name: str, backbone: transformer.TransformerConfig):
   """The variant's backbone and the attention function to run it with (None: the library's)."""
-  if name == "library":
+  if name == "full":
     return backbone, None
   if name == "identity":
     return backbone, lambda q, k, v, attn_mask, query_block=None: q
   if name.startswith("block") and name[5:].isdigit() and int(name[5:]) >= 1:
     return dataclasses.replace(backbone, attention_query_block=int(name[5:])), None
-  raise app.UsageError(f"--variants: unknown variant {name!r} (library, identity, blockN)")
+  raise app.UsageError(f"--variants: unknown variant {name!r} (full, identity, blockN)")
 
 
 @contextlib.contextmanager

@@ -108,6 +108,11 @@ flags.DEFINE_string(
   "default), filled first by one unmeasured run per workload; empty: every run compiles cold.",
 )
 flags.DEFINE_bool("trl_float32", False, "TRL in float32 without gradient checkpointing.")
+flags.DEFINE_integer(
+  "attention_query_block",
+  None,
+  "jaxrm's model.attention_query_block (unset: the hh config's; 0: the full score matrix).",
+)
 flags.DEFINE_bool("quick", False, "Tiny shapes, 1 round, few steps: a smoke run.")
 flags.DEFINE_enum("child", "", ["", "jaxrm_train", "trl_train"], "Internal: subprocess role.")
 flags.DEFINE_string("ids_file", "", "Internal (trl_train): token ids JSONL.")
@@ -196,6 +201,8 @@ def train_config(w: Workload, data: str, steps: int):
   config.model.preset = register_preset(w)
   config.batch_size = w.batch_pairs
   config.steps = max(steps, 1)
+  if FLAGS.attention_query_block is not None:
+    config.model.attention_query_block = FLAGS.attention_query_block or None
   return config
 
 
@@ -208,18 +215,17 @@ def jaxrm_step_times(w: Workload, data: str, workdir: str, reps: int, cache: dic
   import jax
 
   from jaxrm.data import pairs
-  from jaxrm.models import presets
   from jaxrm.models.reward_model import RewardModel
   from jaxrm.steps import parallel
   from jaxrm.train import reward_model as rm_train
-  from jaxrm.train.rm_config import init_state, make_optimizer
+  from jaxrm.train.rm_config import init_state, make_optimizer, preset_backbone
 
   key = (w.layers, w.width, w.heads, w.seq_len, w.batch_pairs)
   first_s = None
   if key not in cache:
     config = train_config(w, data, steps=1000)
     run = pairs.load_data(config.data, os.path.join(workdir, f"tokens_{w.seq_len}"))
-    backbone = presets.preset(config.model.preset, vocab_size=run.vocab_size, max_len=w.seq_len)
+    backbone = preset_backbone(config, vocab_size=run.vocab_size, max_len=w.seq_len)
     model = RewardModel(backbone, pooling=config.model.pooling)
     optimizer, _ = make_optimizer(config)
     pstep = parallel.make_parallel_step(
@@ -359,6 +365,8 @@ def run_child(role: str, w: Workload, workdir: str, tag: str, **extra) -> tuple[
   cmd = [sys.executable, os.path.abspath(__file__), f"--child={role}", f"--workdir={run_dir}"]
   cmd += [f"--data={FLAGS.data}", f"--out={out}", f"--trl_float32={FLAGS.trl_float32}"]
   cmd += [f"--jaxrm_cache_dir={FLAGS.jaxrm_cache_dir}"]
+  if FLAGS.attention_query_block is not None:
+    cmd += [f"--attention_query_block={FLAGS.attention_query_block}"]
   cmd += [f"--{k}={v}" for k, v in dataclasses.asdict(w).items()]
   cmd += [f"--{k}={v}" for k, v in extra.items()]
   start = time.perf_counter()
@@ -625,6 +633,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
+  if FLAGS.attention_query_block is not None and FLAGS.attention_query_block < 0:
+    raise app.UsageError(f"--attention_query_block must be >= 0, got {FLAGS.attention_query_block}")
   check_data_file(FLAGS.data)
   workloads = resolve_workloads()
   if FLAGS.child:

@@ -31,7 +31,7 @@ def test_rl_chunk_compile_prints_one_row_per_opt_level():
   assert [int(r[0]) for r in rows] == [0] and float(rows[0][2]) > 0
 
 
-def test_attention_share_blocked_attention_gives_the_library_loss():
+def test_attention_share_blocked_attention_gives_the_full_loss():
   out = _run(
     "attention_share.py",
     "--layers=1",
@@ -40,10 +40,10 @@ def test_attention_share_blocked_attention_gives_the_library_loss():
     "--seq_len=16",
     "--batch_pairs=2",
     "--reps=1",
-    "--variants=library,block4,identity",
+    "--variants=full,block4,identity",
   )
   rows = {r[0].strip(): r for r in (line.split("|") for line in out.splitlines()) if len(r) == 7}
-  assert set(rows) == {"variant", "library", "block4", "identity"}
-  loss = {k: float(rows[k][6]) for k in ("library", "block4", "identity")}
-  assert abs(loss["block4"] - loss["library"]) <= 1e-5
-  assert loss["identity"] != loss["library"]  # the lower bound is not the model
+  assert set(rows) == {"variant", "full", "block4", "identity"}
+  loss = {k: float(rows[k][6]) for k in ("full", "block4", "identity")}
+  assert abs(loss["block4"] - loss["full"]) <= 1e-5
+  assert loss["identity"] != loss["full"]  # the lower bound is not the model

@@ -91,9 +91,11 @@ from jaxrm.train.rm_config import (  # noqa: F401  (the config types live beside
   OptimizerConfig,
   TrainConfig,
   abstract_state,
+  execution_settings,
   init_state,
   make_loss_fn,
   make_optimizer,
+  preset_backbone,
   validate_config,
 )
 from jaxrm.train.rm_eval import restore_run, write_run_report  # noqa: F401
@@ -199,20 +201,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
   imported = None
   if config.model.hf_checkpoint:
     imported = import_backbone(config, data)
-    model_config = imported.config
+    model_config = execution_settings(config, imported.config)
   else:
-    dtype = DTYPES[config.model.dtype]
-    model_config = presets.preset(
-      config.model.preset,
-      vocab_size=data.vocab_size,
-      max_len=data.max_len,
-      **({} if dtype == DTYPES["float32"] else {"dtype": dtype, "param_dtype": dtype}),
-      **({"remat": True} if config.model.remat else {}),
-    )
-  if config.model.attention_query_block is not None:
-    model_config = dataclasses.replace(
-      model_config, attention_query_block=config.model.attention_query_block
-    )
+    model_config = preset_backbone(config, vocab_size=data.vocab_size, max_len=data.max_len)
   model = RewardModel(model_config, pooling=config.model.pooling)
   optimizer, schedule = make_optimizer(config)
   train_iter = pairs.make_iterator(

@@ -24,6 +24,7 @@ from jaxrm.io import rundir
 from jaxrm.math import preference
 from jaxrm.models import presets
 from jaxrm.models.reward_model import RewardModel
+from jaxrm.models.transformer import TransformerConfig
 from jaxrm.steps import train_state as train_state_lib
 
 PARALLEL_MODES = ("auto", "jit", "shard_map", "pmap")
@@ -145,6 +146,29 @@ class TrainConfig:
   def from_json(cls, d: dict[str, Any]) -> TrainConfig:
     """Inverse of :meth:`to_json`; unknown keys raise ``ValueError``."""
     return rundir.config_from_json(cls, d)
+
+
+def execution_settings(config: TrainConfig, backbone: TransformerConfig) -> TransformerConfig:
+  """``backbone`` with ``config.model``'s settings of how, not what, it computes
+  (``attention_query_block``)."""
+  block = config.model.attention_query_block
+  if block is None:
+    return backbone
+  return dataclasses.replace(backbone, attention_query_block=block)
+
+
+def preset_backbone(config: TrainConfig, *, vocab_size: int, max_len: int) -> TransformerConfig:
+  """The backbone of ``config.model.preset`` for ``vocab_size`` token ids and ``max_len``
+  tokens, in ``config.model.dtype``, with ``remat`` and :func:`execution_settings`."""
+  dtype = DTYPES[config.model.dtype]
+  backbone = presets.preset(
+    config.model.preset,
+    vocab_size=vocab_size,
+    max_len=max_len,
+    **({} if dtype == DTYPES["float32"] else {"dtype": dtype, "param_dtype": dtype}),
+    **({"remat": True} if config.model.remat else {}),
+  )
+  return execution_settings(config, backbone)
 
 
 def validate_config(config: TrainConfig, *, num_devices: int | None = None) -> None:
