@@ -4,7 +4,7 @@ Returns a :class:`jaxrm.train.reward_model.TrainConfig`. Run::
 
   python experiments/train_reward_model.py --workdir=runs/rm_synthetic
 
-Variant ``hh`` (HH-RLHF harmless-base, 10% held out; about 6 min on a shared 2-core CPU; see
+Variant ``hh`` (HH-RLHF harmless-base, 10% held out; 3.5 min on the idle 2-core CPU, 6 min shared; see
 BUILD_NOTES.md for the measured accuracy)::
 
   python experiments/train_reward_model.py \
