@@ -567,6 +567,7 @@ def run_benchmark(workloads: dict[str, Workload]) -> None:
   import jax
 
   from benchmarks.timing import measure_matmul_flops
+  from jaxrm.io import environment
 
   rounds = 1 if FLAGS.quick else FLAGS.rounds
   if FLAGS.quick:
@@ -575,6 +576,7 @@ def run_benchmark(workloads: dict[str, Workload]) -> None:
   os.makedirs(FLAGS.workdir, exist_ok=True)
   info = versions()
   print(" | ".join(f"{k} {v}" for k, v in info.items()), f"| device {jax.devices()[0]}")
+  print("allocator (both sides' processes inherit it):", environment.allocator())
   peak = measure_matmul_flops(FLAGS.matmul_size, 5)
   print(f"float32 matmul ceiling ({FLAGS.matmul_size}^2, best of 5): {peak / 1e9:.1f} GFLOP/s")
   rows, cache = [], {}
@@ -602,6 +604,7 @@ def run_benchmark(workloads: dict[str, Workload]) -> None:
     json.dump(
       dict(
         versions=info,
+        environment=environment.environment(),
         matmul_flops_per_s=peak,
         train_pairs={k: v[1] for k, v in ids.items()},
         workloads=summary,

@@ -27,9 +27,16 @@ def _cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
+def allocator() -> dict[str, str]:
+  """The C allocator settings the process was started with: ``LD_PRELOAD`` (e.g. jemalloc's
+  library; empty: glibc's malloc) and ``MALLOC_CONF`` (jemalloc's options). On the CPU they
+  change step times by a third (BUILD_NOTES.md, "The allocator")."""
+  return {k.lower(): os.environ.get(k, "") for k in ("LD_PRELOAD", "MALLOC_CONF")}
+
+
 def environment() -> dict[str, Any]:
   """Versions of Python, jax, jaxlib and numpy; the backend, device kind and count; the CPU
-  model and core count. JSON-able."""
+  model and core count; the C allocator (:func:`allocator`). JSON-able."""
   devices = jax.devices()
   return {
     "python": platform.python_version(),
@@ -41,4 +48,5 @@ def environment() -> dict[str, Any]:
     "device_count": len(devices),
     "cpu": _cpu_model(),
     "cpu_count": os.cpu_count(),
+    "allocator": allocator(),
   }
