@@ -28,9 +28,10 @@ def _cpu_model() -> str:
 
 
 def allocator() -> dict[str, str]:
-  """The C allocator settings the process was started with: ``LD_PRELOAD`` (e.g. jemalloc's
-  library; empty: glibc's malloc) and ``MALLOC_CONF`` (jemalloc's options). On the CPU they
-  change step times by a third (BUILD_NOTES.md, "The allocator")."""
+  """The C allocator settings in this process's environment: ``LD_PRELOAD`` (e.g. jemalloc's
+  library; empty: the C library's own malloc, glibc's on Linux) and ``MALLOC_CONF``
+  (jemalloc's options). On the CPU they change step times by up to a third (BUILD_NOTES.md,
+  "The allocator")."""
   return {k.lower(): os.environ.get(k, "") for k in ("LD_PRELOAD", "MALLOC_CONF")}
 
 
