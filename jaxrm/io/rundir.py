@@ -33,7 +33,6 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 import dataclasses
 import errno
-import io
 import json
 import logging as std_logging
 import math
@@ -58,13 +57,20 @@ from jaxrm.io.files import (  # noqa: F401  (re-exported: the run directory's fi
   write_json,
   write_npz,
 )
+from jaxrm.io.metrics_file import (  # noqa: F401  (re-exported: the run directory's file API)
+  CURVES_PREFIX,
+  METRICS_FILE,
+  plot_curves,
+  plot_overlays,
+  read_metrics,
+  scalar_row,
+  truncate_metrics,
+)
 
 CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 DATA_DIR = "data"
 TENSORBOARD_DIR = "tensorboard"
-CURVES_PREFIX = "curves_"
 
 
 @dataclasses.dataclass(unsafe_hash=True)
@@ -307,51 +313,6 @@ def read_checkpoint_extra(workdir: str | os.PathLike, step: int) -> dict[str, An
 # ----------------------------------------------------------------------------- metrics
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """The rows of a ``metrics.jsonl`` (a torn last line is ignored)."""
-  rows = []
-  if not os.path.exists(path):
-    return rows
-  with open(path) as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if isinstance(row, dict) and "step" in row:
-        rows.append(row)
-  return rows
-
-
-def truncate_metrics(path: str | os.PathLike, *, max_step: int) -> int:
-  """Drops the rows after ``max_step`` (and torn lines) atomically; returns how many."""
-  path = os.fspath(path)
-  if not os.path.exists(path):
-    return 0
-  with open(path) as f:
-    lines = f.readlines()
-  kept = [json.dumps(r) + "\n" for r in read_metrics(path) if int(r["step"]) <= max_step]
-  if len(kept) == len(lines):
-    return 0
-  atomic_write(path, "".join(kept))
-  logging.info("Removed %d rows after step %d from %s", len(lines) - len(kept), max_step, path)
-  return len(lines) - len(kept)
-
-
-def scalar_row(step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
-  """A JSON row of scalar metrics: bools, ints and floats (non-finite as None)."""
-  row = {"step": int(step)}
-  for k, v in metrics.items():
-    v = np.asarray(v)
-    if v.dtype == bool:
-      row[k] = bool(v)
-    elif v.dtype.kind in "iu":
-      row[k] = int(v)
-    else:
-      row[k] = float(v) if np.isfinite(v) else None
-  return row
-
-
 class MetricsWriter:
   """Appends strict-JSON rows to ``<workdir>/metrics.jsonl`` (flushed at once: a killed
   process loses at most a torn line) and mirrors them to TensorBoard / W&B when asked.
@@ -424,106 +385,6 @@ class MetricsWriter:
 
   def __exit__(self, *exc) -> None:
     self.close()
-
-
-def plot_curves(workdir: str | os.PathLike, *, max_panels: int = 16) -> list[str]:
-  """Writes ``curves_<split>.png`` beside ``metrics.jsonl``: each numeric column against step.
-
-  Returns:
-    The written paths (none when the file has no rows).
-  """
-  workdir = os.fspath(workdir)
-  rows = read_metrics(os.path.join(workdir, METRICS_FILE))
-  splits: dict[str, list[dict[str, Any]]] = {}
-  for row in rows:
-    splits.setdefault(str(row.get("split", "train")), []).append(row)
-  import matplotlib  # pylint: disable=import-outside-toplevel
-
-  matplotlib.use("Agg", force=True)
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-  paths = []
-  for split, split_rows in splits.items():
-    keys = []
-    for row in split_rows:
-      for k, v in row.items():
-        numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if k not in ("step", "split") and numeric and k not in keys:
-          keys.append(k)
-    keys = keys[:max_panels]
-    if not keys:
-      continue
-    cols = min(4, len(keys))
-    nrows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.4 * nrows), squeeze=False)
-    for ax, key in zip(axes.flat, keys):
-      pts = [(r["step"], r[key]) for r in split_rows if isinstance(r.get(key), (int, float))]
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
-      ax.set_title(key, fontsize=9)
-      ax.set_xlabel("step", fontsize=8)
-      ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(keys) :]:
-      ax.set_visible(False)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80)
-    plt.close(fig)
-    path = os.path.join(workdir, f"{CURVES_PREFIX}{split}.png")
-    atomic_write(path, buffer.getvalue())
-    paths.append(path)
-  return paths
-
-
-def plot_overlays(
-  workdir: str | os.PathLike, filename: str, panels: Mapping[str, Collection[str]]
-) -> str | None:
-  """Writes ``<workdir>/<filename>``: one panel per entry of ``panels`` (title -> metric
-  keys), each key of each split of ``metrics.jsonl`` a line against the step (``key`` for the
-  ``train`` split, ``key (split)`` for the others), so related metrics share axes (proxy and
-  gold reward, KL estimators). Panels with none of their keys in the file are left out.
-
-  Returns:
-    The written path, or None when no panel has data.
-  """
-  workdir = os.fspath(workdir)
-  rows = read_metrics(os.path.join(workdir, METRICS_FILE))
-  lines: dict[str, list[tuple[str, list[tuple[int, float]]]]] = {}
-  for title, keys in panels.items():
-    for key in keys:
-      for split in dict.fromkeys(str(r.get("split", "train")) for r in rows):
-        pts = [
-          (r["step"], r[key])
-          for r in rows
-          if str(r.get("split", "train")) == split
-          and isinstance(r.get(key), (int, float))
-          and not isinstance(r.get(key), bool)
-        ]
-        if pts:
-          label = key if split == "train" else f"{key} ({split})"
-          lines.setdefault(title, []).append((label, pts))
-  if not lines:
-    return None
-  import matplotlib  # pylint: disable=import-outside-toplevel
-
-  matplotlib.use("Agg", force=True)
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-  fig, axes = plt.subplots(1, len(lines), figsize=(4.0 * len(lines), 3.0), squeeze=False)
-  for ax, (title, series) in zip(axes.flat, lines.items()):
-    for label, pts in series:
-      marker = "." if len(pts) < 30 else None
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label)
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel("step", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format="png", dpi=80)
-  plt.close(fig)
-  path = os.path.join(workdir, filename)
-  atomic_write(path, buffer.getvalue())
-  return path
 
 
 # ----------------------------------------------------------------------------- progress
