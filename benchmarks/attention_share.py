@@ -9,10 +9,15 @@ with the attention varied (one freshly jitted step per variant):
   without attention, not a model;
 - ``blockN``: the library's attention with ``TransformerConfig.attention_query_block=N``:
   query blocks of ``N`` tokens, block ``[s, e)`` attending only keys ``[0, e)`` (the keys no
-  later position masks). The same attention; its loss is printed beside the full one.
+  later position masks). The same attention; its losses are printed beside the full one's;
+- ``<variant>+noguard``: the variant with the non-finite guard
+  (``train_state.apply_if_finite``: finiteness checks of the loss, gradients, update, new
+  parameters and optimizer state, and a select) replaced by a plain optax update, to measure
+  what the guard costs. The same updates while they are finite; never train like this.
 
-Per variant: first call (compile included), median steady step, pairs/s, and the process's
-user and system CPU seconds per steady step. Command (figures in BUILD_NOTES.md)::
+Per variant: first call (compile included), median steady step, pairs/s, the process's
+user and system CPU seconds per steady step, and the loss of the first and the last step (the
+last one follows ``--reps`` updates). Command (figures in BUILD_NOTES.md)::
 
   python benchmarks/attention_share.py
 """
@@ -25,12 +30,14 @@ import time
 
 from absl import app, flags
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from experiments.configs import reward_model as rm_configs
 from jaxrm.models import transformer
 from jaxrm.models.reward_model import RewardModel
-from jaxrm.steps import parallel
+from jaxrm.steps import parallel, train_state
 from jaxrm.train import reward_model as rm_train
 from jaxrm.train.rm_config import init_state, make_optimizer
 
@@ -46,24 +53,38 @@ _VARIANTS = flags.DEFINE_list(
 
 
 def variant(name: str, backbone: transformer.TransformerConfig):
-  """The variant's backbone and the attention function to run it with (None: the library's)."""
-  if name == "full":
-    return backbone, None
-  if name == "identity":
-    return backbone, lambda q, k, v, attn_mask, query_block=None: q
-  if name.startswith("block") and name[5:].isdigit() and int(name[5:]) >= 1:
-    return dataclasses.replace(backbone, attention_query_block=int(name[5:])), None
-  raise app.UsageError(f"--variants: unknown variant {name!r} (full, identity, blockN)")
+  """The variant's backbone, the attention function to run it with (None: the library's) and
+  whether the non-finite guard stays."""
+  attention, _, modifier = name.partition("+")
+  if modifier not in ("", "noguard"):
+    raise app.UsageError(f"--variants: unknown modifier {modifier!r} in {name!r} (noguard)")
+  guard = modifier != "noguard"
+  if attention == "full":
+    return backbone, None, guard
+  if attention == "identity":
+    return backbone, lambda q, k, v, attn_mask, query_block=None: q, guard
+  if attention.startswith("block") and attention[5:].isdigit() and int(attention[5:]) >= 1:
+    return dataclasses.replace(backbone, attention_query_block=int(attention[5:])), None, guard
+  raise app.UsageError(f"--variants: unknown variant {name!r} (full, identity, blockN[+noguard])")
+
+
+def unguarded_update(state, grads, loss, optimizer, *, nonfinite="skip", axis_name=None):
+  """``apply_if_finite`` without its checks and select: the plain optax update."""
+  del loss, nonfinite, axis_name
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return state._replace(step=state.step + 1, params=params, opt_state=opt_state), jnp.array(False)
 
 
 @contextlib.contextmanager
-def patched_attention(attend):
-  saved = transformer._attend  # pylint: disable=protected-access
-  transformer._attend = attend or saved
+def patched(attend, guard: bool):
+  saved = transformer._attend, train_state.apply_if_finite  # pylint: disable=protected-access
+  transformer._attend = attend or saved[0]
+  train_state.apply_if_finite = saved[1] if guard else unguarded_update
   try:
     yield
   finally:
-    transformer._attend = saved
+    transformer._attend, train_state.apply_if_finite = saved
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -71,8 +92,8 @@ def cpu_seconds() -> tuple[float, float]:
   return r.ru_utime, r.ru_stime
 
 
-def time_variant(attend, batches, config, backbone) -> dict:
-  with patched_attention(attend):
+def time_variant(attend, guard, batches, config, backbone) -> dict:
+  with patched(attend, guard):
     model = RewardModel(backbone, pooling=config.model.pooling)
     optimizer, _ = make_optimizer(config)
     step = parallel.make_parallel_step(
@@ -99,6 +120,7 @@ def time_variant(attend, batches, config, backbone) -> dict:
     "user_s": (cpu1[0] - cpu0[0]) / n,
     "sys_s": (cpu1[1] - cpu0[1]) / n,
     "loss": first_loss,
+    "last_loss": float(jax.device_get(m["loss"])),
   }
 
 
@@ -131,13 +153,15 @@ def main(argv):
     f"({_HEADS.value} heads), {_PAIRS.value} pairs x {_SEQ.value} tokens | median of "
     f"{_REPS.value} steps"
   )
-  print("variant | first call s | step s | pairs/s | user s/step | sys s/step | first loss")
+  print(
+    "variant | first call s | step s | pairs/s | user s/step | sys s/step | first loss | last loss"
+  )
   variants = {name: variant(name, backbone) for name in _VARIANTS.value}
-  for name, (variant_backbone, attend) in variants.items():
-    r = time_variant(attend, batches, config, variant_backbone)
+  for name, (variant_backbone, attend, guard) in variants.items():
+    r = time_variant(attend, guard, batches, config, variant_backbone)
     print(
       f"{name} | {r['first_s']:.2f} | {r['step_s']:.4f} | {_PAIRS.value / r['step_s']:.1f} | "
-      f"{r['user_s']:.3f} | {r['sys_s']:.3f} | {r['loss']:.7f}",
+      f"{r['user_s']:.3f} | {r['sys_s']:.3f} | {r['loss']:.7f} | {r['last_loss']:.7f}",
       flush=True,
     )
 

@@ -39,11 +39,15 @@ def test_attention_share_blocked_attention_gives_the_full_loss():
     "--heads=2",
     "--seq_len=16",
     "--batch_pairs=2",
-    "--reps=1",
-    "--variants=full,block4,identity",
+    "--reps=3",
+    "--variants=full,block4,identity,block4+noguard",
   )
-  rows = {r[0].strip(): r for r in (line.split("|") for line in out.splitlines()) if len(r) == 7}
-  assert set(rows) == {"variant", "full", "block4", "identity"}
-  loss = {k: float(rows[k][6]) for k in ("full", "block4", "identity")}
-  assert abs(loss["block4"] - loss["full"]) <= 1e-5
+  rows = {r[0].strip(): r for r in (line.split("|") for line in out.splitlines()) if len(r) == 8}
+  assert set(rows) == {"variant", "full", "block4", "identity", "block4+noguard"}
+  loss = {k: float(rows[k][6]) for k in ("full", "block4", "identity", "block4+noguard")}
+  last = {k: float(rows[k][7]) for k in ("full", "block4", "identity", "block4+noguard")}
+  assert abs(loss["block4"] - loss["full"]) <= 1e-5 and abs(last["block4"] - last["full"]) <= 1e-5
+  assert last["block4"] != loss["block4"]  # three updates were applied
+  # Without the non-finite guard the (finite) updates are the same.
+  assert abs(last["block4+noguard"] - last["block4"]) <= 1e-6
   assert loss["identity"] != loss["full"]  # the lower bound is not the model
