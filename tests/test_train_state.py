@@ -176,3 +176,41 @@ def test_one_device_overflowing_alone_makes_every_device_skip():
   )(*place(mesh, state, scale))
   assert bool(flag) and int(new.num_skipped) == 1
   np.testing.assert_array_equal(new.params["w"], np.float32([3e38, 0.0, 0.0]))
+
+
+def _random_tree(rng, bad):
+  """Leaves of several dtypes and sizes; ``bad`` = (leaf index, flat index, value) or None."""
+  shapes = [(), (3,), (4, 5), (300,), (2, 3, 7), (1,), (0,)]
+  dtypes = [np.float32, np.float16, jnp.bfloat16, np.float32, np.float64, np.int32, np.float32]
+  leaves = [rng.normal(size=s).astype(d) for s, d in zip(shapes, dtypes)]
+  if bad is not None:
+    i, j, value = bad
+    flat = leaves[i].reshape(-1)
+    flat[j % flat.size] = value
+  return {"a": leaves[:3], "b": {"c": leaves[3], "d": tuple(leaves[4:])}}
+
+
+@pytest.mark.parametrize("together_max_size", [0, 10, 1 << 16])
+def test_tree_all_finite_matches_numpy_for_every_leaf_dtype_and_size(
+  monkeypatch, together_max_size
+):
+  # 0: every leaf alone; 10: small leaves together, large alone; default: all together.
+  monkeypatch.setattr(ts, "CHECK_TOGETHER_MAX_SIZE", together_max_size)
+  rng = np.random.default_rng(0)
+  cases = [None] + [
+    (i, int(rng.integers(1000)), v) for i in range(5) for v in (np.nan, np.inf, -np.inf)
+  ]
+  for bad in cases:
+    tree = _random_tree(rng, bad)
+    expected = all(
+      np.isfinite(np.asarray(x, np.float64)).all()
+      for x in jax.tree.leaves(tree)
+      if not np.issubdtype(np.asarray(x).dtype, np.integer)
+    )
+    assert expected == (bad is None)
+    assert bool(ts.tree_all_finite(tree)) == expected, bad
+    assert bool(jax.jit(ts.tree_all_finite)(tree)) == expected, bad
+  # vmapped over a leading axis: one flag per row.
+  stacked = {"x": jnp.ones((4, 6)).at[2, 5].set(jnp.nan), "y": jnp.ones((4, 30))}
+  np.testing.assert_array_equal(jax.vmap(ts.tree_all_finite)(stacked), [True, True, False, True])
+  assert bool(ts.tree_all_finite({"n": jnp.arange(3)})) and bool(ts.tree_all_finite({}))
