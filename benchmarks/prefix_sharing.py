@@ -5,7 +5,7 @@ row per pair (common prefix + chosen suffix + rejected suffix, positions restart
 rejected suffix, a block mask) or as a prefix KV cache that both suffixes attend to. Before
 building either, this counts the backbone's work under each layout on the training batches the
 README HH run sees (its config, tokenizer, truncation and bucketing iterator, one epoch of
-``pairs.make_iterator``; each batch's pairs stay together in every layout):
+``pairs.train_iterator``; each batch's pairs stay together in every layout):
 
 - ``two rows`` (what jaxrm and TRL do): a chosen and a rejected row per pair, padded to the
   batch's bucket;
@@ -113,14 +113,7 @@ def main(argv):
       data = pairs.load_data(config.data, workdir, tok=run_tokenizer_for(config))
     except (OSError, ValueError) as e:  # a missing file; a bad line, named with its number
       raise app.UsageError(f"--file: {e}") from None
-    it = pairs.make_iterator(
-      data.train,
-      batch_size=config.batch_size,
-      seed=config.seed,
-      bucket=config.data.bucket,
-      max_len=data.max_len,
-      train=True,
-    )
+    it = pairs.train_iterator(config, data)
     batches = [next(it) for _ in range(pairs.num_examples(data.train) // config.batch_size)]
   buckets = iterator.power_of_two_buckets(2 * data.max_len)
   per_pair = [pair_lengths(b) for b in batches]

@@ -411,6 +411,19 @@ def make_iterator(
   )
 
 
+def train_iterator(config: Any, data: RunData) -> Any:
+  """The run's training iterator: ``config.batch_size`` pairs per batch, shuffled with
+  ``config.seed``, bucketed as ``config.data.bucket`` says (a reward-model or DPO config)."""
+  return make_iterator(
+    data.train,
+    batch_size=config.batch_size,
+    seed=config.seed,
+    bucket=config.data.bucket,
+    max_len=data.max_len,
+    train=True,
+  )
+
+
 def pair_lengths(data: Any) -> dict[str, np.ndarray]:
   """``chosen``, ``rejected`` (sequence lengths) and ``prompt`` (shared prefix) ``[n]``."""
   if isinstance(data, Mapping):

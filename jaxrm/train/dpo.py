@@ -266,14 +266,7 @@ def train_and_evaluate(
   apply_fn, ref_params, model_config, world, prompt_len = _policy(c, data)
   optimizer, schedule = rm_config.make_optimizer(c)
   step_config = c.loss.step_config(c.nonfinite)
-  train_iter = pairs.make_iterator(
-    data.train,
-    batch_size=c.batch_size,
-    seed=c.seed,
-    bucket=c.data.bucket,
-    max_len=data.max_len,
-    train=True,
-  )
+  train_iter = pairs.train_iterator(c, data)
   host_state = train_state_lib.create_train_state(
     ref_params, optimizer, jax.random.fold_in(jax.random.key(c.seed), 1)
   )

@@ -206,14 +206,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
     model_config = preset_backbone(config, vocab_size=data.vocab_size, max_len=data.max_len)
   model = RewardModel(model_config, pooling=config.model.pooling)
   optimizer, schedule = make_optimizer(config)
-  train_iter = pairs.make_iterator(
-    data.train,
-    batch_size=config.batch_size,
-    seed=config.seed,
-    bucket=config.data.bucket,
-    max_len=data.max_len,
-    train=True,
-  )
+  train_iter = pairs.train_iterator(config, data)
   host_state = init_state(
     config, model, optimizer, data.max_len, params=imported and imported.variables
   )
