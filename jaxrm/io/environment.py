@@ -15,16 +15,46 @@ import jax
 import jaxlib
 import numpy as np
 
+# The x86 vector extensions XLA's CPU compiler can target. Two CPUs with the same model name
+# ("AMD EPYC") may differ here, and code compiled for wider vectors sums floats in another order.
+VECTOR_ISA = (
+  "sse4_2",
+  "avx",
+  "avx2",
+  "fma",
+  "avx512f",
+  "avx512bw",
+  "avx512vl",
+  "avx512_vnni",
+  "avx512_bf16",
+  "amx_bf16",
+)
 
-def _cpu_model() -> str:
+
+def _cpuinfo() -> str:
   try:
     with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
+      return f.read()
   except OSError:
-    pass
+    return ""
+
+
+def cpu_model(cpuinfo: str) -> str:
+  """The first ``model name`` of a ``/proc/cpuinfo`` text; else the platform's processor name."""
+  for line in cpuinfo.splitlines():
+    if line.startswith("model name"):
+      return line.split(":", 1)[1].strip()
   return platform.processor() or platform.machine()
+
+
+def cpu_isa(cpuinfo: str) -> list[str]:
+  """The :data:`VECTOR_ISA` extensions in the first ``flags`` line of a ``/proc/cpuinfo`` text,
+  in that order (``[]`` where there is none: not Linux, or not x86)."""
+  for line in cpuinfo.splitlines():
+    if line.startswith("flags"):
+      flags = set(line.split(":", 1)[1].split())
+      return [isa for isa in VECTOR_ISA if isa in flags]
+  return []
 
 
 def allocator() -> dict[str, str]:
@@ -37,8 +67,11 @@ def allocator() -> dict[str, str]:
 
 def environment() -> dict[str, Any]:
   """Versions of Python, jax, jaxlib and numpy; the backend, device kind and count; the CPU
-  model and core count; the C allocator (:func:`allocator`). JSON-able."""
+  model, vector extensions (:func:`cpu_isa`) and core count; ``$XLA_FLAGS`` (e.g.
+  ``--xla_cpu_max_isa=AVX2`` pins the instructions XLA emits); the C allocator
+  (:func:`allocator`). JSON-able."""
   devices = jax.devices()
+  cpuinfo = _cpuinfo()
   return {
     "python": platform.python_version(),
     "jax": jax.__version__,
@@ -47,7 +80,9 @@ def environment() -> dict[str, Any]:
     "backend": jax.default_backend(),
     "device_kind": devices[0].device_kind,
     "device_count": len(devices),
-    "cpu": _cpu_model(),
+    "cpu": cpu_model(cpuinfo),
+    "cpu_isa": cpu_isa(cpuinfo),
     "cpu_count": os.cpu_count(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "allocator": allocator(),
   }
