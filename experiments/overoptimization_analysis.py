@@ -236,7 +236,7 @@ def analyse(results: dict[str, Any], workdir: str) -> dict[str, Any]:
   if results["worlds"][0].get("data_sweep"):
     results["data_fits"] = fit_data_sweep(results)
     plots.plot_data_sweep(results, os.path.join(workdir, "data_sizes.png"))
-  plots.write_summary(results, units, os.path.join(workdir, "summary.md"))
+  plots.write_summary(results, pooled, units, os.path.join(workdir, "summary.md"))
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=1, default=_json_default)
   return results

@@ -191,8 +191,29 @@ def _fmt_ci(v, ci) -> str:
   return f"{v:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
-def write_summary(results: dict[str, Any], units: list[dict], path: str) -> None:
-  """Markdown: per-world and pooled tables, ESS, the checks with per-world verdicts."""
+def rl_gold_peak(unit: dict, name: str) -> tuple[float, float] | None:
+  """The RL arm ``name``'s observed gold peak in ``unit``: the maximum over evaluations of the
+  seed-mean held-out gold, and the seed-mean exact KL there; None without that arm."""
+  arm = (unit.get("rl") or {}).get("arms", {}).get(name)
+  if arm is None:
+    return None
+  gold = np.asarray(arm["gold"]).mean(0)
+  j = int(np.argmax(gold))
+  return float(gold[j]), float(np.asarray(arm["kl_exact"]).mean(0)[j])
+
+
+def tilted_gold_max(unit: dict, i: int) -> float | None:
+  """Proxy ``i``'s pi_beta gold maximum over the temperatures whose ESS reaches ESS_MIN."""
+  ok = np.asarray(unit["tilted_ess"][i]) >= ESS_MIN
+  return float(np.asarray(unit["tilted_gold"][i])[ok].max()) if ok.any() else None
+
+
+def write_summary(results: dict[str, Any], pooled: dict, units: list[dict], path: str) -> None:
+  """Markdown: pooled and per-world tables, ESS, the checks with per-world verdicts.
+
+  ``pooled`` and ``units`` (one per world) are the arrays the analysis used
+  (:mod:`experiments.overoptimization_units`); each table reads its own unit's arrays.
+  """
   lines = ["# Reward over-optimisation study (synthetic world)\n"]
   if results.get("smoke_run"):
     lines.append("**SMOKE RUN** (the `quick` config): tiny settings; no conclusion follows.\n")
@@ -204,29 +225,33 @@ def write_summary(results: dict[str, Any], units: list[dict], path: str) -> None
     f"seeds per size, best-of-n over {cfg['bon_prompts']} prompts x {cfg['bon_samples']} "
     f"samples; estimator ESS at n={ns[-1]}: {ess[-1]:.1f} pooled "
     f"({ess[-1] / cfg['bon_prompts']:.2f} per prompt). Intervals: bootstrap 95% over proxy "
-    f"seeds, prompts and samples within prompt ({cfg['bon_bootstrap']} replicates).\n"
+    f"seeds, prompts and samples within prompt ({cfg['bon_bootstrap']} replicates). Held-out "
+    "accuracy: mean over proxy seeds (and worlds). RL gold peak: the maximum of the seed-mean "
+    "held-out gold over RL evaluations, at its seed-mean exact KL.\n"
   )
+  by_label = {"pooled": pooled} | {
+    f"world{w['world_seed']}": u for w, u in zip(results["worlds"], units)
+  }
   for a in results["analysis"]:
     lines.append(f"## {a['label']}\n")
     lines.append(
-      "| proxy | params | alpha_bon | beta_bon | R² | observed peak gold | at sqrt(KL) | "
-      "fitted peak | pi_beta gold (max, ESS>=30) |"
+      "| proxy | params | held-out acc. | alpha_bon | beta_bon | R² | observed peak gold | "
+      "at sqrt(KL) | fitted peak | pi_beta gold (max, ESS>=30) | RL gold peak (KL) |"
     )
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    unit = (
-      units[0]
-      if a["label"] == "pooled"
-      else units[[f"world{w['world_seed']}" for w in results["worlds"]].index(a["label"])]
-    )
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    unit = by_label[a["label"]]
     for i, p in enumerate(results["proxies"]):
       f, pk = a["fits"]["bon"][i], a["stats"]["observed_peaks"][i]
       fitted = f"{f['peak_gold']:.2f}" if f["peak_inside_data"] else "beyond data"
-      ok = unit["tilted_ess"][i] >= ESS_MIN
-      tilt = f"{unit['tilted_gold'][i][ok].max():.2f}" if ok.any() else "–"
+      tilt = tilted_gold_max(unit, i)
+      rl = rl_gold_peak(unit, p["name"])
       lines.append(
-        f"| {p['name']} | {p['num_params']:,} | {f['alpha']:.3f} | {f['beta']:.3f} | "
-        f"{f['r_squared']:.3f} | {_fmt_ci(pk['peak_gold'], pk['peak_gold_ci'])} | "
-        f"{_fmt_ci(pk['peak_sqrt_kl'], pk['peak_sqrt_kl_ci'])} | {fitted} | {tilt} |"
+        f"| {p['name']} | {p['num_params']:,} | {unit['accuracy'][i]:.3f} | {f['alpha']:.3f} | "
+        f"{f['beta']:.3f} | {f['r_squared']:.3f} | "
+        f"{_fmt_ci(pk['peak_gold'], pk['peak_gold_ci'])} | "
+        f"{_fmt_ci(pk['peak_sqrt_kl'], pk['peak_sqrt_kl_ci'])} | {fitted} | "
+        f"{'–' if tilt is None else f'{tilt:.2f}'} | "
+        f"{'–' if rl is None else f'{rl[0]:.2f} ({rl[1]:.1f})'} |"
       )
     lines.append("")
     for name, (passed, detail) in a["checks"].items():

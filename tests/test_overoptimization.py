@@ -260,6 +260,42 @@ def test_checks_pass_on_curves_with_the_expected_shape(tmp_path):
     assert os.path.getsize(tmp_path / name) > 0
 
 
+def _table(path, label):
+  """The rows of section ``label``'s table in summary.md, as lists of cell strings."""
+  text = open(path).read().split(f"## {label}\n", 1)[1].split("\n## ", 1)[0]
+  rows = [r for r in text.splitlines() if r.startswith("| P")]
+  return [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+
+
+def test_summary_tables_read_their_own_worlds_arrays(tmp_path):
+  # Worlds that differ in accuracy, pi_beta gold and RL gold, so a table reading another
+  # table's world (the pooled table once printed world 0's pi_beta column) is caught.
+  worlds = [_world(s, BETAS, PARAMS) for s in range(3)]
+  for k, w in enumerate(worlds):
+    w["bon"]["tilted_gold"] = w["bon"]["tilted_gold"] * (1 + k)
+    w["bon"]["tilted_ess"][:, 0, -1] = 10.0 * k  # the last temperature: ESS < 30 for k < 3
+    for p in w["proxies"]:
+      p["heldout_accuracy"] = [0.6 + 0.1 * k, 0.7, 0.8]
+    for arm in w["rl"]["arms"].values():
+      arm["gold"] = arm["gold"] * (1 + k)
+  _analyse(tmp_path, worlds)
+  summary = tmp_path / "summary.md"
+  for label, ws in [("pooled", worlds)] + [(f"world{w['world_seed']}", [w]) for w in worlds]:
+    rows = _table(summary, label)
+    assert len(rows) == len(PARAMS)
+    for i, row in enumerate(rows):
+      acc = np.mean([np.mean(w["proxies"][i]["heldout_accuracy"]) for w in ws])
+      assert row[2] == f"{acc:.3f}"
+      # pi_beta: seed-mean gold per world, averaged over worlds; ESS: worst seed, worst world.
+      tilt = np.mean([w["bon"]["tilted_gold"][i].mean(0) for w in ws], axis=0)
+      ok = np.min([w["bon"]["tilted_ess"][i].min(0) for w in ws], axis=0) >= 30
+      assert row[9] == f"{tilt[ok].max():.2f}"
+      gold = np.mean([w["rl"]["arms"][f"P{i}"]["gold"] for w in ws], axis=0).mean(0)
+      kl = np.mean([w["rl"]["arms"][f"P{i}"]["kl_exact"] for w in ws], axis=0).mean(0)
+      j = int(np.argmax(gold))
+      assert row[10] == f"{gold[j]:.2f} ({kl[j]:.1f})"
+
+
 def test_checks_fail_when_the_shape_is_wrong(tmp_path):
   # beta rising with size and no fall: the trend and peak checks fail, in every world.
   worlds = [_world(s, [0.0, 0.01, 0.02, 0.03, 0.04], PARAMS) for s in range(3)]
