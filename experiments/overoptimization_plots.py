@@ -202,6 +202,36 @@ def rl_gold_peak(unit: dict, name: str) -> tuple[float, float] | None:
   return float(gold[j]), float(np.asarray(arm["kl_exact"]).mean(0)[j])
 
 
+def rl_table(unit: dict) -> list[str]:
+  """Markdown rows: every RL arm's observed gold peak and its final evaluation (seed means,
+  exact KL), with gold's two parts (planted feature, the rest) at the peak and at the end, and
+  best-of-n on gold at the largest n for reference."""
+  rl = unit.get("rl")
+  if not rl:
+    return []
+  lines = [
+    f"RL arms (seed means of held-out gold; best-of-n on gold reaches "
+    f"{unit['oracle_gold'][-1]:.2f} at KL {unit['kl'][-1]:.2f}, n={int(unit['ns'][-1])}):\n",
+    "| RL arm | reward | KL coef | gold peak (KL) | final gold (KL) | feature part: peak, final |"
+    " rest: peak, final |",
+    "|---|---|---:|---:|---:|---:|---:|",
+  ]
+  for name, arm in rl["arms"].items():
+    info = rl["arm_info"][name]
+    mean = {k: np.asarray(v).mean(0) for k, v in arm.items()}
+    j = int(np.argmax(mean["gold"]))
+    parts = [
+      f"{mean[k][j]:+.2f}, {mean[k][-1]:+.2f}" if k in mean else "–"
+      for k in ("gold_feature", "gold_rest")
+    ]
+    lines.append(
+      f"| {name} | {info['reward']} | {info['kl_coef']:g} | "
+      f"{mean['gold'][j]:.2f} ({mean['kl_exact'][j]:.1f}) | "
+      f"{mean['gold'][-1]:.2f} ({mean['kl_exact'][-1]:.1f}) | {parts[0]} | {parts[1]} |"
+    )
+  return lines + [""]
+
+
 def tilted_gold_max(unit: dict, i: int) -> float | None:
   """Proxy ``i``'s pi_beta gold maximum over the temperatures whose ESS reaches ESS_MIN."""
   ok = np.asarray(unit["tilted_ess"][i]) >= ESS_MIN
@@ -254,6 +284,7 @@ def write_summary(results: dict[str, Any], pooled: dict, units: list[dict], path
         f"{'–' if rl is None else f'{rl[0]:.2f} ({rl[1]:.1f})'} |"
       )
     lines.append("")
+    lines += rl_table(unit)
     for name, (passed, detail) in a["checks"].items():
       lines.append(f"- {'PASS' if passed else 'FAIL'} {name}: {detail}")
     lines.append("")

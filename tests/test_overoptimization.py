@@ -261,9 +261,9 @@ def test_checks_pass_on_curves_with_the_expected_shape(tmp_path):
 
 
 def _table(path, label):
-  """The rows of section ``label``'s table in summary.md, as lists of cell strings."""
-  text = open(path).read().split(f"## {label}\n", 1)[1].split("\n## ", 1)[0]
-  rows = [r for r in text.splitlines() if r.startswith("| P")]
+  """The rows of section ``label``'s proxy table in summary.md, as lists of cell strings."""
+  text = open(path).read().split(f"## {label}\n", 1)[1].split("| proxy |", 1)[1]
+  rows = [r for r in text.split("\n\n", 1)[0].splitlines() if r.startswith("| P")]
   return [[c.strip() for c in r.strip("|").split("|")] for r in rows]
 
 
@@ -294,6 +294,19 @@ def test_summary_tables_read_their_own_worlds_arrays(tmp_path):
       kl = np.mean([w["rl"]["arms"][f"P{i}"]["kl_exact"] for w in ws], axis=0).mean(0)
       j = int(np.argmax(gold))
       assert row[10] == f"{gold[j]:.2f} ({kl[j]:.1f})"
+    # The RL table: every arm, its peak and final seed-mean gold with gold's two parts.
+    text = open(summary).read().split(f"## {label}\n", 1)[1].split("\n## ", 1)[0]
+    arms = {r.split("|")[1].strip(): r for r in text.splitlines() if r.startswith("| ")}
+    for name in ("P0", "gold", "P0_kl0.1"):
+      cells = [c.strip() for c in arms[name].strip("|").split("|")]
+      curves = {
+        k: np.mean([w["rl"]["arms"][name][k] for w in ws], axis=0).mean(0)
+        for k in ("gold", "kl_exact", "gold_feature")
+      }
+      j = int(np.argmax(curves["gold"]))
+      assert cells[1:3] == [name.split("_")[0], "0.1" if "kl" in name else "0"]
+      assert cells[4] == f"{curves['gold'][-1]:.2f} ({curves['kl_exact'][-1]:.1f})"
+      assert cells[5] == f"{curves['gold_feature'][j]:+.2f}, {curves['gold_feature'][-1]:+.2f}"
 
 
 def test_checks_fail_when_the_shape_is_wrong(tmp_path):
