@@ -12,8 +12,8 @@ An interrupted run resumes from its finished stages; a stage whose settings chan
 recomputed (each stage's cache is keyed by every field it reads).
 
 The settings are ``experiments/configs/overoptimization.py`` (any field overridable as
-``--config.<field>=<value>``). Default run (three worlds; 38-47 min per world on the loaded
-2-core CPU, mostly RL; BUILD_NOTES.md)::
+``--config.<field>=<value>``). Default run (three worlds; 27.5 min on the idle 2-core CPU, RL
+three quarters of it; README "Cost")::
 
   python experiments/overoptimization.py --workdir=runs/overopt
 

@@ -1,7 +1,7 @@
 r"""The reward over-optimisation study (Gao et al. 2022) in the synthetic world.
 
-Returns an :class:`experiments.overoptimization_lib.StudyConfig`. Default run (about 15 min
-on a 2-core CPU)::
+Returns an :class:`experiments.overoptimization_lib.StudyConfig`. Default run (27.5 min
+on the idle 2-core development CPU, README "Cost")::
 
   python experiments/overoptimization.py --workdir=runs/overopt
 
