@@ -191,15 +191,20 @@ def _fmt_ci(v, ci) -> str:
   return f"{v:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
+def _seed_means_and_peak(arm: dict) -> tuple[dict[str, np.ndarray], int]:
+  """An RL arm's curves averaged over seeds, and the evaluation where the mean gold peaks."""
+  mean = {k: np.asarray(v).mean(0) for k, v in arm.items()}
+  return mean, int(np.argmax(mean["gold"]))
+
+
 def rl_gold_peak(unit: dict, name: str) -> tuple[float, float] | None:
   """The RL arm ``name``'s observed gold peak in ``unit``: the maximum over evaluations of the
   seed-mean held-out gold, and the seed-mean exact KL there; None without that arm."""
   arm = (unit.get("rl") or {}).get("arms", {}).get(name)
   if arm is None:
     return None
-  gold = np.asarray(arm["gold"]).mean(0)
-  j = int(np.argmax(gold))
-  return float(gold[j]), float(np.asarray(arm["kl_exact"]).mean(0)[j])
+  mean, j = _seed_means_and_peak(arm)
+  return float(mean["gold"][j]), float(mean["kl_exact"][j])
 
 
 def rl_table(unit: dict) -> list[str]:
@@ -218,8 +223,7 @@ def rl_table(unit: dict) -> list[str]:
   ]
   for name, arm in rl["arms"].items():
     info = rl["arm_info"][name]
-    mean = {k: np.asarray(v).mean(0) for k, v in arm.items()}
-    j = int(np.argmax(mean["gold"]))
+    mean, j = _seed_means_and_peak(arm)
     parts = [
       f"{mean[k][j]:+.2f}, {mean[k][-1]:+.2f}" if k in mean else "–"
       for k in ("gold_feature", "gold_rest")

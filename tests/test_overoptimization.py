@@ -260,9 +260,14 @@ def test_checks_pass_on_curves_with_the_expected_shape(tmp_path):
     assert os.path.getsize(tmp_path / name) > 0
 
 
+def _section(path, label):
+  """Section ``label`` of summary.md, up to the next heading."""
+  return open(path).read().split(f"## {label}\n", 1)[1].split("\n## ", 1)[0]
+
+
 def _table(path, label):
   """The rows of section ``label``'s proxy table in summary.md, as lists of cell strings."""
-  text = open(path).read().split(f"## {label}\n", 1)[1].split("| proxy |", 1)[1]
+  text = _section(path, label).split("| proxy |", 1)[1]
   rows = [r for r in text.split("\n\n", 1)[0].splitlines() if r.startswith("| P")]
   return [[c.strip() for c in r.strip("|").split("|")] for r in rows]
 
@@ -295,7 +300,7 @@ def test_summary_tables_read_their_own_worlds_arrays(tmp_path):
       j = int(np.argmax(gold))
       assert row[10] == f"{gold[j]:.2f} ({kl[j]:.1f})"
     # The RL table: every arm, its peak and final seed-mean gold with gold's two parts.
-    text = open(summary).read().split(f"## {label}\n", 1)[1].split("\n## ", 1)[0]
+    text = _section(summary, label)
     arms = {r.split("|")[1].strip(): r for r in text.splitlines() if r.startswith("| ")}
     for name in ("P0", "gold", "P0_kl0.1"):
       cells = [c.strip() for c in arms[name].strip("|").split("|")]
