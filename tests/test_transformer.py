@@ -242,7 +242,9 @@ def test_kv_cached_decoding_matches_full_forward(cfg):
   np.testing.assert_array_equal(np.asarray(cache.mask)[:, :S], full_mask)
   assert not np.asarray(cache.mask)[:, S:].any()
   assert int(cache.index) == S
-  assert cache.keys.shape == (cfg.num_layers, B, cfg.kv_heads, S + 2, cfg.head_dim)
+  assert len(cache.keys) == len(cache.values) == cfg.num_layers
+  for layer in (*cache.keys, *cache.values):
+    assert layer.shape == (B, cfg.kv_heads, S + 2, cfg.head_dim)
 
 
 def test_init_cache_is_empty_and_rejects_oversized_cache():

@@ -186,12 +186,13 @@ class KVCache(NamedTuple):
   """Key/value cache for incremental decoding; a pure pytree passed in and out of the model.
 
   ``cache_len`` is the static number of slots. Slots are filled left to right; slot order is
-  time order. Heads come before slots, the layout attention reads: a decode step writes its
-  one new slot per head and reads the cache without transposing or copying it.
+  time order. Heads come before slots, the layout attention reads, and each layer has its own
+  array: a decode step writes its one new slot per head in place and attention reads the
+  layer's array as it is, without transposing, slicing or copying it.
   """
 
-  keys: jax.Array  # [num_layers, batch, kv_heads, cache_len, head_dim], config.dtype
-  values: jax.Array  # [num_layers, batch, kv_heads, cache_len, head_dim], config.dtype
+  keys: tuple[jax.Array, ...]  # per layer: [batch, kv_heads, cache_len, head_dim], config.dtype
+  values: tuple[jax.Array, ...]  # per layer: [batch, kv_heads, cache_len, head_dim], config.dtype
   mask: jax.Array  # [batch, cache_len] bool, True on slots holding a real token
   index: jax.Array  # shape=(), int32: next slot to write
 
@@ -213,10 +214,11 @@ def init_cache(config: TransformerConfig, batch_size: int, cache_len: int | None
     raise ValueError(f"cache_len must be in [1, max_len={config.max_len}], got {cache_len}")
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
-  shape = (config.num_layers, batch_size, config.kv_heads, cache_len, config.head_dim)
+  shape = (batch_size, config.kv_heads, cache_len, config.head_dim)
+  layers = range(config.num_layers)
   return KVCache(
-    keys=jnp.zeros(shape, config.dtype),
-    values=jnp.zeros(shape, config.dtype),
+    keys=tuple(jnp.zeros(shape, config.dtype) for _ in layers),
+    values=tuple(jnp.zeros(shape, config.dtype) for _ in layers),
     mask=jnp.zeros((batch_size, cache_len), bool),
     index=jnp.zeros((), jnp.int32),
   )
@@ -330,10 +332,9 @@ def _norm(cfg: TransformerConfig, name: str) -> nn.Module:
 class _Block(nn.Module):
   """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-  With ``kv = (keys, values, layer)`` (the stacked cache arrays and this block's layer),
-  the new keys/values are written straight into ``[layer, :, :, index:index + t]`` of the
-  stacked arrays (one in-place update per step inside a decode loop, no re-stacking), and
-  attention runs over all cache slots of this layer.
+  With ``kv = (keys, values)`` (this layer's cache arrays), the new keys/values are written
+  straight into slots ``[index, index + t)`` (one in-place update per step inside a decode
+  loop), and attention runs over all cache slots.
   """
 
   config: TransformerConfig
@@ -359,12 +360,11 @@ class _Block(nn.Module):
       k = apply_rotary(k, positions, inv_freq)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, kv_heads, t, head_dim]
     if kv is not None:
-      cache_k, cache_v, layer = kv
-      start = (layer, 0, 0, index, 0)
-      cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], start)
-      cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], start)
-      k, v = cache_k[layer], cache_v[layer]
-      kv = (cache_k, cache_v, layer)
+      cache_k, cache_v = kv
+      start = (0, 0, index, 0)
+      k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+      v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+      kv = (k, v)
     attn = _attend(
       q, k, v, attn_mask, query_block=None if kv is not None else cfg.attention_query_block
     )
@@ -460,15 +460,17 @@ class Transformer(nn.Module):
         name="pos_embed",
       )(positions)
 
-    kv = None if cache is None else (cache.keys, cache.values, 0)
     block = nn.remat(_Block) if cfg.remat and cache is None else _Block
+    keys, values = [], []
     for layer in range(cfg.num_layers):
-      if kv is not None:
-        kv = (kv[0], kv[1], layer)
+      kv = None if cache is None else (cache.keys[layer], cache.values[layer])
       x, kv = block(cfg, name=f"block_{layer}")(x, positions, attn_mask, kv, index)
+      if kv is not None:
+        keys.append(kv[0])
+        values.append(kv[1])
     x = _norm(cfg, "ln_final")(x)
     x = x.astype(jnp.float32)
     if cache is None:
       return x
-    new_cache = KVCache(keys=kv[0], values=kv[1], mask=key_mask, index=index + seq)
+    new_cache = KVCache(keys=tuple(keys), values=tuple(values), mask=key_mask, index=index + seq)
     return x, new_cache
