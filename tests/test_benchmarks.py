@@ -51,3 +51,50 @@ def test_attention_share_blocked_attention_gives_the_full_loss():
   # Without the non-finite guard the (finite) updates are the same.
   assert abs(last["block4+noguard"] - last["block4"]) <= 1e-6
   assert loss["identity"] != loss["full"]  # the lower bound is not the model
+
+
+def _op_tables(out: str) -> dict[str, dict[str, float]]:
+  """op_profile.py's two tables: row name -> share of op time (a fraction)."""
+  tables, rows = {}, None
+  for line in out.splitlines():
+    cells = [c.strip() for c in line.split(" | ")]
+    if len(cells) == 4 and cells[1] == "ms per call":
+      rows = tables[cells[0]] = {}
+    elif len(cells) == 4 and rows is not None:
+      rows[cells[0]] = float(cells[3].rstrip("%")) / 100
+  return tables
+
+
+def test_op_profile_accounts_for_the_rm_step_op_by_op():
+  out = _run(
+    "op_profile.py",
+    "--target=rm_step",
+    "--layers=1",
+    "--width=16",
+    "--seq_len=16",
+    "--batch_pairs=2",
+    "--reps=2",
+    "--top=100000",
+  )
+  tables = _op_tables(out)
+  assert set(tables) == {"op kind", "JAX operation"} and out.startswith("rm_step: median wall")
+  for rows in tables.values():  # every op is in both tables, once
+    assert abs(sum(rows.values()) - 1) < 0.01
+  assert any("dot_general" in name for name in tables["JAX operation"])
+
+
+def test_op_profile_sampler_reads_each_layers_cache_without_slicing_it():
+  out = _run(
+    "op_profile.py",
+    "--target=sampler",
+    "--preset=tiny",
+    "--batch=2",
+    "--prompt_len=4",
+    "--new_tokens=4",
+    "--reps=2",
+    "--top=100000",
+  )
+  ops = _op_tables(out)["JAX operation"]
+  assert any("PolicyModel/backbone/block_N/dynamic_update_slice" in name for name in ops)
+  # A stacked [layers, ...] cache was sliced (copied) per layer on every decode step.
+  assert not [name for name in ops if name.endswith("PolicyModel/backbone/block_N/slice")]
