@@ -328,6 +328,9 @@ def test_kv_cache_rejects_more_tokens_than_slots():
     model.apply(params, np.ones((2, 5), np.int32), np.ones((2, 5), bool), cache=cache)
   with pytest.raises(ValueError, match=r"cache has batch size 2"):
     model.apply(params, np.ones((3, 1), np.int32), np.ones((3, 1), bool), cache=cache)
+  short = cache._replace(keys=cache.keys[:-1], values=cache.values[:-1])
+  with pytest.raises(ValueError, match=rf"cache has {CFG.num_layers - 1} key .*num_layers="):
+    model.apply(params, np.ones((2, 1), np.int32), np.ones((2, 1), bool), cache=short)
 
 
 @pytest.mark.parametrize(

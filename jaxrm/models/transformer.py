@@ -268,6 +268,11 @@ def _check_inputs(tokens, mask, config: TransformerConfig, cache: KVCache | None
       f"cache has batch size {cache.mask.shape[0]} (cache.mask shape "
       f"{cache.mask.shape}) but tokens has shape {tokens_shape}"
     )
+  if cache is not None and not len(cache.keys) == len(cache.values) == config.num_layers:
+    raise ValueError(
+      f"cache has {len(cache.keys)} key and {len(cache.values)} value arrays but the model has "
+      f"num_layers={config.num_layers} (make it with init_cache(config, ...))"
+    )
   check_token_range(tokens, config.vocab_size)
 
 
