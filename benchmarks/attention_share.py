@@ -31,15 +31,11 @@ import time
 from absl import app, flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from experiments.configs import reward_model as rm_configs
+from benchmarks import timing
 from jaxrm.models import transformer
-from jaxrm.models.reward_model import RewardModel
-from jaxrm.steps import parallel, train_state
-from jaxrm.train import reward_model as rm_train
-from jaxrm.train.rm_config import init_state, make_optimizer
+from jaxrm.steps import train_state
 
 _LAYERS = flags.DEFINE_integer("layers", 2, "Backbone layers (README HH model: 2).")
 _WIDTH = flags.DEFINE_integer("width", 64, "Backbone width (README HH model: 64).")
@@ -92,14 +88,9 @@ def cpu_seconds() -> tuple[float, float]:
   return r.ru_utime, r.ru_stime
 
 
-def time_variant(attend, guard, batches, config, backbone) -> dict:
+def time_variant(attend, guard, batches, backbone) -> dict:
   with patched(attend, guard):
-    model = RewardModel(backbone, pooling=config.model.pooling)
-    optimizer, _ = make_optimizer(config)
-    step = parallel.make_parallel_step(
-      rm_train.step_fn(config, model, optimizer), mode=config.parallel
-    )
-    state = step.put_state(init_state(config, model, optimizer, _SEQ.value))
+    step, state = timing.hh_reward_model_step(backbone, _SEQ.value)
     batches = [step.shard_batch(b) for b in batches]
     start = time.perf_counter()
     state, m = step(state, batches[0])
@@ -128,26 +119,14 @@ def main(argv):
   del argv
   if _REPS.value < 1:
     raise app.UsageError("--reps must be >= 1")
-  config = rm_configs.get_config("hh")
   backbone = transformer.TransformerConfig(
-    vocab_size=259,
+    vocab_size=timing.VOCAB,
     num_layers=_LAYERS.value,
     width=_WIDTH.value,
     num_heads=_HEADS.value,
     max_len=_SEQ.value,
   )
-  rng = np.random.default_rng(0)
-  shape = (_PAIRS.value, _SEQ.value)
-  batches = [
-    {
-      "chosen": rng.integers(3, 259, shape).astype(np.int32),
-      "chosen_mask": np.ones(shape, bool),
-      "rejected": rng.integers(3, 259, shape).astype(np.int32),
-      "rejected_mask": np.ones(shape, bool),
-      "weight": np.ones(_PAIRS.value, np.float32),
-    }
-    for _ in range(3)
-  ]
+  batches = timing.full_length_pairs(pairs=_PAIRS.value, seq_len=_SEQ.value, count=3)
   print(
     f"device: {jax.devices()[0].platform} | RM step {_LAYERS.value}x{_WIDTH.value} "
     f"({_HEADS.value} heads), {_PAIRS.value} pairs x {_SEQ.value} tokens | median of "
@@ -158,7 +137,7 @@ def main(argv):
   )
   variants = {name: variant(name, backbone) for name in _VARIANTS.value}
   for name, (variant_backbone, attend, guard) in variants.items():
-    r = time_variant(attend, guard, batches, config, variant_backbone)
+    r = time_variant(attend, guard, batches, variant_backbone)
     print(
       f"{name} | {r['first_s']:.2f} | {r['step_s']:.4f} | {_PAIRS.value / r['step_s']:.1f} | "
       f"{r['user_s']:.3f} | {r['sys_s']:.3f} | {r['loss']:.7f} | {r['last_loss']:.7f}",

@@ -46,7 +46,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+
+from benchmarks import timing  # noqa: E402
 
 _TARGET = flags.DEFINE_enum("target", "rm_step", ["rm_step", "sampler"], "Program to profile.")
 _REPS = flags.DEFINE_integer("reps", 5, "Profiled calls (after warm-up calls).")
@@ -71,37 +72,19 @@ def rm_step_program():
   """``(run, name)``: one call of the HH reward-model training step, and its jit name."""
   from experiments.configs import reward_model as rm_configs
   from jaxrm.models import transformer
-  from jaxrm.models.reward_model import RewardModel
-  from jaxrm.steps import parallel
-  from jaxrm.train import reward_model as rm_train
-  from jaxrm.train.rm_config import init_state, make_optimizer
 
-  config = rm_configs.get_config("hh")
   backbone = transformer.TransformerConfig(
-    vocab_size=259,
+    vocab_size=timing.VOCAB,
     num_layers=_LAYERS.value,
     width=_WIDTH.value,
     num_heads=_HEADS.value,
     max_len=_SEQ.value,
-    attention_query_block=config.model.attention_query_block,
+    attention_query_block=rm_configs.get_config("hh").model.attention_query_block,
   )
-  model = RewardModel(backbone, pooling=config.model.pooling)
-  optimizer, _ = make_optimizer(config)
-  step = parallel.make_parallel_step(
-    rm_train.step_fn(config, model, optimizer), mode=config.parallel
-  )
-  rng = np.random.default_rng(0)
-  shape = (_PAIRS.value, _SEQ.value)
-  batch = step.shard_batch(
-    {
-      "chosen": rng.integers(3, 259, shape).astype(np.int32),
-      "chosen_mask": np.ones(shape, bool),
-      "rejected": rng.integers(3, 259, shape).astype(np.int32),
-      "rejected_mask": np.ones(shape, bool),
-      "weight": np.ones(_PAIRS.value, np.float32),
-    }
-  )
-  state = [step.put_state(init_state(config, model, optimizer, _SEQ.value))]
+  step, state = timing.hh_reward_model_step(backbone, _SEQ.value)
+  (batch,) = timing.full_length_pairs(pairs=_PAIRS.value, seq_len=_SEQ.value, count=1)
+  batch = step.shard_batch(batch)
+  state = [state]
 
   def run():
     state[0], metrics = step(state[0], batch)
@@ -112,14 +95,13 @@ def rm_step_program():
 
 def sampler_program():
   """``(run, name)``: one call of the KV-cached sampler on the preset, and its jit name."""
-  from benchmarks.timing import sampler_prompts
   from jaxrm.models.policy import PolicyModel
   from jaxrm.models.presets import preset
   from jaxrm.models.sampling import sample
 
   cfg = preset(_PRESET.value, max_len=_PROMPT.value + _NEW.value)
   model = PolicyModel(cfg)
-  tokens, mask = sampler_prompts(
+  tokens, mask = timing.sampler_prompts(
     vocab_size=cfg.vocab_size, batch=_BATCH.value, prompt_len=_PROMPT.value
   )
   params = jax.jit(model.init)(jax.random.key(0), jnp.asarray(tokens), jnp.asarray(mask))

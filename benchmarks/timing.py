@@ -1,5 +1,6 @@
-"""Timing helpers shared by the benchmarks: best-of-n wall time, the float32 matmul ceiling
-and the KV-cached sampler's tokens/s (used by ``model_throughput.py`` and ``peer_trl.py``)."""
+"""Helpers shared by the benchmarks: best-of-n wall time, the float32 matmul ceiling, the
+KV-cached sampler's tokens/s (``model_throughput.py``, ``peer_trl.py``) and the README HH
+reward-model step on random full-length pairs (``attention_share.py``, ``op_profile.py``)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.configs import reward_model as rm_configs
 from jaxrm.models.policy import PolicyModel
 from jaxrm.models.presets import flops_per_token
+from jaxrm.models.reward_model import RewardModel
 from jaxrm.models.sampling import sample
+from jaxrm.steps import parallel
+from jaxrm.train import reward_model as rm_train
+from jaxrm.train.rm_config import init_state, make_optimizer
+
+VOCAB = 259  # the byte tokenizer's
+
+
+def full_length_pairs(*, pairs: int, seq_len: int, count: int) -> list[dict[str, np.ndarray]]:
+  """``count`` seeded batches of ``pairs`` random (chosen, rejected) pairs, no padding."""
+  rng = np.random.default_rng(0)
+  shape = (pairs, seq_len)
+  return [
+    {
+      "chosen": rng.integers(3, VOCAB, shape).astype(np.int32),
+      "chosen_mask": np.ones(shape, bool),
+      "rejected": rng.integers(3, VOCAB, shape).astype(np.int32),
+      "rejected_mask": np.ones(shape, bool),
+      "weight": np.ones(pairs, np.float32),
+    }
+    for _ in range(count)
+  ]
+
+
+def hh_reward_model_step(backbone, seq_len: int):
+  """``(step, state)``: the README HH run's training step (``reward_model.py:hh``: optimizer,
+  non-finite guard, parallel mode) on ``backbone``, and its placed initial state."""
+  config = rm_configs.get_config("hh")
+  model = RewardModel(backbone, pooling=config.model.pooling)
+  optimizer, _ = make_optimizer(config)
+  step = parallel.make_parallel_step(
+    rm_train.step_fn(config, model, optimizer), mode=config.parallel
+  )
+  return step, step.put_state(init_state(config, model, optimizer, seq_len))
 
 
 def best_time(fn, reps: int) -> float:
