@@ -145,9 +145,14 @@ def table(title: str, groups: collections.Counter, counts: collections.Counter, 
 
 def main(argv):
   del argv
-  if _REPS.value < 1:
-    raise app.UsageError("--reps must be >= 1")
-  run, jit_name = rm_step_program() if _TARGET.value == "rm_step" else sampler_program()
+  sizes = (_REPS, _TOP, _LAYERS, _WIDTH, _HEADS, _SEQ, _PAIRS, _BATCH, _PROMPT, _NEW)
+  for flag in sizes:
+    if flag.value < 1:
+      raise app.UsageError(f"--{flag.name} must be >= 1, got {flag.value}")
+  try:
+    run, jit_name = rm_step_program() if _TARGET.value == "rm_step" else sampler_program()
+  except ValueError as e:  # an unknown preset, heads not dividing the width, ...
+    raise app.UsageError(str(e)) from None
   for _ in range(3):  # compile and warm up
     jax.block_until_ready(run())
   walls = []

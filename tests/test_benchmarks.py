@@ -98,3 +98,13 @@ def test_op_profile_sampler_reads_each_layers_cache_without_slicing_it():
   assert any("PolicyModel/backbone/block_N/dynamic_update_slice" in name for name in ops)
   # A stacked [layers, ...] cache was sliced (copied) per layer on every decode step.
   assert not [name for name in ops if name.endswith("PolicyModel/backbone/block_N/slice")]
+
+
+def test_op_profile_names_a_bad_flag_in_one_line():
+  for args, message in (
+    (["--batch=0"], "--batch must be >= 1, got 0"),
+    (["--target=sampler", "--preset=nope"], "name must be one of"),
+  ):
+    proc = script_runner.run_subprocess("benchmarks/op_profile.py", *args)
+    assert proc.returncode != 0 and message in proc.stderr
+    assert "Traceback" not in proc.stderr
