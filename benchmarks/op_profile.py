@@ -48,6 +48,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import timing  # noqa: E402
+from experiments.configs import reward_model as rm_configs  # noqa: E402
+from jaxrm.models import transformer  # noqa: E402
+from jaxrm.models.policy import PolicyModel  # noqa: E402
+from jaxrm.models.presets import preset  # noqa: E402
+from jaxrm.models.sampling import sample  # noqa: E402
 
 _TARGET = flags.DEFINE_enum("target", "rm_step", ["rm_step", "sampler"], "Program to profile.")
 _REPS = flags.DEFINE_integer("reps", 5, "Profiled calls (after warm-up calls).")
@@ -70,9 +75,6 @@ _NOT_OPS = re.compile(
 
 def rm_step_program():
   """``(run, name)``: one call of the HH reward-model training step, and its jit name."""
-  from experiments.configs import reward_model as rm_configs
-  from jaxrm.models import transformer
-
   backbone = transformer.TransformerConfig(
     vocab_size=timing.VOCAB,
     num_layers=_LAYERS.value,
@@ -84,10 +86,10 @@ def rm_step_program():
   step, state = timing.hh_reward_model_step(backbone, _SEQ.value)
   (batch,) = timing.full_length_pairs(pairs=_PAIRS.value, seq_len=_SEQ.value, count=1)
   batch = step.shard_batch(batch)
-  state = [state]
 
   def run():
-    state[0], metrics = step(state[0], batch)
+    nonlocal state
+    state, metrics = step(state, batch)
     return metrics
 
   return run, "reward_model_step"
@@ -95,10 +97,6 @@ def rm_step_program():
 
 def sampler_program():
   """``(run, name)``: one call of the KV-cached sampler on the preset, and its jit name."""
-  from jaxrm.models.policy import PolicyModel
-  from jaxrm.models.presets import preset
-  from jaxrm.models.sampling import sample
-
   cfg = preset(_PRESET.value, max_len=_PROMPT.value + _NEW.value)
   model = PolicyModel(cfg)
   tokens, mask = timing.sampler_prompts(
