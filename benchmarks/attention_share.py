@@ -13,7 +13,10 @@ with the attention varied (one freshly jitted step per variant):
 - ``<variant>+noguard``: the variant with the non-finite guard
   (``train_state.apply_if_finite``: finiteness checks of the loss, gradients, update, new
   parameters and optimizer state, and a select) replaced by a plain optax update, to measure
-  what the guard costs. The same updates while they are finite; never train like this.
+  what the guard costs. The same updates while they are finite; never train like this;
+- ``<variant>+remat``: the variant's attention under ``jax.checkpoint``: the backward pass
+  recomputes the score and probability tensors instead of keeping them from the forward pass.
+  The same gradients.
 
 Per variant: first call (compile included), median steady step, pairs/s, the process's
 user and system CPU seconds per steady step, and the loss of the first and the last step (the
@@ -24,6 +27,7 @@ last one follows ``--reps`` updates). Command (figures in BUILD_NOTES.md)::
 
 import contextlib
 import dataclasses
+import functools
 import resource
 import statistics
 import time
@@ -49,19 +53,36 @@ _VARIANTS = flags.DEFINE_list(
 
 
 def variant(name: str, backbone: transformer.TransformerConfig):
-  """The variant's backbone, the attention function to run it with (None: the library's) and
-  whether the non-finite guard stays."""
-  attention, _, modifier = name.partition("+")
-  if modifier not in ("", "noguard"):
-    raise app.UsageError(f"--variants: unknown modifier {modifier!r} in {name!r} (noguard)")
-  guard = modifier != "noguard"
-  if attention == "full":
-    return backbone, None, guard
+  """The variant's backbone, the attention function to run it with and whether the non-finite
+  guard stays."""
+  attention, *modifiers = name.split("+")
+  for modifier in modifiers:
+    if modifier not in ("noguard", "remat"):
+      raise app.UsageError(
+        f"--variants: unknown modifier {modifier!r} in {name!r} (noguard, remat)"
+      )
+  guard = "noguard" not in modifiers
+  attend = transformer._attend  # pylint: disable=protected-access
   if attention == "identity":
-    return backbone, lambda q, k, v, attn_mask, query_block=None: q, guard
-  if attention.startswith("block") and attention[5:].isdigit() and int(attention[5:]) >= 1:
-    return dataclasses.replace(backbone, attention_query_block=int(attention[5:])), None, guard
-  raise app.UsageError(f"--variants: unknown variant {name!r} (full, identity, blockN[+noguard])")
+    attend = lambda q, k, v, attn_mask, query_block=None: q  # noqa: E731
+  elif attention.startswith("block") and attention[5:].isdigit() and int(attention[5:]) >= 1:
+    backbone = dataclasses.replace(backbone, attention_query_block=int(attention[5:]))
+  elif attention != "full":
+    raise app.UsageError(
+      f"--variants: unknown variant {name!r} (full, identity, blockN; +noguard, +remat)"
+    )
+  if "remat" in modifiers:
+    attend = rematerialised(attend)
+  return backbone, attend, guard
+
+
+def rematerialised(attend):
+  """``attend`` under ``jax.checkpoint`` (``query_block`` stays a Python int)."""
+
+  def remat_attend(q, k, v, attn_mask, query_block=None):
+    return jax.checkpoint(functools.partial(attend, query_block=query_block))(q, k, v, attn_mask)
+
+  return remat_attend
 
 
 def unguarded_update(state, grads, loss, optimizer, *, nonfinite="skip", axis_name=None):
@@ -75,7 +96,7 @@ def unguarded_update(state, grads, loss, optimizer, *, nonfinite="skip", axis_na
 @contextlib.contextmanager
 def patched(attend, guard: bool):
   saved = transformer._attend, train_state.apply_if_finite  # pylint: disable=protected-access
-  transformer._attend = attend or saved[0]
+  transformer._attend = attend
   train_state.apply_if_finite = saved[1] if guard else unguarded_update
   try:
     yield

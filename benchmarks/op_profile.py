@@ -1,4 +1,5 @@
-r"""Where a compiled program's time goes, op by op: the RM training step or the KV-cached sampler.
+r"""Where a compiled program's time goes, op by op: the RM training step, the KV-cached sampler
+or a synthetic-world seed sweep.
 
 Runs the program a few times under ``jax.profiler`` (a Perfetto trace; XLA:CPU records one
 event per executed HLO op) and sums the events' durations per call of the program:
@@ -7,7 +8,11 @@ event per executed HLO op) and sums the events' durations per call of the progra
   (``experiments/configs/reward_model.py:hh``: non-finite guard, query blocks) on random
   full-length batches, as ``attention_share.py`` times it;
 - ``--target=sampler``: :func:`jaxrm.models.sampling.sample` on a preset (left-padded prompts,
-  ``--new_tokens`` tokens each, no EOS), as ``model_throughput.py`` times it.
+  ``--new_tokens`` tokens each, no EOS), as ``model_throughput.py`` times it;
+- ``--target=seed_sweep``: one compiled chunk of ``--steps`` steps of
+  :class:`jaxrm.steps.rm_sweep.RewardModelSweep` training ``--seeds`` synthetic-world proxies
+  at once (``--layers`` x ``--width``, ``--batch`` pairs per step and seed), as
+  ``seed_sweep.py`` times it.
 
 Printed: the program's wall time per call (without the profiler), then the op time per call
 grouped twice: by op kind (the HLO name without its number: ``dot``, ``slice_bitcast_fusion``,
@@ -19,6 +24,7 @@ or ``model_throughput.py`` timings. Figures in BUILD_NOTES.md::
 
   python benchmarks/op_profile.py --target=rm_step
   python benchmarks/op_profile.py --target=sampler --preset=small --batch=64
+  python benchmarks/op_profile.py --target=seed_sweep --layers=1 --width=8 --seeds=8
 """
 
 from __future__ import annotations
@@ -54,18 +60,28 @@ from jaxrm.models.policy import PolicyModel  # noqa: E402
 from jaxrm.models.presets import preset  # noqa: E402
 from jaxrm.models.sampling import sample  # noqa: E402
 
-_TARGET = flags.DEFINE_enum("target", "rm_step", ["rm_step", "sampler"], "Program to profile.")
+_TARGET = flags.DEFINE_enum(
+  "target", "rm_step", ["rm_step", "sampler", "seed_sweep"], "Program to profile."
+)
 _REPS = flags.DEFINE_integer("reps", 5, "Profiled calls (after warm-up calls).")
 _TOP = flags.DEFINE_integer("top", 25, "Rows printed per table.")
-_LAYERS = flags.DEFINE_integer("layers", 2, "rm_step: backbone layers (README HH model: 2).")
-_WIDTH = flags.DEFINE_integer("width", 64, "rm_step: backbone width (README HH model: 64).")
-_HEADS = flags.DEFINE_integer("heads", 2, "rm_step: attention heads (README HH model: 2).")
+_LAYERS = flags.DEFINE_integer(
+  "layers", 2, "rm_step, seed_sweep: backbone layers (README HH model: 2)."
+)
+_WIDTH = flags.DEFINE_integer("width", 64, "rm_step, seed_sweep: backbone width (README HH: 64).")
+_HEADS = flags.DEFINE_integer(
+  "heads", 2, "rm_step, seed_sweep: attention heads (README HH model: 2)."
+)
 _SEQ = flags.DEFINE_integer("seq_len", 256, "rm_step: tokens per response (README HH run: 256).")
 _PAIRS = flags.DEFINE_integer("batch_pairs", 32, "rm_step: pairs per step (README HH run: 32).")
 _PRESET = flags.DEFINE_string("preset", "small", "sampler: model preset.")
-_BATCH = flags.DEFINE_integer("batch", 64, "sampler: sequences sampled together.")
+_BATCH = flags.DEFINE_integer(
+  "batch", 64, "sampler: sequences sampled together; seed_sweep: pairs per step and seed."
+)
 _PROMPT = flags.DEFINE_integer("prompt_len", 32, "sampler: prompt length (left-padded).")
 _NEW = flags.DEFINE_integer("new_tokens", 64, "sampler: tokens generated per sequence.")
+_SEEDS = flags.DEFINE_integer("seeds", 8, "seed_sweep: proxies trained at once (vmapped).")
+_STEPS = flags.DEFINE_integer("steps", 20, "seed_sweep: steps per call (one compiled chunk).")
 
 # Trace events that are not an HLO op: the executor's spans, waits and Python frames.
 _NOT_OPS = re.compile(
@@ -108,6 +124,30 @@ def sampler_program():
   return lambda: sample(params, tokens, mask, key, **kwargs), "_sample_cached"
 
 
+def seed_sweep_program():
+  """``(run, name)``: one compiled chunk of a synthetic-world seed sweep, and its jit name."""
+  sweep, pairs, _ = timing.synthetic_sweep(
+    layers=_LAYERS.value, width=_WIDTH.value, heads=_HEADS.value, batch_size=_BATCH.value
+  )
+  states = sweep.init(jax.random.split(jax.random.key(2), _SEEDS.value))
+
+  def run():
+    nonlocal states
+    states, metrics = sweep.train(
+      states, pairs, num_steps=_STEPS.value, chunk=_STEPS.value, log_every_chunk=False
+    )
+    return metrics
+
+  return run, "_train_chunk"
+
+
+_PROGRAMS = {
+  "rm_step": rm_step_program,
+  "sampler": sampler_program,
+  "seed_sweep": seed_sweep_program,
+}
+
+
 def hlo_op_names(jit_name: str) -> dict[str, str]:
   """HLO instruction name -> its JAX ``op_name`` (layer numbers folded) from the dump."""
   files = glob.glob(os.path.join(_DUMP, f"*jit_{jit_name}*after_optimizations.txt"))
@@ -143,12 +183,25 @@ def table(title: str, groups: collections.Counter, counts: collections.Counter, 
 
 def main(argv):
   del argv
-  sizes = (_REPS, _TOP, _LAYERS, _WIDTH, _HEADS, _SEQ, _PAIRS, _BATCH, _PROMPT, _NEW)
+  sizes = (
+    _REPS,
+    _TOP,
+    _LAYERS,
+    _WIDTH,
+    _HEADS,
+    _SEQ,
+    _PAIRS,
+    _BATCH,
+    _PROMPT,
+    _NEW,
+    _SEEDS,
+    _STEPS,
+  )
   for flag in sizes:
     if flag.value < 1:
       raise app.UsageError(f"--{flag.name} must be >= 1, got {flag.value}")
   try:
-    run, jit_name = rm_step_program() if _TARGET.value == "rm_step" else sampler_program()
+    run, jit_name = _PROGRAMS[_TARGET.value]()
   except ValueError as e:  # an unknown preset, heads not dividing the width, ...
     raise app.UsageError(str(e)) from None
   for _ in range(3):  # compile and warm up

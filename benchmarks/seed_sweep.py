@@ -7,16 +7,16 @@ time separately. Command (the figures in BUILD_NOTES.md)::
   python benchmarks/seed_sweep.py --width=16 --layers=1 --seeds=1,4,16
 """
 
+import os
+import sys
 import time
 
-from absl import app, flags
-import jax
-import optax
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxrm.data import synthetic
-from jaxrm.math import preference
-from jaxrm.models.reward_model import RewardModel
-from jaxrm.steps.rm_sweep import RewardModelSweep
+from absl import app, flags  # noqa: E402
+import jax  # noqa: E402
+
+from benchmarks import timing  # noqa: E402
 
 _SEEDS = flags.DEFINE_list("seeds", ["1", "4", "16"], "Seed counts to time.")
 _WIDTH = flags.DEFINE_integer("width", 16, "Proxy width.")
@@ -27,20 +27,12 @@ _BATCH = flags.DEFINE_integer("batch_size", 64, "Pairs per step and seed.")
 
 def main(argv):
   del argv
-  cfg = synthetic.WorldConfig(num_calibration=2048)
-  world = synthetic.init_world(cfg, jax.random.key(0))
-  pairs = synthetic.make_comparisons(world, cfg, jax.random.key(1), num=2048).as_batch()
-  model = RewardModel(cfg.reward_config(num_layers=_LAYERS.value, width=_WIDTH.value, num_heads=2))
-  sweep = RewardModelSweep(
-    init_fn=lambda k: model.init(k, pairs["chosen"][:1], pairs["chosen_mask"][:1]),
-    apply_fn=model.apply,
-    loss_fn=preference.bradley_terry_loss,
-    optimizer=optax.adamw(1e-3),
-    batch_size=_BATCH.value,
+  sweep, pairs, seq_len = timing.synthetic_sweep(
+    layers=_LAYERS.value, width=_WIDTH.value, heads=2, batch_size=_BATCH.value
   )
   print(
     f"device: {jax.devices()[0].platform} | proxy L{_LAYERS.value}W{_WIDTH.value} | "
-    f"batch {_BATCH.value} pairs x {cfg.seq_len} tokens | {_STEPS.value} steps per call"
+    f"batch {_BATCH.value} pairs x {seq_len} tokens | {_STEPS.value} steps per call"
   )
   print("seeds | compile s | steps/s | seed-steps/s | speed-up vs 1 seed")
   base = None

@@ -1,6 +1,7 @@
 """Helpers shared by the benchmarks: best-of-n wall time, the float32 matmul ceiling, the
-KV-cached sampler's tokens/s (``model_throughput.py``, ``peer_trl.py``) and the README HH
-reward-model step on random full-length pairs (``attention_share.py``, ``op_profile.py``)."""
+KV-cached sampler's tokens/s (``model_throughput.py``, ``peer_trl.py``), the README HH
+reward-model step on random full-length pairs (``attention_share.py``, ``op_profile.py``) and
+the synthetic-world seed sweep (``seed_sweep.py``, ``op_profile.py``)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,17 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from experiments.configs import reward_model as rm_configs
+from jaxrm.data import synthetic
+from jaxrm.math import preference
 from jaxrm.models.policy import PolicyModel
 from jaxrm.models.presets import flops_per_token
 from jaxrm.models.reward_model import RewardModel
 from jaxrm.models.sampling import sample
 from jaxrm.steps import parallel
+from jaxrm.steps.rm_sweep import RewardModelSweep
 from jaxrm.train import reward_model as rm_train
 from jaxrm.train.rm_config import init_state, make_optimizer
 
@@ -48,6 +53,24 @@ def hh_reward_model_step(backbone, seq_len: int):
     rm_train.step_fn(config, model, optimizer), mode=config.parallel
   )
   return step, step.put_state(init_state(config, model, optimizer, seq_len))
+
+
+def synthetic_sweep(*, layers: int, width: int, heads: int, batch_size: int):
+  """``(sweep, pairs, seq_len)``: a :class:`RewardModelSweep` of synthetic-world proxies (the
+  studies' proxy architecture at ``layers`` x ``width``, AdamW 1e-3, ``batch_size`` pairs per
+  step and seed) and 2,048 comparisons of the default world to train on."""
+  cfg = synthetic.WorldConfig(num_calibration=2048)
+  world = synthetic.init_world(cfg, jax.random.key(0))
+  pairs = synthetic.make_comparisons(world, cfg, jax.random.key(1), num=2048).as_batch()
+  model = RewardModel(cfg.reward_config(num_layers=layers, width=width, num_heads=heads))
+  sweep = RewardModelSweep(
+    init_fn=lambda k: model.init(k, pairs["chosen"][:1], pairs["chosen_mask"][:1]),
+    apply_fn=model.apply,
+    loss_fn=preference.bradley_terry_loss,
+    optimizer=optax.adamw(1e-3),
+    batch_size=batch_size,
+  )
+  return sweep, pairs, cfg.seq_len
 
 
 def best_time(fn, reps: int) -> float:

@@ -40,16 +40,20 @@ def test_attention_share_blocked_attention_gives_the_full_loss():
     "--seq_len=16",
     "--batch_pairs=2",
     "--reps=3",
-    "--variants=full,block4,identity,block4+noguard",
+    "--variants=full,block4,identity,block4+noguard,block4+remat",
   )
   rows = {r[0].strip(): r for r in (line.split("|") for line in out.splitlines()) if len(r) == 8}
-  assert set(rows) == {"variant", "full", "block4", "identity", "block4+noguard"}
-  loss = {k: float(rows[k][6]) for k in ("full", "block4", "identity", "block4+noguard")}
-  last = {k: float(rows[k][7]) for k in ("full", "block4", "identity", "block4+noguard")}
+  names = ("full", "block4", "identity", "block4+noguard", "block4+remat")
+  assert set(rows) == {"variant", *names}
+  loss = {k: float(rows[k][6]) for k in names}
+  last = {k: float(rows[k][7]) for k in names}
   assert abs(loss["block4"] - loss["full"]) <= 1e-5 and abs(last["block4"] - last["full"]) <= 1e-5
   assert last["block4"] != loss["block4"]  # three updates were applied
-  # Without the non-finite guard the (finite) updates are the same.
+  # Without the non-finite guard the (finite) updates are the same; so are they when the
+  # attention is recomputed in the backward pass.
   assert abs(last["block4+noguard"] - last["block4"]) <= 1e-6
+  assert abs(loss["block4+remat"] - loss["block4"]) <= 1e-6
+  assert abs(last["block4+remat"] - last["block4"]) <= 1e-6
   assert loss["identity"] != loss["full"]  # the lower bound is not the model
 
 
@@ -100,10 +104,36 @@ def test_op_profile_sampler_reads_each_layers_cache_without_slicing_it():
   assert not [name for name in ops if name.endswith("PolicyModel/backbone/block_N/slice")]
 
 
+def test_op_profile_seed_sweep_draws_permutations_per_chunk_not_per_step():
+  steps = 16
+  out = _run(
+    "op_profile.py",
+    "--target=seed_sweep",
+    "--layers=1",
+    "--width=8",
+    "--batch=4",
+    "--seeds=2",
+    f"--steps={steps}",
+    "--reps=2",
+    "--top=100000",
+  )
+  assert out.startswith("seed_sweep: median wall")
+  ops = {}  # JAX operation -> ops per call
+  for line in out[out.index("JAX operation |") :].splitlines()[1:]:
+    cells = line.split(" | ")
+    if len(cells) == 4:
+      ops[cells[0]] = float(cells[2])
+  assert any(name.startswith("vmap()/while/body/") for name in ops)  # seeds vmapped over a scan
+  # The chunk's epoch permutations are sorts outside the scan: fewer per call than its steps.
+  sorts = sum(n for name, n in ops.items() if "_shuffle" in name and name.endswith("/sort"))
+  assert 1 <= sorts < steps
+
+
 def test_op_profile_names_a_bad_flag_in_one_line():
   for args, message in (
     (["--batch=0"], "--batch must be >= 1, got 0"),
     (["--target=sampler", "--preset=nope"], "name must be one of"),
+    (["--target=seed_sweep", "--seeds=0"], "--seeds must be >= 1, got 0"),
   ):
     proc = script_runner.run_subprocess("benchmarks/op_profile.py", *args)
     assert proc.returncode != 0 and message in proc.stderr
