@@ -2,11 +2,15 @@ r"""Seeds per second of vmapped reward-model seed sweeps (jaxrm.steps.rm_sweep) 
 
 Trains ``k`` synthetic-world proxies at once (one ``lax.scan`` chunk per call, all seeds under
 ``jax.vmap``) and reports steps/s, seed-steps/s and the speed-up over one seed, with compile
-time separately. Command (the figures in BUILD_NOTES.md)::
+time separately. ``--thread_groups=G`` splits the ``k`` seeds into ``G`` equal groups, each a
+sweep of its own run in its own Python thread (XLA runs the programs concurrently): a way to
+use more cores than one tiny program does. Command (the figures in BUILD_NOTES.md)::
 
   python benchmarks/seed_sweep.py --width=16 --layers=1 --seeds=1,4,16
+  python benchmarks/seed_sweep.py --width=8 --layers=1 --seeds=1,8 --thread_groups=2
 """
 
+import concurrent.futures
 import os
 import sys
 import time
@@ -23,33 +27,48 @@ _WIDTH = flags.DEFINE_integer("width", 16, "Proxy width.")
 _LAYERS = flags.DEFINE_integer("layers", 1, "Proxy layers.")
 _STEPS = flags.DEFINE_integer("steps", 100, "Timed steps (one compiled chunk).")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Pairs per step and seed.")
+_GROUPS = flags.DEFINE_integer(
+  "thread_groups", 1, "Split each seed count into this many groups, one thread each."
+)
 
 
 def main(argv):
   del argv
+  seed_counts = [int(s) for s in _SEEDS.value]
+  for k in seed_counts:
+    if k < 1 or _GROUPS.value < 1 or k % min(_GROUPS.value, k):
+      raise app.UsageError(
+        f"--seeds={k} with --thread_groups={_GROUPS.value}: seed counts must be >= 1 and "
+        "divisible into the groups"
+      )
   sweep, pairs, seq_len = timing.synthetic_sweep(
     layers=_LAYERS.value, width=_WIDTH.value, heads=2, batch_size=_BATCH.value
   )
   print(
     f"device: {jax.devices()[0].platform} | proxy L{_LAYERS.value}W{_WIDTH.value} | "
-    f"batch {_BATCH.value} pairs x {seq_len} tokens | {_STEPS.value} steps per call"
+    f"batch {_BATCH.value} pairs x {seq_len} tokens | {_STEPS.value} steps per call | "
+    f"seeds in up to {_GROUPS.value} thread(s)"
   )
   print("seeds | compile s | steps/s | seed-steps/s | speed-up vs 1 seed")
+
+  def chunk(states):  # one compiled chunk of one group, finished
+    states, metrics = sweep.train(
+      states, pairs, num_steps=_STEPS.value, chunk=_STEPS.value, log_every_chunk=False
+    )
+    jax.block_until_ready(metrics)
+    return states
+
   base = None
-  for k in (int(s) for s in _SEEDS.value):
-    states = sweep.init(jax.random.split(jax.random.key(2), k))
-    t = time.perf_counter()
-    states, m = sweep.train(
-      states, pairs, num_steps=_STEPS.value, chunk=_STEPS.value, log_every_chunk=False
-    )
-    jax.block_until_ready(m)
-    first = time.perf_counter() - t
-    t = time.perf_counter()
-    states, m = sweep.train(
-      states, pairs, num_steps=_STEPS.value, chunk=_STEPS.value, log_every_chunk=False
-    )
-    jax.block_until_ready(m)
-    seconds = time.perf_counter() - t
+  for k in seed_counts:
+    keys = jax.random.split(jax.random.key(2), k)
+    groups = [sweep.init(g) for g in keys.reshape(min(_GROUPS.value, k), -1)]
+    with concurrent.futures.ThreadPoolExecutor(len(groups)) as pool:
+      t = time.perf_counter()
+      groups = list(pool.map(chunk, groups))
+      first = time.perf_counter() - t
+      t = time.perf_counter()
+      groups = list(pool.map(chunk, groups))
+      seconds = time.perf_counter() - t
     rate = _STEPS.value / seconds
     base = base or rate * k
     print(
