@@ -34,9 +34,11 @@ _GROUPS = flags.DEFINE_integer(
 
 def main(argv):
   del argv
+  if _GROUPS.value < 1:
+    raise app.UsageError(f"--thread_groups must be >= 1, got {_GROUPS.value}")
   seed_counts = [int(s) for s in _SEEDS.value]
   for k in seed_counts:
-    if k < 1 or _GROUPS.value < 1 or k % min(_GROUPS.value, k):
+    if k < 1 or k % min(_GROUPS.value, k):
       raise app.UsageError(
         f"--seeds={k} with --thread_groups={_GROUPS.value}: seed counts must be >= 1 and "
         "divisible into the groups"
