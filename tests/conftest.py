@@ -1,11 +1,20 @@
-"""Test configuration: 8 forced host CPU devices and a persistent compilation cache, set before
-jax is imported.
+"""Test configuration: 8 forced host CPU devices, a persistent compilation cache and XLA's
+backend optimisations off, set before jax is imported.
 
 Every multi-device code path (shard_map, pmap, sharded jit) is therefore exercised on any
 machine, including CI's 2-core CPU. The compilation cache (``.jax_cache/`` in the repository,
 or ``$JAX_COMPILATION_CACHE_DIR``) is shared by the test processes and by the scripts the tests
 run in subprocesses, which inherit the environment: a program compiled once is loaded, not
 compiled, by the next process that needs it (:mod:`jaxrm.io.compile_cache`).
+
+The tests check numbers and behaviour, not speed, and most of their time is compiling: every
+program compiles with JAX's ``jax_disable_most_optimizations`` (LLVM -O0, no expensive LLVM
+passes; :func:`compile_cache.optimizations_off`), in the test processes and, through the
+environment, in the scripts they start. The modules that check the reward model's step, model
+and losses against their references (``test_rm_step``, ``test_transformer``,
+``test_preference``, ``test_train_state``) use the ``xla_optimized`` fixture to compile at XLA's
+default level, the programs users run. ``JAX_DISABLE_MOST_OPTIMIZATIONS=0 python -m pytest``
+runs the whole suite at the default level.
 """
 
 import os
@@ -19,17 +28,20 @@ os.environ.setdefault(
   os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache"),
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402  (after the environment above)
-
-from jaxrm.io import compile_cache  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def fast_compiles():
-  """Compiles with XLA's backend optimisations off (:func:`compile_cache.optimizations_off`)
-  for a module's tests, which check numbers, not speed, and whose time is mostly compiling; the
+def xla_optimized():
+  """Compiles a module's programs at XLA's default optimisation level, not the suite's -O0; the
   old setting is restored after the module. Use ``pytestmark = pytest.mark.usefixtures(
-  "fast_compiles")``."""
-  with compile_cache.optimizations_off():
+  "xla_optimized")``."""
+  old = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
     yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", old)

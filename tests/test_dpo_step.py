@@ -22,9 +22,6 @@ APPLY = MODEL.apply
 OPT = optax.adam(1e-2, eps=1e-5)
 
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")  # tests/conftest.py
-
-
 @functools.cache
 def init_params(seed=0):
   dummy = jnp.zeros((1, SEQ), jnp.int32)

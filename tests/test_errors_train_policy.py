@@ -35,9 +35,6 @@ BASE = [
 ]
 
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")  # tests/conftest.py
-
-
 def _train(workdir, capfd, *extra):
   return run_script("train_policy", [f"--workdir={workdir}", *BASE, *extra], capfd)
 

@@ -29,9 +29,6 @@ TOKENIZER = os.path.join(DATA, "hf", "tokenizer")
 LOG = rundir.LogConfig(log_every=1, checkpoint_every=100, plots=False)
 
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")  # tests/conftest.py
-
-
 def _read_jsonl(path):
   with open(path) as f:
     return [json.loads(line) for line in f]

@@ -24,9 +24,6 @@ WORLD = {
 }
 
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")  # tests/conftest.py
-
-
 def _config(**kw):
   cfg = lib.StudyConfig(
     world=synthetic.WorldConfig(**WORLD),

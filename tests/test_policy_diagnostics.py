@@ -28,9 +28,6 @@ WORLD = {"num_calibration": 256, "policy_layers": 1, "gold_layers": 1, "gold_wid
 RM_CFG = TransformerConfig(vocab_size=16, num_layers=1, width=8, num_heads=2, max_len=16)
 
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")  # tests/conftest.py
-
-
 def write_rm_run(workdir, seed):
   """A tiny synthetic-tokenizer reward-model run directory (the RM script's format)."""
   tokens = jnp.zeros((1, RM_CFG.max_len), jnp.int32)

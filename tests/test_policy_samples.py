@@ -17,9 +17,6 @@ from jaxrm.train.sources import RewardConfig
 WORLD = {"num_calibration": 256, "policy_layers": 1, "gold_layers": 1, "gold_width": 32}
 
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")  # tests/conftest.py
-
-
 def gold_config(**kw):
   config = tp.PolicyTrainConfig(
     algo="reinforce",

@@ -11,6 +11,9 @@ from scipy import stats
 
 from jaxrm.math import preference
 
+# The reward model's step, model and losses at XLA's default level, as users run them.
+pytestmark = pytest.mark.usefixtures("xla_optimized")  # tests/conftest.py
+
 LOG2 = np.log(2.0)
 
 

@@ -31,9 +31,6 @@ POLICY = transformer_policy(CFG)
 POLICY_V = transformer_policy(CFG, value_head=True)
 
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")  # tests/conftest.py
-
-
 def toy_reward(params, tokens, mask):
   """Fraction of response tokens equal to params['token'], plus params['offset']."""
   response = mask & (jnp.arange(tokens.shape[1]) >= PROMPT_LEN)[None, :]

@@ -25,9 +25,6 @@ CONFIG = rl.RLConfig(max_new_tokens=NEW, eos_id=EOS, kl_estimator="k3", temperat
 GOLD_W = np.linspace(-1.0, 2.0, VOCAB).astype(np.float32)  # a stand-in "gold" reward
 
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")  # tests/conftest.py
-
-
 def proxy(params, tokens, mask):
   """The optimised reward: the fraction of response tokens equal to 5."""
   response = mask & (jnp.arange(tokens.shape[1]) >= PROMPT_LEN)[None, :]

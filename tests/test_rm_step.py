@@ -13,6 +13,9 @@ import pytest
 from jaxrm.steps import rm_step
 from jaxrm.steps import train_state as ts
 
+# The reward model's step, model and losses at XLA's default level, as users run them.
+pytestmark = pytest.mark.usefixtures("xla_optimized")  # tests/conftest.py
+
 VOCAB, WIDTH, BATCH, SEQ = 11, 4, 6, 5
 
 

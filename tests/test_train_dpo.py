@@ -33,9 +33,6 @@ ACCURACY_MARGIN = 0.1
 HELDOUT = 512
 
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")  # tests/conftest.py
-
-
 def config(**kw):
   """A small synthetic run; ``kw`` by dotted path with ``__`` for ``.``."""
   c = dpo.DPOTrainConfig(

@@ -30,9 +30,6 @@ WORLD = {"num_calibration": 256, "policy_layers": 1, "gold_layers": 1, "gold_wid
 RM_CFG = TransformerConfig(vocab_size=16, num_layers=1, width=8, num_heads=2, max_len=16)
 
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")  # tests/conftest.py
-
-
 def _set(config, path, value):
   *parents, name = path.split(".")
   obj = config

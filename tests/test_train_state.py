@@ -12,6 +12,9 @@ import pytest
 
 from jaxrm.steps import train_state as ts
 
+# The reward model's step, model and losses at XLA's default level, as users run them.
+pytestmark = pytest.mark.usefixtures("xla_optimized")  # tests/conftest.py
+
 NUM_DEVICES = 8
 
 

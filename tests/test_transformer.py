@@ -21,6 +21,9 @@ from jaxrm.models.transformer import (
   rope_frequencies,
 )
 
+# The reward model's step, model and losses at XLA's default level, as users run them.
+pytestmark = pytest.mark.usefixtures("xla_optimized")  # tests/conftest.py
+
 VOCAB = 41
 CFG = TransformerConfig(vocab_size=VOCAB, num_layers=2, width=32, num_heads=2, max_len=24)
 LEARNED = dataclasses.replace(CFG, position="learned")
