@@ -95,17 +95,25 @@ def error_line(result: Result) -> str:
   return lines[0]
 
 
+def one_device_env(**extra: str) -> dict[str, str]:
+  """The environment for a script run as a user's command: this process's (the suite's
+  compilation cache and compile settings; tests/conftest.py) on one CPU device, i.e. without
+  the forced host devices in ``XLA_FLAGS``; ``extra`` variables added."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+  xla_flags = env.get("XLA_FLAGS", "").split()
+  env["XLA_FLAGS"] = " ".join(f for f in xla_flags if "host_platform_device_count" not in f)
+  return env
+
+
 def run_subprocess(path: str, *args: str) -> subprocess.CompletedProcess:
   """Runs the repository's script ``path`` (relative to the root) with ``args`` in a fresh
   Python process, as a user's command would: on one CPU device (the suite's forced host
-  devices removed from ``XLA_FLAGS``), with the suite's compilation cache (inherited)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  env.pop("XLA_FLAGS", None)
+  devices removed from ``XLA_FLAGS``; :func:`one_device_env`)."""
   return subprocess.run(
     [sys.executable, os.path.join(ROOT, path), *args],
     capture_output=True,
     text=True,
-    env=env,
+    env=one_device_env(PYTHONPATH=ROOT),
     cwd=ROOT,
   )
 

@@ -34,6 +34,7 @@ from jaxrm.models import presets
 from jaxrm.models.reward_model import RewardModel
 from jaxrm.train import reward_model as rm_train
 from jaxrm.train import rm_eval
+from tests import script_runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SCRIPT = os.path.join(ROOT, "experiments", "train_reward_model.py")
@@ -299,8 +300,7 @@ def test_batch_size_must_divide_among_the_devices_of_the_mode():
 
 
 def _env(cache_dir=None):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # one CPU device, as a user's run
+  env = script_runner.one_device_env()  # one CPU device, as a user's run
   if cache_dir is not None:  # persistent compilation cache shared by the runs of a test
     env.update(
       JAX_COMPILATION_CACHE_DIR=str(cache_dir),
