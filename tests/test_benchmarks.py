@@ -1,5 +1,11 @@
 """Smoke tests of the benchmark scripts: they run and print their tables (no timing asserted)."""
 
+import glob
+import json
+import os
+import subprocess
+import sys
+
 from tests import script_runner
 
 
@@ -144,3 +150,41 @@ def test_op_profile_names_a_bad_flag_in_one_line():
     proc = script_runner.run_subprocess("benchmarks/op_profile.py", *args)
     assert proc.returncode != 0 and message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_suite_time_tabulates_what_the_jax_time_plugin_recorded(tmp_path):
+  rows_dir = tmp_path / "rows"
+  test = "tests/test_kl.py::test_k1_and_k3_are_unbiased_monte_carlo"
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pytest",
+      "-n0",
+      "-q",
+      "-p",
+      "tests.jax_time",
+      f"--jax_time={rows_dir}",
+      "-p",
+      "no:cacheprovider",
+      test,
+    ],  # fmt: skip
+    capture_output=True,
+    text=True,
+    cwd=script_runner.ROOT,
+  )
+  assert proc.returncode == 0, proc.stdout[-3000:]
+  (path,) = glob.glob(os.path.join(rows_dir, "*.jsonl"))
+  with open(path) as f:
+    (row,) = [json.loads(line) for line in f]
+  assert row["test"] == test and row["compiles"] >= 1  # the test jits its estimators
+  assert 0 < row["compile_s"] < row["wall_s"] and row["trace_s"] > 0
+  out = _run("suite_time.py", f"--rows={rows_dir}", "--top=1")
+  lines = out.splitlines()
+  assert lines[1].split("|")[-1].strip() == "all tests" and lines[-1].endswith(test)
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  (bad / "gw0.jsonl").write_text(json.dumps(row) + "\nnot json\n")
+  proc = script_runner.run_subprocess("benchmarks/suite_time.py", f"--rows={bad}")
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert f"{bad / 'gw0.jsonl'}:2: not a JSON row" in proc.stderr
