@@ -155,20 +155,9 @@ def test_op_profile_names_a_bad_flag_in_one_line():
 def test_suite_time_tabulates_what_the_jax_time_plugin_recorded(tmp_path):
   rows_dir = tmp_path / "rows"
   test = "tests/test_kl.py::test_k1_and_k3_are_unbiased_monte_carlo"
+  plugin = ["-p", "tests.jax_time", f"--jax_time={rows_dir}", "-p", "no:cacheprovider"]
   proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "pytest",
-      "-n0",
-      "-q",
-      "-p",
-      "tests.jax_time",
-      f"--jax_time={rows_dir}",
-      "-p",
-      "no:cacheprovider",
-      test,
-    ],  # fmt: skip
+    [sys.executable, "-m", "pytest", "-n0", "-q", *plugin, test],
     capture_output=True,
     text=True,
     cwd=script_runner.ROOT,
