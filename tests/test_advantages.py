@@ -293,6 +293,45 @@ def test_grpo_advantages_are_zero_for_a_group_of_equal_scores():
   np.testing.assert_allclose(got[1], [-np.sqrt(1.5), 0.0, np.sqrt(1.5)], rtol=1e-5)
 
 
+@pytest.mark.parametrize("k", [3, 5, 8])
+@pytest.mark.parametrize(
+  "fn",
+  [
+    adv.rloo_advantages,
+    functools.partial(adv.grpo_advantages, scale="group"),
+    functools.partial(adv.grpo_advantages, scale="batch"),
+    functools.partial(adv.grpo_advantages, scale="none"),
+  ],
+  ids=["rloo", "grpo_group", "grpo_batch", "grpo_none"],
+)
+def test_group_advantages_are_exactly_zero_for_equal_float32_scores(fn, k):
+  """Equal scores that float32 cannot average exactly (the rounded mean of k copies is an ulp
+  off for about half of them) still get zero advantages: a residue would be scaled by the
+  group's ~1e-7 standard deviation into advantages of up to 0.2, and its sign decides PPO's
+  clip indicator."""
+  rng = np.random.default_rng(k)
+  equal = np.repeat(rng.uniform(-3, 3, size=(64, 1)), k, axis=1)
+  scores = np.concatenate([equal, rng.uniform(-3, 3, size=(64, k))]).astype(np.float32)
+  for got in (fn(scores), jax.jit(fn)(scores)):
+    np.testing.assert_array_equal(np.asarray(got)[:64], 0.0)
+    assert np.all(np.asarray(got)[64:] != 0)  # groups of distinct scores are not zeroed.
+
+
+def test_group_advantages_treat_scores_an_ulp_apart_as_ties():
+  """A reward normalisation that XLA computes in two fusions can give one score two values an
+  ulp apart; within ``TIE_ULPS`` ulps of the group's largest score they are ties (zero
+  advantages; the formula without the tolerance gives -0.057 to two of them after the group
+  scaling), and a difference beyond that is kept."""
+  x = np.float32(-0.5773497)
+  up = np.nextafter(x, np.float32(1), dtype=np.float32)
+  far = x + np.float32(2 * adv.TIE_ULPS) * np.finfo(np.float32).eps
+  scores = np.array([[x, up, up, x], [x, far, x, x]], np.float32)
+  for fn in (adv.grpo_advantages, adv.rloo_advantages):
+    got = np.asarray(jax.jit(fn)(scores))
+    np.testing.assert_array_equal(got[0], 0.0)
+    assert got[1, 1] > 0 > got[1, 0], got[1]
+
+
 # ----------------------------------------------------------------------------- adaptive KL
 def test_adaptive_kl_controller_matches_numpy_recursion():
   kls = [0.5, 12.0, 6.5, 5.9, 0.0, 30.0]

@@ -344,11 +344,36 @@ def _check_groups(scores: ArrayLike, *, min_k: int) -> jax.Array:
   return scores
 
 
+# Deviations within this many ulps of a group's largest score are rounding, not signal.
+TIE_ULPS = 8
+
+
+def _from_first(scores: jax.Array) -> jax.Array:
+  """Each group's scores relative to its first one, ties zeroed, ``[n, k]``.
+
+  Group means are taken of these deviations, not of the scores, so a group of tied scores
+  gets advantages of exactly zero. Without this, ties leave rounding residues: the float32
+  mean of ``k`` equal scores is an ulp off for about half the groups (``k`` = 3, 5, 6, 7, 8),
+  XLA may compute one score in two fusions that disagree in the last bits (e.g. a reward
+  normalisation), and a group standard deviation of ~1e-7 against ``eps = 1e-6`` turns such a
+  residue into advantages of up to 0.2 whose sign depends on the summation order. A deviation
+  within ``TIE_ULPS`` ulps of the group's largest absolute score is a tie.
+  """
+  # The barrier materialises the scores once, so the slice and the difference read one copy.
+  scores = lax.optimization_barrier(scores)
+  deviations = scores - scores[:, :1]
+  scale = jnp.max(jnp.abs(scores), axis=1, keepdims=True)
+  tol = TIE_ULPS * jnp.finfo(scores.dtype).eps * scale
+  return jnp.where(jnp.abs(deviations) <= tol, 0.0, deviations).astype(scores.dtype)
+
+
 def rloo_advantages(scores: ArrayLike) -> jax.Array:
   """REINFORCE leave-one-out advantages: ``a_i = r_i - mean_{j != i} r_j`` within each group.
 
   Equal to ``k / (k - 1) * (r_i - mean_j r_j)``; the advantages of a group sum to zero and
   each baseline is independent of its own sample, so the gradient estimate is unbiased.
+  Scores within ``TIE_ULPS`` ulps of each other are ties: a group of tied scores gets
+  advantages of exactly zero (see ``_from_first``).
 
   Args:
       scores: rewards of ``k`` samples for each prompt, ``[num_prompts, k]``, ``k >= 2``.
@@ -364,10 +389,10 @@ def rloo_advantages(scores: ArrayLike) -> jax.Array:
       Ahmadian et al., "Back to Basics: Revisiting REINFORCE Style Optimization for Learning
       from Human Feedback in LLMs", 2024.
   """
-  scores = _check_groups(scores, min_k=2)
-  k = scores.shape[1]
-  total = jnp.sum(scores, axis=1, keepdims=True)
-  return scores - (total - scores) / (k - 1)
+  deviations = _from_first(_check_groups(scores, min_k=2))
+  k = deviations.shape[1]
+  total = jnp.sum(deviations, axis=1, keepdims=True)
+  return deviations - (total - deviations) / (k - 1)
 
 
 GRPO_SCALES = ("group", "batch", "none")
@@ -386,7 +411,7 @@ def grpo_advantages(
 
   * ``'group'`` (GRPO, Shao et al. 2024): the group's standard deviation, so the advantages
     of each group have zero mean and unit standard deviation (up to ``eps``); a group whose
-    scores are all equal gets zero advantages;
+    scores are all equal (within ``TIE_ULPS`` ulps) gets advantages of exactly zero;
   * ``'batch'``: the standard deviation of all scores of the (global, with ``axis_name``)
     batch, one scale for every group (robust to groups with tiny spread);
   * ``'none'``: no division, only the group mean is subtracted (Dr. GRPO, Liu et al. 2025).
@@ -416,7 +441,8 @@ def grpo_advantages(
   if scale not in GRPO_SCALES:
     raise ValueError(f"scale must be one of {GRPO_SCALES} (or a bool), got {scale!r}")
   scores = _check_groups(scores, min_k=1)
-  centred = scores - jnp.mean(scores, axis=1, keepdims=True)
+  deviations = _from_first(scores)
+  centred = deviations - jnp.mean(deviations, axis=1, keepdims=True)
   if scale == "none":
     return centred
   if scale == "group":

@@ -242,7 +242,8 @@ def ppo_value_loss(
 
   Returns:
       ``(loss, aux)``: the scalar loss and ``aux['clip_fraction']``, the fraction of tokens
-      where the clipped error is the larger one (gradient-free).
+      whose value moved more than ``eps`` and whose clipped error is the larger one
+      (gradient-free).
 
   References:
       Schulman et al., "Proximal Policy Optimization Algorithms", 2017; the value clipping
@@ -269,7 +270,10 @@ def ppo_value_loss(
     )
 
   loss = agg(per_token)
-  clip_fraction = agg((err_clipped > err_unclipped).astype(values.dtype))
+  # Inside the range ``v_clip`` is ``v`` only up to rounding (``old + (v - old)``), so the
+  # comparison alone would count some unclipped tokens.
+  clipped = (jnp.abs(values - old_values) > clip_eps) & (err_clipped > err_unclipped)
+  clip_fraction = agg(clipped.astype(values.dtype))
   return loss, {"clip_fraction": lax.stop_gradient(clip_fraction)}
 
 
