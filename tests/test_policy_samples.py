@@ -46,9 +46,11 @@ def test_synthetic_samples_carry_gold_and_are_written_at_intervals_and_the_end(t
   assert [r["step"] for r in rows] == [2, 2, 2, 3, 3, 3]  # every 2 steps and the last step
   world = synthetic.WorldConfig(**WORLD)
   for r in rows:
-    # Optimising gold: the reward is the gold reward (two compilations of the same function:
-    # equal up to float32 rounding; 1.2e-7 apart on -1.405 was seen).
-    np.testing.assert_allclose(r["reward"], r["gold"], rtol=1e-6)
+    # Optimising gold: the reward is the gold reward, from two compilations of one transformer
+    # forward at different batch shapes. Gold has unit variance, so atol=1e-5 is the suite's
+    # tolerance for one function in two programs (rtol=1e-6 alone failed at XLA's default
+    # level: 1.0e-6 apart on 0.645).
+    np.testing.assert_allclose(r["reward"], r["gold"], rtol=1e-6, atol=1e-5)
     assert len(r["prompt"].split()) == world.prompt_len
     assert len(r["response"].split()) == r["response_tokens"] == 12
   # A crash after step 2: the resumed run rewrites step 3's samples, once (the samples
