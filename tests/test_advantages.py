@@ -306,9 +306,9 @@ def test_grpo_advantages_are_zero_for_a_group_of_equal_scores():
 )
 def test_group_advantages_are_exactly_zero_for_equal_float32_scores(fn, k):
   """Equal scores that float32 cannot average exactly (the rounded mean of k copies is an ulp
-  off for about half of them) still get zero advantages: a residue would be scaled by the
-  group's ~1e-7 standard deviation into advantages of up to 0.2, and its sign decides PPO's
-  clip indicator."""
+  off for 10-66% of them) still get zero advantages: a residue would be scaled by
+  the group's ~1e-7 standard deviation into advantages of up to 0.2, and its sign decides
+  PPO's clip indicator."""
   rng = np.random.default_rng(k)
   equal = np.repeat(rng.uniform(-3, 3, size=(64, 1)), k, axis=1)
   scores = np.concatenate([equal, rng.uniform(-3, 3, size=(64, k))]).astype(np.float32)

@@ -353,7 +353,7 @@ def _from_first(scores: jax.Array) -> jax.Array:
 
   Group means are taken of these deviations, not of the scores, so a group of tied scores
   gets advantages of exactly zero. Without this, ties leave rounding residues: the float32
-  mean of ``k`` equal scores is an ulp off for about half the groups (``k`` = 3, 5, 6, 7, 8),
+  mean of ``k`` equal scores is an ulp off for 10-66% of groups (``k`` = 3, 5, 6, 7, 8),
   XLA may compute one score in two fusions that disagree in the last bits (e.g. a reward
   normalisation), and a group standard deviation of ~1e-7 against ``eps = 1e-6`` turns such a
   residue into advantages of up to 0.2 whose sign depends on the summation order. A deviation
