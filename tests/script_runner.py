@@ -97,13 +97,10 @@ def error_line(result: Result) -> str:
 
 def one_device_env(**extra: str) -> dict[str, str]:
   """The environment for a script run as a user's command: this process's (the suite's
-  compilation cache and compile settings) on one CPU device, i.e. without the forced host
-  devices in ``XLA_FLAGS``, and without XLA:CPU's MLIR fusion emitters unless ``XLA_FLAGS``
-  says otherwise (tests/conftest.py); ``extra`` variables added."""
+  compilation cache and compile settings, tests/conftest.py) on one CPU device, i.e. without
+  the forced host devices in ``XLA_FLAGS``; ``extra`` variables added."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
   xla_flags = [f for f in env.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
-  if not any(f.startswith("--xla_cpu_use_fusion_emitters") for f in xla_flags):
-    xla_flags.append("--xla_cpu_use_fusion_emitters=false")  # faster -O0 compiles; conftest.py
   env["XLA_FLAGS"] = " ".join(xla_flags)
   return env
 

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 
+from flax import traverse_util
 import jax
 import numpy as np
 import pytest
@@ -178,11 +179,34 @@ def test_pmap_run_trains_the_same_model_as_shard_map(shard_map_run, tmp_path, sy
     _config(parallel="pmap", eval__every=8, log__checkpoint_every=8, eval__report=False), workdir
   )
   assert summary["eval"]["num_pairs"] == 64
-  reference = rm_eval.restore_run(shard_map_run[0]).state.params
-  got = rm_eval.restore_run(workdir).state.params
-  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(reference)):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+  reference = rm_eval.restore_run(shard_map_run[0])
+  got = rm_eval.restore_run(workdir)
+  # The final norm's bias and the head's bias move every reward by one constant, which the
+  # pairwise loss cannot see: their gradients are rounding residues of cancelling terms, and
+  # Adam turns those into steps of up to ~lr, so their trained values are rounding noise of
+  # the program (BUILD_NOTES.md, "Test suite"). Every other parameter must agree, and so must
+  # the rewards up to a constant.
+  flat_got, flat_ref = (traverse_util.flatten_dict(r.state.params) for r in (got, reference))
+  assert _REWARD_SHIFT <= flat_got.keys()
+  for name in flat_got.keys() - _REWARD_SHIFT:
+    np.testing.assert_allclose(flat_got[name], flat_ref[name], rtol=1e-4, atol=1e-5, err_msg=name)
+  model = RewardModel(got.model_config, pooling=got.extra["pooling"])
+  tokens = jax.random.randint(jax.random.key(3), (32, 12), 0, got.model_config.vocab_size)
+  mask = np.arange(12) < np.arange(32)[:, None] % 12 + 1
+  rewards = [np.asarray(model.apply(r.state.params, tokens, mask)) for r in (got, reference)]
+  np.testing.assert_allclose(
+    rewards[0] - rewards[0].mean(), rewards[1] - rewards[1].mean(), atol=1e-5
+  )
+  shifted = traverse_util.unflatten_dict(
+    {k: v + 1.0 if k in _REWARD_SHIFT else v for k, v in flat_got.items()}
+  )
+  moved = np.asarray(model.apply(shifted, tokens, mask)) - rewards[0]
+  np.testing.assert_allclose(moved, moved[0], atol=1e-5)  # the same shift for every sequence
+  assert abs(moved[0]) > 0.1
   assert [r["step"] for r in _rows(workdir)] == [2, 4, 6, 8, 8]
+
+
+_REWARD_SHIFT = {("params", "head", "bias"), ("params", "backbone", "ln_final", "bias")}
 
 
 def test_report_of_an_earlier_checkpoint_goes_to_its_own_directory(shard_map_run):
