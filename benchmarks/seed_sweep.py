@@ -2,15 +2,15 @@ r"""Seeds per second of vmapped reward-model seed sweeps (jaxrm.steps.rm_sweep) 
 
 Trains ``k`` synthetic-world proxies at once (one ``lax.scan`` chunk per call, all seeds under
 ``jax.vmap``) and reports steps/s, seed-steps/s and the speed-up over one seed, with compile
-time separately. ``--thread_groups=G`` splits the ``k`` seeds into ``G`` equal groups, each a
-sweep of its own run in its own Python thread (XLA runs the programs concurrently): a way to
-use more cores than one tiny program does. Command (the figures in BUILD_NOTES.md)::
+time separately. ``--thread_groups=G`` splits the ``k`` seeds into ``G`` equal groups, each
+run in its own Python thread (``RewardModelSweep.train(thread_groups=G)``; XLA runs the
+programs concurrently): a way to use more cores than one tiny program does. Commands (the
+figures in BUILD_NOTES.md)::
 
   python benchmarks/seed_sweep.py --width=16 --layers=1 --seeds=1,4,16
   python benchmarks/seed_sweep.py --width=8 --layers=1 --seeds=1,8 --thread_groups=2
 """
 
-import concurrent.futures
 import os
 import sys
 import time
@@ -53,24 +53,23 @@ def main(argv):
   )
   print("seeds | compile s | steps/s | seed-steps/s | speed-up vs 1 seed")
 
-  def chunk(states):  # one compiled chunk of one group, finished
-    states, metrics = sweep.train(
-      states, pairs, num_steps=_STEPS.value, chunk=_STEPS.value, log_every_chunk=False
-    )
-    jax.block_until_ready(metrics)
-    return states
-
   base = None
   for k in seed_counts:
-    keys = jax.random.split(jax.random.key(2), k)
-    groups = [sweep.init(g) for g in keys.reshape(min(_GROUPS.value, k), -1)]
-    with concurrent.futures.ThreadPoolExecutor(len(groups)) as pool:
+    states = sweep.init(jax.random.split(jax.random.key(2), k))
+    times = []
+    for _ in range(2):  # the first call compiles
       t = time.perf_counter()
-      groups = list(pool.map(chunk, groups))
-      first = time.perf_counter() - t
-      t = time.perf_counter()
-      groups = list(pool.map(chunk, groups))
-      seconds = time.perf_counter() - t
+      states, metrics = sweep.train(
+        states,
+        pairs,
+        num_steps=_STEPS.value,
+        chunk=_STEPS.value,
+        log_every_chunk=False,
+        thread_groups=min(_GROUPS.value, k),
+      )
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - t)
+    first, seconds = times
     rate = _STEPS.value / seconds
     base = base or rate * k
     print(

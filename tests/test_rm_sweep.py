@@ -73,6 +73,21 @@ def test_sweep_equals_separate_runs_of_the_step():
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_thread_groups_train_each_seed_as_one_program_of_all_seeds_does():
+  """Four seeds in two threads of two: the same seeds, order, metrics and parameters as one
+  vmapped program (up to its rounding), over 13 steps in chunks of 5."""
+  sweep, pairs = _sweep()
+  keys = jax.random.split(jax.random.key(4), 4)
+  one, m_one = sweep.train(sweep.init(keys), pairs, num_steps=13, chunk=5, log_every_chunk=False)
+  two, m_two = sweep.train(sweep.init(keys), pairs, num_steps=13, chunk=5, thread_groups=2)
+  assert m_two["loss"].shape == (4, 13)
+  np.testing.assert_allclose(m_two["loss"], m_one["loss"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(two.step, [13] * 4)
+  np.testing.assert_array_equal(jax.random.key_data(two.key), jax.random.key_data(one.key))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               two.params, one.params)  # fmt: skip
+
+
 def test_chunk_permutations_are_the_epochs_permutations():
   """A chunk of 13 steps from step 5 (6 steps per epoch) touches epochs 0..3; each row is the
   permutation of fold_in(key, epoch), a permutation of all pairs, and seeds differ."""
@@ -97,5 +112,8 @@ def test_sweep_rejects_bad_arguments():
     sweep.train(states, {k: v[:8] for k, v in pairs.items()}, num_steps=1)
   with pytest.raises(ValueError, match="leading axis"):
     sweep.train(states, dict(pairs, rejected=pairs["rejected"][:50]), num_steps=1)
+  for groups in (0, 3):
+    with pytest.raises(ValueError, match=f"thread_groups={groups} must be >= 1 and divide the 2"):
+      sweep.train(states, pairs, num_steps=1, thread_groups=groups)
   with pytest.raises(ValueError, match="keys"):
     sweep.init(jax.random.split(jax.random.key(0), 4).reshape(2, 2))

@@ -4,7 +4,8 @@ For studies of small reward models (the synthetic world, seed sweeps) the host l
 arithmetic, dominates a step. Here the pairs live on the device, each seed draws its own
 epoch-wise shuffles with ``jax.random.permutation``, and a whole chunk of steps of all seeds
 runs in one compiled call of :func:`jaxrm.steps.rm_step.reward_model_step` under ``jax.vmap`` and
-``lax.scan``. The host only logs between chunks.
+``lax.scan``. The host only logs between chunks. ``train(..., thread_groups=G)`` runs the seeds
+as ``G`` such calls in ``G`` host threads, which XLA runs concurrently.
 
 Example::
 
@@ -18,6 +19,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+import concurrent.futures
 import dataclasses
 import functools
 import time
@@ -35,7 +37,8 @@ from jaxrm.steps import train_state as train_state_lib
 
 @dataclasses.dataclass(frozen=True)
 class RewardModelSweep:
-  """Trains one reward model per seed on the same in-memory pairs, all seeds in one jit.
+  """Trains one reward model per seed on the same in-memory pairs, all seeds in one jit (or one
+  per thread group).
 
   Attributes:
     init_fn: ``init_fn(key) -> params`` for one seed.
@@ -74,6 +77,7 @@ class RewardModelSweep:
     num_steps: int,
     chunk: int = 100,
     log_every_chunk: bool = True,
+    thread_groups: int = 1,
   ):
     """Runs ``num_steps`` steps of every seed; each seed shuffles the pairs every epoch.
 
@@ -83,6 +87,11 @@ class RewardModelSweep:
       num_steps: steps to run (continuing from ``states.step``).
       chunk: steps per compiled call; the host logs progress between calls.
       log_every_chunk: log step, pairs/s and ETA after each chunk.
+      thread_groups: splits the seeds into this many equal groups, each run by its own call
+        in its own host thread, so that XLA runs the groups concurrently. On a CPU one small
+        vmapped program uses about one core; the groups use more (BUILD_NOTES.md, "Seed
+        sweeps"). Each seed's arithmetic is the same, but a program over fewer seeds may
+        round differently from one over all of them.
 
     Returns:
       ``(states, metrics)``; every metric has shape ``[num_seeds, num_steps]``.
@@ -92,33 +101,56 @@ class RewardModelSweep:
       raise ValueError(f"need at least batch_size={self.batch_size} pairs, got {num_pairs}")
     if num_steps < 1 or chunk < 1:
       raise ValueError(f"num_steps and chunk must be >= 1, got {num_steps} and {chunk}")
+    num_seeds = states.step.shape[0]
+    if thread_groups < 1 or num_seeds % thread_groups:
+      raise ValueError(
+        f"thread_groups={thread_groups} must be >= 1 and divide the {num_seeds} seeds"
+      )
     pairs = {k: jnp.asarray(v) for k, v in pairs.items()}
+    size = num_seeds // thread_groups
+    groups = [states] if thread_groups == 1 else [
+      jax.tree.map(lambda x, g=g: x[g * size : (g + 1) * size], states) for g in range(thread_groups)
+    ]  # fmt: skip
     all_metrics = []
     done, start = 0, time.perf_counter()
-    num_seeds = states.step.shape[0]
-    while done < num_steps:
-      n = min(chunk, num_steps - done)
-      states, metrics = _train_chunk(self, states, pairs, n)
-      all_metrics.append(metrics)
-      done += n
-      if log_every_chunk:
-        jax.block_until_ready(metrics)
-        elapsed = time.perf_counter() - start
-        rate = done * self.batch_size * num_seeds / elapsed
-        shown = [f"{k} {float(metrics[k][:, -1].mean()):.4f}" for k in _SHOWN if k in metrics]
-        logging.info(
-          "rm sweep: step %d/%d  %s  %.0f pairs/s  ETA %.0fs",
-          done,
-          num_steps,
-          "  ".join(shown),
-          rate,
-          elapsed / done * (num_steps - done),
-        )
+
+    def run(group, n):  # each thread waits for its call, so that the calls run concurrently
+      return jax.block_until_ready(_train_chunk(self, group, pairs, n))
+
+    with concurrent.futures.ThreadPoolExecutor(thread_groups) as pool:
+      while done < num_steps:
+        n = min(chunk, num_steps - done)
+        if thread_groups == 1:  # no wait: the host dispatches the next chunk at once
+          results = [_train_chunk(self, groups[0], pairs, n)]
+        else:
+          results = list(pool.map(run, groups, [n] * thread_groups))
+        groups = [r[0] for r in results]
+        metrics = _concat_seeds([r[1] for r in results])
+        all_metrics.append(metrics)
+        done += n
+        if log_every_chunk:
+          jax.block_until_ready(metrics)
+          elapsed = time.perf_counter() - start
+          rate = done * self.batch_size * num_seeds / elapsed
+          shown = [f"{k} {float(metrics[k][:, -1].mean()):.4f}" for k in _SHOWN if k in metrics]
+          logging.info(
+            "rm sweep: step %d/%d  %s  %.0f pairs/s  ETA %.0fs",
+            done,
+            num_steps,
+            "  ".join(shown),
+            rate,
+            elapsed / done * (num_steps - done),
+          )
     metrics = {k: jnp.concatenate([m[k] for m in all_metrics], axis=1) for k in all_metrics[0]}
-    return states, metrics
+    return _concat_seeds(groups), metrics
 
 
 _SHOWN = ("loss", "accuracy")  # the metrics of the progress line (when the step returns them)
+
+
+def _concat_seeds(trees: list[Any]) -> Any:
+  """The seed axes of ``trees`` (stacked states or metrics) joined into one, in order."""
+  return trees[0] if len(trees) == 1 else jax.tree.map(lambda *x: jnp.concatenate(x), *trees)
 
 
 def _num_pairs(pairs: Mapping[str, Any]) -> int:
