@@ -89,8 +89,8 @@ class RewardModelSweep:
       log_every_chunk: log step, pairs/s and ETA after each chunk.
       thread_groups: splits the seeds into this many equal groups, each run by its own call
         in its own host thread, so that XLA runs the groups concurrently. On a CPU one small
-        vmapped program uses about one core; the groups use more (BUILD_NOTES.md, "Seed
-        sweeps"). Each seed's arithmetic is the same, but a program over fewer seeds may
+        vmapped program uses about one core; the groups use more (BUILD_NOTES.md, "Issue 14,
+        session 30"). Each seed's arithmetic is the same, but a program over fewer seeds may
         round differently from one over all of them.
 
     Returns:
