@@ -16,6 +16,7 @@ The stages:
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -140,6 +141,10 @@ class StudyConfig:
   kl_sweep: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)
   kl_sweep_reward: str = ""
   rl_compile_opt_level: int = -1
+  # world_threads: worlds run at once, each in its own host thread, so that XLA runs their
+  # programs concurrently (one world's small programs use about one core). Each world runs
+  # the same programs on the same inputs either way: the numbers do not depend on it.
+  world_threads: int = 1
 
   @property
   def world_seed(self) -> int:
@@ -208,6 +213,7 @@ RL_FIELDS = PROXY_FIELDS + (
 # ``world_seeds`` selects the worlds, each keyed by its ``world_seed`` under ``world{seed}/``.
 SELECTION_FIELDS = ("num_comparisons", "data_sizes", "world_seeds")
 LABEL_FIELDS = ("smoke",)  # labels the outputs only: no cache depends on it
+EXECUTION_FIELDS = ("world_threads",)  # how the stages run, not what they compute
 
 save_tree = rundir.save_tree
 load_tree = rundir.load_tree
@@ -495,7 +501,7 @@ def validate(cfg: StudyConfig) -> None:
   for name in ("rm_learning_rate", "rl_learning_rate"):
     value = getattr(cfg, name)
     need(isinstance(value, (int, float)) and value > 0, name, "must be a number > 0")
-  for name in ("rm_batch_size", "rl_batch_size", "bon_prompts", "num_comparisons"):
+  for name in ("rm_batch_size", "rl_batch_size", "bon_prompts", "num_comparisons", "world_threads"):
     value = getattr(cfg, name)
     need(
       isinstance(value, int) and not isinstance(value, bool) and value >= 1,
@@ -628,16 +634,21 @@ def run_study(cfg: StudyConfig, workdir: str) -> dict[str, Any]:
   :func:`best_of_n`), ``rl`` (``overoptimization_rl.run_rl``) and (first world only: the
   data-size sweep is not a trend check) ``data_sweep``;
   ``results['proxies']`` names the proxy sizes (held-out accuracy averaged over worlds).
+  ``cfg.world_threads`` worlds run at once, in host threads.
   """
   validate(cfg)
   timing: dict[str, float] = {}
   results = {"config": rundir.config_to_json(cfg), "environment": environment.environment()}
-  worlds = []
-  with compile_cache.optimizations_off(cfg.fast_compiles):
-    for i, seed in enumerate(cfg.world_seeds):
-      wcfg = cfg.for_world(seed)
-      wdir = os.path.join(workdir, f"world{seed}")
-      worlds.append(run_world(wcfg, wdir, timing, data_sweep=i == 0))
+
+  def world(i: int, seed: int) -> dict[str, Any]:
+    wdir = os.path.join(workdir, f"world{seed}")
+    return run_world(cfg.for_world(seed), wdir, timing, data_sweep=i == 0)
+
+  with (
+    compile_cache.optimizations_off(cfg.fast_compiles),
+    concurrent.futures.ThreadPoolExecutor(cfg.world_threads) as pool,
+  ):
+    worlds = list(pool.map(world, range(len(cfg.world_seeds)), cfg.world_seeds))
   results["worlds"] = worlds
   results["proxies"] = [
     dict(p, heldout_accuracy=[a for w in worlds for a in w["proxies"][i]["heldout_accuracy"]])

@@ -106,6 +106,27 @@ def test_rerun_reuses_the_cached_stages(quick_run):
   assert t2["world1/proxies"] < t1["world1/proxies"]
 
 
+def test_worlds_in_threads_give_the_same_numbers(quick_run, tmp_path):
+  """The two worlds at once, each in its own thread: the same programs on the same inputs,
+  so the same worlds, analysis and checks, bit for bit."""
+  workdir, _ = quick_run
+  proc = script_runner.run_subprocess(
+    "experiments/overoptimization.py",
+    f"--workdir={tmp_path}",
+    "--quick",
+    *_ARGS,
+    "--config.world_threads=2",
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = []
+  for path in (workdir, tmp_path):
+    with open(os.path.join(path, "results.json")) as f:
+      results.append(json.load(f))
+  assert results[1]["config"]["world_threads"] == 2
+  for key in ("worlds", "analysis", "checks"):
+    assert results[1][key] == results[0][key], key
+
+
 def test_nested_override_from_the_command_line_reaches_the_study(quick_run):
   workdir, _ = quick_run
   for name in ("results.json", "config.json"):
@@ -122,6 +143,7 @@ def test_nested_override_from_the_command_line_reaches_the_study(quick_run):
     ("--config.proxy_sizes=('2x10x3',)", "--config.proxy_sizes=2x10x3: needs positive sizes"),
     ("--config.ppo.num_epochz=3", "no field 'num_epochz' in ppo"),
     ("--config.ppo.max_new_tokens=5", "--config.ppo.max_new_tokens=5: must equal"),
+    ("--config.world_threads=0", "--config.world_threads=0: must be an int >= 1"),
   ],
 )
 def test_bad_setting_gives_a_one_line_error(tmp_path, arg, message):
@@ -136,7 +158,7 @@ def test_bad_setting_gives_a_one_line_error(tmp_path, arg, message):
 def test_every_field_is_in_a_stage_cache_key_and_ppo_settings_key_the_rl_stage():
   fields = {f.name for f in dataclasses.fields(lib.StudyConfig)}
   keyed = set(lib.RL_FIELDS) | set(lib.BON_FIELDS) | set(lib.SELECTION_FIELDS)
-  keyed |= set(lib.LABEL_FIELDS)
+  keyed |= set(lib.LABEL_FIELDS) | set(lib.EXECUTION_FIELDS)
   assert fields <= keyed, fields - keyed
   a, b = lib.StudyConfig().for_world(0), lib.StudyConfig().for_world(0)
   b.ppo.num_epochs = 3
