@@ -17,6 +17,9 @@ three quarters of it; README "Cost")::
 
   python experiments/overoptimization.py --workdir=runs/overopt
 
+``--config.world_threads=3`` runs the three worlds at once, each in its own thread: the same
+numbers, 14% less wall time and 3 GB more memory on that CPU (README "Cost").
+
 Smoke run (``--quick`` selects the config's ``quick`` variant; about 2 min on the idle 2-core
 CPU from a cold compilation cache, less with a warm one; BUILD_NOTES.md)::
 
