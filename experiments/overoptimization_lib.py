@@ -142,8 +142,9 @@ class StudyConfig:
   kl_sweep_reward: str = ""
   rl_compile_opt_level: int = -1
   # world_threads: worlds run at once, each in its own host thread, so that XLA runs their
-  # programs concurrently (one world's small programs use about one core). Each world runs
-  # the same programs on the same inputs either way: the numbers do not depend on it.
+  # programs concurrently. Each world runs the same programs on the same inputs either way:
+  # the numbers do not depend on it. With more than one, an interrupt or a failure surfaces
+  # only when the running worlds have finished.
   world_threads: int = 1
 
   @property
@@ -644,11 +645,12 @@ def run_study(cfg: StudyConfig, workdir: str) -> dict[str, Any]:
     wdir = os.path.join(workdir, f"world{seed}")
     return run_world(cfg.for_world(seed), wdir, timing, data_sweep=i == 0)
 
-  with (
-    compile_cache.optimizations_off(cfg.fast_compiles),
-    concurrent.futures.ThreadPoolExecutor(cfg.world_threads) as pool,
-  ):
-    worlds = list(pool.map(world, range(len(cfg.world_seeds)), cfg.world_seeds))
+  with compile_cache.optimizations_off(cfg.fast_compiles):
+    if cfg.world_threads == 1:  # in this thread, so that an interrupt stops the run at once
+      worlds = [world(i, seed) for i, seed in enumerate(cfg.world_seeds)]
+    else:  # an interrupt or a failure surfaces when the running worlds have finished
+      with concurrent.futures.ThreadPoolExecutor(cfg.world_threads) as pool:
+        worlds = list(pool.map(world, range(len(cfg.world_seeds)), cfg.world_seeds))
   results["worlds"] = worlds
   results["proxies"] = [
     dict(p, heldout_accuracy=[a for w in worlds for a in w["proxies"][i]["heldout_accuracy"]])
