@@ -116,8 +116,9 @@ def test_exact_kl_is_off_when_disabled_and_diagnostics_change_no_parameter():
   # would change it (Adam's first step is lr times the gradient's sign). The two programs may
   # round differently, so each update may differ by float32 rounding: of the gradient (relative
   # to the largest entry) and of the new parameter (one ulp).
-  step = functools.partial(STEP, optimizer=optax.sgd(0.1))
-  state = rl.create_rl_state(params(0), optax.sgd(0.1), jax.random.key(7), kl_coef=0.1)
+  sgd = optax.sgd(0.1)
+  step = functools.partial(STEP, optimizer=sgd)
+  state = rl.create_rl_state(params(0), sgd, jax.random.key(7), kl_coef=0.1)
   batch = prompts(8, seed=3)
   with_diag = jax.jit(step)(state, batch, REWARD_PARAMS, params(1))
   plain_step = functools.partial(
