@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from experiments.compare_results import compare
+from experiments.compare_results import compare, environment_differences, select
 from tests.script_runner import run_subprocess
 
 A = {
@@ -50,6 +50,30 @@ def test_other_values_and_missing_keys_are_listed():
     compare(A, A, atol=-1)
 
 
+def test_environment_differences_name_each_differing_field():
+  b = _b()
+  b["environment"].update(cpu="Intel", isa=["avx2"])
+  assert environment_differences(A, b) == [
+    "host: 'a' vs 'b'",
+    "cpu: None vs 'Intel'",
+    "isa: None vs ['avx2']",
+  ]
+  assert environment_differences(A, A) == []
+  assert environment_differences(A, {"worlds": []}) == []  # one run records no environment
+
+
+def test_select_walks_keys_and_list_indices_and_names_a_missing_step():
+  assert select(A, "worlds/0/gold") == [0.5, 0.25, None]
+  assert select(A, "") is A
+  for path, message in (
+    ("worlds/1", "no '1' under worlds"),
+    ("worlds/0/silver", "no 'silver' under worlds/0"),
+    ("world", "no 'world' under the top level"),
+  ):
+    with pytest.raises(KeyError, match=message):
+      select(A, path)
+
+
 def test_script_exit_status_and_bad_file(tmp_path):
   a, b, bad = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "bad.json"
   a.write_text(json.dumps(A))
@@ -57,6 +81,11 @@ def test_script_exit_status_and_bad_file(tmp_path):
   bad.write_text("{not json")
   diff = run_subprocess("experiments/compare_results.py", str(a), str(b), "--atol=0.01")
   assert diff.returncode == 1 and "/worlds[0]/gold[1]: 0.05" in diff.stdout, diff.stderr
-  assert "DIFFERENT" in diff.stdout
+  assert "DIFFERENT" in diff.stdout and "host: 'a' vs 'b'" in diff.stdout
+  same = run_subprocess("experiments/compare_results.py", str(a), str(b), "--select=config")
+  assert same.returncode == 0 and "SAME" in same.stdout, same.stderr
+  missing = run_subprocess("experiments/compare_results.py", str(a), str(b), "--select=worlds/3")
+  assert missing.returncode == 2 and "--select=worlds/3" in missing.stderr
+  assert "a.json" in missing.stderr and "Traceback" not in missing.stderr
   err = run_subprocess("experiments/compare_results.py", str(a), str(bad))
   assert err.returncode == 2 and "bad.json" in err.stderr and "Traceback" not in err.stderr

@@ -1,6 +1,7 @@
 """The persistent compilation cache: a second process loads what the first compiled."""
 
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -41,10 +42,24 @@ def _run(cache_dir):
 def test_second_process_loads_the_compiled_program(tmp_path):
   cache = str(tmp_path / "xla")
   path, hits = _run(cache)
-  assert path == cache and hits == 0
-  assert os.listdir(cache), "nothing was written to the cache"
+  assert path == os.path.join(cache, compile_cache.machine_tag()) and hits == 0
+  assert os.listdir(path), "nothing was written to the cache"
   _, hits = _run(cache)
   assert hits >= 1
+
+
+_CPUINFO = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx2 avx512f\n"
+
+
+def test_machine_tag_names_the_cpu_model_and_its_flags():
+  tag = compile_cache.machine_tag(_CPUINFO)
+  assert tag.startswith(platform.machine()) and len(tag.rsplit("-", 1)[1]) == 12
+  # the flags' order does not matter; a flag, or the model, does
+  assert compile_cache.machine_tag(_CPUINFO.replace("fpu sse4_2", "sse4_2 fpu")) == tag
+  assert compile_cache.machine_tag(_CPUINFO.replace(" avx512f", "")) != tag
+  assert compile_cache.machine_tag(_CPUINFO.replace("AMD EPYC", "Intel Xeon")) != tag
+  arm = "Features\t: fp asimd sve\nCPU part\t: 0xd40\n"
+  assert compile_cache.machine_tag(arm) != compile_cache.machine_tag(arm.replace(" sve", ""))
 
 
 def test_cache_dir_from_env(monkeypatch, tmp_path):

@@ -10,15 +10,26 @@ The cache directory is, in order: the ``cache_dir`` argument; ``$JAXRM_COMPILATI
 ``$JAX_COMPILATION_CACHE_DIR`` (JAX's own variable); ``~/.cache/jaxrm/xla``. Setting
 ``JAXRM_COMPILATION_CACHE=off`` disables it. A damaged or unreadable entry only costs a
 recompile: JAX logs a warning and compiles (``jax_raise_persistent_cache_errors`` is off).
+
+Programs are stored in a subdirectory per host CPU (:func:`machine_tag`). XLA:CPU compiles for
+the CPU it runs on, and JAX's cache key names only the platform (``cpu``), so a directory
+shared by two machines (a network home, a cluster's nodes) would otherwise hand one machine's
+programs to the other: refused and recompiled where the other CPU lacks an instruction, or run
+with the first machine's roundings where it has them all, so that a run's numbers would depend
+on which machine filled the cache.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import platform
 
 from absl import logging
 import jax
+
+from jaxrm.io import environment
 
 ENV = "JAXRM_COMPILATION_CACHE"
 DEFAULT_DIR = os.path.join("~", ".cache", "jaxrm", "xla")
@@ -34,13 +45,32 @@ def cache_dir_from_env() -> str | None:
   return os.path.abspath(os.path.expanduser(value))
 
 
+def machine_tag(cpuinfo: str | None = None) -> str:
+  """``<architecture>-<12 hex digits>``: a hash of the CPU model and of the feature flags of the
+  first ``flags`` (x86) or ``Features`` (Arm) line of ``/proc/cpuinfo`` (``cpuinfo``: that text;
+  default: this host's). Two hosts share a tag when XLA:CPU would compile the same for both."""
+  cpuinfo = environment.read_cpuinfo() if cpuinfo is None else cpuinfo
+  flags = next(
+    (
+      line.split(":", 1)[1].split()
+      for line in cpuinfo.splitlines()
+      if line.split(":", 1)[0].strip() in ("flags", "Features")
+    ),
+    [],
+  )
+  text = "\n".join([environment.cpu_model(cpuinfo), " ".join(sorted(flags))])
+  return f"{platform.machine() or 'unknown'}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
 def enable_compilation_cache(
   cache_dir: str | None = None, *, min_compile_time_secs: float = 0.2
 ) -> str | None:
-  """Turns on JAX's persistent compilation cache; returns its directory (``None``: disabled).
+  """Turns on JAX's persistent compilation cache; returns the directory it stores this host's
+  programs in, ``<cache_dir>/<machine_tag()>`` (``None``: disabled).
 
   Args:
-    cache_dir: the directory (created if missing); default: :func:`cache_dir_from_env`.
+    cache_dir: the cache's root directory (created if missing); default:
+      :func:`cache_dir_from_env`.
     min_compile_time_secs: programs that compile faster than this are not stored (JAX's default
       of 1 s would skip most of a small model's steps, whose compiles take 0.2-1 s on a CPU).
 
@@ -55,6 +85,7 @@ def enable_compilation_cache(
     return None
   if os.path.exists(path) and not os.path.isdir(path):
     raise ValueError(f"compilation cache {path!r} exists and is not a directory")
+  path = os.path.join(path, machine_tag())
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:  # read-only home, full disk: run without the cache

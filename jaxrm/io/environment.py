@@ -31,7 +31,8 @@ VECTOR_ISA = (
 )
 
 
-def _cpuinfo() -> str:
+def read_cpuinfo() -> str:
+  """The text of ``/proc/cpuinfo`` (``''`` where there is none: not Linux)."""
   try:
     with open("/proc/cpuinfo") as f:
       return f.read()
@@ -71,7 +72,7 @@ def environment() -> dict[str, Any]:
   ``--xla_cpu_max_isa=AVX2`` pins the instructions XLA emits); the C allocator
   (:func:`allocator`). JSON-able."""
   devices = jax.devices()
-  cpuinfo = _cpuinfo()
+  cpuinfo = read_cpuinfo()
   return {
     "python": platform.python_version(),
     "jax": jax.__version__,
