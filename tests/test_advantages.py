@@ -208,6 +208,12 @@ def test_gae_rejects_bad_shapes():
     adv.gae(jnp.zeros(3), jnp.zeros(3), jnp.ones(2), gamma=1.0, lam=1.0)
   with pytest.raises(ValueError, match=r"r_t must have shape \[batch, seq\]"):
     adv.batched_gae(jnp.zeros(3), jnp.zeros(3), jnp.ones(3), gamma=1.0, lam=1.0)
+  with pytest.raises(ValueError, match=r"v_t must have the shape of r_t \(4, 8\), got \(2, 8\)"):
+    adv.batched_gae(jnp.ones((4, 8)), jnp.ones((2, 8)), jnp.ones((4, 8)), gamma=1.0, lam=0.9)
+  with pytest.raises(ValueError, match=r"mask must have the shape of r_t \(4, 8\), got \(4, 7\)"):
+    adv.batched_gae(jnp.ones((4, 8)), jnp.ones((4, 8)), jnp.ones((4, 7)), gamma=1.0, lam=0.9)
+  with pytest.raises(ValueError, match=r"mask must have the shape of r_t \(4, 8\), got \(2, 8\)"):
+    adv.batched_reinforce_returns(jnp.ones((4, 8)), jnp.ones((2, 8)))
 
 
 @pytest.mark.parametrize("gamma", [1.0, 0.9])
@@ -363,6 +369,38 @@ def test_adaptive_kl_controller_rejects_missing_target():
     adv.adaptive_kl_update(state, 1.0, 1, target_kl=None, horizon=100)
   with pytest.raises(ValueError, match="horizon"):
     adv.adaptive_kl_update(state, 1.0, 1, target_kl=1.0, horizon=0)
+
+
+def test_adaptive_kl_controller_keeps_the_coefficient_non_negative():
+  # 1 + e * n / horizon with e = -0.2 is <= 0 once n >= 5 * horizon: refused, not a negative
+  # coefficient that would reward moving away from the reference
+  state = adv.adaptive_kl_init(init_kl_coef=0.1)
+  with pytest.raises(ValueError, match=r"horizon \(100.0\) must exceed 0.2 \* n_steps \(512\)"):
+    adv.adaptive_kl_update(state, 0.0, 512, target_kl=6.0, horizon=100.0)
+  low = adv.adaptive_kl_update(state, 0.0, 400, target_kl=6.0, horizon=100.0)
+  np.testing.assert_allclose(low.kl_coef, 0.1 * (1 - 0.2 * 4.0), rtol=1e-5)
+  assert float(low.kl_coef) > 0
+  for bad in (-0.1, np.float32(-0.1), jnp.array(-0.1)):
+    with pytest.raises(ValueError, match="init_kl_coef must be >= 0"):
+      adv.adaptive_kl_init(init_kl_coef=bad)
+  with pytest.raises(ValueError, match="target_kl must be > 0"):
+    adv.adaptive_kl_update(state, 1.0, 1, target_kl=jnp.array(-1.0), horizon=100)
+
+
+@pytest.mark.parametrize(
+  "call, message",
+  [
+    (lambda: adv.whiten(jnp.ones((2, 3)), jnp.ones((2, 3)), eps=0.0), "eps must be > 0"),
+    (lambda: adv.grpo_advantages(jnp.ones((2, 2)), eps=-1e-6), "eps must be > 0"),
+    (lambda: adv.clip_rewards(jnp.ones(2), max_abs=np.float32(-1)), "max_abs must be > 0"),
+    (lambda: adv.clip_rewards(jnp.ones(2), max_abs=None), "max_abs must be a number"),
+    (lambda: adv.whiten(["a"], jnp.ones(1)), "x must be a numeric array"),
+    (lambda: adv.grpo_advantages([["a", "b"]]), "scores must be a numeric array"),
+  ],
+)
+def test_bad_hyperparameters_and_inputs_raise_naming_them(call, message):
+  with pytest.raises(ValueError, match=message):
+    call()
 
 
 # ----------------------------------------------------------------------------- variants

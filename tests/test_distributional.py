@@ -271,7 +271,7 @@ def test_functions_run_under_jit():
     ),
     (
       lambda: dist.mean_variance_quantile(np.zeros(2), np.ones(2), alpha=1.0),
-      r"alpha must lie in \(0, 1\), got 1.0",
+      r"alpha must be in \(0, 1\), got 1.0",
     ),
     (
       lambda: dist.categorical_loss(np.zeros((2, 6)), np.zeros((2, 5)), atoms=ATOMS),

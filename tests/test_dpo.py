@@ -181,6 +181,24 @@ def test_losses_are_finite_for_large_log_ratios():
       lambda: dpo.dpo_loss(np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(3), beta=0.0),
       r"beta must be > 0, got 0.0",
     ),
+    (  # an array beta is checked too (a negative one flips the loss's sign)
+      lambda: dpo.dpo_loss(
+        np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(3), beta=jnp.array(-0.1)
+      ),
+      r"beta must be > 0, got -0.1",
+    ),
+    (
+      lambda: dpo.dpo_loss(np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(3), beta=None),
+      r"beta must be a number, got None",
+    ),
+    (
+      lambda: dpo.dpo_loss([0.0], [0.0], ["x"], [0.0], beta=0.1),
+      r"ref_chosen_logps must be a numeric array",
+    ),
+    (
+      lambda: dpo.simpo_loss(np.zeros(2), np.zeros(2), [3.0, 0.0], np.ones(2), beta=2.0, gamma=1.0),
+      r"chosen_lengths must lie in \[1, inf\], got 0.0 at index \(1,\)",
+    ),
     (
       lambda: dpo.dpo_loss(
         np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(3), beta=0.1, label_smoothing=0.7

@@ -247,3 +247,15 @@ def test_bad_config_and_batches_raise_naming_the_field():
     jax.eval_shape(step, state, batch)
   with pytest.raises(ValueError, match="params must be the pair"):
     dpo.implicit_reward_fn(APPLY, beta=0.1)(init_params(), batch["chosen"], batch["chosen_mask"])
+  batch = paired_batch(0, b=4)
+  seq = batch["chosen"].shape[1]
+  with pytest.raises(ValueError, match=f"prompt_len={seq} leaves no response tokens"):
+    dpo.implicit_reward_fn(APPLY, beta=0.1, prompt_len=seq)(
+      (init_params(), init_params()), batch["chosen"], batch["chosen_mask"]
+    )
+  with pytest.raises(ValueError, match="prompt_len must be None or a positive int, got 0"):
+    dpo.implicit_reward_fn(APPLY, beta=0.1, prompt_len=0)
+  # a response mask of the wrong shape is named (before it meets the sequence mask)
+  batch["chosen_response_mask"] = batch["chosen_mask"][:, 1:]
+  with pytest.raises(ValueError, match=r"batch\['chosen_response_mask'\] must have the shape"):
+    jax.eval_shape(step, state, batch)

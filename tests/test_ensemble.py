@@ -66,6 +66,10 @@ def test_member_params_selects_one_member_and_checks_the_index():
   np.testing.assert_array_equal(member_params(params, -1)["w"], [4.0, 5.0])
   with pytest.raises(ValueError, match=r"index must be in \[-3, 3\), got 3"):
     member_params(params, 3)
+  for index in (np.int64(7), jnp.asarray(-4)):  # e.g. from np.argmax: checked, not clamped
+    with pytest.raises(ValueError, match=r"index must be in \[-3, 3\)"):
+      member_params(params, index)
+  np.testing.assert_array_equal(member_params(params, np.int64(2))["w"], [4.0, 5.0])
 
 
 def test_ensemble_rejects_bad_keys_and_ragged_params():

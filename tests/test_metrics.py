@@ -96,6 +96,14 @@ def test_expected_calibration_error_matches_numpy_reliability_diagram(num_bins, 
   assert got.count.sum() == 300
 
 
+def test_expected_calibration_error_takes_a_numpy_int_bin_count():
+  rc, rr = np.linspace(-3, 3, 50), np.zeros(50)
+  want = metrics.expected_calibration_error(rc, rr, num_bins=7)
+  got = metrics.expected_calibration_error(rc, rr, num_bins=np.int64(7))
+  np.testing.assert_array_equal(got.count, want.count)
+  assert float(got.ece) == float(want.ece)
+
+
 def test_expected_calibration_error_is_zero_for_calibrated_and_large_for_overconfident():
   # Every pair predicted 0.5 and half of the labels say "chosen preferred": calibrated.
   labels = np.tile([1.0, 0.0], 50)
@@ -267,6 +275,10 @@ def test_summarize_preferences_returns_python_floats_matching_the_metrics():
       r"x must have shape \[n\] with n >= 2, got \(1,\)",
     ),
     (lambda: metrics.spearman(np.zeros(3), np.array([0.0, np.nan, 1.0])), r"y must be finite"),
+    (
+      lambda: metrics.margin_quantiles(np.zeros(3), np.zeros(3), quantiles=(5, 50, 95)),
+      r"quantiles must lie in \[0.0, 1.0\], got 5.0",
+    ),
   ],
 )
 def test_bad_inputs_raise_value_error_naming_the_argument(call, message):

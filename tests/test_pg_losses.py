@@ -430,6 +430,8 @@ def test_constant_length_aggregation_divides_by_batch_times_norm_length():
   x = rng.normal(size=mask.shape)
   got = pg.masked_aggregate(x, mask, aggregation="constant_length", norm_length=10)
   np.testing.assert_allclose(got, np.where(mask, x, 0).sum() / (5 * 10), rtol=1e-6)
+  same = pg.masked_aggregate(x, mask, aggregation="constant_length", norm_length=np.int64(10))
+  assert float(same) == float(got)
   with pytest.raises(ValueError, match="needs norm_length, a positive int, got None"):
     pg.masked_aggregate(x, mask, aggregation="constant_length")
   # Under data parallelism the number of sequences is global: pmean of shards == whole batch.
@@ -458,3 +460,8 @@ def test_bad_variant_arguments_raise_naming_them():
     pg.ppo_policy_loss(x, x, x, x, clip_eps=0.2, ratio_level="seq")
   with pytest.raises(ValueError, match="dual_clip must be None or > 1, got 0.5"):
     pg.ppo_policy_loss(x, x, x, x, clip_eps=0.2, dual_clip=0.5)
+  for high in (-0.5, 0.0, np.float32(-0.5), jnp.array(-0.5)):
+    with pytest.raises(ValueError, match=r"clip_eps_high must be > 0, got (-0.5|0.0)$"):
+      pg.ppo_policy_loss(x, x, x, x, clip_eps=0.2, clip_eps_high=high)
+  with pytest.raises(ValueError, match="clip_eps must be > 0 .*, got -0.2"):
+    pg.ppo_policy_loss(x, x, x, x, clip_eps=jnp.array(-0.2))

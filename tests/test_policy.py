@@ -87,6 +87,33 @@ def test_helpers_reject_mismatched_shapes_naming_the_argument():
     token_entropy(np.zeros((4,)))
 
 
+def test_token_ids_out_of_range_are_refused_eagerly_and_give_nan_under_jit():
+  logits = jax.random.normal(jax.random.key(0), (1, 3, 10))
+  for bad in (12, 10, -1, -100):  # a negative id would otherwise wrap to the vocabulary's end
+    tokens = jnp.array([[1, bad, 3]])
+    with pytest.raises(ValueError, match=r"tokens must have ids in \[0, vocab_size=10\)"):
+      token_logprobs(logits, tokens)
+    got = np.asarray(jax.jit(token_logprobs)(logits, tokens))
+    assert np.isnan(got[0, 1]) and np.isfinite(got[0, [0, 2]]).all()
+  tokens = jnp.array([[1, 9, 3]])  # the largest id is in range
+  assert np.isfinite(np.asarray(jax.jit(token_logprobs)(logits, tokens))).all()
+
+
+def test_policy_sample_needs_one_key_per_prompt():
+  fns = transformer_policy(CFG)
+  params = random_params(PolicyModel(CFG), (B, S))
+  prompts, mask = jnp.ones((B, 3), jnp.int32), jnp.ones((B, 3), bool)
+  kw = dict(max_new_tokens=2, temperature=1.0, eos_id=None)
+  with pytest.raises(
+    ValueError, match=r"keys must be keys of shape \(2,\), got keys of shape \(\)"
+  ):
+    fns.sample(params, prompts, mask, jax.random.key(0), **kw)
+  with pytest.raises(ValueError, match="keys must be a JAX PRNG key"):
+    fns.sample(params, prompts, mask, np.arange(2), **kw)
+  out = fns.sample(params, prompts, mask, jax.random.split(jax.random.key(0), B), **kw)
+  assert out.tokens.shape == (B, 5)
+
+
 def test_policy_outputs_are_causal_and_padding_invariant_with_value_head():
   model = PolicyModel(CFG, value_head=True)
   params = random_params(model, (B, S))

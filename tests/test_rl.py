@@ -481,8 +481,21 @@ def test_bad_config_values_raise_naming_the_field():
     ppo_config(baseline="ema")
   with pytest.raises(ValueError, match="algo must be one of"):
     rl.get_step("dpo")
-  with pytest.raises(ValueError, match="kl_coef must be >= 0"):
-    rl.create_rl_state(policy_params(), OPT, jax.random.key(0), kl_coef=-1.0)
+  for bad in (-1.0, np.float32(-1.0), jnp.array(-1.0)):
+    with pytest.raises(ValueError, match="kl_coef must be >= 0"):
+      rl.create_rl_state(policy_params(), OPT, jax.random.key(0), kl_coef=bad)
+  with pytest.raises(ValueError, match="RLConfig.num_epochs must be an int"):
+    ppo_config(num_epochs=2.0)
+  config = ppo_config(max_new_tokens=np.int64(3), num_samples=np.int32(2))  # e.g. from a sweep
+  assert type(config.max_new_tokens) is int and type(config.num_samples) is int
+
+
+def test_prompts_padded_on_the_right_are_refused_outside_jit():
+  # sampling after the padding would put the response's first tokens behind pad tokens
+  right = np.array([[1, 1, 0], [1, 1, 1]], bool)
+  with pytest.raises(ValueError, match=r"prompt_mask \(shape \(2, 3\)\) must be left-padded"):
+    rollout_lib.check_prompts(np.ones((2, 3), np.int32), right, max_len=16, max_new_tokens=2)
+  rollout_lib.check_prompts(np.ones((2, 3), np.int32), right[:, ::-1], max_len=16, max_new_tokens=2)
 
 
 def eval_step(step, state, batch, rp=None):

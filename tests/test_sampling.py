@@ -316,3 +316,16 @@ def test_eos_id_none_gives_fixed_length_responses():
 def test_sample_rejects_bad_input_naming_the_argument(tokens, mask, kwargs, pattern):
   with pytest.raises(ValueError, match=pattern):
     sample(PARAMS, tokens, mask, jax.random.key(0), config=CFG, max_new_tokens=N, **kwargs)
+
+
+def test_sample_rejects_a_bad_key_naming_it():
+  tokens, mask = np.ones((2, 3), np.int32), np.ones((2, 3), bool)
+  for key, pattern in (
+    (0, "key must be a JAX PRNG key .*got int"),
+    (jax.random.split(jax.random.key(0), 2), r"key must be one key, got keys of shape \(2,\)"),
+    (np.zeros(2, np.float32), "key must be a JAX PRNG key"),
+  ):
+    with pytest.raises(ValueError, match=pattern):
+      sample(PARAMS, tokens, mask, key, config=CFG, max_new_tokens=N)
+  raw = jax.random.PRNGKey(0)  # legacy uint32 key data is accepted
+  assert sample(PARAMS, tokens, mask, raw, config=CFG, max_new_tokens=N).tokens.shape == (2, 3 + N)

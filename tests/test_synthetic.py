@@ -131,6 +131,8 @@ def test_make_comparisons_rejects_bad_arguments(world, kwargs, match):
   args = dict(num=8) | kwargs
   with pytest.raises(ValueError, match=match):
     synthetic.make_comparisons(world, CFG, jax.random.key(0), **args)
+  with pytest.raises(ValueError, match="key must be a JAX PRNG key"):
+    synthetic.make_comparisons(world, CFG, 0, num=8)
 
 
 def test_world_config_rejects_bad_fields():

@@ -324,6 +324,21 @@ def test_token_range_is_checked_only_on_concrete_values():
   assert seen == [False] and is_concrete(jnp.array([1]))
 
 
+def test_out_of_range_ids_under_jit_make_their_row_nan_negative_ones_included():
+  # unchecked under jit, an id must not silently read another token's embedding: a negative
+  # one (-100 is Hugging Face's ignore index) would wrap to the vocabulary's end
+  model, params, _ = _setup(CFG)
+  tokens, mask = np.ones((2, 4), np.int32), np.ones((2, 4), bool)
+  apply = jax.jit(model.apply)
+  good = np.asarray(apply(params, tokens, mask))
+  for bad in (VOCAB, -1, -100):
+    got = np.asarray(apply(params, np.where(np.eye(2, 4, 1) > 0, bad, tokens), mask))
+    assert np.isnan(got[0]).all() and np.isnan(got[1]).all(), bad
+  got = np.asarray(apply(params, np.array([[1, -1, 1, 1], [1, 1, 1, 1]], np.int32), mask))
+  assert np.isnan(got[0]).all()
+  np.testing.assert_array_equal(got[1], good[1])
+
+
 def test_kv_cache_rejects_more_tokens_than_slots():
   model, params, _ = _setup(CFG)
   cache = init_cache(CFG, 2, 4)

@@ -42,6 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxrm.math._arrays import check_key
 from jaxrm.models import sampling
 from jaxrm.models.policy import PolicyModel
 from jaxrm.models.reward_model import RewardModel
@@ -204,6 +205,7 @@ def policy_model(cfg: WorldConfig, *, value_head: bool = False) -> PolicyModel:
 
 def sample_prompts(cfg: WorldConfig, key: jax.Array, num: int) -> jax.Array:
   """``[num, prompt_len]`` int32 prompts drawn i.i.d. from the Zipf unigram."""
+  check_key(key)
   logits = zipf_logits(cfg.vocab_size, cfg.zipf_exponent)
   return jax.random.categorical(key, logits, shape=(num, cfg.prompt_len)).astype(jnp.int32)
 
@@ -310,6 +312,7 @@ def init_world(cfg: WorldConfig, key: jax.Array) -> World:
   Returns:
     The :class:`World`.
   """
+  check_key(key)
   k_policy, k_gold, k_prompts, k_samples = jax.random.split(key, 4)
   dummy = jnp.zeros((1, cfg.seq_len), jnp.int32)
   dummy_mask = jnp.ones((1, cfg.seq_len), bool)
@@ -391,6 +394,7 @@ def make_comparisons(
     raise ValueError(f"label_noise must lie in [0, 0.5], got {label_noise}")
   if num < 1:
     raise ValueError(f"num must be >= 1, got {num}")
+  check_key(key)
   return _make_comparisons(world, cfg, key, num, labels, jnp.float32(label_noise))
 
 

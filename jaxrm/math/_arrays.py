@@ -68,6 +68,66 @@ def check_in_range(
     )
 
 
+def check_number(
+  value: Any,
+  name: str,
+  *,
+  gt: float | None = None,
+  ge: float | None = None,
+  lt: float | None = None,
+  le: float | None = None,
+  expected: str | None = None,
+) -> None:
+  """Raises ``ValueError`` naming ``name`` unless ``value`` is numeric and every entry satisfies
+  the given bounds (``> gt``, ``>= ge``, ``< lt``, ``<= le``; NaN fails any bound).
+
+  For hyperparameters: a Python number, a NumPy scalar or a concrete JAX array are checked
+  alike; a tracer (under ``jit``) is not. The message says ``<name> must be <expected>, got
+  <value>``; ``expected`` defaults to the bounds (``> 0``, ``in [0, 0.5]``).
+  """
+  if not is_concrete(value):
+    return
+  try:
+    values = np.asarray(value)
+  except (ValueError, TypeError):
+    values = np.asarray(None)
+  if values.dtype.kind not in "iuf":  # not bool, str, object
+    raise ValueError(f"{name} must be a number, got {value!r}")
+  ok = np.ones(values.shape, bool)
+  for bound, op in ((gt, np.greater), (ge, np.greater_equal), (lt, np.less), (le, np.less_equal)):
+    if bound is not None:
+      ok &= op(values, bound)
+  if not ok.all():
+    if expected is None:
+      lo = ("(", gt) if gt is not None else ("[", ge)
+      hi = (lt, ")") if lt is not None else (le, "]")
+      if lo[1] is not None and hi[0] is not None:
+        expected = f"in {lo[0]}{lo[1]}, {hi[0]}{hi[1]}"
+      else:
+        bounds = ((">", gt), (">=", ge), ("<", lt), ("<=", le))
+        expected = " and ".join(f"{op} {b}" for op, b in bounds if b is not None)
+    shown = values if values.ndim == 0 else values[~ok][0]
+    raise ValueError(f"{name} must be {expected}, got {shown}")
+
+
+def check_key(key: Any, name: str = "key", *, shape: tuple[int, ...] = ()) -> None:
+  """Raises ``ValueError`` naming ``name`` unless ``key`` is an array of JAX PRNG keys of
+  ``shape`` (``()``: one key): typed keys (``jax.random.key``) or raw ``uint32`` key data
+  (``jax.random.PRNGKey``, the key data on a trailing axis). Shapes and dtypes exist under
+  ``jit`` too, so tracers are checked as well."""
+  dtype = getattr(key, "dtype", None)
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    got = tuple(key.shape)
+  elif dtype == np.uint32 and np.ndim(key) >= 1:
+    got = tuple(key.shape[:-1])
+  else:
+    what = f"dtype {dtype}, shape {np.shape(key)}" if dtype is not None else type(key).__name__
+    raise ValueError(f"{name} must be a JAX PRNG key (jax.random.key(seed)), got {what}")
+  if got != tuple(shape):
+    want = "one key" if not shape else f"keys of shape {tuple(shape)}"
+    raise ValueError(f"{name} must be {want}, got keys of shape {got}")
+
+
 def check_finite(x: jax.Array, name: str) -> None:
   """Raises ``ValueError`` if concrete ``x`` has a NaN or infinite entry (tracers pass)."""
   if not is_concrete(x) or x.size == 0:

@@ -24,7 +24,7 @@ from jax import lax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxrm.math._arrays import as_float
+from jaxrm.math._arrays import as_float, check_number, is_concrete
 
 
 def _check_mask(name: str, mask: ArrayLike, ref_name: str, ref: jax.Array) -> jax.Array:
@@ -59,7 +59,7 @@ def rlhf_token_rewards(
       Ziegler et al., "Fine-Tuning Language Models from Human Preferences", 2019.
       Stiennon et al., "Learning to summarize from human feedback", 2020.
   """
-  score, kl = as_float(score), as_float(kl)
+  score, kl = as_float(score, "score"), as_float(kl, "kl")
   if kl.ndim != 2:
     raise ValueError(f"kl must have shape [batch, seq], got {kl.shape}")
   if score.shape != kl.shape[:1]:
@@ -97,15 +97,16 @@ def whiten(
       mask: same shape as ``x``, bool or float.
       shift_mean: if False, the mean is added back after scaling (only the scale changes), as
           done for rewards in Ziegler et al. (2019) and TRL.
-      eps: added to the variance.
+      eps: added to the variance (> 0).
       axis_name: if given, the statistics are summed over this mapped axis (``lax.psum``), so
           that under ``shard_map`` / ``pmap`` every shard is whitened with the global statistics.
 
   Returns:
       Whitened values, same shape as ``x``, 0 at masked positions.
   """
-  x = as_float(x)
+  x = as_float(x, "x")
   m = _check_mask("mask", mask, "x", x)
+  check_number(eps, "eps", gt=0)
 
   def total(v):
     s = jnp.sum(v)
@@ -130,9 +131,8 @@ def clip_rewards(x: ArrayLike, *, max_abs: float) -> jax.Array:
   Returns:
       ``clip(x, -max_abs, max_abs)``, same shape as ``x``.
   """
-  if isinstance(max_abs, (int, float)) and not max_abs > 0:
-    raise ValueError(f"max_abs must be > 0, got {max_abs}")
-  return jnp.clip(as_float(x), -max_abs, max_abs)
+  check_number(max_abs, "max_abs", gt=0)
+  return jnp.clip(as_float(x, "x"), -max_abs, max_abs)
 
 
 def _check_scalar(name: str, value: ArrayLike) -> None:
@@ -203,7 +203,7 @@ def gae(
       Ouyang et al., "Training language models to follow instructions with human feedback",
       2022.
   """
-  r_t, v_t = as_float(r_t), as_float(v_t)
+  r_t, v_t = as_float(r_t, "r_t"), as_float(v_t, "v_t")
   if r_t.ndim != 1:
     raise ValueError(f"r_t must have shape [seq], got {r_t.shape} (use batched_gae)")
   if v_t.shape != r_t.shape:
@@ -216,6 +216,17 @@ def gae(
   return adv, returns
 
 
+def _check_batch(r_t: ArrayLike, **others: ArrayLike) -> jax.Array:
+  """``r_t`` as an array after checking it is ``[batch, seq]`` and ``others`` have its shape."""
+  r_t = jnp.asarray(r_t)
+  if r_t.ndim != 2:
+    raise ValueError(f"r_t must have shape [batch, seq], got {r_t.shape}")
+  for name, x in others.items():
+    if jnp.shape(x) != r_t.shape:
+      raise ValueError(f"{name} must have the shape of r_t {r_t.shape}, got {jnp.shape(x)}")
+  return r_t
+
+
 def batched_gae(
   r_t: ArrayLike,
   v_t: ArrayLike,
@@ -225,9 +236,7 @@ def batched_gae(
   lam: ArrayLike,
 ) -> tuple[jax.Array, jax.Array]:
   """``gae`` mapped over a batch: ``[batch, seq]`` inputs, ``([batch, seq], [batch, seq])``."""
-  r_t = jnp.asarray(r_t)
-  if r_t.ndim != 2:
-    raise ValueError(f"r_t must have shape [batch, seq], got {r_t.shape}")
+  r_t = _check_batch(r_t, v_t=v_t, mask=mask)
   return jax.vmap(functools.partial(gae, gamma=gamma, lam=lam))(r_t, v_t, mask)
 
 
@@ -249,7 +258,7 @@ def reinforce_returns(r_t: ArrayLike, mask: ArrayLike, *, gamma: ArrayLike = 1.0
       Williams, "Simple statistical gradient-following algorithms for connectionist
       reinforcement learning", 1992.
   """
-  r_t = as_float(r_t)
+  r_t = as_float(r_t, "r_t")
   if r_t.ndim != 1:
     raise ValueError(f"r_t must have shape [seq], got {r_t.shape} (use batched_reinforce_returns)")
   m = _check_mask("mask", mask, "r_t", r_t)
@@ -261,9 +270,7 @@ def batched_reinforce_returns(
   r_t: ArrayLike, mask: ArrayLike, *, gamma: ArrayLike = 1.0
 ) -> jax.Array:
   """``reinforce_returns`` mapped over a batch: ``[batch, seq]`` in and out."""
-  r_t = jnp.asarray(r_t)
-  if r_t.ndim != 2:
-    raise ValueError(f"r_t must have shape [batch, seq], got {r_t.shape}")
+  r_t = _check_batch(r_t, mask=mask)
   return jax.vmap(functools.partial(reinforce_returns, gamma=gamma))(r_t, mask)
 
 
@@ -300,7 +307,7 @@ def reinforce_baseline_update(
   Returns:
       The new state.
   """
-  episode_returns = as_float(episode_returns)
+  episode_returns = as_float(episode_returns, "episode_returns")
   if episode_returns.ndim != 1:
     raise ValueError(f"episode_returns must have shape [batch], got {episode_returns.shape}")
   batch_mean = jnp.mean(episode_returns).astype(state.value.dtype)
@@ -328,13 +335,13 @@ def reinforce_advantages(
       Williams, 1992; Ahmadian et al., "Back to Basics: Revisiting REINFORCE Style
       Optimization for Learning from Human Feedback in LLMs", 2024.
   """
-  returns = as_float(returns)
+  returns = as_float(returns, "returns")
   m = _check_mask("mask", mask, "returns", returns)
   return jnp.where(m, returns - baseline.value.astype(returns.dtype), 0.0)
 
 
 def _check_groups(scores: ArrayLike, *, min_k: int) -> jax.Array:
-  scores = as_float(scores)
+  scores = as_float(scores, "scores")
   if scores.ndim != 2:
     raise ValueError(f"scores must have shape [num_prompts, k], got {scores.shape}")
   if scores.shape[1] < min_k:
@@ -422,7 +429,7 @@ def grpo_advantages(
 
   Args:
       scores: rewards of ``k`` samples for each prompt, ``[num_prompts, k]``, ``k >= 1``.
-      eps: added to the standard deviation.
+      eps: added to the standard deviation (> 0).
       scale: ``'group'``, ``'batch'`` or ``'none'`` (see above).
       axis_name: mapped axis over which ``'batch'`` statistics are taken (groups never span
           devices).
@@ -441,6 +448,7 @@ def grpo_advantages(
   if scale not in GRPO_SCALES:
     raise ValueError(f"scale must be one of {GRPO_SCALES} (or a bool), got {scale!r}")
   scores = _check_groups(scores, min_k=1)
+  check_number(eps, "eps", gt=0)
   deviations = _from_first(scores)
   centred = deviations - jnp.mean(deviations, axis=1, keepdims=True)
   if scale == "none":
@@ -471,6 +479,7 @@ def adaptive_kl_init(*, init_kl_coef: ArrayLike) -> AdaptiveKLState:
   References:
       Ziegler et al., "Fine-Tuning Language Models from Human Preferences", 2019.
   """
+  check_number(init_kl_coef, "init_kl_coef", ge=0)
   return AdaptiveKLState(kl_coef=jnp.asarray(init_kl_coef, jnp.float32))
 
 
@@ -497,10 +506,15 @@ def adaptive_kl_update(
       current_kl: the measured KL(pi || pi_ref) per sequence, averaged over the batch (scalar).
       n_steps: number of samples (or steps) since the last update (scalar).
       target_kl: the KL to aim for (> 0).
-      horizon: the time scale of the adaptation, in the units of ``n_steps``.
+      horizon: the time scale of the adaptation, in the units of ``n_steps``; it must exceed
+          ``0.2 * n_steps``, else a KL below target would make the coefficient <= 0.
 
   Returns:
       The new state.
+
+  Raises:
+      ValueError: ``target_kl`` or ``horizon`` not > 0, ``n_steps`` negative, or (where both are
+          concrete) ``horizon <= 0.2 * n_steps``.
 
   References:
       Ziegler et al., "Fine-Tuning Language Models from Human Preferences", 2019.
@@ -510,10 +524,15 @@ def adaptive_kl_update(
       "target_kl is None: for a fixed KL coefficient keep the AdaptiveKLState from "
       "adaptive_kl_init and do not call adaptive_kl_update"
     )
-  if isinstance(target_kl, (int, float)) and not target_kl > 0:
-    raise ValueError(f"target_kl must be > 0, got {target_kl}")
-  if isinstance(horizon, (int, float)) and not horizon > 0:
-    raise ValueError(f"horizon must be > 0, got {horizon}")
+  check_number(target_kl, "target_kl", gt=0)
+  check_number(horizon, "horizon", gt=0)
+  check_number(n_steps, "n_steps", ge=0)
+  if is_concrete(n_steps) and is_concrete(horizon) and not 0.2 * n_steps < horizon:
+    # the factor 1 + e * n_steps / horizon with e = -0.2 (KL far below target) would be <= 0
+    raise ValueError(
+      f"horizon ({horizon}) must exceed 0.2 * n_steps ({n_steps}): else a KL below target "
+      "would turn the coefficient zero or negative"
+    )
   dtype = state.kl_coef.dtype
   current_kl = jnp.asarray(current_kl, dtype)
   if current_kl.ndim != 0:

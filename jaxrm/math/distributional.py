@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxrm.math._arrays import as_float, check_in_range, nan_where_invalid
+from jaxrm.math._arrays import as_float, check_in_range, check_number, nan_where_invalid
 from jaxrm.math.preference import _targets, log_ndtr, weighted_mean
 
 
@@ -77,10 +77,7 @@ def _check_logits(logits: ArrayLike, name: str) -> jax.Array:
 
 
 def _check_alpha(alpha: float) -> None:
-  if isinstance(alpha, jax.Array) and not isinstance(alpha, jax.core.Tracer):
-    alpha = float(alpha)
-  if not isinstance(alpha, jax.core.Tracer) and not 0.0 < alpha < 1.0:
-    raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+  check_number(alpha, "alpha", gt=0, lt=1)
 
 
 # ------------------------------------------------------------------------------ mean-variance

@@ -39,13 +39,13 @@ from jax import lax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxrm.math._arrays import as_float
+from jaxrm.math._arrays import as_float, check_in_range, check_number
 from jaxrm.math.preference import bradley_terry_losses, weighted_mean
 
 
 def _per_example(**arrays: ArrayLike) -> list[jax.Array]:
   """Converts to float and checks that every array has the shape [batch] of the first."""
-  out = [as_float(x) for x in arrays.values()]
+  out = [as_float(x, name) for name, x in arrays.items()]
   names = list(arrays)
   if out[0].ndim != 1:
     raise ValueError(f"{names[0]} must have shape [batch], got {out[0].shape}")
@@ -56,13 +56,11 @@ def _per_example(**arrays: ArrayLike) -> list[jax.Array]:
 
 
 def _check_positive(name: str, value) -> None:
-  if not isinstance(value, jax.Array) and not value > 0:
-    raise ValueError(f"{name} must be > 0, got {value}")
+  check_number(value, name, gt=0)
 
 
 def _check_smoothing(label_smoothing) -> None:
-  if not isinstance(label_smoothing, jax.Array) and not 0 <= label_smoothing <= 0.5:
-    raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
+  check_number(label_smoothing, "label_smoothing", ge=0, le=0.5)
 
 
 def implicit_reward(policy_logps: ArrayLike, ref_logps: ArrayLike, *, beta: ArrayLike) -> jax.Array:
@@ -217,6 +215,8 @@ def simpo_losses(
     chosen_lengths=chosen_lengths,
     rejected_lengths=rejected_lengths,
   )
+  check_in_range(nc, "chosen_lengths", low=1)
+  check_in_range(nr, "rejected_lengths", low=1)
   # The Bradley-Terry loss on the length-normalised rewards with margin gamma.
   return bradley_terry_losses(
     beta * pc / jnp.maximum(nc, 1.0),
@@ -308,8 +308,7 @@ def kto_losses(
     ("desirable_weight", desirable_weight),
     ("undesirable_weight", undesirable_weight),
   ):
-    if not isinstance(w, jax.Array) and not w >= 0:
-      raise ValueError(f"{name} must be >= 0, got {w}")
+    check_number(w, name, ge=0)
   policy_logps, ref_logps = _per_example(policy_logps=policy_logps, ref_logps=ref_logps)
   desirable = jnp.asarray(desirable)
   if desirable.shape != policy_logps.shape:

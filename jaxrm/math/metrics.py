@@ -145,7 +145,7 @@ def expected_calibration_error(
       Naeini, Cooper & Hauskrecht, "Obtaining well calibrated probabilities using Bayesian
       binning", AAAI 2015; Guo et al., "On calibration of modern neural networks", 2017.
   """
-  if not isinstance(num_bins, int) or num_bins < 1:
+  if not isinstance(num_bins, (int, np.integer)) or isinstance(num_bins, bool) or num_bins < 1:
     raise ValueError(f"num_bins must be a positive int, got {num_bins!r}")
   delta, p = _pair(rewards_chosen, rewards_rejected, labels)
   q = jax.nn.sigmoid(delta)
@@ -177,7 +177,9 @@ def margin_quantiles(
 ) -> jax.Array:
   """Quantiles of the reward margin ``r_c - r_r`` (linear interpolation), ``[len(quantiles)]``."""
   delta, _ = _pair(rewards_chosen, rewards_rejected, None)
-  return jnp.quantile(delta, jnp.asarray(quantiles, delta.dtype))
+  q = as_float(quantiles, "quantiles")
+  check_in_range(q, "quantiles", low=0.0, high=1.0)
+  return jnp.quantile(delta, q.astype(delta.dtype))
 
 
 def margin_histogram(
@@ -415,7 +417,7 @@ def summarize_preferences(
       A dict of Python floats.
   """
   _, p = _pair(rewards_chosen, rewards_rejected, labels)
-  if not isinstance(num_bins, int) or num_bins < 1:
+  if not isinstance(num_bins, (int, np.integer)) or isinstance(num_bins, bool) or num_bins < 1:
     raise ValueError(f"num_bins must be a positive int, got {num_bins!r}")
   out = _summary_arrays(as_float(rewards_chosen), as_float(rewards_rejected), p, num_bins=num_bins)
   return {k: float(v) for k, v in out.items()}

@@ -32,8 +32,9 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+import numpy as np
 
-from jaxrm.math._arrays import as_float, is_concrete
+from jaxrm.math._arrays import as_float, check_number
 
 AGGREGATIONS = ("token_mean", "seq_mean", "constant_length")
 RATIO_LEVELS = ("token", "sequence")
@@ -93,7 +94,11 @@ def masked_aggregate(
     num_seqs = across(jnp.sum(per_seq_count > 0, dtype=x.dtype))
     return jnp.sum(per_seq_mean) / jnp.maximum(num_seqs, 1.0)
   if aggregation == "constant_length":
-    if not isinstance(norm_length, int) or isinstance(norm_length, bool) or norm_length < 1:
+    if (
+      not isinstance(norm_length, (int, np.integer))
+      or isinstance(norm_length, bool)
+      or norm_length < 1
+    ):
       raise ValueError(
         f"aggregation='constant_length' needs norm_length, a positive int, got {norm_length!r}"
       )
@@ -169,8 +174,9 @@ def ppo_policy_loss(
       (clip-higher).
       Zheng et al., "Group Sequence Policy Optimization", 2025 (GSPO).
   """
-  if is_concrete(clip_eps) and not float(clip_eps) > 0:
-    raise ValueError(f"clip_eps must be > 0 (e.g. 0.2), got {clip_eps}")
+  check_number(clip_eps, "clip_eps", gt=0, expected="> 0 (e.g. 0.2)")
+  if clip_eps_high is not None:
+    check_number(clip_eps_high, "clip_eps_high", gt=0)
   logp = as_float(logp, "logp")
   _check_same("logp", logp, old_logp=old_logp, advantages=advantages, mask=mask)
   m = jnp.asarray(mask) != 0
@@ -181,8 +187,8 @@ def ppo_policy_loss(
   advantages = lax.stop_gradient(jnp.where(m, as_float(advantages), 0.0))
   if ratio_level not in RATIO_LEVELS:
     raise ValueError(f"ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
-  if dual_clip is not None and not dual_clip > 1.0:
-    raise ValueError(f"dual_clip must be None or > 1, got {dual_clip}")
+  if dual_clip is not None:
+    check_number(dual_clip, "dual_clip", gt=1, expected="None or > 1")
   high = clip_eps if clip_eps_high is None else clip_eps_high
   log_ratio = logp - old_logp
   token_log_ratio = log_ratio
@@ -250,8 +256,7 @@ def ppo_value_loss(
       of the OpenAI baselines implementation (Dhariwal et al., 2017), also used by
       Ziegler et al. (2019) and Ouyang et al. (2022).
   """
-  if is_concrete(clip_eps) and not float(clip_eps) > 0:
-    raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
+  check_number(clip_eps, "clip_eps", gt=0)
   values = as_float(values, "values")
   _check_same("values", values, old_values=old_values, returns=returns, mask=mask)
   m = jnp.asarray(mask) != 0

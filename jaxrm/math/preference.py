@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxrm.math._arrays import as_float, check_in_range, nan_where_invalid
+from jaxrm.math._arrays import as_float, check_in_range, check_number, nan_where_invalid
 
 _SQRT2 = 1.4142135623730951
 _LOG_SQRT_2PI = 0.9189385332046727
@@ -444,8 +444,7 @@ def reward_centering_penalty(
     raise ValueError(f"rewards_chosen must be non-empty, got shape {rc.shape}")
   if form not in CENTERING_FORMS:
     raise ValueError(f"form must be one of {CENTERING_FORMS}, got {form!r}")
-  if not isinstance(coef, jax.Array) and not coef >= 0:
-    raise ValueError(f"coef must be >= 0, got {coef}")
+  check_number(coef, "coef", ge=0)
   if form == "pair":
     return coef * jnp.mean(jnp.square(rc + rr))
   return coef * jnp.square(jnp.mean(jnp.concatenate([rc.ravel(), rr.ravel()])))

@@ -26,6 +26,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxrm.math._arrays import is_concrete
+
 
 def init_ensemble(init_fn: Callable[..., Any], keys: jax.Array, *args: Any) -> Any:
   """Initialises one member per key and stacks them.
@@ -79,9 +81,10 @@ def apply_ensemble(apply_fn: Callable[..., Any], stacked_params: Any, *args: Any
 def member_params(stacked_params: Any, index: int | jax.Array) -> Any:
   """Parameters of member ``index`` (leaves without the leading ensemble axis).
 
-  A Python int index is range-checked; a traced index is not (it is clamped by indexing).
+  A concrete index (Python or NumPy int, or a concrete JAX scalar) is range-checked; a traced
+  index is not (it is clamped by indexing).
   """
   k = ensemble_size(stacked_params)
-  if isinstance(index, int) and not -k <= index < k:
+  if is_concrete(index) and jnp.ndim(index) == 0 and not -k <= int(index) < k:
     raise ValueError(f"index must be in [-{k}, {k}), got {index}")
   return jax.tree.map(lambda leaf: leaf[index], stacked_params)

@@ -29,7 +29,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxrm.models.transformer import KVCache, Transformer, TransformerConfig
+from jaxrm.math._arrays import check_key
+from jaxrm.models.transformer import (
+  KVCache,
+  Transformer,
+  TransformerConfig,
+  check_token_range,
+  out_of_range_negatives,
+)
 
 Initializer = Callable[..., jax.Array]
 
@@ -119,7 +126,8 @@ def token_logprobs(logits: jax.typing.ArrayLike, tokens: jax.typing.ArrayLike) -
   Args:
     logits: ``[batch, seq, vocab]``; ``logits[:, t]`` is the next-token distribution after
       ``tokens[:, :t+1]``.
-    tokens: ``[batch, seq]`` int.
+    tokens: ``[batch, seq]`` int in ``[0, vocab)`` (checked where concrete; under ``jit`` an
+      id out of range gives NaN).
 
   Returns:
     ``[batch, seq]`` float32; entry ``t >= 1`` is ``log_softmax(logits[:, t-1])[tokens[:, t]]``
@@ -128,8 +136,11 @@ def token_logprobs(logits: jax.typing.ArrayLike, tokens: jax.typing.ArrayLike) -
   logits = jnp.asarray(logits)
   tokens = jnp.asarray(tokens)
   _check_logits_tokens(logits, tokens)
+  vocab = logits.shape[-1]
+  check_token_range(tokens, vocab)
   logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  picked = jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+  ids = out_of_range_negatives(tokens[:, 1:, None].astype(jnp.int32), vocab)
+  picked = jnp.take_along_axis(logp, ids, axis=-1)[..., 0]
   return jnp.pad(picked, ((0, 0), (1, 0)))
 
 
@@ -231,6 +242,7 @@ def transformer_policy(config: TransformerConfig, *, value_head: bool = False) -
       )
       return jax.tree.map(lambda x: x[0], out)
 
+    check_key(keys, "keys", shape=jnp.shape(prompts)[:1])
     return jax.vmap(one)(prompts, prompt_mask, keys)
 
   return PolicyFns(apply=apply, sample=sample, vocab_size=config.vocab_size, max_len=config.max_len)

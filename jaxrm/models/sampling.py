@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrm.math._arrays import check_key
 from jaxrm.models.policy import PolicyModel
 from jaxrm.models.transformer import TransformerConfig, check_token_range, init_cache, is_concrete
 
@@ -111,12 +112,20 @@ def _check_prompt(prompt_tokens, prompt_mask, max_new_tokens, max_len, vocab_siz
     )
   if vocab_size is not None:
     check_token_range(prompt_tokens, vocab_size, name="prompt_tokens")
+  check_left_padded(prompt_mask)
+
+
+def check_left_padded(prompt_mask: Any, *, name: str = "prompt_mask") -> None:
+  """Raises ``ValueError`` naming ``name`` unless each row of a concrete ``[batch, prompt_len]``
+  mask is left-padded with at least one real token (``False...False True...True``); a traced
+  mask (under ``jit``) is not checked."""
   if is_concrete(prompt_mask):
     m = np.asarray(prompt_mask).astype(bool)
     if m.size and (np.any(m[:, 1:] < m[:, :-1]) or not np.all(m[:, -1])):
       raise ValueError(
-        f"prompt_mask (shape {m.shape}) must be left-padded with at least one real "
-        "token per row: each row False...False True...True"
+        f"{name} (shape {m.shape}) must be left-padded with at least one real "
+        "token per row: each row False...False True...True (tokenizers pad on the right by "
+        'default; jaxrm\'s batch_encode takes padding_side="left")'
       )
 
 
@@ -253,6 +262,7 @@ def sample(
     :class:`SampleOutput` with fields of shape ``[batch, prompt_len + max_new_tokens]``.
   """
   _check_prompt(prompt_tokens, prompt_mask, max_new_tokens, config.max_len, config.vocab_size)
+  check_key(key)
   _check_filter_args(temperature, top_k, top_p, config.vocab_size)
   return _sample_cached(
     params,
@@ -350,6 +360,7 @@ def sample_with_apply_fn(
     :class:`SampleOutput` with fields of shape ``[batch, prompt_len + max_new_tokens]``.
   """
   _check_prompt(prompt_tokens, prompt_mask, max_new_tokens, max_len, None)
+  check_key(key)
   _check_filter_args(temperature, top_k, top_p, float("inf"))  # vocab checked when traced
   return _sample_full(
     params,

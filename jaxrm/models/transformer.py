@@ -224,13 +224,22 @@ def init_cache(config: TransformerConfig, batch_size: int, cache_len: int | None
   )
 
 
+def out_of_range_negatives(tokens: jax.Array, vocab_size: int) -> jax.Array:
+  """``tokens`` with negative ids replaced by ``vocab_size``: JAX's gathers read a negative
+  index from the end (``-100``, Hugging Face's ignore index, would silently read id
+  ``vocab_size - 100``), while an index ``>= vocab_size`` gives NaN in their default fill mode.
+  """
+  return jnp.where(tokens < 0, vocab_size, tokens)
+
+
 def check_token_range(tokens: jax.typing.ArrayLike, vocab_size: int, name: str = "tokens") -> None:
   """Raises ``ValueError`` if concrete ``tokens`` fall outside ``[0, vocab_size)``.
 
   Only concrete arrays are checked: under ``jax.jit`` (or any transformation) the values do
-  not exist at trace time, so the check is skipped there and an out-of-range id would be
-  clamped by the embedding gather. Validate data eagerly (or call the model eagerly once)
-  to get the error.
+  not exist at trace time, so the check is skipped there. There an out-of-range id (negative
+  ones too, see :func:`out_of_range_negatives`) makes the embedding gather return NaN, so the
+  row's outputs are NaN and the training steps skip the update. Validate data eagerly (or call
+  the model eagerly once) to get the error.
 
   Args:
     tokens: integer array of any shape.
@@ -447,6 +456,7 @@ class Transformer(nn.Module):
     positions = jnp.maximum(positions, 0)  # pads before the first real token
 
     embed_init = nn.initializers.normal(stddev=0.02)
+    tokens = out_of_range_negatives(tokens, cfg.vocab_size)
     x = nn.Embed(
       cfg.vocab_size,
       cfg.width,

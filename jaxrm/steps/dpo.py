@@ -145,12 +145,12 @@ def _paired_logps(apply_fn, params, batch) -> tuple[jax.Array, jax.Array, jax.Ar
         f"{jnp.shape(tokens)} and {jnp.shape(mask)}"
       )
     resp = batch.get(f"{side}_response_mask")
-    resp = mask if resp is None else jnp.asarray(resp).astype(bool) & mask
-    if resp.shape != mask.shape:
+    if resp is not None and jnp.shape(resp) != mask.shape:
       raise ValueError(
         f"batch['{side}_response_mask'] must have the shape of batch['{side}'] "
-        f"{jnp.shape(tokens)}, got {resp.shape}"
+        f"{jnp.shape(tokens)}, got {jnp.shape(resp)}"
       )
+    resp = mask if resp is None else jnp.asarray(resp).astype(bool) & mask
     parts[side] = (tokens, mask, resp)
   (tc, mc, rc), (tr, mr, rr) = parts["chosen"], parts["rejected"]
   b = tc.shape[0]
@@ -368,6 +368,8 @@ def implicit_reward_fn(
   """
   if not beta > 0:
     raise ValueError(f"beta must be > 0, got {beta}")
+  if prompt_len is not None and (not isinstance(prompt_len, int) or prompt_len < 1):
+    raise ValueError(f"prompt_len must be None or a positive int, got {prompt_len!r}")
 
   def reward_fn(params, tokens, mask):
     if not (isinstance(params, tuple) and len(params) == 2):
@@ -377,6 +379,11 @@ def implicit_reward_fn(
     mask = jnp.asarray(mask).astype(bool)
     response = mask
     if prompt_len is not None:
+      if not prompt_len < mask.shape[1]:
+        raise ValueError(
+          f"prompt_len={prompt_len} leaves no response tokens in sequences of length "
+          f"{mask.shape[1]} (mask shape {mask.shape})"
+        )
       response = mask & (jnp.arange(mask.shape[1]) >= prompt_len)[None, :]
     policy_params, ref_params = params
     logps = sequence_logps(apply_fn, policy_params, tokens, mask, response)

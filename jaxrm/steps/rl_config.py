@@ -13,10 +13,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxrm.math import advantages as adv_lib
 from jaxrm.math import pg_losses, running_stats
+from jaxrm.math._arrays import check_number
 from jaxrm.models import sampling
 from jaxrm.models.policy import PolicyModel
 from jaxrm.models.transformer import TransformerConfig
@@ -119,11 +121,15 @@ class RLConfig:
     def bad(name, want):
       raise ValueError(f"RLConfig.{name} must be {want}, got {getattr(self, name)!r}")
 
-    for name in ("max_new_tokens", "num_epochs", "num_minibatches"):
+    for name in ("max_new_tokens", "num_epochs", "num_minibatches", "num_samples"):
       value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        bad(name, "an int")
+      object.__setattr__(self, name, int(value))  # a NumPy int, e.g. from a config array
+    for name in ("max_new_tokens", "num_epochs", "num_minibatches"):
+      if getattr(self, name) < 1:
         bad(name, "a positive int")
-    if not isinstance(self.num_samples, int) or self.num_samples < 2:
+    if self.num_samples < 2:
       bad("num_samples", "an int >= 2")
     if not self.temperature > 0:
       bad("temperature", "> 0")
@@ -209,8 +215,7 @@ def create_rl_state(
   kl_coef: float | jax.Array,
 ) -> RLState:
   """Returns the :class:`RLState` at step 0 with KL coefficient ``kl_coef`` (>= 0)."""
-  if isinstance(kl_coef, (int, float)) and not kl_coef >= 0:
-    raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+  check_number(kl_coef, "kl_coef", ge=0)
   ts = train_state_lib.create_train_state(params, optimizer, key)
   return RLState(
     step=ts.step,

@@ -124,7 +124,9 @@ def global_offset(local_size: int, axis_name: Any) -> jax.Array:
 def check_prompts(
   prompts: Any, prompt_mask: Any, *, max_len: int | None, max_new_tokens: int
 ) -> None:
-  """Trace-time checks of a prompt batch; raises ``ValueError`` naming the argument.
+  """Checks of a prompt batch; raises ``ValueError`` naming the argument. Shapes and dtype are
+  checked at trace time; left padding (:func:`jaxrm.models.sampling.check_left_padded`) where
+  the mask is concrete, i.e. outside ``jit``.
 
   ``max_len`` is the policy's longest sequence (:attr:`PolicyFns.max_len`; None: unchecked).
   """
@@ -140,6 +142,7 @@ def check_prompts(
       f"prompts length {shape[1]} (shape {shape}) + max_new_tokens "
       f"{max_new_tokens} exceeds the policy's max_len={max_len}"
     )
+  sampling.check_left_padded(prompt_mask)
 
 
 def check_eos_id(eos_id: int | None, *, vocab_size: int | None) -> None:
