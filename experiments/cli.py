@@ -198,8 +198,9 @@ def one_line_errors():
 
   * :class:`jaxrm.io.rundir.ConfigError`: ``--config.<field>=<value>: <why>``, status 2;
   * a malformed data file (``PreferenceDataError``, naming file, line and field), status 2;
-  * :class:`jaxrm.io.rundir.RunStopped` (its message names the last good checkpoint) and
-    a failed write (disk full, read-only, permission: :func:`jaxrm.io.rundir.write_failure`),
+  * :class:`jaxrm.io.rundir.RunStopped` (its message names the last good checkpoint), a
+    failed write (disk full, read-only, permission: :func:`jaxrm.io.rundir.write_failure`)
+    and running out of device or host memory (:func:`jaxrm.io.rundir.out_of_memory`),
     status 1.
 
   Anything else propagates with its traceback (a bug, not a mistake).
@@ -210,7 +211,14 @@ def one_line_errors():
     die(e.flag_message())
   except rundir.RunStopped as e:
     die(str(e), status=1)
-  except (ValueError, OSError, RuntimeError) as e:
+  except (ValueError, OSError, RuntimeError, MemoryError) as e:
+    oom = rundir.out_of_memory(e)
+    if oom is not None:
+      die(
+        f"out of memory: {oom} ({type(e).__name__}); lower what a step holds (the config's "
+        "batch size, sequence lengths, new tokens or model size) and re-run",
+        status=1,
+      )
     reason = getattr(e, "reason", None)
     if type(e).__name__ == "PreferenceDataError" and reason is not None:
       hint = " (set --config.data.skip_malformed=True to skip such lines)"

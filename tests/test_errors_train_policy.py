@@ -168,3 +168,15 @@ def test_full_disk_at_a_checkpoint_keeps_the_last_one_and_the_rerun_resumes(
   assert _saved_steps(workdir) == [1, 2]
   with CheckpointManager(os.path.join(workdir, rundir.CHECKPOINT_DIR)) as ckpt:
     assert ckpt.latest_step() == 2
+
+
+def test_out_of_memory_is_one_line_naming_it_not_a_full_disk(tmp_path, capfd, monkeypatch):
+  # XLA reports an out-of-memory allocation as RESOURCE_EXHAUSTED, as it does a full disk
+  def save(self, step, *args, **kwargs):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1024 bytes.")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  result = _train(tmp_path / "w", capfd)
+  line = error_line(result)
+  assert result.code == 1 and "out of memory: RESOURCE_EXHAUSTED: Out of memory allocating" in line
+  assert "no space" not in line and "lower what a step holds" in line

@@ -210,4 +210,18 @@ def test_write_failure_finds_the_cause_in_wrapped_errors():
     rundir.write_failure(ValueError("RESOURCE_EXHAUSTED: writing")) == "no space left on device"
   )
   assert rundir.write_failure(ValueError("a bug")) is None
+  # XLA's out-of-memory error is RESOURCE_EXHAUSTED too, and is no full disk
+  oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 8986644048296 bytes.\nmore")
+  assert rundir.write_failure(oom) is None
+  assert (
+    rundir.out_of_memory(oom) == "RESOURCE_EXHAUSTED: Out of memory allocating 8986644048296 bytes."
+  )
+  try:
+    try:
+      raise MemoryError()
+    except MemoryError as inner:
+      raise ValueError("while building the batch") from inner
+  except ValueError as outer:
+    assert rundir.out_of_memory(outer) == "MemoryError" and rundir.write_failure(outer) is None
+  assert rundir.out_of_memory(OSError(28, "No space left on device")) is None
   assert rundir.write_failure(FileNotFoundError(2, "missing")) is None  # a bug, or a read

@@ -143,19 +143,39 @@ _WRITE_FAILURE_TEXT = (
 )
 
 
-def write_failure(error: BaseException) -> str | None:
-  """What an exception of a failed file write says went wrong (``'no space left on
-  device'``), searching its cause chain; None if it is no write failure (a bug)."""
+def _chain(error: BaseException | None):
+  """``error`` and its causes (``__cause__``, else ``__context__``), each once."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
-    if isinstance(error, OSError) and error.errno in _WRITE_FAILURES:
-      return _WRITE_FAILURES[error.errno]
-    text = str(error)
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def out_of_memory(error: BaseException) -> str | None:
+  """The first line of an out-of-memory error in ``error``'s cause chain (XLA's
+  ``RESOURCE_EXHAUSTED: Out of memory ...`` on any device, or a host ``MemoryError``); None if
+  there is none. XLA reports a full disk as ``RESOURCE_EXHAUSTED`` too (:func:`write_failure`)."""
+  for e in _chain(error):
+    text = str(e)
+    if isinstance(e, MemoryError) or "out of memory" in text.lower():
+      return (text.strip().splitlines() or [type(e).__name__])[0][:300]
+  return None
+
+
+def write_failure(error: BaseException) -> str | None:
+  """What an exception of a failed file write says went wrong (``'no space left on
+  device'``), searching its cause chain; None if it is no write failure (a bug) or is out
+  of memory (:func:`out_of_memory`)."""
+  if out_of_memory(error) is not None:
+    return None
+  for e in _chain(error):
+    if isinstance(e, OSError) and e.errno in _WRITE_FAILURES:
+      return _WRITE_FAILURES[e.errno]
+    text = str(e)
     for needle, what in _WRITE_FAILURE_TEXT:
       if needle in text:
         return what
-    error = error.__cause__ or error.__context__
   return None
 
 
