@@ -1,5 +1,6 @@
 """The SFT loop: imported checkpoint + tokenizer, response-only loss, resume, export, errors."""
 
+import gzip
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ from jaxrm.data.preference_records import PreferenceDataError
 from jaxrm.data.run_tokenizer import RunTokenizer
 from jaxrm.io import hf, hf_runs, policy_io, rundir
 from jaxrm.models.policy import PolicyModel
-from jaxrm.train import sft
+from jaxrm.train import sft, sources
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 HH = os.path.join(DATA, "hh_rlhf_sample.jsonl.gz")
@@ -136,6 +137,16 @@ def test_demonstrations_read_both_forms_and_name_bad_lines(tmp_path):
   path.write_text(json.dumps(lines[0]) + "\n" + json.dumps({"prompt": "p", "response": 3}) + "\n")
   with pytest.raises(PreferenceDataError, match=r"demos.jsonl:2: .*response"):
     demonstrations.read_demonstrations([str(path)])
+  # a truncated or mislabelled .gz names the file, not a gzip traceback
+  data = gzip.compress(("\n".join([json.dumps(lines[0])] * 300) + "\n").encode())
+  cut, fake = tmp_path / "cut.jsonl.gz", tmp_path / "fake.jsonl.gz"
+  cut.write_bytes(data[: len(data) // 2])
+  fake.write_text(json.dumps(lines[0]) + "\n")
+  for bad, message in ((cut, "the gzip data is truncated"), (fake, "is not gzip data")):
+    with pytest.raises(PreferenceDataError, match=f"{bad}: {message}"):
+      demonstrations.read_demonstrations([str(bad)])
+    with pytest.raises(rundir.ConfigError, match=message):
+      sources.read_prompt_texts((str(bad),))
 
 
 @pytest.mark.parametrize(

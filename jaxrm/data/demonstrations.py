@@ -18,11 +18,11 @@ preference data.
 from __future__ import annotations
 
 from collections.abc import Iterable
-import gzip
 import json
 import os
 from typing import NamedTuple
 
+from jaxrm.data.preference_files import iter_lines
 from jaxrm.data.preference_records import (
   ASSISTANT_MARKER,
   PreferenceDataError,
@@ -84,26 +84,24 @@ def read_demonstrations(
   for path in map(os.fspath, paths):
     if not os.path.isfile(path):
       raise PreferenceDataError("no such file", reason="not_a_file", path=path)
-    opener = gzip.open if path.endswith(".gz") else open
     records = 0
-    with opener(path, "rb") as f:
-      for line_no, raw in enumerate(f, start=1):
-        if not raw.strip():
-          continue
-        try:
-          record = json.loads(raw.decode("utf-8"))
-          prompt, response = parse_demonstration(record)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-          raise PreferenceDataError(
-            f"invalid JSON: {e}", reason="invalid_json", path=path, line=line_no
-          ) from None
-        except PreferenceDataError as e:
-          raise e.with_location(path, line_no) from None
-        split = "train"
-        if test_fraction > 0:
-          split = line_split(raw, test_fraction=test_fraction, seed=split_seed)
-        out[split].append(Demonstration(prompt, response, path, line_no))
-        records += 1
+    for line_no, raw in iter_lines(path):
+      if not raw.strip():
+        continue
+      try:
+        record = json.loads(raw.decode("utf-8"))
+        prompt, response = parse_demonstration(record)
+      except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PreferenceDataError(
+          f"invalid JSON: {e}", reason="invalid_json", path=path, line=line_no
+        ) from None
+      except PreferenceDataError as e:
+        raise e.with_location(path, line_no) from None
+      split = "train"
+      if test_fraction > 0:
+        split = line_split(raw, test_fraction=test_fraction, seed=split_seed)
+      out[split].append(Demonstration(prompt, response, path, line_no))
+      records += 1
     if records == 0:
       raise PreferenceDataError("holds no record", reason="empty_file", path=path)
   return out

@@ -116,7 +116,15 @@ _FILE_KINDS = (
 )
 
 
-def _iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
+def iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
+  """``(line number, raw line)`` of a JSONL(.gz) file (a leading UTF-8 byte-order mark
+  dropped).
+
+  Raises:
+    FileNotFoundError, PreferenceDataError: as :func:`check_data_file`; a ``.gz`` file that is
+      not gzip data, is truncated or corrupt (reason ``'corrupt_file'``, naming the last line
+      read).
+  """
   check_data_file(path)
   gzipped = path.endswith(".gz")
   opener = gzip.open if gzipped else open
@@ -185,7 +193,7 @@ def iter_preference_examples(
     subset = _file_stem(path)
     skipped_here: dict[str, int] = {}
     lines = blank = 0  # in the whole file, before line_filter
-    for line_no, raw in _iter_lines(path):
+    for line_no, raw in iter_lines(path):
       lines, blank = line_no, blank + (not raw.strip())
       if line_filter is not None and not line_filter(raw):
         continue

@@ -29,7 +29,6 @@ uninterrupted one): the synthetic world's prompts, the prompts of JSONL preferen
 from collections.abc import Callable
 import dataclasses
 import functools
-import gzip
 import os
 from typing import Any, NamedTuple
 
@@ -266,21 +265,22 @@ def _reward(c, *, tokenizer_name, vocab_size, seq_len, prompt_len, world, world_
 
 def read_prompt_texts(paths: tuple[str, ...], *, field: str = "prompts.files") -> list[str]:
   """The prompts of JSONL preference files (a bad line: :class:`ConfigError` naming file:line)."""
-  from jaxrm.data import preferences  # pylint: disable=import-outside-toplevel
+  from jaxrm.data import preference_files, preferences  # pylint: disable=import-outside-toplevel
 
   texts = []
   for path in paths:
     if not os.path.isfile(path):
       raise ConfigError(field, path, f"no such file: {path}")
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-      for line_no, raw in enumerate(f, start=1):
+    try:
+      for line_no, raw in preference_files.iter_lines(path):
         if not raw.strip():
           continue
         try:
           texts.append(preferences.parse_preference_line(raw).prompt)
         except preferences.PreferenceDataError as e:
           raise ConfigError(field, path, str(e.with_location(path, line_no))) from None
+    except preferences.PreferenceDataError as e:  # the file itself (not gzip, truncated)
+      raise ConfigError(field, path, str(e)) from None
   if not texts:
     raise ConfigError(field, ",".join(paths), "no prompts in the files")
   return texts
