@@ -436,7 +436,15 @@ def validate(cfg: MismatchConfig) -> None:
   need(len(set(cfg.world_seeds)) == len(cfg.world_seeds), "world_seeds", "must be distinct")
   need(all(isinstance(s, int) and s >= 0 for s in cfg.world_seeds), "world_seeds", "must be >= 0")
   need(len(cfg.proxy_sizes) > 0, "proxy_sizes", "must name at least one architecture")
-  cfg.sizes  # noqa: B018  (raises ConfigError naming a malformed size)
+  names = [size.name for size in cfg.sizes]  # parses every size; a bad one is named
+  need(
+    len(set(names)) == len(names),
+    "proxy_sizes",
+    f"must have distinct layers x width: a proxy's name and caches are {names}",
+  )
+  need(rundir.is_int(cfg.rm_batch_size) and cfg.rm_batch_size >= 1, "rm_batch_size", "must be >= 1")
+  need(cfg.rm_learning_rate > 0, "rm_learning_rate", "must be > 0")
+  need(cfg.center_coef >= 0, "center_coef", "must be >= 0")
   need(len(cfg.data_sizes) > 0, "data_sizes", "must name at least one size")
   big = max(cfg.data_sizes)
   need(
@@ -446,6 +454,7 @@ def validate(cfg: MismatchConfig) -> None:
   )
   need(all(0.0 <= e <= 0.5 for e in cfg.label_noises), "label_noises", "must lie in [0, 0.5]")
   need(len(cfg.label_noises) > 0, "label_noises", "must name at least one rate")
+  need(len(set(cfg.label_noises)) == len(cfg.label_noises), "label_noises", "must be distinct")
   need(
     len(cfg.losses) > 0 and all(x in LOSSES for x in cfg.losses),
     "losses",
@@ -489,6 +498,17 @@ def validate(cfg: MismatchConfig) -> None:
   )
   if cfg.rl_per_size:
     need(cfg.rl_steps >= 1, "rl_steps", "must be >= 1 when rl_per_size > 0")
+    need(
+      rundir.is_int(cfg.rl_batch_size) and cfg.rl_batch_size >= 1,
+      "rl_batch_size",
+      "must be >= 1 when rl_per_size > 0",
+    )
+    need(cfg.rl_learning_rate > 0, "rl_learning_rate", "must be > 0")
+    need(
+      cfg.rl_batch_size % cfg.ppo.num_minibatches == 0,
+      "ppo.num_minibatches",
+      f"must divide the {cfg.rl_batch_size} sequences of a step (rl_batch_size)",
+    )
     need(
       1 <= cfg.rl_log_every <= cfg.rl_steps,
       "rl_log_every",

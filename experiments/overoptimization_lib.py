@@ -525,11 +525,21 @@ def validate(cfg: StudyConfig) -> None:
     "tilted_betas",
     "must be a non-empty tuple of numbers > 0",
   )
-  for name in ("num_heldout", "rm_epochs", "rl_steps"):
+  for name in ("rm_epochs", "rl_steps"):
     need(isinstance(getattr(cfg, name), int) and getattr(cfg, name) >= 0, name, "must be >= 0")
+  need(
+    rundir.is_int(cfg.num_heldout) and cfg.num_heldout >= 1,
+    "num_heldout",
+    "must be >= 1 (the proxies' held-out accuracy)",
+  )
   need(cfg.num_seeds >= 1, "num_seeds", "must be >= 1")
   need(len(cfg.proxy_sizes) > 0, "proxy_sizes", "must name at least one proxy architecture")
-  cfg.sizes  # noqa: B018  (parses every size; raises ConfigError naming a bad one)
+  names = [size.name for size in cfg.sizes]  # parses every size; a bad one is named
+  need(
+    len(set(names)) == len(names),
+    "proxy_sizes",
+    f"must have distinct layers x width: a proxy's name, cache and RL arm are {names}",
+  )
   for n in (cfg.num_comparisons,) + tuple(cfg.data_sizes):
     field = "num_comparisons" if n == cfg.num_comparisons else "data_sizes"
     need(n >= cfg.rm_batch_size, field, f"size {n} is below rm_batch_size={cfg.rm_batch_size}")

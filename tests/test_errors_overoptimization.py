@@ -32,6 +32,11 @@ def _study(workdir, capfd, *extra):
     ("--config.proxy_sizes=('1x8x3',)", "--config.proxy_sizes=1x8x3: needs positive sizes"),
     ("--config.proxy_sizes=('big',)", "--config.proxy_sizes=big: is not LAYERSxWIDTHxHEADS"),
     ("--config.num_seeds=0", "--config.num_seeds=0: must be >= 1"),
+    ("--config.num_heldout=0", "--config.num_heldout=0: must be >= 1"),
+    (
+      "--config.proxy_sizes=('1x8x2','1x8x4')",
+      "--config.proxy_sizes=1x8x2,1x8x4: must have distinct layers x width",
+    ),
     ("--config.rl_batch_size=0", "--config.rl_batch_size=0: must be an int >= 1"),
     ("--config.label_noise=0.9", "--config.label_noise=0.9: must lie in [0, 0.5]"),
     ("--config.world_seeds=(0,0)", "--config.world_seeds=0,0: must be distinct"),

@@ -89,9 +89,24 @@ def test_bad_setting_gives_a_one_line_error(tmp_path, arg, message):
   assert len(lines) == 1 and message in lines[0], proc.stderr
 
 
-def test_bad_rl_compile_opt_level_names_the_field():
-  with pytest.raises(ConfigError, match="rl_compile_opt_level"):
-    lib.validate(lib.MismatchConfig(rl_compile_opt_level=7))
+@pytest.mark.parametrize(
+  "fields, message",
+  [
+    (dict(rl_compile_opt_level=7), "--config.rl_compile_opt_level=7"),
+    (dict(rl_batch_size=15), "--config.ppo.num_minibatches=2: must divide the 15 sequences"),
+    (dict(rl_batch_size=0), "--config.rl_batch_size=0: must be >= 1"),
+    (dict(rl_learning_rate=0.0), "--config.rl_learning_rate=0.0: must be > 0"),
+    (dict(rm_learning_rate=-1e-3), "--config.rm_learning_rate=-0.001: must be > 0"),
+    (dict(rm_batch_size=0), "--config.rm_batch_size=0: must be >= 1"),
+    (dict(center_coef=-0.1), "--config.center_coef=-0.1: must be >= 0"),
+    (dict(label_noises=(0.0, 0.0)), "--config.label_noises=0.0,0.0: must be distinct"),
+    (dict(proxy_sizes=("1x8x2", "1x8x4")), "--config.proxy_sizes=1x8x2,1x8x4: must have distinct"),
+  ],
+)
+def test_bad_settings_are_refused_before_any_stage_naming_the_field(fields, message):
+  with pytest.raises(ConfigError) as e:
+    lib.validate(dataclasses.replace(lib.MismatchConfig(), **fields))
+  assert message in e.value.flag_message()
 
 
 def test_every_field_is_in_a_stage_cache_key_or_read_by_the_analysis_only():
