@@ -249,6 +249,22 @@ def no_arguments(argv: Sequence[str]) -> None:
 _WRITER_THREADS_FAILED: list[bool] = []  # a checkpoint write failed in this process
 
 
+def check_output_dir(flag: str, path: str | None) -> None:
+  """Exits with ``--<flag>=<path>: is a file, not a directory`` (status 2) when ``path`` names
+  an existing file; before any work, so that a run does not fail at its last write."""
+  if path and os.path.exists(path) and not os.path.isdir(path):
+    die(f"--{flag}={path}: is a file, not a directory")
+
+
+def check_model_type(model_type: str | None) -> None:
+  """Exits naming ``--model_type`` (status 2) unless it is None or a Hugging Face family
+  jaxrm exports (:data:`jaxrm.io.hf.FAMILIES`)."""
+  from jaxrm.io import hf  # noqa: PLC0415  (safetensors: imported on use)
+
+  if model_type is not None and model_type not in hf.FAMILIES:
+    die(f"--model_type={model_type}: must be one of {sorted(hf.FAMILIES)}")
+
+
 def run(
   main: Callable[[list[str]], None],
   *,

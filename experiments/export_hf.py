@@ -36,6 +36,8 @@ def main(argv: list[str]) -> None:
   from jaxrm.io import hf_runs  # noqa: PLC0415
 
   workdir = _WORKDIR.value
+  cli.check_output_dir("out", _OUT.value)
+  cli.check_model_type(_MODEL_TYPE.value)
   config = os.path.join(workdir, rundir.CONFIG_FILE)
   if not os.path.isfile(config):
     cli.die(f"--workdir={workdir}: not a run directory (no {rundir.CONFIG_FILE})")

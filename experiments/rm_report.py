@@ -34,6 +34,7 @@ _OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory (see the docst
 def main(argv: list[str]) -> None:
   cli.no_arguments(argv)
   rundir.quiet_orbax_logging()
+  cli.check_output_dir("out_dir", _OUT_DIR.value)
   try:
     paths = rm_eval.write_run_report(_WORKDIR.value, step=_STEP.value, out_dir=_OUT_DIR.value)
   except FileNotFoundError as e:

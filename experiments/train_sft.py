@@ -48,6 +48,8 @@ def main(argv: list[str]) -> None:
   from jaxrm.data import preferences  # noqa: PLC0415  (TFDS: imported on use)
   from jaxrm.io import hf_runs  # noqa: PLC0415
 
+  cli.check_output_dir("export_dir", _EXPORT_DIR.value)  # before training, not after it
+  cli.check_model_type(_MODEL_TYPE.value)
   with cli.one_line_errors():
     try:
       summary = sft.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -27,7 +27,11 @@ from absl import flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "experiments")
-_SCRIPT_FLAGS = ("config", "workdir", "quick")
+# The flags the scripts that tests run in-process define (forgotten before each run).
+_SCRIPT_FLAGS = (
+  *("config", "workdir", "quick"),
+  *("out", "out_dir", "step", "which", "model_type", "export_dir"),
+)
 
 
 class Result(NamedTuple):

@@ -74,6 +74,15 @@ def test_bad_setting_is_a_usage_error_naming_the_field(tmp_path, capfd, arg, mes
   assert not _saved_steps(tmp_path / "w")
 
 
+def test_eos_id_outside_the_byte_policys_vocabulary_is_a_usage_error(tmp_path, capfd):
+  args = ["--config=experiments/configs/policy.py:byte", "--config.steps=1"]
+  args += ["--config.batch_size=8", "--config.rl.max_new_tokens=8", "--config.rl.eos_id=300"]
+  result = run_script("train_policy", [f"--workdir={tmp_path}/w", *args], capfd)
+  assert result.code == 2
+  assert "--config.rl.eos_id=300: is outside the policy's vocabulary [0, 259)" in error_line(result)
+  assert not _saved_steps(tmp_path / "w")
+
+
 def test_workdir_that_is_a_file_is_a_usage_error(tmp_path, capfd):
   a_file = tmp_path / "a_file"
   a_file.write_text("keep me")

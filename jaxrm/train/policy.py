@@ -282,6 +282,11 @@ def build_run(c: PolicyTrainConfig) -> Run:
     dummy = jnp.zeros((1, policy_cfg.max_len), jnp.int32)
     ref_params = jax.jit(PolicyModel(policy_cfg).init)(init_key, dummy, jnp.ones(dummy.shape, bool))
     tok = "byte"
+  eos_id = rl_config.eos_id
+  if eos_id is not None and not 0 <= eos_id < policy_cfg.vocab_size:
+    raise ConfigError(
+      "rl.eos_id", eos_id, f"is outside the policy's vocabulary [0, {policy_cfg.vocab_size})"
+    )
   reward = sources.make_reward_source(
     c.reward,
     tokenizer_name=tok,
