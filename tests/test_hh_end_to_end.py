@@ -119,6 +119,21 @@ def test_best_of_n_keeps_the_highest_reward_sample_of_each_prompt(pipeline):
   np.testing.assert_allclose(summary["kl_bon"], np.log(4) - 3 / 4, rtol=1e-6)
 
 
+def test_best_of_n_refuses_more_prompts_than_the_files_hold(pipeline, tmp_path):
+  dirs = pipeline["dirs"]
+  config = best_of_n.BestOfNConfig(
+    policy=dirs["sft"],
+    prompts=PromptConfig(source="jsonl", files=(HH,), prompt_len=32),
+    reward=RewardConfig(source="rm", rm_dirs=(dirs["rm"],)),
+    num_prompts=100_000,
+    n=2,
+    max_new_tokens=4,
+    batch_size=8,
+  )
+  with pytest.raises(rundir.ConfigError, match=r"num_prompts=100000: exceeds the \d+ prompts"):
+    best_of_n.run_best_of_n(config, str(tmp_path / "bon"))
+
+
 def test_ppo_against_the_reward_model_writes_decoded_samples(pipeline):
   d = pipeline["dirs"]["ppo"]
   rows = _read_jsonl(os.path.join(d, SAMPLES_FILE))

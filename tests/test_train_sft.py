@@ -164,6 +164,21 @@ def test_bad_settings_are_config_errors_naming_the_field(tmp_path, field, value,
   assert e.value.field == field
 
 
+@pytest.mark.parametrize(
+  "data, field, message",
+  [
+    (dict(max_len=2_000_000), "data.max_len", r"must be an int in \[8, 65536\]"),
+    (dict(files=(HH, HH)), "data.files", "must not repeat a data file"),
+  ],
+)
+def test_bad_data_settings_are_config_errors_naming_the_field(tmp_path, data, field, message):
+  config = tiny_sft_config()
+  config.data = sft.SFTDataConfig(**{"files": (HH,), "max_len": 64, **data})
+  with pytest.raises(rundir.ConfigError, match=message) as e:
+    sft.train_and_evaluate(config, str(tmp_path))
+  assert e.value.field == field
+
+
 def test_checkpoint_without_a_tokenizer_needs_one(tmp_path):
   with pytest.raises(rundir.ConfigError, match="no tokenizer.json; name a tokenizer folder"):
     sft.train_and_evaluate(tiny_sft_config(tokenizer=""), str(tmp_path))

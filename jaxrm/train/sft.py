@@ -49,7 +49,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from jaxrm.data import demonstrations
+from jaxrm.data import demonstrations, pairs
 from jaxrm.data.tokenizer import encode_prompt_response
 from jaxrm.io import checkpoint as checkpoint_lib
 from jaxrm.io import policy_io, rm_io, rundir
@@ -142,9 +142,14 @@ def validate_config(c: SFTConfig, *, num_devices: int | None = None) -> None:
   need(len(d.files) > 0, "data.files", "must name at least one JSONL file")
   for path in d.files:
     need(os.path.isfile(path), "data.files", f"file not found: {path}")
+  need(len(set(d.files)) == len(d.files), "data.files", "must not repeat a data file")
   need(0 <= d.test_fraction < 1, "data.test_fraction", "must be in [0, 1)")
   need(rundir.is_int(d.split_seed) and d.split_seed >= 0, "data.split_seed", "must be an int >= 0")
-  need(rundir.is_int(d.max_len) and d.max_len >= 8, "data.max_len", "must be an int >= 8")
+  need(
+    rundir.is_int(d.max_len) and 8 <= d.max_len <= pairs.MAX_LEN_LIMIT,
+    "data.max_len",
+    f"must be an int in [8, {pairs.MAX_LEN_LIMIT}] (tokens per sequence and the model's positions)",
+  )
   need(
     rundir.is_int(d.max_prompt_len) and 0 <= d.max_prompt_len < d.max_len - 1,
     "data.max_prompt_len",
