@@ -253,3 +253,9 @@ def test_resampled_estimator_equals_the_estimator_on_the_repeated_samples():
     )
   with pytest.raises(ValueError, match="counts must have"):
     bon.best_of_n_resampled(gold, np.ones(3, int), table)
+  bad = np.ones(len(gold), int)
+  bad[:2] = (-1, 3)  # sums to N, but a count is negative
+  with pytest.raises(ValueError, match=r"counts must lie in \[0, inf\], got -1"):
+    bon.best_of_n_resampled(gold, bad, table)
+  with pytest.raises(ValueError, match=f"counts must sum to N={len(gold)}"):
+    bon.best_of_n_resampled(gold, 2 * np.ones(len(gold), int), table)

@@ -103,5 +103,7 @@ def test_bad_settings_raise_naming_the_field():
     hc_lib.HiddenContextConfig(group2_feature_weight=float("nan"))
   with pytest.raises(ValueError, match=r"golds must have shape \[batch, 2\], got \(3,\)"):
     hc_lib.utility_moments(np.zeros(3), group2_prob=0.5)
+  with pytest.raises(ValueError, match=r"group2_prob must lie in \[0, 1\], got 1.5"):
+    hc_lib.utility_moments(np.zeros((3, 2)), group2_prob=1.5)
   with pytest.raises(ValueError, match="num must be an int >= 1, got 0"):
     hc_lib.make_comparisons(None, CFG, hc_lib.HiddenContextConfig(), jax.random.key(0), num=0)

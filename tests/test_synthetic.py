@@ -142,6 +142,16 @@ def test_world_config_rejects_bad_fields():
     dataclasses.replace(CFG, feature_quantile=1.0)
 
 
+def test_gold_rejects_sequences_of_another_length_naming_the_shape(world):
+  tokens, mask = jnp.zeros((2, 5), jnp.int32), jnp.ones((2, 5), bool)
+  for fn in (synthetic.gold_reward, synthetic.gold_components):
+    with pytest.raises(ValueError, match=rf"tokens must have shape \[batch, {CFG.seq_len}\]"):
+      fn(world, CFG, tokens, mask)
+  good = jnp.zeros((2, CFG.seq_len), jnp.int32)
+  with pytest.raises(ValueError, match="mask must have the shape of tokens"):
+    synthetic.gold_reward(world, CFG, good, mask)
+
+
 def test_sample_responses_rejects_wrong_prompt_shape(world):
   with pytest.raises(ValueError, match="prompts"):
     synthetic.sample_responses(

@@ -80,6 +80,10 @@ def test_limits_and_several_values():
       dict(reward=np.zeros(3), values=np.zeros(3), betas=np.ones(1), counts=np.ones(2)),
       "counts must have",
     ),
+    (
+      dict(reward=np.zeros(3), values=np.zeros(3), betas=np.ones(1), counts=np.array([1, -1, 2])),
+      r"counts must lie in \[0, inf\], got -1.0 at index \(1,\)",
+    ),
   ],
 )
 def test_bad_input_is_named(kwargs, message):

@@ -97,7 +97,7 @@ def utility_moments(golds: jax.typing.ArrayLike, *, group2_prob: float) -> dict[
 
   Args:
     golds: ``[batch, 2]`` from :func:`group_golds`.
-    group2_prob: ``p``.
+    group2_prob: ``p`` in [0, 1].
 
   Returns:
     ``{'mean': (1 - p) g1 + p g2, 'std': sqrt(p (1 - p)) |g1 - g2|}``, ``[batch]`` each.
@@ -105,6 +105,8 @@ def utility_moments(golds: jax.typing.ArrayLike, *, group2_prob: float) -> dict[
   golds = jnp.asarray(golds)
   if golds.ndim != 2 or golds.shape[1] != 2:
     raise ValueError(f"golds must have shape [batch, 2], got {golds.shape}")
+  if not 0.0 <= group2_prob <= 1.0:
+    raise ValueError(f"group2_prob must lie in [0, 1], got {group2_prob}")
   p = group2_prob
   return {
     "mean": (1.0 - p) * golds[:, 0] + p * golds[:, 1],

@@ -263,6 +263,17 @@ def _combine(cfg: WorldConfig, stats: GoldStats, raw, count):
   return (raw - stats.raw_mean) / stats.raw_std + linear - penalty
 
 
+def _check_sequences(cfg: WorldConfig, tokens: Any, mask: Any) -> None:
+  """Raises ``ValueError`` unless ``tokens`` and ``mask`` are ``[batch, cfg.seq_len]``."""
+  want = f"[batch, {cfg.seq_len}] (prompt_len {cfg.prompt_len} + response_len {cfg.response_len})"
+  if jnp.ndim(tokens) != 2 or jnp.shape(tokens)[1] != cfg.seq_len:
+    raise ValueError(f"tokens must have shape {want}, got {jnp.shape(tokens)}")
+  if jnp.shape(mask) != jnp.shape(tokens):
+    raise ValueError(
+      f"mask must have the shape of tokens {jnp.shape(tokens)}, got {jnp.shape(mask)}"
+    )
+
+
 def gold_reward(world: World, cfg: WorldConfig, tokens: jax.Array, mask: jax.Array) -> jax.Array:
   """Gold reward ``[batch]`` float32: mean 0 and unit variance under ``pi_init``.
 
@@ -272,6 +283,7 @@ def gold_reward(world: World, cfg: WorldConfig, tokens: jax.Array, mask: jax.Arr
     tokens: ``[batch, seq_len]`` prompt + response tokens.
     mask: ``[batch, seq_len]`` bool.
   """
+  _check_sequences(cfg, tokens, mask)
   raw, count = _gold_parts(world.gold_params, cfg, tokens, mask)
   stats = world.stats
   return (_combine(cfg, stats, raw, count) - stats.mean) / stats.std
@@ -294,6 +306,7 @@ def gold_components(
   Returns:
     ``{'rest': [batch], 'feature': [batch]}``.
   """
+  _check_sequences(cfg, tokens, mask)
   raw, count = _gold_parts(world.gold_params, cfg, tokens, mask)
   stats = world.stats
   rest = (raw - stats.raw_mean) / stats.raw_std

@@ -25,7 +25,13 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 import numpy as np
 
-from jaxrm.math._arrays import as_float, check_finite, check_in_range, nan_where_invalid
+from jaxrm.math._arrays import (
+  as_float,
+  check_finite,
+  check_in_range,
+  is_concrete,
+  nan_where_invalid,
+)
 
 
 def kl_bon(n: ArrayLike) -> jax.Array:
@@ -320,6 +326,13 @@ def best_of_n_resampled(
       f"cumulative_weights must have shape [N + 1, n_values] = [{values.shape[-1] + 1}, ...], "
       f"got {table.shape}"
     )
+  check_in_range(counts, "counts", low=0)
+  if (
+    is_concrete(counts)
+    and counts.size
+    and np.any(np.sum(np.asarray(counts), -1) != values.shape[-1])
+  ):
+    raise ValueError(f"counts must sum to N={values.shape[-1]} along the last axis (a resample)")
   cum = jnp.cumsum(counts.astype(jnp.int32), axis=-1)
   upper, lower = table[cum], table[cum - counts.astype(jnp.int32)]  # [..., N, n_values]
   return jnp.sum((upper - lower) * values[..., None], axis=-2)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxrm.math._arrays import as_float, check_finite
+from jaxrm.math._arrays import as_float, check_finite, check_in_range
 
 
 def _check(reward: jax.Array, betas: jax.Array) -> None:
@@ -95,6 +95,7 @@ def tilted_optimum(
   c = jnp.ones_like(reward) if counts is None else as_float(counts, "counts")
   if c.shape != reward.shape:
     raise ValueError(f"counts must have the shape of reward {reward.shape}, got {c.shape}")
+  check_in_range(c, "counts", low=0)
   log_c = jnp.where(c > 0, jnp.log(jnp.where(c > 0, c, 1.0)), -jnp.inf)
   b = betas.reshape((-1,) + (1,) * reward.ndim)
   s = reward[None] / b  # [B, ..., N]
