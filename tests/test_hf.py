@@ -183,6 +183,66 @@ def test_wrong_shape_and_unknown_architecture_errors(tmp_path):
     hf.import_policy(tmp_path / "nowhere")
 
 
+def _damage_weights(dst, how):
+  shard = dst / "model-00002-of-00002.safetensors"  # the llama fixture is sharded
+  if how == "truncated":
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+  else:  # a clone without git-lfs holds pointers
+    shard.write_text("version https://git-lfs.github.com/spec/v1\n")
+
+
+def _damage_config(dst, field, value):
+  cfg = json.load(open(dst / "config.json"))
+  if value is None:
+    del cfg[field]
+  else:
+    cfg[field] = value
+  json.dump(cfg, open(dst / "config.json", "w"))
+
+
+@pytest.mark.parametrize(
+  "damage, message",
+  [
+    (
+      lambda d: _damage_weights(d, "truncated"),
+      "model-00002-of-00002.safetensors is not a readable safetensors",
+    ),
+    (lambda d: _damage_weights(d, "lfs"), "model-00002-of-00002.safetensors is a Git LFS pointer"),
+    (lambda d: _damage_config(d, "hidden_size", None), "config.json has no field 'hidden_size'"),
+    (
+      lambda d: _damage_config(d, "num_hidden_layers", "2x"),
+      "config.json field 'num_hidden_layers' must be an integer, got '2x'",
+    ),
+    (
+      lambda d: _damage_config(d, "rope_parameters", {"rope_type": "llama3"}),
+      "config.json rope_parameters has no field 'factor'",
+    ),
+    (
+      lambda d: (d / "model.safetensors.index.json").write_text("{not json"),
+      "model.safetensors.index.json is not valid JSON",
+    ),
+  ],
+)
+def test_a_damaged_checkpoint_is_one_error_naming_the_file_or_field(tmp_path, damage, message):
+  dst = _copy("llama", tmp_path)
+  damage(dst)
+  with pytest.raises(ValueError, match=rf"checkpoint '{dst}': {message}"):
+    hf.import_policy(dst)
+
+
+def test_export_refuses_a_folder_that_is_not_empty(tmp_path):
+  # a previous sharded checkpoint's index would be read instead of the new weights
+  model = hf.import_policy(os.path.join(DATA, "llama"))
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "model.safetensors.index.json").write_text("{}")
+  with pytest.raises(ValueError, match="is not empty .*model.safetensors.index.json"):
+    hf.export_policy(out, model.config, model.variables, model_type="llama")
+  hf.export_policy(tmp_path / "new", model.config, model.variables, model_type="llama")
+  assert sorted(os.listdir(tmp_path / "new")) == ["config.json", "model.safetensors"]
+
+
 def test_export_rejects_a_config_the_family_cannot_express(tmp_path):
   cfg = preset("tiny", vocab_size=64)  # rotary LayerNorm GELU, untied, head bias: no HF family
   with pytest.raises(

@@ -7,6 +7,7 @@ Face tokenizers/transformers by tests/data/hf/make_fixtures.py.
 import gzip
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -72,6 +73,14 @@ def test_train_bpe_tokenizer_round_trips_and_compresses(tmp_path):
 def test_errors_name_the_folder_or_the_missing_token(tmp_path):
   with pytest.raises(ValueError, match="has no tokenizer.json"):
     HFTokenizer.from_pretrained(tmp_path)
+  (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "trunc')  # a cut download
+  with pytest.raises(ValueError, match=r"tokenizer.json is not a valid tokenizer file \("):
+    HFTokenizer.from_pretrained(tmp_path)
+  bad = tmp_path / "bad_special"
+  shutil.copytree(TOK, bad)
+  (bad / "tokenizer_config.json").write_text('{"eos_token": 2}')
+  with pytest.raises(ValueError, match="eos_token must be a string, got 2"):
+    HFTokenizer.from_pretrained(bad)
   bare = train_bpe_tokenizer(["abc abc"], vocab_size=260)
   no_bos = HFTokenizer(bare.tokenizer, special_tokens={"eos_token": "</s>"})
   with pytest.raises(ValueError, match="add_bos=True but the tokenizer has no bos_token"):

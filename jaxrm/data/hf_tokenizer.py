@@ -42,10 +42,12 @@ from jaxrm.data.tokenizer import BatchEncoding, check_ids, pack_ids
 _SPECIAL = ("bos_token", "eos_token", "pad_token")
 
 
-def _token_text(value: Any) -> str | None:
-  if isinstance(value, dict):
-    return value.get("content")
-  return value
+def _token_text(value: Any, key: str, path: str) -> str | None:
+  """A special token's text: a string, ``{"content": string}`` or None."""
+  text = value.get("content") if isinstance(value, dict) else value
+  if text is not None and not isinstance(text, str):
+    raise ValueError(f"tokenizer folder {path!r}: {key} must be a string, got {value!r}")
+  return text
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -108,10 +110,13 @@ class HFTokenizer:
     file = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(file):
       raise ValueError(f"tokenizer folder {path!r} has no tokenizer.json")
-    tok = tokenizers.Tokenizer.from_file(file)
+    try:
+      tok = tokenizers.Tokenizer.from_file(file)
+    except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception)
+      raise ValueError(f"{file} is not a valid tokenizer file ({e})") from None
     config = _read_json(os.path.join(path, "tokenizer_config.json"))
     fallback = _read_json(os.path.join(path, "special_tokens_map.json"))
-    special = {k: _token_text(config.get(k, fallback.get(k))) for k in _SPECIAL}
+    special = {k: _token_text(config.get(k, fallback.get(k)), k, path) for k in _SPECIAL}
     template = config.get("chat_template")
     if template is None and os.path.isfile(os.path.join(path, "chat_template.jinja")):
       with open(os.path.join(path, "chat_template.jinja")) as f:

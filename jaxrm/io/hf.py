@@ -36,6 +36,7 @@ shape (256, 2048))``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any, NamedTuple
@@ -43,7 +44,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxrm.io.hf_mapping import (
@@ -109,12 +110,42 @@ def read_hf_config(path: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- tensors
 
 
+@contextlib.contextmanager
+def _open_tensors(path: str, file: str):
+  """``safe_open(file)``; a file that is not safetensors (a truncated download, a Git LFS
+  pointer) or lacks a tensor is a :func:`checkpoint_error` naming it."""
+  name = os.path.basename(file)
+  try:
+    with open(file, "rb") as f:
+      lfs = f.read(len(_LFS_POINTER)) == _LFS_POINTER
+  except OSError as e:
+    raise checkpoint_error(path, f"{name} cannot be read: {e.strerror or e}") from None
+  if lfs:
+    raise checkpoint_error(path, f"{name} is a Git LFS pointer, not the weights (run git lfs pull)")
+  try:
+    with safe_open(file, framework="np") as f:
+      yield f
+  except SafetensorError as e:
+    raise checkpoint_error(
+      path, f"{name} is not a readable safetensors file ({e}); an incomplete download?"
+    ) from None
+
+
+_LFS_POINTER = b"version https://git-lfs"
+
+
 def _safetensor_files(path: str) -> dict[str, str]:
   """Tensor name -> file, from ``model.safetensors.index.json`` or ``model.safetensors``."""
   index = os.path.join(path, "model.safetensors.index.json")
   if os.path.isfile(index):
     with open(index) as f:
-      weight_map = json.load(f).get("weight_map")
+      try:
+        parsed = json.load(f)
+      except json.JSONDecodeError as e:
+        raise checkpoint_error(
+          path, f"model.safetensors.index.json is not valid JSON ({e})"
+        ) from None
+    weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
     if not isinstance(weight_map, dict):
       raise checkpoint_error(path, "model.safetensors.index.json has no 'weight_map' object")
     files = {n: os.path.join(path, f) for n, f in weight_map.items()}
@@ -127,7 +158,7 @@ def _safetensor_files(path: str) -> dict[str, str]:
   single = os.path.join(path, "model.safetensors")
   if not os.path.isfile(single):
     raise checkpoint_error(path, "has neither model.safetensors nor model.safetensors.index.json")
-  with safe_open(single, framework="np") as f:
+  with _open_tensors(path, single) as f:
     return {n: single for n in f.keys()}
 
 
@@ -143,8 +174,12 @@ def load_tensors(path: str, names: list[str] | None = None) -> dict[str, Array]:
     by_file.setdefault(files[n], []).append(n)
   out = {}
   for file, ns in by_file.items():
-    with safe_open(file, framework="np") as f:
+    with _open_tensors(path, file) as f:
       for n in ns:
+        if n not in f.keys():
+          raise checkpoint_error(
+            path, f"{os.path.basename(file)} does not hold tensor {n!r} (the index says it does)"
+          )
         out[n] = f.get_tensor(n)
   return out
 
@@ -253,6 +288,14 @@ def import_reward_model(
 
 def _export(path, config, variables, model_type, head, base) -> None:
   path = str(path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"export folder {path!r} is a file, not a directory")
+  held = sorted(os.listdir(path)) if os.path.isdir(path) else []
+  if held:  # stale files (another checkpoint's shards and index) would be read with the new ones
+    shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+    raise ValueError(
+      f"export folder {path!r} is not empty (it holds {shown}); export into a new or empty folder"
+    )
   hf = hf_config_for(config, model_type, head=head, base=base)
   params = variables["params"] if "params" in variables else variables
   tensors = {}

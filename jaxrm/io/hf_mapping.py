@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
@@ -55,24 +56,57 @@ def model_type_of(hf: dict[str, Any], path: str) -> str:
   return model_type
 
 
+_REQUIRED = object()
+
+
+def _field(
+  d: dict[str, Any],
+  key: str,
+  kind: type,
+  path: str,
+  default: Any = _REQUIRED,
+  *,
+  where: str = "config.json",
+) -> Any:
+  """``kind(d[key])`` (``default`` where the key is absent or null and a default is given);
+  a missing field or a value of another type is a :func:`checkpoint_error` naming the field."""
+  value = d.get(key)
+  if value is None:
+    if default is _REQUIRED:
+      raise checkpoint_error(path, f"{where} has no field {key!r} (or it is null)")
+    return default
+  if (
+    isinstance(value, bool)
+    or not isinstance(value, (int, float))
+    or not math.isfinite(value)
+    or (kind is int and value != int(value))
+  ):
+    want = "an integer" if kind is int else "a number"
+    raise checkpoint_error(path, f"{where} field {key!r} must be {want}, got {value!r}")
+  return kind(value)
+
+
 def _rope(hf: dict[str, Any], path: str) -> tuple[float, RopeScaling | None]:
   """(theta, scaling) from ``rope_parameters`` (transformers >= 5) or ``rope_scaling``."""
-  params = dict(hf.get("rope_parameters") or {})
-  scaling = dict(hf.get("rope_scaling") or {})
-  theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  params, scaling = hf.get("rope_parameters") or {}, hf.get("rope_scaling") or {}
+  for name, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+    if not isinstance(value, dict):
+      raise checkpoint_error(path, f"config.json field {name!r} must be an object, got {value!r}")
+  theta = _field(params, "rope_theta", float, path, _field(hf, "rope_theta", float, path, 1e4))
   spec = params if params.get("rope_type", "default") != "default" else scaling
+  where = "config.json " + ("rope_parameters" if spec is params else "rope_scaling")
   kind = spec.get("rope_type", spec.get("type", "default"))
   if kind == "default" or not spec:
     return theta, None
   if kind == "linear":
-    return theta, RopeScaling("linear", float(spec["factor"]))
+    return theta, RopeScaling("linear", _field(spec, "factor", float, path, where=where))
   if kind == "llama3":
     return theta, RopeScaling(
       "llama3",
-      float(spec["factor"]),
-      low_freq_factor=float(spec["low_freq_factor"]),
-      high_freq_factor=float(spec["high_freq_factor"]),
-      original_max_len=int(spec["original_max_position_embeddings"]),
+      _field(spec, "factor", float, path, where=where),
+      low_freq_factor=_field(spec, "low_freq_factor", float, path, where=where),
+      high_freq_factor=_field(spec, "high_freq_factor", float, path, where=where),
+      original_max_len=_field(spec, "original_max_position_embeddings", int, path, where=where),
     )
   raise checkpoint_error(
     path, f"rope type {kind!r} is not supported (supported: default, linear, llama3)"
@@ -104,8 +138,12 @@ def transformer_config(
   Returns:
     The configuration.
   """
+  if not isinstance(hf, dict):
+    raise checkpoint_error(path, f"config.json must hold a JSON object, got {type(hf).__name__}")
   model_type = model_type_of(hf, path)
-  common = dict(vocab_size=int(hf["vocab_size"]), dtype=dtype, param_dtype=param_dtype)
+  common = dict(
+    vocab_size=_field(hf, "vocab_size", int, path), dtype=dtype, param_dtype=param_dtype
+  )
   common.update(remat=remat, head_bias=False)
   if FAMILIES[model_type] == "gpt2":
     act = hf.get("activation_function", "gelu_new")
@@ -118,57 +156,58 @@ def transformer_config(
         raise checkpoint_error(path, f"{flag}=true is not supported (expected false)")
     if not hf.get("scale_attn_weights", True):
       raise checkpoint_error(path, "scale_attn_weights=false is not supported (expected true)")
-    width = int(hf["n_embd"])
-    n_positions = int(hf["n_positions"])
+    width = _field(hf, "n_embd", int, path)
+    n_positions = _field(hf, "n_positions", int, path)
     if max_len is not None and max_len > n_positions:
       raise checkpoint_error(path, f"max_len={max_len} exceeds n_positions={n_positions}")
-    inner = hf.get("n_inner") or 4 * width
     return TransformerConfig(
-      num_layers=int(hf["n_layer"]),
+      num_layers=_field(hf, "n_layer", int, path),
       width=width,
-      num_heads=int(hf["n_head"]),
+      num_heads=_field(hf, "n_head", int, path),
       max_len=n_positions,  # the learned table is used whole; longer inputs are rejected
-      mlp_dim=int(inner),
+      mlp_dim=_field(hf, "n_inner", int, path, 4 * width),
       position="learned",
-      layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+      layer_norm_eps=_field(hf, "layer_norm_epsilon", float, path, 1e-5),
       tie_embeddings=True,
       **common,
     )
   act = hf.get("hidden_act", "silu")
   if act != "silu":
     raise checkpoint_error(path, f"hidden_act={act!r} is not supported (expected 'silu')")
-  width, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-  head_dim = hf.get("head_dim")
-  if head_dim is not None and int(head_dim) * heads != width:
+  width, heads = _field(hf, "hidden_size", int, path), _field(hf, "num_attention_heads", int, path)
+  head_dim = _field(hf, "head_dim", int, path, None)
+  if head_dim is not None and head_dim * heads != width:
     raise checkpoint_error(
       path,
       f"head_dim={head_dim} with num_attention_heads={heads} is not hidden_size={width}; "
       "jaxrm needs head_dim = hidden_size / num_attention_heads",
     )
   theta, scaling = _rope(hf, path)
-  limit = int(hf["max_position_embeddings"])
-  window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+  limit = _field(hf, "max_position_embeddings", int, path)
+  window = (
+    _field(hf, "sliding_window", int, path, None) if hf.get("use_sliding_window", True) else None
+  )
   if window:
-    limit = min(limit, int(window))
+    limit = min(limit, window)
   if max_len is not None:
-    if window and max_len > int(window):
+    if window and max_len > window:
       raise checkpoint_error(
         path, f"max_len={max_len} exceeds sliding_window={window} (not supported)"
       )
     limit = max_len
   bias = bool(hf.get("attention_bias", False))
   return TransformerConfig(
-    num_layers=int(hf["num_hidden_layers"]),
+    num_layers=_field(hf, "num_hidden_layers", int, path),
     width=width,
     num_heads=heads,
-    num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+    num_kv_heads=_field(hf, "num_key_value_heads", int, path, heads),
     max_len=limit,
-    mlp_dim=int(hf["intermediate_size"]),
+    mlp_dim=_field(hf, "intermediate_size", int, path),
     norm="rmsnorm",
     mlp="swiglu",
     rope_base=theta,
     rope_scaling=scaling,
-    layer_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+    layer_norm_eps=_field(hf, "rms_norm_eps", float, path, 1e-6),
     qkv_bias=bias or model_type == "qwen2",
     attn_out_bias=bias,
     mlp_bias=bool(hf.get("mlp_bias", False)),
