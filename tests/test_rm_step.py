@@ -147,6 +147,21 @@ def test_preference_accuracy_counts_ties_as_half():
   assert expected == pytest.approx(0.6)
 
 
+@pytest.mark.parametrize("label", [np.nan, 2.0, -np.inf])
+def test_a_bad_label_on_a_zero_weight_row_does_not_stop_the_update(label):
+  # the row contributes nothing, so the update is the one with any valid label there
+  params = init_params(jax.random.key(0))
+  step = make_step(optax.sgd(0.1))
+  clean = make_batch(2)
+  clean["weight"][2] = 0.0
+  bad = {k: v.copy() for k, v in clean.items()}
+  bad["label"][2] = label
+  s_clean, _ = step(ts.create_train_state(params, optax.sgd(0.1), jax.random.key(1)), clean)
+  s_bad, m = step(ts.create_train_state(params, optax.sgd(0.1), jax.random.key(1)), bad)
+  assert not bool(m["nonfinite"]) and int(s_bad.num_skipped) == 0
+  jax.tree.map(np.testing.assert_array_equal, host(s_bad.params), host(s_clean.params))
+
+
 def test_nan_weight_skips_update_and_increments_num_skipped():
   optimizer = optax.adamw(1e-2)
   params = init_params(jax.random.key(0))

@@ -105,6 +105,16 @@ def test_chunk_permutations_are_the_epochs_permutations():
   assert not np.array_equal(perms[0], other[0])
 
 
+def test_raise_mode_raises_naming_the_seed_and_step():
+  sweep, pairs = _sweep()
+  sweep = rm_sweep.RewardModelSweep(**{**sweep.__dict__, "nonfinite": "raise"})
+  states = sweep.init(jax.random.split(jax.random.key(0), 2))
+  weight = np.ones(len(pairs["chosen"]), np.float32)
+  weight[5] = np.nan  # in some batch of every seed's first epoch
+  with pytest.raises(FloatingPointError, match=r"seed \d: non-finite .* at step \d+ "):
+    sweep.train(states, dict(pairs, weight=weight), num_steps=12, chunk=4, log_every_chunk=False)
+
+
 def test_sweep_rejects_bad_arguments():
   sweep, pairs = _sweep()
   states = sweep.init(jax.random.split(jax.random.key(0), 2))

@@ -61,6 +61,16 @@ def _check_batch(batch: Mapping[str, Any]) -> int:
   return b
 
 
+def _labels(batch: Mapping[str, Any]) -> jax.Array | None:
+  """``batch['label']`` with 0.5 where ``batch['weight']`` is 0: a zero-weight example must not
+  reach the update, but a NaN label there would (its zero cotangent times a NaN partial is
+  NaN in the backward pass, and the whole update would be skipped)."""
+  labels, weights = batch.get("label"), batch.get("weight")
+  if labels is None or weights is None:
+    return labels
+  return jnp.where(jnp.asarray(weights) != 0, labels, 0.5)
+
+
 def _score_pairs(
   apply_fn: Callable[..., jax.Array],
   params: Any,
@@ -214,7 +224,7 @@ def reward_model_step(
 
   def objective(p):
     rewards_c, rewards_r = _score_pairs(apply_fn, p, batch, key)
-    loss = loss_fn(rewards_c, rewards_r, weights=weights, labels=batch.get("label"))
+    loss = loss_fn(rewards_c, rewards_r, weights=weights, labels=_labels(batch))
     if jnp.shape(loss) != ():
       raise ValueError(f"loss_fn must return a scalar, got shape {jnp.shape(loss)}")
     return loss * loss_scale, (rewards_c, rewards_r)
@@ -318,7 +328,7 @@ def output_pair_step(
       raise ValueError(
         f"apply_fn must return outputs [2 * batch, ...] = ({2 * b}, ...), got {jnp.shape(out)}"
       )
-    loss = loss_fn(out[:b], out[b:], weights=batch.get("weight"), labels=batch.get("label"))
+    loss = loss_fn(out[:b], out[b:], weights=batch.get("weight"), labels=_labels(batch))
     if jnp.shape(loss) != ():
       raise ValueError(f"loss_fn must return a scalar, got shape {jnp.shape(loss)}")
     return loss

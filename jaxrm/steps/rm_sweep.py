@@ -29,6 +29,7 @@ from absl import logging
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxrm.steps import rm_step
@@ -107,6 +108,7 @@ class RewardModelSweep:
         f"thread_groups={thread_groups} must be >= 1 and divide the {num_seeds} seeds"
       )
     pairs = {k: jnp.asarray(v) for k, v in pairs.items()}
+    first_step = np.asarray(jax.device_get(states.step))  # states are donated to the chunks
     size = num_seeds // thread_groups
     groups = [states] if thread_groups == 1 else [
       jax.tree.map(lambda x, g=g: x[g * size : (g + 1) * size], states) for g in range(thread_groups)
@@ -126,6 +128,8 @@ class RewardModelSweep:
           results = list(pool.map(run, groups, [n] * thread_groups))
         groups = [r[0] for r in results]
         metrics = _concat_seeds([r[1] for r in results])
+        if self.nonfinite == "raise":  # a refused update does not advance the step: stop here
+          _raise_if_nonfinite(metrics, first_step=first_step, done=done)
         all_metrics.append(metrics)
         done += n
         if log_every_chunk:
@@ -143,6 +147,19 @@ class RewardModelSweep:
           )
     metrics = {k: jnp.concatenate([m[k] for m in all_metrics], axis=1) for k in all_metrics[0]}
     return _concat_seeds(groups), metrics
+
+
+def _raise_if_nonfinite(metrics: Mapping[str, Any], *, first_step: np.ndarray, done: int) -> None:
+  """Raises ``FloatingPointError`` naming the first seed and step of a chunk whose update was
+  non-finite (``metrics['nonfinite']`` is ``[num_seeds, chunk]``)."""
+  flags = np.asarray(jax.device_get(metrics["nonfinite"]))
+  if flags.any():
+    seed, j = (int(i) for i in np.argwhere(flags)[0])
+    step = int(first_step[seed]) + done + j
+    raise FloatingPointError(
+      f"seed {seed}: non-finite loss, gradient, update or new parameters at step {step} "
+      "(nonfinite='raise'); the update was not applied"
+    )
 
 
 _SHOWN = ("loss", "accuracy")  # the metrics of the progress line (when the step returns them)
