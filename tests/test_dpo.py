@@ -154,6 +154,17 @@ def test_kto_matches_numpy_values_and_gradients_and_the_reference_point_is_clamp
   np.testing.assert_array_equal(g, 0.0)
 
 
+def test_kto_is_nan_for_an_infinite_log_prob_not_a_saturated_loss():
+  # fp16 sums of long responses overflow to -inf; a saturated sigmoid would hide it
+  p, r, desirable = np.zeros(3), np.array([0.0, -np.inf, 0.0]), np.array([True, True, False])
+  losses = np.asarray(dpo.kto_losses(p, r, desirable, beta=0.1, reference_point=0.0))
+  assert np.isnan(losses[1]) and np.isfinite(losses[[0, 2]]).all()
+  for bad in (np.inf, -np.inf):
+    z0 = dpo.kto_reference_point(np.zeros(3), np.array([0.0, bad, 0.0]))
+    assert np.isnan(z0)
+    assert np.isnan(dpo.kto_loss(p, np.zeros(3), desirable, beta=0.1, reference_point=z0))
+
+
 def test_losses_are_finite_for_large_log_ratios():
   big = np.array([-1e4, 1e4], np.float32)
   zero = np.zeros(2, np.float32)

@@ -271,6 +271,7 @@ def kto_reference_point(
   kl = jnp.mean(policy_logps - ref_logps)
   if axis_name is not None:
     kl = lax.pmean(kl, axis_name)
+  kl = jnp.where(jnp.isfinite(kl), kl, jnp.nan)  # max(-inf, 0) would hide an overflowed log-prob
   return lax.stop_gradient(jnp.maximum(kl, 0.0))
 
 
@@ -301,7 +302,8 @@ def kto_losses(
     undesirable_weight: ``lambda_U`` >= 0.
 
   Returns:
-    ``[batch]`` losses.
+    ``[batch]`` losses; NaN where the log-ratio or ``reference_point`` is not finite (an
+    overflowed log-prob), so that a training step skips the update.
   """
   _check_positive("beta", beta)
   for name, w in (
@@ -321,7 +323,10 @@ def kto_losses(
   r = policy_logps - lax.stop_gradient(ref_logps)
   good = desirable_weight * (1.0 - jax.nn.sigmoid(beta * (r - z0)))
   bad = undesirable_weight * (1.0 - jax.nn.sigmoid(beta * (z0 - r)))
-  return jnp.where(desirable.astype(bool), good, bad)
+  # an infinite log-ratio saturates the sigmoid into a finite loss with no gradient: make it NaN
+  # (the steps then skip the update), as the DPO-family losses do
+  valid = jnp.isfinite(r) & jnp.isfinite(z0)
+  return jnp.where(valid, jnp.where(desirable.astype(bool), good, bad), jnp.nan)
 
 
 def kto_loss(
