@@ -42,7 +42,13 @@ def main(argv: list[str]) -> None:
   if not os.path.isfile(config):
     cli.die(f"--workdir={workdir}: not a run directory (no {rundir.CONFIG_FILE})")
   with open(config) as f:
-    kind = json.load(f).get("kind", "reward_model")
+    try:
+      saved = json.load(f)
+    except json.JSONDecodeError as e:
+      cli.die(f"--workdir={workdir}: {rundir.CONFIG_FILE} is not valid JSON ({e})")
+  kind = saved.get("kind", "reward_model") if isinstance(saved, dict) else None
+  if kind is None:
+    cli.die(f"--workdir={workdir}: {rundir.CONFIG_FILE} does not hold a run's config object")
   try:
     if kind == "policy":
       out = hf_runs.export_policy_run(workdir, _OUT.value, model_type=_MODEL_TYPE.value)

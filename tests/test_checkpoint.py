@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxrm.io import checkpoint
+from jaxrm.io import checkpoint, rundir
 from jaxrm.steps import train_state as ts
 
 
@@ -172,8 +172,11 @@ def test_template_mismatch_raises_instead_of_discarding_checkpoints(tmp_path):
   with checkpoint.CheckpointManager(tmp_path) as ckpt:
     ckpt.save(1, {"w": jnp.zeros((3,))})
     ckpt.save(2, {"w": jnp.zeros((3,))})
-    with pytest.raises(RuntimeError, match="no checkpoint in .* could be restored: step 2"):
+    with pytest.raises(
+      rundir.RunStopped, match="no checkpoint in .* could be restored: step 2"
+    ) as e:
       ckpt.restore_latest(template={"w": jnp.zeros((4,))})
+    assert "\n" not in str(e.value) and "use another --workdir" in str(e.value)  # one line
     assert ckpt.all_steps() == [1, 2]
 
 

@@ -32,3 +32,12 @@ def test_an_unknown_model_type_names_the_flag_before_any_work(tmp_path, capfd, s
     error_line(result)
   )
   assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
+
+
+def test_export_of_a_run_whose_config_is_damaged_is_one_line(tmp_path, capfd):
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "config.json").write_text('{"kind": "pol')
+  result = run_script("export_hf", [f"--workdir={run}", f"--out={tmp_path / 'out'}"], capfd)
+  assert result.code == 2
+  assert f"--workdir={run}: config.json is not valid JSON" in error_line(result)

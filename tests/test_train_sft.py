@@ -98,6 +98,16 @@ def test_resumed_sft_run_ends_bitwise_equal(sft_run, tmp_path):
   assert [r["step"] for r in rows if r["split"] == "train"] == [2, 4]
 
 
+def test_resume_with_another_policy_is_refused_before_any_restore(sft_run, tmp_path):
+  workdir, _ = sft_run
+  moved = str(tmp_path / "run")
+  shutil.copytree(workdir, moved)
+  qwen2 = os.path.join(os.path.dirname(LLAMA), "qwen2")
+  with pytest.raises(rundir.ConfigError, match="differs from the checkpointed run") as e:
+    sft.train_and_evaluate(tiny_sft_config(policy=qwen2), moved)
+  assert e.value.field == "policy"
+
+
 def test_sft_run_is_a_policy_source_and_exports_to_causal_lm_exactly(sft_run, tmp_path):
   workdir, _ = sft_run
   params = _params(workdir)

@@ -79,6 +79,11 @@ _EXTRA = "extra"
 _METRICS_ITEM = "metrics"  # orbax's reserved item holding the metrics of a step
 
 
+def _first_line(error: BaseException, limit: int = 300) -> str:
+  """An error's first line, at most ``limit`` characters (orbax's tree diffs run to hundreds)."""
+  return (str(error).strip().splitlines() or [""])[0][:limit]
+
+
 class CheckpointWriteError(OSError):
   """A checkpoint could not be written (disk full, quota, read-only file system, permissions).
 
@@ -478,9 +483,9 @@ class CheckpointManager:
       ``(state, extra, step)``, or ``None`` if the directory holds no checkpoint.
 
     Raises:
-      RuntimeError: if checkpoints exist but none can be restored (nothing is moved: the
-        cause may be a template that does not match, not damage). The message lists the
-        error of each step.
+      jaxrm.io.rundir.RunStopped: (a ``RuntimeError``) if checkpoints exist but none can be
+        restored (nothing is moved: the cause may be a template that does not match, not
+        damage). The one-line message lists the first line of each step's error.
     """
     self._manager.wait_until_finished()
     failures = []
@@ -494,7 +499,7 @@ class CheckpointManager:
           step,
           self._directory,
           type(e).__name__,
-          e,
+          _first_line(e),
         )
         failures.append((step, e))
         continue
@@ -507,8 +512,12 @@ class CheckpointManager:
         )
       return state, extra, step
     if failures:
-      details = "; ".join(f"step {s}: {type(e).__name__}: {e}" for s, e in failures)
-      raise RuntimeError(f"no checkpoint in {self._directory} could be restored: {details}")
+      details = "; ".join(f"step {s}: {type(e).__name__}: {_first_line(e)}" for s, e in failures)
+      raise rundir.RunStopped(  # one line from the scripts, status 1
+        f"no checkpoint in {self._directory} could be restored: {details}; if the run's "
+        "settings changed since it was saved, restore them, else move the checkpoints aside "
+        "or use another --workdir to start afresh"
+      )
     return None
 
   def wait_until_finished(self) -> None:

@@ -296,6 +296,11 @@ def train_and_evaluate(config: SFTConfig, workdir: str | os.PathLike) -> dict[st
   with checkpoint_lib.CheckpointManager(
     os.path.join(workdir, rundir.CHECKPOINT_DIR), max_to_keep=log.keep_checkpoints
   ) as ckpt:
+    peek = ckpt.latest_extra()  # the resume rule before any array is restored (another
+    if peek is not None:  # policy's checkpoint would fail inside orbax's restore)
+      rundir.check_resumable(
+        peek[0].get("config", {}), c.to_json(), changeable=CHANGEABLE_ON_RESUME, workdir=workdir
+      )
     restored = ckpt.restore_latest(template=host_state)
     start, last_eval = 0, None
     if restored is not None:
