@@ -165,6 +165,17 @@ def test_missing_tensor_error_names_checkpoint_tensor_and_shape(tmp_path):
     hf.import_policy(dst)
 
 
+def test_tensors_the_config_does_not_use_are_named_in_a_warning(tmp_path, caplog):
+  # weights of a third layer with num_hidden_layers=2 would otherwise be dropped silently
+  dst = _copy("qwen2", tmp_path)
+  tensors = load_file(dst / "model.safetensors")
+  tensors["model.layers.2.mlp.up_proj.weight"] = np.zeros((4, 4), np.float32)
+  save_file(tensors, dst / "model.safetensors")
+  with caplog.at_level("WARNING"):
+    hf.import_policy(dst)
+  assert "1 tensors not used: model.layers.2.mlp.up_proj.weight" in caplog.text
+
+
 def test_wrong_shape_and_unknown_architecture_errors(tmp_path):
   dst = _copy("gpt2", tmp_path)
   tensors = load_file(dst / "model.safetensors")

@@ -41,6 +41,7 @@ import json
 import os
 from typing import Any, NamedTuple
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -209,6 +210,10 @@ def _import(path, *, head, max_len, dtype, param_dtype, remat) -> tuple[HFModel,
   else:
     entries = tensor_map(cfg, model_type, head=head)
   tensors = load_tensors(path, [e.name for e in entries])
+  unused = sorted(set(files) - {e.name for e in entries})
+  if unused:  # e.g. the LM head of a causal LM imported as a reward model; or a config mismatch
+    shown = ", ".join(unused[:8]) + (", ..." if len(unused) > 8 else "")
+    logging.warning("checkpoint %r: %d tensors not used: %s", path, len(unused), shown)
   params: dict[str, Any] = {}
   for e in entries:
     if e.name not in tensors:
