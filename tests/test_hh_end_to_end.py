@@ -34,6 +34,17 @@ def _read_jsonl(path):
     return [json.loads(line) for line in f]
 
 
+def _bon_config(dirs, **overrides):
+  """Best-of-4 of the SFT policy against the reward model on 3 of the sample's prompts."""
+  fields = dict(num_prompts=3, n=4, max_new_tokens=16, batch_size=8) | overrides
+  return best_of_n.BestOfNConfig(
+    policy=dirs["sft"],
+    prompts=PromptConfig(source="jsonl", files=(HH,), prompt_len=32),
+    reward=RewardConfig(source="rm", rm_dirs=(dirs["rm"],)),
+    **fields,
+  )
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
   root = tmp_path_factory.mktemp("hh")
@@ -62,16 +73,7 @@ def pipeline(tmp_path_factory):
   )
   sft.train_and_evaluate(sft_config, dirs["sft"])
   eos = RunTokenizer.from_source(TOKENIZER).eos_id
-  bon_config = best_of_n.BestOfNConfig(
-    policy=dirs["sft"],
-    prompts=PromptConfig(source="jsonl", files=(HH,), prompt_len=32),
-    reward=RewardConfig(source="rm", rm_dirs=(dirs["rm"],)),
-    num_prompts=3,
-    n=4,
-    max_new_tokens=16,
-    batch_size=8,
-  )
-  bon = best_of_n.run_best_of_n(bon_config, dirs["bon"])
+  bon = best_of_n.run_best_of_n(_bon_config(dirs), dirs["bon"])
   ppo_config = policy.PolicyTrainConfig(
     algo="ppo",
     policy=dirs["sft"],
@@ -121,15 +123,7 @@ def test_best_of_n_keeps_the_highest_reward_sample_of_each_prompt(pipeline):
 
 def test_best_of_n_refuses_more_prompts_than_the_files_hold(pipeline, tmp_path):
   dirs = pipeline["dirs"]
-  config = best_of_n.BestOfNConfig(
-    policy=dirs["sft"],
-    prompts=PromptConfig(source="jsonl", files=(HH,), prompt_len=32),
-    reward=RewardConfig(source="rm", rm_dirs=(dirs["rm"],)),
-    num_prompts=100_000,
-    n=2,
-    max_new_tokens=4,
-    batch_size=8,
-  )
+  config = _bon_config(dirs, num_prompts=100_000)
   with pytest.raises(rundir.ConfigError, match=r"num_prompts=100000: exceeds the \d+ prompts"):
     best_of_n.run_best_of_n(config, str(tmp_path / "bon"))
 
