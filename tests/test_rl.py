@@ -490,6 +490,31 @@ def test_bad_config_values_raise_naming_the_field():
   assert type(config.max_new_tokens) is int and type(config.num_samples) is int
 
 
+def test_a_finite_score_that_overflows_the_running_statistics_is_a_skipped_step():
+  # one score of 3e19 is finite, but its square overflows the running variance: the step is
+  # refused and no side state (reward statistics, baseline) keeps an infinity
+  config = rl.RLConfig(
+    max_new_tokens=NEW, eos_id=None, num_epochs=1, reward_norm="running", baseline="moving_average"
+  )
+
+  def reward(params, tokens, mask):
+    return toy_reward(params, tokens, mask).at[0].add(params["row0"])
+
+  step = jax.jit(
+    rl.make_step("reinforce", policy=POLICY, config=config, reward_fn=reward, optimizer=OPT)
+  )
+  state = rl.create_rl_state(policy_params(), OPT, jax.random.key(0), kl_coef=0.05)
+  rp = dict(reward_params(), row0=jnp.float32(0.0))
+  state, _ = step(state, make_prompts(0, b=8), rp, policy_params())
+  after, metrics = step(
+    state, make_prompts(1, b=8), dict(rp, row0=jnp.float32(3e19)), policy_params()
+  )
+  assert bool(metrics["nonfinite"]) and int(after.num_skipped) == 1
+  for old, new in ((state.reward_stats, after.reward_stats), (state.baseline, after.baseline)):
+    jax.tree.map(np.testing.assert_array_equal, old, new)
+  jax.tree.map(np.testing.assert_array_equal, state.params, after.params)
+
+
 def test_prompts_padded_on_the_right_are_refused_outside_jit():
   # sampling after the padding would put the response's first tokens behind pad tokens
   right = np.array([[1, 1, 0], [1, 1, 1]], bool)

@@ -118,7 +118,12 @@ def _collect(
 def _rollout_finite(ro: rollout_lib.Rollout, axis_name) -> jax.Array:
   """True iff scores and response log-probs (and values) are finite on every device."""
   arrays = [ro.scores, ro.logprobs, ro.ref_logprobs] + ([] if ro.values is None else [ro.values])
-  ok = train_state_lib.tree_all_finite(arrays)
+  return _all_finite(arrays, axis_name)
+
+
+def _all_finite(tree: Any, axis_name) -> jax.Array:
+  """True iff every inexact leaf of ``tree`` is finite on every device."""
+  ok = train_state_lib.tree_all_finite(tree)
   if axis_name is not None:
     ok = lax.pmin(ok.astype(jnp.int32), axis_name).astype(bool)
   return ok
@@ -330,9 +335,12 @@ def iterate(
   ok = _rollout_finite(ro, axis_name)
   kl_coef = state.kl.kl_coef
   scores, reward_stats = shape_scores(ro, state.reward_stats, config=config, axis_name=axis_name)
-  reward_stats = _select(ok, reward_stats, state.reward_stats)
   shaped = ro._replace(scores=scores)
   targets = algorithm.targets(shaped, state, kl_coef=kl_coef, config=config, axis_name=axis_name)
+  # finite but huge scores (~1e19) can overflow the running statistics: such a step is refused
+  # like a non-finite rollout, so that no side state keeps an infinity
+  ok = ok & _all_finite([reward_stats, targets.baseline], axis_name)
+  reward_stats = _select(ok, reward_stats, state.reward_stats)
   baseline = _select(ok, targets.baseline, state.baseline)
   data = {"tokens": ro.tokens, "mask": ro.mask, "response_mask": ro.response_mask}
   data.update(targets.data)
