@@ -79,11 +79,6 @@ _EXTRA = "extra"
 _METRICS_ITEM = "metrics"  # orbax's reserved item holding the metrics of a step
 
 
-def _first_line(error: BaseException, limit: int = 300) -> str:
-  """An error's first line, at most ``limit`` characters (orbax's tree diffs run to hundreds)."""
-  return (str(error).strip().splitlines() or [""])[0][:limit]
-
-
 class CheckpointWriteError(OSError):
   """A checkpoint could not be written (disk full, quota, read-only file system, permissions).
 
@@ -499,7 +494,7 @@ class CheckpointManager:
           step,
           self._directory,
           type(e).__name__,
-          _first_line(e),
+          rundir.first_line(e),
         )
         failures.append((step, e))
         continue
@@ -512,7 +507,9 @@ class CheckpointManager:
         )
       return state, extra, step
     if failures:
-      details = "; ".join(f"step {s}: {type(e).__name__}: {_first_line(e)}" for s, e in failures)
+      details = "; ".join(
+        f"step {s}: {type(e).__name__}: {rundir.first_line(e)}" for s, e in failures
+      )
       raise rundir.RunStopped(  # one line from the scripts, status 1
         f"no checkpoint in {self._directory} could be restored: {details}; if the run's "
         "settings changed since it was saved, restore them, else move the checkpoints aside "

@@ -152,6 +152,12 @@ def _chain(error: BaseException | None):
     error = error.__cause__ or error.__context__
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+  """An error's first line, at most ``limit`` characters (its type's name if it has no text;
+  orbax's tree diffs and XLA's allocation reports run to hundreds of lines)."""
+  return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 def out_of_memory(error: BaseException) -> str | None:
   """The first line of an out-of-memory error in ``error``'s cause chain (XLA's
   ``RESOURCE_EXHAUSTED: Out of memory ...`` on any device, or a host ``MemoryError``); None if
@@ -159,7 +165,7 @@ def out_of_memory(error: BaseException) -> str | None:
   for e in _chain(error):
     text = str(e)
     if isinstance(e, MemoryError) or "out of memory" in text.lower():
-      return (text.strip().splitlines() or [type(e).__name__])[0][:300]
+      return first_line(e)
   return None
 
 
