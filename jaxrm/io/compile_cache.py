@@ -50,15 +50,8 @@ def machine_tag(cpuinfo: str | None = None) -> str:
   first ``flags`` (x86) or ``Features`` (Arm) line of ``/proc/cpuinfo`` (``cpuinfo``: that text;
   default: this host's). Two hosts share a tag when XLA:CPU would compile the same for both."""
   cpuinfo = environment.read_cpuinfo() if cpuinfo is None else cpuinfo
-  flags = next(
-    (
-      line.split(":", 1)[1].split()
-      for line in cpuinfo.splitlines()
-      if line.split(":", 1)[0].strip() in ("flags", "Features")
-    ),
-    [],
-  )
-  text = "\n".join([environment.cpu_model(cpuinfo), " ".join(sorted(flags))])
+  flags = sorted(environment.cpu_flags(cpuinfo))
+  text = "\n".join([environment.cpu_model(cpuinfo), " ".join(flags)])
   return f"{platform.machine() or 'unknown'}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 

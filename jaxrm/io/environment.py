@@ -48,14 +48,20 @@ def cpu_model(cpuinfo: str) -> str:
   return platform.processor() or platform.machine()
 
 
-def cpu_isa(cpuinfo: str) -> list[str]:
-  """The :data:`VECTOR_ISA` extensions in the first ``flags`` line of a ``/proc/cpuinfo`` text,
-  in that order (``[]`` where there is none: not Linux, or not x86)."""
+def cpu_flags(cpuinfo: str) -> list[str]:
+  """The feature flags of the first ``flags`` (x86) or ``Features`` (Arm) line of a
+  ``/proc/cpuinfo`` text (``[]`` where there is none: not Linux)."""
   for line in cpuinfo.splitlines():
-    if line.startswith("flags"):
-      flags = set(line.split(":", 1)[1].split())
-      return [isa for isa in VECTOR_ISA if isa in flags]
+    if line.split(":", 1)[0].strip() in ("flags", "Features"):
+      return line.split(":", 1)[1].split()
   return []
+
+
+def cpu_isa(cpuinfo: str) -> list[str]:
+  """The :data:`VECTOR_ISA` extensions among :func:`cpu_flags`, in that order (``[]`` where
+  there is none: not Linux, or not x86)."""
+  flags = set(cpu_flags(cpuinfo))
+  return [isa for isa in VECTOR_ISA if isa in flags]
 
 
 def allocator() -> dict[str, str]:

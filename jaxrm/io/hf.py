@@ -176,8 +176,9 @@ def load_tensors(path: str, names: list[str] | None = None) -> dict[str, Array]:
   out = {}
   for file, ns in by_file.items():
     with _open_tensors(path, file) as f:
+      held = set(f.keys())
       for n in ns:
-        if n not in f.keys():
+        if n not in held:
           raise checkpoint_error(
             path, f"{os.path.basename(file)} does not hold tensor {n!r} (the index says it does)"
           )

@@ -66,6 +66,7 @@ from jaxrm.io.metrics_file import (  # noqa: F401  (re-exported: the run directo
   scalar_row,
   truncate_metrics,
 )
+from jaxrm.math._arrays import is_int  # noqa: F401  (a config's integer fields)
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -183,11 +184,6 @@ def write_failure(error: BaseException) -> str | None:
       if needle in text:
         return what
   return None
-
-
-def is_int(x: Any) -> bool:
-  """A Python or NumPy integer, not a bool (a config's integer fields)."""
-  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 def is_num(x: Any) -> bool:

@@ -23,6 +23,11 @@ def is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
+def is_int(x: Any) -> bool:
+  """A Python or NumPy integer, not a bool."""
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 def as_float(x: ArrayLike, name: str = "input") -> jax.Array:
   """Returns ``x`` as an inexact array, keeping float64 / float32 and upcasting the rest.
 

@@ -27,7 +27,7 @@ from jax.typing import ArrayLike
 import numpy as np
 
 from jaxrm.math import preference
-from jaxrm.math._arrays import as_float, check_in_range
+from jaxrm.math._arrays import as_float, check_in_range, is_int
 
 
 def _pair(
@@ -145,7 +145,7 @@ def expected_calibration_error(
       Naeini, Cooper & Hauskrecht, "Obtaining well calibrated probabilities using Bayesian
       binning", AAAI 2015; Guo et al., "On calibration of modern neural networks", 2017.
   """
-  if not isinstance(num_bins, (int, np.integer)) or isinstance(num_bins, bool) or num_bins < 1:
+  if not is_int(num_bins) or num_bins < 1:
     raise ValueError(f"num_bins must be a positive int, got {num_bins!r}")
   delta, p = _pair(rewards_chosen, rewards_rejected, labels)
   q = jax.nn.sigmoid(delta)
@@ -417,7 +417,7 @@ def summarize_preferences(
       A dict of Python floats.
   """
   _, p = _pair(rewards_chosen, rewards_rejected, labels)
-  if not isinstance(num_bins, (int, np.integer)) or isinstance(num_bins, bool) or num_bins < 1:
+  if not is_int(num_bins) or num_bins < 1:
     raise ValueError(f"num_bins must be a positive int, got {num_bins!r}")
   out = _summary_arrays(as_float(rewards_chosen), as_float(rewards_rejected), p, num_bins=num_bins)
   return {k: float(v) for k, v in out.items()}

@@ -32,9 +32,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
-import numpy as np
 
-from jaxrm.math._arrays import as_float, check_number
+from jaxrm.math._arrays import as_float, check_number, is_int
 
 AGGREGATIONS = ("token_mean", "seq_mean", "constant_length")
 RATIO_LEVELS = ("token", "sequence")
@@ -94,11 +93,7 @@ def masked_aggregate(
     num_seqs = across(jnp.sum(per_seq_count > 0, dtype=x.dtype))
     return jnp.sum(per_seq_mean) / jnp.maximum(num_seqs, 1.0)
   if aggregation == "constant_length":
-    if (
-      not isinstance(norm_length, (int, np.integer))
-      or isinstance(norm_length, bool)
-      or norm_length < 1
-    ):
+    if not is_int(norm_length) or norm_length < 1:
       raise ValueError(
         f"aggregation='constant_length' needs norm_length, a positive int, got {norm_length!r}"
       )

@@ -13,12 +13,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxrm.math import advantages as adv_lib
 from jaxrm.math import pg_losses, running_stats
-from jaxrm.math._arrays import check_number
+from jaxrm.math._arrays import check_number, is_int
 from jaxrm.models import sampling
 from jaxrm.models.policy import PolicyModel
 from jaxrm.models.transformer import TransformerConfig
@@ -123,7 +122,7 @@ class RLConfig:
 
     for name in ("max_new_tokens", "num_epochs", "num_minibatches", "num_samples"):
       value = getattr(self, name)
-      if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+      if not is_int(value):
         bad(name, "an int")
       object.__setattr__(self, name, int(value))  # a NumPy int, e.g. from a config array
     for name in ("max_new_tokens", "num_epochs", "num_minibatches"):

@@ -174,14 +174,13 @@ def run_best_of_n(config: BestOfNConfig, workdir: str | os.PathLike) -> dict[str
     prompt_len=prompt_len,
   )
   prompt_cfg = dataclasses.replace(c.prompts, prompt_len=prompt_len)
-  if c.prompts.source == "jsonl":  # each prompt once: a repeat would overstate the sample
-    available = len(sources.read_prompt_texts(tuple(c.prompts.files)))
-    if c.num_prompts > available:
-      raise ConfigError(
-        "num_prompts", c.num_prompts, f"exceeds the {available} prompts of prompts.files"
-      )
   batch = sources.make_prompts(
-    prompt_cfg, jax.random.key(c.seed), batch_size=c.num_prompts, seed=c.seed, tok=tok
+    prompt_cfg,
+    jax.random.key(c.seed),
+    batch_size=c.num_prompts,
+    seed=c.seed,
+    tok=tok,
+    distinct_field="num_prompts",  # each prompt once
   )(0)
   rundir.write_config(workdir, c, tokenizer=tok.name, policy_kind=policy.kind)
   eos_id = tok.eos_id if c.stop_at_eos else None

@@ -294,6 +294,7 @@ def make_prompts(
   seed: int,
   world_cfg: synthetic.WorldConfig | None = None,
   tok: Any = None,
+  distinct_field: str | None = None,
 ) -> Callable[[int], dict[str, np.ndarray]]:
   """A deterministic function ``step -> {'prompts', 'prompt_mask'}`` (resuming is exact).
 
@@ -305,6 +306,9 @@ def make_prompts(
     world_cfg: the synthetic world (``source='synthetic'``).
     tok: the policy's :class:`jaxrm.data.run_tokenizer.RunTokenizer` (``'jsonl'``, ``'bos'``);
       None: the byte tokenizer.
+    distinct_field: the config field that sets ``batch_size``; when given, a batch must not
+      repeat a file prompt, and a ``batch_size`` above the files' prompts is a
+      :class:`ConfigError` naming that field (a repeat would overstate a sample).
   """
   b = batch_size
   if c.source == "synthetic":
@@ -330,6 +334,8 @@ def make_prompts(
     add_bos=True if tok is None else tok.add_bos,
   )
   n = enc.tokens.shape[0]
+  if distinct_field is not None and b > n:
+    raise ConfigError(distinct_field, b, f"exceeds the {n} prompts of prompts.files")
   logging.info(
     "%d prompts from %s (%d truncated to %d tokens)",
     n,
