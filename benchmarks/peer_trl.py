@@ -16,9 +16,12 @@ Per workload and round, interleaved (jaxrm, TRL, jaxrm, TRL, ...):
   :func:`jaxrm.train.reward_model.train_and_evaluate` (the library path of
   ``experiments/train_reward_model.py``, config variant ``hh`` with the workload's shape as a
   registered preset; it also evaluates every 50 steps, checkpoints and writes its report) and
-  TRL's ``RewardTrainer.train()`` with its CPU defaults (bf16 autocast, gradient checkpointing;
-  ``--trl_float32``: float32 without checkpointing), padding to the longest in the batch, no
-  evaluation; TRL's process gets pre-tokenised ids, jaxrm's builds its dataset;
+  TRL's ``RewardTrainer.train()``, padding to the longest in the batch, no evaluation; TRL's
+  process gets pre-tokenised ids, jaxrm's builds its dataset;
+* **TRL's settings** (``--trl_precisions``, each its own peer column and ratio): ``defaults``,
+  TRL's CPU defaults (bf16 autocast, gradient checkpointing; side ``trl``), and ``float32``,
+  float32 without checkpointing (side ``trl_float32``; ``--trl_float32`` is short for
+  ``--trl_precisions=float32``);
 * **FLOP utilisation**: model FLOPs (:func:`jaxrm.models.presets.flops_per_token`, at the full
   length) per second over the float32 matmul ceiling measured at the start of this run.
 
@@ -36,6 +39,7 @@ Usage::
 
   python benchmarks/peer_trl.py --workdir=/tmp/peer --quick     # smoke run, about a minute
   python benchmarks/peer_trl.py --workdir=runs/peer --workloads=hh,gpt2_4x256 --rounds=2
+  python benchmarks/peer_trl.py --workdir=runs/peer --workloads=hh --trl_precisions=defaults,float32
 """
 
 from __future__ import annotations
@@ -84,6 +88,9 @@ WORKLOADS = {
   "quick": Workload(layers=2, width=32, heads=2, seq_len=64, batch_pairs=4, steps=6),
 }
 
+# Peer side name in the rows and summary -> TRL setting (``--trl_precisions``).
+TRL_PRECISIONS = {"defaults": "trl", "float32": "trl_float32"}
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Output folder (results, run directories).")
 flags.DEFINE_string("data", DEFAULT_DATA, "HH-RLHF-format JSONL(.gz) preference file.")
@@ -107,7 +114,16 @@ flags.DEFINE_string(
   "If set: jaxrm's end-to-end runs use this persistent compilation cache (as the scripts do by "
   "default), filled first by one unmeasured run per workload; empty: every run compiles cold.",
 )
-flags.DEFINE_bool("trl_float32", False, "TRL in float32 without gradient checkpointing.")
+flags.DEFINE_list(
+  "trl_precisions",
+  ["defaults"],
+  f"TRL settings, each its own peer column, of {sorted(TRL_PRECISIONS)}: 'defaults' is TRL's "
+  "CPU defaults (bf16 autocast, gradient checkpointing), 'float32' is float32 without "
+  "checkpointing (jaxrm's arithmetic).",
+)
+flags.DEFINE_bool(
+  "trl_float32", False, "Shorthand for --trl_precisions=float32 (in a child: its setting)."
+)
 flags.DEFINE_integer(
   "attention_query_block",
   None,
@@ -363,8 +379,7 @@ def run_child(role: str, w: Workload, workdir: str, tag: str, **extra) -> tuple[
   os.makedirs(run_dir)
   out = os.path.join(run_dir, "child.json")
   cmd = [sys.executable, os.path.abspath(__file__), f"--child={role}", f"--workdir={run_dir}"]
-  cmd += [f"--data={FLAGS.data}", f"--out={out}", f"--trl_float32={FLAGS.trl_float32}"]
-  cmd += [f"--jaxrm_cache_dir={FLAGS.jaxrm_cache_dir}"]
+  cmd += [f"--data={FLAGS.data}", f"--out={out}", f"--jaxrm_cache_dir={FLAGS.jaxrm_cache_dir}"]
   if FLAGS.attention_query_block is not None:
     cmd += [f"--attention_query_block={FLAGS.attention_query_block}"]
   cmd += [f"--{k}={v}" for k, v in dataclasses.asdict(w).items()]
@@ -399,25 +414,44 @@ def rm_flops_per_pair(w: Workload) -> float:
   return 2 * w.seq_len * flops_per_token(cfg, w.seq_len, head="reward", backward=True)
 
 
-def one_round(name: str, w: Workload, r: int, ids: str, cache: dict) -> list[dict]:
-  """One interleaved round of a workload: jaxrm step, TRL step, jaxrm run, TRL run."""
+def one_round(
+  name: str, w: Workload, r: int, ids: str, cache: dict, precisions: list[str]
+) -> list[dict]:
+  """One interleaved round of a workload: jaxrm step, TRL step (each of ``precisions``), jaxrm
+  run, TRL run (each of ``precisions``)."""
   workdir, rows = FLAGS.workdir, []
   reps = FLAGS.step_reps
+  row = dict(workload=name, round=r)
   jx = jaxrm_step_times(w, FLAGS.data, workdir, reps, cache)
-  rows.append(dict(workload=name, round=r, side="jaxrm", kind="step", **jx))
+  rows.append(dict(row, side="jaxrm", kind="step", **jx))
   short = dataclasses.replace(w, steps=reps + 2)
-  _, tr = run_child(
-    "trl_train", short, workdir, f"{name}_trl_step_{r}", ids_file=ids, pad_full=True
-  )
-  rows.append(
-    dict(workload=name, round=r, side="trl", kind="step", step_s=trl_step_s(tr["step_times"]))
-  )
+  for p in precisions:
+    side, f32 = TRL_PRECISIONS[p], p == "float32"
+    _, tr = run_child(
+      "trl_train",
+      short,
+      workdir,
+      f"{name}_{side}_step_{r}",
+      ids_file=ids,
+      pad_full=True,
+      trl_float32=f32,
+    )
+    rows.append(dict(row, side=side, kind="step", step_s=trl_step_s(tr["step_times"])))
   if w.steps:
     wall, res = run_child("jaxrm_train", w, workdir, f"{name}_jaxrm_e2e_{r}")
-    rows.append(dict(workload=name, round=r, side="jaxrm", kind="e2e", wall_s=wall, **res))
-    wall, res = run_child("trl_train", w, workdir, f"{name}_trl_e2e_{r}", ids_file=ids)
-    res["step_s_median"] = trl_step_s(res.pop("step_times"))
-    rows.append(dict(workload=name, round=r, side="trl", kind="e2e", wall_s=wall, **res))
+    rows.append(dict(row, side="jaxrm", kind="e2e", wall_s=wall, **res))
+    for p in precisions:
+      side = TRL_PRECISIONS[p]
+      wall, res = run_child(
+        "trl_train",
+        w,
+        workdir,
+        f"{name}_{side}_e2e_{r}",
+        ids_file=ids,
+        trl_float32=p == "float32",
+      )
+      res["step_s_median"] = trl_step_s(res.pop("step_times"))
+      rows.append(dict(row, side=side, kind="e2e", wall_s=wall, **res))
   return rows
 
 
@@ -486,64 +520,85 @@ def hf_generate_s(torch, model, tokens, mask, new_tokens: int) -> float:
 
 
 def summarise(rows: list[dict], workloads: dict[str, Workload], peak: float) -> list[dict]:
-  """Per workload: medians over rounds of pairs/s, FLOP utilisation and jaxrm/TRL ratios."""
+  """Per workload: medians over rounds of pairs/s, FLOP utilisation and jaxrm/peer ratios.
+
+  jaxrm's figures are ``jaxrm_*``; each peer side ``P`` in the rows (``trl``, ``trl_float32``)
+  gets ``P_step_pairs_s``, ``P_step_flop_util``, ``P_step_ratio`` (jaxrm's speed over P's) and,
+  with end-to-end rows, ``P_e2e_pairs_s``, ``P_e2e_wall_s``, ``P_e2e_flop_util``,
+  ``P_e2e_ratio``, ``P_bf16``, ``P_gradient_checkpointing``.
+  """
   med = statistics.median
   out = []
   for name, w in workloads.items():
     flops = rm_flops_per_pair(w)
-    get = lambda side, kind, name=name: [
-      r for r in rows if r["workload"] == name and r["side"] == side and r["kind"] == kind
-    ]
-    js, ts = get("jaxrm", "step"), get("trl", "step")
-    je, te = get("jaxrm", "e2e"), get("trl", "e2e")
+    mine = [r for r in rows if r["workload"] == name]
+    get = lambda side, kind, mine=mine: [r for r in mine if (r["side"], r["kind"]) == (side, kind)]
     s = dict(workload=name, **dataclasses.asdict(w))
+    js, je = get("jaxrm", "step"), get("jaxrm", "e2e")
     s["jaxrm_step_pairs_s"] = med(w.batch_pairs / r["step_s"] for r in js)
-    s["trl_step_pairs_s"] = med(w.batch_pairs / r["step_s"] for r in ts)
-    s["step_ratio"] = med(t["step_s"] / j["step_s"] for j, t in zip(js, ts))
     s["jaxrm_step_flop_util"] = s["jaxrm_step_pairs_s"] * flops / peak
-    s["trl_step_flop_util"] = s["trl_step_pairs_s"] * flops / peak
     s["jaxrm_first_step_s"] = js[0]["first_step_s"]
     if je:
       s["jaxrm_e2e_pairs_s"] = med(w.steps * w.batch_pairs / r["wall_s"] for r in je)
-      s["trl_e2e_pairs_s"] = med(w.steps * w.batch_pairs / r["wall_s"] for r in te)
-      s["e2e_ratio"] = med(t["wall_s"] / j["wall_s"] for j, t in zip(je, te))
       s["jaxrm_e2e_wall_s"] = med(r["wall_s"] for r in je)
-      s["trl_e2e_wall_s"] = med(r["wall_s"] for r in te)
       s["jaxrm_e2e_flop_util"] = s["jaxrm_e2e_pairs_s"] * flops / peak
-      s["trl_e2e_flop_util"] = s["trl_e2e_pairs_s"] * flops / peak
-      s["trl_bf16"], s["trl_gradient_checkpointing"] = (
-        te[0]["bf16"],
-        te[0]["gradient_checkpointing"],
-      )
+    for side in dict.fromkeys(r["side"] for r in mine if r["side"] != "jaxrm"):
+      ts, te = get(side, "step"), get(side, "e2e")
+      s[f"{side}_step_pairs_s"] = med(w.batch_pairs / r["step_s"] for r in ts)
+      s[f"{side}_step_flop_util"] = s[f"{side}_step_pairs_s"] * flops / peak
+      s[f"{side}_step_ratio"] = med(t["step_s"] / j["step_s"] for j, t in zip(js, ts))
+      if je:
+        s[f"{side}_e2e_pairs_s"] = med(w.steps * w.batch_pairs / r["wall_s"] for r in te)
+        s[f"{side}_e2e_wall_s"] = med(r["wall_s"] for r in te)
+        s[f"{side}_e2e_flop_util"] = s[f"{side}_e2e_pairs_s"] * flops / peak
+        s[f"{side}_e2e_ratio"] = med(t["wall_s"] / j["wall_s"] for j, t in zip(je, te))
+        s[f"{side}_bf16"] = te[0]["bf16"]
+        s[f"{side}_gradient_checkpointing"] = te[0]["gradient_checkpointing"]
     out.append(s)
   return out
 
 
+def peer_sides(summary: dict) -> list[str]:
+  """The peer sides (``trl``, ``trl_float32``) of one workload's summary, in run order."""
+  return [k[: -len("_step_ratio")] for k in summary if k.endswith("_step_ratio")]
+
+
 def print_table(summary: list[dict], sampler: list[dict]) -> None:
-  """The readable table (markdown) of the summary and sampler rows."""
-  print("| workload | measure | jaxrm | TRL | jaxrm / TRL |")
-  print("|---|---|---|---|---|")
+  """The readable table (markdown) of the summary and sampler rows: one column per peer
+  side, each ratio jaxrm's speed over that peer's."""
+  sides = list(dict.fromkeys(p for s in summary for p in peer_sides(s)))
+  print("| workload | measure | jaxrm | " + " | ".join(f"{p} | jaxrm / {p}" for p in sides) + " |")
+  print("|---|---|---|" + "---|---|" * len(sides))
   for s in summary:
     w = (
       f"{s['workload']} ({s['layers']}x{s['width']}, seq {s['seq_len']}, {s['batch_pairs']} pairs)"
     )
+    step = [
+      f"{s[p + '_step_pairs_s']:.3g} ({s[p + '_step_flop_util']:.0%}) | {s[p + '_step_ratio']:.2f}x"
+      for p in sides
+    ]
     print(
       f"| {w} | step pairs/s (FLOP util.) | {s['jaxrm_step_pairs_s']:.3g} "
-      f"({s['jaxrm_step_flop_util']:.0%}) | {s['trl_step_pairs_s']:.3g} "
-      f"({s['trl_step_flop_util']:.0%}) | {s['step_ratio']:.2f}x |"
+      f"({s['jaxrm_step_flop_util']:.0%}) | " + " | ".join(step) + " |"
     )
-    print(f"| {w} | jaxrm first step s (compile) | {s['jaxrm_first_step_s']:.1f} | | |")
-    if "e2e_ratio" in s:
+    print(
+      f"| {w} | jaxrm first step s (compile) | {s['jaxrm_first_step_s']:.1f} |"
+      + " | |" * len(sides)
+    )
+    if "jaxrm_e2e_wall_s" in s:
+      e2e = [
+        f"{s[p + '_e2e_pairs_s']:.3g} ({s[p + '_e2e_wall_s']:.1f}) | **{s[p + '_e2e_ratio']:.2f}x**"
+        for p in sides
+      ]
       print(
         f"| {w} | end to end, {s['steps']} steps: pairs/s (wall s) | "
-        f"{s['jaxrm_e2e_pairs_s']:.3g} ({s['jaxrm_e2e_wall_s']:.1f}) | "
-        f"{s['trl_e2e_pairs_s']:.3g} ({s['trl_e2e_wall_s']:.1f}) | **{s['e2e_ratio']:.2f}x** |"
+        f"{s['jaxrm_e2e_pairs_s']:.3g} ({s['jaxrm_e2e_wall_s']:.1f}) | " + " | ".join(e2e) + " |"
       )
   for r in sampler:
     print(
       f"| sampler, batch {r['batch']} | tokens/s | {r['jaxrm_tokens_per_s']:,.0f} | "
       f"HF generate {r['hf_tokens_per_s']:,.0f} | "
-      f"{r['jaxrm_tokens_per_s'] / r['hf_tokens_per_s']:.2f}x |"
+      f"{r['jaxrm_tokens_per_s'] / r['hf_tokens_per_s']:.2f}x |" + " | |" * (len(sides) - 1)
     )
 
 
@@ -562,7 +617,7 @@ def versions() -> dict:
   )
 
 
-def run_benchmark(workloads: dict[str, Workload]) -> None:
+def run_benchmark(workloads: dict[str, Workload], precisions: list[str]) -> None:
   """The parent process: ceiling, interleaved rounds, sampler, table and files."""
   import jax
 
@@ -589,7 +644,7 @@ def run_benchmark(workloads: dict[str, Workload]) -> None:
         run_child("jaxrm_train", w, FLAGS.workdir, f"{name}_jaxrm_fill_cache")
   for r in range(rounds):
     for name, w in workloads.items():
-      new = one_round(name, w, r, ids[w.seq_len][0], cache)
+      new = one_round(name, w, r, ids[w.seq_len][0], cache, precisions)
       for row in new:
         print(json.dumps(row, default=float), flush=True)
       rows += new
@@ -611,11 +666,25 @@ def run_benchmark(workloads: dict[str, Workload]) -> None:
         sampler=sampler,
         sampler_shape=dataclasses.asdict(sampler_w),
         jaxrm_compile_cache=FLAGS.jaxrm_cache_dir or "off (cold compile in every run)",
+        trl_precisions={p: TRL_PRECISIONS[p] for p in precisions},
         argv=sys.argv,
       ),
       f,
       indent=1,
     )
+
+
+def trl_precisions() -> list[str]:
+  """``--trl_precisions`` checked (``--trl_float32`` alone: ``['float32']``)."""
+  precisions = FLAGS.trl_precisions
+  if FLAGS.trl_float32 and FLAGS["trl_precisions"].using_default_value:
+    precisions = ["float32"]
+  unknown = [p for p in precisions if p not in TRL_PRECISIONS]
+  if unknown or not precisions or len(set(precisions)) < len(precisions):
+    raise app.UsageError(
+      f"--trl_precisions={','.join(precisions)}: give distinct settings of {sorted(TRL_PRECISIONS)}"
+    )
+  return precisions
 
 
 def check_data_file(path: str) -> None:
@@ -640,6 +709,7 @@ def main(argv):
     raise app.UsageError(f"--attention_query_block must be >= 0, got {FLAGS.attention_query_block}")
   check_data_file(FLAGS.data)
   workloads = resolve_workloads()
+  precisions = trl_precisions()
   if FLAGS.child:
     w = Workload(**{k: FLAGS[k].value for k in Workload.__dataclass_fields__})
     if FLAGS.child == "jaxrm_train":  # no torch in jaxrm's process: its imports cost seconds
@@ -648,7 +718,7 @@ def main(argv):
       trl_train_child(w, FLAGS.ids_file, FLAGS.workdir, FLAGS.out, pad_full=FLAGS.pad_full)
     return
   require_peer_packages()
-  run_benchmark(workloads)
+  run_benchmark(workloads, precisions)
 
 
 if __name__ == "__main__":

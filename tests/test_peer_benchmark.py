@@ -62,14 +62,14 @@ def test_exported_token_ids_are_jaxrms_training_batches(tmp_path):
       np.testing.assert_array_equal(batch[key][j][batch[key + "_mask"][j]], ids)
 
 
-def _rows(step_times, wall_times):
+def _rows(step_times, wall_times, side="trl"):
   rows = []
   for r, ((js, ts), (jw, tw)) in enumerate(zip(step_times, wall_times)):
     rows.append(dict(workload="w", round=r, side="jaxrm", kind="step", step_s=js, first_step_s=9.0))
-    rows.append(dict(workload="w", round=r, side="trl", kind="step", step_s=ts))
+    rows.append(dict(workload="w", round=r, side=side, kind="step", step_s=ts))
     rows.append(dict(workload="w", round=r, side="jaxrm", kind="e2e", wall_s=jw))
-    trl = dict(bf16=True, gradient_checkpointing=True)
-    rows.append(dict(workload="w", round=r, side="trl", kind="e2e", wall_s=tw, **trl))
+    trl = dict(bf16=side == "trl", gradient_checkpointing=side == "trl")
+    rows.append(dict(workload="w", round=r, side=side, kind="e2e", wall_s=tw, **trl))
   return rows
 
 
@@ -79,14 +79,41 @@ def test_summary_reports_medians_of_per_round_ratios():
   # end to end 2, 0.5, 3 -> median 2 (the ratio of the medians would be 20 / 20).
   rows = _rows([(1.0, 4.0), (2.0, 2.0), (4.0, 6.0)], [(10.0, 20.0), (40.0, 20.0), (20.0, 60.0)])
   (s,) = peer_trl.summarise(rows, {"w": w}, peak=1e12)
-  assert s["step_ratio"] == pytest.approx(1.5)
-  assert s["e2e_ratio"] == pytest.approx(2.0)
+  assert s["trl_step_ratio"] == pytest.approx(1.5)
+  assert s["trl_e2e_ratio"] == pytest.approx(2.0)
   assert s["jaxrm_step_pairs_s"] == pytest.approx(4 / 2.0)
   assert s["jaxrm_e2e_pairs_s"] == pytest.approx(10 * 4 / 20.0)
   assert s["trl_e2e_pairs_s"] == pytest.approx(10 * 4 / 20.0)
   flops = peer_trl.rm_flops_per_pair(w)
   assert s["jaxrm_step_flop_util"] == pytest.approx(2.0 * flops / 1e12)
   assert s["jaxrm_first_step_s"] == 9.0
+  assert s["trl_bf16"] is True and peer_trl.peer_sides(s) == ["trl"]
+
+
+def test_each_trl_setting_is_its_own_peer_with_its_own_ratios(capsys):
+  w = peer_trl.Workload(layers=2, width=32, heads=2, seq_len=64, batch_pairs=4, steps=10)
+  # The same jaxrm rounds against TRL's defaults (twice jaxrm's time) and float32 (half).
+  rows = _rows([(1.0, 2.0)], [(10.0, 20.0)]) + [
+    r for r in _rows([(1.0, 0.5)], [(10.0, 5.0)], side="trl_float32") if r["side"] != "jaxrm"
+  ]
+  (s,) = peer_trl.summarise(rows, {"w": w}, peak=1e12)
+  assert peer_trl.peer_sides(s) == ["trl", "trl_float32"]
+  assert s["trl_step_ratio"] == pytest.approx(2.0) and s["trl_e2e_ratio"] == pytest.approx(2.0)
+  assert s["trl_float32_step_ratio"] == pytest.approx(0.5)
+  assert s["trl_float32_e2e_ratio"] == pytest.approx(0.5)
+  assert s["trl_float32_bf16"] is False and s["trl_float32_e2e_pairs_s"] == pytest.approx(8.0)
+  peer_trl.print_table([s], [])
+  table = capsys.readouterr().out
+  assert "| trl | jaxrm / trl | trl_float32 | jaxrm / trl_float32 |" in table
+  assert "**2.00x** |" in table and "**0.50x** |" in table
+
+
+def test_bad_trl_precision_is_named(tmp_path):
+  proc = _run(f"--workdir={tmp_path}", f"--data={SAMPLE}", "--trl_precisions=float32,bf17")
+  assert proc.returncode != 0
+  assert "--trl_precisions=float32,bf17: give distinct settings of ['defaults', 'float32']" in (
+    proc.stderr
+  )
 
 
 def test_trl_step_time_drops_two_warmup_steps():
