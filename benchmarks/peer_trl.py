@@ -29,7 +29,9 @@ Ratios are jaxrm's speed over TRL's (TRL seconds / jaxrm seconds) per round; the
 reports their medians. Then the sampler:
 jaxrm's KV-cached :func:`jaxrm.models.sampling.sample` against HF ``generate`` (GPT-2 LM head,
 same shape, random init, the same left-padded prompts, temperature 1 sampling without top-k,
-``--new_tokens`` tokens each) at each ``--sampler_batches``.
+``--new_tokens`` tokens each) at each ``--sampler_batches``, jaxrm also with the batch split
+into ``--sampler_thread_groups`` concurrent calls (``sample(thread_groups=...)``, per-example
+keys).
 
 Needs torch, transformers and trl: ``pip install -e '.[peer]'`` (install torch first from
 the local CPU wheel, see BUILD_NOTES.md). Writes ``<workdir>/peer_results.jsonl`` (one row per
@@ -45,6 +47,7 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import json
 import os
@@ -105,6 +108,12 @@ flags.DEFINE_integer("rounds", 2, "Interleaved rounds (jaxrm, TRL) per workload.
 flags.DEFINE_integer("step_reps", 4, "Timed steps per round for the per-step figures.")
 flags.DEFINE_list("sampler_batches", ["16", "64"], "Sampler batch sizes (empty: no sampler).")
 flags.DEFINE_string("sampler_workload", "gpt2_4x256", "Shape of the sampler's model.")
+flags.DEFINE_integer(
+  "sampler_thread_groups",
+  2,
+  "jaxrm's sampler also with the batch split into this many concurrent calls "
+  "(sample(thread_groups=...)); 1: only the single call.",
+)
 flags.DEFINE_integer("prompt_len", 32, "Sampler prompt length (left-padded).")
 flags.DEFINE_integer("new_tokens", 64, "Sampler tokens generated per sequence.")
 flags.DEFINE_integer("matmul_size", 2048, "n of the [n, n] @ [n, n] ceiling matmul.")
@@ -472,21 +481,33 @@ def sampler_rows(w: Workload, batches: list[int], peak: float) -> list[dict]:
   )
   model.eval()
   rows = []
+  groups = FLAGS.sampler_thread_groups
   for b in batches:
-    jx = benchmark_sampler(
-      cfg, batch=b, prompt_len=FLAGS.prompt_len, new_tokens=FLAGS.new_tokens, reps=2
+    run = functools.partial(
+      benchmark_sampler,
+      cfg,
+      batch=b,
+      prompt_len=FLAGS.prompt_len,
+      new_tokens=FLAGS.new_tokens,
+      reps=2,
     )
+    jx = run()
+    row = dict(
+      kind="sampler",
+      batch=b,
+      jaxrm_tokens_per_s=jx["sampler_tokens_per_s"],
+      jaxrm_mfu=jx["sampler_flops_per_s"] / peak,
+    )
+    if groups > 1 and b % groups == 0:
+      threads = run(thread_groups=groups)
+      row["jaxrm_thread_groups"] = groups
+      row["jaxrm_threads_tokens_per_s"] = threads["sampler_tokens_per_s"]
+      row["jaxrm_threads_mfu"] = threads["sampler_flops_per_s"] / peak
     tokens, mask = sampler_prompts(vocab_size=VOCAB_SIZE, batch=b, prompt_len=FLAGS.prompt_len)
-    hf_s = hf_generate_s(torch, model, tokens, mask, FLAGS.new_tokens)
-    rows.append(
-      dict(
-        kind="sampler",
-        batch=b,
-        jaxrm_tokens_per_s=jx["sampler_tokens_per_s"],
-        jaxrm_mfu=jx["sampler_flops_per_s"] / peak,
-        hf_tokens_per_s=b * FLAGS.new_tokens / hf_s,
-      )
+    row["hf_tokens_per_s"] = (
+      b * FLAGS.new_tokens / hf_generate_s(torch, model, tokens, mask, FLAGS.new_tokens)
     )
+    rows.append(row)
   return rows
 
 
@@ -594,12 +615,19 @@ def print_table(summary: list[dict], sampler: list[dict]) -> None:
         f"| {w} | end to end, {s['steps']} steps: pairs/s (wall s) | "
         f"{s['jaxrm_e2e_pairs_s']:.3g} ({s['jaxrm_e2e_wall_s']:.1f}) | " + " | ".join(e2e) + " |"
       )
+  fill = " | |" * (len(sides) - 1)
   for r in sampler:
+    hf = f"HF generate {r['hf_tokens_per_s']:,.0f}"
     print(
-      f"| sampler, batch {r['batch']} | tokens/s | {r['jaxrm_tokens_per_s']:,.0f} | "
-      f"HF generate {r['hf_tokens_per_s']:,.0f} | "
-      f"{r['jaxrm_tokens_per_s'] / r['hf_tokens_per_s']:.2f}x |" + " | |" * (len(sides) - 1)
+      f"| sampler, batch {r['batch']} | tokens/s | {r['jaxrm_tokens_per_s']:,.0f} | {hf} | "
+      f"{r['jaxrm_tokens_per_s'] / r['hf_tokens_per_s']:.2f}x |" + fill
     )
+    if "jaxrm_threads_tokens_per_s" in r:
+      print(
+        f"| sampler, batch {r['batch']}, {r['jaxrm_thread_groups']} thread groups | tokens/s | "
+        f"{r['jaxrm_threads_tokens_per_s']:,.0f} | {hf} | "
+        f"{r['jaxrm_threads_tokens_per_s'] / r['hf_tokens_per_s']:.2f}x |" + fill
+      )
 
 
 def versions() -> dict:
@@ -705,6 +733,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
+  if FLAGS.sampler_thread_groups < 1:
+    raise app.UsageError(f"--sampler_thread_groups must be >= 1, got {FLAGS.sampler_thread_groups}")
   if FLAGS.attention_query_block is not None and FLAGS.attention_query_block < 0:
     raise app.UsageError(f"--attention_query_block must be >= 0, got {FLAGS.attention_query_block}")
   check_data_file(FLAGS.data)

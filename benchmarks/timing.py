@@ -108,20 +108,26 @@ def sampler_prompts(
   return tokens, mask
 
 
-def benchmark_sampler(cfg, *, batch: int, prompt_len: int, new_tokens: int, reps: int) -> dict:
-  """Times the KV-cached sampler on :func:`sampler_prompts`; returns a metrics dict."""
+def benchmark_sampler(
+  cfg, *, batch: int, prompt_len: int, new_tokens: int, reps: int, thread_groups: int = 1
+) -> dict:
+  """Times the KV-cached sampler on :func:`sampler_prompts`; returns a metrics dict. With
+  ``thread_groups > 1`` the batch is split into that many concurrent calls (per-example
+  keys, as :func:`jaxrm.models.sampling.sample` requires for it)."""
   model = PolicyModel(cfg)
   tokens, mask = sampler_prompts(vocab_size=cfg.vocab_size, batch=batch, prompt_len=prompt_len)
   params = jax.jit(model.init)(jax.random.key(0), jnp.asarray(tokens), jnp.asarray(mask))
+  key = jax.random.key(1)
   run = lambda: sample(
     params,
     tokens,
     mask,
-    jax.random.key(1),
+    key if thread_groups == 1 else jax.random.split(key, batch),
     config=cfg,
     max_new_tokens=new_tokens,
     temperature=1.0,
     eos_id=None,
+    thread_groups=thread_groups,
   )
   start = time.perf_counter()
   jax.block_until_ready(run())

@@ -102,10 +102,21 @@ def test_each_trl_setting_is_its_own_peer_with_its_own_ratios(capsys):
   assert s["trl_float32_step_ratio"] == pytest.approx(0.5)
   assert s["trl_float32_e2e_ratio"] == pytest.approx(0.5)
   assert s["trl_float32_bf16"] is False and s["trl_float32_e2e_pairs_s"] == pytest.approx(8.0)
-  peer_trl.print_table([s], [])
+  sampler = dict(batch=64, jaxrm_tokens_per_s=6e3, hf_tokens_per_s=3e3)
+  threads = dict(sampler, jaxrm_thread_groups=2, jaxrm_threads_tokens_per_s=9e3)
+  peer_trl.print_table([s], [sampler, threads])
   table = capsys.readouterr().out
   assert "| trl | jaxrm / trl | trl_float32 | jaxrm / trl_float32 |" in table
   assert "**2.00x** |" in table and "**0.50x** |" in table
+  assert "| sampler, batch 64 | tokens/s | 6,000 | HF generate 3,000 | 2.00x | | |" in table
+  line = "| sampler, batch 64, 2 thread groups | tokens/s | 9,000 | HF generate 3,000 | 3.00x |"
+  assert table.count(line) == 1
+
+
+def test_bad_sampler_thread_groups_are_named(tmp_path):
+  proc = _run(f"--workdir={tmp_path}", f"--data={SAMPLE}", "--sampler_thread_groups=0")
+  assert proc.returncode != 0
+  assert "--sampler_thread_groups must be >= 1, got 0" in proc.stderr
 
 
 def test_bad_trl_precision_is_named(tmp_path):

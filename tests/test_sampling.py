@@ -148,6 +148,58 @@ def test_same_key_gives_same_samples_and_different_keys_differ():
   assert np.mean(np.asarray(first.tokens[:, P:] != other.tokens[:, P:])) > 0.5
 
 
+def test_per_example_keys_make_each_sample_independent_of_the_rest_of_the_batch():
+  tokens, mask = _prompts(3)
+  keys = jax.random.split(jax.random.key(9), B)
+  kwargs = dict(config=CFG, max_new_tokens=N, temperature=1.0, **SETTING_B)
+  whole = sample(PARAMS, tokens, mask, keys, **kwargs)
+  # Rows 3 and 10 sampled alone, with their own keys: the same tokens as in the batch.
+  for b in (3, 10):
+    alone = sample(PARAMS, tokens[b : b + 1], mask[b : b + 1], keys[b : b + 1], **kwargs)
+    np.testing.assert_array_equal(alone.tokens[0], whole.tokens[b])
+    np.testing.assert_array_equal(alone.mask[0], whole.mask[b])
+    np.testing.assert_allclose(alone.logprobs[0], whole.logprobs[b], atol=1e-5)
+  # Raw uint32 key data per example is accepted too; other keys give other samples.
+  raw = jax.vmap(jax.random.key_data)(keys)
+  np.testing.assert_array_equal(sample(PARAMS, tokens, mask, raw, **kwargs).tokens, whole.tokens)
+  other = sample(PARAMS, tokens, mask, jax.random.split(jax.random.key(10), B), **kwargs)
+  assert np.mean(np.asarray(other.tokens[:, P:] != whole.tokens[:, P:])) > 0.5
+
+
+def test_per_example_keys_give_the_same_samples_without_the_cache():
+  tokens, mask = _prompts(4)
+  keys = jax.random.split(jax.random.key(11), B)
+  kwargs = dict(max_new_tokens=N, temperature=0.8, **SETTING_A)
+  cached = sample(PARAMS, tokens, mask, keys, config=CFG, **kwargs)
+  full = sample_with_apply_fn(_full_apply(False), PARAMS, tokens, mask, keys, **kwargs)
+  np.testing.assert_array_equal(cached.tokens, full.tokens)
+  np.testing.assert_allclose(cached.logprobs, full.logprobs, atol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_thread_groups_give_the_samples_of_one_call(groups):
+  tokens, mask = _prompts(5)
+  keys = jax.random.split(jax.random.key(12), B)
+  kwargs = dict(config=CFG, max_new_tokens=N, temperature=1.0, **SETTING_B)
+  one = sample(PARAMS, tokens, mask, keys, **kwargs)
+  split = sample(PARAMS, tokens, mask, keys, thread_groups=groups, **kwargs)
+  np.testing.assert_array_equal(split.tokens, one.tokens)
+  np.testing.assert_array_equal(split.mask, one.mask)
+  np.testing.assert_array_equal(split.response_mask, one.response_mask)
+  np.testing.assert_allclose(split.logprobs, one.logprobs, atol=1e-5)
+
+
+def test_thread_groups_refuse_a_single_key_and_a_batch_they_do_not_divide():
+  tokens, mask = _prompts(5)
+  keys = jax.random.split(jax.random.key(12), B)
+  kwargs = dict(config=CFG, max_new_tokens=N)
+  with pytest.raises(ValueError, match=r"thread_groups=2 needs \[batch\] keys"):
+    sample(PARAMS, tokens, mask, jax.random.key(0), thread_groups=2, **kwargs)
+  for groups in (3, 0, 2.0):
+    with pytest.raises(ValueError, match=f"thread_groups must be .* batch of {B}, got {groups}"):
+      sample(PARAMS, tokens, mask, keys, thread_groups=groups, **kwargs)
+
+
 # ----------------------------------------------------------------------------- filtering
 
 
@@ -322,7 +374,10 @@ def test_sample_rejects_a_bad_key_naming_it():
   tokens, mask = np.ones((2, 3), np.int32), np.ones((2, 3), bool)
   for key, pattern in (
     (0, "key must be a JAX PRNG key .*got int"),
-    (jax.random.split(jax.random.key(0), 2), r"key must be one key, got keys of shape \(2,\)"),
+    (
+      jax.random.split(jax.random.key(0), 3),
+      r"key must be one key, got keys of shape \(3,\) \(or \[batch\] keys, .*shape \(2,\)\)",
+    ),
     (np.zeros(2, np.float32), "key must be a JAX PRNG key"),
   ):
     with pytest.raises(ValueError, match=pattern):

@@ -16,7 +16,12 @@ log-probabilities of the sampled tokens under that distribution, aligned with ``
 A sequence ends at its first ``eos_id`` (the EOS token itself is part of the response);
 every later position holds ``PAD_ID`` with mask False. With ``eos_id=None`` every response
 has exactly ``max_new_tokens`` tokens. Randomness: step ``i`` uses
-``jax.random.fold_in(key, i)``, so the same key gives the same samples.
+``jax.random.fold_in(key, i)``, so the same key gives the same samples. With ``[batch]``
+keys, one per example, example ``b``'s step ``i`` uses ``fold_in(key[b], i)``: its sample
+does not depend on the rest of the batch, so :func:`sample` can split the batch into
+``thread_groups`` concurrent calls (on a CPU, one small decode program keeps about one core
+busy) and return the same samples as one call (log-probabilities up to float rounding: a
+program for another batch size may round differently).
 
 References:
   Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration" (nucleus sampling).
@@ -25,6 +30,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
+import concurrent.futures
 import functools
 from typing import Any, NamedTuple
 
@@ -32,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrm.math._arrays import check_key
+from jaxrm.math._arrays import check_key, is_int
 from jaxrm.models.policy import PolicyModel
 from jaxrm.models.transformer import TransformerConfig, check_token_range, init_cache, is_concrete
 
@@ -129,10 +135,38 @@ def check_left_padded(prompt_mask: Any, *, name: str = "prompt_mask") -> None:
       )
 
 
+def _check_keys(key: Any, batch: int) -> None:
+  """Raises ``ValueError`` unless ``key`` is one PRNG key or ``[batch]`` keys."""
+  try:
+    check_key(key, shape=(batch,))
+  except ValueError:
+    try:
+      check_key(key)
+    except ValueError as e:
+      if "must be one key" not in str(e):
+        raise
+      raise ValueError(f"{e} (or [batch] keys, one per example: shape ({batch},))") from None
+
+
+def _per_example(key: jax.Array) -> bool:
+  """Whether ``key`` (checked by :func:`_check_keys`) holds one key per example."""
+  typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  return key.ndim == (1 if typed else 2)
+
+
+def _draw(key, step, filtered):
+  """One token per row of ``filtered [b, V]``: from ``fold_in(key, step)`` for the batch, or
+  from ``fold_in(key[b], step)`` for row ``b`` with per-example keys."""
+  if _per_example(key):
+    draw = lambda k, logits: jax.random.categorical(jax.random.fold_in(k, step), logits)
+    return jax.vmap(draw)(key, filtered)
+  return jax.random.categorical(jax.random.fold_in(key, step), filtered, axis=-1)
+
+
 def _choose(logits, key, step, done, temperature, top_k, top_p, eos_id):
   """Samples one token per row; finished rows emit PAD with log-prob 0."""
   filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-  token = jax.random.categorical(jax.random.fold_in(key, step), filtered, axis=-1)
+  token = _draw(key, step, filtered)
   logp = jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), token[:, None], axis=-1)[:, 0]
   active = ~done
   token = jnp.where(active, token, PAD_ID).astype(jnp.int32)
@@ -241,6 +275,7 @@ def sample(
   top_k: int = 0,
   top_p: float = 1.0,
   eos_id: int | None = EOS_ID,
+  thread_groups: int = 1,
 ) -> SampleOutput:
   """Samples responses from a :class:`PolicyModel` with a KV cache, in one jit.
 
@@ -249,7 +284,8 @@ def sample(
       head; the value head is not evaluated).
     prompt_tokens: ``[batch, prompt_len]`` int, LEFT-padded (prompts of different lengths).
     prompt_mask: ``[batch, prompt_len]`` bool, ``False...False True...True`` per row.
-    key: PRNG key; step ``i`` uses ``fold_in(key, i)``.
+    key: one PRNG key (step ``i`` uses ``fold_in(key, i)``) or ``[batch]`` keys, one per
+      example (example ``b``'s step ``i`` uses ``fold_in(key[b], i)``).
     config: the policy's backbone configuration (static).
     max_new_tokens: response length budget (static); ``prompt_len + max_new_tokens``
       must not exceed ``config.max_len``.
@@ -257,25 +293,51 @@ def sample(
     top_k: 0 (off) or the number of most likely tokens to keep (static).
     top_p: nucleus mass in (0, 1]; 1.0 is off (static).
     eos_id: token that ends a sequence, or None for fixed-length responses (static).
+    thread_groups: splits the batch into this many equal groups, each sampled by its own
+      call in its own host thread, so that XLA runs the groups' programs at the same time
+      (on a CPU one decode program keeps about one core busy). Needs per-example keys, so
+      that the samples are those of a single call (log-probabilities up to float rounding);
+      not under ``jit``.
 
   Returns:
     :class:`SampleOutput` with fields of shape ``[batch, prompt_len + max_new_tokens]``.
+
+  Raises:
+    ValueError: bad prompts, keys or settings, or ``thread_groups`` that does not divide the
+      batch or comes with a single key.
   """
   _check_prompt(prompt_tokens, prompt_mask, max_new_tokens, config.max_len, config.vocab_size)
-  check_key(key)
+  batch = jnp.shape(prompt_tokens)[0]
+  _check_keys(key, batch)
   _check_filter_args(temperature, top_k, top_p, config.vocab_size)
-  return _sample_cached(
+  if not is_int(thread_groups) or thread_groups < 1 or batch % thread_groups:
+    raise ValueError(
+      f"thread_groups must be an int >= 1 that divides the batch of {batch}, got {thread_groups!r}"
+    )
+  call = functools.partial(
+    _sample_cached,
     params,
-    jnp.asarray(prompt_tokens, jnp.int32),
-    jnp.asarray(prompt_mask).astype(bool),
-    key,
-    jnp.asarray(temperature, jnp.float32),
+    temperature=jnp.asarray(temperature, jnp.float32),
     config=config,
     max_new_tokens=max_new_tokens,
     top_k=top_k,
     top_p=float(top_p),
     eos_id=eos_id,
   )
+  tokens, mask = jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask).astype(bool)
+  if thread_groups == 1:
+    return call(tokens, mask, key)
+  if not _per_example(key):
+    raise ValueError(
+      f"thread_groups={thread_groups} needs [batch] keys, one per example (e.g. "
+      "jax.random.split(key, batch)), so that the samples do not depend on the grouping"
+    )
+  size = batch // thread_groups
+  parts = [slice(g * size, (g + 1) * size) for g in range(thread_groups)]
+  run = lambda p: jax.block_until_ready(call(tokens[p], mask[p], key[p]))
+  with concurrent.futures.ThreadPoolExecutor(thread_groups) as pool:
+    outs = list(pool.map(run, parts))
+  return SampleOutput(*(jnp.concatenate(f, axis=0) for f in zip(*outs)))
 
 
 @functools.partial(
@@ -360,7 +422,7 @@ def sample_with_apply_fn(
     :class:`SampleOutput` with fields of shape ``[batch, prompt_len + max_new_tokens]``.
   """
   _check_prompt(prompt_tokens, prompt_mask, max_new_tokens, max_len, None)
-  check_key(key)
+  _check_keys(key, jnp.shape(prompt_tokens)[0])
   _check_filter_args(temperature, top_k, top_p, float("inf"))  # vocab checked when traced
   return _sample_full(
     params,
