@@ -213,8 +213,8 @@ def transformer_policy(config: TransformerConfig, *, value_head: bool = False) -
       ``values=None`` for others (the reference policy needs none).
 
   Returns:
-    :class:`PolicyFns` whose ``sample`` is :func:`jaxrm.models.sampling.sample` applied to
-    each row with its own key.
+    :class:`PolicyFns` whose ``sample`` is :func:`jaxrm.models.sampling.sample` with one key
+    per row (per-example keys: a row's sample does not depend on the rest of the batch).
   """
   if not isinstance(config, TransformerConfig):
     raise ValueError(f"config must be a TransformerConfig, got {type(config).__name__}")
@@ -229,21 +229,17 @@ def transformer_policy(config: TransformerConfig, *, value_head: bool = False) -
   def sample(params, prompts, prompt_mask, keys, *, max_new_tokens, temperature, eos_id):
     from jaxrm.models import sampling  # sampling imports PolicyModel from this module
 
-    def one(prompt, mask, key):
-      out = sampling.sample(
-        params,
-        prompt[None],
-        mask[None],
-        key,
-        config=config,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        eos_id=eos_id,
-      )
-      return jax.tree.map(lambda x: x[0], out)
-
     check_key(keys, "keys", shape=jnp.shape(prompts)[:1])
-    return jax.vmap(one)(prompts, prompt_mask, keys)
+    return sampling.sample(
+      params,
+      prompts,
+      prompt_mask,
+      keys,
+      config=config,
+      max_new_tokens=max_new_tokens,
+      temperature=temperature,
+      eos_id=eos_id,
+    )
 
   return PolicyFns(apply=apply, sample=sample, vocab_size=config.vocab_size, max_len=config.max_len)
 
