@@ -86,12 +86,16 @@ def test_loss_fn_is_the_math_loss_and_training_lowers_it(kind):
     return loss_fn(o[:2], o[2:])
 
   opt = optax.adam(1e-2)
+
+  @jax.jit
+  def update(params, state):
+    updates, state = opt.update(jax.grad(objective)(params), state)
+    return optax.apply_updates(params, updates), state
+
   state = opt.init(params)
   first = float(objective(params))
   for _ in range(20):
-    grads = jax.grad(objective)(params)
-    updates, state = opt.update(grads, state)
-    params = optax.apply_updates(params, updates)
+    params, state = update(params, state)
   assert float(objective(params)) < first
 
 

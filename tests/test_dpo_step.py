@@ -42,6 +42,14 @@ def hits(tokens, response):
   return ((tokens == TARGET) & response).sum(1)
 
 
+# The test batches' reference log-probs, compiled once per batch shape (eager code compiles
+# every operation on its own).
+_with_reference = jax.jit(functools.partial(dpo.add_reference_logps, apply_fn=APPLY))
+_with_reference_kto = jax.jit(
+  functools.partial(dpo.add_reference_logps, apply_fn=APPLY, loss="kto")
+)
+
+
 def paired_batch(seed, b=16, ref=None):
   """Pairs whose chosen response holds more TARGET tokens (ties: either order)."""
   rng = np.random.default_rng(seed)
@@ -57,7 +65,7 @@ def paired_batch(seed, b=16, ref=None):
     "rejected_mask": np.where(swap, ma, mb),
     "rejected_response_mask": np.where(swap, ra, rb),
   }
-  return dpo.add_reference_logps(batch, init_params() if ref is None else ref, apply_fn=APPLY)
+  return _with_reference(batch, init_params() if ref is None else ref)
 
 
 def kto_batch(seed, b=16):
@@ -70,7 +78,7 @@ def kto_batch(seed, b=16):
     "desirable": hits(tokens, response) >= 1,
     **dpo.mismatched_completions(tokens, mask, prompt_len=PROMPT),
   }
-  return dpo.add_reference_logps(batch, init_params(), apply_fn=APPLY, loss="kto")
+  return _with_reference_kto(batch, init_params())
 
 
 def np_log_softmax(x):

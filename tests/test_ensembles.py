@@ -122,14 +122,12 @@ def test_ensemble_reward_matches_a_numpy_reference():
   k, b = 3, 6
   tokens = jax.random.randint(jax.random.key(1), (b, wc.seq_len), 0, wc.vocab_size)
   mask = jnp.ones(tokens.shape, bool)
-  params = jax.vmap(lambda key: model.init(key, tokens[:1], mask[:1]))(
+  params = jax.jit(jax.vmap(lambda key: model.init(key, tokens[:1], mask[:1])))(
     jax.random.split(jax.random.key(0), k)
   )
+  apply = jax.jit(model.apply)  # one member at a time, not the vmapped program under test
   raw = np.stack(
-    [
-      np.asarray(model.apply(jax.tree.map(lambda x, i=i: x[i], params), tokens, mask))
-      for i in range(k)
-    ]
+    [np.asarray(apply(jax.tree.map(lambda x, i=i: x[i], params), tokens, mask)) for i in range(k)]
   ).astype(np.float64)
   mean, std = np.array([0.1, -0.3, 0.2]), np.array([0.5, 1.5, 2.0])
   z = (raw - mean[:, None]) / std[:, None]

@@ -115,16 +115,17 @@ def test_sgd_step_lowers_loss_and_follows_the_gradient_of_the_reference_loss():
   new, metrics = jax.jit(functools.partial(sft_step, apply_fn=MODEL.apply, optimizer=opt))(
     state, batch
   )
-  logits, _ = MODEL.apply(state.params, batch["tokens"], batch["mask"])
+  logits, _ = jax.jit(MODEL.apply)(state.params, batch["tokens"], batch["mask"])
   want, count = np_sft_loss(logits, batch["tokens"], batch["response_mask"])
   np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
   assert float(metrics["num_tokens"]) == count and not bool(metrics["nonfinite"])
 
+  @jax.jit
   def loss(p):
     out, _ = MODEL.apply(p, batch["tokens"], batch["mask"])
     return sft_loss(out, batch["tokens"], batch["response_mask"])
 
-  grads = jax.grad(loss)(state.params)
+  grads = jax.jit(jax.grad(loss))(state.params)
   expect = jax.tree.map(lambda p, g: p - 0.5 * g, state.params, grads)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), new.params, expect)
   assert float(loss(new.params)) < float(metrics["loss"])
@@ -138,7 +139,8 @@ def test_nonfinite_loss_skips_the_update():
     params["params"]["lm_head"]["kernel"].at[0, 0].set(jnp.nan)
   )
   state = state._replace(params=params)
-  new, metrics = sft_step(state, make_batch(5), apply_fn=MODEL.apply, optimizer=opt)
+  step = jax.jit(functools.partial(sft_step, apply_fn=MODEL.apply, optimizer=opt))
+  new, metrics = step(state, make_batch(5))
   assert bool(metrics["nonfinite"]) and int(new.num_skipped) == 1
   jax.tree.map(np.testing.assert_array_equal, new.params, state.params)
 
