@@ -198,6 +198,10 @@ def test_thread_groups_refuse_a_single_key_and_a_batch_they_do_not_divide():
   for groups in (3, 0, 2.0):
     with pytest.raises(ValueError, match=f"thread_groups must be .* batch of {B}, got {groups}"):
       sample(PARAMS, tokens, mask, keys, thread_groups=groups, **kwargs)
+  with pytest.raises(
+    ValueError, match="thread_groups=2 runs host threads: call sample outside jit"
+  ):
+    jax.jit(lambda t: sample(PARAMS, t, mask, keys, thread_groups=2, **kwargs))(tokens)
 
 
 # ----------------------------------------------------------------------------- filtering

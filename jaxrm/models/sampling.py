@@ -332,6 +332,8 @@ def sample(
       f"thread_groups={thread_groups} needs [batch] keys, one per example (e.g. "
       "jax.random.split(key, batch)), so that the samples do not depend on the grouping"
     )
+  if not all(is_concrete(x) for x in (tokens, mask, key)):
+    raise ValueError(f"thread_groups={thread_groups} runs host threads: call sample outside jit")
   size = batch // thread_groups
   parts = [slice(g * size, (g + 1) * size) for g in range(thread_groups)]
   run = lambda p: jax.block_until_ready(call(tokens[p], mask[p], key[p]))
