@@ -429,36 +429,32 @@ def one_round(
   """One interleaved round of a workload: jaxrm step, TRL step (each of ``precisions``), jaxrm
   run, TRL run (each of ``precisions``)."""
   workdir, rows = FLAGS.workdir, []
-  reps = FLAGS.step_reps
   row = dict(workload=name, round=r)
-  jx = jaxrm_step_times(w, FLAGS.data, workdir, reps, cache)
-  rows.append(dict(row, side="jaxrm", kind="step", **jx))
-  short = dataclasses.replace(w, steps=reps + 2)
-  for p in precisions:
-    side, f32 = TRL_PRECISIONS[p], p == "float32"
-    _, tr = run_child(
+
+  def trl(precision: str, workload: Workload, kind: str, **extra) -> tuple[str, float, dict]:
+    side = TRL_PRECISIONS[precision]
+    wall, res = run_child(
       "trl_train",
-      short,
+      workload,
       workdir,
-      f"{name}_{side}_step_{r}",
+      f"{name}_{side}_{kind}_{r}",
       ids_file=ids,
-      pad_full=True,
-      trl_float32=f32,
+      trl_float32=precision == "float32",
+      **extra,
     )
+    return side, wall, res
+
+  jx = jaxrm_step_times(w, FLAGS.data, workdir, FLAGS.step_reps, cache)
+  rows.append(dict(row, side="jaxrm", kind="step", **jx))
+  short = dataclasses.replace(w, steps=FLAGS.step_reps + 2)
+  for p in precisions:
+    side, _, tr = trl(p, short, "step", pad_full=True)
     rows.append(dict(row, side=side, kind="step", step_s=trl_step_s(tr["step_times"])))
   if w.steps:
     wall, res = run_child("jaxrm_train", w, workdir, f"{name}_jaxrm_e2e_{r}")
     rows.append(dict(row, side="jaxrm", kind="e2e", wall_s=wall, **res))
     for p in precisions:
-      side = TRL_PRECISIONS[p]
-      wall, res = run_child(
-        "trl_train",
-        w,
-        workdir,
-        f"{name}_{side}_e2e_{r}",
-        ids_file=ids,
-        trl_float32=p == "float32",
-      )
+      side, wall, res = trl(p, w, "e2e")
       res["step_s_median"] = trl_step_s(res.pop("step_times"))
       rows.append(dict(row, side=side, kind="e2e", wall_s=wall, **res))
   return rows

@@ -115,19 +115,24 @@ def check_number(
     raise ValueError(f"{name} must be {expected}, got {shown}")
 
 
-def check_key(key: Any, name: str = "key", *, shape: tuple[int, ...] = ()) -> None:
-  """Raises ``ValueError`` naming ``name`` unless ``key`` is an array of JAX PRNG keys of
-  ``shape`` (``()``: one key): typed keys (``jax.random.key``) or raw ``uint32`` key data
-  (``jax.random.PRNGKey``, the key data on a trailing axis). Shapes and dtypes exist under
-  ``jit`` too, so tracers are checked as well."""
+def key_shape(key: Any, name: str = "key") -> tuple[int, ...]:
+  """The shape of an array of JAX PRNG keys (``()``: one key): typed keys (``jax.random.key``)
+  or raw ``uint32`` key data (``jax.random.PRNGKey``, the key data on a trailing axis).
+  Raises ``ValueError`` naming ``name`` if ``key`` is neither. Tracers have shapes and dtypes
+  too, so this works under ``jit``."""
   dtype = getattr(key, "dtype", None)
   if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-    got = tuple(key.shape)
-  elif dtype == np.uint32 and np.ndim(key) >= 1:
-    got = tuple(key.shape[:-1])
-  else:
-    what = f"dtype {dtype}, shape {np.shape(key)}" if dtype is not None else type(key).__name__
-    raise ValueError(f"{name} must be a JAX PRNG key (jax.random.key(seed)), got {what}")
+    return tuple(key.shape)
+  if dtype == np.uint32 and np.ndim(key) >= 1:
+    return tuple(key.shape[:-1])
+  what = f"dtype {dtype}, shape {np.shape(key)}" if dtype is not None else type(key).__name__
+  raise ValueError(f"{name} must be a JAX PRNG key (jax.random.key(seed)), got {what}")
+
+
+def check_key(key: Any, name: str = "key", *, shape: tuple[int, ...] = ()) -> None:
+  """Raises ``ValueError`` naming ``name`` unless ``key`` is an array of JAX PRNG keys of
+  ``shape`` (``()``: one key; :func:`key_shape`), tracers included."""
+  got = key_shape(key, name)
   if got != tuple(shape):
     want = "one key" if not shape else f"keys of shape {tuple(shape)}"
     raise ValueError(f"{name} must be {want}, got keys of shape {got}")

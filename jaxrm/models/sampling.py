@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrm.math._arrays import check_key, is_int
+from jaxrm.math._arrays import is_int, key_shape
 from jaxrm.models.policy import PolicyModel
 from jaxrm.models.transformer import TransformerConfig, check_token_range, init_cache, is_concrete
 
@@ -137,21 +137,17 @@ def check_left_padded(prompt_mask: Any, *, name: str = "prompt_mask") -> None:
 
 def _check_keys(key: Any, batch: int) -> None:
   """Raises ``ValueError`` unless ``key`` is one PRNG key or ``[batch]`` keys."""
-  try:
-    check_key(key, shape=(batch,))
-  except ValueError:
-    try:
-      check_key(key)
-    except ValueError as e:
-      if "must be one key" not in str(e):
-        raise
-      raise ValueError(f"{e} (or [batch] keys, one per example: shape ({batch},))") from None
+  got = key_shape(key)
+  if got not in ((), (batch,)):
+    raise ValueError(
+      f"key must be one key, got keys of shape {got} (or [batch] keys, one per example: "
+      f"shape ({batch},))"
+    )
 
 
 def _per_example(key: jax.Array) -> bool:
   """Whether ``key`` (checked by :func:`_check_keys`) holds one key per example."""
-  typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-  return key.ndim == (1 if typed else 2)
+  return key_shape(key) != ()
 
 
 def _draw(key, step, filtered):
