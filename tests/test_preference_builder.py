@@ -9,6 +9,7 @@ import gzip
 import json
 import os
 import re
+import tempfile
 
 import pytest
 import tensorflow_datasets as tfds
@@ -195,6 +196,17 @@ def test_a_failed_build_keeps_what_the_data_directory_held_before(tmp_path):
   assert (data_dir / "notes.txt").read_text() == "keep me"
   assert sorted(os.listdir(data_dir / "preference_pairs")) == ["first"]
   assert len(_build(good, data_dir, name="first").as_data_source(split="train")) == 4
+
+
+def test_a_fresh_build_leaves_nothing_in_the_temporary_directory(tmp_path, monkeypatch):
+  # TFDS 4.9 makes a temporary directory to look an unprepared dataset up on its bucket and
+  # never removes it: one empty /tmp/tmp*tfds per fresh build without the override.
+  tmp = tmp_path / "tmp"
+  tmp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+  train = _write(tmp_path / "train.jsonl", _pairs(4))
+  assert len(_build(train, tmp_path / "data").as_data_source(split="train")) == 4
+  assert os.listdir(tmp) == []
 
 
 @pytest.mark.parametrize(

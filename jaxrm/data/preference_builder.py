@@ -73,6 +73,19 @@ def _file_fingerprints(paths: Iterable[str]) -> dict[str, dict[str, Any]]:
   return out
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+  """``DatasetInfo`` of a dataset built from local files only.
+
+  TFDS looks a dataset without prepared files up on its public bucket
+  (``initialize_from_bucket``); TFDS 4.9 makes a temporary directory for that first and never
+  removes it, so every fresh build left an empty ``/tmp/tmp*tfds`` directory behind. These
+  datasets are never on the bucket, so there is nothing to look up.
+  """
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 class PreferencePairs(tfds.core.GeneratorBasedBuilder):
   """TFDS builder for tokenised preference pairs from local JSONL files.
 
@@ -103,7 +116,7 @@ class PreferencePairs(tfds.core.GeneratorBasedBuilder):
     return epath.Path(inspect.getfile(cls))
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
+    return _LocalDatasetInfo(
       builder=self,
       description="Tokenised preference pairs (jaxrm.data.preferences).",
       features=tfds.features.FeaturesDict(
