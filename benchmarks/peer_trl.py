@@ -22,6 +22,9 @@ Per workload and round, interleaved (jaxrm, TRL, jaxrm, TRL, ...):
   TRL's CPU defaults (bf16 autocast, gradient checkpointing; side ``trl``), and ``float32``,
   float32 without checkpointing (side ``trl_float32``; ``--trl_float32`` is short for
   ``--trl_precisions=float32``);
+* **jaxrm's precision** (``--jaxrm_matmul_dtype``): ``float32``, or ``bfloat16``, mixed
+  precision (``model.matmul_dtype``: bfloat16 matmul operands summed in float32, float32
+  parameters), the arithmetic of TRL's defaults; its matmul ceiling is measured as well;
 * **FLOP utilisation**: model FLOPs (:func:`jaxrm.models.presets.flops_per_token`, at the full
   length) per second over the float32 matmul ceiling measured at the start of this run.
 
@@ -42,6 +45,7 @@ Usage::
   python benchmarks/peer_trl.py --workdir=/tmp/peer --quick     # smoke run, about a minute
   python benchmarks/peer_trl.py --workdir=runs/peer --workloads=hh,gpt2_4x256 --rounds=2
   python benchmarks/peer_trl.py --workdir=runs/peer --workloads=hh --trl_precisions=defaults,float32
+  python benchmarks/peer_trl.py --workdir=runs/peer --workloads=gpt2_4x256 --jaxrm_matmul_dtype=bfloat16
 """
 
 from __future__ import annotations
@@ -138,6 +142,13 @@ flags.DEFINE_integer(
   None,
   "jaxrm's model.attention_query_block (unset: the hh config's; 0: the full score matrix).",
 )
+flags.DEFINE_enum(
+  "jaxrm_matmul_dtype",
+  "float32",
+  ["float32", "bfloat16"],
+  "jaxrm's model.matmul_dtype in its training runs: 'bfloat16' is mixed precision (bfloat16 "
+  "matmul operands, float32 sums and parameters), the arithmetic of TRL's CPU defaults.",
+)
 flags.DEFINE_bool("quick", False, "Tiny shapes, 1 round, few steps: a smoke run.")
 flags.DEFINE_enum("child", "", ["", "jaxrm_train", "trl_train"], "Internal: subprocess role.")
 flags.DEFINE_string("ids_file", "", "Internal (trl_train): token ids JSONL.")
@@ -228,6 +239,8 @@ def train_config(w: Workload, data: str, steps: int):
   config.steps = max(steps, 1)
   if FLAGS.attention_query_block is not None:
     config.model.attention_query_block = FLAGS.attention_query_block or None
+  if FLAGS.jaxrm_matmul_dtype != "float32":
+    config.model.matmul_dtype = FLAGS.jaxrm_matmul_dtype
   return config
 
 
@@ -391,6 +404,7 @@ def run_child(role: str, w: Workload, workdir: str, tag: str, **extra) -> tuple[
   cmd += [f"--data={FLAGS.data}", f"--out={out}", f"--jaxrm_cache_dir={FLAGS.jaxrm_cache_dir}"]
   if FLAGS.attention_query_block is not None:
     cmd += [f"--attention_query_block={FLAGS.attention_query_block}"]
+  cmd += [f"--jaxrm_matmul_dtype={FLAGS.jaxrm_matmul_dtype}"]
   cmd += [f"--{k}={v}" for k, v in dataclasses.asdict(w).items()]
   cmd += [f"--{k}={v}" for k, v in extra.items()]
   start = time.perf_counter()
@@ -580,11 +594,15 @@ def peer_sides(summary: dict) -> list[str]:
   return [k[: -len("_step_ratio")] for k in summary if k.endswith("_step_ratio")]
 
 
-def print_table(summary: list[dict], sampler: list[dict]) -> None:
+def print_table(summary: list[dict], sampler: list[dict], matmul_dtype: str = "float32") -> None:
   """The readable table (markdown) of the summary and sampler rows: one column per peer
-  side, each ratio jaxrm's speed over that peer's."""
+  side, each ratio jaxrm's speed over that peer's; ``matmul_dtype``: jaxrm's training runs'
+  (the sampler's model is float32)."""
   sides = list(dict.fromkeys(p for s in summary for p in peer_sides(s)))
-  print("| workload | measure | jaxrm | " + " | ".join(f"{p} | jaxrm / {p}" for p in sides) + " |")
+  jaxrm = "jaxrm" if matmul_dtype == "float32" else f"jaxrm ({matmul_dtype} matmuls)"
+  print(
+    f"| workload | measure | {jaxrm} | " + " | ".join(f"{p} | jaxrm / {p}" for p in sides) + " |"
+  )
   print("|---|---|---|" + "---|---|" * len(sides))
   for s in summary:
     w = (
@@ -658,6 +676,10 @@ def run_benchmark(workloads: dict[str, Workload], precisions: list[str]) -> None
   print("allocator (both sides' processes inherit it):", environment.allocator())
   peak = measure_matmul_flops(FLAGS.matmul_size, 5)
   print(f"float32 matmul ceiling ({FLAGS.matmul_size}^2, best of 5): {peak / 1e9:.1f} GFLOP/s")
+  peak_bf16 = None
+  if FLAGS.jaxrm_matmul_dtype == "bfloat16":  # the FLOP utilisation stays against float32's
+    peak_bf16 = measure_matmul_flops(FLAGS.matmul_size, 5, dtype=jax.numpy.bfloat16)
+    print(f"bfloat16 (float32 sums) matmul ceiling: {peak_bf16 / 1e9:.1f} GFLOP/s")
   rows, cache = [], {}
   ids = {
     w.seq_len: export_token_ids(FLAGS.data, w.seq_len, FLAGS.workdir) for w in workloads.values()
@@ -675,7 +697,7 @@ def run_benchmark(workloads: dict[str, Workload], precisions: list[str]) -> None
   sampler_w = WORKLOADS["quick" if FLAGS.quick else FLAGS.sampler_workload]
   sampler = sampler_rows(sampler_w, batches, peak) if batches else []
   summary = summarise(rows, workloads, peak)
-  print_table(summary, sampler)
+  print_table(summary, sampler, FLAGS.jaxrm_matmul_dtype)
   with open(os.path.join(FLAGS.workdir, "peer_results.jsonl"), "w") as f:
     for row in rows + sampler:
       f.write(json.dumps(row, default=float) + "\n")
@@ -685,11 +707,13 @@ def run_benchmark(workloads: dict[str, Workload], precisions: list[str]) -> None
         versions=info,
         environment=environment.environment(),
         matmul_flops_per_s=peak,
+        matmul_flops_per_s_bfloat16=peak_bf16,
         train_pairs={k: v[1] for k, v in ids.items()},
         workloads=summary,
         sampler=sampler,
         sampler_shape=dataclasses.asdict(sampler_w),
         jaxrm_compile_cache=FLAGS.jaxrm_cache_dir or "off (cold compile in every run)",
+        jaxrm_matmul_dtype=FLAGS.jaxrm_matmul_dtype,
         trl_precisions={p: TRL_PRECISIONS[p] for p in precisions},
         argv=sys.argv,
       ),

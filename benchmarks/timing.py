@@ -5,6 +5,7 @@ the synthetic-world seed sweep (``seed_sweep.py``, ``op_profile.py``)."""
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -83,12 +84,13 @@ def best_time(fn, reps: int) -> float:
   return best
 
 
-def measure_matmul_flops(n: int, reps: int) -> float:
-  """Best float32 FLOP/s of a jitted ``[n, n] @ [n, n]`` on the default device."""
+def measure_matmul_flops(n: int, reps: int, *, dtype=jnp.float32) -> float:
+  """Best FLOP/s of a jitted ``[n, n] @ [n, n]`` on the default device: float32, or with
+  ``dtype=jnp.bfloat16`` bfloat16 operands summed in float32 (mixed precision's matmul)."""
   keys = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(keys[0], (n, n), jnp.float32)
-  b = jax.random.normal(keys[1], (n, n), jnp.float32)
-  matmul = jax.jit(jnp.matmul)
+  a = jax.random.normal(keys[0], (n, n), dtype)
+  b = jax.random.normal(keys[1], (n, n), dtype)
+  matmul = jax.jit(functools.partial(jnp.matmul, preferred_element_type=jnp.float32))
   jax.block_until_ready(matmul(a, b))  # compile + warm-up
   return 2.0 * n**3 / best_time(lambda: matmul(a, b), reps)
 

@@ -111,6 +111,8 @@ def test_each_trl_setting_is_its_own_peer_with_its_own_ratios(capsys):
   assert "| sampler, batch 64 | tokens/s | 6,000 | HF generate 3,000 | 2.00x | | |" in table
   line = "| sampler, batch 64, 2 thread groups | tokens/s | 9,000 | HF generate 3,000 | 3.00x |"
   assert table.count(line) == 1
+  peer_trl.print_table([s], [], "bfloat16")
+  assert "| workload | measure | jaxrm (bfloat16 matmuls) | trl |" in capsys.readouterr().out
 
 
 def test_bad_sampler_thread_groups_are_named(tmp_path):

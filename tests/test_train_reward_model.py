@@ -246,6 +246,7 @@ def test_hh_sample_trains_through_tfds_and_reports_without_the_source_files(tmp_
   workdir = tmp_path / "run"
   config = rm_train.TrainConfig(
     data=pairs.DataConfig(files=tuple(map(str, files)), test_fraction=0.25, max_len=128),
+    model=rm_train.ModelConfig(matmul_dtype="bfloat16"),  # mixed precision, as TRL's default
     batch_size=8,
     steps=6,
     optimizer=rm_train.OptimizerConfig(warmup_steps=2, learning_rate=1e-3),
@@ -267,6 +268,12 @@ def test_hh_sample_trains_through_tfds_and_reports_without_the_source_files(tmp_
     assert splits[split]["sequence_length"]["max"] <= 128
   assert splits["train"]["truncated_pairs"] > 0  # HH dialogues exceed 128 bytes
   assert rep["model"]["config"]["vocab_size"] == 259 and rep["model"]["tokenizer"] == "byte"
+  assert (rep["model"]["config"]["dtype"], rep["model"]["config"]["param_dtype"]) == (
+    "bfloat16",
+    "float32",
+  )
+  _, params, _ = rm_io.load_reward_model(workdir)
+  assert {p.dtype for p in jax.tree.leaves(params)} == {np.dtype(np.float32)}
   assert not rep["length"]["constant_length"] and rep["length"]["pearson"] is not None
   test_subsets = {
     e.subset
@@ -296,6 +303,7 @@ def test_hh_sample_trains_through_tfds_and_reports_without_the_source_files(tmp_
     ("data.files", ("/nonexistent/pairs.jsonl",), "file not found: /nonexistent/pairs.jsonl"),
     ("data.test_files", (SAMPLE,), "must be empty for the synthetic world"),
     ("model.preset", "huge", "must be one of"),
+    ("model.matmul_dtype", "float16", "must be '' \\(model.dtype\\) or one of"),
     ("loss.label_smoothing", 1.5, "must be in \\[0, 1\\]"),
     ("data.synthetic.world.vocab_size", 0, "vocab_size must be >= 1"),
     ("log.keep_checkpoints", 0, "must be an int >= 1"),

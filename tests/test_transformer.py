@@ -277,6 +277,41 @@ def test_bfloat16_compute_runs_and_is_close_to_float32():
   assert diff.max() > 0  # bfloat16 really was used
 
 
+def _dots(jaxpr) -> list:
+  """Every ``dot_general`` equation of ``jaxpr`` and of the jaxprs nested in it."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      found.append(eqn)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          found += _dots(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          found += _dots(sub)
+  return found
+
+
+@pytest.mark.parametrize("cfg", [CFG, LLAMA], ids=["gpt2", "llama"])
+def test_bfloat16_projections_take_bfloat16_operands_forward_and_backward(cfg):
+  """Every projection matmul of the step (forward, and both gradients) multiplies bfloat16
+  operands into float32 sums; only the attention's score and output products are float32."""
+  cfg16 = dataclasses.replace(cfg, dtype=jnp.bfloat16)
+  model = Transformer(cfg16)
+  _, params, _ = _setup(cfg)
+  tokens, mask = _random_tokens(3, (B, S)), np.ones((B, S), bool)
+  loss = lambda p: jnp.sum(jnp.sin(model.apply(p, tokens, mask)))  # noqa: E731
+  dots = _dots(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+  kinds = [tuple(v.aval.dtype for v in eqn.invars) for eqn in dots]
+  mixed = [eqn for eqn, k in zip(dots, kinds) if k == (jnp.bfloat16, jnp.bfloat16)]
+  assert all(eqn.params["preferred_element_type"] == jnp.float32 for eqn in mixed)
+  projections = len([p for p in jax.tree.leaves_with_path(params) if "kernel" in str(p[0])])
+  assert len(mixed) == 3 * projections  # forward, input gradient, kernel gradient
+  # The rest: 2 forward and 4 backward attention products per layer, all float32.
+  assert kinds.count((jnp.float32, jnp.float32)) == 6 * cfg.num_layers
+  assert len(dots) == len(mixed) + 6 * cfg.num_layers
+
+
 # ----------------------------------------------------------------------------- validation
 
 

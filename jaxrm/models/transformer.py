@@ -25,8 +25,11 @@ Design:
   right-padding give identical hidden states on the real tokens. Positions are either rotary
   (default; Su et al. 2021) or a learned table of ``max_len`` rows.
 * Mixed precision: parameters are stored in ``config.param_dtype`` (float32 by default, or
-  bfloat16 to halve their memory); matmuls run in ``config.dtype`` (float32 or bfloat16); the
-  residual stream, norms, the attention softmax and the output are float32.
+  bfloat16 to halve their memory). With ``config.dtype=jnp.bfloat16`` the projections' matmuls
+  take bfloat16 operands and sum in float32, forward and backward
+  (:mod:`jaxrm.models.precision`), and queries, keys and values are rounded to bfloat16 (the
+  KV cache's dtype); the attention's own products, the residual stream, norms, activations,
+  the softmax and the output are float32.
 * ``remat=True`` rematerialises each block's activations in the backward pass
   (``flax.linen.remat``; same parameters and outputs, less memory, ~1/3 more compute).
 * KV-cached decoding through an explicit :class:`KVCache` pytree passed in and out of
@@ -62,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrm.math._arrays import is_concrete
+from jaxrm.models import precision
 from jaxrm.models.rope import RopeScaling, apply_rotary, rope_frequencies
 
 _POSITIONS = ("rotary", "learned")
@@ -82,7 +86,8 @@ class TransformerConfig:
     max_len: longest sequence (and largest KV cache) the model accepts.
     mlp_ratio: MLP hidden width is ``mlp_ratio * width`` unless ``mlp_dim`` is given.
     position: ``'rotary'`` (default) or ``'learned'`` absolute position embeddings.
-    dtype: compute dtype of the matmuls, ``jnp.float32`` or ``jnp.bfloat16``.
+    dtype: operand dtype of the projections' matmuls (their sums are float32) and the dtype
+      of queries, keys, values and the KV cache: ``jnp.float32`` or ``jnp.bfloat16``.
     rope_base: base (theta) of the rotary frequencies.
     layer_norm_eps: epsilon of every norm (LayerNorm or RMSNorm).
     norm: ``'layernorm'`` (scale and bias; GPT-2) or ``'rmsnorm'`` (scale only; Llama).
@@ -304,7 +309,7 @@ def _attend(
       (:attr:`TransformerConfig.attention_query_block`). None: one block.
 
   Returns:
-    ``[batch, t, heads, head_dim]`` in the dtype of ``v``.
+    ``[batch, t, heads, head_dim]`` float32 (computed in float32 from the operands).
   """
   t = q.shape[1]
   if query_block is None or t <= query_block or k.shape[2] != t:
@@ -322,14 +327,18 @@ def _attend_block(q: jax.Array, k: jax.Array, v: jax.Array, attn_mask: jax.Array
   """:func:`_attend` over all of ``k`` and ``v``, one block."""
   b, t, heads, d = q.shape
   kv_heads = k.shape[1]
+  # float32 arithmetic on (possibly bfloat16-rounded) operands: XLA:CPU has no kernel for some
+  # of these batched dots with bfloat16 operands and a float32 result, and they are a small
+  # share of a step's matmuls.
+  q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
   q = q.reshape(b, t, kv_heads, heads // kv_heads, d)
   scale = d**-0.5
-  logits = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.einsum("btkgd,bksd->bkgts", q, k) * scale
   mask = attn_mask[:, None, None, :, :]
   logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
   probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0)
-  out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v)
+  out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
   return out.reshape(b, t, heads, d)
 
 
@@ -357,6 +366,8 @@ class _Block(nn.Module):
   def __call__(self, x, positions, attn_mask, kv=None, index=None):
     cfg = self.config
     dense = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    if jnp.dtype(cfg.dtype) == jnp.bfloat16:
+      dense["dot_general"] = precision.mixed_dot_general
     h = _norm(cfg, "ln_attn")(x)
     if cfg.num_kv_heads is None:
       qkv = nn.DenseGeneral(
@@ -372,6 +383,7 @@ class _Block(nn.Module):
       inv_freq = rope_frequencies(cfg.head_dim, base=cfg.rope_base, scaling=cfg.rope_scaling)
       q = apply_rotary(q, positions, inv_freq)
       k = apply_rotary(k, positions, inv_freq)
+    q, k, v = (a.astype(cfg.dtype) for a in (q, k, v))
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, kv_heads, t, head_dim]
     if kv is not None:
       cache_k, cache_v = kv

@@ -45,6 +45,11 @@ class ModelConfig:
   is the run's tokenizer unless ``data.tokenizer`` names another.
 
   ``dtype``: ``'float32'`` or ``'bfloat16'`` (parameters and matmuls; GPU/TPU);
+  ``matmul_dtype``: ``''`` (matmuls in ``dtype``) or ``'bfloat16'`` with float32 parameters:
+  mixed precision as ``torch.autocast`` does it, the projections' matmuls on bfloat16
+  operands with float32 sums, forward and backward (:mod:`jaxrm.models.precision`), the
+  parameters, optimizer state, norms and attention softmax in float32; several times float32's
+  matmul speed on CPUs with AMX and on GPU/TPU;
   ``remat``: rematerialise block activations in the backward pass (long sequences);
   ``attention_query_block``: None, or attend in causal query blocks of this many tokens
   (:attr:`jaxrm.models.transformer.TransformerConfig.attention_query_block`: the same
@@ -55,6 +60,7 @@ class ModelConfig:
   pooling: str = "last"
   hf_checkpoint: str = ""
   dtype: str = "float32"
+  matmul_dtype: str = ""
   remat: bool = False
   attention_query_block: int | None = None
 
@@ -149,12 +155,14 @@ class TrainConfig:
 
 
 def execution_settings(config: TrainConfig, backbone: TransformerConfig) -> TransformerConfig:
-  """``backbone`` with ``config.model``'s settings of how, not what, it computes
-  (``attention_query_block``)."""
+  """``backbone`` with ``config.model``'s settings of how it computes, which leave its
+  parameters' shapes and dtypes alone (``attention_query_block``, ``matmul_dtype``)."""
   block = config.model.attention_query_block
-  if block is None:
-    return backbone
-  return dataclasses.replace(backbone, attention_query_block=block)
+  if block is not None:
+    backbone = dataclasses.replace(backbone, attention_query_block=block)
+  if config.model.matmul_dtype:
+    backbone = dataclasses.replace(backbone, dtype=DTYPES[config.model.matmul_dtype])
+  return backbone
 
 
 def preset_backbone(config: TrainConfig, *, vocab_size: int, max_len: int) -> TransformerConfig:
@@ -192,6 +200,11 @@ def validate_config(config: TrainConfig, *, num_devices: int | None = None) -> N
   need(c.model.pooling in POOLINGS, "model.pooling", f"must be one of {list(POOLINGS)}")
   need(isinstance(c.model.hf_checkpoint, str), "model.hf_checkpoint", "must be a path or ''")
   need(c.model.dtype in DTYPES, "model.dtype", f"must be one of {list(DTYPES)}")
+  need(
+    c.model.matmul_dtype in ("", *DTYPES),
+    "model.matmul_dtype",
+    f"must be '' (model.dtype) or one of {list(DTYPES)}",
+  )
   need(isinstance(c.model.remat, bool), "model.remat", "must be True or False")
   block = c.model.attention_query_block
   need(
