@@ -16,7 +16,11 @@ with the attention varied (one freshly jitted step per variant):
   what the guard costs. The same updates while they are finite; never train like this;
 - ``<variant>+remat``: the variant's attention under ``jax.checkpoint``: the backward pass
   recomputes the score and probability tensors instead of keeping them from the forward pass.
-  The same gradients.
+  The same gradients;
+- ``<variant>+autodiff``: the library's attention differentiated by JAX's autodiff (the
+  probabilities kept from the forward pass, the softmax's row sums taken over the score
+  tensors) instead of its own backward (probabilities recomputed from the saved
+  log-sum-exp, row sums from the output): the lever off. The same gradients.
 
 Per variant: first call (compile included), median steady step, pairs/s, the process's
 user and system CPU seconds per steady step, and the loss of the first and the last step (the
@@ -47,19 +51,28 @@ _HEADS = flags.DEFINE_integer("heads", 2, "Attention heads (README HH model: 2).
 _SEQ = flags.DEFINE_integer("seq_len", 256, "Tokens per response (README HH run: 256).")
 _PAIRS = flags.DEFINE_integer("batch_pairs", 32, "Pairs per step (README HH run: 32).")
 _REPS = flags.DEFINE_integer("reps", 8, "Timed steady steps per variant.")
+_MATMUL = flags.DEFINE_enum(
+  "matmul_dtype",
+  "float32",
+  ["float32", "bfloat16"],
+  "The backbone's matmul dtype (bfloat16: mixed precision, model.matmul_dtype).",
+)
 _VARIANTS = flags.DEFINE_list(
   "variants", ["full", "identity", "block128", "block64", "block32"], "Attention variants."
 )
 
 
+MODIFIERS = ("noguard", "remat", "autodiff")
+
+
 def variant(name: str, backbone: transformer.TransformerConfig):
-  """The variant's backbone, the attention function to run it with and whether the non-finite
-  guard stays."""
+  """The variant's backbone, the attention function to run it with, whether the non-finite
+  guard stays and whether the attention's own backward does."""
   attention, *modifiers = name.split("+")
   for modifier in modifiers:
-    if modifier not in ("noguard", "remat"):
+    if modifier not in MODIFIERS:
       raise app.UsageError(
-        f"--variants: unknown modifier {modifier!r} in {name!r} (noguard, remat)"
+        f"--variants: unknown modifier {modifier!r} in {name!r} ({', '.join(MODIFIERS)})"
       )
   guard = "noguard" not in modifiers
   attend = transformer._attend  # pylint: disable=protected-access
@@ -69,11 +82,11 @@ def variant(name: str, backbone: transformer.TransformerConfig):
     backbone = dataclasses.replace(backbone, attention_query_block=int(attention[5:]))
   elif attention != "full":
     raise app.UsageError(
-      f"--variants: unknown variant {name!r} (full, identity, blockN; +noguard, +remat)"
+      f"--variants: unknown variant {name!r} (full, identity, blockN; +{', +'.join(MODIFIERS)})"
     )
   if "remat" in modifiers:
     attend = rematerialised(attend)
-  return backbone, attend, guard
+  return backbone, attend, guard, "autodiff" not in modifiers
 
 
 def rematerialised(attend):
@@ -93,15 +106,22 @@ def unguarded_update(state, grads, loss, optimizer, *, nonfinite="skip", axis_na
   return state._replace(step=state.step + 1, params=params, opt_state=opt_state), jnp.array(False)
 
 
+def autodiff_attention(q, k, v, attn_mask, blocks):
+  """The library's attention forward pass, left to JAX's autodiff."""
+  return transformer._attention_fwd(q, k, v, attn_mask, blocks)[0]  # pylint: disable=protected-access
+
+
 @contextlib.contextmanager
-def patched(attend, guard: bool):
-  saved = transformer._attend, train_state.apply_if_finite  # pylint: disable=protected-access
+def patched(attend, guard: bool, own_backward: bool = True):
+  # pylint: disable=protected-access
+  saved = transformer._attend, train_state.apply_if_finite, transformer._attention
   transformer._attend = attend
   train_state.apply_if_finite = saved[1] if guard else unguarded_update
+  transformer._attention = saved[2] if own_backward else autodiff_attention
   try:
     yield
   finally:
-    transformer._attend, train_state.apply_if_finite = saved
+    transformer._attend, train_state.apply_if_finite, transformer._attention = saved
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -109,8 +129,8 @@ def cpu_seconds() -> tuple[float, float]:
   return r.ru_utime, r.ru_stime
 
 
-def time_variant(attend, guard, batches, backbone) -> dict:
-  with patched(attend, guard):
+def time_variant(attend, guard, batches, backbone, own_backward: bool = True) -> dict:
+  with patched(attend, guard, own_backward):
     step, state = timing.hh_reward_model_step(backbone, _SEQ.value)
     batches = [step.shard_batch(b) for b in batches]
     start = time.perf_counter()
@@ -146,6 +166,7 @@ def main(argv):
     width=_WIDTH.value,
     num_heads=_HEADS.value,
     max_len=_SEQ.value,
+    dtype=jnp.dtype(_MATMUL.value),
   )
   batches = timing.full_length_pairs(pairs=_PAIRS.value, seq_len=_SEQ.value, count=3)
   print(
@@ -157,8 +178,8 @@ def main(argv):
     "variant | first call s | step s | pairs/s | user s/step | sys s/step | first loss | last loss"
   )
   variants = {name: variant(name, backbone) for name in _VARIANTS.value}
-  for name, (variant_backbone, attend, guard) in variants.items():
-    r = time_variant(attend, guard, batches, variant_backbone)
+  for name, (variant_backbone, attend, guard, own_backward) in variants.items():
+    r = time_variant(attend, guard, batches, variant_backbone, own_backward)
     print(
       f"{name} | {r['first_s']:.2f} | {r['step_s']:.4f} | {_PAIRS.value / r['step_s']:.1f} | "
       f"{r['user_s']:.3f} | {r['sys_s']:.3f} | {r['loss']:.7f} | {r['last_loss']:.7f}",

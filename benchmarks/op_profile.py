@@ -74,6 +74,12 @@ _HEADS = flags.DEFINE_integer(
 )
 _SEQ = flags.DEFINE_integer("seq_len", 256, "rm_step: tokens per response (README HH run: 256).")
 _PAIRS = flags.DEFINE_integer("batch_pairs", 32, "rm_step: pairs per step (README HH run: 32).")
+_MATMUL = flags.DEFINE_enum(
+  "matmul_dtype",
+  "float32",
+  ["float32", "bfloat16"],
+  "rm_step: the backbone's matmul dtype (bfloat16: mixed precision, model.matmul_dtype).",
+)
 _PRESET = flags.DEFINE_string("preset", "small", "sampler: model preset.")
 _BATCH = flags.DEFINE_integer(
   "batch", 64, "sampler: sequences sampled together; seed_sweep: pairs per step and seed."
@@ -98,6 +104,7 @@ def rm_step_program():
     num_heads=_HEADS.value,
     max_len=_SEQ.value,
     attention_query_block=rm_configs.get_config("hh").model.attention_query_block,
+    dtype=jnp.dtype(_MATMUL.value),
   )
   step, state = timing.hh_reward_model_step(backbone, _SEQ.value)
   (batch,) = timing.full_length_pairs(pairs=_PAIRS.value, seq_len=_SEQ.value, count=1)

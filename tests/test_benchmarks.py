@@ -52,10 +52,10 @@ def test_attention_share_blocked_attention_gives_the_full_loss():
     "--seq_len=16",
     "--batch_pairs=2",
     "--reps=3",
-    "--variants=full,block4,identity,block4+noguard,block4+remat",
+    "--variants=full,block4,identity,block4+noguard,block4+remat,block4+autodiff",
   )
   rows = {r[0].strip(): r for r in (line.split("|") for line in out.splitlines()) if len(r) == 8}
-  names = ("full", "block4", "identity", "block4+noguard", "block4+remat")
+  names = ("full", "block4", "identity", "block4+noguard", "block4+remat", "block4+autodiff")
   assert set(rows) == {"variant", *names}
   loss = {k: float(rows[k][6]) for k in names}
   last = {k: float(rows[k][7]) for k in names}
@@ -66,6 +66,9 @@ def test_attention_share_blocked_attention_gives_the_full_loss():
   assert abs(last["block4+noguard"] - last["block4"]) <= 1e-6
   assert abs(loss["block4+remat"] - loss["block4"]) <= 1e-6
   assert abs(last["block4+remat"] - last["block4"]) <= 1e-6
+  # The attention's own backward against autodiff's: the same loss after three updates.
+  assert abs(loss["block4+autodiff"] - loss["block4"]) <= 1e-6
+  assert abs(last["block4+autodiff"] - last["block4"]) <= 1e-6
   assert loss["identity"] != loss["full"]  # the lower bound is not the model
 
 

@@ -10,6 +10,7 @@ from model_helpers import random_params
 import numpy as np
 import pytest
 
+from jaxrm.models import transformer as transformer_lib
 from jaxrm.models.transformer import (
   KVCache,
   RopeScaling,
@@ -307,9 +308,10 @@ def test_bfloat16_projections_take_bfloat16_operands_forward_and_backward(cfg):
   assert all(eqn.params["preferred_element_type"] == jnp.float32 for eqn in mixed)
   projections = len([p for p in jax.tree.leaves_with_path(params) if "kernel" in str(p[0])])
   assert len(mixed) == 3 * projections  # forward, input gradient, kernel gradient
-  # The rest: 2 forward and 4 backward attention products per layer, all float32.
-  assert kinds.count((jnp.float32, jnp.float32)) == 6 * cfg.num_layers
-  assert len(dots) == len(mixed) + 6 * cfg.num_layers
+  # The rest, all float32, per layer: the attention's scores and output, and in the backward
+  # the scores recomputed and four gradient products.
+  assert kinds.count((jnp.float32, jnp.float32)) == 7 * cfg.num_layers
+  assert len(dots) == len(mixed) + 7 * cfg.num_layers
 
 
 # ----------------------------------------------------------------------------- validation
@@ -478,6 +480,51 @@ def test_attention_query_blocks_give_the_same_outputs_and_gradients(cfg, block):
   hidden = Transformer(blocked).apply(params, tokens, mask)
   ref = _np_transformer(params, tokens, mask, cfg)
   np.testing.assert_allclose(np.asarray(hidden)[mask], ref[mask], atol=2e-4, rtol=2e-4)
+
+
+def _reference_attention(q, k, v, mask):
+  """Plain masked softmax attention (the probabilities materialised, autodiff's backward),
+  grouped-query, zeros for rows with no valid key: the reference for the library's own VJP."""
+  b, t, heads, d = q.shape
+  k = jnp.repeat(k, heads // k.shape[1], axis=1)  # [b, heads, L, d]
+  v = jnp.repeat(v, heads // v.shape[1], axis=1)
+  logits = jnp.einsum("bthd,bhsd->bhts", q, k) / np.sqrt(d)
+  logits = jnp.where(mask[:, None], logits, -jnp.inf)
+  valid = jnp.any(mask, axis=-1)[:, None, :, None]
+  probs = jax.nn.softmax(jnp.where(valid, logits, 0.0), axis=-1)
+  return jnp.einsum("bhts,bhsd->bthd", jnp.where(valid, probs, 0.0), v)
+
+
+@pytest.mark.parametrize("kv_heads, block", [(4, None), (2, 3), (4, 4)])
+def test_attention_gradients_match_float64_autodiff_of_plain_softmax_attention(kv_heads, block):
+  """The recomputing backward (saved log-sum-exp, D = rowsum(dO * O)) against autodiff of the
+  plain attention in float64: causal with right and left padding (left-pad rows attend no key
+  and output zeros), query blocks uneven at t = 10, grouped-query heads."""
+  t, heads, d = 10, 4, 8
+  rng = np.random.default_rng(0)
+  q = rng.normal(size=(2, t, heads, d)).astype(np.float32)
+  k = rng.normal(size=(2, kv_heads, t, d)).astype(np.float32)
+  v = rng.normal(size=(2, kv_heads, t, d)).astype(np.float32)
+  pads = np.array([[1] * 7 + [0] * 3, [0] * 4 + [1] * 6], bool)
+  mask = np.tril(np.ones((t, t), bool))[None] & pads[:, None, :]
+  weights = rng.normal(size=(2, t, heads, d)).astype(np.float32)
+
+  def loss(attend, q, k, v):
+    return jnp.sum(jnp.sin(attend(q, k, v)) * weights)
+
+  got = jax.grad(
+    functools.partial(
+      loss, lambda q, k, v: transformer_lib._attend(q, k, v, mask, query_block=block)
+    ),
+    (0, 1, 2),
+  )(q, k, v)
+  with jax.enable_x64(True):
+    want = jax.grad(
+      functools.partial(loss, lambda q, k, v: _reference_attention(q, k, v, mask)), (0, 1, 2)
+    )(*(np.float64(x) for x in (q, k, v)))
+  assert np.abs(np.asarray(want[0])[1, :4]).max() == 0  # rows with no valid key
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
 
 
 def test_attention_query_blocks_decode_with_a_kv_cache_like_the_full_forward():
