@@ -512,15 +512,19 @@ def test_attention_gradients_match_float64_autodiff_of_plain_softmax_attention(k
   def loss(attend, q, k, v):
     return jnp.sum(jnp.sin(attend(q, k, v)) * weights)
 
-  got = jax.grad(
-    functools.partial(
-      loss, lambda q, k, v: transformer_lib._attend(q, k, v, mask, query_block=block)
-    ),
-    (0, 1, 2),
+  got = jax.jit(
+    jax.grad(
+      functools.partial(
+        loss, lambda q, k, v: transformer_lib._attend(q, k, v, mask, query_block=block)
+      ),
+      (0, 1, 2),
+    )
   )(q, k, v)
   with jax.enable_x64(True):
-    want = jax.grad(
-      functools.partial(loss, lambda q, k, v: _reference_attention(q, k, v, mask)), (0, 1, 2)
+    want = jax.jit(
+      jax.grad(
+        functools.partial(loss, lambda q, k, v: _reference_attention(q, k, v, mask)), (0, 1, 2)
+      )
     )(*(np.float64(x) for x in (q, k, v)))
   assert np.abs(np.asarray(want[0])[1, :4]).max() == 0  # rows with no valid key
   for g, w in zip(got, want):
