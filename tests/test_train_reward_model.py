@@ -114,9 +114,20 @@ def _seeded_workdir(path, synthetic_npz):
 
 @pytest.fixture(scope="module")
 def shard_map_run(tmp_path_factory, synthetic_npz):
+  """The run, and how many pairs each ``score_pairs`` call of the run scored."""
   workdir = _seeded_workdir(tmp_path_factory.mktemp("shard_map_run"), synthetic_npz)
-  summary = rm_train.train_and_evaluate(_config(parallel="shard_map"), workdir)
-  return workdir, summary
+  scored = []
+
+  def counting_score_pairs(*args, **kwargs):
+    out = score_pairs(*args, **kwargs)
+    scored.append(len(out[0]["rewards_chosen"]))
+    return out
+
+  score_pairs = rm_eval.score_pairs
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(rm_eval, "score_pairs", counting_score_pairs)
+    summary = rm_train.train_and_evaluate(_config(parallel="shard_map"), workdir)
+  return workdir, summary | {"scored": scored}
 
 
 def test_shard_map_run_writes_metrics_checkpoints_and_report(shard_map_run, synthetic_npz):
@@ -150,6 +161,24 @@ def test_shard_map_run_writes_metrics_checkpoints_and_report(shard_map_run, synt
   for name in ("rm_report.md", "reliability.png", "reward_histogram.png", "curves_train.png"):
     assert (workdir / name).stat().st_size > 0
   assert (workdir / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_reuses_the_last_evaluation_and_matches_a_fresh_one(shard_map_run):
+  workdir, summary = shard_map_run
+  # The test split (64 pairs) is scored by the evaluations at steps 4 and 8 only: the report
+  # of step 8 takes the second's scores instead of scoring the split again.
+  assert summary["scored"] == [64, 64]
+  with open(workdir / "rm_report.json") as f:
+    rep = json.load(f)
+  last_eval = _rows(workdir)[-1]
+  for key in ("accuracy", "log_loss", "ece", "brier"):
+    assert rep["heldout"][key] == last_eval[key], key
+  fresh_paths = rm_eval.write_run_report(workdir, step=8)  # restores step 8 and scores afresh
+  with open(fresh_paths["json"]) as f:
+    fresh = json.load(f)
+  for key in ("accuracy", "log_loss", "ece", "brier", "margin_mean"):
+    assert rep["heldout"][key] == pytest.approx(fresh["heldout"][key], rel=1e-6, abs=1e-7), key
+  assert rep["gold"] == pytest.approx(fresh["gold"], rel=1e-6, abs=1e-7)
 
 
 def test_checkpoint_extra_follows_the_reward_model_format(shard_map_run):

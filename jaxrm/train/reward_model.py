@@ -275,6 +275,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
       skipped=int(jax.device_get(pstep.unreplicate(state).num_skipped)),
     )
     step, last_row = start, None
+    scored, scored_step = None, None  # the last evaluation's score_pairs output and its step
     pending: list[dict[str, jax.Array]] = []
     skip_checked = 0  # steps of ``pending`` already given to ``skips``
     with rundir.MetricsWriter(workdir, log=log, config=config) as writer:
@@ -334,7 +335,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
         if has_test and (step % config.eval.every == 0 or checkpoint_now):
           jax.block_until_ready(state)
           t0 = time.perf_counter()
-          scores, _ = rm_eval.score_pairs(peval, state.params, data.test, config, data.max_len)
+          scored = rm_eval.score_pairs(peval, state.params, data.test, config, data.max_len)
+          scores, scored_step = scored[0], step
           rm_eval.check_finite_rewards(
             scores,
             step=step,
@@ -402,6 +404,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
         step=step,
         best_step=ckpt.best_step() if has_test else None,
         checkpoint_steps=ckpt.all_steps(),
+        # The test split was scored with these parameters by the evaluation at the last step.
+        scored=scored if scored_step == step else None,
       )
   held_out = ""
   if last_eval is not None:

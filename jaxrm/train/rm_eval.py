@@ -192,10 +192,18 @@ def write_report(
   step: int,
   best_step: int | None,
   checkpoint_steps: Sequence[int],
+  scored: tuple[dict[str, np.ndarray], tuple[str, ...]] | None = None,
 ) -> dict[str, str]:
-  """Scores the held-out pairs with ``params`` (placed for ``peval``) and writes the report."""
+  """Scores the held-out pairs with ``params`` (placed for ``peval``) and writes the report.
+
+  ``scored``: :func:`score_pairs`'s output for these ``params`` on the split the report
+  describes (the test split, else the train split), when the caller already has it (the
+  training loop's evaluation at its last step); the pairs are then not scored again.
+  """
   eval_data, split = (data.test, "test") if data.test is not None else (data.train, "train")
-  scores, subset_names = score_pairs(peval, params, eval_data, config, data.max_len)
+  if scored is None:
+    scored = score_pairs(peval, params, eval_data, config, data.max_len)
+  scores, subset_names = scored
   read_stats = data.info.get("read_stats", {})
   splits = {"train": pairs.split_statistics(data.train, read_stats.get("train"))}
   if data.test is not None:
