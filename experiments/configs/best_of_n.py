@@ -12,7 +12,8 @@ local checkpoint as ``policy``)::
 
 Any field can be overridden, e.g. ``--config.n=64``, ``--config.num_prompts=32``,
 ``--config.reward.rm_dirs="('runs/rm1','runs/rm2')"`` with
-``--config.reward.ensemble_objective=worst_case``.
+``--config.reward.ensemble_objective=worst_case``. On a multi-core CPU,
+``--config.thread_groups=2`` samples each call's batch in two host threads (the same samples).
 """
 
 import os

@@ -18,8 +18,12 @@ under ``workdir``:
   from the policy, an upper bound);
 * ``config.json`` and ``tokenizer/`` (the run tokenizer).
 
-Sampling keys: chunk ``i`` of ``batch_size`` sequences uses ``fold_in(key(seed), i)``, so a
-run is a function of its config.
+Sampling keys: sample ``j`` of prompt ``i`` draws from its own key, ``fold_in(key(seed), i * n +
+j)`` (:func:`jaxrm.models.sampling.sample` with per-example keys), so a run is a function of its
+config, and a sample does not depend on ``batch_size`` or ``thread_groups``. ``thread_groups``
+splits each sampling call's batch into groups sampled concurrently in host threads: on a CPU
+one decode program keeps about one core busy, so 2 groups on 2 cores sample about 1.7x as many
+tokens per second (BUILD_NOTES.md, "Issue 14, session 32").
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ class BestOfNConfig:
     temperature: sampling temperature.
     stop_at_eos: end a response at the tokenizer's EOS (else exactly ``max_new_tokens``).
     batch_size: sequences per sampling call.
+    thread_groups: host threads per sampling call, each sampling ``batch_size /
+      thread_groups`` of its sequences (the same samples; faster on a multi-core CPU).
     seed: seed of the prompt order and the samples.
     samples: how many chosen samples are logged (``samples.log``).
   """
@@ -78,6 +84,7 @@ class BestOfNConfig:
   temperature: float = 1.0
   stop_at_eos: bool = True
   batch_size: int = 64
+  thread_groups: int = 1
   seed: int = 0
   samples: samples_lib.SamplesConfig = dataclasses.field(
     default_factory=lambda: samples_lib.SamplesConfig(every=1, log=2)
@@ -113,36 +120,52 @@ def validate_config(c: BestOfNConfig) -> None:
   need(c.reward.source != "synthetic_gold", "reward.source", "needs the synthetic policy")
   for name in ("num_prompts", "n", "max_new_tokens", "batch_size"):
     need(is_int(getattr(c, name)) and getattr(c, name) >= 1, name, "must be an int >= 1")
+  need(
+    is_int(c.thread_groups) and c.thread_groups >= 1 and c.batch_size % c.thread_groups == 0,
+    "thread_groups",
+    f"must be an int >= 1 that divides batch_size={c.batch_size}",
+  )
   need(c.temperature > 0, "temperature", "must be > 0")
   need(isinstance(c.stop_at_eos, bool), "stop_at_eos", "must be True or False")
   need(is_int(c.seed) and c.seed >= 0, "seed", "must be an int >= 0")
   samples_lib.validate_samples_config(c.samples)
 
 
+def sample_keys(seed: int, num_samples: int) -> jax.Array:
+  """``[num_samples]`` keys: row ``r`` (sample ``r % n`` of prompt ``r // n``) draws from
+  ``fold_in(key(seed), r)``."""
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+    jax.random.key(seed), np.arange(num_samples, dtype=np.uint32)
+  )
+
+
 def _sample_all(policy, prompts, mask, c: BestOfNConfig, eos_id):
-  """All ``[num_prompts * n]`` samples, prompt-major (row ``i * n + j``)."""
+  """All ``[num_prompts * n]`` samples, prompt-major (row ``i * n + j``), in calls of
+  ``batch_size`` sequences (the last one padded with copies of its first row)."""
   tokens = np.repeat(prompts, c.n, axis=0)
   masks = np.repeat(mask, c.n, axis=0)
-  key = jax.random.key(c.seed)
+  keys = sample_keys(c.seed, tokens.shape[0])
+  calls = -(-tokens.shape[0] // c.batch_size)
+  progress = rundir.Progress(calls, items_per_step=c.batch_size)
   outs = []
   for i, start in enumerate(range(0, tokens.shape[0], c.batch_size)):
-    sl = slice(start, start + c.batch_size)
-    real = tokens[sl].shape[0]
-    pt, pm = tokens[sl], masks[sl]
-    if real < c.batch_size:  # one compiled shape
-      pt = np.concatenate([pt, np.repeat(pt[:1], c.batch_size - real, axis=0)])
-      pm = np.concatenate([pm, np.repeat(pm[:1], c.batch_size - real, axis=0)])
+    index = np.arange(start, start + c.batch_size)
+    index = np.where(index < tokens.shape[0], index, start)  # one compiled shape
     out = sampling.sample(
       policy.variables,
-      pt,
-      pm,
-      jax.random.fold_in(key, i),
+      tokens[index],
+      masks[index],
+      keys[index],
       config=policy.config,
       max_new_tokens=c.max_new_tokens,
       temperature=c.temperature,
       eos_id=eos_id,
+      thread_groups=c.thread_groups,
     )
+    real = min(c.batch_size, tokens.shape[0] - start)
     outs.append(jax.tree.map(lambda x, real=real: np.asarray(x)[:real], jax.device_get(out)))
+    progress.start(1)  # the first call compiled
+    logging.info("%s", progress.line(i + 1, unit="samples"))
   return sampling.SampleOutput(*(np.concatenate(xs) for xs in zip(*outs)))
 
 
