@@ -1,5 +1,6 @@
 """The SFT loop: imported checkpoint + tokenizer, response-only loss, resume, export, errors."""
 
+import dataclasses
 import gzip
 import json
 import os
@@ -130,6 +131,22 @@ def test_sft_run_is_a_policy_source_and_exports_to_causal_lm_exactly(sft_run, tm
     np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
 
 
+def test_mixed_precision_keeps_float32_parameters_and_the_setting_with_the_run(sft_run, tmp_path):
+  workdir = str(tmp_path / "mixed")
+  summary = sft.train_and_evaluate(tiny_sft_config(matmul_dtype="bfloat16"), workdir)
+  loaded = policy_io.load_policy(workdir, max_len=64)
+  assert loaded.config.dtype == jax.numpy.bfloat16
+  assert loaded.config.param_dtype == jax.numpy.float32
+  assert {np.asarray(x).dtype for x in jax.tree.leaves(_params(workdir))} == {np.dtype(np.float32)}
+  # bfloat16 operands (8 mantissa bits) change the losses by rounding, not by more.
+  reference = sft_run[1]
+  for split in ("train", "eval"):
+    assert summary[split]["loss"] == pytest.approx(reference[split]["loss"], rel=2e-2), split
+    assert summary[split]["loss"] != reference[split]["loss"], split
+  back = policy_io.load_policy(workdir, max_len=64, matmul_dtype=jax.numpy.float32)
+  assert back.config == dataclasses.replace(loaded.config, dtype=jax.numpy.float32)
+
+
 def test_demonstrations_read_both_forms_and_name_bad_lines(tmp_path):
   path = tmp_path / "demos.jsonl"
   lines = [
@@ -166,6 +183,7 @@ def test_demonstrations_read_both_forms_and_name_bad_lines(tmp_path):
     ("tokenizer", LLAMA, "tokenizer.json"),
     ("batch_size", 0, "must be an int >= 1"),
     ("parallel", "tpu", "must be one of"),
+    ("matmul_dtype", "float16", r"must be '' \(dtype\) or one of"),
   ],
 )
 def test_bad_settings_are_config_errors_naming_the_field(tmp_path, field, value, message):

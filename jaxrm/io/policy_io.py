@@ -81,6 +81,7 @@ def load_policy(
   key: jax.Array | None = None,
   dtype: Any = jnp.float32,
   remat: bool = False,
+  matmul_dtype: Any = None,
 ) -> LoadedPolicy:
   """Resolves a policy source (see the module docstring).
 
@@ -92,6 +93,10 @@ def load_policy(
     dtype: parameter and compute dtype of a preset or checkpoint (``jnp.bfloat16`` on
       GPU/TPU); an SFT run keeps its own.
     remat: rematerialise block activations (preset or checkpoint).
+    matmul_dtype: None (the matmuls in the config's ``dtype``) or the dtype the backbone
+      computes in, whatever its parameters' (any source, an SFT run's too): ``jnp.bfloat16``
+      with float32 parameters is mixed precision, the projections on bfloat16 operands with
+      float32 sums (:mod:`jaxrm.models.precision`).
 
   Raises:
     ValueError: an unknown source, a checkpoint without a tokenizer, a sequence longer than
@@ -111,8 +116,8 @@ def load_policy(
     dummy = jnp.zeros((1, min(max_len, 8)), jnp.int32)
     key = jax.random.key(0) if key is None else key
     variables = jax.jit(PolicyModel(cfg).init)(key, dummy, jnp.ones(dummy.shape, bool))
-    return LoadedPolicy(cfg, variables, tok, None, kind)
-  if kind == "hf":
+    out = LoadedPolicy(cfg, variables, tok, None, kind)
+  elif kind == "hf":
     if not tokenizer and not has_tokenizer_json(source):
       raise ValueError(f"the checkpoint {source!r} has no tokenizer.json; name a tokenizer folder")
     tok = RunTokenizer.from_source(tokenizer or source)
@@ -140,4 +145,6 @@ def load_policy(
       f"{source}: its vocabulary ({out.config.vocab_size}) is smaller than the tokenizer's "
       f"({tok.vocab_size})"
     )
+  if matmul_dtype is not None:
+    out = out._replace(config=dataclasses.replace(out.config, dtype=matmul_dtype))
   return out

@@ -102,6 +102,11 @@ class SFTConfig:
     nonfinite: ``'skip'`` a step with a non-finite loss or gradient, or ``'raise'``.
     log: metrics rows, checkpoints, plots, TensorBoard / W&B.
     dtype: ``'float32'`` or ``'bfloat16'`` parameters and matmuls of a preset or checkpoint.
+    matmul_dtype: ``''`` (matmuls in ``dtype``) or ``'bfloat16'`` with float32 parameters:
+      mixed precision, the projections on bfloat16 operands with float32 sums, forward and
+      backward (:mod:`jaxrm.models.precision`), parameters and optimizer state in float32
+      (the reward-model runs' ``model.matmul_dtype``). The run's policy keeps the setting
+      (RL and best-of-n from it compute the same way).
     remat: rematerialise block activations in the backward pass.
   """
 
@@ -119,6 +124,7 @@ class SFTConfig:
   nonfinite: str = "skip"
   log: rundir.LogConfig = dataclasses.field(default_factory=rundir.LogConfig)
   dtype: str = "float32"
+  matmul_dtype: str = ""
   remat: bool = False
 
   def to_json(self) -> dict[str, Any]:
@@ -173,6 +179,11 @@ def validate_config(c: SFTConfig, *, num_devices: int | None = None) -> None:
   )
   rundir.validate_log_config(c.log)
   need(c.dtype in DTYPES, "dtype", f"must be one of {list(DTYPES)}")
+  need(
+    c.matmul_dtype in ("", *DTYPES),
+    "matmul_dtype",
+    f"must be '' (dtype) or one of {list(DTYPES)}",
+  )
   need(isinstance(c.remat, bool), "remat", "must be True or False")
   n = jax.device_count() if num_devices is None else num_devices
   mode = c.parallel if c.parallel != "auto" else ("shard_map" if n > 1 else "jit")
@@ -262,6 +273,7 @@ def train_and_evaluate(config: SFTConfig, workdir: str | os.PathLike) -> dict[st
       key=jax.random.fold_in(root, 0),
       dtype=DTYPES[c.dtype],
       remat=c.remat,
+      matmul_dtype=DTYPES.get(c.matmul_dtype),
     )
   except (ValueError, FileNotFoundError, RuntimeError) as e:
     raise ConfigError("policy", c.policy, str(e)) from None
