@@ -5,6 +5,7 @@ import gzip
 import json
 import os
 import shutil
+import types
 
 import jax
 import numpy as np
@@ -15,7 +16,7 @@ from jaxrm.data.preference_records import PreferenceDataError
 from jaxrm.data.run_tokenizer import RunTokenizer
 from jaxrm.io import hf, hf_runs, policy_io, rundir
 from jaxrm.models.policy import PolicyModel
-from jaxrm.train import sft, sources
+from jaxrm.train import policy_text, sft, sources
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 HH = os.path.join(DATA, "hh_rlhf_sample.jsonl.gz")
@@ -145,6 +146,18 @@ def test_mixed_precision_keeps_float32_parameters_and_the_setting_with_the_run(s
     assert summary[split]["loss"] != reference[split]["loss"], split
   back = policy_io.load_policy(workdir, max_len=64, matmul_dtype=jax.numpy.float32)
   assert back.config == dataclasses.replace(loaded.config, dtype=jax.numpy.float32)
+  # RL from the run keeps the float32 checkpoint it started from as its KL reference.
+  rl_config = types.SimpleNamespace(
+    policy=workdir, reference=LLAMA, tokenizer=TOKENIZER, rl=types.SimpleNamespace(eos_id=None)
+  )
+  text = policy_text.load_text_policy(rl_config, max_len=64, key=jax.random.key(0))
+  assert text.policy.config.dtype == jax.numpy.bfloat16
+  start = hf.import_policy(LLAMA, max_len=64).variables
+  for a, b in zip(jax.tree.leaves(text.ref_params), jax.tree.leaves(start)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  qwen2 = types.SimpleNamespace(**{**vars(rl_config), "reference": LLAMA.replace("llama", "qwen2")})
+  with pytest.raises(rundir.ConfigError, match="must have the policy's architecture"):
+    policy_text.load_text_policy(qwen2, max_len=64, key=jax.random.key(0))
 
 
 def test_demonstrations_read_both_forms_and_name_bad_lines(tmp_path):

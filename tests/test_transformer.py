@@ -558,3 +558,14 @@ def test_bfloat16_parameters_are_stored_in_bfloat16():
   out32 = np.asarray(apply32(params, tokens, mask))
   assert out16.dtype == np.float32
   assert 0 < np.abs(out16 - out32).max() < 0.15
+
+
+def test_architecture_ignores_how_a_config_computes_and_stores_only():
+  cfg = TransformerConfig(vocab_size=16, num_layers=1, width=8, num_heads=2, max_len=8)
+  other = dataclasses.replace(
+    cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat=True, attention_query_block=4
+  )
+  assert other != cfg and other.architecture() == cfg.architecture() == cfg
+  for field, value in (("width", 16), ("max_len", 16), ("norm", "rmsnorm"), ("qkv_bias", False)):
+    changed = dataclasses.replace(other, **{field: value})
+    assert changed.architecture() != cfg.architecture(), field

@@ -172,6 +172,18 @@ class TransformerConfig:
     if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
       raise ValueError(f"rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
 
+  def architecture(self) -> TransformerConfig:
+    """This config without the settings of how it computes and stores (``dtype``,
+    ``param_dtype``, ``remat``, ``attention_query_block``): two configs with equal
+    architectures compute the same function of the same parameter values."""
+    return dataclasses.replace(
+      self,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      remat=False,
+      attention_query_block=None,
+    )
+
   @property
   def head_dim(self) -> int:
     return self.width // self.num_heads
