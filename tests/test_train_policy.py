@@ -1,6 +1,7 @@
 """Tests of the policy loop (jaxrm.train.policy, jaxrm.train.sources) and its script: config,
 rewards, prompts, resume, metrics, one-line errors, a nested field set on the command line."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -213,9 +214,25 @@ def test_synthetic_gold_reward_is_the_worlds_gold_and_token_frequency_counts_the
   assert not np.array_equal(batch["prompts"], tf_run.prompts(8)["prompts"])
 
 
+def test_matmul_dtype_sets_how_the_policy_computes_and_keeps_float32_parameters(tmp_path):
+  plain = tp.build_run(base_config(steps=2))
+  mixed = tp.build_run(base_config(steps=2, matmul_dtype="bfloat16"))
+  assert plain.policy_config.dtype == jnp.float32
+  assert mixed.policy_config == dataclasses.replace(plain.policy_config, dtype=jnp.bfloat16)
+  tp.train(mixed, str(tmp_path))
+  state, _, step = restore_params(mixed, str(tmp_path))
+  assert step == 2
+  assert {np.asarray(x).dtype for x in jax.tree.leaves(state.params)} == {np.dtype(np.float32)}
+  rows = read_rows(str(tmp_path))
+  assert [r["step"] for r in rows] == [1, 2]
+  assert all(np.isfinite(r["loss"]) and not r["nonfinite"] for r in rows), rows
+  assert rows[-1]["num_skipped"] == 0 and rows[-1]["kl_k1"] != 0.0  # the policy moved
+
+
 @pytest.mark.parametrize(
   "overrides, field",
   [
+    (dict(matmul_dtype="float16"), "matmul_dtype"),
     (dict(reward__source="token_freq"), "reward.source"),
     (dict(reward__source="rm", reward__rm_dirs=("/no/such/run",)), "reward.rm_dirs"),
     (dict(batch_size=0), "batch_size"),

@@ -64,6 +64,7 @@ from jaxrm.train.policy_text import (
   load_text_policy,
   validate_text_policy,
 )
+from jaxrm.train.rm_config import DTYPES
 
 PARALLEL_MODES = ("auto", "jit", "shard_map", "pmap")
 CHANGEABLE_ON_RESUME = (
@@ -119,6 +120,11 @@ class PolicyTrainConfig:
     eval_every: period (steps) of the ``split='eval'`` rows on a fixed prompt batch (also at
       step 0 and at ``steps``); 0: never.
     eval_batch_size: prompts of the evaluation batch.
+    matmul_dtype: ``''`` (the policy's own compute dtype) or ``'float32'`` / ``'bfloat16'``:
+      the dtype the policy's backbone computes in, its parameters' dtype unchanged
+      (``'bfloat16'`` with float32 parameters is mixed precision, :mod:`jaxrm.models.precision`;
+      an SFT run trained with it keeps it unless this says otherwise). The reference's
+      log-probabilities are computed the same way.
     max_consecutive_skips: stop the run (:class:`jaxrm.io.rundir.RunStopped`, naming the last
       good checkpoint) once this many consecutive updates were skipped as non-finite, or
       every update of a shorter run; 0 never stops.
@@ -143,6 +149,7 @@ class PolicyTrainConfig:
   samples: samples_lib.SamplesConfig = dataclasses.field(default_factory=samples_lib.SamplesConfig)
   eval_every: int = 50
   eval_batch_size: int = 64
+  matmul_dtype: str = ""
   max_consecutive_skips: int = 20
 
   def to_json(self) -> dict[str, Any]:
@@ -209,6 +216,11 @@ def validate_config(c: PolicyTrainConfig, *, num_devices: int | None = None) -> 
     "must be an int >= 0 (0: never stop)",
   )
   need(c.parallel in PARALLEL_MODES, "parallel", f"must be one of {list(PARALLEL_MODES)}")
+  need(
+    c.matmul_dtype in ("", *DTYPES),
+    "matmul_dtype",
+    f"must be '' (the policy's own) or one of {list(DTYPES)}",
+  )
   need(is_int(c.eval_every) and c.eval_every >= 0, "eval_every", "must be an int >= 0")
   need(is_int(c.eval_batch_size) and c.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
   rundir.validate_log_config(c.log)
@@ -282,6 +294,8 @@ def build_run(c: PolicyTrainConfig) -> Run:
     dummy = jnp.zeros((1, policy_cfg.max_len), jnp.int32)
     ref_params = jax.jit(PolicyModel(policy_cfg).init)(init_key, dummy, jnp.ones(dummy.shape, bool))
     tok = "byte"
+  if c.matmul_dtype:
+    policy_cfg = dataclasses.replace(policy_cfg, dtype=DTYPES[c.matmul_dtype])
   eos_id = rl_config.eos_id
   if eos_id is not None and not 0 <= eos_id < policy_cfg.vocab_size:
     raise ConfigError(
