@@ -11,8 +11,9 @@ Variant ``hf`` (the committed tiny Llama checkpoint with the fixture BPE tokeniz
       --config.policy=/path/to/checkpoint --config.tokenizer=''
 
 Any field can be overridden, e.g. ``--config.data.files="('demos.jsonl',)"``,
-``--config.optimizer.learning_rate=1e-5``, ``--config.steps=1000``; ``--config.matmul_dtype=bfloat16``
-for mixed precision (float32 parameters, bfloat16 matmul operands).
+``--config.optimizer.learning_rate=1e-5``, ``--config.steps=1000``;
+``--config.matmul_dtype=bfloat16`` for mixed precision (float32 parameters, bfloat16 matmul
+operands).
 """
 
 import os
