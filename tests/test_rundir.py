@@ -45,6 +45,26 @@ def test_resume_rule_allows_declared_fields_and_names_the_first_other_difference
   rundir.check_resumable(json.loads(json.dumps(saved)), saved, changeable=(), workdir="/w")
 
 
+def test_a_field_added_after_the_run_resumes_only_at_its_declared_value():
+  current = rundir.config_to_json(_Cfg())
+  saved = {k: v for k, v in current.items() if k != "steps"}  # a run from before ``steps``
+  saved["optimizer"] = {"betas": [0.9, 0.99]}  # and from before ``optimizer.learning_rate``
+  added = {"steps": 10, "optimizer.learning_rate": 1e-3}
+  rundir.check_resumable(saved, current, changeable=(), added=added, workdir="/w")
+  with pytest.raises(rundir.ConfigError, match="<absent>") as e:
+    rundir.check_resumable(saved, current, changeable=(), added={"steps": 10}, workdir="/w")
+  assert e.value.field == "optimizer.learning_rate"
+  other = rundir.config_to_json(_Cfg(steps=11))
+  with pytest.raises(rundir.ConfigError) as e:
+    rundir.check_resumable(saved, other, changeable=(), added=added, workdir="/w")
+  assert e.value.field == "steps" and "<absent>" in e.value.message
+  # A saved value is compared as before, whatever ``added`` says.
+  with pytest.raises(rundir.ConfigError, match="steps"):
+    rundir.check_resumable(
+      {**current, "steps": 12}, current, changeable=(), added=added, workdir="/w"
+    )
+
+
 def test_truncate_metrics_drops_rows_after_the_restored_step_and_torn_lines(tmp_path):
   path = tmp_path / rundir.METRICS_FILE
   with rundir.MetricsWriter(tmp_path, log=rundir.LogConfig(plots=False)) as w:

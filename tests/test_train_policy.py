@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -160,6 +161,24 @@ def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, rm_dir
   # The adaptive KL coefficient moved and was checkpointed (it is part of the state above).
   assert rows_a[-1]["kl_coef"] != config.kl_coef
   assert all(np.isfinite(r["score"]) and r["response_length"] == 12 for r in rows_a)
+
+
+def test_a_run_saved_before_matmul_dtype_resumes(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  config = base_config(steps=2, log__checkpoint_every=1, eval_every=0)
+  config_to_json = rundir.config_to_json
+
+  def without_the_field(c):  # the config as saved before ``matmul_dtype`` existed
+    return {k: v for k, v in config_to_json(c).items() if k != "matmul_dtype"}
+
+  with monkeypatch.context() as patch:
+    patch.setattr(rundir, "config_to_json", without_the_field)
+    tp.train_and_evaluate(config, workdir)
+  assert "matmul_dtype" not in rundir.read_checkpoint_extra(workdir, 2)["config"]
+  shutil.rmtree(os.path.join(workdir, rundir.CHECKPOINT_DIR, "2"))
+  with pytest.raises(rundir.ConfigError, match="matmul_dtype='bfloat16'.*<absent>"):
+    tp.train_and_evaluate(dataclasses.replace(config, matmul_dtype="bfloat16"), workdir)
+  assert tp.train_and_evaluate(config, workdir)["resumed_from"] == 1
 
 
 def test_resuming_with_other_settings_names_the_changed_field():

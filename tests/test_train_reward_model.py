@@ -266,6 +266,30 @@ def test_resume_refuses_changed_settings_and_a_finished_run_only_reports(shard_m
   assert _rows(workdir) == before
 
 
+def test_a_run_saved_before_matmul_dtype_resumes(tmp_path, synthetic_npz, monkeypatch):
+  workdir = _seeded_workdir(tmp_path / "old", synthetic_npz)
+  config = _config(parallel="jit", steps=4, eval__report=False, log__checkpoint_every=2)
+  config_to_json = rundir.config_to_json
+
+  def without_the_field(c):  # the config as saved before ``model.matmul_dtype`` existed
+    out = config_to_json(c)
+    if "model" in out:
+      out["model"] = {k: v for k, v in out["model"].items() if k != "matmul_dtype"}
+    return out
+
+  with monkeypatch.context() as patch:
+    patch.setattr(rundir, "config_to_json", without_the_field)
+    rm_train.train_and_evaluate(config, workdir)
+  assert "matmul_dtype" not in rundir.read_checkpoint_extra(workdir, 4)["config"]["model"]
+  shutil.rmtree(workdir / rundir.CHECKPOINT_DIR / "4")
+  with pytest.raises(rm_train.ConfigError, match="model.matmul_dtype='bfloat16'.*<absent>"):
+    rm_train.train_and_evaluate(
+      dataclasses.replace(config, model=rm_train.ModelConfig(matmul_dtype="bfloat16")), workdir
+    )
+  summary = rm_train.train_and_evaluate(config, workdir)
+  assert summary["resumed_from"] == 2 and summary["step"] == 4
+
+
 def test_hh_sample_trains_through_tfds_and_reports_without_the_source_files(tmp_path):
   with gzip.open(SAMPLE, "rt") as f:
     lines = f.readlines()

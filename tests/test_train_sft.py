@@ -100,6 +100,28 @@ def test_resumed_sft_run_ends_bitwise_equal(sft_run, tmp_path):
   assert [r["step"] for r in rows if r["split"] == "train"] == [2, 4]
 
 
+def test_a_run_saved_before_matmul_dtype_resumes_bitwise_equal(sft_run, tmp_path, monkeypatch):
+  workdir, _ = sft_run
+  old = str(tmp_path / "old")
+  config_to_json = rundir.config_to_json
+
+  def without_the_field(config):  # the config as saved before the field existed
+    return {k: v for k, v in config_to_json(config).items() if k != "matmul_dtype"}
+
+  with monkeypatch.context() as patch:
+    patch.setattr(rundir, "config_to_json", without_the_field)
+    sft.train_and_evaluate(tiny_sft_config(), old)
+  saved = rundir.read_checkpoint_extra(old, 4)["config"]
+  assert "matmul_dtype" not in saved and "dtype" in saved
+  shutil.rmtree(os.path.join(old, rundir.CHECKPOINT_DIR, "4"))  # crashed after step 2
+  with pytest.raises(rundir.ConfigError, match="matmul_dtype='bfloat16': differs.*<absent>"):
+    sft.train_and_evaluate(tiny_sft_config(matmul_dtype="bfloat16"), old)
+  summary = sft.train_and_evaluate(tiny_sft_config(), old)
+  assert summary["resumed_from"] == 2
+  for a, b in zip(jax.tree.leaves(_params(workdir)), jax.tree.leaves(_params(old))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_resume_with_another_policy_is_refused_before_any_restore(sft_run, tmp_path):
   workdir, _ = sft_run
   moved = str(tmp_path / "run")

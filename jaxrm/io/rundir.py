@@ -21,7 +21,10 @@ Resume rule (:func:`check_resumable`, the only one): a run restarted in a workdi
 checkpoint must have the checkpoint's config, except for the fields its loop declares
 changeable (the ``log`` section, the execution mode, ``steps``, ...). Fields are compared
 flattened to dotted paths (``optimizer.learning_rate``), and the first difference is reported
-as a :class:`ConfigError` naming it, in one line.
+as a :class:`ConfigError` naming it, in one line. A field added to a config after a run was
+saved is missing from its checkpoint; the loop declares such fields with the value that
+computes what the run computed before them (``added``), and the run resumes when this
+process's value is that one.
 
 Progress (:class:`Progress`): throughput and ETA are measured from the end of the first step
 this process ran, so compilation is not counted; time spent in evaluation and checkpoints is
@@ -290,6 +293,7 @@ def check_resumable(
   *,
   changeable: Collection[str],
   workdir: str | os.PathLike,
+  added: Mapping[str, Any] | None = None,
 ) -> None:
   """The one resume rule: ``current`` must equal ``saved`` outside ``changeable``.
 
@@ -298,13 +302,19 @@ def check_resumable(
     current: the config JSON of this process (:func:`config_to_json`).
     changeable: dotted paths (a section name covers its fields) that may differ.
     workdir: the run directory (named in the error).
+    added: dotted paths of fields added to the config after runs were saved without them,
+      each with the value that computes what those runs computed: a path absent from
+      ``saved`` matches when ``current`` has that value there.
 
   Raises:
     ConfigError: naming the first (sorted) differing field, its new and saved values.
   """
   old, new = flatten(to_json(saved)), flatten(to_json(current))
+  added = flatten(to_json(dict(added or {})))
   for path in sorted(set(old) | set(new)):
     if _is_changeable(path, changeable):
+      continue
+    if path not in old and path in added and new.get(path) == added[path]:
       continue
     if path not in old or path not in new or old[path] != new[path]:
       raise ConfigError(

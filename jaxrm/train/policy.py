@@ -76,6 +76,9 @@ CHANGEABLE_ON_RESUME = (
   "eval_batch_size",
   "max_consecutive_skips",
 )
+# Fields added after runs were saved without them, with the value those runs computed with
+# (:func:`jaxrm.io.rundir.check_resumable`).
+ADDED_ON_RESUME = {"matmul_dtype": ""}
 RL_CURVES_FILE = "rl_curves.png"
 
 
@@ -422,7 +425,11 @@ def _check_resumable_before_restore(ckpt, c: PolicyTrainConfig, workdir: str) ->
   peek = ckpt.latest_extra()
   if peek is not None:
     rundir.check_resumable(
-      peek[0].get("config", {}), c.to_json(), changeable=CHANGEABLE_ON_RESUME, workdir=workdir
+      peek[0].get("config", {}),
+      c.to_json(),
+      changeable=CHANGEABLE_ON_RESUME,
+      added=ADDED_ON_RESUME,
+      workdir=workdir,
     )
 
 
@@ -471,7 +478,11 @@ def train(run: Run, workdir: str | os.PathLike, *, steps: int | None = None) -> 
     if restored is not None:
       state, extra, start = restored
       rundir.check_resumable(
-        extra.get("config", {}), c.to_json(), changeable=CHANGEABLE_ON_RESUME, workdir=workdir
+        extra.get("config", {}),
+        c.to_json(),
+        changeable=CHANGEABLE_ON_RESUME,
+        added=ADDED_ON_RESUME,
+        workdir=workdir,
       )
       last_row = extra.get("metrics")
       logging.info("Resuming from the checkpoint at step %d in %s", start, ckpt.directory)

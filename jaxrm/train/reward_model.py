@@ -83,6 +83,7 @@ from jaxrm.steps import parallel, rm_step
 from jaxrm.steps import train_state as train_state_lib
 from jaxrm.train import rm_eval
 from jaxrm.train.rm_config import (  # noqa: F401  (the config types live beside the loop's API)
+  ADDED_ON_RESUME,
   CHANGEABLE_ON_RESUME,
   DTYPES,
   EvalConfig,
@@ -229,6 +230,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
         peek[0].get("config", {}),
         config.to_json(),
         changeable=CHANGEABLE_ON_RESUME,
+        added=ADDED_ON_RESUME,
         workdir=workdir,
       )
     restored = ckpt.restore_latest(template=host_state)
@@ -239,6 +241,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
         extra.get("config", {}),
         config.to_json(),
         changeable=CHANGEABLE_ON_RESUME,
+        added=ADDED_ON_RESUME,
         workdir=workdir,
       )
       train_iter.set_state(extra["data"])

@@ -32,6 +32,9 @@ POOLINGS = ("last", "mean")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Sections and fields that do not change the trained parameters: they may differ on resume.
 CHANGEABLE_ON_RESUME = ("eval", "log", "parallel", "nonfinite", "max_consecutive_skips")
+# Fields added after runs were saved without them, with the value those runs computed with
+# (:func:`jaxrm.io.rundir.check_resumable`).
+ADDED_ON_RESUME = {"model.matmul_dtype": ""}
 
 
 @dataclasses.dataclass

@@ -62,6 +62,9 @@ from jaxrm.train.rm_config import DTYPES, OptimizerConfig, make_optimizer
 
 PARALLEL_MODES = ("auto", "jit", "shard_map", "pmap", "fsdp")
 CHANGEABLE_ON_RESUME = ("eval_every", "log", "parallel", "nonfinite")
+# Fields added after runs were saved without them, with the value those runs computed with
+# (:func:`jaxrm.io.rundir.check_resumable`).
+ADDED_ON_RESUME = {"matmul_dtype": ""}
 
 
 @dataclasses.dataclass
@@ -311,14 +314,22 @@ def train_and_evaluate(config: SFTConfig, workdir: str | os.PathLike) -> dict[st
     peek = ckpt.latest_extra()  # the resume rule before any array is restored (another
     if peek is not None:  # policy's checkpoint would fail inside orbax's restore)
       rundir.check_resumable(
-        peek[0].get("config", {}), c.to_json(), changeable=CHANGEABLE_ON_RESUME, workdir=workdir
+        peek[0].get("config", {}),
+        c.to_json(),
+        changeable=CHANGEABLE_ON_RESUME,
+        added=ADDED_ON_RESUME,
+        workdir=workdir,
       )
     restored = ckpt.restore_latest(template=host_state)
     start, last_eval = 0, None
     if restored is not None:
       host_state, extra, start = restored
       rundir.check_resumable(
-        extra.get("config", {}), c.to_json(), changeable=CHANGEABLE_ON_RESUME, workdir=workdir
+        extra.get("config", {}),
+        c.to_json(),
+        changeable=CHANGEABLE_ON_RESUME,
+        added=ADDED_ON_RESUME,
+        workdir=workdir,
       )
       logging.info("Resuming from the checkpoint at step %d in %s", start, ckpt.directory)
     rundir.truncate_metrics(os.path.join(workdir, rundir.METRICS_FILE), max_step=start)
