@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import optax
 
 from benchmarks import timing
+from jaxrm.models import attention as attention_lib
 from jaxrm.models import transformer
 from jaxrm.steps import train_state
 
@@ -75,7 +76,7 @@ def variant(name: str, backbone: transformer.TransformerConfig):
         f"--variants: unknown modifier {modifier!r} in {name!r} ({', '.join(MODIFIERS)})"
       )
   guard = "noguard" not in modifiers
-  attend = transformer._attend  # pylint: disable=protected-access
+  attend = attention_lib.attend
   if attention == "identity":
     attend = lambda q, k, v, attn_mask, query_block=None: q  # noqa: E731
   elif attention.startswith("block") and attention[5:].isdigit() and int(attention[5:]) >= 1:
@@ -108,20 +109,20 @@ def unguarded_update(state, grads, loss, optimizer, *, nonfinite="skip", axis_na
 
 def autodiff_attention(q, k, v, attn_mask, blocks):
   """The library's attention forward pass, left to JAX's autodiff."""
-  return transformer._attention_fwd(q, k, v, attn_mask, blocks)[0]  # pylint: disable=protected-access
+  return attention_lib._attention_fwd(q, k, v, attn_mask, blocks)[0]  # pylint: disable=protected-access
 
 
 @contextlib.contextmanager
 def patched(attend, guard: bool, own_backward: bool = True):
   # pylint: disable=protected-access
-  saved = transformer._attend, train_state.apply_if_finite, transformer._attention
-  transformer._attend = attend
+  saved = attention_lib.attend, train_state.apply_if_finite, attention_lib._attention
+  attention_lib.attend = attend
   train_state.apply_if_finite = saved[1] if guard else unguarded_update
-  transformer._attention = saved[2] if own_backward else autodiff_attention
+  attention_lib._attention = saved[2] if own_backward else autodiff_attention
   try:
     yield
   finally:
-    transformer._attend, train_state.apply_if_finite, transformer._attention = saved
+    attention_lib.attend, train_state.apply_if_finite, attention_lib._attention = saved
 
 
 def cpu_seconds() -> tuple[float, float]:

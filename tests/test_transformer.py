@@ -10,7 +10,7 @@ from model_helpers import random_params
 import numpy as np
 import pytest
 
-from jaxrm.models import transformer as transformer_lib
+from jaxrm.models import attention
 from jaxrm.models.transformer import (
   KVCache,
   RopeScaling,
@@ -514,9 +514,7 @@ def test_attention_gradients_match_float64_autodiff_of_plain_softmax_attention(k
 
   got = jax.jit(
     jax.grad(
-      functools.partial(
-        loss, lambda q, k, v: transformer_lib._attend(q, k, v, mask, query_block=block)
-      ),
+      functools.partial(loss, lambda q, k, v: attention.attend(q, k, v, mask, query_block=block)),
       (0, 1, 2),
     )
   )(q, k, v)
