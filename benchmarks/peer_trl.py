@@ -25,6 +25,8 @@ Per workload and round, interleaved (jaxrm, TRL, jaxrm, TRL, ...):
 * **jaxrm's precision** (``--jaxrm_matmul_dtype``): ``float32``, or ``bfloat16``, mixed
   precision (``model.matmul_dtype``: bfloat16 matmul operands summed in float32, float32
   parameters), the arithmetic of TRL's defaults; its matmul ceiling is measured as well;
+* **jaxrm's devices** (``--jaxrm_cpu_devices``): 1, or the CPU split into that many JAX
+  devices (``jax_num_cpu_devices``), jaxrm's steps and runs then data-parallel (``shard_map``);
 * **FLOP utilisation**: model FLOPs (:func:`jaxrm.models.presets.flops_per_token`, at the full
   length) per second over the float32 matmul ceiling measured at the start of this run.
 
@@ -46,6 +48,7 @@ Usage::
   python benchmarks/peer_trl.py --workdir=runs/peer --workloads=hh,gpt2_4x256 --rounds=2
   python benchmarks/peer_trl.py --workdir=runs/peer --workloads=hh --trl_precisions=defaults,float32
   python benchmarks/peer_trl.py --workdir=runs/peer --workloads=gpt2_4x256 --jaxrm_matmul_dtype=bfloat16
+  python benchmarks/peer_trl.py --workdir=runs/peer --workloads=hh --jaxrm_cpu_devices=2
 """
 
 from __future__ import annotations
@@ -148,6 +151,13 @@ flags.DEFINE_enum(
   ["float32", "bfloat16"],
   "jaxrm's model.matmul_dtype in its training runs: 'bfloat16' is mixed precision (bfloat16 "
   "matmul operands, float32 sums and parameters), the arithmetic of TRL's CPU defaults.",
+)
+flags.DEFINE_integer(
+  "jaxrm_cpu_devices",
+  1,
+  "jaxrm's processes split the CPU into this many JAX devices (jax_num_cpu_devices, "
+  "JAX_NUM_CPU_DEVICES for the scripts); above 1 its runs and steps are data-parallel "
+  "(config.parallel 'auto': shard_map), the batch split among the devices.",
 )
 flags.DEFINE_bool("quick", False, "Tiny shapes, 1 round, few steps: a smoke run.")
 flags.DEFINE_enum("child", "", ["", "jaxrm_train", "trl_train"], "Internal: subprocess role.")
@@ -405,6 +415,7 @@ def run_child(role: str, w: Workload, workdir: str, tag: str, **extra) -> tuple[
   if FLAGS.attention_query_block is not None:
     cmd += [f"--attention_query_block={FLAGS.attention_query_block}"]
   cmd += [f"--jaxrm_matmul_dtype={FLAGS.jaxrm_matmul_dtype}"]
+  cmd += [f"--jaxrm_cpu_devices={FLAGS.jaxrm_cpu_devices}"]
   cmd += [f"--{k}={v}" for k, v in dataclasses.asdict(w).items()]
   cmd += [f"--{k}={v}" for k, v in extra.items()]
   start = time.perf_counter()
@@ -672,7 +683,11 @@ def run_benchmark(workloads: dict[str, Workload], precisions: list[str]) -> None
   batches = [int(b) for b in FLAGS.sampler_batches]
   os.makedirs(FLAGS.workdir, exist_ok=True)
   info = versions()
-  print(" | ".join(f"{k} {v}" for k, v in info.items()), f"| device {jax.devices()[0]}")
+  print(
+    " | ".join(f"{k} {v}" for k, v in info.items()),
+    f"| device {jax.devices()[0]}",
+    f"| jaxrm's devices {jax.device_count()}",
+  )
   print("allocator (both sides' processes inherit it):", environment.allocator())
   peak = measure_matmul_flops(FLAGS.matmul_size, 5)
   print(f"float32 matmul ceiling ({FLAGS.matmul_size}^2, best of 5): {peak / 1e9:.1f} GFLOP/s")
@@ -714,6 +729,7 @@ def run_benchmark(workloads: dict[str, Workload], precisions: list[str]) -> None
         sampler_shape=dataclasses.asdict(sampler_w),
         jaxrm_compile_cache=FLAGS.jaxrm_cache_dir or "off (cold compile in every run)",
         jaxrm_matmul_dtype=FLAGS.jaxrm_matmul_dtype,
+        jaxrm_cpu_devices=FLAGS.jaxrm_cpu_devices,
         trl_precisions={p: TRL_PRECISIONS[p] for p in precisions},
         argv=sys.argv,
       ),
@@ -757,8 +773,18 @@ def main(argv):
     raise app.UsageError(f"--sampler_thread_groups must be >= 1, got {FLAGS.sampler_thread_groups}")
   if FLAGS.attention_query_block is not None and FLAGS.attention_query_block < 0:
     raise app.UsageError(f"--attention_query_block must be >= 0, got {FLAGS.attention_query_block}")
+  if FLAGS.jaxrm_cpu_devices < 1:
+    raise app.UsageError(f"--jaxrm_cpu_devices must be >= 1, got {FLAGS.jaxrm_cpu_devices}")
   check_data_file(FLAGS.data)
   workloads = resolve_workloads()
+  bad = [n for n, w in workloads.items() if w.batch_pairs % FLAGS.jaxrm_cpu_devices]
+  if bad:
+    raise app.UsageError(
+      f"--jaxrm_cpu_devices={FLAGS.jaxrm_cpu_devices} must divide the pairs per step of {bad}"
+    )
+  import jax  # before any jax computation: the device count is fixed at the backend's start
+
+  jax.config.update("jax_num_cpu_devices", FLAGS.jaxrm_cpu_devices)
   precisions = trl_precisions()
   if FLAGS.child:
     w = Workload(**{k: FLAGS[k].value for k in Workload.__dataclass_fields__})

@@ -132,3 +132,16 @@ def test_bad_trl_precision_is_named(tmp_path):
 def test_trl_step_time_drops_two_warmup_steps():
   assert peer_trl.trl_step_s([30.0, 5.0, 1.0, 2.0, 3.0]) == 2.0
   assert peer_trl.trl_step_s([4.0, 2.0]) == 3.0
+
+
+@pytest.mark.parametrize(
+  "flag, message",
+  [
+    ("--jaxrm_cpu_devices=0", "--jaxrm_cpu_devices must be >= 1, got 0"),
+    ("--jaxrm_cpu_devices=3", "--jaxrm_cpu_devices=3 must divide the pairs per step of ['hh']"),
+  ],
+)
+def test_bad_jaxrm_cpu_devices_are_named(tmp_path, flag, message):
+  proc = _run(f"--workdir={tmp_path}", f"--data={SAMPLE}", "--workloads=hh", flag)
+  assert proc.returncode != 0
+  assert message in proc.stderr
