@@ -5,6 +5,7 @@ best-of-n results and metrics, resumes exactly; every loss runs; bad settings ar
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -210,6 +211,53 @@ def test_cdpo_on_hh_format_jsonl_with_a_byte_level_policy_writes_the_report(tmp_
   assert report["gold"] is None and report["model"]["tokenizer"] == "byte"
 
 
+def _short(**kw):
+  c = config(
+    steps=2,
+    log=rundir.LogConfig(log_every=1, checkpoint_every=1, plots=False),
+    eval=dpo.DPOEvalConfig(every=2, report=False, bon_prompts=0),
+    **kw,
+  )
+  c.data.synthetic.pairs = 256
+  return c
+
+
+def test_matmul_dtype_sets_how_the_policy_computes_and_keeps_float32_parameters(tmp_path):
+  runs = {}
+  for dtype in ("float32", "bfloat16"):
+    c = _short(matmul_dtype=dtype)
+    runs[dtype] = dpo.train_and_evaluate(c, str(tmp_path / dtype))
+  with open(tmp_path / "bfloat16" / "config.json") as f:
+    assert json.load(f)["model_config"]["dtype"] == "bfloat16"
+  world = pairs.world_for_seed(c.data.synthetic.world, c.data.synthetic.seed)
+  with CheckpointManager(str(tmp_path / "bfloat16" / rundir.CHECKPOINT_DIR)) as ckpt:
+    state, _, step = ckpt.restore_latest(template=_template(c, world))
+  assert step == 2
+  assert {np.asarray(x).dtype for x in jax.tree.leaves(state.params)} == {np.dtype(np.float32)}
+  # Step 1 compares the policy with itself (loss log 2 in both); step 2 follows an update.
+  loss32, loss16 = (runs[d]["train"]["loss"] for d in ("float32", "bfloat16"))
+  assert np.isfinite(loss16) and loss16 != loss32
+  assert loss16 == pytest.approx(loss32, rel=0.02)
+
+
+def test_a_run_saved_before_matmul_dtype_resumes(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  c = _short()
+  config_to_json = rundir.config_to_json
+
+  def without_the_field(cfg):  # the config as saved before ``matmul_dtype`` existed
+    return {k: v for k, v in config_to_json(cfg).items() if k != "matmul_dtype"}
+
+  with monkeypatch.context() as patch:
+    patch.setattr(rundir, "config_to_json", without_the_field)
+    dpo.train_and_evaluate(c, workdir)
+  assert "matmul_dtype" not in rundir.read_checkpoint_extra(workdir, 2)["config"]
+  shutil.rmtree(os.path.join(workdir, rundir.CHECKPOINT_DIR, "2"))
+  with pytest.raises(rundir.ConfigError, match="matmul_dtype='bfloat16'.*<absent>"):
+    dpo.train_and_evaluate(dataclasses.replace(c, matmul_dtype="bfloat16"), workdir)
+  assert dpo.train_and_evaluate(c, workdir)["resumed_from"] == 1
+
+
 def test_mismatched_completions_match_the_steps_version_for_fixed_prompts():
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 9, size=(5, 7)).astype(np.int32)
@@ -240,6 +288,7 @@ def test_mismatched_completions_match_the_steps_version_for_fixed_prompts():
     (dict(policy="tiny"), "policy"),
     (dict(eval__bon_samples=0), "eval.bon_samples"),
     (dict(batch_size=12, parallel="shard_map"), "batch_size"),
+    (dict(matmul_dtype="float16"), "matmul_dtype"),
   ],
 )
 def test_bad_settings_raise_a_config_error_naming_the_field(overrides, field):

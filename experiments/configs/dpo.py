@@ -15,7 +15,9 @@ implicit reward model's report is meaningful there, there is no gold)::
   python experiments/train_dpo.py --config=experiments/configs/dpo.py:hh --workdir=runs/dpo_hh
 
 Any field can be overridden, e.g. ``--config.optimizer.learning_rate=3e-4``,
-``--config.data.synthetic.pairs=8192``, ``--config.eval.bon_samples=256``.
+``--config.data.synthetic.pairs=8192``, ``--config.eval.bon_samples=256``;
+``--config.matmul_dtype=bfloat16`` for mixed precision (float32 parameters, bfloat16 matmul
+operands summed in float32).
 """
 
 import os

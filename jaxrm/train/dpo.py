@@ -40,6 +40,7 @@ Randomness: a preset policy is initialised from ``fold_in(key(seed), 0)``; step 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -62,6 +63,7 @@ from jaxrm.steps import parallel
 from jaxrm.steps import train_state as train_state_lib
 from jaxrm.train import rm_config, rm_eval
 from jaxrm.train.dpo_config import (  # noqa: F401  (the config types live beside the loop's API)
+  ADDED_ON_RESUME,
   CHANGEABLE_ON_RESUME,
   LOSSES,
   DPOEvalConfig,
@@ -145,13 +147,20 @@ def _train_step(carry, batch, *, apply_fn, config: dpo_steps.DPOConfig, optimize
 
 
 # ----------------------------------------------------------------------------- the run
+def _compute_dtype(c: DPOTrainConfig, model_config):
+  """``model_config`` computing in ``c.matmul_dtype`` (unchanged for ``''``)."""
+  if not c.matmul_dtype:
+    return model_config
+  return dataclasses.replace(model_config, dtype=rm_config.DTYPES[c.matmul_dtype])
+
+
 def _policy(c: DPOTrainConfig, data: pairs.RunData):
   """``(apply_fn, params, model_config, world, prompt_len)``; ``world`` and ``prompt_len``
   (the fixed prompt length) are None for JSONL data."""
   if c.data.is_synthetic:
     s = c.data.synthetic
     world = pairs.world_for_seed(s.world, s.seed)
-    model_config = s.world.policy_config()
+    model_config = _compute_dtype(c, s.world.policy_config())
     return (
       PolicyModel(model_config).apply,
       world.policy_params,
@@ -160,6 +169,7 @@ def _policy(c: DPOTrainConfig, data: pairs.RunData):
       s.world.prompt_len,
     )
   model_config = presets.preset(c.policy, vocab_size=data.vocab_size, max_len=data.max_len)
+  model_config = _compute_dtype(c, model_config)
   model = PolicyModel(model_config)
   dummy = jnp.zeros((1, min(data.max_len, 8)), jnp.int32)
   key = jax.random.fold_in(jax.random.key(c.seed), 0)
@@ -287,7 +297,11 @@ def train_and_evaluate(
     if restored is not None:
       host_state, extra, start = restored
       rundir.check_resumable(
-        extra.get("config", {}), c.to_json(), changeable=CHANGEABLE_ON_RESUME, workdir=workdir
+        extra.get("config", {}),
+        c.to_json(),
+        changeable=CHANGEABLE_ON_RESUME,
+        added=ADDED_ON_RESUME,
+        workdir=workdir,
       )
       train_iter.set_state(extra["data"])
       logging.info("Resuming from the checkpoint at step %d in %s", start, ckpt.directory)

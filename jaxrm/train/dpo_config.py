@@ -21,12 +21,15 @@ from jaxrm.io import rundir
 from jaxrm.models import presets
 from jaxrm.steps import dpo as dpo_steps
 from jaxrm.steps import train_state as train_state_lib
-from jaxrm.train.rm_config import OptimizerConfig
+from jaxrm.train.rm_config import DTYPES, OptimizerConfig
 
 LOSSES = ("dpo", "cdpo", "ipo", "simpo", "kto")
 PARALLEL_MODES = ("auto", "jit", "shard_map", "pmap")
 # Sections and fields that do not change the trained parameters: they may differ on resume.
 CHANGEABLE_ON_RESUME = ("eval", "log", "parallel", "nonfinite")
+# Fields added after runs were saved without them, each with the value those runs computed with
+# (:func:`jaxrm.io.rundir.check_resumable`).
+ADDED_ON_RESUME = {"matmul_dtype": ""}
 
 
 @dataclasses.dataclass
@@ -108,6 +111,12 @@ class DPOTrainConfig:
     seed: seed of the initialisation, the step keys, the data order and the evaluation.
     parallel: ``'auto'``, ``'jit'``, ``'shard_map'`` or ``'pmap'``.
     nonfinite: ``'skip'`` a step with a non-finite loss or gradient, or ``'raise'``.
+    matmul_dtype: ``''`` (the policy's own compute dtype, float32) or ``'float32'`` /
+      ``'bfloat16'``: the dtype the policy's backbone computes in, its parameters float32
+      (``'bfloat16'`` is mixed precision, :mod:`jaxrm.models.precision`, as the other loops'
+      ``matmul_dtype``); the reference's log-probabilities and the implicit reward are
+      computed the same way, and the saved model config keeps it (the synthetic world's
+      best-of-n samples stay float32).
   """
 
   data: pairs.DataConfig = dataclasses.field(default_factory=pairs.DataConfig)
@@ -121,6 +130,7 @@ class DPOTrainConfig:
   seed: int = 0
   parallel: str = "auto"
   nonfinite: str = "skip"
+  matmul_dtype: str = ""
 
   def to_json(self) -> dict[str, Any]:
     return rundir.config_to_json(self)
@@ -192,6 +202,11 @@ def validate_config(c: DPOTrainConfig, *, num_devices: int | None = None) -> Non
     need(rundir.is_int(getattr(c, name)) and getattr(c, name) >= 1, name, "must be an int >= 1")
   need(rundir.is_int(c.seed) and c.seed >= 0, "seed", "must be an int >= 0")
   need(c.parallel in PARALLEL_MODES, "parallel", f"must be one of {list(PARALLEL_MODES)}")
+  need(
+    c.matmul_dtype in ("", *DTYPES),
+    "matmul_dtype",
+    f"must be '' (the policy's own) or one of {list(DTYPES)}",
+  )
   need(
     c.nonfinite in train_state_lib.NONFINITE_MODES,
     "nonfinite",
