@@ -309,9 +309,9 @@ def test_bfloat16_projections_take_bfloat16_operands_forward_and_backward(cfg):
   projections = len([p for p in jax.tree.leaves_with_path(params) if "kernel" in str(p[0])])
   assert len(mixed) == 3 * projections  # forward, input gradient, kernel gradient
   # The rest, all float32, per layer: the attention's scores and output, and in the backward
-  # the scores recomputed and four gradient products.
-  assert kinds.count((jnp.float32, jnp.float32)) == 7 * cfg.num_layers
-  assert len(dots) == len(mixed) + 7 * cfg.num_layers
+  # the scores recomputed, four gradient products and the rows' sum(dO * O) (a dot).
+  assert kinds.count((jnp.float32, jnp.float32)) == 8 * cfg.num_layers
+  assert len(dots) == len(mixed) + 8 * cfg.num_layers
 
 
 # ----------------------------------------------------------------------------- validation
