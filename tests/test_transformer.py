@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jaxrm.models import attention
+from jaxrm.models.rope import apply_rotary
 from jaxrm.models.transformer import (
   KVCache,
   RopeScaling,
@@ -427,6 +428,25 @@ def test_linear_rope_scaling_divides_every_frequency():
   unscaled = rope_frequencies(8, base=500.0)
   ratio = unscaled / llama
   assert ratio[0] == 1.0 and 1.0 < ratio[1] < 4.0 and np.allclose(ratio[2:], 4.0)  # 3 bands
+
+
+def test_apply_rotary_and_its_gradient_match_a_float64_rotation():
+  """The table lookup rotates each half-split pair by ``position * inv_freq`` (NumPy float64
+  reference), at every position up to ``max_position - 1``; its gradient is the inverse
+  rotation of the cotangent."""
+  rng = np.random.default_rng(5)
+  x, g = rng.normal(size=(2, 2, 6, 3, 8))
+  positions = np.array([[0, 1, 2, 39, 7, 0], [5, 5, 6, 30, 38, 39]])
+  inv_freq = rope_frequencies(8, base=100.0, scaling=RopeScaling("linear", 2.0))
+  angles = positions[..., None, None] * inv_freq  # [b, t, 1, half]
+  cos, sin = np.cos(angles), np.sin(angles)
+  x1, x2, g1, g2 = x[..., :4], x[..., 4:], g[..., :4], g[..., 4:]
+  want = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  want_grad = np.concatenate([g1 * cos + g2 * sin, g2 * cos - g1 * sin], axis=-1)
+  rotate = lambda x: apply_rotary(x, jnp.asarray(positions), inv_freq, max_position=40)  # noqa: E731
+  got, vjp = jax.vjp(rotate, jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(vjp(jnp.asarray(g, jnp.float32))[0], want_grad, rtol=1e-5, atol=1e-5)
 
 
 def test_existing_default_parameter_tree_is_unchanged():

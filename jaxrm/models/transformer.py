@@ -341,8 +341,9 @@ class _Block(nn.Module):
       v = proj((cfg.kv_heads, cfg.head_dim), name="value")(h)
     if cfg.position == "rotary":
       inv_freq = rope_frequencies(cfg.head_dim, base=cfg.rope_base, scaling=cfg.rope_scaling)
-      q = apply_rotary(q, positions, inv_freq)
-      k = apply_rotary(k, positions, inv_freq)
+      limit = x.shape[1] if kv is None else kv[0].shape[2]  # positions < limit
+      q = apply_rotary(q, positions, inv_freq, max_position=limit)
+      k = apply_rotary(k, positions, inv_freq, max_position=limit)
     q, k, v = (a.astype(cfg.dtype) for a in (q, k, v))
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, kv_heads, t, head_dim]
     if kv is not None:
