@@ -9,8 +9,8 @@ from model_helpers import random_params
 import numpy as np
 import pytest
 
-from jaxrm.models.reward_model import RewardModel, pool_hidden
-from jaxrm.models.transformer import Transformer, TransformerConfig
+from jaxrm.models.reward_model import RewardModel, last_positions, pool_hidden
+from jaxrm.models.transformer import Transformer, TransformerConfig, init_cache
 
 VOCAB = 41
 CFG = TransformerConfig(vocab_size=VOCAB, num_layers=2, width=32, num_heads=2, max_len=16)
@@ -91,6 +91,78 @@ def test_reward_gradients_are_finite_with_an_all_padding_row():
   leaves = jax.tree.leaves(grads)
   assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
   assert any(np.abs(np.asarray(g)).max() > 0 for g in leaves)
+
+
+def _full_pass_rewards(params, tokens, mask, cfg):
+  """The reward of the whole backbone's hidden states pooled at the last real token (every
+  layer at every position): what the last layer's read-only-one-token pass must equal."""
+  hidden = Transformer(cfg).apply({"params": params["params"]["backbone"]}, tokens, mask)
+  pooled = pool_hidden(hidden, mask, pooling="last")
+  head = params["params"]["head"]
+  return pooled @ head["kernel"][:, 0] + head["bias"][0]
+
+
+@pytest.mark.parametrize(
+  "cfg",
+  [
+    CFG,
+    LEARNED,
+    dataclasses.replace(CFG, num_kv_heads=1, num_heads=2),
+    dataclasses.replace(CFG, attention_query_block=4),
+  ],
+  ids=["rotary", "learned", "gqa", "query_blocks"],
+)
+def test_last_pooling_reading_one_token_matches_the_full_pass_and_its_gradients(cfg):
+  """Rows right-, left- and both-side padded, full, and all padding; rewards and every
+  parameter's gradient (float32) within 1e-5 of the full pass's."""
+  model = RewardModel(cfg, pooling="last")
+  params = random_params(model, (5, S), seed=3)
+  rng = np.random.default_rng(4)
+  tokens = rng.integers(0, VOCAB, size=(5, S)).astype(np.int32)
+  idx = np.arange(S)
+  mask = np.stack([idx < 6, idx >= 3, (idx >= 2) & (idx < 8), idx >= 0, idx < 0])
+  fast = lambda p: model.apply(p, tokens, mask)  # noqa: E731
+  full = lambda p: _full_pass_rewards(p, tokens, mask, cfg)  # noqa: E731
+  np.testing.assert_allclose(jax.jit(fast)(params), jax.jit(full)(params), rtol=1e-5, atol=1e-5)
+  weights = jnp.asarray(rng.normal(size=5), jnp.float32)
+  grad = lambda f: jax.jit(jax.grad(lambda p: jnp.vdot(f(p), weights)))(params)  # noqa: E731
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grad(fast), grad(full)
+  )
+
+
+def test_backbone_rows_equal_the_full_hidden_states_at_those_positions():
+  model = Transformer(CFG)
+  params = random_params(model, (B, S), seed=5)
+  rng = np.random.default_rng(6)
+  tokens = rng.integers(0, VOCAB, size=(B, S)).astype(np.int32)
+  mask = np.ones((B, S), bool)
+  mask[1, :3] = False
+  rows = np.array([[0, 9], [4, 4], [7, 2]], np.int32)
+  full = np.asarray(jax.jit(model.apply)(params, tokens, mask))
+  got = jax.jit(lambda p, r: model.apply(p, tokens, mask, rows=r))(params, rows)
+  assert got.shape == (B, 2, CFG.width)
+  np.testing.assert_allclose(got, np.take_along_axis(full, rows[..., None], 1), atol=1e-5)
+
+
+def test_backbone_rows_reject_bad_input_naming_the_argument():
+  model = Transformer(CFG)
+  params = random_params(model, (B, S))
+  tokens, mask = np.ones((B, S), np.int32), np.ones((B, S), bool)
+  with pytest.raises(
+    ValueError, match=r"rows must have shape \[batch, n\] with batch 3, got \(2, 1\)"
+  ):
+    model.apply(params, tokens, mask, rows=np.zeros((2, 1), np.int32))
+  with pytest.raises(ValueError, match="rows must be an integer array, got dtype float32"):
+    model.apply(params, tokens, mask, rows=np.zeros((B, 1), np.float32))
+  cache = init_cache(CFG, batch_size=B, cache_len=S)
+  with pytest.raises(ValueError, match="rows is for a pass without a cache"):
+    model.apply(params, tokens[:, :2], mask[:, :2], cache, rows=np.zeros((B, 1), np.int32))
+
+
+def test_last_positions_are_each_rows_last_real_token():
+  mask = np.array([[1, 1, 0, 0], [0, 1, 1, 1], [0, 1, 0, 1], [0, 0, 0, 0]], bool)
+  np.testing.assert_array_equal(last_positions(mask), [1, 3, 3, 0])
 
 
 def test_reward_model_rejects_bad_input_naming_the_argument():

@@ -59,6 +59,14 @@ def pool_hidden(
   return jnp.einsum("bs,bsw->bw", weights.astype(hidden.dtype), hidden)
 
 
+def last_positions(mask: jax.typing.ArrayLike) -> jax.Array:
+  """``[batch]`` int32: the position of each row's last True in ``mask [batch, seq]`` (0 for
+  a row with none), the token ``pooling='last'`` reads."""
+  mask = jnp.asarray(mask).astype(bool)
+  seq = mask.shape[1]
+  return (seq - 1 - jnp.argmax(mask[:, ::-1], axis=1)).astype(jnp.int32) * jnp.any(mask, axis=1)
+
+
 class RewardModel(nn.Module):
   """Backbone + scalar head: ``(tokens [batch, seq], mask [batch, seq]) -> rewards [batch]``.
 
@@ -78,8 +86,14 @@ class RewardModel(nn.Module):
     """Returns float32 rewards ``[batch]``; see :func:`pool_hidden` for the pooling."""
     if self.pooling not in _POOLINGS:
       raise ValueError(f"pooling must be one of {_POOLINGS}, got {self.pooling!r}")
-    hidden = Transformer(self.config, name="backbone")(tokens, mask)
-    pooled = pool_hidden(hidden, mask, pooling=self.pooling)
+    backbone = Transformer(self.config, name="backbone")
+    if self.pooling == "last" and jnp.ndim(mask) == 2:  # (else the backbone names the shape)
+      # The last layer computes only the token read: the same rewards for less work.
+      mask = jnp.asarray(mask).astype(bool)
+      hidden = backbone(tokens, mask, rows=last_positions(mask)[:, None])[:, 0]
+      pooled = jnp.where(jnp.any(mask, axis=1, keepdims=True), hidden, 0.0)
+    else:
+      pooled = pool_hidden(backbone(tokens, mask), mask, pooling=self.pooling)
     reward = nn.Dense(
       1,
       use_bias=self.config.head_bias,

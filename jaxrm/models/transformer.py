@@ -323,7 +323,9 @@ class _Block(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, positions, attn_mask, kv=None, index=None):
+  def __call__(self, x, positions, attn_mask, kv=None, index=None, rows=None):
+    """``rows [batch, n]`` (no cache): queries, attention output and MLP only at those
+    positions (keys and values at all of them); the block's output is ``[batch, n, width]``."""
     cfg = self.config
     dense = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     if jnp.dtype(cfg.dtype) == jnp.bfloat16:
@@ -339,10 +341,15 @@ class _Block(nn.Module):
       q = proj((cfg.num_heads, cfg.head_dim), name="query")(h)
       k = proj((cfg.kv_heads, cfg.head_dim), name="key")(h)
       v = proj((cfg.kv_heads, cfg.head_dim), name="value")(h)
+    if rows is not None:
+      take = lambda a: jnp.take_along_axis(a, rows.reshape(rows.shape + (1,) * (a.ndim - 2)), 1)  # noqa: E731
+      x, q, q_positions, attn_mask = take(x), take(q), take(positions), take(attn_mask)
+    else:
+      q_positions = positions
     if cfg.position == "rotary":
       inv_freq = rope_frequencies(cfg.head_dim, base=cfg.rope_base, scaling=cfg.rope_scaling)
-      limit = x.shape[1] if kv is None else kv[0].shape[2]  # positions < limit
-      q = apply_rotary(q, positions, inv_freq, max_position=limit)
+      limit = positions.shape[1] if kv is None else kv[0].shape[2]  # positions < limit
+      q = apply_rotary(q, q_positions, inv_freq, max_position=limit)
       k = apply_rotary(k, positions, inv_freq, max_position=limit)
     q, k, v = (a.astype(cfg.dtype) for a in (q, k, v))
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, kv_heads, t, head_dim]
@@ -390,7 +397,12 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(
-    self, tokens: jax.typing.ArrayLike, mask: jax.typing.ArrayLike, cache: KVCache | None = None
+    self,
+    tokens: jax.typing.ArrayLike,
+    mask: jax.typing.ArrayLike,
+    cache: KVCache | None = None,
+    *,
+    rows: jax.Array | None = None,
   ):
     """Runs the backbone.
 
@@ -402,13 +414,28 @@ class Transformer(nn.Module):
         attend to every cached real token, and their positions continue from the number
         of real tokens in the cache. ``index + seq`` must not exceed the cache length
         (checked only for ``seq``; ``index`` is traced).
+      rows: optional ``[batch, n]`` integer positions in ``[0, seq)`` (without ``cache``):
+        the hidden states of only these positions, ``[batch, n, width]``, the same as
+        ``jnp.take_along_axis(hidden, rows[..., None], 1)`` of the full pass. The last layer
+        computes its queries, attention and MLP at these positions only (every earlier
+        layer feeds its keys and values), e.g. a reward model reading one token.
 
     Returns:
-      ``hidden [batch, seq, width]`` float32 if ``cache`` is None, else
-      ``(hidden, new_cache)``.
+      ``hidden [batch, seq, width]`` (``[batch, n, width]`` with ``rows``) float32 if
+      ``cache`` is None, else ``(hidden, new_cache)``.
     """
     cfg = self.config
     _check_inputs(tokens, mask, cfg, cache)
+    if rows is not None:
+      rows_shape = jnp.shape(rows)
+      if cache is not None:
+        raise ValueError("rows is for a pass without a cache (got both)")
+      if len(rows_shape) != 2 or rows_shape[0] != jnp.shape(tokens)[0]:
+        raise ValueError(
+          f"rows must have shape [batch, n] with batch {jnp.shape(tokens)[0]}, got {rows_shape}"
+        )
+      if not jnp.issubdtype(jnp.result_type(rows), jnp.integer):
+        raise ValueError(f"rows must be an integer array, got dtype {jnp.result_type(rows)}")
     tokens = jnp.asarray(tokens, jnp.int32)
     mask = jnp.asarray(mask).astype(bool)
     seq = tokens.shape[1]
@@ -452,7 +479,8 @@ class Transformer(nn.Module):
     keys, values = [], []
     for layer in range(cfg.num_layers):
       kv = None if cache is None else (cache.keys[layer], cache.values[layer])
-      x, kv = block(cfg, name=f"block_{layer}")(x, positions, attn_mask, kv, index)
+      last = rows if layer == cfg.num_layers - 1 else None
+      x, kv = block(cfg, name=f"block_{layer}")(x, positions, attn_mask, kv, index, last)
       if kv is not None:
         keys.append(kv[0])
         values.append(kv[1])
