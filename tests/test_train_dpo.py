@@ -19,6 +19,7 @@ from jaxrm.io import rundir
 from jaxrm.io.checkpoint import CheckpointManager
 from jaxrm.steps import dpo as dpo_steps
 from jaxrm.train import dpo
+from tests import run_helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "train_dpo.py")
@@ -243,13 +244,7 @@ def test_matmul_dtype_sets_how_the_policy_computes_and_keeps_float32_parameters(
 def test_a_run_saved_before_matmul_dtype_resumes(tmp_path, monkeypatch):
   workdir = str(tmp_path)
   c = _short()
-  config_to_json = rundir.config_to_json
-
-  def without_the_field(cfg):  # the config as saved before ``matmul_dtype`` existed
-    return {k: v for k, v in config_to_json(cfg).items() if k != "matmul_dtype"}
-
-  with monkeypatch.context() as patch:
-    patch.setattr(rundir, "config_to_json", without_the_field)
+  with run_helpers.saved_without(monkeypatch, "matmul_dtype"):
     dpo.train_and_evaluate(c, workdir)
   assert "matmul_dtype" not in rundir.read_checkpoint_extra(workdir, 2)["config"]
   shutil.rmtree(os.path.join(workdir, rundir.CHECKPOINT_DIR, "2"))

@@ -25,6 +25,7 @@ from jaxrm.steps import train_state
 from jaxrm.steps.rl import RLConfig
 from jaxrm.train import policy as tp
 from jaxrm.train.sources import PromptConfig, RewardConfig
+from tests import run_helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "train_policy.py")
@@ -166,13 +167,7 @@ def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, rm_dir
 def test_a_run_saved_before_matmul_dtype_resumes(tmp_path, monkeypatch):
   workdir = str(tmp_path)
   config = base_config(steps=2, log__checkpoint_every=1, eval_every=0)
-  config_to_json = rundir.config_to_json
-
-  def without_the_field(c):  # the config as saved before ``matmul_dtype`` existed
-    return {k: v for k, v in config_to_json(c).items() if k != "matmul_dtype"}
-
-  with monkeypatch.context() as patch:
-    patch.setattr(rundir, "config_to_json", without_the_field)
+  with run_helpers.saved_without(monkeypatch, "matmul_dtype"):
     tp.train_and_evaluate(config, workdir)
   assert "matmul_dtype" not in rundir.read_checkpoint_extra(workdir, 2)["config"]
   shutil.rmtree(os.path.join(workdir, rundir.CHECKPOINT_DIR, "2"))

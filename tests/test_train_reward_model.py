@@ -35,7 +35,7 @@ from jaxrm.models import presets
 from jaxrm.models.reward_model import RewardModel
 from jaxrm.train import reward_model as rm_train
 from jaxrm.train import rm_eval
-from tests import script_runner
+from tests import run_helpers, script_runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SCRIPT = os.path.join(ROOT, "experiments", "train_reward_model.py")
@@ -269,16 +269,7 @@ def test_resume_refuses_changed_settings_and_a_finished_run_only_reports(shard_m
 def test_a_run_saved_before_matmul_dtype_resumes(tmp_path, synthetic_npz, monkeypatch):
   workdir = _seeded_workdir(tmp_path / "old", synthetic_npz)
   config = _config(parallel="jit", steps=4, eval__report=False, log__checkpoint_every=2)
-  config_to_json = rundir.config_to_json
-
-  def without_the_field(c):  # the config as saved before ``model.matmul_dtype`` existed
-    out = config_to_json(c)
-    if "model" in out:
-      out["model"] = {k: v for k, v in out["model"].items() if k != "matmul_dtype"}
-    return out
-
-  with monkeypatch.context() as patch:
-    patch.setattr(rundir, "config_to_json", without_the_field)
+  with run_helpers.saved_without(monkeypatch, "model.matmul_dtype"):
     rm_train.train_and_evaluate(config, workdir)
   assert "matmul_dtype" not in rundir.read_checkpoint_extra(workdir, 4)["config"]["model"]
   shutil.rmtree(workdir / rundir.CHECKPOINT_DIR / "4")

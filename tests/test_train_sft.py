@@ -17,6 +17,7 @@ from jaxrm.data.run_tokenizer import RunTokenizer
 from jaxrm.io import hf, hf_runs, policy_io, rundir
 from jaxrm.models.policy import PolicyModel
 from jaxrm.train import policy_text, sft, sources
+from tests import run_helpers
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 HH = os.path.join(DATA, "hh_rlhf_sample.jsonl.gz")
@@ -103,13 +104,7 @@ def test_resumed_sft_run_ends_bitwise_equal(sft_run, tmp_path):
 def test_a_run_saved_before_matmul_dtype_resumes_bitwise_equal(sft_run, tmp_path, monkeypatch):
   workdir, _ = sft_run
   old = str(tmp_path / "old")
-  config_to_json = rundir.config_to_json
-
-  def without_the_field(config):  # the config as saved before the field existed
-    return {k: v for k, v in config_to_json(config).items() if k != "matmul_dtype"}
-
-  with monkeypatch.context() as patch:
-    patch.setattr(rundir, "config_to_json", without_the_field)
+  with run_helpers.saved_without(monkeypatch, "matmul_dtype"):
     sft.train_and_evaluate(tiny_sft_config(), old)
   saved = rundir.read_checkpoint_extra(old, 4)["config"]
   assert "matmul_dtype" not in saved and "dtype" in saved
