@@ -97,7 +97,7 @@ def apply_rotary(
   Half-split (``rotate_half``) convention of GPT-NeoX and Hugging Face Llama. The cosines and
   sines are looked up in :func:`rotary_tables` (constants of the program) rather than
   evaluated where they are used: XLA fused that evaluation into every query and key element
-  of every head and layer, forward and backward, 12% of the HH reward-model step
+  of every head and layer, forward and backward, about 13% of the HH reward-model step
   (BUILD_NOTES, session 35).
   """
   half = x.shape[-1] // 2

@@ -427,15 +427,16 @@ class Transformer(nn.Module):
     cfg = self.config
     _check_inputs(tokens, mask, cfg, cache)
     if rows is not None:
-      rows_shape = jnp.shape(rows)
       if cache is not None:
         raise ValueError("rows is for a pass without a cache (got both)")
-      if len(rows_shape) != 2 or rows_shape[0] != jnp.shape(tokens)[0]:
+      rows = jnp.asarray(rows)
+      if rows.ndim != 2 or rows.shape[0] != jnp.shape(tokens)[0]:
         raise ValueError(
-          f"rows must have shape [batch, n] with batch {jnp.shape(tokens)[0]}, got {rows_shape}"
+          f"rows must have shape [batch, n] with batch {jnp.shape(tokens)[0]}, got {rows.shape}"
         )
-      if not jnp.issubdtype(jnp.result_type(rows), jnp.integer):
-        raise ValueError(f"rows must be an integer array, got dtype {jnp.result_type(rows)}")
+      if not jnp.issubdtype(rows.dtype, jnp.integer):
+        raise ValueError(f"rows must be an integer array, got dtype {rows.dtype}")
+      rows = rows.astype(jnp.int32)
     tokens = jnp.asarray(tokens, jnp.int32)
     mask = jnp.asarray(mask).astype(bool)
     seq = tokens.shape[1]
