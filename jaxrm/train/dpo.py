@@ -40,7 +40,6 @@ Randomness: a preset policy is initialised from ``fold_in(key(seed), 0)``; step 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import time
@@ -147,20 +146,13 @@ def _train_step(carry, batch, *, apply_fn, config: dpo_steps.DPOConfig, optimize
 
 
 # ----------------------------------------------------------------------------- the run
-def _compute_dtype(c: DPOTrainConfig, model_config):
-  """``model_config`` computing in ``c.matmul_dtype`` (unchanged for ``''``)."""
-  if not c.matmul_dtype:
-    return model_config
-  return dataclasses.replace(model_config, dtype=rm_config.DTYPES[c.matmul_dtype])
-
-
 def _policy(c: DPOTrainConfig, data: pairs.RunData):
   """``(apply_fn, params, model_config, world, prompt_len)``; ``world`` and ``prompt_len``
   (the fixed prompt length) are None for JSONL data."""
   if c.data.is_synthetic:
     s = c.data.synthetic
     world = pairs.world_for_seed(s.world, s.seed)
-    model_config = _compute_dtype(c, s.world.policy_config())
+    model_config = rm_config.with_matmul_dtype(s.world.policy_config(), c.matmul_dtype)
     return (
       PolicyModel(model_config).apply,
       world.policy_params,
@@ -169,7 +161,7 @@ def _policy(c: DPOTrainConfig, data: pairs.RunData):
       s.world.prompt_len,
     )
   model_config = presets.preset(c.policy, vocab_size=data.vocab_size, max_len=data.max_len)
-  model_config = _compute_dtype(c, model_config)
+  model_config = rm_config.with_matmul_dtype(model_config, c.matmul_dtype)
   model = PolicyModel(model_config)
   dummy = jnp.zeros((1, min(data.max_len, 8)), jnp.int32)
   key = jax.random.fold_in(jax.random.key(c.seed), 0)

@@ -66,7 +66,7 @@ from jaxrm.train.policy_config import (  # noqa: F401  (the config types live be
   validate_config,
 )
 from jaxrm.train.policy_text import PolicySampler, load_text_policy
-from jaxrm.train.rm_config import DTYPES
+from jaxrm.train.rm_config import with_matmul_dtype
 
 RL_CURVES_FILE = "rl_curves.png"
 
@@ -124,8 +124,7 @@ def build_run(c: PolicyTrainConfig) -> Run:
     dummy = jnp.zeros((1, policy_cfg.max_len), jnp.int32)
     ref_params = jax.jit(PolicyModel(policy_cfg).init)(init_key, dummy, jnp.ones(dummy.shape, bool))
     tok = "byte"
-  if c.matmul_dtype:
-    policy_cfg = dataclasses.replace(policy_cfg, dtype=DTYPES[c.matmul_dtype])
+  policy_cfg = with_matmul_dtype(policy_cfg, c.matmul_dtype)
   eos_id = rl_config.eos_id
   if eos_id is not None and not 0 <= eos_id < policy_cfg.vocab_size:
     raise ConfigError(

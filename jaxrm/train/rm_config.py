@@ -37,6 +37,15 @@ CHANGEABLE_ON_RESUME = ("eval", "log", "parallel", "nonfinite", "max_consecutive
 ADDED_ON_RESUME = {"model.matmul_dtype": ""}
 
 
+def with_matmul_dtype(model_config: TransformerConfig, matmul_dtype: str) -> TransformerConfig:
+  """``model_config`` computing in ``matmul_dtype`` (a :data:`DTYPES` name; ``''``: unchanged),
+  its parameters' dtype kept: ``'bfloat16'`` with float32 parameters is mixed precision
+  (:mod:`jaxrm.models.precision`). The loops' ``matmul_dtype`` settings."""
+  if not matmul_dtype:
+    return model_config
+  return dataclasses.replace(model_config, dtype=DTYPES[matmul_dtype])
+
+
 @dataclasses.dataclass
 class ModelConfig:
   """The reward model: a preset backbone (:data:`jaxrm.models.presets.PRESETS`) and a pooling
@@ -163,9 +172,7 @@ def execution_settings(config: TrainConfig, backbone: TransformerConfig) -> Tran
   block = config.model.attention_query_block
   if block is not None:
     backbone = dataclasses.replace(backbone, attention_query_block=block)
-  if config.model.matmul_dtype:
-    backbone = dataclasses.replace(backbone, dtype=DTYPES[config.model.matmul_dtype])
-  return backbone
+  return with_matmul_dtype(backbone, config.model.matmul_dtype)
 
 
 def preset_backbone(config: TrainConfig, *, vocab_size: int, max_len: int) -> TransformerConfig:
