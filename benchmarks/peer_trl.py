@@ -212,19 +212,13 @@ def data_config(data: str, seq_len: int):
 def export_token_ids(data: str, seq_len: int, workdir: str) -> tuple[str, int]:
   """Writes jaxrm's training split as ``{"chosen_ids", "rejected_ids"}`` JSON lines (the
   tokenised, truncated sequences, padding removed). Returns ``(path, number of pairs)``."""
-  import numpy as np
-
-  from jaxrm.data import pairs
+  from jaxrm.data import pairs, preference_files
 
   run = pairs.load_data(data_config(data, seq_len), os.path.join(workdir, f"tokens_{seq_len}"))
   path = os.path.join(workdir, f"token_ids_{seq_len}.jsonl")
   with open(path, "w") as f:
-    for i in range(len(run.train)):
-      rec = run.train[i]
-      row = {
-        k + "_ids": np.asarray(rec[k])[np.asarray(rec[k]) != 0].tolist()
-        for k in ("chosen", "rejected")
-      }
+    for e in preference_files.get_examples(run.train, range(len(run.train))):
+      row = {k + "_ids": [int(t) for t in getattr(e, k) if t != 0] for k in ("chosen", "rejected")}
       f.write(json.dumps(row) + "\n")
   return path, len(run.train)
 

@@ -8,6 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from jaxrm.data import iterator as iterator_lib
+from jaxrm.data import pairs
 from jaxrm.data import preferences as prefs
 from jaxrm.data.iterator import BatchIterator
 
@@ -281,6 +282,30 @@ def test_tfds_data_source_feeds_the_iterator_and_resumes(tmp_path):
   resumed = BatchIterator(source, **kwargs)
   resumed.set_state(it.get_state())
   _assert_batches_equal(_take(resumed, 3), reference[9:])
+
+
+def test_a_small_split_read_into_memory_gives_the_batches_of_its_tfds_source(tmp_path, monkeypatch):
+  builder = prefs.build_preference_dataset(SAMPLE, data_dir=tmp_path, max_len=256, name="mem")
+  source = builder.as_data_source(split="train")
+  loaded = pairs.in_memory(source, max_len=256)
+  assert isinstance(loaded, list) and len(loaded) == len(source) == 64
+  train = dict(batch_size=BATCH, seed=3, bucket_lengths=(64, 128, 256), bucket_window=2)
+  _assert_batches_equal(  # 10 batches of 8: into the second epoch
+    _take(BatchIterator(loaded, **train), 10), _take(BatchIterator(source, **train), 10)
+  )
+  evaluate = dict(batch_size=5, seed=0, shuffle=False, drop_remainder=False, num_epochs=1)
+  _assert_batches_equal(
+    list(BatchIterator(loaded, **evaluate)), list(BatchIterator(source, **evaluate))
+  )
+  monkeypatch.setattr(pairs, "IN_MEMORY_TOKENS", 64 * 2 * 256 - 1)
+  assert pairs.in_memory(source, max_len=256) is source
+  # load_data reads a run's small splits into memory
+  monkeypatch.undo()
+  run = pairs.load_data(
+    pairs.DataConfig(files=(SAMPLE,), test_fraction=0.25, max_len=128), tmp_path
+  )
+  assert isinstance(run.train, list) and isinstance(run.test, list)
+  assert len(run.train) + len(run.test) == 64
 
 
 def test_power_of_two_buckets():

@@ -33,6 +33,7 @@ from jaxrm.data import pairs, preferences, synthetic
 from jaxrm.io import rm_io, rundir
 from jaxrm.models import presets
 from jaxrm.models.reward_model import RewardModel
+from jaxrm.steps import train_state as train_state_lib
 from jaxrm.train import reward_model as rm_train
 from jaxrm.train import rm_eval
 from tests import run_helpers, script_runner
@@ -373,6 +374,27 @@ def test_batch_size_must_divide_among_the_devices_of_the_mode():
   rm_train.validate_config(rm_train.TrainConfig(batch_size=12, parallel="jit"), num_devices=8)
   with pytest.raises(rm_train.ConfigError, match="divisible by the 8 devices"):
     rm_train.validate_config(rm_train.TrainConfig(batch_size=12, parallel="auto"), num_devices=8)
+
+
+def test_init_state_and_schedule_equal_their_earlier_definitions():
+  # init_state is one jitted program and the schedule a jitted function (session 36's startup
+  # levers); the state must be the earlier definition's bit for bit (the model's jitted
+  # initialiser: its initialisers round differently op by op; the optimizer state op by op),
+  # the schedule the float64 formula's.
+  config = _config(seed=7)
+  model = RewardModel(rm_train.preset_backbone(config, vocab_size=16, max_len=12))
+  optimizer, schedule = rm_train.make_optimizer(config)
+  state = rm_train.init_state(config, model, optimizer, 12)
+  root = jax.random.key(7)
+  tokens = jax.numpy.zeros((1, 8), jax.numpy.int32)
+  params = jax.jit(model.init)(jax.random.fold_in(root, 0), tokens, tokens == 0)
+  with jax.disable_jit():
+    expected = train_state_lib.create_train_state(params, optimizer, jax.random.fold_in(root, 1))
+  _assert_bitwise_equal(state, expected)
+  steps = np.arange(10.0)  # warm-up over 2 steps to 1e-3, cosine to 1e-4 at step 8, flat after
+  cosine = 0.5 * (1 + np.cos(np.pi * np.clip(steps - 2, 0, 6) / 6))
+  expected_rates = np.where(steps < 2, 1e-3 * steps / 2, 1e-4 + (1e-3 - 1e-4) * cosine)
+  np.testing.assert_allclose([float(schedule(s)) for s in range(10)], expected_rates, rtol=1e-6)
 
 
 def _env(cache_dir=None):

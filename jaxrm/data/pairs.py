@@ -23,13 +23,16 @@ from absl import logging
 import jax
 import numpy as np
 
-from jaxrm.data import synthetic
+from jaxrm.data import preference_files, synthetic
 from jaxrm.io import rundir
 from jaxrm.io.rundir import ConfigError
 from jaxrm.steps.rl_config import RLConfig
 
 SYNTHETIC_FILE = "synthetic.npz"
 DATASET_NAME = "default"
+# A split of at most this many token slots (pairs x 2 sequences x max_len; 256 MB as int32) is
+# decoded once into memory by :func:`load_data`; larger splits are read from disk per batch.
+IN_MEMORY_TOKENS = 1 << 26
 SYNTHETIC_LABELS = ("deterministic", "bradley_terry")
 
 
@@ -229,7 +232,8 @@ def synthetic_comparisons(
 class RunData(NamedTuple):
   """The pairs of a run and what the model needs to know about them."""
 
-  train: Any  # dict of [n, ...] arrays (synthetic) or a random-access record source (TFDS)
+  train: Any  # dict of [n, ...] arrays (synthetic), or a random-access record source (TFDS; a
+  # list of PreferenceExample when small: in_memory)
   test: Any  # the same kind, or None without a held-out split
   tokenizer: str  # 'synthetic', 'byte' or 'hf:<digest>' (jaxrm.data.run_tokenizer)
   vocab_size: int
@@ -346,8 +350,9 @@ def load_data(
   else:
     builder = tfds.builder_from_directory(dataset_dir(workdir))
   splits = set(builder.info.splits.keys())
-  train = builder.as_data_source(split="train")
+  train = in_memory(builder.as_data_source(split="train"), max_len=config.max_len)
   test = builder.as_data_source(split="test") if "test" in splits else None
+  test = None if test is None else in_memory(test, max_len=config.max_len)
   if test is not None and len(test) == 0:
     logging.warning("The held-out split is empty; training without evaluation")
     test = None
@@ -363,6 +368,21 @@ def load_data(
   }
   info["tokenizer"] = tok.name
   return RunData(train, test, tok.name, tok.vocab_size, config.max_len, info)
+
+
+def in_memory(source: Any, *, max_len: int) -> Any:
+  """A small record source's pairs decoded once: a list of
+  :class:`jaxrm.data.preference_files.PreferenceExample` in source order (the same records, so
+  every batch is the same); a source of more than :data:`IN_MEMORY_TOKENS` token slots
+  (``len(source) * 2 * max_len``) is returned as it is.
+
+  A TFDS data source decodes a record's features on every read (about 0.15 ms a pair on the
+  2-core CPU), and a run reads each training pair once per epoch and each held-out pair at every
+  evaluation: half a second of host time in the README's HH run (BUILD_NOTES.md, session 36).
+  """
+  if len(source) * 2 * max_len > IN_MEMORY_TOKENS:
+    return source
+  return preference_files.get_examples(source, range(len(source)))
 
 
 def _has_checkpoint(workdir: str) -> bool:

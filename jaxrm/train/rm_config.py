@@ -291,7 +291,8 @@ def make_optimizer(config: TrainConfig) -> tuple[optax.GradientTransformation, o
   """AdamW with linear warm-up and cosine decay to 10%, global-norm clipping first.
 
   Returns:
-    ``(optimizer, learning_rate_schedule)``.
+    ``(optimizer, learning_rate_schedule)``; the schedule returned is jitted (one program for
+    the loops' logged learning rate; evaluated op by op it compiled a dozen small programs).
   """
   o = config.optimizer
   warmup = min(o.warmup_steps, config.steps)
@@ -305,7 +306,7 @@ def make_optimizer(config: TrainConfig) -> tuple[optax.GradientTransformation, o
   decay_mask = lambda params: jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
   parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
   parts.append(optax.adamw(schedule, weight_decay=o.weight_decay, mask=decay_mask))
-  return optax.chain(*parts), schedule
+  return optax.chain(*parts), jax.jit(schedule)
 
 
 def make_loss_fn(config: LossConfig):
@@ -328,9 +329,16 @@ def make_loss_fn(config: LossConfig):
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_init(model: RewardModel):
-  # One compiled initialiser per architecture and process (a fresh jax.jit would recompile).
-  return jax.jit(model.init)
+def _jitted_init(model: RewardModel, optimizer: optax.GradientTransformation, length: int):
+  # One compiled program for the whole state per architecture, optimizer and process (a fresh
+  # jax.jit would recompile): the optimizer's initial state built op by op cost one small
+  # compile per distinct leaf shape, 0.5 s of the HH run (BUILD_NOTES.md, session 36).
+  def init(root):
+    tokens = jnp.zeros((1, length), jnp.int32)
+    params = model.init(jax.random.fold_in(root, 0), tokens, jnp.ones(tokens.shape, bool))
+    return train_state_lib.create_train_state(params, optimizer, jax.random.fold_in(root, 1))
+
+  return jax.jit(init)
 
 
 def init_state(
@@ -345,11 +353,8 @@ def init_state(
   an imported checkpoint's variables), step keys from ``fold_in(key(seed), 1)``."""
   root = jax.random.key(config.seed)
   if params is None:
-    tokens = jnp.zeros((1, min(max_len, 8)), jnp.int32)
-    mask = jnp.ones(tokens.shape, bool)
-    params = _jitted_init(model)(jax.random.fold_in(root, 0), tokens, mask)
-  else:
-    params = jax.tree.map(jnp.asarray, params)
+    return _jitted_init(model, optimizer, min(max_len, 8))(root)
+  params = jax.tree.map(jnp.asarray, params)
   return train_state_lib.create_train_state(params, optimizer, jax.random.fold_in(root, 1))
 
 
