@@ -180,3 +180,20 @@ def test_suite_time_tabulates_what_the_jax_time_plugin_recorded(tmp_path):
   proc = script_runner.run_subprocess("benchmarks/suite_time.py", f"--rows={bad}")
   assert proc.returncode != 0 and "Traceback" not in proc.stderr
   assert f"{bad / 'gw0.jsonl'}:2: not a JSON row" in proc.stderr
+
+
+def test_run_phases_times_every_phase_of_a_hh_run_within_the_run(tmp_path):
+  sample = os.path.join(os.path.dirname(__file__), "data", "hh_rlhf_sample.jsonl.gz")
+  out = _run("run_phases.py", f"--workdir={tmp_path / 'run'}", f"--data={sample}", "--steps=2")
+  with open(tmp_path / "run" / "run_phases.json") as f:
+    seconds = json.load(f)
+  phases = ["data", "init", "evaluation", "checkpoints", "curves", "report", "first step", "steps"]
+  for name in ["imports", *phases, "run"]:
+    assert seconds[name] >= 0 and f"{name:>15} | {seconds[name]:6.2f} s" in out, name
+  # every phase is inside the run, and "steps" (the rest) is what the others leave of it
+  assert abs(sum(seconds[name] for name in phases) - seconds["run"]) < 1e-6
+  proc = script_runner.run_subprocess(
+    "benchmarks/run_phases.py", f"--workdir={tmp_path}", "--steps=0"
+  )
+  assert proc.returncode != 0 and "--steps must be >= 1, got 0" in proc.stderr
+  assert "Traceback" not in proc.stderr

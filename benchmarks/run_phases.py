@@ -1,0 +1,122 @@
+r"""Where a whole reward-model run's time goes, phase by phase: the README's HH run.
+
+Runs :func:`jaxrm.train.reward_model.train_and_evaluate` in this process on the ``hh`` config
+(``experiments/configs/reward_model.py``: the README's HH model and data, here ``--steps``
+steps and ``--matmul_dtype`` matmuls, as ``benchmarks/peer_trl.py --workloads=hh`` runs it end
+to end) and times each phase by wrapping the library function that does it:
+
+- ``data``: :func:`jaxrm.data.pairs.load_data` (tokenise into the TFDS dataset, read it back);
+- ``init``: :func:`jaxrm.train.rm_config.init_state` (the step-0 train state);
+- ``first step``: from the end of ``init`` to the first step's result (placing the state,
+  tracing the step and compiling or loading it from the compilation cache, running it);
+- ``steps``: the rest of the loop (the other steps, host work per step, logging);
+- ``evaluation``: :func:`jaxrm.train.rm_eval.score_pairs` and
+  :func:`jaxrm.io.report.heldout_metrics` at each evaluation;
+- ``checkpoints``: :meth:`jaxrm.io.checkpoint.CheckpointManager.save`;
+- ``curves``: closing the metrics writer, which draws the learning curves;
+- ``report``: :func:`jaxrm.train.rm_eval.write_report`;
+
+and before the run, the imports (from this script's first line). The interpreter's start and
+teardown are outside every figure: ``benchmarks/peer_trl.py`` times whole processes. With a
+warm compilation cache (``--cache_dir`` filled by an earlier run) this is the second run of the
+same command, as in the peer benchmark. Command (figures in BUILD_NOTES.md)::
+
+  python benchmarks/run_phases.py --workdir=/tmp/phases --cache_dir=/tmp/phases_cache
+"""
+
+import time
+
+_START = time.perf_counter()
+
+import collections  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+
+from experiments.configs import reward_model as rm_configs  # noqa: E402
+from jaxrm.data import pairs  # noqa: E402
+from jaxrm.io import checkpoint, compile_cache, report, rundir  # noqa: E402
+from jaxrm.train import reward_model, rm_eval  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (emptied first).", required=True)
+_CACHE = flags.DEFINE_string("cache_dir", "", "Compilation cache directory ('': none).")
+_DATA = flags.DEFINE_string("data", rm_configs.HH_FILE, "HH-RLHF JSONL(.gz) file.")
+_STEPS = flags.DEFINE_integer("steps", 100, "Training steps (the peer benchmark's hh: 100).")
+_MATMUL = flags.DEFINE_enum(
+  "matmul_dtype", "bfloat16", ["float32", "bfloat16"], "model.matmul_dtype (peer benchmark's)."
+)
+
+PHASES = (
+  ("data", pairs, "load_data"),
+  ("init", reward_model, "init_state"),
+  ("evaluation", rm_eval, "score_pairs"),
+  ("evaluation", report, "heldout_metrics"),
+  ("checkpoints", checkpoint.CheckpointManager, "save"),
+  ("curves", rundir.MetricsWriter, "__exit__"),
+  ("report", rm_eval, "write_report"),
+)
+
+
+def timed(seconds: dict, name: str, fn):
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    start = time.perf_counter()
+    try:
+      return fn(*args, **kwargs)
+    finally:
+      seconds[name] += time.perf_counter() - start
+
+  return wrapper
+
+
+def main(argv):
+  del argv
+  if _STEPS.value < 1:
+    raise app.UsageError(f"--steps must be >= 1, got {_STEPS.value}")
+  if not os.path.isfile(_DATA.value):
+    raise app.UsageError(f"--data: no file {_DATA.value}")
+  imports = time.perf_counter() - _START
+  rundir.quiet_orbax_logging()
+  if _CACHE.value:
+    compile_cache.enable_compilation_cache(_CACHE.value)
+  config = rm_configs.get_config("hh")
+  config.data.files = (_DATA.value,)
+  config.steps = _STEPS.value
+  config.model.matmul_dtype = _MATMUL.value
+  seconds, marks = collections.defaultdict(float), {}
+  for name, owner, attr in PHASES:
+    setattr(owner, attr, timed(seconds, name, getattr(owner, attr)))
+  init = reward_model.init_state
+
+  def init_then_mark(*args, **kwargs):
+    state = init(*args, **kwargs)
+    marks["init_end"] = time.perf_counter()
+    return state
+
+  reward_model.init_state = init_then_mark
+  start_progress = rundir.Progress.start
+
+  def first_step_done(self, step):
+    marks["first_step_end"] = time.perf_counter()
+    return start_progress(self, step)
+
+  rundir.Progress.start = first_step_done
+  shutil.rmtree(_WORKDIR.value, ignore_errors=True)
+  start = time.perf_counter()
+  summary = reward_model.train_and_evaluate(config, _WORKDIR.value)
+  total = time.perf_counter() - start
+  seconds["first step"] = marks["first_step_end"] - marks["init_end"]
+  seconds["steps"] = total - sum(seconds.values())
+  rows = {"imports": imports, **dict(seconds), "run": total, "process so far": imports + total}
+  print(f"{_STEPS.value} steps, steady {summary['pairs_per_sec']:.1f} pairs/s")
+  for name, value in rows.items():
+    print(f"{name:>15} | {value:6.2f} s")
+  with open(os.path.join(_WORKDIR.value, "run_phases.json"), "w") as f:
+    json.dump({**rows, "pairs_per_sec": summary["pairs_per_sec"], "num_steps": _STEPS.value}, f)
+
+
+if __name__ == "__main__":
+  app.run(main)
