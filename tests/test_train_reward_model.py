@@ -395,6 +395,10 @@ def test_init_state_and_schedule_equal_their_earlier_definitions():
   cosine = 0.5 * (1 + np.cos(np.pi * np.clip(steps - 2, 0, 6) / 6))
   expected_rates = np.where(steps < 2, 1e-3 * steps / 2, 1e-4 + (1e-3 - 1e-4) * cosine)
   np.testing.assert_allclose([float(schedule(s)) for s in range(10)], expected_rates, rtol=1e-6)
+  # equal settings share the objects (and so the compiled initialiser); other settings do not
+  again, again_schedule = rm_train.make_optimizer(_config(seed=3))
+  assert again is optimizer and again_schedule is schedule
+  assert rm_train.make_optimizer(_config(steps=9))[0] is not optimizer
 
 
 def _env(cache_dir=None):

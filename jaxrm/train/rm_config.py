@@ -290,22 +290,31 @@ def validate_config(config: TrainConfig, *, num_devices: int | None = None) -> N
 def make_optimizer(config: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with linear warm-up and cosine decay to 10%, global-norm clipping first.
 
+  Equal settings (``config.optimizer`` and ``config.steps``) give the same objects, so that a
+  process that trains several runs compiles their initial state (:func:`init_state`) and
+  schedule once.
+
   Returns:
     ``(optimizer, learning_rate_schedule)``; the schedule returned is jitted (one program for
     the loops' logged learning rate; evaluated op by op it compiled a dozen small programs).
   """
   o = config.optimizer
-  warmup = min(o.warmup_steps, config.steps)
+  return _optimizer(o.learning_rate, o.warmup_steps, o.weight_decay, o.grad_clip, config.steps)
+
+
+@functools.lru_cache(maxsize=16)
+def _optimizer(learning_rate, warmup_steps, weight_decay, grad_clip, steps):
+  warmup = min(warmup_steps, steps)
   schedule = optax.warmup_cosine_decay_schedule(
     init_value=0.0,
-    peak_value=o.learning_rate,
+    peak_value=learning_rate,
     warmup_steps=warmup,
-    decay_steps=max(config.steps, warmup + 1),
-    end_value=0.1 * o.learning_rate,
+    decay_steps=max(steps, warmup + 1),
+    end_value=0.1 * learning_rate,
   )
   decay_mask = lambda params: jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
-  parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
-  parts.append(optax.adamw(schedule, weight_decay=o.weight_decay, mask=decay_mask))
+  parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
+  parts.append(optax.adamw(schedule, weight_decay=weight_decay, mask=decay_mask))
   return optax.chain(*parts), jax.jit(schedule)
 
 
