@@ -48,6 +48,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (emptied first)."
 _CACHE = flags.DEFINE_string("cache_dir", "", "Compilation cache directory ('': none).")
 _DATA = flags.DEFINE_string("data", rm_configs.HH_FILE, "HH-RLHF JSONL(.gz) file.")
 _STEPS = flags.DEFINE_integer("steps", 100, "Training steps (the peer benchmark's hh: 100).")
+_MAX_LEN = flags.DEFINE_integer("max_len", 256, "Tokens per response (the hh config's: 256).")
 _MATMUL = flags.DEFINE_enum(
   "matmul_dtype", "bfloat16", ["float32", "bfloat16"], "model.matmul_dtype (peer benchmark's)."
 )
@@ -88,6 +89,7 @@ def main(argv):
   config = rm_configs.get_config("hh")
   config.data.files = (_DATA.value,)
   config.steps = _STEPS.value
+  config.data.max_len = _MAX_LEN.value
   config.model.matmul_dtype = _MATMUL.value
   seconds, marks = collections.defaultdict(float), {}
   for name, owner, attr in PHASES:
@@ -109,7 +111,10 @@ def main(argv):
   rundir.Progress.start = first_step_done
   shutil.rmtree(_WORKDIR.value, ignore_errors=True)
   start = time.perf_counter()
-  summary = reward_model.train_and_evaluate(config, _WORKDIR.value)
+  try:
+    summary = reward_model.train_and_evaluate(config, _WORKDIR.value)
+  except rundir.ConfigError as e:  # e.g. --max_len=0, named as its config field
+    raise app.UsageError(e.flag_message()) from None
   total = time.perf_counter() - start
   seconds["first step"] = marks["first_step_end"] - marks["init_end"]
   seconds["steps"] = total - sum(seconds.values())

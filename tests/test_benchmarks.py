@@ -184,7 +184,13 @@ def test_suite_time_tabulates_what_the_jax_time_plugin_recorded(tmp_path):
 
 def test_run_phases_times_every_phase_of_a_hh_run_within_the_run(tmp_path):
   sample = os.path.join(os.path.dirname(__file__), "data", "hh_rlhf_sample.jsonl.gz")
-  out = _run("run_phases.py", f"--workdir={tmp_path / 'run'}", f"--data={sample}", "--steps=2")
+  out = _run(
+    "run_phases.py",
+    f"--workdir={tmp_path / 'run'}",
+    f"--data={sample}",
+    "--steps=2",
+    "--max_len=64",
+  )
   with open(tmp_path / "run" / "run_phases.json") as f:
     seconds = json.load(f)
   phases = ["data", "init", "evaluation", "checkpoints", "curves", "report", "first step", "steps"]
