@@ -64,14 +64,17 @@ PHASES = (
 )
 
 
-def timed(seconds: dict, name: str, fn):
+def timed(seconds: dict, ends: dict, name: str, fn):
+  """``fn`` adding its time to ``seconds[name]`` and its last end to ``ends[name]``."""
+
   @functools.wraps(fn)
   def wrapper(*args, **kwargs):
     start = time.perf_counter()
     try:
       return fn(*args, **kwargs)
     finally:
-      seconds[name] += time.perf_counter() - start
+      ends[name] = time.perf_counter()
+      seconds[name] += ends[name] - start
 
   return wrapper
 
@@ -91,21 +94,13 @@ def main(argv):
   config.steps = _STEPS.value
   config.data.max_len = _MAX_LEN.value
   config.model.matmul_dtype = _MATMUL.value
-  seconds, marks = collections.defaultdict(float), {}
+  seconds, ends = collections.defaultdict(float), {}
   for name, owner, attr in PHASES:
-    setattr(owner, attr, timed(seconds, name, getattr(owner, attr)))
-  init = reward_model.init_state
-
-  def init_then_mark(*args, **kwargs):
-    state = init(*args, **kwargs)
-    marks["init_end"] = time.perf_counter()
-    return state
-
-  reward_model.init_state = init_then_mark
-  start_progress = rundir.Progress.start
+    setattr(owner, attr, timed(seconds, ends, name, getattr(owner, attr)))
+  start_progress = rundir.Progress.start  # called when the first step's result is ready
 
   def first_step_done(self, step):
-    marks["first_step_end"] = time.perf_counter()
+    ends["first step"] = time.perf_counter()
     return start_progress(self, step)
 
   rundir.Progress.start = first_step_done
@@ -116,7 +111,7 @@ def main(argv):
   except rundir.ConfigError as e:  # e.g. --max_len=0, named as its config field
     raise app.UsageError(e.flag_message()) from None
   total = time.perf_counter() - start
-  seconds["first step"] = marks["first_step_end"] - marks["init_end"]
+  seconds["first step"] = ends["first step"] - ends["init"]
   seconds["steps"] = total - sum(seconds.values())
   rows = {"imports": imports, **dict(seconds), "run": total, "process so far": imports + total}
   print(f"{_STEPS.value} steps, steady {summary['pairs_per_sec']:.1f} pairs/s")
