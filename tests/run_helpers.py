@@ -1,6 +1,10 @@
 """Helpers shared by the training-loop tests."""
 
 import contextlib
+import os
+import shutil
+
+import pytest
 
 from jaxrm.io import rundir
 
@@ -25,3 +29,23 @@ def saved_without(monkeypatch, field: str):
   with monkeypatch.context() as patch:
     patch.setattr(rundir, "config_to_json", without_the_field)
     yield
+
+
+def resume_after_the_field_was_added(
+  monkeypatch, train, config, changed, workdir, *, field: str, value: str, last_step: int
+):
+  """A run of ``config`` saved without the dotted ``field`` (:func:`saved_without`) and
+  crashed after its second-to-last checkpoint (``last_step`` removed): resuming with
+  ``changed`` (``field`` set to ``value``) is refused naming the field, and resuming with
+  ``config`` continues. Returns that run's summary."""
+  with saved_without(monkeypatch, field):
+    train(config, workdir)
+  saved = rundir.read_checkpoint_extra(workdir, last_step)["config"]
+  *parents, name = field.split(".")
+  for part in parents:
+    saved = saved[part]
+  assert name not in saved
+  shutil.rmtree(os.path.join(workdir, rundir.CHECKPOINT_DIR, str(last_step)))
+  with pytest.raises(rundir.ConfigError, match=f"{field}='{value}'.*<absent>"):
+    train(changed, workdir)
+  return train(config, workdir)

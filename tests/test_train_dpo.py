@@ -5,7 +5,6 @@ best-of-n results and metrics, resumes exactly; every loss runs; bad settings ar
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -242,15 +241,18 @@ def test_matmul_dtype_sets_how_the_policy_computes_and_keeps_float32_parameters(
 
 
 def test_a_run_saved_before_matmul_dtype_resumes(tmp_path, monkeypatch):
-  workdir = str(tmp_path)
   c = _short()
-  with run_helpers.saved_without(monkeypatch, "matmul_dtype"):
-    dpo.train_and_evaluate(c, workdir)
-  assert "matmul_dtype" not in rundir.read_checkpoint_extra(workdir, 2)["config"]
-  shutil.rmtree(os.path.join(workdir, rundir.CHECKPOINT_DIR, "2"))
-  with pytest.raises(rundir.ConfigError, match="matmul_dtype='bfloat16'.*<absent>"):
-    dpo.train_and_evaluate(dataclasses.replace(c, matmul_dtype="bfloat16"), workdir)
-  assert dpo.train_and_evaluate(c, workdir)["resumed_from"] == 1
+  summary = run_helpers.resume_after_the_field_was_added(
+    monkeypatch,
+    dpo.train_and_evaluate,
+    c,
+    dataclasses.replace(c, matmul_dtype="bfloat16"),
+    str(tmp_path),
+    field="matmul_dtype",
+    value="bfloat16",
+    last_step=2,
+  )
+  assert summary["resumed_from"] == 1
 
 
 def test_mismatched_completions_match_the_steps_version_for_fixed_prompts():

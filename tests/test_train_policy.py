@@ -5,7 +5,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -165,15 +164,18 @@ def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, rm_dir
 
 
 def test_a_run_saved_before_matmul_dtype_resumes(tmp_path, monkeypatch):
-  workdir = str(tmp_path)
   config = base_config(steps=2, log__checkpoint_every=1, eval_every=0)
-  with run_helpers.saved_without(monkeypatch, "matmul_dtype"):
-    tp.train_and_evaluate(config, workdir)
-  assert "matmul_dtype" not in rundir.read_checkpoint_extra(workdir, 2)["config"]
-  shutil.rmtree(os.path.join(workdir, rundir.CHECKPOINT_DIR, "2"))
-  with pytest.raises(rundir.ConfigError, match="matmul_dtype='bfloat16'.*<absent>"):
-    tp.train_and_evaluate(dataclasses.replace(config, matmul_dtype="bfloat16"), workdir)
-  assert tp.train_and_evaluate(config, workdir)["resumed_from"] == 1
+  summary = run_helpers.resume_after_the_field_was_added(
+    monkeypatch,
+    tp.train_and_evaluate,
+    config,
+    dataclasses.replace(config, matmul_dtype="bfloat16"),
+    str(tmp_path),
+    field="matmul_dtype",
+    value="bfloat16",
+    last_step=2,
+  )
+  assert summary["resumed_from"] == 1
 
 
 def test_resuming_with_other_settings_names_the_changed_field():

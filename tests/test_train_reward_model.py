@@ -270,15 +270,16 @@ def test_resume_refuses_changed_settings_and_a_finished_run_only_reports(shard_m
 def test_a_run_saved_before_matmul_dtype_resumes(tmp_path, synthetic_npz, monkeypatch):
   workdir = _seeded_workdir(tmp_path / "old", synthetic_npz)
   config = _config(parallel="jit", steps=4, eval__report=False, log__checkpoint_every=2)
-  with run_helpers.saved_without(monkeypatch, "model.matmul_dtype"):
-    rm_train.train_and_evaluate(config, workdir)
-  assert "matmul_dtype" not in rundir.read_checkpoint_extra(workdir, 4)["config"]["model"]
-  shutil.rmtree(workdir / rundir.CHECKPOINT_DIR / "4")
-  with pytest.raises(rm_train.ConfigError, match="model.matmul_dtype='bfloat16'.*<absent>"):
-    rm_train.train_and_evaluate(
-      dataclasses.replace(config, model=rm_train.ModelConfig(matmul_dtype="bfloat16")), workdir
-    )
-  summary = rm_train.train_and_evaluate(config, workdir)
+  summary = run_helpers.resume_after_the_field_was_added(
+    monkeypatch,
+    rm_train.train_and_evaluate,
+    config,
+    dataclasses.replace(config, model=rm_train.ModelConfig(matmul_dtype="bfloat16")),
+    workdir,
+    field="model.matmul_dtype",
+    value="bfloat16",
+    last_step=4,
+  )
   assert summary["resumed_from"] == 2 and summary["step"] == 4
 
 
