@@ -296,8 +296,9 @@ def _dots(jaxpr) -> list:
 
 @pytest.mark.parametrize("cfg", [CFG, LLAMA], ids=["gpt2", "llama"])
 def test_bfloat16_projections_take_bfloat16_operands_forward_and_backward(cfg):
-  """Every projection matmul of the step (forward, and both gradients) multiplies bfloat16
-  operands into float32 sums; only the attention's score and output products are float32."""
+  """Every matmul of the step (forward, and both gradients) multiplies bfloat16 operands into
+  float32 sums, the attention's products included; only the attention backward's row sums
+  ``sum(dO * O)`` are float32."""
   cfg16 = dataclasses.replace(cfg, dtype=jnp.bfloat16)
   model = Transformer(cfg16)
   _, params, _ = _setup(cfg)
@@ -308,11 +309,12 @@ def test_bfloat16_projections_take_bfloat16_operands_forward_and_backward(cfg):
   mixed = [eqn for eqn, k in zip(dots, kinds) if k == (jnp.bfloat16, jnp.bfloat16)]
   assert all(eqn.params["preferred_element_type"] == jnp.float32 for eqn in mixed)
   projections = len([p for p in jax.tree.leaves_with_path(params) if "kernel" in str(p[0])])
-  assert len(mixed) == 3 * projections  # forward, input gradient, kernel gradient
-  # The rest, all float32, per layer: the attention's scores and output, and in the backward
-  # the scores recomputed, four gradient products and the rows' sum(dO * O) (a dot).
-  assert kinds.count((jnp.float32, jnp.float32)) == 8 * cfg.num_layers
-  assert len(dots) == len(mixed) + 8 * cfg.num_layers
+  # Per projection: forward, input gradient, kernel gradient. Per layer, the attention's scores
+  # and output, and in the backward the scores recomputed and four gradient products.
+  assert len(mixed) == 3 * projections + 7 * cfg.num_layers
+  # The rest, float32, per layer: the backward's rows' sum(dO * O) (a dot).
+  assert kinds.count((jnp.float32, jnp.float32)) == cfg.num_layers
+  assert len(dots) == len(mixed) + cfg.num_layers
 
 
 # ----------------------------------------------------------------------------- validation
@@ -547,6 +549,49 @@ def test_attention_gradients_match_float64_autodiff_of_plain_softmax_attention(k
   assert np.abs(np.asarray(want[0])[1, :4]).max() == 0  # rows with no valid key
   for g, w in zip(got, want):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads, block", [(4, None), (2, 3)])
+def test_bfloat16_attention_and_its_gradients_match_float64_of_the_rounded_operands(
+  kv_heads, block
+):
+  """bfloat16 queries, keys and values: products of bfloat16 operands summed in float32,
+  probabilities and score gradients rounded to bfloat16 for the products that read them. The
+  output is within 2^-8 of max |v| of float64 attention on the same (rounded) operands (one
+  rounding of each probability is 2^-9 relative); the gradients, bfloat16 like their primals,
+  within 2^-6 of their largest entry. The float32 path on the same operands is not what ran."""
+  t, heads, d = 10, 4, 8
+  rng = np.random.default_rng(1)
+  q, k, v = (
+    jnp.asarray(rng.normal(size=shape) * scale, jnp.bfloat16)
+    for shape, scale in [((2, t, heads, d), 2), ((2, kv_heads, t, d), 2), ((2, kv_heads, t, d), 1)]
+  )
+  pads = np.array([[1] * 7 + [0] * 3, [0] * 4 + [1] * 6], bool)
+  mask = np.tril(np.ones((t, t), bool))[None] & pads[:, None, :]
+  weights = rng.normal(size=(2, t, heads, d)).astype(np.float32)
+
+  def attend(q, k, v):
+    return attention.attend(q, k, v, mask, query_block=block)
+
+  def loss(attend, q, k, v):
+    return jnp.sum(jnp.sin(attend(q, k, v)) * weights)
+
+  out = np.asarray(jax.jit(attend)(q, k, v))
+  grads = jax.jit(jax.grad(functools.partial(loss, attend), (0, 1, 2)))(q, k, v)
+  out32 = np.asarray(jax.jit(attend)(*(a.astype(jnp.float32) for a in (q, k, v))))
+  with jax.enable_x64(True):
+    q64, k64, v64 = (np.float64(a) for a in (q, k, v))
+    want = np.asarray(_reference_attention(q64, k64, v64, mask))
+    want_grads = jax.grad(
+      functools.partial(loss, lambda q, k, v: _reference_attention(q, k, v, mask)), (0, 1, 2)
+    )(q64, k64, v64)
+  assert out.dtype == np.float32
+  assert np.abs(out - want).max() <= 2**-8 * np.abs(np.float64(v)).max()
+  assert np.abs(out32 - want).max() < 1e-5 < np.abs(out - out32).max()
+  for g, w in zip(grads, want_grads):
+    assert g.dtype == jnp.bfloat16
+    w = np.asarray(w)
+    assert np.abs(np.float64(g) - w).max() <= 2**-6 * np.abs(w).max()
 
 
 def test_attention_query_blocks_decode_with_a_kv_cache_like_the_full_forward():
