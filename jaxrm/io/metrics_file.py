@@ -112,7 +112,7 @@ def plot_curves(workdir: str | os.PathLike, *, max_panels: int = 16) -> list[str
     for ax, key in zip(axes.flat, keys):
       pts = [(r["step"], r[key]) for r in split_rows if isinstance(r.get(key), (int, float))]
       ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
-      ax.set_title(key, fontsize=9)
+      ax.set_title(key, fontsize=9, y=1.0)  # a fixed y: not placed by measuring the ticks
       ax.set_xlabel("step", fontsize=8)
       ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(keys) :]:

@@ -28,8 +28,9 @@ Design:
   bfloat16 to halve their memory). With ``config.dtype=jnp.bfloat16`` the projections' matmuls
   take bfloat16 operands and sum in float32, forward and backward
   (:mod:`jaxrm.models.precision`), and queries, keys and values are rounded to bfloat16 (the
-  KV cache's dtype); the attention's own products, the residual stream, norms, activations,
-  the softmax and the output are float32.
+  KV cache's dtype), so the attention's products do the same
+  (:func:`jaxrm.models.attention.attend`); the residual stream, norms, activations, the
+  softmax and the output are float32.
 * ``remat=True`` rematerialises each block's activations in the backward pass
   (``flax.linen.remat``; same parameters and outputs, less memory, ~1/3 more compute).
 * KV-cached decoding through an explicit :class:`KVCache` pytree passed in and out of
@@ -86,8 +87,9 @@ class TransformerConfig:
     max_len: longest sequence (and largest KV cache) the model accepts.
     mlp_ratio: MLP hidden width is ``mlp_ratio * width`` unless ``mlp_dim`` is given.
     position: ``'rotary'`` (default) or ``'learned'`` absolute position embeddings.
-    dtype: operand dtype of the projections' matmuls (their sums are float32) and the dtype
-      of queries, keys, values and the KV cache: ``jnp.float32`` or ``jnp.bfloat16``.
+    dtype: operand dtype of the projections' and the attention's matmuls (their sums are
+      float32) and the dtype of queries, keys, values and the KV cache: ``jnp.float32`` or
+      ``jnp.bfloat16``.
     rope_base: base (theta) of the rotary frequencies.
     layer_norm_eps: epsilon of every norm (LayerNorm or RMSNorm).
     norm: ``'layernorm'`` (scale and bias; GPT-2) or ``'rmsnorm'`` (scale only; Llama).

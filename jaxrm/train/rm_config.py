@@ -58,8 +58,8 @@ class ModelConfig:
 
   ``dtype``: ``'float32'`` or ``'bfloat16'`` (parameters and matmuls; GPU/TPU);
   ``matmul_dtype``: ``''`` (matmuls in ``dtype``) or ``'bfloat16'`` with float32 parameters:
-  mixed precision as ``torch.autocast`` does it, the projections' matmuls on bfloat16
-  operands with float32 sums, forward and backward (:mod:`jaxrm.models.precision`), the
+  mixed precision as ``torch.autocast`` does it, the projections' and the attention's
+  matmuls on bfloat16 operands with float32 sums, forward and backward, the
   parameters, optimizer state, norms and attention softmax in float32; several times float32's
   matmul speed on CPUs with AMX and on GPU/TPU;
   ``remat``: rematerialise block activations in the backward pass (long sequences);
