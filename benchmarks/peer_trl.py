@@ -16,8 +16,10 @@ Per workload and round, interleaved (jaxrm, TRL, jaxrm, TRL, ...):
   :func:`jaxrm.train.reward_model.train_and_evaluate` (the library path of
   ``experiments/train_reward_model.py``, config variant ``hh`` with the workload's shape as a
   registered preset; it also evaluates every 50 steps, checkpoints and writes its report) and
-  TRL's ``RewardTrainer.train()``, padding to the longest in the batch, no evaluation; TRL's
-  process gets pre-tokenised ids, jaxrm's builds its dataset;
+  TRL's ``RewardTrainer.train()``, padding to the longest in the batch, without evaluation, or
+  with ``--trl_evaluate`` evaluating jaxrm's test split at jaxrm's evaluation steps; TRL's
+  process gets pre-tokenised ids, jaxrm's builds its dataset; TRL's imports neither jax nor
+  jaxrm (before session 37 it imported jax, about a second of its wall time);
 * **TRL's settings** (``--trl_precisions``, each its own peer column and ratio): ``defaults``,
   TRL's CPU defaults (bf16 autocast, gradient checkpointing; side ``trl``), and ``float32``,
   float32 without checkpointing (side ``trl_float32``; ``--trl_float32`` is short for
@@ -49,6 +51,7 @@ Usage::
   python benchmarks/peer_trl.py --workdir=runs/peer --workloads=hh --trl_precisions=defaults,float32
   python benchmarks/peer_trl.py --workdir=runs/peer --workloads=gpt2_4x256 --jaxrm_matmul_dtype=bfloat16
   python benchmarks/peer_trl.py --workdir=runs/peer --workloads=hh --jaxrm_cpu_devices=2
+  python benchmarks/peer_trl.py --workdir=runs/peer --workloads=hh --trl_evaluate
 """
 
 from __future__ import annotations
@@ -140,6 +143,13 @@ flags.DEFINE_list(
 flags.DEFINE_bool(
   "trl_float32", False, "Shorthand for --trl_precisions=float32 (in a child: its setting)."
 )
+flags.DEFINE_bool(
+  "trl_evaluate",
+  False,
+  "TRL's end-to-end runs also evaluate jaxrm's test split at jaxrm's evaluation steps (every "
+  "eval.every of the hh config, 50, and at the last step), the held-out work jaxrm's runs do; "
+  "off: TRL's runs only train.",
+)
 flags.DEFINE_integer(
   "attention_query_block",
   None,
@@ -162,6 +172,8 @@ flags.DEFINE_integer(
 flags.DEFINE_bool("quick", False, "Tiny shapes, 1 round, few steps: a smoke run.")
 flags.DEFINE_enum("child", "", ["", "jaxrm_train", "trl_train"], "Internal: subprocess role.")
 flags.DEFINE_string("ids_file", "", "Internal (trl_train): token ids JSONL.")
+flags.DEFINE_string("eval_ids_file", "", "Internal (trl_train): test split's token ids JSONL.")
+flags.DEFINE_integer("eval_steps", 0, "Internal (trl_train): evaluate every this many steps.")
 flags.DEFINE_bool("pad_full", False, "Internal (trl_train): pad every batch to seq_len.")
 flags.DEFINE_string("out", "", "Internal: the child's JSON result file.")
 
@@ -211,16 +223,41 @@ def data_config(data: str, seq_len: int):
 
 def export_token_ids(data: str, seq_len: int, workdir: str) -> tuple[str, int]:
   """Writes jaxrm's training split as ``{"chosen_ids", "rejected_ids"}`` JSON lines (the
-  tokenised, truncated sequences, padding removed). Returns ``(path, number of pairs)``."""
+  tokenised, truncated sequences, padding removed), and its test split the same way to
+  :func:`test_ids_path` of that file. Returns ``(path, number of training pairs)``."""
   from jaxrm.data import pairs, preference_files
 
   run = pairs.load_data(data_config(data, seq_len), os.path.join(workdir, f"tokens_{seq_len}"))
   path = os.path.join(workdir, f"token_ids_{seq_len}.jsonl")
-  with open(path, "w") as f:
-    for e in preference_files.get_examples(run.train, range(len(run.train))):
-      row = {k + "_ids": [int(t) for t in getattr(e, k) if t != 0] for k in ("chosen", "rejected")}
-      f.write(json.dumps(row) + "\n")
+  for split, split_path in ((run.train, path), (run.test, test_ids_path(path))):
+    with open(split_path, "w") as f:
+      for e in preference_files.get_examples(split, range(len(split))):
+        ids = {
+          k + "_ids": [int(t) for t in getattr(e, k) if t != 0] for k in ("chosen", "rejected")
+        }
+        f.write(json.dumps(ids) + "\n")
   return path, len(run.train)
+
+
+def test_ids_path(ids_file: str) -> str:
+  """Where :func:`export_token_ids` writes the test split beside the training split's file."""
+  return ids_file[: -len(".jsonl")] + "_test.jsonl"
+
+
+def trl_eval_steps(w: Workload) -> int:
+  """TRL's ``eval_steps`` for jaxrm's evaluation steps: the hh config's ``eval.every`` (jaxrm
+  also evaluates at its last step, a checkpoint), or the run's length when that is shorter.
+  Raises ``app.UsageError`` when the run's length is not a multiple of it, as TRL would then
+  not evaluate at the last step."""
+  from experiments.configs import reward_model as rm_configs
+
+  every = min(rm_configs.get_config("hh").eval.every, w.steps)  # train_config's eval section
+  if w.steps % every:
+    raise app.UsageError(
+      f"--trl_evaluate: {w.steps} steps are not a multiple of jaxrm's eval.every ({every}), "
+      "so TRL would not evaluate at the last step; give --steps a multiple of it"
+    )
+  return every
 
 
 def register_preset(w: Workload) -> str:
@@ -341,9 +378,19 @@ def gpt2_config(transformers, w: Workload, *, n_positions: int, num_labels: int 
   )
 
 
-def trl_train_child(w: Workload, ids_file: str, run_dir: str, out: str, *, pad_full: bool):
-  """Child process: ``RewardTrainer.train()`` for ``w.steps`` steps; writes the step times
-  (``on_step_begin`` -> ``on_step_end``, seconds) and settings to ``out``."""
+def trl_train_child(
+  w: Workload,
+  ids_file: str,
+  run_dir: str,
+  out: str,
+  *,
+  pad_full: bool,
+  eval_ids_file: str = "",
+  eval_steps: int = 0,
+):
+  """Child process: ``RewardTrainer.train()`` for ``w.steps`` steps, with ``eval_ids_file``
+  evaluating that split every ``eval_steps`` steps; writes the step times (``on_step_begin``
+  -> ``on_step_end``, seconds) and settings to ``out``. Imports neither jax nor jaxrm."""
   torch, transformers, trl = require_peer_packages()
   import datasets
 
@@ -359,9 +406,19 @@ def trl_train_child(w: Workload, ids_file: str, run_dir: str, out: str, *, pad_f
   torch.manual_seed(0)
   cfg = gpt2_config(transformers, w, n_positions=w.seq_len, num_labels=1)
   model = transformers.GPT2ForSequenceClassification(cfg)
-  with open(ids_file) as f:
-    rows = [json.loads(line) for line in f]
+
+  def read(path):
+    with open(path) as f:
+      return datasets.Dataset.from_list([json.loads(line) for line in f])
+
   precision = {"bf16": False, "gradient_checkpointing": False} if FLAGS.trl_float32 else {}
+  evaluation = {}
+  if eval_ids_file:
+    evaluation = dict(
+      eval_strategy="steps",
+      eval_steps=eval_steps,
+      per_device_eval_batch_size=w.batch_pairs,
+    )
   args = trl.RewardConfig(
     output_dir=run_dir,
     per_device_train_batch_size=w.batch_pairs,
@@ -374,11 +431,13 @@ def trl_train_child(w: Workload, ids_file: str, run_dir: str, out: str, *, pad_f
     seed=0,
     use_cpu=True,
     **precision,
+    **evaluation,
   )
   trainer = trl.RewardTrainer(
     model=model,
     args=args,
-    train_dataset=datasets.Dataset.from_list(rows),
+    train_dataset=read(ids_file),
+    eval_dataset=read(eval_ids_file) if eval_ids_file else None,
     processing_class=byte_tokenizer(transformers),
     callbacks=[StepTimer()],
   )
@@ -390,6 +449,8 @@ def trl_train_child(w: Workload, ids_file: str, run_dir: str, out: str, *, pad_f
         "bf16": bool(args.bf16),
         "gradient_checkpointing": bool(args.gradient_checkpointing),
         "train_pairs": len(trainer.train_dataset),
+        "eval_steps": evaluation.get("eval_steps"),
+        "eval_pairs": len(trainer.eval_dataset) if eval_ids_file else 0,
       },
       f,
     )
@@ -472,8 +533,11 @@ def one_round(
   if w.steps:
     wall, res = run_child("jaxrm_train", w, workdir, f"{name}_jaxrm_e2e_{r}")
     rows.append(dict(row, side="jaxrm", kind="e2e", wall_s=wall, **res))
+    held_out = {}
+    if FLAGS.trl_evaluate:
+      held_out = dict(eval_ids_file=test_ids_path(ids), eval_steps=trl_eval_steps(w))
     for p in precisions:
-      side, wall, res = trl(p, w, "e2e")
+      side, wall, res = trl(p, w, "e2e", **held_out)
       res["step_s_median"] = trl_step_s(res.pop("step_times"))
       rows.append(dict(row, side=side, kind="e2e", wall_s=wall, **res))
   return rows
@@ -590,6 +654,7 @@ def summarise(rows: list[dict], workloads: dict[str, Workload], peak: float) -> 
         s[f"{side}_e2e_ratio"] = med(t["wall_s"] / j["wall_s"] for j, t in zip(je, te))
         s[f"{side}_bf16"] = te[0]["bf16"]
         s[f"{side}_gradient_checkpointing"] = te[0]["gradient_checkpointing"]
+        s[f"{side}_eval_steps"] = te[0].get("eval_steps")
     out.append(s)
   return out
 
@@ -630,8 +695,10 @@ def print_table(summary: list[dict], sampler: list[dict], matmul_dtype: str = "f
         f"{s[p + '_e2e_pairs_s']:.3g} ({s[p + '_e2e_wall_s']:.1f}) | **{s[p + '_e2e_ratio']:.2f}x**"
         for p in sides
       ]
+      every = next((s[p + "_eval_steps"] for p in sides if s.get(p + "_eval_steps")), None)
+      held_out = f", TRL evaluating every {every}" if every else ""
       print(
-        f"| {w} | end to end, {s['steps']} steps: pairs/s (wall s) | "
+        f"| {w} | end to end, {s['steps']} steps{held_out}: pairs/s (wall s) | "
         f"{s['jaxrm_e2e_pairs_s']:.3g} ({s['jaxrm_e2e_wall_s']:.1f}) | " + " | ".join(e2e) + " |"
       )
   fill = " | |" * (len(sides) - 1)
@@ -776,17 +843,30 @@ def main(argv):
     raise app.UsageError(
       f"--jaxrm_cpu_devices={FLAGS.jaxrm_cpu_devices} must divide the pairs per step of {bad}"
     )
-  import jax  # before any jax computation: the device count is fixed at the backend's start
-
-  jax.config.update("jax_num_cpu_devices", FLAGS.jaxrm_cpu_devices)
   precisions = trl_precisions()
   if FLAGS.child:
     w = Workload(**{k: FLAGS[k].value for k in Workload.__dataclass_fields__})
-    if FLAGS.child == "jaxrm_train":  # no torch in jaxrm's process: its imports cost seconds
-      jaxrm_train_child(w, FLAGS.data, FLAGS.workdir, FLAGS.out)
-    else:
-      trl_train_child(w, FLAGS.ids_file, FLAGS.workdir, FLAGS.out, pad_full=FLAGS.pad_full)
+  if FLAGS.child == "trl_train":  # neither jax nor jaxrm in TRL's timed process
+    trl_train_child(
+      w,
+      FLAGS.ids_file,
+      FLAGS.workdir,
+      FLAGS.out,
+      pad_full=FLAGS.pad_full,
+      eval_ids_file=FLAGS.eval_ids_file,
+      eval_steps=FLAGS.eval_steps,
+    )
     return
+  import jax  # before any jax computation: the device count is fixed at the backend's start
+
+  jax.config.update("jax_num_cpu_devices", FLAGS.jaxrm_cpu_devices)
+  if FLAGS.child == "jaxrm_train":  # no torch in jaxrm's process: its imports cost seconds
+    jaxrm_train_child(w, FLAGS.data, FLAGS.workdir, FLAGS.out)
+    return
+  if FLAGS.trl_evaluate:
+    for w in workloads.values():
+      if w.steps:
+        trl_eval_steps(w)
   require_peer_packages()
   run_benchmark(workloads, precisions)
 

@@ -46,20 +46,56 @@ def test_missing_peer_packages_name_the_install_command(tmp_path):
   assert "pip install -e '.[peer]'" in proc.stderr
 
 
-def test_exported_token_ids_are_jaxrms_training_batches(tmp_path):
+def test_exported_token_ids_are_jaxrms_training_and_test_batches(tmp_path):
   from jaxrm.data import pairs
 
   path, n = peer_trl.export_token_ids(SAMPLE, 48, str(tmp_path))
-  rows = [json.loads(line) for line in open(path)]
   run = pairs.load_data(peer_trl.data_config(SAMPLE, 48), tmp_path / "tokens_48")
-  assert len(rows) == n == len(run.train) > 0
-  it = pairs.make_iterator(run.train, batch_size=4, seed=0, bucket=False, max_len=48, train=True)
-  batch = next(it)
-  for j, i in enumerate(batch["index"]):
-    for key in ("chosen", "rejected"):
-      ids = rows[i][key + "_ids"]
-      assert 0 < len(ids) <= 48 and 0 not in ids
-      np.testing.assert_array_equal(batch[key][j][batch[key + "_mask"][j]], ids)
+  for split, split_path, train in (
+    (run.train, path, True),
+    (run.test, peer_trl.test_ids_path(path), False),
+  ):
+    rows = [json.loads(line) for line in open(split_path)]
+    assert len(rows) == len(split) > 0
+    it = pairs.make_iterator(split, batch_size=4, seed=0, bucket=False, max_len=48, train=train)
+    batch = next(it)
+    for j, i in enumerate(batch["index"]):
+      for key in ("chosen", "rejected"):
+        ids = rows[i][key + "_ids"]
+        assert 0 < len(ids) <= 48 and 0 not in ids
+        np.testing.assert_array_equal(batch[key][j][batch[key + "_mask"][j]], ids)
+  assert n == len(run.train) and peer_trl.test_ids_path(path) != path
+
+
+def test_trl_child_imports_neither_jax_nor_jaxrm(tmp_path):
+  """TRL's timed process pays for its own imports only (jax's took about a second here). It
+  stops at a missing ids file, or earlier without the peer packages."""
+  proc = subprocess.run(
+    [sys.executable, "-X", "importtime", SCRIPT, "--child=trl_train", f"--workdir={tmp_path}"]
+    + [f"--out={tmp_path / 'out.json'}", f"--ids_file={tmp_path / 'missing.jsonl'}"]
+    + [f"--data={SAMPLE}", "--layers=2", "--width=32", "--heads=2", "--seq_len=64"]
+    + ["--batch_pairs=4", "--steps=6"],
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT),
+    cwd=ROOT,
+  )
+  assert proc.returncode != 0
+  imported = {
+    line.split("|")[-1].strip().split(".")[0]
+    for line in proc.stderr.splitlines()
+    if line.startswith("import time:")
+  }
+  assert "absl" in imported and not {"jax", "jaxlib", "jaxrm"} & imported
+
+
+def test_trl_evaluates_at_jaxrms_evaluation_steps():
+  w = peer_trl.WORKLOADS["hh"]
+  assert peer_trl.trl_eval_steps(w) == 50  # the hh config's eval.every; 100 steps
+  short = peer_trl.dataclasses.replace(w, steps=20)
+  assert peer_trl.trl_eval_steps(short) == 20  # jaxrm evaluates at its last step only
+  with pytest.raises(peer_trl.app.UsageError, match="--trl_evaluate: 120 steps"):
+    peer_trl.trl_eval_steps(peer_trl.dataclasses.replace(w, steps=120))
 
 
 def _rows(step_times, wall_times, side="trl"):
