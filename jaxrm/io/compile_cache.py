@@ -56,7 +56,7 @@ def machine_tag(cpuinfo: str | None = None) -> str:
 
 
 def enable_compilation_cache(
-  cache_dir: str | None = None, *, min_compile_time_secs: float = 0.2
+  cache_dir: str | None = None, *, min_compile_time_secs: float = 0.0
 ) -> str | None:
   """Turns on JAX's persistent compilation cache; returns the directory it stores this host's
   programs in, ``<cache_dir>/<machine_tag()>`` (``None``: disabled).
@@ -64,8 +64,11 @@ def enable_compilation_cache(
   Args:
     cache_dir: the cache's root directory (created if missing); default:
       :func:`cache_dir_from_env`.
-    min_compile_time_secs: programs that compile faster than this are not stored (JAX's default
-      of 1 s would skip most of a small model's steps, whose compiles take 0.2-1 s on a CPU).
+    min_compile_time_secs: programs that compile faster than this are not stored. Default: all
+      of them. JAX's default of 1 s would skip most of a small model's steps, whose compiles
+      take 0.2-1 s on a CPU, and a run's small programs (evaluation summaries, the report's
+      statistics) load faster than they compile: about 0.4 s of a warm HH run (BUILD_NOTES.md,
+      session 37).
 
   Raises:
     ValueError: ``min_compile_time_secs`` is negative, or ``cache_dir`` exists and is not a
