@@ -115,6 +115,7 @@ def plot_curves(workdir: str | os.PathLike, *, max_panels: int = 16) -> list[str
       ax.set_title(key, fontsize=9, y=1.0)  # a fixed y: not placed by measuring the ticks
       ax.set_xlabel("step", fontsize=8)
       ax.tick_params(labelsize=7)
+      ax.locator_params(nbins=4)
     for ax in list(axes.flat)[len(keys) :]:
       ax.set_visible(False)
     buffer = io.BytesIO()
