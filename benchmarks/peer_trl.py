@@ -224,12 +224,12 @@ def data_config(data: str, seq_len: int):
 def export_token_ids(data: str, seq_len: int, workdir: str) -> tuple[str, int]:
   """Writes jaxrm's training split as ``{"chosen_ids", "rejected_ids"}`` JSON lines (the
   tokenised, truncated sequences, padding removed), and its test split the same way to
-  :func:`test_ids_path` of that file. Returns ``(path, number of training pairs)``."""
+  :func:`heldout_ids_path` of that file. Returns ``(path, number of training pairs)``."""
   from jaxrm.data import pairs, preference_files
 
   run = pairs.load_data(data_config(data, seq_len), os.path.join(workdir, f"tokens_{seq_len}"))
   path = os.path.join(workdir, f"token_ids_{seq_len}.jsonl")
-  for split, split_path in ((run.train, path), (run.test, test_ids_path(path))):
+  for split, split_path in ((run.train, path), (run.test, heldout_ids_path(path))):
     with open(split_path, "w") as f:
       for e in preference_files.get_examples(split, range(len(split))):
         ids = {
@@ -239,7 +239,7 @@ def export_token_ids(data: str, seq_len: int, workdir: str) -> tuple[str, int]:
   return path, len(run.train)
 
 
-def test_ids_path(ids_file: str) -> str:
+def heldout_ids_path(ids_file: str) -> str:
   """Where :func:`export_token_ids` writes the test split beside the training split's file."""
   return ids_file[: -len(".jsonl")] + "_test.jsonl"
 
@@ -535,7 +535,7 @@ def one_round(
     rows.append(dict(row, side="jaxrm", kind="e2e", wall_s=wall, **res))
     held_out = {}
     if FLAGS.trl_evaluate:
-      held_out = dict(eval_ids_file=test_ids_path(ids), eval_steps=trl_eval_steps(w))
+      held_out = dict(eval_ids_file=heldout_ids_path(ids), eval_steps=trl_eval_steps(w))
     for p in precisions:
       side, wall, res = trl(p, w, "e2e", **held_out)
       res["step_s_median"] = trl_step_s(res.pop("step_times"))

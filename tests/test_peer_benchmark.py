@@ -53,7 +53,7 @@ def test_exported_token_ids_are_jaxrms_training_and_test_batches(tmp_path):
   run = pairs.load_data(peer_trl.data_config(SAMPLE, 48), tmp_path / "tokens_48")
   for split, split_path, train in (
     (run.train, path, True),
-    (run.test, peer_trl.test_ids_path(path), False),
+    (run.test, peer_trl.heldout_ids_path(path), False),
   ):
     rows = [json.loads(line) for line in open(split_path)]
     assert len(rows) == len(split) > 0
@@ -64,7 +64,7 @@ def test_exported_token_ids_are_jaxrms_training_and_test_batches(tmp_path):
         ids = rows[i][key + "_ids"]
         assert 0 < len(ids) <= 48 and 0 not in ids
         np.testing.assert_array_equal(batch[key][j][batch[key + "_mask"][j]], ids)
-  assert n == len(run.train) and peer_trl.test_ids_path(path) != path
+  assert n == len(run.train) and peer_trl.heldout_ids_path(path) != path
 
 
 def test_trl_child_imports_neither_jax_nor_jaxrm(tmp_path):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 def attend(
   q: jax.Array, k: jax.Array, v: jax.Array, attn_mask: jax.Array, *, query_block: int | None = None
 ) -> jax.Array:
-  """Masked softmax attention in float32; rows with no valid key output zeros.
+  """Masked softmax attention (the softmax in float32); rows with no valid key output zeros.
 
   Grouped-query attention: query head ``h`` reads key/value head ``h // (heads // kv_heads)``
   (consecutive query heads share a key/value head, as in Hugging Face ``repeat_kv``).
