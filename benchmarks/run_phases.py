@@ -19,9 +19,13 @@ to end) and times each phase by wrapping the library function that does it:
 and before the run, the imports (from this script's first line). The interpreter's start and
 teardown are outside every figure: ``benchmarks/peer_trl.py`` times whole processes. With a
 warm compilation cache (``--cache_dir`` filled by an earlier run) this is the second run of the
-same command, as in the peer benchmark. Command (figures in BUILD_NOTES.md)::
+same command, as in the peer benchmark. ``--shape`` and ``--batch_size`` time another backbone
+and batch on the same data (the peer benchmark's ``gpt2_4x256``: ``--shape=4x256x4
+--batch_size=16 --max_len=128 --steps=20``). Commands (figures in BUILD_NOTES.md)::
 
   python benchmarks/run_phases.py --workdir=/tmp/phases --cache_dir=/tmp/phases_cache
+  python benchmarks/run_phases.py --workdir=/tmp/phases --cache_dir=/tmp/phases_cache \
+    --shape=4x256x4 --batch_size=16 --max_len=128 --steps=20
 """
 
 import time
@@ -32,6 +36,7 @@ import collections  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 
@@ -42,6 +47,7 @@ from absl import app, flags  # noqa: E402
 from experiments.configs import reward_model as rm_configs  # noqa: E402
 from jaxrm.data import pairs  # noqa: E402
 from jaxrm.io import checkpoint, compile_cache, report, rundir  # noqa: E402
+from jaxrm.models import presets  # noqa: E402
 from jaxrm.train import reward_model, rm_eval  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (emptied first).", required=True)
@@ -49,6 +55,13 @@ _CACHE = flags.DEFINE_string("cache_dir", "", "Compilation cache directory ('': 
 _DATA = flags.DEFINE_string("data", rm_configs.HH_FILE, "HH-RLHF JSONL(.gz) file.")
 _STEPS = flags.DEFINE_integer("steps", 100, "Training steps (the peer benchmark's hh: 100).")
 _MAX_LEN = flags.DEFINE_integer("max_len", 256, "Tokens per response (the hh config's: 256).")
+_SHAPE = flags.DEFINE_string(
+  "shape",
+  "",
+  "The backbone as LAYERSxWIDTHxHEADS, e.g. 4x256x4 (the peer benchmark's gpt2_4x256); '': the "
+  "hh config's preset, 'tiny' (2x64x2).",
+)
+_BATCH = flags.DEFINE_integer("batch_size", 32, "Pairs per step (the hh config's: 32).")
 _MATMUL = flags.DEFINE_enum(
   "matmul_dtype", "bfloat16", ["float32", "bfloat16"], "model.matmul_dtype (peer benchmark's)."
 )
@@ -79,10 +92,26 @@ def timed(seconds: dict, ends: dict, name: str, fn):
   return wrapper
 
 
+def shape_preset(shape: str, max_len: int) -> str:
+  """Registers ``shape`` (``LAYERSxWIDTHxHEADS``) as a preset of ``max_len`` tokens and returns
+  its name; raises ``app.UsageError`` naming ``--shape`` when it is malformed."""
+  match = re.fullmatch(r"(\d+)x(\d+)x(\d+)", shape)
+  layers, width, heads = (int(g) for g in match.groups()) if match else (0, 0, 0)
+  if not (layers and width and heads) or width % heads:
+    raise app.UsageError(
+      f"--shape={shape}: give LAYERSxWIDTHxHEADS, positive, the heads dividing the width"
+    )
+  name = f"phases_{shape}"
+  presets.PRESETS[name] = (layers, width, heads, max_len)
+  return name
+
+
 def main(argv):
   del argv
   if _STEPS.value < 1:
     raise app.UsageError(f"--steps must be >= 1, got {_STEPS.value}")
+  if _BATCH.value < 1:
+    raise app.UsageError(f"--batch_size must be >= 1, got {_BATCH.value}")
   if not os.path.isfile(_DATA.value):
     raise app.UsageError(f"--data: no file {_DATA.value}")
   imports = time.perf_counter() - _START
@@ -94,6 +123,9 @@ def main(argv):
   config.steps = _STEPS.value
   config.data.max_len = _MAX_LEN.value
   config.model.matmul_dtype = _MATMUL.value
+  config.batch_size = _BATCH.value
+  if _SHAPE.value:
+    config.model.preset = shape_preset(_SHAPE.value, _MAX_LEN.value)
   seconds, ends = collections.defaultdict(float), {}
   for name, owner, attr in PHASES:
     setattr(owner, attr, timed(seconds, ends, name, getattr(owner, attr)))
@@ -114,11 +146,16 @@ def main(argv):
   seconds["first step"] = ends["first step"] - ends["init"]
   seconds["steps"] = total - sum(seconds.values())
   rows = {"imports": imports, **dict(seconds), "run": total, "process so far": imports + total}
-  print(f"{_STEPS.value} steps, steady {summary['pairs_per_sec']:.1f} pairs/s")
+  shape = _SHAPE.value or "2x64x2 (tiny)"
+  print(
+    f"{_STEPS.value} steps of {_BATCH.value} pairs, backbone {shape}, steady "
+    f"{summary['pairs_per_sec']:.1f} pairs/s"
+  )
   for name, value in rows.items():
     print(f"{name:>15} | {value:6.2f} s")
   with open(os.path.join(_WORKDIR.value, "run_phases.json"), "w") as f:
-    json.dump({**rows, "pairs_per_sec": summary["pairs_per_sec"], "num_steps": _STEPS.value}, f)
+    extra = {"pairs_per_sec": summary["pairs_per_sec"], "num_steps": _STEPS.value}
+    json.dump({**rows, **extra, "shape": shape, "batch_size": _BATCH.value}, f)
 
 
 if __name__ == "__main__":

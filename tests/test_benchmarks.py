@@ -190,9 +190,15 @@ def test_run_phases_times_every_phase_of_a_hh_run_within_the_run(tmp_path):
     f"--data={sample}",
     "--steps=2",
     "--max_len=64",
+    "--shape=1x32x2",
+    "--batch_size=8",
   )
   with open(tmp_path / "run" / "run_phases.json") as f:
     seconds = json.load(f)
+  assert "2 steps of 8 pairs, backbone 1x32x2" in out
+  assert (seconds["shape"], seconds["batch_size"]) == ("1x32x2", 8)
+  with open(tmp_path / "run" / "config.json") as f:
+    assert '"phases_1x32x2"' in f.read()
   phases = ["data", "init", "evaluation", "checkpoints", "curves", "report", "first step", "steps"]
   for name in ["imports", *phases, "run"]:
     assert seconds[name] >= 0 and f"{name:>15} | {seconds[name]:6.2f} s" in out, name
@@ -202,4 +208,9 @@ def test_run_phases_times_every_phase_of_a_hh_run_within_the_run(tmp_path):
     "benchmarks/run_phases.py", f"--workdir={tmp_path}", "--steps=0"
   )
   assert proc.returncode != 0 and "--steps must be >= 1, got 0" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  proc = script_runner.run_subprocess(
+    "benchmarks/run_phases.py", f"--workdir={tmp_path}", f"--data={sample}", "--shape=4x250x3"
+  )
+  assert proc.returncode != 0 and "--shape=4x250x3: give LAYERSxWIDTHxHEADS" in proc.stderr
   assert "Traceback" not in proc.stderr
