@@ -29,6 +29,9 @@ Per workload and round, interleaved (jaxrm, TRL, jaxrm, TRL, ...):
   parameters), the arithmetic of TRL's defaults; its matmul ceiling is measured as well;
 * **jaxrm's devices** (``--jaxrm_cpu_devices``): 1, or the CPU split into that many JAX
   devices (``jax_num_cpu_devices``), jaxrm's steps and runs then data-parallel (``shard_map``);
+* **jaxrm's outputs** (``--jaxrm_outputs``): ``full``, the scripts' defaults (learning-curve
+  figures and the held-out report as well), or ``trl``, what TRL's runs write (metrics and the
+  final model), for the same work on both sides;
 * **FLOP utilisation**: model FLOPs (:func:`jaxrm.models.presets.flops_per_token`, at the full
   length) per second over the float32 matmul ceiling measured at the start of this run.
 
@@ -52,6 +55,7 @@ Usage::
   python benchmarks/peer_trl.py --workdir=runs/peer --workloads=gpt2_4x256 --jaxrm_matmul_dtype=bfloat16
   python benchmarks/peer_trl.py --workdir=runs/peer --workloads=hh --jaxrm_cpu_devices=2
   python benchmarks/peer_trl.py --workdir=runs/peer --workloads=hh --trl_evaluate
+  python benchmarks/peer_trl.py --workdir=runs/peer --workloads=hh --trl_evaluate --jaxrm_outputs=trl
 """
 
 from __future__ import annotations
@@ -169,6 +173,14 @@ flags.DEFINE_integer(
   "JAX_NUM_CPU_DEVICES for the scripts); above 1 its runs and steps are data-parallel "
   "(config.parallel 'auto': shard_map), the batch split among the devices.",
 )
+flags.DEFINE_enum(
+  "jaxrm_outputs",
+  "full",
+  ["full", "trl"],
+  "What jaxrm's end-to-end runs write besides metrics and the final checkpoint: 'full', the "
+  "scripts' defaults (learning-curve figures, the held-out report); 'trl', only what TRL's "
+  "runs write (log.plots=False, eval.report=False).",
+)
 flags.DEFINE_bool("quick", False, "Tiny shapes, 1 round, few steps: a smoke run.")
 flags.DEFINE_enum("child", "", ["", "jaxrm_train", "trl_train"], "Internal: subprocess role.")
 flags.DEFINE_string("ids_file", "", "Internal (trl_train): token ids JSONL.")
@@ -282,6 +294,9 @@ def train_config(w: Workload, data: str, steps: int):
     config.model.attention_query_block = FLAGS.attention_query_block or None
   if FLAGS.jaxrm_matmul_dtype != "float32":
     config.model.matmul_dtype = FLAGS.jaxrm_matmul_dtype
+  if FLAGS.jaxrm_outputs == "trl":
+    config.log.plots = False
+    config.eval.report = False
   return config
 
 
@@ -471,6 +486,7 @@ def run_child(role: str, w: Workload, workdir: str, tag: str, **extra) -> tuple[
     cmd += [f"--attention_query_block={FLAGS.attention_query_block}"]
   cmd += [f"--jaxrm_matmul_dtype={FLAGS.jaxrm_matmul_dtype}"]
   cmd += [f"--jaxrm_cpu_devices={FLAGS.jaxrm_cpu_devices}"]
+  cmd += [f"--jaxrm_outputs={FLAGS.jaxrm_outputs}"]
   cmd += [f"--{k}={v}" for k, v in dataclasses.asdict(w).items()]
   cmd += [f"--{k}={v}" for k, v in extra.items()]
   start = time.perf_counter()
@@ -664,10 +680,12 @@ def peer_sides(summary: dict) -> list[str]:
   return [k[: -len("_step_ratio")] for k in summary if k.endswith("_step_ratio")]
 
 
-def print_table(summary: list[dict], sampler: list[dict], matmul_dtype: str = "float32") -> None:
+def print_table(
+  summary: list[dict], sampler: list[dict], matmul_dtype: str = "float32", outputs: str = "full"
+) -> None:
   """The readable table (markdown) of the summary and sampler rows: one column per peer
   side, each ratio jaxrm's speed over that peer's; ``matmul_dtype``: jaxrm's training runs'
-  (the sampler's model is float32)."""
+  (the sampler's model is float32); ``outputs``: ``--jaxrm_outputs`` of its end-to-end runs."""
   sides = list(dict.fromkeys(p for s in summary for p in peer_sides(s)))
   jaxrm = "jaxrm" if matmul_dtype == "float32" else f"jaxrm ({matmul_dtype} matmuls)"
   print(
@@ -697,6 +715,8 @@ def print_table(summary: list[dict], sampler: list[dict], matmul_dtype: str = "f
       ]
       every = next((s[p + "_eval_steps"] for p in sides if s.get(p + "_eval_steps")), None)
       held_out = f", TRL evaluating every {every}" if every else ""
+      if outputs == "trl":
+        held_out += ", jaxrm without figures or report"
       print(
         f"| {w} | end to end, {s['steps']} steps{held_out}: pairs/s (wall s) | "
         f"{s['jaxrm_e2e_pairs_s']:.3g} ({s['jaxrm_e2e_wall_s']:.1f}) | " + " | ".join(e2e) + " |"
@@ -773,7 +793,7 @@ def run_benchmark(workloads: dict[str, Workload], precisions: list[str]) -> None
   sampler_w = WORKLOADS["quick" if FLAGS.quick else FLAGS.sampler_workload]
   sampler = sampler_rows(sampler_w, batches, peak) if batches else []
   summary = summarise(rows, workloads, peak)
-  print_table(summary, sampler, FLAGS.jaxrm_matmul_dtype)
+  print_table(summary, sampler, FLAGS.jaxrm_matmul_dtype, FLAGS.jaxrm_outputs)
   with open(os.path.join(FLAGS.workdir, "peer_results.jsonl"), "w") as f:
     for row in rows + sampler:
       f.write(json.dumps(row, default=float) + "\n")
@@ -791,6 +811,7 @@ def run_benchmark(workloads: dict[str, Workload], precisions: list[str]) -> None
         jaxrm_compile_cache=FLAGS.jaxrm_cache_dir or "off (cold compile in every run)",
         jaxrm_matmul_dtype=FLAGS.jaxrm_matmul_dtype,
         jaxrm_cpu_devices=FLAGS.jaxrm_cpu_devices,
+        jaxrm_outputs=FLAGS.jaxrm_outputs,
         trl_precisions={p: TRL_PRECISIONS[p] for p in precisions},
         argv=sys.argv,
       ),

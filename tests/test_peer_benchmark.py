@@ -148,7 +148,11 @@ def test_each_trl_setting_is_its_own_peer_with_its_own_ratios(capsys):
   line = "| sampler, batch 64, 2 thread groups | tokens/s | 9,000 | HF generate 3,000 | 3.00x |"
   assert table.count(line) == 1
   peer_trl.print_table([s], [], "bfloat16")
-  assert "| workload | measure | jaxrm (bfloat16 matmuls) | trl |" in capsys.readouterr().out
+  table = capsys.readouterr().out
+  assert "| workload | measure | jaxrm (bfloat16 matmuls) | trl |" in table
+  assert "without figures or report" not in table
+  peer_trl.print_table([s], [], "bfloat16", "trl")
+  assert "end to end, 10 steps, jaxrm without figures or report:" in capsys.readouterr().out
 
 
 def test_bad_sampler_thread_groups_are_named(tmp_path):
@@ -181,3 +185,24 @@ def test_bad_jaxrm_cpu_devices_are_named(tmp_path, flag, message):
   proc = _run(f"--workdir={tmp_path}", f"--data={SAMPLE}", "--workloads=hh", flag)
   assert proc.returncode != 0
   assert message in proc.stderr
+
+
+@pytest.mark.parametrize("outputs", ["trl", "full"])
+def test_jaxrm_runs_write_what_jaxrm_outputs_names(tmp_path, outputs):
+  """``--jaxrm_outputs=trl`` reaches jaxrm's timed process: its run writes metrics and the final
+  checkpoint, as TRL's does, and no learning-curve figures or report; ``full`` writes both."""
+  from absl.testing import flagsaver
+
+  w = peer_trl.WORKLOADS["quick"]
+  argv = ["peer_trl.py", f"--workdir={tmp_path}", f"--data={SAMPLE}", f"--jaxrm_outputs={outputs}"]
+  with flagsaver.flagsaver():
+    peer_trl.FLAGS(argv)
+    _, result = peer_trl.run_child("jaxrm_train", w, str(tmp_path), "run")
+  run = tmp_path / "runs" / "run"
+  assert result["step"] == w.steps
+  assert (run / "metrics.jsonl").is_file() and any((run / "checkpoints").iterdir())
+  figures = sorted(p.name for p in run.glob("*.png"))
+  if outputs == "trl":
+    assert figures == [] and not (run / "rm_report.md").exists()
+  else:
+    assert "curves_train.png" in figures and (run / "rm_report.md").is_file()
