@@ -30,12 +30,12 @@ import pytest
 import tensorflow_datasets as tfds
 
 from jaxrm.data import pairs, preferences, synthetic
-from jaxrm.io import rm_io, rundir
+from jaxrm.io import program_cache, rm_io, rundir
 from jaxrm.models import presets
 from jaxrm.models.reward_model import RewardModel
 from jaxrm.steps import train_state as train_state_lib
 from jaxrm.train import reward_model as rm_train
-from jaxrm.train import rm_eval
+from jaxrm.train import rm_config, rm_eval
 from tests import run_helpers, script_runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,6 +162,32 @@ def test_shard_map_run_writes_metrics_checkpoints_and_report(shard_map_run, synt
   for name in ("rm_report.md", "reliability.png", "reward_histogram.png", "curves_train.png"):
     assert (workdir / name).stat().st_size > 0
   assert (workdir / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runs_through_stored_programs_train_the_same_model(shard_map_run, tmp_path, synthetic_npz):
+  """With the scripts' program cache (jaxrm.io.program_cache): the first run stores its step,
+  evaluation and initial-state programs, the second runs them without tracing, and both train
+  bit for bit the model of the plain-jit run."""
+  program_cache.enable(str(tmp_path / "programs"))
+  try:
+    for i in range(2):
+      rm_config._jitted_init.cache_clear()  # a fresh process's
+      workdir = _seeded_workdir(tmp_path / f"run{i}", synthetic_npz)
+      with pytest.MonkeyPatch.context() as patch:
+        if i:  # nothing of the model is traced: it runs the stored programs
+          patch.setattr(RewardModel, "__call__", lambda *a, **k: pytest.fail("traced"))
+        rm_train.train_and_evaluate(_config(parallel="shard_map"), workdir)
+      stored = sorted(name.split("-")[0] for name in os.listdir(tmp_path / "programs"))
+      assert stored == ["rm_eval", "rm_init", "rm_step"]
+      ref, got = rm_eval.restore_run(shard_map_run[0]), rm_eval.restore_run(workdir)
+      _assert_bitwise_equal(ref.state, got.state)
+      untimed = lambda rows: [  # noqa: E731
+        {k: v for k, v in r.items() if k not in ("pairs_per_sec", "eta_sec")} for r in rows
+      ]
+      assert untimed(_rows(workdir)) == untimed(_rows(shard_map_run[0]))
+  finally:
+    program_cache.enable(None)
+    rm_config._jitted_init.cache_clear()
 
 
 def test_report_reuses_the_last_evaluation_and_matches_a_fresh_one(shard_map_run):

@@ -29,10 +29,11 @@ import platform
 from absl import logging
 import jax
 
-from jaxrm.io import environment
+from jaxrm.io import environment, program_cache
 
 ENV = "JAXRM_COMPILATION_CACHE"
 DEFAULT_DIR = os.path.join("~", ".cache", "jaxrm", "xla")
+PROGRAMS_DIR = "programs"  # beside the machine directories: jaxrm.io.program_cache
 
 
 def cache_dir_from_env() -> str | None:
@@ -59,7 +60,8 @@ def enable_compilation_cache(
   cache_dir: str | None = None, *, min_compile_time_secs: float = 0.0
 ) -> str | None:
   """Turns on JAX's persistent compilation cache; returns the directory it stores this host's
-  programs in, ``<cache_dir>/<machine_tag()>`` (``None``: disabled).
+  programs in, ``<cache_dir>/<machine_tag()>`` (``None``: disabled). Lowered programs
+  (:mod:`jaxrm.io.program_cache`) are kept in ``<cache_dir>/programs``.
 
   Args:
     cache_dir: the cache's root directory (created if missing); default:
@@ -89,6 +91,7 @@ def enable_compilation_cache(
     return None
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
+  program_cache.enable(os.path.join(os.path.dirname(path), PROGRAMS_DIR))
   return path
 
 

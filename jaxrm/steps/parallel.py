@@ -196,6 +196,7 @@ class ParallelStep:
     donate: bool,
     check_vma: bool,
     fsdp_min_size: int,
+    jit_fn: Callable[..., Any] = jax.jit,
   ):
     self.mode = mode
     self.devices = tuple(devices)
@@ -206,7 +207,7 @@ class ParallelStep:
     self.mesh = None
     if mode == "jit":
       self.axis_name = None
-      self._fn = jax.jit(functools.partial(step_fn, axis_name=None), donate_argnums=donate_argnums)
+      self._fn = jit_fn(functools.partial(step_fn, axis_name=None), donate_argnums=donate_argnums)
     elif mode == "shard_map":
       self.axis_name = axis_name
       self.mesh = make_data_mesh(axis_name=axis_name, devices=self.devices)
@@ -217,7 +218,7 @@ class ParallelStep:
         out_specs=P(),
         check_vma=check_vma,
       )
-      self._fn = jax.jit(body, donate_argnums=donate_argnums)
+      self._fn = jit_fn(body, donate_argnums=donate_argnums)
     elif mode == "pmap":
       self.axis_name = axis_name
       self._pmap_mesh = Mesh(np.asarray(self.devices), (axis_name,))
@@ -337,6 +338,7 @@ def make_parallel_step(
   donate: bool = True,
   check_vma: bool = False,
   fsdp_min_size: int = 2**16,
+  jit_fn: Callable[..., Any] = jax.jit,
 ) -> ParallelStep:
   """Compiles ``step_fn(state, batch, *, axis_name) -> outputs`` for one execution mode.
 
@@ -351,6 +353,10 @@ def make_parallel_step(
     donate: donate the state argument's buffers (updated in place).
     check_vma: ``shard_map``'s replication checking (see the module docstring).
     fsdp_min_size: ``min_size`` of :func:`fsdp_shardings` in ``'fsdp'`` mode.
+    jit_fn: compiles the body in ``'jit'`` and ``'shard_map'`` mode, called as
+      ``jit_fn(body, donate_argnums=...)``: ``jax.jit``, or e.g. ``functools.partial(
+      jaxrm.io.program_cache.jit, name=..., key=...)``, which keeps the lowered program on disk
+      for later processes.
 
   Returns:
     A :class:`ParallelStep`.
@@ -372,4 +378,5 @@ def make_parallel_step(
     donate=donate,
     check_vma=check_vma,
     fsdp_min_size=fsdp_min_size,
+    jit_fn=jit_fn,
   )

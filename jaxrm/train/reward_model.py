@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import time
 from typing import Any
@@ -74,7 +75,7 @@ import numpy as np
 from jaxrm.data import pairs
 from jaxrm.data.run_tokenizer import RunTokenizer, has_tokenizer_json
 from jaxrm.io import checkpoint as checkpoint_lib
-from jaxrm.io import hf, rm_io, rundir
+from jaxrm.io import hf, program_cache, rm_io, rundir
 from jaxrm.io import report as report_lib
 from jaxrm.io.rundir import ConfigError, LogConfig  # noqa: F401  (public names of the loop)
 from jaxrm.models import presets
@@ -176,6 +177,12 @@ def step_fn(config: TrainConfig, model: RewardModel, optimizer) -> Any:
   )
 
 
+def program_key(config: TrainConfig, model: RewardModel) -> str:
+  """What the run's training step is a function of, for :func:`jaxrm.io.program_cache.jit`:
+  the model and the whole config (loss, optimizer, schedule length, non-finite policy)."""
+  return f"{model!r}\n{json.dumps(config.to_json(), sort_keys=True)}"
+
+
 def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
   """Trains (or resumes training) a reward model; see the module docstring.
 
@@ -252,8 +259,18 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
     rundir.truncate_metrics(os.path.join(workdir, rundir.METRICS_FILE), max_step=start)
     rundir.write_config(workdir, config, **description)
 
-    pstep = parallel.make_parallel_step(step_fn(config, model, optimizer), mode=config.parallel)
-    peval = rm_eval.make_eval_step(model.apply, mode=pstep.mode)
+    # Lowered programs kept on disk when the scripts' compilation cache is on: a later run of
+    # the same config and model skips tracing them (jaxrm.io.program_cache).
+    pstep = parallel.make_parallel_step(
+      step_fn(config, model, optimizer),
+      mode=config.parallel,
+      jit_fn=functools.partial(program_cache.jit, name="rm_step", key=program_key(config, model)),
+    )
+    peval = rm_eval.make_eval_step(
+      model.apply,
+      mode=pstep.mode,
+      jit_fn=functools.partial(program_cache.jit, name="rm_eval", key=repr(model)),
+    )
     state = pstep.put_state(host_state)
     del host_state
     logging.info(

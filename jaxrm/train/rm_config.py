@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from typing import Any
 
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxrm.data import pairs
-from jaxrm.io import rundir
+from jaxrm.io import program_cache, rundir
 from jaxrm.math import preference
 from jaxrm.models import presets
 from jaxrm.models.reward_model import RewardModel
@@ -338,16 +339,19 @@ def make_loss_fn(config: LossConfig):
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_init(model: RewardModel, optimizer: optax.GradientTransformation, length: int):
+def _jitted_init(
+  model: RewardModel, optimizer: optax.GradientTransformation, length: int, settings: str
+):
   # One compiled program for the whole state per architecture, optimizer and process (a fresh
   # jax.jit would recompile): the optimizer's initial state built op by op cost one small
   # compile per distinct leaf shape, 0.5 s of the HH run (BUILD_NOTES.md, session 36).
+  # ``settings``: the optimizer's config, which with the model determines the program on disk.
   def init(root):
     tokens = jnp.zeros((1, length), jnp.int32)
     params = model.init(jax.random.fold_in(root, 0), tokens, jnp.ones(tokens.shape, bool))
     return train_state_lib.create_train_state(params, optimizer, jax.random.fold_in(root, 1))
 
-  return jax.jit(init)
+  return program_cache.jit(init, name="rm_init", key=f"{model!r}\n{length}\n{settings}")
 
 
 def init_state(
@@ -362,7 +366,8 @@ def init_state(
   an imported checkpoint's variables), step keys from ``fold_in(key(seed), 1)``."""
   root = jax.random.key(config.seed)
   if params is None:
-    return _jitted_init(model, optimizer, min(max_len, 8))(root)
+    settings = json.dumps([config.to_json()["optimizer"], config.steps], sort_keys=True)
+    return _jitted_init(model, optimizer, min(max_len, 8), settings)(root)
   params = jax.tree.map(jnp.asarray, params)
   return train_state_lib.create_train_state(params, optimizer, jax.random.fold_in(root, 1))
 

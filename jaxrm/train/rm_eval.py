@@ -48,10 +48,11 @@ def _eval_body(params, batch, *, apply_fn, axis_name):
   return rm_step.reward_model_eval_step(params, batch, apply_fn=apply_fn, axis_name=axis_name)
 
 
-def make_eval_step(apply_fn, *, mode: str) -> parallel.ParallelStep:
-  """``peval(params, batch) -> {'rewards_chosen', 'rewards_rejected'}`` for ``mode``."""
+def make_eval_step(apply_fn, *, mode: str, jit_fn=jax.jit) -> parallel.ParallelStep:
+  """``peval(params, batch) -> {'rewards_chosen', 'rewards_rejected'}`` for ``mode``
+  (``jit_fn``: :func:`jaxrm.steps.parallel.make_parallel_step`'s)."""
   return parallel.make_parallel_step(
-    functools.partial(_eval_body, apply_fn=apply_fn), mode=mode, donate=False
+    functools.partial(_eval_body, apply_fn=apply_fn), mode=mode, donate=False, jit_fn=jit_fn
   )
 
 
