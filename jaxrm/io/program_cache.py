@@ -59,8 +59,7 @@ def library_digest() -> str:
   for package in _PACKAGES:
     h.update(f"{package}={importlib.metadata.version(package)}\n".encode())
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  for folder, subfolders, names in sorted(os.walk(root)):
-    subfolders.sort()
+  for folder, _, names in sorted(os.walk(root)):
     for name in sorted(n for n in names if n.endswith(".py")):
       path = os.path.join(folder, name)
       h.update(os.path.relpath(path, root).encode() + b"\n")
