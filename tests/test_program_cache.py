@@ -146,6 +146,19 @@ def test_damaged_program_is_traced_again(store):
   assert_bitwise_equal(run(program_cache.jit(sgd_step, name="step", key="sgd")), expected)
 
 
+def test_an_unwritable_directory_costs_a_warning_not_the_run(tmp_path):
+  blocked = tmp_path / "a_file"
+  blocked.write_text("")
+  program_cache.enable(str(blocked / "programs"))  # a directory that cannot be created
+  try:
+    with absltest.mock.patch.object(program_cache.logging, "warning") as warning:
+      result = run(program_cache.jit(sgd_step, name="step", key="sgd"))
+  finally:
+    program_cache.enable(None)
+  assert_bitwise_equal(result, run(jax.jit(sgd_step)))
+  assert "not stored" in warning.call_args[0][0]
+
+
 def test_unexportable_program_runs_as_jax_jit(store):
   def with_callback(x):
     return jax.pure_callback(np.sin, jax.ShapeDtypeStruct(x.shape, x.dtype), x) + 1.0

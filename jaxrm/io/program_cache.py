@@ -162,8 +162,11 @@ def _write(path: str, exported: Any, out_tree: Any) -> None:
   except Exception as e:  # noqa: BLE001 - e.g. an output tree with an unpicklable node
     logging.warning("%s not stored (%s)", os.path.basename(path), e)
     return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  files.atomic_write(path, blob)
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    files.atomic_write(path, blob)
+  except OSError as e:  # a read-only or full disk: the run goes on, tracing in later processes
+    logging.warning("%s not stored (%s)", path, e.strerror or e)
 
 
 def jit(
