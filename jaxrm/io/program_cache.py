@@ -2,8 +2,8 @@
 
 The compilation cache (:mod:`jaxrm.io.compile_cache`) spares a second process XLA's compile,
 but every process still traces the Python step into a jaxpr and lowers it to StableHLO before
-the cache is consulted: 0.4-0.6 s of the first step of the README's HH run (BUILD_NOTES.md,
-session 38). :func:`jit` exports the lowered program with :mod:`jax.export` on first use and
+the cache is consulted: about 0.5 s of the first step of the README's HH run, and 0.1 s of
+its initial state and evaluation (BUILD_NOTES.md, "Issue 14, session 38"). :func:`jit` exports the lowered program with :mod:`jax.export` on first use and
 loads it in later processes; every process, the first included, runs the exported program, so
 a run's numbers do not depend on whether it found one.
 
@@ -17,8 +17,9 @@ new programs; editing an installed flax or optax in place without a version chan
 outside JAX's stable set) runs as a plain ``jax.jit`` in this process, with a warning.
 
 Enabled with the compilation cache by :func:`jaxrm.io.compile_cache.enable_compilation_cache`
-(the scripts and the test suite), in ``<cache dir>/<machine tag>/programs``; a library user who
-never enables it gets ``jax.jit``.
+(every script, so also the script runs of the test suite), in ``<cache dir>/programs``; a
+library user who never enables it gets ``jax.jit``. Entries are never removed (a few hundred
+kB each); delete the directory to reclaim the space.
 """
 
 from __future__ import annotations
