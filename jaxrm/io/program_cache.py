@@ -48,11 +48,6 @@ def enable(directory: str | None) -> None:
   _directory = None if directory is None else os.path.abspath(directory)
 
 
-def directory() -> str | None:
-  """Where programs are kept, or ``None`` when :func:`jit` is plain ``jax.jit``."""
-  return _directory
-
-
 @functools.lru_cache(maxsize=1)
 def library_digest() -> str:
   """SHA-256 of the source of every ``jaxrm`` module and of the versions of :data:`_PACKAGES`."""

@@ -366,7 +366,7 @@ def init_state(
   an imported checkpoint's variables), step keys from ``fold_in(key(seed), 1)``."""
   root = jax.random.key(config.seed)
   if params is None:
-    settings = json.dumps([config.to_json()["optimizer"], config.steps], sort_keys=True)
+    settings = json.dumps([rundir.config_to_json(config.optimizer), config.steps], sort_keys=True)
     return _jitted_init(model, optimizer, min(max_len, 8), settings)(root)
   params = jax.tree.map(jnp.asarray, params)
   return train_state_lib.create_train_state(params, optimizer, jax.random.fold_in(root, 1))
