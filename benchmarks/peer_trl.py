@@ -349,6 +349,7 @@ def jaxrm_step_times(w: Workload, data: str, workdir: str, reps: int, cache: dic
 
 def jaxrm_train_child(w: Workload, data: str, run_dir: str, out: str) -> None:
   """Child process: one whole jaxrm training run; writes its summary figures to ``out``."""
+  from experiments import cli
   from jaxrm.io import rundir
   from jaxrm.train import reward_model
 
@@ -360,6 +361,7 @@ def jaxrm_train_child(w: Workload, data: str, run_dir: str, out: str) -> None:
   summary = reward_model.train_and_evaluate(train_config(w, data, w.steps), run_dir)
   with open(out, "w") as f:
     json.dump({"step": summary["step"], "pairs_per_sec_steady": summary["pairs_per_sec"]}, f)
+  cli.freeze_for_exit()  # the process ends here, as the scripts' (experiments.cli.run)
 
 
 # ------------------------------------------------------------------------------- TRL side
@@ -475,7 +477,10 @@ def trl_train_child(
 
 
 def run_child(role: str, w: Workload, workdir: str, tag: str, **extra) -> tuple[float, dict]:
-  """Runs this script as ``--child=role`` in a fresh run folder; returns (wall s, its JSON)."""
+  """Runs this script as ``--child=role`` in a fresh run folder; returns (wall s, its JSON).
+
+  The JSON gets ``exit_s``: from the child's writing it (its last act) to the process's end,
+  the interpreter's shutdown."""
   run_dir = os.path.join(workdir, "runs", tag)
   shutil.rmtree(run_dir, ignore_errors=True)
   os.makedirs(run_dir)
@@ -491,11 +496,11 @@ def run_child(role: str, w: Workload, workdir: str, tag: str, **extra) -> tuple[
   cmd += [f"--{k}={v}" for k, v in extra.items()]
   start = time.perf_counter()
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-  wall = time.perf_counter() - start
+  wall, end = time.perf_counter() - start, time.time()
   if proc.returncode:
     raise RuntimeError(f"{role} child failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
   with open(out) as f:
-    return wall, json.load(f)
+    return wall, dict(json.load(f), exit_s=end - os.path.getmtime(out))
 
 
 def trl_step_s(step_times: list[float]) -> float:
@@ -657,6 +662,7 @@ def summarise(rows: list[dict], workloads: dict[str, Workload], peak: float) -> 
     if je:
       s["jaxrm_e2e_pairs_s"] = med(w.steps * w.batch_pairs / r["wall_s"] for r in je)
       s["jaxrm_e2e_wall_s"] = med(r["wall_s"] for r in je)
+      s["jaxrm_e2e_exit_s"] = med(r["exit_s"] for r in je)
       s["jaxrm_e2e_flop_util"] = s["jaxrm_e2e_pairs_s"] * flops / peak
     for side in dict.fromkeys(r["side"] for r in mine if r["side"] != "jaxrm"):
       ts, te = get(side, "step"), get(side, "e2e")
@@ -666,6 +672,7 @@ def summarise(rows: list[dict], workloads: dict[str, Workload], peak: float) -> 
       if je:
         s[f"{side}_e2e_pairs_s"] = med(w.steps * w.batch_pairs / r["wall_s"] for r in te)
         s[f"{side}_e2e_wall_s"] = med(r["wall_s"] for r in te)
+        s[f"{side}_e2e_exit_s"] = med(r["exit_s"] for r in te)
         s[f"{side}_e2e_flop_util"] = s[f"{side}_e2e_pairs_s"] * flops / peak
         s[f"{side}_e2e_ratio"] = med(t["wall_s"] / j["wall_s"] for j, t in zip(je, te))
         s[f"{side}_bf16"] = te[0]["bf16"]

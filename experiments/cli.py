@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 import contextlib
 import dataclasses
 import functools
+import gc
 import importlib.util
 import os
 import sys
@@ -281,16 +282,21 @@ def run(
   Args:
     main: the script's ``main(argv)``.
     aliases: see :func:`define_config`.
-    exit_process: after a failed checkpoint write, end the process with ``os._exit(1)``
-      (no interpreter shutdown, during which orbax's failing writer threads would print
-      tracebacks after the error line); in-process callers (tests) pass False.
+    exit_process: the process ends when ``main`` does: :func:`freeze_for_exit` after it, and
+      after a failed checkpoint write ``os._exit(1)`` (no interpreter shutdown, during which
+      orbax's failing writer threads would print tracebacks after the error line);
+      in-process callers (tests) pass False.
   """
 
   def checked_main(argv: list[str]) -> None:
-    with one_line_errors():
-      if "config" in flags.FLAGS:
-        rundir.check_finite_fields(flags.FLAGS["config"].value)
-      main(argv)
+    try:
+      with one_line_errors():
+        if "config" in flags.FLAGS:
+          rundir.check_finite_fields(flags.FLAGS["config"].value)
+        main(argv)
+    finally:
+      if exit_process:
+        freeze_for_exit()
 
   compile_cache.enable_compilation_cache()
   try:
@@ -304,6 +310,19 @@ def run(
       sys.stderr.flush()
       os._exit(1)  # pylint: disable=protected-access
     raise
+
+
+def freeze_for_exit() -> None:
+  """Takes every live object out of the garbage collector's generations (``gc.freeze``), for
+  a process about to exit.
+
+  The interpreter's shutdown otherwise runs full collections over everything a run built
+  (traced programs, compilation caches, figures): 0.70–0.77 s of the HH reward-model run's
+  exit, against 0.15–0.19 s frozen (BUILD_NOTES.md, "Issue 14, session 39"). Nothing is
+  skipped: modules are torn down, ``atexit`` handlers run and files close as before. Not for
+  a process that goes on working: frozen objects are never collected.
+  """
+  gc.freeze()
 
 
 @dataclasses.dataclass(frozen=True)

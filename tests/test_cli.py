@@ -1,6 +1,16 @@
-"""Tests of the study scripts' shared output: ``experiments.cli.print_checks``."""
+"""Tests of the scripts' shared plumbing: ``experiments.cli.print_checks`` and the exit of
+``experiments.cli.run``."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
 
 from experiments import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _checks(per_world):
@@ -28,3 +38,27 @@ def test_print_checks_without_worlds_and_the_smoke_banner(capsys):
   cli.print_checks({**results, "smoke_run": True})
   out = capsys.readouterr().out.splitlines()
   assert out[0].startswith("SMOKE RUN") and out[1].startswith("FAIL  trend")
+
+
+@pytest.mark.parametrize("exit_process", [True, False])
+def test_run_freezes_the_objects_only_for_a_process_that_exits(exit_process):
+  """After ``main``, ``cli.run`` takes the live objects out of the collector's generations
+  (the shutdown then skips its passes over them); an in-process caller's are left alone."""
+  script = textwrap.dedent(f"""
+    import atexit, gc, sys
+    sys.path.insert(0, {ROOT!r})
+    from experiments import cli
+    atexit.register(lambda: print("frozen", gc.get_freeze_count()))
+    def main(argv):
+      print("frozen in main", gc.get_freeze_count())
+    try:
+      cli.run(main, exit_process={exit_process})
+    except SystemExit:
+      pass
+  """)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = dict(line.rsplit(" ", 1) for line in proc.stdout.splitlines())
+  assert lines["frozen in main"] == "0"
+  assert (int(lines["frozen"]) > 1000) == exit_process

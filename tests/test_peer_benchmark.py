@@ -103,9 +103,11 @@ def _rows(step_times, wall_times, side="trl"):
   for r, ((js, ts), (jw, tw)) in enumerate(zip(step_times, wall_times)):
     rows.append(dict(workload="w", round=r, side="jaxrm", kind="step", step_s=js, first_step_s=9.0))
     rows.append(dict(workload="w", round=r, side=side, kind="step", step_s=ts))
-    rows.append(dict(workload="w", round=r, side="jaxrm", kind="e2e", wall_s=jw))
+    rows.append(dict(workload="w", round=r, side="jaxrm", kind="e2e", wall_s=jw, exit_s=jw / 100))
     trl = dict(bf16=side == "trl", gradient_checkpointing=side == "trl")
-    rows.append(dict(workload="w", round=r, side=side, kind="e2e", wall_s=tw, **trl))
+    rows.append(
+      dict(workload="w", round=r, side=side, kind="e2e", wall_s=tw, exit_s=tw / 10, **trl)
+    )
   return rows
 
 
@@ -120,6 +122,7 @@ def test_summary_reports_medians_of_per_round_ratios():
   assert s["jaxrm_step_pairs_s"] == pytest.approx(4 / 2.0)
   assert s["jaxrm_e2e_pairs_s"] == pytest.approx(10 * 4 / 20.0)
   assert s["trl_e2e_pairs_s"] == pytest.approx(10 * 4 / 20.0)
+  assert s["jaxrm_e2e_exit_s"] == pytest.approx(0.2) and s["trl_e2e_exit_s"] == pytest.approx(2.0)
   flops = peer_trl.rm_flops_per_pair(w)
   assert s["jaxrm_step_flop_util"] == pytest.approx(2.0 * flops / 1e12)
   assert s["jaxrm_first_step_s"] == 9.0
@@ -197,9 +200,10 @@ def test_jaxrm_runs_write_what_jaxrm_outputs_names(tmp_path, outputs):
   argv = ["peer_trl.py", f"--workdir={tmp_path}", f"--data={SAMPLE}", f"--jaxrm_outputs={outputs}"]
   with flagsaver.flagsaver():
     peer_trl.FLAGS(argv)
-    _, result = peer_trl.run_child("jaxrm_train", w, str(tmp_path), "run")
+    wall, result = peer_trl.run_child("jaxrm_train", w, str(tmp_path), "run")
   run = tmp_path / "runs" / "run"
   assert result["step"] == w.steps
+  assert 0 < result["exit_s"] < wall  # the interpreter's shutdown, after the child's JSON
   assert (run / "metrics.jsonl").is_file() and any((run / "checkpoints").iterdir())
   figures = sorted(p.name for p in run.glob("*.png"))
   if outputs == "trl":
