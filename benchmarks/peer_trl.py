@@ -358,10 +358,11 @@ def jaxrm_train_child(w: Workload, data: str, run_dir: str, out: str) -> None:
     from jaxrm.io import compile_cache
 
     compile_cache.enable_compilation_cache(FLAGS.jaxrm_cache_dir)
+  cli.freeze_objects()  # as the scripts' experiments.cli.run, before main and after it
   summary = reward_model.train_and_evaluate(train_config(w, data, w.steps), run_dir)
   with open(out, "w") as f:
     json.dump({"step": summary["step"], "pairs_per_sec_steady": summary["pairs_per_sec"]}, f)
-  cli.freeze_for_exit()  # the process ends here, as the scripts' (experiments.cli.run)
+  cli.freeze_objects()
 
 
 # ------------------------------------------------------------------------------- TRL side

@@ -17,7 +17,11 @@ to end) and times each phase by wrapping the library function that does it:
 - ``report``: :func:`jaxrm.train.rm_eval.write_report`;
 
 and before the run, the imports (from this script's first line). The interpreter's start and
-teardown are outside every figure: ``benchmarks/peer_trl.py`` times whole processes. With a
+teardown are outside every figure: ``benchmarks/peer_trl.py`` times whole processes. As in
+the scripts, the objects alive after the imports are frozen
+(:func:`experiments.cli.freeze_objects`; ``--nofreeze`` leaves them to the collector);
+``garbage collection`` is the time of the collector's passes during the run, within the
+phases above. With a
 warm compilation cache (``--cache_dir`` filled by an earlier run) this is the second run of the
 same command, as in the peer benchmark. ``--shape`` and ``--batch_size`` time another backbone
 and batch on the same data (the peer benchmark's ``gpt2_4x256``: ``--shape=4x256x4
@@ -34,6 +38,7 @@ _START = time.perf_counter()
 
 import collections  # noqa: E402
 import functools  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
@@ -44,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from experiments import cli  # noqa: E402
 from experiments.configs import reward_model as rm_configs  # noqa: E402
 from jaxrm.data import pairs  # noqa: E402
 from jaxrm.io import checkpoint, compile_cache, report, rundir  # noqa: E402
@@ -62,6 +68,9 @@ _SHAPE = flags.DEFINE_string(
   "hh config's preset, 'tiny' (2x64x2).",
 )
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Pairs per step (the hh config's: 32).")
+_FREEZE = flags.DEFINE_bool(
+  "freeze", True, "Freeze the objects alive after the imports, as the scripts do."
+)
 _MATMUL = flags.DEFINE_enum(
   "matmul_dtype", "bfloat16", ["float32", "bfloat16"], "model.matmul_dtype (peer benchmark's)."
 )
@@ -115,6 +124,17 @@ def main(argv):
   if not os.path.isfile(_DATA.value):
     raise app.UsageError(f"--data: no file {_DATA.value}")
   imports = time.perf_counter() - _START
+  if _FREEZE.value:
+    cli.freeze_objects()
+  collecting = {"start": 0.0, "seconds": 0.0}
+
+  def collector(phase, _):
+    if phase == "start":
+      collecting["start"] = time.perf_counter()
+    else:
+      collecting["seconds"] += time.perf_counter() - collecting["start"]
+
+  gc.callbacks.append(collector)
   rundir.quiet_orbax_logging()
   if _CACHE.value:
     compile_cache.enable_compilation_cache(_CACHE.value)
@@ -146,6 +166,7 @@ def main(argv):
   seconds["first step"] = ends["first step"] - ends["init"]
   seconds["steps"] = total - sum(seconds.values())
   rows = {"imports": imports, **dict(seconds), "run": total, "process so far": imports + total}
+  rows["garbage collection"] = collecting["seconds"]
   shape = _SHAPE.value or "2x64x2 (tiny)"
   print(
     f"{_STEPS.value} steps of {_BATCH.value} pairs, backbone {shape}, steady "

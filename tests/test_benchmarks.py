@@ -204,6 +204,8 @@ def test_run_phases_times_every_phase_of_a_hh_run_within_the_run(tmp_path):
     assert seconds[name] >= 0 and f"{name:>15} | {seconds[name]:6.2f} s" in out, name
   # every phase is inside the run, and "steps" (the rest) is what the others leave of it
   assert abs(sum(seconds[name] for name in phases) - seconds["run"]) < 1e-6
+  collecting = seconds["garbage collection"]  # the collector's passes, within the phases
+  assert 0 < collecting < seconds["run"] and f"garbage collection | {collecting:6.2f} s" in out
   proc = script_runner.run_subprocess(
     "benchmarks/run_phases.py", f"--workdir={tmp_path}", "--steps=0"
   )
