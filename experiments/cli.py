@@ -321,7 +321,8 @@ def freeze_objects() -> None:
   BUILD_NOTES.md, "Issue 14, session 39"):
 
   * when the imports are done: the collector's full passes during the run then skip the
-    imported modules' objects (about 300,000), 0.32 -> 0.06 s of collections;
+    imported modules' objects (the run's collections 0.41–0.42 -> 0.14–0.17 s,
+    ``benchmarks/run_phases.py --nofreeze`` against the default);
   * when ``main`` returns: the interpreter's shutdown then skips its passes over everything
     the run built (traced programs, caches, figures), the exit 0.66–0.99 -> 0.14–0.15 s.
 
