@@ -3,9 +3,10 @@
 The compilation cache (:mod:`jaxrm.io.compile_cache`) spares a second process XLA's compile,
 but every process still traces the Python step into a jaxpr and lowers it to StableHLO before
 the cache is consulted: about 0.5 s of the first step of the README's HH run, and 0.1 s of
-its initial state and evaluation (BUILD_NOTES.md, "Issue 14, session 38"). :func:`jit` exports the lowered program with :mod:`jax.export` on first use and
-loads it in later processes; every process, the first included, runs the exported program, so
-a run's numbers do not depend on whether it found one.
+its initial state and evaluation (BUILD_NOTES.md, "Issue 14, session 38"). :func:`jit`
+exports the lowered program with :mod:`jax.export` on first use and loads it in later
+processes; every process, the first included, runs the exported program, so a run's numbers
+do not depend on whether it found one.
 
 A program is stored under a SHA-256 of everything its lowering depends on: the caller's
 ``name`` and ``key`` (a text that must determine the function, e.g. the run's config and model;
