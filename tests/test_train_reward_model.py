@@ -190,6 +190,36 @@ def test_runs_through_stored_programs_train_the_same_model(shard_map_run, tmp_pa
     rm_config._jitted_init.cache_clear()
 
 
+def test_a_packed_pairs_run_trains_the_two_row_model(shard_map_run, tmp_path, synthetic_npz):
+  """``model.pack_pairs`` (jaxrm.data.packing) changes how the step lays out the pairs, not
+  what it computes: the same logged losses and held-out metrics, and parameters within float
+  rounding after 8 Adam steps, under shard_map on 8 devices."""
+  workdir, summary = shard_map_run
+  packed_dir = _seeded_workdir(tmp_path / "packed", synthetic_npz)
+  packed = rm_train.train_and_evaluate(
+    _config(parallel="shard_map", model__pack_pairs=8), packed_dir
+  )
+  with open(packed_dir / rundir.CONFIG_FILE) as f:
+    assert json.load(f)["config"]["model"]["pack_pairs"] == 8
+  for row, want in zip(_rows(packed_dir), _rows(workdir), strict=True):
+    for key in ("loss", "accuracy", "log_loss"):
+      if key in want:
+        np.testing.assert_allclose(row[key], want[key], rtol=1e-4, err_msg=f"{key} {row}")
+  assert packed["eval"]["accuracy"] == summary["eval"]["accuracy"]
+  a = traverse_util.flatten_dict(rm_eval.restore_run(workdir).state.params, sep="/")
+  b = traverse_util.flatten_dict(rm_eval.restore_run(packed_dir).state.params, sep="/")
+  assert a.keys() == b.keys()
+  # The head's bias adds to both rewards of a pair, so the Bradley-Terry loss's gradient with
+  # respect to it is zero in exact arithmetic: Adam turns two rows' rounding noise there into
+  # steps of the learning rate's size (1.3e-4 after these 8 steps); in the packed step a
+  # pair's two rewards share the head's output array, and their cotangents cancelled (0 here).
+  bias = "params/head/bias"
+  assert np.abs(b.pop(bias)).max() <= 1e-4
+  a.pop(bias)
+  for name, x in a.items():
+    np.testing.assert_allclose(b[name], x, rtol=0, atol=1e-4, err_msg=name)
+
+
 def test_report_reuses_the_last_evaluation_and_matches_a_fresh_one(shard_map_run):
   workdir, summary = shard_map_run
   # The test split (64 pairs) is scored by the evaluations at steps 4 and 8 only: the report
@@ -376,6 +406,8 @@ def test_hh_sample_trains_through_tfds_and_reports_without_the_source_files(tmp_
     ("data.test_files", (SAMPLE,), "must be empty for the synthetic world"),
     ("model.preset", "huge", "must be one of"),
     ("model.matmul_dtype", "float16", "must be '' \\(model.dtype\\) or one of"),
+    ("model.pack_pairs", -1, "must be an int >= 0"),
+    ("model.pack_pairs", True, "must be an int >= 0"),
     ("loss.label_smoothing", 1.5, "must be in \\[0, 1\\]"),
     ("data.synthetic.world.vocab_size", 0, "vocab_size must be >= 1"),
     ("log.keep_checkpoints", 0, "must be an int >= 1"),

@@ -12,6 +12,7 @@ import importlib
 _MODULES = (
   "demonstrations",
   "iterator",
+  "packing",
   "preference_builder",
   "preference_files",
   "preference_records",
@@ -28,6 +29,7 @@ _LAZY = {
   "get_examples": "preference_files",
   "iter_preference_examples": "preference_files",
   "line_split": "preference_records",
+  "pack_pairs": "packing",
   "load_preference_arrays": "preference_files",
   "parse_preference_line": "preference_records",
   "parse_preference_record": "preference_records",

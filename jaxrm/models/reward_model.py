@@ -82,12 +82,37 @@ class RewardModel(nn.Module):
   pooling: str = "last"
 
   @nn.compact
-  def __call__(self, tokens: jax.typing.ArrayLike, mask: jax.typing.ArrayLike) -> jax.Array:
-    """Returns float32 rewards ``[batch]``; see :func:`pool_hidden` for the pooling."""
+  def __call__(
+    self,
+    tokens: jax.typing.ArrayLike,
+    mask: jax.typing.ArrayLike,
+    *,
+    segments: jax.typing.ArrayLike | None = None,
+  ) -> jax.Array:
+    """Returns float32 rewards ``[batch]``; see :func:`pool_hidden` for the pooling.
+
+    With ``segments`` (``[batch, seq]``, a packed pair per row as
+    :func:`jaxrm.data.packing.pack_pairs` builds it: segment 0 the shared prefix, 1 the first
+    sequence's own tokens, 2 the second's), returns ``[batch, 2]``: the rewards of both
+    sequences of each row, each read at its last real token (``pooling='last'`` only)."""
     if self.pooling not in _POOLINGS:
       raise ValueError(f"pooling must be one of {_POOLINGS}, got {self.pooling!r}")
     backbone = Transformer(self.config, name="backbone")
-    if self.pooling == "last" and jnp.ndim(mask) == 2:  # (else the backbone names the shape)
+    if segments is not None:
+      if self.pooling != "last":
+        raise ValueError(f"packed pairs (segments) need pooling='last', got {self.pooling!r}")
+      segments = jnp.asarray(segments)
+      if jnp.shape(segments) != jnp.shape(mask):
+        raise ValueError(
+          f"segments must have the shape of mask {jnp.shape(mask)}, got {jnp.shape(segments)}"
+        )
+      mask = jnp.asarray(mask).astype(bool)
+      shared = segments == 0
+      seqs = [mask & (shared | (segments == s)) for s in (1, 2)]  # each sequence's tokens
+      reads = jnp.stack([last_positions(m) for m in seqs], 1)
+      hidden = backbone(tokens, mask, rows=reads, segments=segments)  # [batch, 2, width]
+      pooled = jnp.where(jnp.stack([jnp.any(m, axis=1) for m in seqs], 1)[..., None], hidden, 0.0)
+    elif self.pooling == "last" and jnp.ndim(mask) == 2:  # (else the backbone names the shape)
       # The last layer computes only the token read: the same rewards for less work.
       mask = jnp.asarray(mask).astype(bool)
       hidden = backbone(tokens, mask, rows=last_positions(mask)[:, None])[:, 0]
@@ -101,4 +126,4 @@ class RewardModel(nn.Module):
       param_dtype=self.config.param_dtype,
       name="head",
     )(pooled)
-    return reward[:, 0].astype(jnp.float32)
+    return reward[..., 0].astype(jnp.float32)

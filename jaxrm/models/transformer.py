@@ -278,7 +278,9 @@ def check_token_range(tokens: jax.typing.ArrayLike, vocab_size: int, name: str =
     )
 
 
-def _check_inputs(tokens, mask, config: TransformerConfig, cache: KVCache | None) -> None:
+def _check_inputs(
+  tokens, mask, config: TransformerConfig, cache: KVCache | None, segments=None
+) -> None:
   tokens_shape, mask_shape = jnp.shape(tokens), jnp.shape(mask)
   if len(tokens_shape) != 2:
     raise ValueError(f"tokens must have shape [batch, seq], got {tokens_shape}")
@@ -286,10 +288,22 @@ def _check_inputs(tokens, mask, config: TransformerConfig, cache: KVCache | None
     raise ValueError(f"tokens must be an integer array, got dtype {jnp.result_type(tokens)}")
   if mask_shape != tokens_shape:
     raise ValueError(f"mask must have the shape of tokens {tokens_shape}, got {mask_shape}")
+  if segments is not None:
+    if cache is not None:
+      raise ValueError("segments is for a pass without a cache (got both)")
+    if jnp.shape(segments) != tokens_shape:
+      raise ValueError(
+        f"segments must have the shape of tokens {tokens_shape}, got {jnp.shape(segments)}"
+      )
+    if not jnp.issubdtype(jnp.result_type(segments), jnp.integer):
+      raise ValueError(f"segments must be an integer array, got {jnp.result_type(segments)}")
   seq = tokens_shape[1]
-  limit = config.max_len if cache is None else cache.mask.shape[1]
+  # A packed row holds two sequences of at most max_len tokens that share at least one.
+  limit = config.max_len * (1 if segments is None else 2) if cache is None else cache.mask.shape[1]
   if seq > limit:
     what = f"max_len={config.max_len}" if cache is None else f"cache_len={limit}"
+    if segments is not None:
+      what = f"2 * max_len={limit} (a packed row)"
     raise ValueError(f"tokens has length {seq} (shape {tokens_shape}), longer than {what}")
   if cache is not None and cache.mask.shape[0] != tokens_shape[0]:
     raise ValueError(
@@ -302,6 +316,19 @@ def _check_inputs(tokens, mask, config: TransformerConfig, cache: KVCache | None
       f"num_layers={config.num_layers} (make it with init_cache(config, ...))"
     )
   check_token_range(tokens, config.vocab_size)
+
+
+def _segment_mask_and_positions(attn_mask: jax.Array, segments: jax.Array):
+  """A packed row's attention mask and positions (``Transformer``'s ``segments``).
+
+  ``attn_mask`` ``[batch, seq, seq]`` is the causal mask of real keys; a key is kept when it
+  is in the query's segment or the shared segment 0. A token's position counts the real
+  tokens it attends to (itself included), minus one: its index in its own sequence."""
+  segments = jnp.asarray(segments, jnp.int32)
+  key_segment = segments[:, None, :]
+  attn_mask = attn_mask & ((key_segment == segments[:, :, None]) | (key_segment == 0))
+  positions = jnp.sum(attn_mask, axis=2, dtype=jnp.int32) - 1
+  return attn_mask, positions
 
 
 def _norm(cfg: TransformerConfig, name: str) -> nn.Module:
@@ -405,6 +432,7 @@ class Transformer(nn.Module):
     cache: KVCache | None = None,
     *,
     rows: jax.Array | None = None,
+    segments: jax.Array | None = None,
   ):
     """Runs the backbone.
 
@@ -421,13 +449,21 @@ class Transformer(nn.Module):
         ``jnp.take_along_axis(hidden, rows[..., None], 1)`` of the full pass. The last layer
         computes its queries, attention and MLP at these positions only (every earlier
         layer feeds its keys and values), e.g. a reward model reading one token.
+      segments: optional ``[batch, seq]`` integers (without ``cache``): several sequences that
+        share a prefix, packed in one row (:func:`jaxrm.data.packing.pack_pairs`). Segment 0
+        is the shared prefix and comes first; each other value is one sequence's own tokens
+        after it, contiguous. A token attends to the earlier real tokens of its own segment
+        and of segment 0, and its position is its index in its own sequence (prefix, then
+        its segment), so each sequence's hidden states are those of the sequence alone in an
+        unpacked row. Rows may then be up to ``2 * max_len`` long; each sequence must still
+        fit ``max_len`` (not checked under ``jit``).
 
     Returns:
       ``hidden [batch, seq, width]`` (``[batch, n, width]`` with ``rows``) float32 if
       ``cache`` is None, else ``(hidden, new_cache)``.
     """
     cfg = self.config
-    _check_inputs(tokens, mask, cfg, cache)
+    _check_inputs(tokens, mask, cfg, cache, segments)
     if rows is not None:
       if cache is not None:
         raise ValueError("rows is for a pass without a cache (got both)")
@@ -456,6 +492,8 @@ class Transformer(nn.Module):
     k_slots = jnp.arange(key_mask.shape[1])
     causal = k_slots[None, :] <= q_slots[:, None]  # [seq, L]
     attn_mask = causal[None] & key_mask[:, None, :]  # [batch, seq, L]
+    if segments is not None:
+      attn_mask, positions = _segment_mask_and_positions(attn_mask, segments)
     positions = jnp.maximum(positions, 0)  # pads before the first real token
 
     embed_init = nn.initializers.normal(stddev=0.02)

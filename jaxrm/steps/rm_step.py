@@ -13,6 +13,12 @@ Preference batch (dict of arrays, leading axis = the local batch):
   optional ``'weight'`` ``[batch]`` float (per-example weight) and ``'label'`` ``[batch]`` float
   (soft label P(chosen > rejected)).
 
+Or packed, one row per pair (:func:`jaxrm.data.packing.pack_pairs`: the common prefix once,
+then both responses' own tokens): ``'packed'`` ``[batch, P]`` int32, ``'packed_mask'``
+``[batch, P]`` bool and ``'packed_segments'`` ``[batch, P]`` int32, with the same optional
+keys; ``apply_fn(params, tokens, mask, segments=...)`` then returns ``[batch, 2]`` rewards
+(chosen, rejected), as :class:`jaxrm.models.reward_model.RewardModel` does.
+
 References:
   Ouyang et al., 2022. Training language models to follow instructions with human
   feedback. https://arxiv.org/abs/2203.02155
@@ -26,6 +32,7 @@ from jax import lax
 import jax.numpy as jnp
 import optax
 
+from jaxrm.data import packing
 from jaxrm.steps import train_state as train_state_lib
 
 _REQUIRED_KEYS = ("chosen", "chosen_mask", "rejected", "rejected_mask")
@@ -33,6 +40,8 @@ _REQUIRED_KEYS = ("chosen", "chosen_mask", "rejected", "rejected_mask")
 
 def _check_batch(batch: Mapping[str, Any]) -> int:
   """Checks ranks and shapes of a preference batch at trace time; returns the batch size."""
+  if "packed" in batch:
+    return _check_packed(batch)
   missing = [k for k in _REQUIRED_KEYS if k not in batch]
   if missing:
     raise ValueError(f"preference batch is missing keys {missing}; got keys {sorted(batch)}")
@@ -53,12 +62,32 @@ def _check_batch(batch: Mapping[str, Any]) -> int:
       "batch['chosen'] and batch['rejected'] must have the same batch size, got "
       f"{jnp.shape(batch['chosen'])} and {jnp.shape(batch['rejected'])}"
     )
+  _check_per_pair(batch, b)
+  return b
+
+
+def _check_packed(batch: Mapping[str, Any]) -> int:
+  shape = jnp.shape(batch["packed"])
+  if len(shape) != 2:
+    raise ValueError(f"batch['packed'] must have shape [batch, seq], got {shape}")
+  for name in packing.PACKED_KEYS:
+    if name not in batch:
+      raise ValueError(f"a packed batch needs {list(packing.PACKED_KEYS)}; got keys {sorted(batch)}")
+    if jnp.shape(batch[name]) != shape:
+      raise ValueError(
+        f"batch['{name}'] must have the shape of batch['packed'] {shape}, got "
+        f"{jnp.shape(batch[name])}"
+      )
+  _check_per_pair(batch, shape[0])
+  return shape[0]
+
+
+def _check_per_pair(batch: Mapping[str, Any], b: int) -> None:
   for name in ("weight", "label"):
     if batch.get(name) is not None and jnp.shape(batch[name]) != (b,):
       raise ValueError(
         f"batch['{name}'] must have shape [batch] = ({b},), got {jnp.shape(batch[name])}"
       )
-  return b
 
 
 def _labels(batch: Mapping[str, Any]) -> jax.Array | None:
@@ -80,6 +109,16 @@ def _score_pairs(
   """Scores chosen and rejected sequences; one ``apply_fn`` call when the lengths agree."""
   b = _check_batch(batch)
   extra = {} if key is None else {"key": key}
+  if "packed" in batch:
+    rewards = apply_fn(
+      params, batch["packed"], batch["packed_mask"], segments=batch["packed_segments"], **extra
+    )
+    if jnp.shape(rewards) != (b, 2):
+      raise ValueError(
+        f"apply_fn must return rewards of shape [batch, 2] = ({b}, 2) for a packed batch, got "
+        f"{jnp.shape(rewards)}"
+      )
+    return rewards[:, 0], rewards[:, 1]
   if jnp.shape(batch["chosen"])[1] == jnp.shape(batch["rejected"])[1]:
     tokens = jnp.concatenate([batch["chosen"], batch["rejected"]], axis=0)
     mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)

@@ -72,7 +72,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from jaxrm.data import pairs
+from jaxrm.data import packing, pairs
 from jaxrm.data.run_tokenizer import RunTokenizer, has_tokenizer_json
 from jaxrm.io import checkpoint as checkpoint_lib
 from jaxrm.io import hf, program_cache, rm_io, rundir
@@ -104,6 +104,7 @@ from jaxrm.train.rm_eval import restore_run, write_run_report  # noqa: F401
 
 BEST_METRIC = "eval_accuracy"
 STEP_KEYS = ("chosen", "chosen_mask", "rejected", "rejected_mask", "weight", "label")
+PACKED_STEP_KEYS = (*packing.PACKED_KEYS, "weight", "label")
 
 
 def _resolve_paths(config: TrainConfig) -> TrainConfig:
@@ -301,8 +302,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
     with rundir.MetricsWriter(workdir, log=log, config=config) as writer:
       while step < config.steps:
         batch = next(train_iter)
+        keys = STEP_KEYS
+        if config.model.pack_pairs:
+          batch = packing.pack_pairs(batch, multiple=config.model.pack_pairs)
+          keys = PACKED_STEP_KEYS
         state, step_metrics = pstep(
-          state, pstep.shard_batch({k: batch[k] for k in STEP_KEYS if k in batch})
+          state, pstep.shard_batch({k: batch[k] for k in keys if k in batch})
         )
         step += 1
         pending.append(step_metrics)

@@ -35,7 +35,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CHANGEABLE_ON_RESUME = ("eval", "log", "parallel", "nonfinite", "max_consecutive_skips")
 # Fields added after runs were saved without them, with the value those runs computed with
 # (:func:`jaxrm.io.rundir.check_resumable`).
-ADDED_ON_RESUME = {"model.matmul_dtype": ""}
+ADDED_ON_RESUME = {"model.matmul_dtype": "", "model.pack_pairs": 0}
 
 
 def with_matmul_dtype(model_config: TransformerConfig, matmul_dtype: str) -> TransformerConfig:
@@ -66,7 +66,12 @@ class ModelConfig:
   ``remat``: rematerialise block activations in the backward pass (long sequences);
   ``attention_query_block``: None, or attend in causal query blocks of this many tokens
   (:attr:`jaxrm.models.transformer.TransformerConfig.attention_query_block`: the same
-  attention without the masked half of the score matrix; faster for long sequences on CPU).
+  attention without the masked half of the score matrix; faster for long sequences on CPU);
+  ``pack_pairs``: 0 (each training pair as two rows, chosen and rejected) or ``N``: one row
+  per pair, their common token prefix once and then each one's own tokens, padded to a
+  multiple of ``N`` tokens (:mod:`jaxrm.data.packing`; the same rewards, loss and gradients
+  up to float rounding, fewer tokens when the prompts are long and the responses short;
+  ``pooling='last'`` only; evaluation keeps two rows).
   """
 
   preset: str = "tiny"
@@ -76,6 +81,7 @@ class ModelConfig:
   matmul_dtype: str = ""
   remat: bool = False
   attention_query_block: int | None = None
+  pack_pairs: int = 0
 
 
 @dataclasses.dataclass
@@ -209,6 +215,17 @@ def validate_config(config: TrainConfig, *, num_devices: int | None = None) -> N
     c.model.preset in presets.PRESETS, "model.preset", f"must be one of {sorted(presets.PRESETS)}"
   )
   need(c.model.pooling in POOLINGS, "model.pooling", f"must be one of {list(POOLINGS)}")
+  need(
+    rundir.is_int(c.model.pack_pairs) and c.model.pack_pairs >= 0,
+    "model.pack_pairs",
+    "must be an int >= 0 (0: two rows per pair)",
+  )
+  need(
+    not c.model.pack_pairs or c.model.pooling == "last",
+    "model.pack_pairs",
+    f"packed pairs read each reward at its last token: needs model.pooling='last', got "
+    f"{c.model.pooling!r}",
+  )
   need(isinstance(c.model.hf_checkpoint, str), "model.hf_checkpoint", "must be a path or ''")
   need(c.model.dtype in DTYPES, "model.dtype", f"must be one of {list(DTYPES)}")
   need(
