@@ -40,7 +40,6 @@ import functools  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import re  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 
@@ -48,11 +47,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from benchmarks.shapes import shape_preset  # noqa: E402
 from experiments import cli  # noqa: E402
 from experiments.configs import reward_model as rm_configs  # noqa: E402
 from jaxrm.data import pairs  # noqa: E402
 from jaxrm.io import checkpoint, compile_cache, report, rundir  # noqa: E402
-from jaxrm.models import presets  # noqa: E402
 from jaxrm.train import reward_model, rm_eval  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (emptied first).", required=True)
@@ -69,6 +68,9 @@ _SHAPE = flags.DEFINE_string(
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Pairs per step (the hh config's: 32).")
 _FREEZE = flags.DEFINE_bool(
   "freeze", True, "Freeze the objects alive after the imports, as the scripts do."
+)
+_PACK = flags.DEFINE_integer(
+  "pack_pairs", 0, "model.pack_pairs: 0 two rows per pair; N one packed row, multiples of N."
 )
 _MATMUL = flags.DEFINE_enum(
   "matmul_dtype", "bfloat16", ["float32", "bfloat16"], "model.matmul_dtype (peer benchmark's)."
@@ -100,20 +102,6 @@ def timed(seconds: dict, ends: dict, name: str, fn):
   return wrapper
 
 
-def shape_preset(shape: str, max_len: int) -> str:
-  """Registers ``shape`` (``LAYERSxWIDTHxHEADS``) as a preset of ``max_len`` tokens and returns
-  its name; raises ``app.UsageError`` naming ``--shape`` when it is malformed."""
-  match = re.fullmatch(r"(\d+)x(\d+)x(\d+)", shape)
-  layers, width, heads = (int(g) for g in match.groups()) if match else (0, 0, 0)
-  if not (layers and width and heads) or width % heads:
-    raise app.UsageError(
-      f"--shape={shape}: give LAYERSxWIDTHxHEADS, positive, the heads dividing the width"
-    )
-  name = f"phases_{shape}"
-  presets.PRESETS[name] = (layers, width, heads, max_len)
-  return name
-
-
 def main(argv):
   del argv
   if _STEPS.value < 1:
@@ -143,6 +131,7 @@ def main(argv):
   config.data.max_len = _MAX_LEN.value
   config.model.matmul_dtype = _MATMUL.value
   config.batch_size = _BATCH.value
+  config.model.pack_pairs = _PACK.value
   if _SHAPE.value:
     config.model.preset = shape_preset(_SHAPE.value, _MAX_LEN.value)
   seconds, ends = collections.defaultdict(float), {}
@@ -168,14 +157,17 @@ def main(argv):
   rows["garbage collection"] = collecting["seconds"]
   shape = _SHAPE.value or "2x64x2 (tiny)"
   print(
-    f"{_STEPS.value} steps of {_BATCH.value} pairs, backbone {shape}, steady "
+    f"{_STEPS.value} steps of {_BATCH.value} pairs"
+    f"{f' packed (rows in multiples of {_PACK.value})' if _PACK.value else ''}, backbone {shape}, steady "
     f"{summary['pairs_per_sec']:.1f} pairs/s"
   )
   for name, value in rows.items():
     print(f"{name:>15} | {value:6.2f} s")
   with open(os.path.join(_WORKDIR.value, "run_phases.json"), "w") as f:
     extra = {"pairs_per_sec": summary["pairs_per_sec"], "num_steps": _STEPS.value}
-    json.dump({**rows, **extra, "shape": shape, "batch_size": _BATCH.value}, f)
+    json.dump(
+      {**rows, **extra, "shape": shape, "batch_size": _BATCH.value, "pack_pairs": _PACK.value}, f
+    )
 
 
 if __name__ == "__main__":

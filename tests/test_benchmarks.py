@@ -216,3 +216,30 @@ def test_run_phases_times_every_phase_of_a_hh_run_within_the_run(tmp_path):
   )
   assert proc.returncode != 0 and "--shape=4x250x3: give LAYERSxWIDTHxHEADS" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_packed_step_times_both_layouts_on_the_same_batches_with_the_same_losses(tmp_path):
+  sample = os.path.join(os.path.dirname(__file__), "data", "hh_rlhf_sample.jsonl.gz")
+  out = _run(
+    "packed_step.py",
+    f"--data={sample}",
+    "--shape=1x32x2",
+    "--batch_size=8",
+    "--max_len=64",
+    "--batches=3",
+    "--rounds=2",
+    "--pack_pairs=16",
+  )
+  assert "3 batches of 8 pairs, tokenizer byte, max_len 64 | two-row lengths [64]" in out
+  rows = {line.split(" | ")[0]: line.split(" | ") for line in out.splitlines() if " | " in line}
+  two, packed = rows["two rows"], rows["packed"]
+  assert int(two[1].replace(",", "")) == 3 * 2 * 8 * 64  # three batches of 8 pairs in two rows
+  packed_slots = int(packed[1].replace(",", ""))
+  assert packed_slots % (8 * 16) == 0 and packed_slots < int(two[1].replace(",", ""))
+  assert len(two[2].split()) == len(packed[2].split()) == 2 and two[5] == "1.00x"
+  gap = float(out.rsplit("largest difference over the batches ", 1)[1].split()[0])
+  assert gap < 1e-5
+  proc = script_runner.run_subprocess("benchmarks/packed_step.py", "--pack_pairs=0")
+  assert proc.returncode != 0 and "--pack_pairs must be >= 1, got 0" in proc.stderr
+  assert "Traceback" not in proc.stderr
+

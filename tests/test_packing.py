@@ -44,7 +44,10 @@ def _pairs(left_pad_rows=()):
   rejected[3] = chosen[3]  # identical (to their length 9)
   rejected[4, :6] = chosen[4, :6]  # rejected (6 tokens) is a prefix of chosen
   batch = {}
-  for name, tokens, lengths in (("chosen", chosen, CHOSEN_LEN), ("rejected", rejected, REJECTED_LEN)):
+  for name, tokens, lengths in (
+    ("chosen", chosen, CHOSEN_LEN),
+    ("rejected", rejected, REJECTED_LEN),
+  ):
     mask = np.arange(SEQ)[None] < np.asarray(lengths)[:, None]
     tokens = np.where(mask, tokens, 0)
     for i in left_pad_rows:
@@ -126,9 +129,7 @@ def test_each_packed_sequence_has_its_two_row_hidden_states(name):
   model = transformer.Transformer(_backbone(name))
   params = model.init(jax.random.key(0), batch["chosen"], batch["chosen_mask"])
   out = packing.pack_pairs(batch, multiple=8)
-  packed = model.apply(
-    params, out["packed"], out["packed_mask"], segments=out["packed_segments"]
-  )
+  packed = model.apply(params, out["packed"], out["packed_mask"], segments=out["packed_segments"])
   seg = out["packed_segments"]
   for name_, branch in (("chosen", 1), ("rejected", 2)):
     rows = np.asarray(model.apply(params, batch[name_], batch[f"{name_}_mask"]))

@@ -62,7 +62,9 @@ def pack_pairs(batch: Mapping[str, Any], *, multiple: int) -> dict[str, np.ndarr
   n = arrays["chosen"].shape[0] if arrays["chosen"].ndim == 2 else -1
   for k, a in arrays.items():
     if a.ndim != 2 or a.shape[0] != n:
-      raise ValueError(f"batch['{k}'] must have shape [batch, seq] with the chosen batch, got {a.shape}")
+      raise ValueError(
+        f"batch['{k}'] must have shape [batch, seq] with the chosen batch, got {a.shape}"
+      )
   for tokens, mask in (("chosen", "chosen_mask"), ("rejected", "rejected_mask")):
     if arrays[tokens].shape != arrays[mask].shape:
       raise ValueError(

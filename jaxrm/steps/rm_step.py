@@ -72,7 +72,9 @@ def _check_packed(batch: Mapping[str, Any]) -> int:
     raise ValueError(f"batch['packed'] must have shape [batch, seq], got {shape}")
   for name in packing.PACKED_KEYS:
     if name not in batch:
-      raise ValueError(f"a packed batch needs {list(packing.PACKED_KEYS)}; got keys {sorted(batch)}")
+      raise ValueError(
+        f"a packed batch needs {list(packing.PACKED_KEYS)}; got keys {sorted(batch)}"
+      )
     if jnp.shape(batch[name]) != shape:
       raise ValueError(
         f"batch['{name}'] must have the shape of batch['packed'] {shape}, got "
