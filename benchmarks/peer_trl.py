@@ -167,6 +167,13 @@ flags.DEFINE_enum(
   "matmul operands, float32 sums and parameters), the arithmetic of TRL's CPU defaults.",
 )
 flags.DEFINE_integer(
+  "jaxrm_pack_pairs",
+  0,
+  "jaxrm's model.pack_pairs in its end-to-end runs (0: two rows per pair; N: one packed row "
+  "per pair, in multiples of N tokens; jaxrm.data.packing). The per-step figures stay two-row "
+  "(benchmarks/packed_step.py times the packed step).",
+)
+flags.DEFINE_integer(
   "jaxrm_cpu_devices",
   1,
   "jaxrm's processes split the CPU into this many JAX devices (jax_num_cpu_devices, "
@@ -294,6 +301,7 @@ def train_config(w: Workload, data: str, steps: int):
     config.model.attention_query_block = FLAGS.attention_query_block or None
   if FLAGS.jaxrm_matmul_dtype != "float32":
     config.model.matmul_dtype = FLAGS.jaxrm_matmul_dtype
+  config.model.pack_pairs = FLAGS.jaxrm_pack_pairs
   if FLAGS.jaxrm_outputs == "trl":
     config.log.plots = False
     config.eval.report = False
@@ -492,6 +500,7 @@ def run_child(role: str, w: Workload, workdir: str, tag: str, **extra) -> tuple[
     cmd += [f"--attention_query_block={FLAGS.attention_query_block}"]
   cmd += [f"--jaxrm_matmul_dtype={FLAGS.jaxrm_matmul_dtype}"]
   cmd += [f"--jaxrm_cpu_devices={FLAGS.jaxrm_cpu_devices}"]
+  cmd += [f"--jaxrm_pack_pairs={FLAGS.jaxrm_pack_pairs}"]
   cmd += [f"--jaxrm_outputs={FLAGS.jaxrm_outputs}"]
   cmd += [f"--{k}={v}" for k, v in dataclasses.asdict(w).items()]
   cmd += [f"--{k}={v}" for k, v in extra.items()]
@@ -819,6 +828,7 @@ def run_benchmark(workloads: dict[str, Workload], precisions: list[str]) -> None
         jaxrm_compile_cache=FLAGS.jaxrm_cache_dir or "off (cold compile in every run)",
         jaxrm_matmul_dtype=FLAGS.jaxrm_matmul_dtype,
         jaxrm_cpu_devices=FLAGS.jaxrm_cpu_devices,
+        jaxrm_pack_pairs=FLAGS.jaxrm_pack_pairs,
         jaxrm_outputs=FLAGS.jaxrm_outputs,
         trl_precisions={p: TRL_PRECISIONS[p] for p in precisions},
         argv=sys.argv,
@@ -865,6 +875,8 @@ def main(argv):
     raise app.UsageError(f"--attention_query_block must be >= 0, got {FLAGS.attention_query_block}")
   if FLAGS.jaxrm_cpu_devices < 1:
     raise app.UsageError(f"--jaxrm_cpu_devices must be >= 1, got {FLAGS.jaxrm_cpu_devices}")
+  if FLAGS.jaxrm_pack_pairs < 0:
+    raise app.UsageError(f"--jaxrm_pack_pairs must be >= 0, got {FLAGS.jaxrm_pack_pairs}")
   check_data_file(FLAGS.data)
   workloads = resolve_workloads()
   bad = [n for n, w in workloads.items() if w.batch_pairs % FLAGS.jaxrm_cpu_devices]

@@ -242,4 +242,3 @@ def test_packed_step_times_both_layouts_on_the_same_batches_with_the_same_losses
   proc = script_runner.run_subprocess("benchmarks/packed_step.py", "--pack_pairs=0")
   assert proc.returncode != 0 and "--pack_pairs must be >= 1, got 0" in proc.stderr
   assert "Traceback" not in proc.stderr
-

@@ -182,9 +182,10 @@ def test_trl_step_time_drops_two_warmup_steps():
   [
     ("--jaxrm_cpu_devices=0", "--jaxrm_cpu_devices must be >= 1, got 0"),
     ("--jaxrm_cpu_devices=3", "--jaxrm_cpu_devices=3 must divide the pairs per step of ['hh']"),
+    ("--jaxrm_pack_pairs=-1", "--jaxrm_pack_pairs must be >= 0, got -1"),
   ],
 )
-def test_bad_jaxrm_cpu_devices_are_named(tmp_path, flag, message):
+def test_bad_jaxrm_cpu_devices_and_packing_are_named(tmp_path, flag, message):
   proc = _run(f"--workdir={tmp_path}", f"--data={SAMPLE}", "--workloads=hh", flag)
   assert proc.returncode != 0
   assert message in proc.stderr
@@ -210,3 +211,16 @@ def test_jaxrm_runs_write_what_jaxrm_outputs_names(tmp_path, outputs):
     assert figures == [] and not (run / "rm_report.md").exists()
   else:
     assert "curves_train.png" in figures and (run / "rm_report.md").is_file()
+
+
+def test_jaxrm_pack_pairs_reaches_the_timed_run(tmp_path):
+  from absl.testing import flagsaver
+
+  w = peer_trl.WORKLOADS["quick"]
+  argv = ["peer_trl.py", f"--workdir={tmp_path}", f"--data={SAMPLE}", "--jaxrm_pack_pairs=16"]
+  with flagsaver.flagsaver():
+    peer_trl.FLAGS(argv)
+    _, result = peer_trl.run_child("jaxrm_train", w, str(tmp_path), "run")
+  assert result["step"] == w.steps
+  with open(tmp_path / "runs" / "run" / "config.json") as f:
+    assert json.load(f)["config"]["model"]["pack_pairs"] == 16
