@@ -29,7 +29,7 @@ from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.shapes import shape_preset  # noqa: E402
+from benchmarks.shapes import hh_config  # noqa: E402
 from experiments.configs import reward_model as rm_configs  # noqa: E402
 from jaxrm.data import packing, pairs  # noqa: E402
 from jaxrm.io import rundir  # noqa: E402
@@ -53,14 +53,14 @@ def main(argv):
   for name, flag in (("batches", _BATCHES), ("rounds", _ROUNDS), ("pack_pairs", _PACK)):
     if flag.value < 1:
       raise app.UsageError(f"--{name} must be >= 1, got {flag.value}")
-  config = rm_configs.get_config("hh")
-  config.data.files = (_DATA.value,)
+  config = hh_config(
+    data=_DATA.value,
+    max_len=_MAX_LEN.value,
+    batch_size=_BATCH.value,
+    matmul_dtype=_MATMUL.value,
+    shape=_SHAPE.value,
+  )
   config.data.tokenizer = _TOKENIZER.value
-  config.data.max_len = _MAX_LEN.value
-  config.batch_size = _BATCH.value
-  config.model.matmul_dtype = _MATMUL.value
-  if _SHAPE.value:
-    config.model.preset = shape_preset(_SHAPE.value, _MAX_LEN.value)
   try:
     reward_model.validate_config(config)
     with tempfile.TemporaryDirectory() as workdir:

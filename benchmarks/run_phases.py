@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from benchmarks.shapes import shape_preset  # noqa: E402
+from benchmarks.shapes import hh_config  # noqa: E402
 from experiments import cli  # noqa: E402
 from experiments.configs import reward_model as rm_configs  # noqa: E402
 from jaxrm.data import pairs  # noqa: E402
@@ -125,15 +125,15 @@ def main(argv):
   rundir.quiet_orbax_logging()
   if _CACHE.value:
     compile_cache.enable_compilation_cache(_CACHE.value)
-  config = rm_configs.get_config("hh")
-  config.data.files = (_DATA.value,)
+  config = hh_config(
+    data=_DATA.value,
+    max_len=_MAX_LEN.value,
+    batch_size=_BATCH.value,
+    matmul_dtype=_MATMUL.value,
+    shape=_SHAPE.value,
+  )
   config.steps = _STEPS.value
-  config.data.max_len = _MAX_LEN.value
-  config.model.matmul_dtype = _MATMUL.value
-  config.batch_size = _BATCH.value
   config.model.pack_pairs = _PACK.value
-  if _SHAPE.value:
-    config.model.preset = shape_preset(_SHAPE.value, _MAX_LEN.value)
   seconds, ends = collections.defaultdict(float), {}
   for name, owner, attr in PHASES:
     setattr(owner, attr, timed(seconds, ends, name, getattr(owner, attr)))

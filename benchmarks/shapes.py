@@ -1,9 +1,11 @@
-"""Backbone shapes given on the command line (``--shape=LAYERSxWIDTHxHEADS``) as presets."""
+"""The benchmarks' HH run config, its backbone shape given on the command line
+(``--shape=LAYERSxWIDTHxHEADS``) as a preset."""
 
 import re
 
 from absl import app
 
+from experiments.configs import reward_model as rm_configs
 from jaxrm.models import presets
 
 
@@ -19,3 +21,16 @@ def shape_preset(shape: str, max_len: int) -> str:
   name = f"phases_{shape}"
   presets.PRESETS[name] = (layers, width, heads, max_len)
   return name
+
+
+def hh_config(*, data: str, max_len: int, batch_size: int, matmul_dtype: str, shape: str):
+  """The ``hh`` config (``experiments/configs/reward_model.py``) on ``data`` with these
+  settings; ``shape`` ``''`` keeps its preset."""
+  config = rm_configs.get_config("hh")
+  config.data.files = (data,)
+  config.data.max_len = max_len
+  config.batch_size = batch_size
+  config.model.matmul_dtype = matmul_dtype
+  if shape:
+    config.model.preset = shape_preset(shape, max_len)
+  return config

@@ -13,6 +13,7 @@
 """
 
 import dataclasses
+import functools
 import gzip
 import json
 import os
@@ -218,6 +219,32 @@ def test_a_packed_pairs_run_trains_the_two_row_model(shard_map_run, tmp_path, sy
   a.pop(bias)
   for name, x in a.items():
     np.testing.assert_allclose(b[name], x, rtol=0, atol=1e-4, err_msg=name)
+
+
+def test_a_run_saved_before_pack_pairs_resumes_only_unpacked(tmp_path):
+  saved = rm_train.TrainConfig().to_json()
+  del saved["model"]["pack_pairs"]
+  check = functools.partial(
+    rundir.check_resumable,
+    saved,
+    changeable=rm_config.CHANGEABLE_ON_RESUME,
+    added=rm_config.ADDED_ON_RESUME,
+    workdir=tmp_path,
+  )
+  check(rm_train.TrainConfig().to_json())
+  packed = rm_train.TrainConfig(model=rm_train.ModelConfig(pack_pairs=32))
+  with pytest.raises(rundir.ConfigError, match="model.pack_pairs"):
+    check(packed.to_json())
+
+
+def test_pack_pairs_needs_last_pooling():
+  config = rm_train.TrainConfig(model=rm_train.ModelConfig(pooling="mean", pack_pairs=32))
+  with pytest.raises(rm_train.ConfigError, match="needs model.pooling='last', got 'mean'") as e:
+    rm_train.validate_config(config, num_devices=1)
+  assert e.value.field == "model.pack_pairs"
+  rm_train.validate_config(
+    dataclasses.replace(config, model=rm_train.ModelConfig(pack_pairs=32)), num_devices=1
+  )
 
 
 def test_report_reuses_the_last_evaluation_and_matches_a_fresh_one(shard_map_run):

@@ -10,9 +10,10 @@ with ``segments`` 0 / 1 / 2 (pads -1). Run with ``segments``
 (:class:`jaxrm.models.reward_model.RewardModel`, :class:`jaxrm.models.transformer.Transformer`)
 each response attends to the prefix and to itself only, at its own positions, so both rewards
 are those of the two-row layout up to float rounding, for fewer tokens when the prefix is long:
-a long prompt and short responses (e.g. subword tokens of real dialogues, or HH-RLHF at 128
-bytes: 19% fewer token slots, ``benchmarks/prefix_sharing.py``). The attention's work grows
-with the longer row; BUILD_NOTES.md measures where packing pays (issue 14).
+a long prompt and short responses (HH-RLHF at 128 bytes: 20% fewer token slots and 13% off the
+4x256 GPT-2 step, ``benchmarks/packed_step.py``). The attention's work grows with the longer
+row: at the README's width-64 HH model it takes back what the slots save. BUILD_NOTES.md,
+"Issue 14, session 40", measures where packing pays.
 
 Example::
 
