@@ -89,6 +89,14 @@ def test_pack_pairs_lays_out_the_common_prefix_then_both_rests(left_pad_rows, mu
   assert not set(out) & {"chosen", "chosen_mask", "rejected", "rejected_mask"}
 
 
+def test_pack_pairs_pads_to_at_most_twice_the_input_length():
+  batch = _pairs()
+  out = packing.pack_pairs(batch, multiple=1000)
+  assert out["packed"].shape == (len(PREFIX), 2 * SEQ)
+  one = packing.pack_pairs(batch, multiple=1)
+  np.testing.assert_array_equal(out["packed"][:, : one["packed"].shape[1]], one["packed"])
+
+
 @pytest.mark.parametrize(
   "mutate, message",
   [

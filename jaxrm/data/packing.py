@@ -41,15 +41,16 @@ def pack_pairs(batch: Mapping[str, Any], *, multiple: int) -> dict[str, np.ndarr
       ``'chosen_mask'``, ``'rejected_mask'`` ``[batch, seq]`` bool (True on real tokens; pads
       anywhere, each row's real tokens taken in order); other keys (``'weight'``,
       ``'label'``, ...) are passed through.
-    multiple: packed rows are padded to the smallest multiple of this that fits the longest
-      (fewer distinct shapes to compile with a larger one).
+    multiple: packed rows are padded to the smallest multiple of this that fits the longest,
+      at most ``2 * seq`` (fewer distinct shapes to compile with a larger one; one at least
+      as long as every packed row of a run gives all its batches one length).
 
   Returns:
     The other keys of ``batch`` and ``'packed'`` ``[batch, P]`` int32 tokens,
     ``'packed_mask'`` ``[batch, P]`` bool and ``'packed_segments'`` ``[batch, P]`` int32:
     0 on the common prefix, 1 on chosen's remaining tokens, 2 on rejected's, -1 on pads.
-    ``P`` is at most ``2 * seq - 1`` rounded up to ``multiple`` (every pair shares at least
-    the first token when both start with BOS).
+    ``P`` is at most ``2 * seq`` (the longer of chosen's and rejected's ``seq``), which the
+    backbone accepts for ``seq <= max_len``.
 
   Raises:
     ValueError: a missing key, shapes that differ, or ``multiple < 1``.
@@ -81,7 +82,8 @@ def pack_pairs(batch: Mapping[str, Any], *, multiple: int) -> dict[str, np.ndarr
     common = int(differ[0]) if differ.size else both
     rows.append((chosen, rejected, common))
   longest = max((len(c) + len(r) - k for c, r, k in rows), default=0)
-  length = max(1, -(-longest // multiple)) * multiple
+  seq = max(arrays["chosen"].shape[1], arrays["rejected"].shape[1])
+  length = min(max(1, -(-longest // multiple)) * multiple, max(2 * seq, 1))
   packed = np.zeros((n, length), np.int32)
   segments = np.full((n, length), -1, np.int32)
   for i, (chosen, rejected, common) in enumerate(rows):
