@@ -10,8 +10,8 @@ with ``segments`` 0 / 1 / 2 (pads -1). Run with ``segments``
 (:class:`jaxrm.models.reward_model.RewardModel`, :class:`jaxrm.models.transformer.Transformer`)
 each response attends to the prefix and to itself only, at its own positions, so both rewards
 are those of the two-row layout up to float rounding, for fewer tokens when the prefix is long:
-a long prompt and short responses (HH-RLHF at 128 bytes: 20% fewer token slots and 13% off the
-4x256 GPT-2 step, ``benchmarks/packed_step.py``). The attention's work grows with the longer
+a long prompt and short responses (HH-RLHF at 128 bytes: 20% fewer token slots and the 4x256
+GPT-2 step 1.13x as fast, ``benchmarks/packed_step.py``). The attention's work grows with the longer
 row: at the README's width-64 HH model it takes back what the slots save. BUILD_NOTES.md,
 "Issue 14, session 40", measures where packing pays.
 
@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 
-PACKED_KEYS = ("packed", "packed_mask", "packed_segments")
 _PAIR_KEYS = ("chosen", "chosen_mask", "rejected", "rejected_mask")
 
 
@@ -48,7 +47,8 @@ def pack_pairs(batch: Mapping[str, Any], *, multiple: int) -> dict[str, np.ndarr
   Returns:
     The other keys of ``batch`` and ``'packed'`` ``[batch, P]`` int32 tokens,
     ``'packed_mask'`` ``[batch, P]`` bool and ``'packed_segments'`` ``[batch, P]`` int32:
-    0 on the common prefix, 1 on chosen's remaining tokens, 2 on rejected's, -1 on pads.
+    0 on the common prefix, 1 on chosen's remaining tokens, 2 on rejected's, -1 on pads (the
+    packed batch of :func:`jaxrm.steps.rm_step.reward_model_step`, ``rm_step.PACKED_KEYS``).
     ``P`` is at most ``2 * seq`` (the longer of chosen's and rejected's ``seq``), which the
     backbone accepts for ``seq <= max_len``.
 

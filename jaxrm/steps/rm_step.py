@@ -32,10 +32,10 @@ from jax import lax
 import jax.numpy as jnp
 import optax
 
-from jaxrm.data import packing
 from jaxrm.steps import train_state as train_state_lib
 
 _REQUIRED_KEYS = ("chosen", "chosen_mask", "rejected", "rejected_mask")
+PACKED_KEYS = ("packed", "packed_mask", "packed_segments")  # jaxrm.data.packing.pack_pairs
 
 
 def _check_batch(batch: Mapping[str, Any]) -> int:
@@ -70,11 +70,9 @@ def _check_packed(batch: Mapping[str, Any]) -> int:
   shape = jnp.shape(batch["packed"])
   if len(shape) != 2:
     raise ValueError(f"batch['packed'] must have shape [batch, seq], got {shape}")
-  for name in packing.PACKED_KEYS:
+  for name in PACKED_KEYS:
     if name not in batch:
-      raise ValueError(
-        f"a packed batch needs {list(packing.PACKED_KEYS)}; got keys {sorted(batch)}"
-      )
+      raise ValueError(f"a packed batch needs {list(PACKED_KEYS)}; got keys {sorted(batch)}")
     if jnp.shape(batch[name]) != shape:
       raise ValueError(
         f"batch['{name}'] must have the shape of batch['packed'] {shape}, got "

@@ -104,7 +104,7 @@ from jaxrm.train.rm_eval import restore_run, write_run_report  # noqa: F401
 
 BEST_METRIC = "eval_accuracy"
 STEP_KEYS = ("chosen", "chosen_mask", "rejected", "rejected_mask", "weight", "label")
-PACKED_STEP_KEYS = (*packing.PACKED_KEYS, "weight", "label")
+PACKED_STEP_KEYS = (*rm_step.PACKED_KEYS, "weight", "label")
 
 
 def _resolve_paths(config: TrainConfig) -> TrainConfig:
