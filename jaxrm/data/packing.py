@@ -11,9 +11,9 @@ with ``segments`` 0 / 1 / 2 (pads -1). Run with ``segments``
 each response attends to the prefix and to itself only, at its own positions, so both rewards
 are those of the two-row layout up to float rounding, for fewer tokens when the prefix is long:
 a long prompt and short responses (HH-RLHF at 128 bytes: 20% fewer token slots and the 4x256
-GPT-2 step 1.13x as fast, ``benchmarks/packed_step.py``). The attention's work grows with the longer
-row: at the README's width-64 HH model it takes back what the slots save. BUILD_NOTES.md,
-"Issue 14, session 40", measures where packing pays.
+GPT-2 step 1.13x as fast, ``benchmarks/packed_step.py``). The attention's work grows with the
+longer row: at the README's width-64 HH model it takes back what the slots save.
+BUILD_NOTES.md, "Issue 14, session 40", measures where packing pays.
 
 Example::
 
