@@ -6,8 +6,10 @@
   those of the two-row layout (rotary and learned positions, GPT-2 and Llama blocks, causal
   query blocks), including pairs where one sequence is a prefix of the other;
 * the reward-model step on a packed batch gives the two-row step's loss, metrics and
-  gradients (within 1e-5); a training run with ``model.pack_pairs`` under ``shard_map`` (8
-  forced host devices) trains the model the two-row run trains; the config field's checks.
+  gradients (within 1e-5), and names a malformed packed batch.
+
+``tests/test_train_reward_model.py`` checks a training run with ``model.pack_pairs`` under
+``shard_map`` (8 forced host devices) against the two-row run, and the config field.
 """
 
 import jax
