@@ -156,9 +156,9 @@ def main(argv):
   rows = {"imports": imports, **dict(seconds), "run": total, "process so far": imports + total}
   rows["garbage collection"] = collecting["seconds"]
   shape = _SHAPE.value or "2x64x2 (tiny)"
+  packed = f" packed (rows in multiples of {_PACK.value})" if _PACK.value else ""
   print(
-    f"{_STEPS.value} steps of {_BATCH.value} pairs"
-    f"{f' packed (rows in multiples of {_PACK.value})' if _PACK.value else ''}, backbone {shape}, steady "
+    f"{_STEPS.value} steps of {_BATCH.value} pairs{packed}, backbone {shape}, steady "
     f"{summary['pairs_per_sec']:.1f} pairs/s"
   )
   for name, value in rows.items():

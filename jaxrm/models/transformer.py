@@ -298,12 +298,16 @@ def _check_inputs(
     if not jnp.issubdtype(jnp.result_type(segments), jnp.integer):
       raise ValueError(f"segments must be an integer array, got {jnp.result_type(segments)}")
   seq = tokens_shape[1]
-  # A packed row holds two sequences of at most max_len tokens that share at least one.
-  limit = config.max_len * (1 if segments is None else 2) if cache is None else cache.mask.shape[1]
+  if cache is not None:
+    limit = cache.mask.shape[1]
+    what = f"cache_len={limit}"
+  elif segments is not None:  # a packed row: two sequences of at most max_len tokens
+    limit = 2 * config.max_len
+    what = f"2 * max_len={limit} (a packed row)"
+  else:
+    limit = config.max_len
+    what = f"max_len={limit}"
   if seq > limit:
-    what = f"max_len={config.max_len}" if cache is None else f"cache_len={limit}"
-    if segments is not None:
-      what = f"2 * max_len={limit} (a packed row)"
     raise ValueError(f"tokens has length {seq} (shape {tokens_shape}), longer than {what}")
   if cache is not None and cache.mask.shape[0] != tokens_shape[0]:
     raise ValueError(
