@@ -217,3 +217,26 @@ def test_tree_all_finite_matches_numpy_for_every_leaf_dtype_and_size(
   stacked = {"x": jnp.ones((4, 6)).at[2, 5].set(jnp.nan), "y": jnp.ones((4, 30))}
   np.testing.assert_array_equal(jax.vmap(ts.tree_all_finite)(stacked), [True, True, False, True])
   assert bool(ts.tree_all_finite({"n": jnp.arange(3)})) and bool(ts.tree_all_finite({}))
+
+
+def _compiled_guard_instructions(leaves: int) -> int:
+  """Instructions of the optimised program of an AdamW step under the guard over ``leaves``
+  parameter leaves (checked one by one: ``CHECK_TOGETHER_MAX_SIZE`` patched to 0)."""
+  params = {f"p{i}": jnp.ones((8,), jnp.float32) for i in range(leaves)}
+  optimizer = optax.adamw(1e-3)
+  state = make_state(optimizer, params)
+
+  def step(state, grads):
+    return ts.apply_if_finite(state, grads, jnp.float32(0.0), optimizer)[0]
+
+  text = jax.jit(step).lower(state, params).compile().as_text()
+  return sum(" = " in line for line in text.splitlines())
+
+
+def test_the_guard_program_grows_linearly_with_the_leaves(monkeypatch):
+  monkeypatch.setattr(ts, "CHECK_TOGETHER_MAX_SIZE", 0)
+  # The finite flag is computed once. XLA:CPU turned a boolean reduction over the stacked flags
+  # into a chain of `and`s and copied it into every selected leaf's fusion, so the program
+  # grew with the square of the leaf count (20 -> 40 leaves: 4x the instructions).
+  small, large = _compiled_guard_instructions(20), _compiled_guard_instructions(40)
+  assert large < 2.5 * small, (small, large)
