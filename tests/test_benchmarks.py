@@ -242,3 +242,33 @@ def test_packed_step_times_both_layouts_on_the_same_batches_with_the_same_losses
   proc = script_runner.run_subprocess("benchmarks/packed_step.py", "--pack_pairs=0")
   assert proc.returncode != 0 and "--pack_pairs must be >= 1, got 0" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_program_size_reports_the_step_program_and_runs_the_loaded_one():
+  out = _run(
+    "program_size.py",
+    "--layers=1",
+    "--width=16",
+    "--heads=2",
+    "--seq_len=16",
+    "--batch_pairs=2",
+    "--loads=2",
+    "--reps=1",
+  )
+  header, row = out.strip().splitlines()[-2:]
+  values = dict(zip(header.split(" | "), row.split(" | ")))
+  assert int(values["instructions"]) > 100
+  assert int(values["executable bytes"]) > int(values["instructions"])
+  assert float(values["compile s"]) > 0 and float(values["load s"]) > 0
+  compiled_loss, loaded_loss = values["loss (compiled / loaded)"].split(" / ")
+  assert compiled_loss == loaded_loss and 0 < float(loaded_loss) < 5, values
+
+
+def test_program_size_names_a_bad_flag_in_one_line():
+  for args, message in (
+    (["--loads=0"], "--loads must be >= 1, got 0"),
+    (["--width=10", "--heads=4"], "heads"),
+  ):
+    proc = script_runner.run_subprocess("benchmarks/program_size.py", *args)
+    assert proc.returncode != 0 and message in proc.stderr
+    assert "Traceback" not in proc.stderr
