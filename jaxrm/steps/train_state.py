@@ -110,9 +110,10 @@ def tree_all_finite(tree: Any) -> jax.Array:
   if not flags:
     return jnp.array(True)
   # Combined as integers: XLA:CPU rewrites a boolean reduction over stacked flags into a chain
-  # of ``and``s and copies that chain into the fusion of every leaf that the flag selects (a
-  # quadratic program: 10,000 of the 4x256 RM step's 17,000 instructions), which costs
-  # compile and load time. An integer minimum stays one reduction.
+  # of ``and``s and copies that chain into the fusion of every leaf that the flag selects, a
+  # program quadratic in the number of flags (220,000 of the 268,000 instructions of an RM step
+  # at GPT-2 small's shape), which costs compile and load time. An integer minimum stays one
+  # reduction (BUILD_NOTES.md, "session 41").
   return jnp.min(jnp.stack(flags).astype(jnp.int32)) > 0
 
 
