@@ -54,8 +54,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import timing  # noqa: E402
-from experiments.configs import reward_model as rm_configs  # noqa: E402
-from jaxrm.models import transformer  # noqa: E402
 from jaxrm.models.policy import PolicyModel  # noqa: E402
 from jaxrm.models.presets import preset  # noqa: E402
 from jaxrm.models.sampling import sample  # noqa: E402
@@ -97,14 +95,12 @@ _NOT_OPS = re.compile(
 
 def rm_step_program():
   """``(run, name)``: one call of the HH reward-model training step, and its jit name."""
-  backbone = transformer.TransformerConfig(
-    vocab_size=timing.VOCAB,
-    num_layers=_LAYERS.value,
+  backbone = timing.hh_backbone(
+    layers=_LAYERS.value,
     width=_WIDTH.value,
-    num_heads=_HEADS.value,
-    max_len=_SEQ.value,
-    attention_query_block=rm_configs.get_config("hh").model.attention_query_block,
-    dtype=jnp.dtype(_MATMUL.value),
+    heads=_HEADS.value,
+    seq_len=_SEQ.value,
+    matmul_dtype=_MATMUL.value,
   )
   step, state = timing.hh_reward_model_step(backbone, _SEQ.value)
   (batch,) = timing.full_length_pairs(pairs=_PAIRS.value, seq_len=_SEQ.value, count=1)

@@ -38,7 +38,6 @@ import jax.numpy as jnp
 
 from benchmarks import timing
 from experiments.configs import reward_model as rm_configs
-from jaxrm.models import transformer
 from jaxrm.models.reward_model import RewardModel
 from jaxrm.train import reward_model as rm_train
 from jaxrm.train.rm_config import init_state, make_optimizer
@@ -72,14 +71,12 @@ def main(argv):
       raise app.UsageError(f"--{flag.name} must be >= 1, got {flag.value}")
   config = rm_configs.get_config("hh")
   try:
-    backbone = transformer.TransformerConfig(
-      vocab_size=timing.VOCAB,
-      num_layers=_LAYERS.value,
+    backbone = timing.hh_backbone(
+      layers=_LAYERS.value,
       width=_WIDTH.value,
-      num_heads=_HEADS.value,
-      max_len=_SEQ.value,
-      attention_query_block=config.model.attention_query_block,
-      dtype=jnp.dtype(_MATMUL.value),
+      heads=_HEADS.value,
+      seq_len=_SEQ.value,
+      matmul_dtype=_MATMUL.value,
     )
   except ValueError as e:  # heads not dividing the width, ...
     raise app.UsageError(str(e)) from None

@@ -16,6 +16,7 @@ import optax
 from experiments.configs import reward_model as rm_configs
 from jaxrm.data import synthetic
 from jaxrm.math import preference
+from jaxrm.models import transformer
 from jaxrm.models.policy import PolicyModel
 from jaxrm.models.presets import flops_per_token
 from jaxrm.models.reward_model import RewardModel
@@ -42,6 +43,22 @@ def full_length_pairs(*, pairs: int, seq_len: int, count: int) -> list[dict[str,
     }
     for _ in range(count)
   ]
+
+
+def hh_backbone(
+  *, layers: int, width: int, heads: int, seq_len: int, matmul_dtype: str
+) -> transformer.TransformerConfig:
+  """A backbone of this shape with the README HH run's settings (causal query blocks of
+  ``reward_model.py:hh``) on the byte vocabulary; raises ``ValueError`` for a bad shape."""
+  return transformer.TransformerConfig(
+    vocab_size=VOCAB,
+    num_layers=layers,
+    width=width,
+    num_heads=heads,
+    max_len=seq_len,
+    attention_query_block=rm_configs.get_config("hh").model.attention_query_block,
+    dtype=jnp.dtype(matmul_dtype),
+  )
 
 
 def hh_reward_model_step(backbone, seq_len: int):
