@@ -9,6 +9,7 @@ figures in BUILD_NOTES.md)::
 
   python benchmarks/seed_sweep.py --width=16 --layers=1 --seeds=1,4,16
   python benchmarks/seed_sweep.py --width=8 --layers=1 --seeds=1,8 --thread_groups=2
+  python benchmarks/seed_sweep.py --layers=2 --width=64 --heads=4 --seeds=1,8 --thread_groups=2
 """
 
 import os
@@ -25,6 +26,7 @@ from benchmarks import timing  # noqa: E402
 _SEEDS = flags.DEFINE_list("seeds", ["1", "4", "16"], "Seed counts to time.")
 _WIDTH = flags.DEFINE_integer("width", 16, "Proxy width.")
 _LAYERS = flags.DEFINE_integer("layers", 1, "Proxy layers.")
+_HEADS = flags.DEFINE_integer("heads", 2, "Proxy attention heads (dividing --width).")
 _STEPS = flags.DEFINE_integer("steps", 100, "Timed steps (one compiled chunk).")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Pairs per step and seed.")
 _GROUPS = flags.DEFINE_integer(
@@ -43,11 +45,14 @@ def main(argv):
         f"--seeds={k} with --thread_groups={_GROUPS.value}: seed counts must be >= 1 and "
         "divisible into the groups"
       )
-  sweep, pairs, seq_len = timing.synthetic_sweep(
-    layers=_LAYERS.value, width=_WIDTH.value, heads=2, batch_size=_BATCH.value
-  )
+  try:
+    sweep, pairs, seq_len = timing.synthetic_sweep(
+      layers=_LAYERS.value, width=_WIDTH.value, heads=_HEADS.value, batch_size=_BATCH.value
+    )
+  except ValueError as e:  # heads not dividing the width, ...
+    raise app.UsageError(str(e)) from None
   print(
-    f"device: {jax.devices()[0].platform} | proxy L{_LAYERS.value}W{_WIDTH.value} | "
+    f"device: {jax.devices()[0].platform} | proxy {_LAYERS.value}x{_WIDTH.value}x{_HEADS.value} | "
     f"batch {_BATCH.value} pairs x {seq_len} tokens | {_STEPS.value} steps per call | "
     f"seeds in up to {_GROUPS.value} thread(s)"
   )
