@@ -37,10 +37,6 @@ from jax.experimental import serialize_executable
 import jax.numpy as jnp
 
 from benchmarks import timing
-from experiments.configs import reward_model as rm_configs
-from jaxrm.models.reward_model import RewardModel
-from jaxrm.train import reward_model as rm_train
-from jaxrm.train.rm_config import init_state, make_optimizer
 
 _LAYERS = flags.DEFINE_integer("layers", 4, "Backbone layers.")
 _WIDTH = flags.DEFINE_integer("width", 256, "Backbone width.")
@@ -69,7 +65,6 @@ def main(argv):
   for flag in (_LAYERS, _WIDTH, _HEADS, _SEQ, _PAIRS, _LOADS, _REPS):
     if flag.value < 1:
       raise app.UsageError(f"--{flag.name} must be >= 1, got {flag.value}")
-  config = rm_configs.get_config("hh")
   try:
     backbone = timing.hh_backbone(
       layers=_LAYERS.value,
@@ -80,13 +75,8 @@ def main(argv):
     )
   except ValueError as e:  # heads not dividing the width, ...
     raise app.UsageError(str(e)) from None
-  model = RewardModel(backbone, pooling=config.model.pooling)
-  optimizer, _ = make_optimizer(config)
-  step = jax.jit(
-    functools.partial(rm_train.step_fn(config, model, optimizer), axis_name=None),
-    donate_argnums=0,
-  )
-  state = init_state(config, model, optimizer, _SEQ.value)
+  step_fn, state = timing.hh_step_fn(backbone, _SEQ.value)
+  step = jax.jit(functools.partial(step_fn, axis_name=None), donate_argnums=0)
   (batch,) = timing.full_length_pairs(pairs=_PAIRS.value, seq_len=_SEQ.value, count=1)
   batch = jax.tree.map(jnp.asarray, batch)
 

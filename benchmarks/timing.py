@@ -61,16 +61,21 @@ def hh_backbone(
   )
 
 
-def hh_reward_model_step(backbone, seq_len: int):
-  """``(step, state)``: the README HH run's training step (``reward_model.py:hh``: optimizer,
-  non-finite guard, parallel mode) on ``backbone``, and its placed initial state."""
+def hh_step_fn(backbone, seq_len: int):
+  """``(step_fn, state)``: the README HH run's training step function (``reward_model.py:hh``:
+  optimizer, non-finite guard; not jitted) on ``backbone``, and its initial state."""
   config = rm_configs.get_config("hh")
   model = RewardModel(backbone, pooling=config.model.pooling)
   optimizer, _ = make_optimizer(config)
-  step = parallel.make_parallel_step(
-    rm_train.step_fn(config, model, optimizer), mode=config.parallel
-  )
-  return step, step.put_state(init_state(config, model, optimizer, seq_len))
+  return rm_train.step_fn(config, model, optimizer), init_state(config, model, optimizer, seq_len)
+
+
+def hh_reward_model_step(backbone, seq_len: int):
+  """``(step, state)``: :func:`hh_step_fn` in the HH run's parallel mode, and its placed
+  initial state."""
+  step_fn, state = hh_step_fn(backbone, seq_len)
+  step = parallel.make_parallel_step(step_fn, mode=rm_configs.get_config("hh").parallel)
+  return step, step.put_state(state)
 
 
 def synthetic_sweep(*, layers: int, width: int, heads: int, batch_size: int):
