@@ -21,7 +21,9 @@ Compilation: the chunk of ``rl_log_every`` steps (a ``lax.scan`` over steps, ``v
 arms x seeds, the held-out evaluation at its end) takes the world, the reward parameters and
 the states as ARGUMENTS and is built once per (reward architecture, settings)
 (:func:`chunk_fn`), so every world, seed and arm with the same shapes reuses one compiled
-program (and the persistent cache serves a later process). All arms of one reward (the
+program; a later process loads it from the scripts' caches (the lowered program from
+:mod:`jaxrm.io.program_cache`, the executable from the compilation cache) instead of tracing,
+lowering and compiling it again. All arms of one reward (the
 default arm and its KL sweep) run as one vmapped batch, ``kl_coef`` a per-member value in the
 state.
 
@@ -56,7 +58,7 @@ from experiments.overoptimization_lib import (
   score_batches,
 )
 from jaxrm.data import synthetic
-from jaxrm.io import compile_cache, rundir
+from jaxrm.io import compile_cache, program_cache, rundir
 from jaxrm.io.rundir import ConfigError
 from jaxrm.models.policy import transformer_policy
 from jaxrm.steps import rl as rl_lib
@@ -225,7 +227,8 @@ def chunk_fn(
     shape ``[m, chunk_len]``, and with ``evaluate`` the held-out :data:`EVAL_KEYS` ``[m]``
     (``proxy`` not re-centred) measured after the last step.
   """
-  reward_fn = _reward_fn(wc, size) if reward_fn is None else reward_fn
+  custom_reward = reward_fn is not None
+  reward_fn = reward_fn if custom_reward else _reward_fn(wc, size)
   value_head = rl_lib.uses_value_head(algorithm)
   policy = transformer_policy(wc.policy_config(), value_head=value_head)
   step = rl_lib.make_step(
@@ -275,16 +278,28 @@ def chunk_fn(
       train.update(heldout(state.params, world, reward_params, prompts, key))
     return state, train
 
-  @functools.partial(
-    jax.jit, donate_argnums=0, compiler_options=compile_cache.backend_options(opt_level)
-  )
   def chunk(states, world, reward_params, eval_prompts, eval_key):
     TRACES[GOLD if size is None else size.name] += 1  # runs at trace time only
     return jax.vmap(member, in_axes=(0, None, 0, None, None))(
       states, world, reward_params, eval_prompts, eval_key
     )
 
-  return chunk
+  # The lowered program is kept on disk when the scripts' compilation cache is on
+  # (jaxrm.io.program_cache), under everything above it is a function of: a later process
+  # neither traces nor lowers it. A custom reward_fn has no such key: traced in every process.
+  settings = (wc, size, rl_cfg, algorithm, learning_rate, batch_size, chunk_len, evaluate)
+  key = None if custom_reward else "\n".join([*map(repr, settings), _experiments_digest()])
+  return program_cache.jit(
+    chunk,
+    name="rl_chunk",
+    key=key,
+    donate_argnums=(0,),
+    compiler_options=compile_cache.backend_options(opt_level),
+  )
+
+
+def _experiments_digest() -> str:
+  return program_cache.source_digest(os.path.dirname(os.path.abspath(__file__)))
 
 
 def start_params(cfg: StudyConfig, data: WorldData) -> Any:

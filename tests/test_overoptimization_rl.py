@@ -1,5 +1,6 @@
 """Tests of the over-optimisation study's RL stage (experiments/overoptimization_rl.py)."""
 
+import functools
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import pytest
 from experiments import overoptimization_lib as lib
 from experiments import overoptimization_rl as orl
 from jaxrm.data import synthetic
+from jaxrm.io import program_cache
 from jaxrm.io.rundir import ConfigError
 from jaxrm.models.policy import transformer_policy
 
@@ -214,3 +216,31 @@ def test_rloo_is_a_config_value(study):
   for v in curves.values():
     assert v.shape == (2, 1) and np.all(np.isfinite(v))
   assert np.all(curves["kl_exact"] > 0)  # one update moved the policy
+
+
+def test_a_later_process_loads_the_stored_chunk_without_tracing_it(study, tmp_path, monkeypatch):
+  """With the scripts' program cache on (jaxrm.io.program_cache), the first process stores the
+  chunk's lowered program; a later one (here: a fresh chunk_fn cache) loads it instead of
+  tracing the chunk, and trains to the same curves as jax.jit, bit for bit."""
+  cfg, data, _, _, _ = study
+  n = 3 * cfg.num_seeds  # the gold group's member count
+  worlds = jax.tree.map(lambda x: jnp.stack([x] * n), data.world)
+
+  def train_in_a_new_process():
+    monkeypatch.setattr(orl, "chunk_fn", functools.cache(orl.chunk_fn.__wrapped__))
+    keys = jax.random.split(jax.random.key(0), n)
+    return orl.train_members(cfg, data, None, worlds, np.zeros(n), keys)[0]
+
+  monkeypatch.setattr(program_cache, "_directory", None)  # restored after the test
+  expected = train_in_a_new_process()  # jax.jit
+  program_cache.enable(str(tmp_path))
+  stored = train_in_a_new_process()
+  (name,) = os.listdir(tmp_path)
+  assert name.startswith("rl_chunk-")
+  traces = dict(orl.TRACES)
+  loaded = train_in_a_new_process()
+  assert orl.TRACES == traces and os.listdir(tmp_path) == [name]
+  for curves in (stored, loaded):
+    assert set(curves) == set(expected)
+    for k, v in expected.items():
+      np.testing.assert_array_equal(curves[k], v, err_msg=k)

@@ -135,6 +135,29 @@ def test_donated_state_is_consumed(store):
   assert not any(x.is_deleted() for x in jax.tree.leaves(new_state))
 
 
+def test_a_loaded_program_is_lowered_once_for_fresh_and_returned_arrays(store):
+  """A state made outside any jit (uncommitted arrays) and the state a call returns (committed
+  to its device) are one signature: the loaded program is lowered, and compiled, once."""
+  batch = jax.tree.map(jnp.asarray, BATCH)
+  program_cache.jit(sgd_step, name="step", key="sgd")(fresh_state(), batch)  # stores it
+  step = program_cache.jit(sgd_step, name="step", key="sgd", donate_argnums=(0,))
+  state = fresh_state()
+  lowerings = []
+
+  def count(event, duration, **kwargs):
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+      lowerings.append(kwargs)
+
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    for _ in range(3):
+      state, _ = step(state, batch)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
+  assert len(lowerings) == 1, lowerings
+  assert_bitwise_equal(jax.tree.leaves(state), run(jax.jit(sgd_step), n=3)[:-3])
+
+
 def test_damaged_program_is_traced_again(store):
   expected = run(jax.jit(sgd_step))
   run(program_cache.jit(sgd_step, name="step", key="sgd"))

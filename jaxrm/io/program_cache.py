@@ -31,6 +31,7 @@ import hashlib
 import importlib.metadata
 import os
 import pickle
+import threading
 from typing import Any
 
 from absl import logging
@@ -49,13 +50,11 @@ def enable(directory: str | None) -> None:
   _directory = None if directory is None else os.path.abspath(directory)
 
 
-@functools.lru_cache(maxsize=1)
-def library_digest() -> str:
-  """SHA-256 of the source of every ``jaxrm`` module and of the versions of :data:`_PACKAGES`."""
+@functools.cache
+def source_digest(root: str) -> str:
+  """SHA-256 of the path and source of every ``.py`` file under the directory ``root``: for a
+  ``key`` of code outside the library (e.g. the ``experiments`` a program is traced from)."""
   h = hashlib.sha256()
-  for package in _PACKAGES:
-    h.update(f"{package}={importlib.metadata.version(package)}\n".encode())
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   for folder, _, names in sorted(os.walk(root)):
     for name in sorted(n for n in names if n.endswith(".py")):
       path = os.path.join(folder, name)
@@ -63,6 +62,14 @@ def library_digest() -> str:
       with open(path, "rb") as f:
         h.update(f.read())
   return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def library_digest() -> str:
+  """SHA-256 of the source of every ``jaxrm`` module and of the versions of :data:`_PACKAGES`."""
+  versions = "".join(f"{p}={importlib.metadata.version(p)}\n" for p in _PACKAGES)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return hashlib.sha256((versions + source_digest(root)).encode()).hexdigest()
 
 
 def _settings() -> str:
@@ -94,11 +101,12 @@ def program_digest(name: str, key: str, treedef: Any, signature: tuple) -> str:
 class _Program:
   """One function's exported programs, one per argument signature (see :func:`jit`)."""
 
-  def __init__(self, fn, name: str, key: str, donate_argnums: tuple[int, ...], folder: str):
-    self._fn, self._name, self._key, self._donate = fn, name, key, donate_argnums
-    self._folder = folder
+  def __init__(self, fn, name: str, key: str, folder: str, **jit_kwargs):
+    self._fn, self._name, self._key, self._folder = fn, name, key, folder
+    self._donate, self._jit_kwargs = jit_kwargs["donate_argnums"], jit_kwargs
     self._compiled: dict[tuple, tuple[Callable[..., Any], Any]] = {}
-    self._plain = jax.jit(fn, donate_argnums=donate_argnums)
+    self._lock = threading.Lock()
+    self._plain = jax.jit(fn, **jit_kwargs)
     functools.update_wrapper(self, fn)
 
   def __call__(self, *args):
@@ -108,7 +116,11 @@ class _Program:
     signature = (treedef, _signature(leaves))
     entry = self._compiled.get(signature)
     if entry is None:
-      entry = self._compiled[signature] = self._load_or_export(args, leaves, treedef, signature[1])
+      with self._lock:  # threads calling one function (e.g. a study's worlds) export it once
+        entry = self._compiled.get(signature)
+        if entry is None:
+          entry = self._load_or_export(args, leaves, treedef, signature[1])
+          self._compiled[signature] = entry
     call, out_tree = entry
     out = call(*leaves)
     return out if out_tree is None else jax.tree.unflatten(out_tree, out)
@@ -138,7 +150,13 @@ class _Program:
       stored = exported, out_trees[0]
       _write(path, exported, out_trees[0])
     exported, out_tree = stored
-    return jax.jit(exported.call, donate_argnums=donate), out_tree
+    kwargs = dict(self._jit_kwargs, donate_argnums=donate)
+    shardings = tuple(s for _, s in signature)
+    if all(s is not None for s in shardings):
+      # Uncommitted arrays (made outside any jit) and committed ones (a call's outputs) would
+      # otherwise lower the exported call twice, and compile it twice.
+      kwargs["in_shardings"] = shardings
+    return jax.jit(exported.call, **kwargs), out_tree
 
 
 def _read(path: str) -> tuple[Any, Any] | None:
@@ -167,9 +185,15 @@ def _write(path: str, exported: Any, out_tree: Any) -> None:
 
 
 def jit(
-  fn: Callable[..., Any], *, name: str, key: str | None, donate_argnums: Sequence[int] = ()
+  fn: Callable[..., Any],
+  *,
+  name: str,
+  key: str | None,
+  donate_argnums: Sequence[int] = (),
+  compiler_options: dict[str, Any] | None = None,
 ) -> Callable[..., Any]:
-  """``jax.jit(fn, donate_argnums=donate_argnums)``, its lowered programs kept on disk.
+  """``jax.jit(fn, donate_argnums=..., compiler_options=...)``, its lowered programs kept on
+  disk.
 
   Args:
     fn: a pure function of arrays (pytrees of them) returning a pytree of arrays.
@@ -177,6 +201,8 @@ def jit(
     key: a text that determines ``fn`` with the library's code (e.g. the run's config and
       model); ``None``: plain ``jax.jit``.
     donate_argnums: positional arguments whose buffers the call may reuse.
+    compiler_options: XLA options for every compile (e.g.
+      :func:`jaxrm.io.compile_cache.backend_options`); not part of the stored program.
 
   Returns:
     A callable with ``fn``'s signature (positional arguments only). Without a directory
@@ -187,7 +213,7 @@ def jit(
   """
   if not name or not name.replace("_", "").isalnum():
     raise ValueError(f"name must be letters, digits and '_', got {name!r}")
-  donate_argnums = tuple(donate_argnums)
+  kwargs = {"donate_argnums": tuple(donate_argnums), "compiler_options": compiler_options}
   if _directory is None or key is None:
-    return jax.jit(fn, donate_argnums=donate_argnums)
-  return _Program(fn, name, key, donate_argnums, _directory)
+    return jax.jit(fn, **kwargs)
+  return _Program(fn, name, key, _directory, **kwargs)
