@@ -1,12 +1,16 @@
-"""Helpers shared by the training-loop tests."""
+"""Helpers shared by the training-loop tests, and a counter of JAX's compile events."""
 
 import contextlib
 import os
 import shutil
 
+import jax
 import pytest
 
 from jaxrm.io import rundir
+
+LOWERING = "/jax/core/compile/jaxpr_to_mlir_module_duration"  # jax.monitoring's event names
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
 @contextlib.contextmanager
@@ -49,3 +53,20 @@ def resume_after_the_field_was_added(
   with pytest.raises(rundir.ConfigError, match=f"{field}='{value}'.*<absent>"):
     train(changed, workdir)
   return train(config, workdir)
+
+
+@contextlib.contextmanager
+def recorded(event: str):
+  """Inside the block, the list it yields gets the keyword arguments of every ``event``
+  (e.g. :data:`LOWERING`) that ``jax.monitoring`` reports."""
+  seen = []
+
+  def listener(name, duration, **kwargs):
+    if name == event:
+      seen.append(kwargs)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield seen
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)

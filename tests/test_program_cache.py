@@ -16,6 +16,7 @@ import pytest
 
 from jaxrm.io import program_cache
 from jaxrm.steps import parallel
+from tests import run_helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -142,18 +143,9 @@ def test_a_loaded_program_is_lowered_once_for_fresh_and_returned_arrays(store):
   program_cache.jit(sgd_step, name="step", key="sgd")(fresh_state(), batch)  # stores it
   step = program_cache.jit(sgd_step, name="step", key="sgd", donate_argnums=(0,))
   state = fresh_state()
-  lowerings = []
-
-  def count(event, duration, **kwargs):
-    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
-      lowerings.append(kwargs)
-
-  jax.monitoring.register_event_duration_secs_listener(count)
-  try:
+  with run_helpers.recorded(run_helpers.LOWERING) as lowerings:
     for _ in range(3):
       state, _ = step(state, batch)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(count)
   assert len(lowerings) == 1, lowerings
   assert_bitwise_equal(jax.tree.leaves(state), run(jax.jit(sgd_step), n=3)[:-3])
 

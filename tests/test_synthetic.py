@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxrm.data import synthetic
+from tests import run_helpers
 
 CFG = synthetic.WorldConfig(num_calibration=2048, gold_width=32, policy_width=16)
 
@@ -72,18 +73,9 @@ def test_gold_at_a_new_batch_size_is_one_compiled_program(world):
   one per op (161 before they were jitted)."""
   tokens, mask = _samples(world, 8, 30)
   tokens, mask = np.asarray(tokens)[:7], np.asarray(mask)[:7]  # a batch size no other test uses
-  compiles = []
-
-  def count(event, duration, **_):
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiles.append(duration)
-
-  jax.monitoring.register_event_duration_secs_listener(count)
-  try:
+  with run_helpers.recorded(run_helpers.BACKEND_COMPILE) as compiles:
     gold = synthetic.gold_reward(world, CFG, tokens, mask)
     parts = synthetic.gold_components(world, CFG, tokens, mask)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(count)
   # One program for both (none where the persistent compilation cache already holds it).
   assert len(compiles) <= 1, len(compiles)
   np.testing.assert_allclose(parts["rest"] + parts["feature"], gold, rtol=1e-5, atol=1e-5)
