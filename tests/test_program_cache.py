@@ -150,6 +150,15 @@ def test_a_loaded_program_is_lowered_once_for_fresh_and_returned_arrays(store):
   assert_bitwise_equal(jax.tree.leaves(state), run(jax.jit(sgd_step), n=3)[:-3])
 
 
+def test_compiler_options_reach_the_compile_of_a_stored_and_of_a_plain_program(store):
+  options = {"no_such_xla_option": 1}  # XLA refuses it, so the error shows it was passed
+  for key in ("sgd", None):  # through the store; plain jax.jit
+    f = program_cache.jit(sgd_step, name="step", key=key, compiler_options=options)
+    with pytest.raises(Exception, match="no_such_xla_option"):
+      f(fresh_state(), BATCH)
+  assert len(os.listdir(store)) == 1  # the stored program (the options are not part of it)
+
+
 def test_damaged_program_is_traced_again(store):
   expected = run(jax.jit(sgd_step))
   run(program_cache.jit(sgd_step, name="step", key="sgd"))
