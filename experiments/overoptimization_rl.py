@@ -356,9 +356,11 @@ def train_members(
   )
   optimizer = optax.adam(cfg.rl_learning_rate)
   start = start_params(cfg, data)
-  coefs = jnp.asarray(kl_coefs, jnp.float32)
+  # Copies: the states hold these arrays themselves, and the chunk donates the states (the
+  # caller's keys and coefficients would be deleted by the first chunk).
+  coefs = jnp.array(kl_coefs, jnp.float32, copy=True)
   states = jax.vmap(lambda k, c: rl_lib.create_rl_state(start, optimizer, k, kl_coef=c))(
-    keys, coefs
+    jnp.copy(keys), coefs
   )
   prompts, eval_key = eval_batch(cfg)
   logs, done = [], 0

@@ -218,6 +218,20 @@ def test_rloo_is_a_config_value(study):
   assert np.all(curves["kl_exact"] > 0)  # one update moved the policy
 
 
+def test_training_leaves_the_callers_keys_and_coefficients_usable(study):
+  """The chunk donates the members' states; the keys and KL coefficients the caller passed in
+  are not those states' buffers, so they survive the call (the same seeds can train again)."""
+  _, data, _, _, _ = study
+  cfg = _config(rl_algorithm="rloo", rl_steps=2, rl_log_every=2)  # test_rloo's program
+  stacked = jax.tree.map(lambda x: jnp.stack([x] * 2), data.world)
+  keys, coefs = jax.random.split(jax.random.key(0), 2), jnp.zeros(2)
+  first, _ = orl.train_members(cfg, data, None, stacked, coefs, keys)
+  assert not keys.is_deleted() and not coefs.is_deleted()
+  again, _ = orl.train_members(cfg, data, None, stacked, coefs, keys)
+  for k, v in first.items():
+    np.testing.assert_array_equal(again[k], v, err_msg=k)
+
+
 def test_a_later_process_loads_the_stored_chunk_without_tracing_it(study, tmp_path, monkeypatch):
   """With the scripts' program cache on (jaxrm.io.program_cache), the first process stores the
   chunk's lowered program; a later one (here: a fresh chunk_fn cache) loads it instead of
