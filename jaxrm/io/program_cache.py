@@ -103,7 +103,7 @@ class _Program:
 
   def __init__(self, fn, name: str, key: str, folder: str, **jit_kwargs):
     self._fn, self._name, self._key, self._folder = fn, name, key, folder
-    self._donate, self._jit_kwargs = jit_kwargs["donate_argnums"], jit_kwargs
+    self._jit_kwargs = jit_kwargs
     self._compiled: dict[tuple, tuple[Callable[..., Any], Any]] = {}
     self._lock = threading.Lock()
     self._plain = jax.jit(fn, **jit_kwargs)
@@ -130,7 +130,8 @@ class _Program:
     starts = [0]
     for a in args:
       starts.append(starts[-1] + len(jax.tree.leaves(a)))
-    donate = tuple(i for a in self._donate for i in range(starts[a], starts[a + 1]))
+    donated = self._jit_kwargs["donate_argnums"]
+    donate = tuple(i for a in donated for i in range(starts[a], starts[a + 1]))
     digest = program_digest(self._name, self._key, treedef, signature)
     path = os.path.join(self._folder, f"{self._name}-{digest[:40]}{SUFFIX}")
     stored = _read(path)
