@@ -83,9 +83,10 @@ def synthetic_sweep(*, layers: int, width: int, heads: int, batch_size: int):
   studies' proxy architecture at ``layers`` x ``width``, AdamW 1e-3, ``batch_size`` pairs per
   step and seed) and 2,048 comparisons of the default world to train on."""
   cfg = synthetic.WorldConfig(num_calibration=2048)
+  # The architecture first: a bad shape is refused before the world is built.
+  model = RewardModel(cfg.reward_config(num_layers=layers, width=width, num_heads=heads))
   world = synthetic.init_world(cfg, jax.random.key(0))
   pairs = synthetic.make_comparisons(world, cfg, jax.random.key(1), num=2048).as_batch()
-  model = RewardModel(cfg.reward_config(num_layers=layers, width=width, num_heads=heads))
   sweep = RewardModelSweep(
     init_fn=lambda k: model.init(k, pairs["chosen"][:1], pairs["chosen_mask"][:1]),
     apply_fn=model.apply,

@@ -39,6 +39,11 @@ from jaxrm.math import objectives
 KINDS = ("single", "mean", "wco", "uwo")  # the objective index ``kind`` of the reward params
 
 
+# Names ensemble_reward for the program cache: with the world config and architecture that the
+# chunk's key holds, and the sources of experiments/, it determines the function.
+REWARD_KEY = "experiments.ensembles_rl.ensemble_reward"
+
+
 @functools.cache
 def ensemble_reward(wc: synthetic.WorldConfig, size: oo.ProxySize):
   """The reward ``(reward_params, tokens [b, s], mask [b, s]) -> [b]`` of an ensemble objective.
@@ -133,6 +138,7 @@ def run_rl(cfg: lib.EnsembleConfig, trained: dict, wdir: str) -> dict[str, Any]:
       jnp.concatenate([keys] * len(specs)),
       name=f"world {seed}: {len(specs)} arms x {e_count} ensembles",
       reward_fn=reward,
+      reward_key=REWARD_KEY,
     )
     curves = dict(curves)
     curves["proxy"] = curves["proxy"] - offsets.mean(axis=1)[:, None]

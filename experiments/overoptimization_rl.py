@@ -211,6 +211,7 @@ def chunk_fn(
   evaluate: bool,
   reward_fn=None,
   *,
+  reward_key: str | None = None,
   opt_level: int = -1,
 ):
   """The jitted chunk of ``chunk_len`` RL steps of every member, built once per key.
@@ -219,6 +220,10 @@ def chunk_fn(
   ``reward_fn``: optional hashable ``(reward_params, tokens, mask) -> [b]`` replacing the
   reward that ``size`` names (e.g. an ensemble objective, ``experiments.ensembles_rl``);
   ``size`` then only names the program in :data:`TRACES`. None keeps the proxy / gold reward.
+  ``reward_key``: a text naming ``reward_fn`` that, with the arguments above and the sources
+  of ``experiments/``, determines it (e.g. the module and name of a function of ``(wc,
+  size)``). With it a custom reward's chunk is kept on disk like the others; without it, it
+  is traced in every process.
   ``opt_level``: XLA backend optimisation level (:func:`jaxrm.io.compile_cache.backend_options`).
 
   Returns:
@@ -228,6 +233,8 @@ def chunk_fn(
     (``proxy`` not re-centred) measured after the last step.
   """
   custom_reward = reward_fn is not None
+  if reward_key is not None and not custom_reward:
+    raise ValueError(f"reward_key={reward_key!r} names a reward_fn, but reward_fn is None")
   reward_fn = reward_fn if custom_reward else _reward_fn(wc, size)
   value_head = rl_lib.uses_value_head(algorithm)
   policy = transformer_policy(wc.policy_config(), value_head=value_head)
@@ -286,9 +293,13 @@ def chunk_fn(
 
   # The lowered program is kept on disk when the scripts' compilation cache is on
   # (jaxrm.io.program_cache), under everything above it is a function of: a later process
-  # neither traces nor lowers it. A custom reward_fn has no such key: traced in every process.
+  # neither traces nor lowers it. A custom reward_fn without a reward_key has no such key:
+  # traced in every process.
   settings = (wc, size, rl_cfg, algorithm, learning_rate, batch_size, chunk_len, evaluate)
-  key = None if custom_reward else "\n".join([*map(repr, settings), _experiments_digest()])
+  key = None
+  if not custom_reward or reward_key is not None:
+    named = (f"reward_fn: {reward_key}",) if custom_reward else ()
+    key = "\n".join([*map(repr, settings), *named, _experiments_digest()])
   return program_cache.jit(
     chunk,
     name="rl_chunk",
@@ -321,6 +332,7 @@ def train_members(
   evaluate: bool = True,
   name: str = "",
   reward_fn=None,
+  reward_key: str | None = None,
 ) -> tuple[dict[str, np.ndarray], Any]:
   """RL of ``m`` members against ``size``'s reward (gold for None), vmapped together.
 
@@ -334,6 +346,7 @@ def train_members(
     evaluate: measure the held-out :data:`EVAL_KEYS` after every ``rl_log_every`` steps.
     name: for the progress lines.
     reward_fn: optional hashable reward replacing ``size``'s (:func:`chunk_fn`).
+    reward_key: the text that names ``reward_fn`` for the program cache (:func:`chunk_fn`).
 
   Returns:
     ``(curves, states)``: ``train_gold``, ``train_kl_k1``, ``train_proxy`` (window means)
@@ -352,6 +365,7 @@ def train_members(
     chunk_len,
     evaluate,
     *(() if reward_fn is None else (reward_fn,)),  # the existing cache keys stay as they were
+    reward_key=reward_key,
     opt_level=cfg.rl_compile_opt_level,
   )
   optimizer = optax.adam(cfg.rl_learning_rate)

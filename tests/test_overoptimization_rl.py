@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import ensembles_rl
 from experiments import overoptimization_lib as lib
 from experiments import overoptimization_rl as orl
 from jaxrm.data import synthetic
@@ -258,3 +259,43 @@ def test_a_later_process_loads_the_stored_chunk_without_tracing_it(study, tmp_pa
     assert set(curves) == set(expected)
     for k, v in expected.items():
       np.testing.assert_array_equal(curves[k], v, err_msg=k)
+
+
+def test_a_named_custom_reward_is_stored_and_loaded_like_the_others(study, tmp_path, monkeypatch):
+  """An ensemble objective (a custom reward_fn) with its reward_key: the first process stores
+  the chunk, a later one loads it without tracing, and both train to jax.jit's curves bit for
+  bit. Without the key the chunk is traced in every process and nothing is stored."""
+  cfg, data, proxies, _, _ = study
+  size, proxy = cfg.sizes[0], proxies[0]
+  m, k = 2, cfg.num_seeds  # 2 members, each an ensemble of the proxy's seeds
+  reward = ensembles_rl.ensemble_reward(cfg.world, size)
+  params = {
+    "params": jax.tree.map(lambda x: jnp.stack([x] * m), proxy["params"]),
+    "mean": jnp.zeros((m, k)),
+    "std": jnp.ones((m, k)),
+    "kind": jnp.array([1, 3], jnp.int32),  # mean, uncertainty-weighted
+    "coef": jnp.full((m,), 0.5, jnp.float32),
+  }
+
+  def train_in_a_new_process(**kw):
+    monkeypatch.setattr(orl, "chunk_fn", functools.cache(orl.chunk_fn.__wrapped__))
+    keys = jax.random.split(jax.random.key(0), m)
+    return orl.train_members(cfg, data, size, params, np.zeros(m), keys, reward_fn=reward, **kw)[0]
+
+  with pytest.raises(ValueError, match="reward_key='x' names a reward_fn, but reward_fn is None"):
+    orl.train_members(cfg, data, size, params, np.zeros(m), jnp.zeros(m), reward_key="x")
+  monkeypatch.setattr(program_cache, "_directory", None)  # restored after the test
+  expected = train_in_a_new_process(reward_key=ensembles_rl.REWARD_KEY)  # jax.jit
+  program_cache.enable(str(tmp_path))
+  unnamed = train_in_a_new_process()
+  assert os.listdir(tmp_path) == []
+  stored = train_in_a_new_process(reward_key=ensembles_rl.REWARD_KEY)
+  (name,) = os.listdir(tmp_path)
+  assert name.startswith("rl_chunk-")
+  traces = dict(orl.TRACES)
+  loaded = train_in_a_new_process(reward_key=ensembles_rl.REWARD_KEY)
+  assert orl.TRACES == traces and os.listdir(tmp_path) == [name]
+  for curves in (unnamed, stored, loaded):
+    assert set(curves) == set(expected)
+    for key, v in expected.items():
+      np.testing.assert_array_equal(curves[key], v, err_msg=key)
