@@ -264,7 +264,7 @@ def test_a_later_process_loads_the_stored_chunk_without_tracing_it(study, tmp_pa
 def test_a_named_custom_reward_is_stored_and_loaded_like_the_others(study, tmp_path, monkeypatch):
   """An ensemble objective (a custom reward_fn) with its reward_key: the first process stores
   the chunk, a later one loads it without tracing, and both train to jax.jit's curves bit for
-  bit. Without the key the chunk is traced in every process and nothing is stored."""
+  bit. Without the key nothing is stored: plain jax.jit, traced in every process."""
   cfg, data, proxies, _, _ = study
   size, proxy = cfg.sizes[0], proxies[0]
   m, k = 2, cfg.num_seeds  # 2 members, each an ensemble of the proxy's seeds
@@ -285,9 +285,8 @@ def test_a_named_custom_reward_is_stored_and_loaded_like_the_others(study, tmp_p
   with pytest.raises(ValueError, match="reward_key='x' names a reward_fn, but reward_fn is None"):
     orl.train_members(cfg, data, size, params, np.zeros(m), jnp.zeros(m), reward_key="x")
   monkeypatch.setattr(program_cache, "_directory", None)  # restored after the test
-  expected = train_in_a_new_process(reward_key=ensembles_rl.REWARD_KEY)  # jax.jit
   program_cache.enable(str(tmp_path))
-  unnamed = train_in_a_new_process()
+  expected = train_in_a_new_process()  # no key: jax.jit
   assert os.listdir(tmp_path) == []
   stored = train_in_a_new_process(reward_key=ensembles_rl.REWARD_KEY)
   (name,) = os.listdir(tmp_path)
@@ -295,7 +294,7 @@ def test_a_named_custom_reward_is_stored_and_loaded_like_the_others(study, tmp_p
   traces = dict(orl.TRACES)
   loaded = train_in_a_new_process(reward_key=ensembles_rl.REWARD_KEY)
   assert orl.TRACES == traces and os.listdir(tmp_path) == [name]
-  for curves in (unnamed, stored, loaded):
+  for curves in (stored, loaded):
     assert set(curves) == set(expected)
     for key, v in expected.items():
       np.testing.assert_array_equal(curves[key], v, err_msg=key)
