@@ -296,9 +296,9 @@ def chunk_fn(
   # neither traces nor lowers it. A custom reward_fn without a reward_key has no such key:
   # traced in every process.
   settings = (wc, size, rl_cfg, algorithm, learning_rate, batch_size, chunk_len, evaluate)
+  named = () if reward_key is None else (f"reward_fn: {reward_key}",)
   key = None
-  if not custom_reward or reward_key is not None:
-    named = (f"reward_fn: {reward_key}",) if custom_reward else ()
+  if not custom_reward or named:
     key = "\n".join([*map(repr, settings), *named, _experiments_digest()])
   return program_cache.jit(
     chunk,
