@@ -280,7 +280,9 @@ def test_a_named_custom_reward_is_stored_and_loaded_like_the_others(study, tmp_p
   def train_in_a_new_process(**kw):
     monkeypatch.setattr(orl, "chunk_fn", functools.cache(orl.chunk_fn.__wrapped__))
     keys = jax.random.split(jax.random.key(0), m)
-    return orl.train_members(cfg, data, size, params, np.zeros(m), keys, reward_fn=reward, **kw)[0]
+    return orl.train_members(
+      cfg, data, size, params, np.zeros(m), keys, evaluate=False, reward_fn=reward, **kw
+    )[0]
 
   with pytest.raises(ValueError, match="reward_key='x' names a reward_fn, but reward_fn is None"):
     orl.train_members(cfg, data, size, params, np.zeros(m), jnp.zeros(m), reward_key="x")
