@@ -364,7 +364,7 @@ def train_members(
     cfg.rl_batch_size,
     chunk_len,
     evaluate,
-    *(() if reward_fn is None else (reward_fn,)),  # the existing cache keys stay as they were
+    reward_fn,
     reward_key=reward_key,
     opt_level=cfg.rl_compile_opt_level,
   )

@@ -233,6 +233,33 @@ def test_training_leaves_the_callers_keys_and_coefficients_usable(study):
     np.testing.assert_array_equal(again[k], v, err_msg=k)
 
 
+def _in_a_new_process(monkeypatch, cfg, data, size, params, n, **kw):
+  """``train(**more)``: ``train_members`` of ``n`` members as a new process runs it (a fresh
+  ``chunk_fn`` cache), keys ``split(key(0), n)``, KL coefficients 0; returns the curves."""
+
+  def train(**more):
+    monkeypatch.setattr(orl, "chunk_fn", functools.cache(orl.chunk_fn.__wrapped__))
+    keys = jax.random.split(jax.random.key(0), n)
+    return orl.train_members(cfg, data, size, params, np.zeros(n), keys, **kw, **more)[0]
+
+  return train
+
+
+def _assert_stored_then_loaded(train, expected, store):
+  """The first ``train()`` stores one ``rl_chunk`` program in ``store``, the second loads it
+  without tracing; both give ``expected``'s curves bit for bit."""
+  stored = train()
+  (name,) = os.listdir(store)
+  assert name.startswith("rl_chunk-")
+  traces = dict(orl.TRACES)
+  loaded = train()
+  assert orl.TRACES == traces and os.listdir(store) == [name]
+  for curves in (stored, loaded):
+    assert set(curves) == set(expected)
+    for k, v in expected.items():
+      np.testing.assert_array_equal(curves[k], v, err_msg=k)
+
+
 def test_a_later_process_loads_the_stored_chunk_without_tracing_it(study, tmp_path, monkeypatch):
   """With the scripts' program cache on (jaxrm.io.program_cache), the first process stores the
   chunk's lowered program; a later one (here: a fresh chunk_fn cache) loads it instead of
@@ -240,25 +267,11 @@ def test_a_later_process_loads_the_stored_chunk_without_tracing_it(study, tmp_pa
   cfg, data, _, _, _ = study
   n = 3 * cfg.num_seeds  # the gold group's member count
   worlds = jax.tree.map(lambda x: jnp.stack([x] * n), data.world)
-
-  def train_in_a_new_process():
-    monkeypatch.setattr(orl, "chunk_fn", functools.cache(orl.chunk_fn.__wrapped__))
-    keys = jax.random.split(jax.random.key(0), n)
-    return orl.train_members(cfg, data, None, worlds, np.zeros(n), keys)[0]
-
+  train = _in_a_new_process(monkeypatch, cfg, data, None, worlds, n)
   monkeypatch.setattr(program_cache, "_directory", None)  # restored after the test
-  expected = train_in_a_new_process()  # jax.jit
+  expected = train()  # jax.jit
   program_cache.enable(str(tmp_path))
-  stored = train_in_a_new_process()
-  (name,) = os.listdir(tmp_path)
-  assert name.startswith("rl_chunk-")
-  traces = dict(orl.TRACES)
-  loaded = train_in_a_new_process()
-  assert orl.TRACES == traces and os.listdir(tmp_path) == [name]
-  for curves in (stored, loaded):
-    assert set(curves) == set(expected)
-    for k, v in expected.items():
-      np.testing.assert_array_equal(curves[k], v, err_msg=k)
+  _assert_stored_then_loaded(train, expected, tmp_path)
 
 
 def test_a_named_custom_reward_is_stored_and_loaded_like_the_others(study, tmp_path, monkeypatch):
@@ -276,27 +289,13 @@ def test_a_named_custom_reward_is_stored_and_loaded_like_the_others(study, tmp_p
     "kind": jnp.array([1, 3], jnp.int32),  # mean, uncertainty-weighted
     "coef": jnp.full((m,), 0.5, jnp.float32),
   }
-
-  def train_in_a_new_process(**kw):
-    monkeypatch.setattr(orl, "chunk_fn", functools.cache(orl.chunk_fn.__wrapped__))
-    keys = jax.random.split(jax.random.key(0), m)
-    return orl.train_members(
-      cfg, data, size, params, np.zeros(m), keys, evaluate=False, reward_fn=reward, **kw
-    )[0]
-
+  train = _in_a_new_process(
+    monkeypatch, cfg, data, size, params, m, evaluate=False, reward_fn=reward
+  )
   with pytest.raises(ValueError, match="reward_key='x' names a reward_fn, but reward_fn is None"):
     orl.train_members(cfg, data, size, params, np.zeros(m), jnp.zeros(m), reward_key="x")
   monkeypatch.setattr(program_cache, "_directory", None)  # restored after the test
   program_cache.enable(str(tmp_path))
-  expected = train_in_a_new_process()  # no key: jax.jit
+  expected = train()  # no key: jax.jit
   assert os.listdir(tmp_path) == []
-  stored = train_in_a_new_process(reward_key=ensembles_rl.REWARD_KEY)
-  (name,) = os.listdir(tmp_path)
-  assert name.startswith("rl_chunk-")
-  traces = dict(orl.TRACES)
-  loaded = train_in_a_new_process(reward_key=ensembles_rl.REWARD_KEY)
-  assert orl.TRACES == traces and os.listdir(tmp_path) == [name]
-  for curves in (stored, loaded):
-    assert set(curves) == set(expected)
-    for key, v in expected.items():
-      np.testing.assert_array_equal(curves[key], v, err_msg=key)
+  _assert_stored_then_loaded(lambda: train(reward_key=ensembles_rl.REWARD_KEY), expected, tmp_path)
