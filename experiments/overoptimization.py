@@ -12,8 +12,8 @@ An interrupted run resumes from its finished stages; a stage whose settings chan
 recomputed (each stage's cache is keyed by every field it reads).
 
 The settings are ``experiments/configs/overoptimization.py`` (any field overridable as
-``--config.<field>=<value>``). Default run (three worlds; 27.5 min on the idle 2-core CPU, RL
-three quarters of it; README "Cost")::
+``--config.<field>=<value>``). Default run (three worlds; 18 min on the idle 2-core CPU at session
+45, RL three quarters of it; README "Cost")::
 
   python experiments/overoptimization.py --workdir=runs/overopt
 
