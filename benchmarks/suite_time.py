@@ -3,7 +3,9 @@ r"""Where the test suite's time goes: tracing, lowering, XLA compiling or the re
 Reads the per-test rows that the ``tests.jax_time`` pytest plugin wrote and prints the totals,
 then the slowest files and tests with their wall seconds split into JAX's tracing, lowering
 and compiling in the test's own process (a persistent-cache hit counts as a compile: it is a
-load) and the rest (running programs, Python, and any subprocess the test started)::
+load) and the rest (running programs, Python, and any subprocess the test started), and the
+CPU seconds of the test's process and of the subprocesses it started (the scripts a test
+runs)::
 
   python -m pytest -p tests.jax_time --jax_time=/tmp/jax_time
   python benchmarks/suite_time.py --rows=/tmp/jax_time --top=25
@@ -51,13 +53,17 @@ def _sum(rows: list[dict]) -> dict:
   return total
 
 
-_HEADER = "  wall s | trace s | lower s | compile s |  rest s | compiles |  hits | tests | what"
+_HEADER = (
+  "  wall s | trace s | lower s | compile s |  rest s | compiles |  hits |  cpu s | "
+  "subprocess cpu s | tests | what"
+)
 
 
 def _line(name: str, t: dict) -> str:
   return (
     f"{t['wall_s']:8.1f} | {t['trace_s']:7.1f} | {t['lower_s']:7.1f} | {t['compile_s']:9.1f} | "
-    f"{t['rest_s']:7.1f} | {t['compiles']:8d} | {t['cache_hits']:5d} | {t['tests']:5d} | {name}"
+    f"{t['rest_s']:7.1f} | {t['compiles']:8d} | {t['cache_hits']:5d} | {t['cpu_s']:6.1f} | "
+    f"{t['children_cpu_s']:16.1f} | {t['tests']:5d} | {name}"
   )
 
 

@@ -8,14 +8,17 @@ writes one JSON line per test to ``/tmp/jax_time/<worker>.jsonl``: the test's wa
 jaxprs, lowering them to StableHLO and compiling them with XLA (``compile``; a persistent
 compilation-cache hit is counted there too, as a load), with the number of compiles and of
 cache hits. Traces of functions nested in a traced function are counted inside the outer one
-as well, so ``trace`` can exceed the wall time in principle; work in subprocesses the test
-starts is not seen (it is in the wall time only).
+as well, so ``trace`` can exceed the wall time in principle. Beside them, the CPU seconds
+(user and system) of this process during the test (``cpu_s``, all its threads) and of the
+subprocesses the test started and waited for (``children_cpu_s``: the scripts a test runs,
+whose JAX work the events above do not see).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 
 import pytest
@@ -79,9 +82,20 @@ class _Reporter:
   @pytest.hookimpl(hookwrapper=True)
   def pytest_runtest_protocol(self, item, nextitem):
     before = dict(self.totals.values)
-    start = time.perf_counter()
+    start, cpu, children = time.perf_counter(), time.process_time(), _children_cpu()
     yield
-    row = {"test": item.nodeid, "wall_s": time.perf_counter() - start}
+    row = {
+      "test": item.nodeid,
+      "wall_s": time.perf_counter() - start,
+      "cpu_s": time.process_time() - cpu,
+      "children_cpu_s": _children_cpu() - children,
+    }
     row.update({k: v - before[k] for k, v in self.totals.values.items()})
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
+
+
+def _children_cpu() -> float:
+  """User and system CPU seconds of this process's finished, waited-for subprocesses."""
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime

@@ -162,9 +162,10 @@ def test_op_profile_names_a_bad_flag_in_one_line():
 def test_suite_time_tabulates_what_the_jax_time_plugin_recorded(tmp_path):
   rows_dir = tmp_path / "rows"
   test = "tests/test_kl.py::test_k1_and_k3_are_unbiased_monte_carlo"
+  scripts = "tests/test_benchmarks.py::test_program_size_names_a_bad_flag_in_one_line"
   plugin = ["-p", "tests.jax_time", f"--jax_time={rows_dir}", "-p", "no:cacheprovider"]
   proc = subprocess.run(
-    [sys.executable, "-m", "pytest", "-n0", "-q", *plugin, test],
+    [sys.executable, "-m", "pytest", "-n0", "-q", *plugin, test, scripts],
     capture_output=True,
     text=True,
     cwd=script_runner.ROOT,
@@ -172,12 +173,21 @@ def test_suite_time_tabulates_what_the_jax_time_plugin_recorded(tmp_path):
   assert proc.returncode == 0, proc.stdout[-3000:]
   (path,) = glob.glob(os.path.join(rows_dir, "*.jsonl"))
   with open(path) as f:
-    (row,) = [json.loads(line) for line in f]
+    row, row_scripts = [json.loads(line) for line in f]
   assert row["test"] == test and row["compiles"] >= 1  # the test jits its estimators
   assert 0 < row["compile_s"] < row["wall_s"] and row["trace_s"] > 0
+  # Its CPU time is in this process; the other test's is in the two scripts it runs (each
+  # imports jax: well over 0.2 CPU-s), not in the process that waits for them.
+  assert row["cpu_s"] > row["compile_s"] / 2 and row["children_cpu_s"] == 0
+  assert row_scripts["test"] == scripts and row_scripts["children_cpu_s"] > 0.4
+  assert row_scripts["cpu_s"] < row_scripts["children_cpu_s"]
   out = _run("suite_time.py", f"--rows={rows_dir}", "--top=1")
   lines = out.splitlines()
-  assert lines[1].split("|")[-1].strip() == "all tests" and lines[-1].endswith(test)
+  assert lines[1].split("|")[-1].strip() == "all tests"
+  total = {k.strip(): v.strip() for k, v in zip(lines[0].split("|"), lines[1].split("|"))}
+  expected = row["children_cpu_s"] + row_scripts["children_cpu_s"]
+  assert abs(float(total["subprocess cpu s"]) - expected) <= 0.051
+  assert lines[-1].split("|")[-1].strip() in (test, scripts)
   bad = tmp_path / "bad"
   bad.mkdir()
   (bad / "gw0.jsonl").write_text(json.dumps(row) + "\nnot json\n")
