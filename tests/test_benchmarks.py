@@ -162,7 +162,7 @@ def test_op_profile_names_a_bad_flag_in_one_line():
 def test_suite_time_tabulates_what_the_jax_time_plugin_recorded(tmp_path):
   rows_dir = tmp_path / "rows"
   test = "tests/test_kl.py::test_k1_and_k3_are_unbiased_monte_carlo"
-  scripts = "tests/test_benchmarks.py::test_program_size_names_a_bad_flag_in_one_line"
+  scripts = "tests/test_peer_benchmark.py::test_unknown_workload_is_named"  # runs a script
   plugin = ["-p", "tests.jax_time", f"--jax_time={rows_dir}", "-p", "no:cacheprovider"]
   proc = subprocess.run(
     [sys.executable, "-m", "pytest", "-n0", "-q", *plugin, test, scripts],
@@ -176,11 +176,11 @@ def test_suite_time_tabulates_what_the_jax_time_plugin_recorded(tmp_path):
     row, row_scripts = [json.loads(line) for line in f]
   assert row["test"] == test and row["compiles"] >= 1  # the test jits its estimators
   assert 0 < row["compile_s"] < row["wall_s"] and row["trace_s"] > 0
-  # Its CPU time is in this process; the other test's is in the two scripts it runs (each
-  # imports jax: well over 0.2 CPU-s), not in the process that waits for them.
+  # Its CPU time is in this process; the other test's is in the script it runs (a Python
+  # process), not in the process that waits for it.
   assert row["cpu_s"] > row["compile_s"] / 2 and row["children_cpu_s"] == 0
-  assert row_scripts["test"] == scripts and row_scripts["children_cpu_s"] > 0.4
-  assert row_scripts["cpu_s"] < row_scripts["children_cpu_s"]
+  assert row_scripts["test"] == scripts
+  assert row_scripts["children_cpu_s"] > row_scripts["cpu_s"] >= 0
   out = _run("suite_time.py", f"--rows={rows_dir}", "--top=1")
   lines = out.splitlines()
   assert lines[1].split("|")[-1].strip() == "all tests"
