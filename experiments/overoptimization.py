@@ -20,8 +20,8 @@ The settings are ``experiments/configs/overoptimization.py`` (any field overrida
 ``--config.world_threads=3`` runs the three worlds at once, each in its own thread: the same
 numbers, 14% less wall time and 3 GB more memory on that CPU (README "Cost").
 
-Smoke run (``--quick`` selects the config's ``quick`` variant; about 2 min on the idle 2-core
-CPU from a cold compilation cache, less with a warm one; BUILD_NOTES.md)::
+Smoke run (``--quick`` selects the config's ``quick`` variant; 63–69 s on the idle 2-core CPU
+from a cold compilation cache at session 45, 22 s with a warm one; README "Cost")::
 
   python experiments/overoptimization.py --workdir=/tmp/overopt_quick --quick
 """
