@@ -41,7 +41,12 @@ jaxrm's KV-cached :func:`jaxrm.models.sampling.sample` against HF ``generate`` (
 same shape, random init, the same left-padded prompts, temperature 1 sampling without top-k,
 ``--new_tokens`` tokens each) at each ``--sampler_batches``, jaxrm also with the batch split
 into ``--sampler_thread_groups`` concurrent calls (``sample(thread_groups=...)``, per-example
-keys).
+keys). Issue 14's seed sweep, timed before the sampler (no torch computation has run in the
+process then), has no peer: the time per step of ``--seed_sweep_seeds`` synthetic-world
+proxies (``--seed_sweep_proxy``, the over-optimisation study's proxy architecture, 64 pairs
+per seed and step) trained at once by :class:`jaxrm.steps.rm_sweep.RewardModelSweep`, in
+each ``--seed_sweep_thread_groups`` count of thread groups, over one seed's, per round
+(``benchmarks/seed_sweep.py`` sweeps seed counts).
 
 Needs torch, transformers and trl: ``pip install -e '.[peer]'`` (install torch first from
 the local CPU wheel, see BUILD_NOTES.md). Writes ``<workdir>/peer_results.jsonl`` (one row per
@@ -130,6 +135,18 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer("prompt_len", 32, "Sampler prompt length (left-padded).")
 flags.DEFINE_integer("new_tokens", 64, "Sampler tokens generated per sequence.")
+flags.DEFINE_integer(
+  "seed_sweep_seeds", 8, "Seeds of the seed sweep timed against one seed (0: no seed sweep)."
+)
+flags.DEFINE_string(
+  "seed_sweep_proxy",
+  "1x16x2",
+  "The seed sweep's proxy, layers x width x heads (the study's L1W16).",
+)
+flags.DEFINE_list(
+  "seed_sweep_thread_groups", ["1", "2"], "Thread-group counts of the seed sweep, one row each."
+)
+flags.DEFINE_integer("seed_sweep_steps", 200, "Steps per timed seed-sweep call (one chunk).")
 flags.DEFINE_integer("matmul_size", 2048, "n of the [n, n] @ [n, n] ceiling matmul.")
 flags.DEFINE_string(
   "jaxrm_cache_dir",
@@ -650,6 +667,66 @@ def hf_generate_s(torch, model, tokens, mask, new_tokens: int) -> float:
 # --------------------------------------------------------------------------- the report
 
 
+SEED_SWEEP_PAIRS = 64  # pairs per seed and step (seed_sweep.py's default)
+
+
+def seed_sweep_shape() -> tuple[int, int, int]:
+  """``--seed_sweep_proxy`` as ``(layers, width, heads)``; ``UsageError`` naming the flag."""
+  parts = FLAGS.seed_sweep_proxy.split("x")
+  if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    raise app.UsageError(
+      f"--seed_sweep_proxy={FLAGS.seed_sweep_proxy}: give layers x width x heads, e.g. 1x16x2"
+    )
+  return tuple(int(p) for p in parts)
+
+
+def seed_sweep_rows(rounds: int) -> list[dict]:
+  """Per round: one seed's time per step, then ``--seed_sweep_seeds`` seeds' in each
+  ``--seed_sweep_thread_groups`` count, each the second of two calls of
+  ``--seed_sweep_steps`` steps (:func:`benchmarks.timing.seed_sweep_seconds`); ``ratio`` is
+  the seeds' time per step over one seed's in the same round."""
+  from benchmarks.timing import seed_sweep_seconds, synthetic_sweep
+
+  layers, width, heads = seed_sweep_shape()
+  sweep, pairs, _ = synthetic_sweep(
+    layers=layers, width=width, heads=heads, batch_size=SEED_SWEEP_PAIRS
+  )
+  seeds, steps = FLAGS.seed_sweep_seeds, FLAGS.seed_sweep_steps
+  rows = []
+  for r in range(rounds):
+    one = seed_sweep_seconds(sweep, pairs, seeds=1, steps=steps)[1] / steps
+    for groups in (int(g) for g in FLAGS.seed_sweep_thread_groups):
+      many = seed_sweep_seconds(sweep, pairs, seeds=seeds, steps=steps, thread_groups=groups)
+      rows.append(
+        dict(
+          kind="seed_sweep",
+          round=r,
+          proxy=FLAGS.seed_sweep_proxy,
+          batch_pairs=SEED_SWEEP_PAIRS,
+          seeds=seeds,
+          thread_groups=groups,
+          one_seed_step_s=one,
+          seeds_step_s=many[1] / steps,
+          ratio=many[1] / steps / one,
+        )
+      )
+  return rows
+
+
+def summarise_seed_sweep(rows: list[dict]) -> list[dict]:
+  """Per thread-group count: medians over rounds of both times per step and of the ratio."""
+  med = statistics.median
+  out = []
+  for groups in dict.fromkeys(r["thread_groups"] for r in rows):
+    mine = [r for r in rows if r["thread_groups"] == groups]
+    out.append(
+      {k: mine[0][k] for k in ("proxy", "batch_pairs", "seeds", "thread_groups")}
+      | {k: med(r[k] for r in mine) for k in ("one_seed_step_s", "seeds_step_s", "ratio")}
+      | dict(rounds=len(mine))
+    )
+  return out
+
+
 def summarise(rows: list[dict], workloads: dict[str, Workload], peak: float) -> list[dict]:
   """Per workload: medians over rounds of pairs/s, FLOP utilisation and jaxrm/peer ratios.
 
@@ -698,11 +775,16 @@ def peer_sides(summary: dict) -> list[str]:
 
 
 def print_table(
-  summary: list[dict], sampler: list[dict], matmul_dtype: str = "float32", outputs: str = "full"
+  summary: list[dict],
+  sampler: list[dict],
+  matmul_dtype: str = "float32",
+  outputs: str = "full",
+  seed_sweep: list[dict] = (),
 ) -> None:
-  """The readable table (markdown) of the summary and sampler rows: one column per peer
-  side, each ratio jaxrm's speed over that peer's; ``matmul_dtype``: jaxrm's training runs'
-  (the sampler's model is float32); ``outputs``: ``--jaxrm_outputs`` of its end-to-end runs."""
+  """The readable table (markdown) of the summary, sampler and seed-sweep rows: one column
+  per peer side, each ratio jaxrm's speed over that peer's (the seed sweep's: the seeds' time
+  per step over one seed's); ``matmul_dtype``: jaxrm's training runs' (the sampler's model
+  is float32); ``outputs``: ``--jaxrm_outputs`` of its end-to-end runs."""
   sides = list(dict.fromkeys(p for s in summary for p in peer_sides(s)))
   jaxrm = "jaxrm" if matmul_dtype == "float32" else f"jaxrm ({matmul_dtype} matmuls)"
   print(
@@ -751,6 +833,12 @@ def print_table(
         f"{r['jaxrm_threads_tokens_per_s']:,.0f} | {hf} | "
         f"{r['jaxrm_threads_tokens_per_s'] / r['hf_tokens_per_s']:.2f}x |" + fill
       )
+  for r in seed_sweep:
+    print(
+      f"| seed sweep, {r['proxy']} proxy, {r['batch_pairs']} pairs per seed, {r['seeds']} seeds "
+      f"in {r['thread_groups']} thread group(s) | ms per step | {r['seeds_step_s'] * 1e3:.2f} | "
+      f"1 seed {r['one_seed_step_s'] * 1e3:.2f} | {r['ratio']:.2f}x one seed's time |" + fill
+    )
 
 
 def versions() -> dict:
@@ -778,6 +866,7 @@ def run_benchmark(workloads: dict[str, Workload], precisions: list[str]) -> None
   rounds = 1 if FLAGS.quick else FLAGS.rounds
   if FLAGS.quick:
     FLAGS.step_reps, FLAGS.matmul_size, FLAGS.new_tokens, FLAGS.prompt_len = 2, 512, 8, 8
+    FLAGS.seed_sweep_steps = 5
   batches = [int(b) for b in FLAGS.sampler_batches]
   os.makedirs(FLAGS.workdir, exist_ok=True)
   info = versions()
@@ -808,11 +897,14 @@ def run_benchmark(workloads: dict[str, Workload], precisions: list[str]) -> None
         print(json.dumps(row, default=float), flush=True)
       rows += new
   sampler_w = WORKLOADS["quick" if FLAGS.quick else FLAGS.sampler_workload]
+  # Before the sampler: no torch computation has run in this process yet.
+  sweeps = seed_sweep_rows(rounds) if FLAGS.seed_sweep_seeds else []
   sampler = sampler_rows(sampler_w, batches, peak) if batches else []
   summary = summarise(rows, workloads, peak)
-  print_table(summary, sampler, FLAGS.jaxrm_matmul_dtype, FLAGS.jaxrm_outputs)
+  seed_sweep = summarise_seed_sweep(sweeps)
+  print_table(summary, sampler, FLAGS.jaxrm_matmul_dtype, FLAGS.jaxrm_outputs, seed_sweep)
   with open(os.path.join(FLAGS.workdir, "peer_results.jsonl"), "w") as f:
-    for row in rows + sampler:
+    for row in rows + sampler + sweeps:
       f.write(json.dumps(row, default=float) + "\n")
   with open(os.path.join(FLAGS.workdir, "peer_summary.json"), "w") as f:
     json.dump(
@@ -825,6 +917,7 @@ def run_benchmark(workloads: dict[str, Workload], precisions: list[str]) -> None
         workloads=summary,
         sampler=sampler,
         sampler_shape=dataclasses.asdict(sampler_w),
+        seed_sweep=seed_sweep,
         jaxrm_compile_cache=FLAGS.jaxrm_cache_dir or "off (cold compile in every run)",
         jaxrm_matmul_dtype=FLAGS.jaxrm_matmul_dtype,
         jaxrm_cpu_devices=FLAGS.jaxrm_cpu_devices,
@@ -849,6 +942,24 @@ def trl_precisions() -> list[str]:
       f"--trl_precisions={','.join(precisions)}: give distinct settings of {sorted(TRL_PRECISIONS)}"
     )
   return precisions
+
+
+def check_seed_sweep_flags() -> None:
+  """The seed sweep's flags, each refused by name."""
+  seeds = FLAGS.seed_sweep_seeds
+  if seeds < 0:
+    raise app.UsageError(f"--seed_sweep_seeds must be >= 0, got {seeds}")
+  if FLAGS.seed_sweep_steps < 1:
+    raise app.UsageError(f"--seed_sweep_steps must be >= 1, got {FLAGS.seed_sweep_steps}")
+  layers, width, heads = seed_sweep_shape()
+  if width % heads:
+    raise app.UsageError(f"--seed_sweep_proxy={FLAGS.seed_sweep_proxy}: heads must divide width")
+  groups = FLAGS.seed_sweep_thread_groups
+  if seeds and not all(g.isdigit() and int(g) >= 1 and seeds % int(g) == 0 for g in groups):
+    raise app.UsageError(
+      f"--seed_sweep_thread_groups={','.join(groups)}: give counts >= 1 that divide "
+      f"--seed_sweep_seeds={seeds}"
+    )
 
 
 def check_data_file(path: str) -> None:
@@ -877,6 +988,7 @@ def main(argv):
     raise app.UsageError(f"--jaxrm_cpu_devices must be >= 1, got {FLAGS.jaxrm_cpu_devices}")
   if FLAGS.jaxrm_pack_pairs < 0:
     raise app.UsageError(f"--jaxrm_pack_pairs must be >= 0, got {FLAGS.jaxrm_pack_pairs}")
+  check_seed_sweep_flags()
   check_data_file(FLAGS.data)
   workloads = resolve_workloads()
   bad = [n for n, w in workloads.items() if w.batch_pairs % FLAGS.jaxrm_cpu_devices]

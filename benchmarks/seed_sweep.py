@@ -14,7 +14,6 @@ figures in BUILD_NOTES.md)::
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -60,21 +59,9 @@ def main(argv):
 
   base = None
   for k in seed_counts:
-    states = sweep.init(jax.random.split(jax.random.key(2), k))
-    times = []
-    for _ in range(2):  # the first call compiles
-      t = time.perf_counter()
-      states, metrics = sweep.train(
-        states,
-        pairs,
-        num_steps=_STEPS.value,
-        chunk=_STEPS.value,
-        log_every_chunk=False,
-        thread_groups=min(_GROUPS.value, k),
-      )
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - t)
-    first, seconds = times
+    first, seconds = timing.seed_sweep_seconds(
+      sweep, pairs, seeds=k, steps=_STEPS.value, thread_groups=min(_GROUPS.value, k)
+    )
     rate = _STEPS.value / seconds
     base = base or rate * k
     print(

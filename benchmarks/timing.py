@@ -1,7 +1,8 @@
 """Helpers shared by the benchmarks: best-of-n wall time, the float32 matmul ceiling, the
 KV-cached sampler's tokens/s (``model_throughput.py``, ``peer_trl.py``), the README HH
 reward-model step on random full-length pairs (``attention_share.py``, ``op_profile.py``) and
-the synthetic-world seed sweep (``seed_sweep.py``, ``op_profile.py``)."""
+the synthetic-world seed sweep and its timing (``seed_sweep.py``, ``op_profile.py``,
+``peer_trl.py``)."""
 
 from __future__ import annotations
 
@@ -95,6 +96,29 @@ def synthetic_sweep(*, layers: int, width: int, heads: int, batch_size: int):
     batch_size=batch_size,
   )
   return sweep, pairs, cfg.seq_len
+
+
+def seed_sweep_seconds(
+  sweep: RewardModelSweep, pairs, *, seeds: int, steps: int, thread_groups: int = 1
+) -> tuple[float, float]:
+  """``(first, second)``: wall seconds of two calls of ``steps`` steps of ``seeds`` fresh
+  seeds (one compiled chunk, :meth:`RewardModelSweep.train` with ``thread_groups``); the first
+  call compiles unless this process already has the program."""
+  states = sweep.init(jax.random.split(jax.random.key(2), seeds))
+  times = []
+  for _ in range(2):
+    start = time.perf_counter()
+    states, metrics = sweep.train(
+      states,
+      pairs,
+      num_steps=steps,
+      chunk=steps,
+      log_every_chunk=False,
+      thread_groups=thread_groups,
+    )
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return times[0], times[1]
 
 
 def best_time(fn, reps: int) -> float:

@@ -4,6 +4,7 @@ the token ids handed to TRL and the medians of per-round ratios (no torch import
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -224,3 +225,55 @@ def test_jaxrm_pack_pairs_reaches_the_timed_run(tmp_path):
   assert result["step"] == w.steps
   with open(tmp_path / "runs" / "run" / "config.json") as f:
     assert json.load(f)["config"]["model"]["pack_pairs"] == 16
+
+
+def test_seed_sweep_rows_time_one_seed_and_the_seeds_per_round_and_thread_groups(tmp_path, capsys):
+  from absl.testing import flagsaver
+
+  argv = ["peer_trl.py", f"--workdir={tmp_path}", "--seed_sweep_seeds=2"]
+  argv += ["--seed_sweep_proxy=1x8x2", "--seed_sweep_thread_groups=1,2", "--seed_sweep_steps=3"]
+  with flagsaver.flagsaver():
+    peer_trl.FLAGS(argv)
+    peer_trl.check_seed_sweep_flags()
+    rows = peer_trl.seed_sweep_rows(rounds=2)
+  assert [(r["round"], r["thread_groups"]) for r in rows] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+  for r in rows:
+    assert r["seeds"] == 2 and r["proxy"] == "1x8x2" and r["batch_pairs"] == 64
+    assert r["ratio"] == pytest.approx(r["seeds_step_s"] / r["one_seed_step_s"])
+  assert rows[0]["one_seed_step_s"] == rows[1]["one_seed_step_s"]  # one seed timed per round
+  summary = peer_trl.summarise_seed_sweep(rows)
+  assert [s["thread_groups"] for s in summary] == [1, 2] and summary[0]["rounds"] == 2
+  peer_trl.print_table([], [], seed_sweep=summary)
+  table = capsys.readouterr().out
+  assert "| seed sweep, 1x8x2 proxy, 64 pairs per seed, 2 seeds in 2 thread group(s) |" in table
+
+
+def test_seed_sweep_summary_is_the_median_of_per_round_ratios():
+  rows = [
+    dict(proxy="1x16x2", batch_pairs=64, seeds=8, thread_groups=2, one_seed_step_s=o,
+         seeds_step_s=m, ratio=m / o)
+    for o, m in ((1.0, 4.0), (2.0, 2.0), (4.0, 6.0))
+  ]  # fmt: skip
+  (s,) = peer_trl.summarise_seed_sweep(rows)
+  # Per-round ratios 4, 1, 1.5 -> median 1.5 (the ratio of the medians would be 4 / 2).
+  assert s["ratio"] == pytest.approx(1.5) and s["rounds"] == 3
+  assert s["one_seed_step_s"] == 2.0 and s["seeds_step_s"] == 4.0
+
+
+@pytest.mark.parametrize(
+  "flag, message",
+  [
+    ("--seed_sweep_seeds=-1", "--seed_sweep_seeds must be >= 0, got -1"),
+    ("--seed_sweep_steps=0", "--seed_sweep_steps must be >= 1, got 0"),
+    ("--seed_sweep_proxy=1x16", "--seed_sweep_proxy=1x16: give layers x width x heads"),
+    ("--seed_sweep_proxy=1x10x4", "--seed_sweep_proxy=1x10x4: heads must divide width"),
+    ("--seed_sweep_thread_groups=3", "--seed_sweep_thread_groups=3: give counts >= 1 that divide"),
+  ],
+)
+def test_bad_seed_sweep_flags_are_named(tmp_path, flag, message):
+  from absl.testing import flagsaver
+
+  with flagsaver.flagsaver():
+    peer_trl.FLAGS(["peer_trl.py", f"--workdir={tmp_path}", flag])
+    with pytest.raises(peer_trl.app.UsageError, match=re.escape(message)):
+      peer_trl.check_seed_sweep_flags()
