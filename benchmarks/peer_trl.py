@@ -664,9 +664,6 @@ def hf_generate_s(torch, model, tokens, mask, new_tokens: int) -> float:
   return best
 
 
-# --------------------------------------------------------------------------- the report
-
-
 SEED_SWEEP_PAIRS = 64  # pairs per seed and step (seed_sweep.py's default)
 
 
@@ -711,6 +708,9 @@ def seed_sweep_rows(rounds: int) -> list[dict]:
         )
       )
   return rows
+
+
+# --------------------------------------------------------------------------- the report
 
 
 def summarise_seed_sweep(rows: list[dict]) -> list[dict]:
