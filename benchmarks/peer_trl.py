@@ -693,7 +693,7 @@ def seed_sweep_rows(rounds: int) -> list[dict]:
   for r in range(rounds):
     one = seed_sweep_seconds(sweep, pairs, seeds=1, steps=steps)[1] / steps
     for groups in (int(g) for g in FLAGS.seed_sweep_thread_groups):
-      many = seed_sweep_seconds(sweep, pairs, seeds=seeds, steps=steps, thread_groups=groups)
+      _, seconds = seed_sweep_seconds(sweep, pairs, seeds=seeds, steps=steps, thread_groups=groups)
       rows.append(
         dict(
           kind="seed_sweep",
@@ -703,8 +703,8 @@ def seed_sweep_rows(rounds: int) -> list[dict]:
           seeds=seeds,
           thread_groups=groups,
           one_seed_step_s=one,
-          seeds_step_s=many[1] / steps,
-          ratio=many[1] / steps / one,
+          seeds_step_s=seconds / steps,
+          ratio=seconds / steps / one,
         )
       )
   return rows
@@ -951,7 +951,7 @@ def check_seed_sweep_flags() -> None:
     raise app.UsageError(f"--seed_sweep_seeds must be >= 0, got {seeds}")
   if FLAGS.seed_sweep_steps < 1:
     raise app.UsageError(f"--seed_sweep_steps must be >= 1, got {FLAGS.seed_sweep_steps}")
-  layers, width, heads = seed_sweep_shape()
+  _, width, heads = seed_sweep_shape()
   if width % heads:
     raise app.UsageError(f"--seed_sweep_proxy={FLAGS.seed_sweep_proxy}: heads must divide width")
   groups = FLAGS.seed_sweep_thread_groups
