@@ -45,7 +45,9 @@ keys). Issue 14's seed sweep, timed before the sampler (no torch computation has
 process then), has no peer: the time per step of ``--seed_sweep_seeds`` synthetic-world
 proxies (``--seed_sweep_proxy``, the over-optimisation study's proxy architecture, 64 pairs
 per seed and step) trained at once by :class:`jaxrm.steps.rm_sweep.RewardModelSweep`, in
-each ``--seed_sweep_thread_groups`` count of thread groups, over one seed's, per round
+each ``--seed_sweep_thread_groups`` count of thread groups and each layout of
+``--seed_sweep_seed_batches`` (vmapped, or one seed after another in each group's program),
+over one seed's time per round: the faster of one seed vmapped and one seed alone
 (``benchmarks/seed_sweep.py`` sweeps seed counts).
 
 Needs torch, transformers and trl: ``pip install -e '.[peer]'`` (install torch first from
@@ -145,6 +147,12 @@ flags.DEFINE_string(
 )
 flags.DEFINE_list(
   "seed_sweep_thread_groups", ["1", "2"], "Thread-group counts of the seed sweep, one row each."
+)
+flags.DEFINE_list(
+  "seed_sweep_seed_batches",
+  ["0", "1"],
+  "Seeds vmapped together in each group's program (RewardModelSweep.train's seed_batch; "
+  "0: all of them), one row each per thread-group count.",
 )
 flags.DEFINE_integer("seed_sweep_steps", 200, "Steps per timed seed-sweep call (one chunk).")
 flags.DEFINE_integer("matmul_size", 2048, "n of the [n, n] @ [n, n] ceiling matmul.")
@@ -678,10 +686,11 @@ def seed_sweep_shape() -> tuple[int, int, int]:
 
 
 def seed_sweep_rows(rounds: int) -> list[dict]:
-  """Per round: one seed's time per step, then ``--seed_sweep_seeds`` seeds' in each
-  ``--seed_sweep_thread_groups`` count, each the second of two calls of
+  """Per round: one seed's time per step vmapped (a batch axis of one) and alone (its own
+  unbatched program), then ``--seed_sweep_seeds`` seeds' in each ``--seed_sweep_thread_groups``
+  count and ``--seed_sweep_seed_batches`` layout, each the second of two calls of
   ``--seed_sweep_steps`` steps (:func:`benchmarks.timing.seed_sweep_seconds`); ``ratio`` is
-  the seeds' time per step over one seed's in the same round."""
+  the seeds' time per step over one seed's faster time in the same round."""
   from benchmarks.timing import seed_sweep_seconds, synthetic_sweep
 
   layers, width, heads = seed_sweep_shape()
@@ -689,24 +698,30 @@ def seed_sweep_rows(rounds: int) -> list[dict]:
     layers=layers, width=width, heads=heads, batch_size=SEED_SWEEP_PAIRS
   )
   seeds, steps = FLAGS.seed_sweep_seeds, FLAGS.seed_sweep_steps
+  per_step = lambda **kw: seed_sweep_seconds(sweep, pairs, steps=steps, **kw)[1] / steps
   rows = []
   for r in range(rounds):
-    one = seed_sweep_seconds(sweep, pairs, seeds=1, steps=steps)[1] / steps
+    vmapped, alone = per_step(seeds=1), per_step(seeds=1, seed_batch=1)
+    one = min(vmapped, alone)
     for groups in (int(g) for g in FLAGS.seed_sweep_thread_groups):
-      _, seconds = seed_sweep_seconds(sweep, pairs, seeds=seeds, steps=steps, thread_groups=groups)
-      rows.append(
-        dict(
-          kind="seed_sweep",
-          round=r,
-          proxy=FLAGS.seed_sweep_proxy,
-          batch_pairs=SEED_SWEEP_PAIRS,
-          seeds=seeds,
-          thread_groups=groups,
-          one_seed_step_s=one,
-          seeds_step_s=seconds / steps,
-          ratio=seconds / steps / one,
+      for batch in (int(b) for b in FLAGS.seed_sweep_seed_batches):
+        seconds = per_step(seeds=seeds, thread_groups=groups, seed_batch=batch or None)
+        rows.append(
+          dict(
+            kind="seed_sweep",
+            round=r,
+            proxy=FLAGS.seed_sweep_proxy,
+            batch_pairs=SEED_SWEEP_PAIRS,
+            seeds=seeds,
+            thread_groups=groups,
+            seed_batch=batch,
+            one_seed_vmapped_step_s=vmapped,
+            one_seed_alone_step_s=alone,
+            one_seed_step_s=one,
+            seeds_step_s=seconds,
+            ratio=seconds / one,
+          )
         )
-      )
   return rows
 
 
@@ -714,14 +729,17 @@ def seed_sweep_rows(rounds: int) -> list[dict]:
 
 
 def summarise_seed_sweep(rows: list[dict]) -> list[dict]:
-  """Per thread-group count: medians over rounds of both times per step and of the ratio."""
+  """Per thread-group count and seed batch: medians over rounds of the times per step and of
+  the ratio."""
   med = statistics.median
+  layout = lambda r: (r["thread_groups"], r["seed_batch"])
+  times = ("one_seed_vmapped_step_s", "one_seed_alone_step_s", "one_seed_step_s", "seeds_step_s")
   out = []
-  for groups in dict.fromkeys(r["thread_groups"] for r in rows):
-    mine = [r for r in rows if r["thread_groups"] == groups]
+  for key in dict.fromkeys(map(layout, rows)):
+    mine = [r for r in rows if layout(r) == key]
     out.append(
-      {k: mine[0][k] for k in ("proxy", "batch_pairs", "seeds", "thread_groups")}
-      | {k: med(r[k] for r in mine) for k in ("one_seed_step_s", "seeds_step_s", "ratio")}
+      {k: mine[0][k] for k in ("proxy", "batch_pairs", "seeds", "thread_groups", "seed_batch")}
+      | {k: med(r[k] for r in mine) for k in (*times, "ratio")}
       | dict(rounds=len(mine))
     )
   return out
@@ -834,10 +852,16 @@ def print_table(
         f"{r['jaxrm_threads_tokens_per_s'] / r['hf_tokens_per_s']:.2f}x |" + fill
       )
   for r in seed_sweep:
+    batch = r["seed_batch"]
+    layout = (
+      "vmapped" if batch == 0 else "one after another" if batch == 1 else f"{batch} at a time"
+    )
     print(
       f"| seed sweep, {r['proxy']} proxy, {r['batch_pairs']} pairs per seed, {r['seeds']} seeds "
-      f"in {r['thread_groups']} thread group(s) | ms per step | {r['seeds_step_s'] * 1e3:.2f} | "
-      f"1 seed {r['one_seed_step_s'] * 1e3:.2f} | {r['ratio']:.2f}x one seed's time |" + fill
+      f"in {r['thread_groups']} thread group(s), {layout} | ms per step | "
+      f"{r['seeds_step_s'] * 1e3:.2f} | 1 seed {r['one_seed_step_s'] * 1e3:.2f} (vmapped "
+      f"{r['one_seed_vmapped_step_s'] * 1e3:.2f}, alone {r['one_seed_alone_step_s'] * 1e3:.2f}) | "
+      f"{r['ratio']:.2f}x one seed's time |" + fill
     )
 
 
@@ -959,6 +983,11 @@ def check_seed_sweep_flags() -> None:
     raise app.UsageError(
       f"--seed_sweep_thread_groups={','.join(groups)}: give counts >= 1 that divide "
       f"--seed_sweep_seeds={seeds}"
+    )
+  batches = FLAGS.seed_sweep_seed_batches
+  if seeds and not (batches and all(b.isdigit() for b in batches)):
+    raise app.UsageError(
+      f"--seed_sweep_seed_batches={','.join(batches)}: give seed batches >= 0 (0: all seeds)"
     )
 
 

@@ -99,11 +99,17 @@ def synthetic_sweep(*, layers: int, width: int, heads: int, batch_size: int):
 
 
 def seed_sweep_seconds(
-  sweep: RewardModelSweep, pairs, *, seeds: int, steps: int, thread_groups: int = 1
+  sweep: RewardModelSweep,
+  pairs,
+  *,
+  seeds: int,
+  steps: int,
+  thread_groups: int = 1,
+  seed_batch: int | None = None,
 ) -> tuple[float, float]:
   """``(first, second)``: wall seconds of two calls of ``steps`` steps of ``seeds`` fresh
-  seeds (one compiled chunk, :meth:`RewardModelSweep.train` with ``thread_groups``); the first
-  call compiles unless this process already has the program."""
+  seeds (one compiled chunk, :meth:`RewardModelSweep.train` with ``thread_groups`` and
+  ``seed_batch``); the first call compiles unless this process already has the program."""
   states = sweep.init(jax.random.split(jax.random.key(2), seeds))
   times = []
   for _ in range(2):
@@ -115,6 +121,7 @@ def seed_sweep_seconds(
       chunk=steps,
       log_every_chunk=False,
       thread_groups=thread_groups,
+      seed_batch=seed_batch,
     )
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)

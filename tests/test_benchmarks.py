@@ -26,12 +26,13 @@ def test_model_throughput_quick_prints_mfu_table():
 def test_seed_sweep_prints_one_row_per_seed_count():
   # One seed runs in one thread, two seeds in two threads of one seed each (one compiled sweep).
   out = _run("seed_sweep.py", "--steps=3", "--width=8", "--heads=4", "--batch_size=16",
-             "--seeds=1,2", "--thread_groups=2")  # fmt: skip
+             "--seeds=1,2", "--thread_groups=2", "--seed_batch=1")  # fmt: skip
   rows = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
   assert [int(r.split("|")[0]) for r in rows] == [1, 2]
-  assert "proxy 1x8x4 |" in out and "seeds in up to 2 thread(s)" in out
+  assert "proxy 1x8x4 |" in out and "seeds in up to 2 thread(s), 1 vmapped at a time" in out
   for args, message in (
     (["--seeds=3", "--thread_groups=2"], "--seeds=3 with --thread_groups=2: seed counts must be"),
+    (["--seed_batch=-1"], "--seed_batch must be >= 0 (0: all seeds vmapped), got -1"),
     (["--width=10", "--heads=4"], "width must be divisible by num_heads"),
   ):
     proc = script_runner.run_subprocess("benchmarks/seed_sweep.py", *args)

@@ -236,21 +236,34 @@ def test_seed_sweep_rows_time_one_seed_and_the_seeds_per_round_and_thread_groups
     peer_trl.FLAGS(argv)
     peer_trl.check_seed_sweep_flags()
     rows = peer_trl.seed_sweep_rows(rounds=2)
-  assert [(r["round"], r["thread_groups"]) for r in rows] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+  layouts = [(r["round"], r["thread_groups"], r["seed_batch"]) for r in rows]
+  assert layouts == [(i, g, b) for i in (0, 1) for g in (1, 2) for b in (0, 1)]
   for r in rows:
     assert r["seeds"] == 2 and r["proxy"] == "1x8x2" and r["batch_pairs"] == 64
-    assert r["ratio"] == pytest.approx(r["seeds_step_s"] / r["one_seed_step_s"])
-  assert rows[0]["one_seed_step_s"] == rows[1]["one_seed_step_s"]  # one seed timed per round
+    # The baseline is one seed's faster layout: vmapped over an axis of one, or alone.
+    one = min(r["one_seed_vmapped_step_s"], r["one_seed_alone_step_s"])
+    assert r["one_seed_step_s"] == one
+    assert r["ratio"] == pytest.approx(r["seeds_step_s"] / one)
+  for i in (0, 4):  # one seed timed once per round
+    assert len({rows[j]["one_seed_step_s"] for j in range(i, i + 4)}) == 1
   summary = peer_trl.summarise_seed_sweep(rows)
-  assert [s["thread_groups"] for s in summary] == [1, 2] and summary[0]["rounds"] == 2
+  assert [(s["thread_groups"], s["seed_batch"]) for s in summary] == [
+    (1, 0),
+    (1, 1),
+    (2, 0),
+    (2, 1),
+  ]
+  assert summary[0]["rounds"] == 2
   peer_trl.print_table([], [], seed_sweep=summary)
   table = capsys.readouterr().out
-  assert "| seed sweep, 1x8x2 proxy, 64 pairs per seed, 2 seeds in 2 thread group(s) |" in table
+  head = "| seed sweep, 1x8x2 proxy, 64 pairs per seed, 2 seeds in 2 thread group(s)"
+  assert f"{head}, vmapped |" in table and f"{head}, one after another |" in table
 
 
 def test_seed_sweep_summary_is_the_median_of_per_round_ratios():
   rows = [
-    dict(proxy="1x16x2", batch_pairs=64, seeds=8, thread_groups=2, one_seed_step_s=o,
+    dict(proxy="1x16x2", batch_pairs=64, seeds=8, thread_groups=2, seed_batch=1,
+         one_seed_vmapped_step_s=o, one_seed_alone_step_s=o, one_seed_step_s=o,
          seeds_step_s=m, ratio=m / o)
     for o, m in ((1.0, 4.0), (2.0, 2.0), (4.0, 6.0))
   ]  # fmt: skip
@@ -268,6 +281,7 @@ def test_seed_sweep_summary_is_the_median_of_per_round_ratios():
     ("--seed_sweep_proxy=1x16", "--seed_sweep_proxy=1x16: give layers x width x heads"),
     ("--seed_sweep_proxy=1x10x4", "--seed_sweep_proxy=1x10x4: heads must divide width"),
     ("--seed_sweep_thread_groups=3", "--seed_sweep_thread_groups=3: give counts >= 1 that divide"),
+    ("--seed_sweep_seed_batches=-1", "--seed_sweep_seed_batches=-1: give seed batches >= 0"),
   ],
 )
 def test_bad_seed_sweep_flags_are_named(tmp_path, flag, message):

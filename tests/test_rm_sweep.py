@@ -88,6 +88,42 @@ def test_thread_groups_train_each_seed_as_one_program_of_all_seeds_does():
                two.params, one.params)  # fmt: skip
 
 
+def test_looped_seeds_train_each_seed_as_the_vmapped_program_does():
+  """Seeds one after another (``seed_batch=1``), two at a time (three seeds: a batch of two,
+  then a remainder of one) and in two threads of looped seeds: the same metrics, steps, keys
+  and parameters as one vmapped program (up to its rounding), over 13 steps in chunks of 5."""
+  sweep, pairs = _sweep()
+  for seeds, batch, groups in ((3, 1, 1), (3, 2, 1), (4, 1, 2)):
+    keys = jax.random.split(jax.random.key(seeds), seeds)
+    want, m_want = sweep.train(sweep.init(keys), pairs, num_steps=13, chunk=5)
+    got, m_got = sweep.train(
+      sweep.init(keys), pairs, num_steps=13, chunk=5, seed_batch=batch, thread_groups=groups
+    )
+    assert m_got["loss"].shape == (seeds, 13)
+    np.testing.assert_allclose(m_got["loss"], m_want["loss"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got.step, [13] * seeds)
+    np.testing.assert_array_equal(jax.random.key_data(got.key), jax.random.key_data(want.key))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 got.params, want.params)  # fmt: skip
+
+
+def test_seed_batch_loops_over_the_seeds_in_the_program():
+  """``seed_batch`` reaches the compiled chunk: a loop over the seeds wraps the steps' loop
+  (one ``while`` more than the vmapped program's); with a remainder (three seeds, two at a
+  time) the remainder's vmapped steps are a second copy of the program's loops."""
+  sweep, pairs = _sweep()
+  pairs = {k: jnp.asarray(v) for k, v in pairs.items()}
+
+  def whiles(seeds, seed_batch):
+    states = sweep.init(jax.random.split(jax.random.key(0), seeds))
+    text = rm_sweep._train_chunk.lower(sweep, states, pairs, 5, seed_batch).as_text()
+    return text.count("stablehlo.while")
+
+  vmapped = whiles(4, None)
+  assert whiles(4, 1) == whiles(4, 2) == vmapped + 1
+  assert whiles(3, 2) == 2 * vmapped + 1
+
+
 def test_chunk_permutations_are_the_epochs_permutations():
   """A chunk of 13 steps from step 5 (6 steps per epoch) touches epochs 0..3; each row is the
   permutation of fold_in(key, epoch), a permutation of all pairs, and seeds differ."""
@@ -125,5 +161,8 @@ def test_sweep_rejects_bad_arguments():
   for groups in (0, 3):
     with pytest.raises(ValueError, match=f"thread_groups={groups} must be >= 1 and divide the 2"):
       sweep.train(states, pairs, num_steps=1, thread_groups=groups)
+  for batch in (0, -1, 1.5, True):
+    with pytest.raises(ValueError, match=rf"seed_batch={batch!r} must be None or an int >= 1"):
+      sweep.train(states, pairs, num_steps=1, seed_batch=batch)
   with pytest.raises(ValueError, match="keys"):
     sweep.init(jax.random.split(jax.random.key(0), 4).reshape(2, 2))

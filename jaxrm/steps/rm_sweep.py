@@ -5,7 +5,8 @@ arithmetic, dominates a step. Here the pairs live on the device, each seed draws
 epoch-wise shuffles with ``jax.random.permutation``, and a whole chunk of steps of all seeds
 runs in one compiled call of :func:`jaxrm.steps.rm_step.reward_model_step` under ``jax.vmap`` and
 ``lax.scan``. The host only logs between chunks. ``train(..., thread_groups=G)`` runs the seeds
-as ``G`` such calls in ``G`` host threads, which XLA runs concurrently.
+as ``G`` such calls in ``G`` host threads, which XLA runs concurrently; ``train(...,
+seed_batch=1)`` runs a call's seeds one after another (``lax.map``) instead of vmapped.
 
 Example::
 
@@ -79,6 +80,7 @@ class RewardModelSweep:
     chunk: int = 100,
     log_every_chunk: bool = True,
     thread_groups: int = 1,
+    seed_batch: int | None = None,
   ):
     """Runs ``num_steps`` steps of every seed; each seed shuffles the pairs every epoch.
 
@@ -93,6 +95,12 @@ class RewardModelSweep:
         vmapped program uses about one core; the groups use more (BUILD_NOTES.md, "Issue 14,
         session 30"). Each seed's arithmetic is the same, but a program over fewer seeds may
         round differently from one over all of them.
+      seed_batch: how many of a call's seeds are vmapped together. None: all of them (one
+        batched step). ``k``: the call loops over its seeds ``k`` at a time (``lax.map``); 1
+        runs each seed's own unbatched step. On a small CPU a vmapped seed costs a core as much
+        as a seed alone, and the batched layout adds work: with two thread groups, 8 seeds of
+        the studies' smallest proxies train faster with 1 (BUILD_NOTES.md, "Issue 14,
+        session 47"). The same arithmetic per seed, up to rounding.
 
     Returns:
       ``(states, metrics)``; every metric has shape ``[num_seeds, num_steps]``.
@@ -107,6 +115,12 @@ class RewardModelSweep:
       raise ValueError(
         f"thread_groups={thread_groups} must be >= 1 and divide the {num_seeds} seeds"
       )
+    if seed_batch is not None:
+      if isinstance(seed_batch, bool) or not isinstance(seed_batch, (int, np.integer)):
+        raise ValueError(f"seed_batch={seed_batch!r} must be None or an int >= 1")
+      if seed_batch < 1:
+        raise ValueError(f"seed_batch={seed_batch} must be None or an int >= 1")
+      seed_batch = int(seed_batch)
     pairs = {k: jnp.asarray(v) for k, v in pairs.items()}
     first_step = np.asarray(jax.device_get(states.step))  # states are donated to the chunks
     size = num_seeds // thread_groups
@@ -117,13 +131,13 @@ class RewardModelSweep:
     done, start = 0, time.perf_counter()
 
     def run(group, n):  # each thread waits for its call, so that the calls run concurrently
-      return jax.block_until_ready(_train_chunk(self, group, pairs, n))
+      return jax.block_until_ready(_train_chunk(self, group, pairs, n, seed_batch))
 
     with concurrent.futures.ThreadPoolExecutor(thread_groups) as pool:
       while done < num_steps:
         n = min(chunk, num_steps - done)
         if thread_groups == 1:  # no wait: the host dispatches the next chunk at once
-          results = [_train_chunk(self, groups[0], pairs, n)]
+          results = [_train_chunk(self, groups[0], pairs, n, seed_batch)]
         else:
           results = list(pool.map(run, groups, [n] * thread_groups))
         groups = [r[0] for r in results]
@@ -207,8 +221,10 @@ def _chunk_permutations(
   return perms, first_epoch
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=1)
-def _train_chunk(sweep: RewardModelSweep, states, pairs, num_steps: int):
+@functools.partial(jax.jit, static_argnums=(0, 3, 4), donate_argnums=1)
+def _train_chunk(
+  sweep: RewardModelSweep, states, pairs, num_steps: int, seed_batch: int | None = None
+):
   num_pairs = _num_pairs(pairs)
   step_fn = functools.partial(
     sweep.step_fn,
@@ -234,4 +250,7 @@ def _train_chunk(sweep: RewardModelSweep, states, pairs, num_steps: int):
 
     return lax.scan(body, state, None, length=num_steps)
 
-  return jax.vmap(one_seed)(states)
+  if seed_batch is None:
+    return jax.vmap(one_seed)(states)
+  # lax.map's batch_size=1 would vmap each seed over an axis of one; None loops unbatched.
+  return lax.map(one_seed, states, batch_size=None if seed_batch == 1 else seed_batch)
