@@ -97,10 +97,11 @@ class RewardModelSweep:
         round differently from one over all of them.
       seed_batch: how many of a call's seeds are vmapped together. None: all of them (one
         batched step). ``k``: the call loops over its seeds ``k`` at a time (``lax.map``); 1
-        runs each seed's own unbatched step. On a small CPU a vmapped seed costs a core as much
-        as a seed alone, and the batched layout adds work: with two thread groups, 8 seeds of
-        the studies' smallest proxies train faster with 1 (BUILD_NOTES.md, "Issue 14,
-        session 47"). The same arithmetic per seed, up to rounding.
+        runs each seed's own unbatched step. On a small CPU the batched layout adds work
+        instead of saving it: one seed of the study's L1W16 proxy steps 1.02-1.36x as fast
+        alone as vmapped over an axis of one, and 8 seeds in two thread groups 1.13-1.57x as
+        fast with 1 (BUILD_NOTES.md, "Issue 14, session 47"). The same arithmetic per seed, up to
+        rounding.
 
     Returns:
       ``(states, metrics)``; every metric has shape ``[num_seeds, num_steps]``.
