@@ -100,8 +100,8 @@ class RewardModelSweep:
         runs each seed's own unbatched step. On a small CPU the batched layout adds work
         instead of saving it: one seed of the study's L1W16 proxy steps 1.02-1.36x as fast
         alone as vmapped over an axis of one, and 8 seeds in two thread groups 1.13-1.57x as
-        fast with 1 (BUILD_NOTES.md, "Issue 14, session 47"). The same arithmetic per seed, up to
-        rounding.
+        fast with 1 (BUILD_NOTES.md, "Issue 14, session 47"). The same arithmetic per seed,
+        up to rounding.
 
     Returns:
       ``(states, metrics)``; every metric has shape ``[num_seeds, num_steps]``.
@@ -117,10 +117,9 @@ class RewardModelSweep:
         f"thread_groups={thread_groups} must be >= 1 and divide the {num_seeds} seeds"
       )
     if seed_batch is not None:
-      if isinstance(seed_batch, bool) or not isinstance(seed_batch, (int, np.integer)):
+      integer = isinstance(seed_batch, (int, np.integer)) and not isinstance(seed_batch, bool)
+      if not integer or seed_batch < 1:
         raise ValueError(f"seed_batch={seed_batch!r} must be None or an int >= 1")
-      if seed_batch < 1:
-        raise ValueError(f"seed_batch={seed_batch} must be None or an int >= 1")
       seed_batch = int(seed_batch)
     pairs = {k: jnp.asarray(v) for k, v in pairs.items()}
     first_step = np.asarray(jax.device_get(states.step))  # states are donated to the chunks
