@@ -15,6 +15,9 @@ Example::
                            optimizer=optax.adamw(1e-3), batch_size=64)
   states = sweep.init(jax.random.split(jax.random.key(0), 3))       # 3 seeds
   states, metrics = sweep.train(states, pairs, num_steps=500)        # metrics [3, 500]
+  # On a small CPU: 8 seeds as two threads, each looping over its 4 seeds' own steps.
+  states8 = sweep.init(jax.random.split(jax.random.key(1), 8))
+  states8, metrics8 = sweep.train(states8, pairs, num_steps=500, thread_groups=2, seed_batch=1)
 """
 
 from __future__ import annotations
