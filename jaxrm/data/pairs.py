@@ -277,8 +277,10 @@ def load_data(
   Args:
     config: the run's data settings.
     workdir: the run directory; the data lives under ``<workdir>/data``.
-    prepare: build the TFDS dataset if needed (training). False (reports) reads the
-      prepared dataset as it is, so the source files need not exist any more.
+    prepare: build the TFDS dataset if needed (training; copied from the enabled dataset
+      cache when it holds the same one: :mod:`jaxrm.data.dataset_cache`).
+      False (reports) reads the prepared dataset as it is, so the source files need not exist
+      any more.
     tok: files only: the run's :class:`jaxrm.data.run_tokenizer.RunTokenizer` (None: the
       byte tokenizer; with ``prepare=False``, the tokenizer stored with the run). It is saved
       under ``<workdir>/tokenizer`` (once; a run keeps its tokenizer) and the dataset is
@@ -338,6 +340,7 @@ def load_data(
         # A run refused before its first checkpoint must not block the corrected command:
         # with no checkpoint, nothing depends on the old dataset and it is rebuilt.
         overwrite=not _has_checkpoint(workdir),
+        cache=True,
       )
     except ValueError as e:
       if "was built from other files or settings" in str(e):

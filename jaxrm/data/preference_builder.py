@@ -12,6 +12,7 @@ import dataclasses
 import gzip
 import hashlib
 import inspect
+import json
 import math
 import os
 import shutil
@@ -22,6 +23,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxrm.data import dataset_cache
 from jaxrm.data.preference_files import ReadStats, check_data_file, iter_preference_examples
 from jaxrm.data.preference_records import PreferenceDataError, line_split
 
@@ -279,14 +281,18 @@ def _check_split(
       path=names,
     )
   if stats.identical_after_truncation:
-    logging.warning(
-      "preference_pairs/%s %s: truncation to max_len=%d leaves %d of %d pairs identical",
-      config.name,
-      split,
-      config.max_len,
-      stats.identical_after_truncation,
-      stats.records,
-    )
+    _warn_identical(config, split, stats.identical_after_truncation, stats.records)
+
+
+def _warn_identical(config: PreferencePairsConfig, split: str, identical: int, records: int):
+  logging.warning(
+    "preference_pairs/%s %s: truncation to max_len=%d leaves %d of %d pairs identical",
+    config.name,
+    split,
+    config.max_len,
+    identical,
+    records,
+  )
 
 
 def build_preference_dataset(
@@ -304,6 +310,7 @@ def build_preference_dataset(
   min_prompt_fraction: float = 0.5,
   tokenizer_dir: str | os.PathLike = "",
   overwrite: bool = False,
+  cache: bool = False,
 ) -> PreferencePairs:
   """Builds (or reuses) array_record files under ``data_dir/preference_pairs/name/1.0.0``.
 
@@ -318,6 +325,9 @@ def build_preference_dataset(
     test_files, test_fraction, split_seed, skip_malformed, add_bos, add_eos,
       min_prompt_fraction, tokenizer_dir: see :class:`PreferencePairsConfig`.
     overwrite: rebuild a dataset of this name that was built differently.
+    cache: use the enabled dataset cache (:mod:`jaxrm.data.dataset_cache`): a dataset missing
+      from ``data_dir`` is copied from it when it holds one of the same settings, files and
+      code, and a dataset built here is stored in it. No effect when the cache is off.
 
   Returns:
     The prepared builder; ``builder.as_data_source(split=...)`` gives random-access splits
@@ -345,13 +355,23 @@ def build_preference_dataset(
     raise ValueError(f"data_dir {data_dir} is not a directory")
   created = _missing_dirs(data_dir, name)
   builder = PreferencePairs(config=config, data_dir=data_dir, file_format="array_record")
-  mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-  if builder.is_prepared():
-    stored = dict(builder.info.metadata)
+  build = not builder.is_prepared()
+  cache = cache and dataset_cache.directory() is not None
+  current = {}
+  if cache or not build:
     current = {
       "settings": config.settings(),
       "files": _file_fingerprints(_fingerprinted_files(config)),
     }
+  entry = dataset_cache.key(_portable(current, config.tokenizer_dir)) if cache else ""
+  if entry and build and dataset_cache.fetch(entry, builder.data_path):
+    _adopt_metadata(builder.data_path, current)
+    builder = PreferencePairs(config=config, data_dir=data_dir, file_format="array_record")
+    _log_cached(builder, dataset_cache.directory())
+    build = False
+  mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+  if not build:
+    stored = dict(builder.info.metadata)
     if any(stored.get(k) != v for k, v in current.items()):
       if not overwrite:
         raise ValueError(
@@ -359,12 +379,65 @@ def build_preference_dataset(
           f"overwrite=True to rebuild it or choose another name"
         )
       mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
+      build = True
   try:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
   except BaseException:
     _remove_failed_build(data_dir, name, created)
     raise
+  if build and entry:
+    dataset_cache.store(entry, builder.data_path)
   return builder
+
+
+_TOKENIZER_DIR = "<tokenizer_dir>"
+
+
+def _portable(current: dict[str, Any], tokenizer_dir: str) -> dict[str, Any]:
+  """``current`` (settings and fingerprints) with the tokenizer's folder, which a run keeps
+  in its own workdir, named by a placeholder: the same tokenizer files in another run's folder
+  give the same cache entry."""
+  if not tokenizer_dir:
+    return current
+  prefix = tokenizer_dir + os.sep
+  return {
+    "settings": {**current["settings"], "tokenizer_dir": _TOKENIZER_DIR},
+    "files": {
+      (_TOKENIZER_DIR + os.sep + p[len(prefix) :] if p.startswith(prefix) else p): v
+      for p, v in current["files"].items()
+    },
+  }
+
+
+def _adopt_metadata(data_path: Any, current: dict[str, Any]) -> None:
+  """Records this build's settings and fingerprints (``current``; equal to the copied ones
+  but for the tokenizer's folder, :func:`_portable`) in a dataset copied from the cache."""
+  path = os.path.join(os.fspath(data_path), "metadata.json")
+  with open(path) as f:
+    metadata = json.load(f)
+  metadata.update(current)
+  with open(path, "w") as f:
+    json.dump(metadata, f)
+
+
+def _log_cached(builder: PreferencePairs, cache_dir: str | None) -> None:
+  """The build's log lines for a dataset copied from the cache (from its recorded counts)."""
+  config = builder.builder_config
+  logging.info("preference_pairs/%s: copied from the dataset cache %s", config.name, cache_dir)
+  for split, stats in builder.info.metadata.get("splits", {}).items():
+    skipped = sum(stats["skipped"].values())
+    logging.log(
+      logging.WARNING if skipped else logging.INFO,
+      "preference_pairs/%s %s: %d records, %d skipped %s, %d truncated",
+      config.name,
+      split,
+      stats["records"],
+      skipped,
+      stats["skipped"],
+      stats["truncated_pairs"],
+    )
+    if stats["identical_after_truncation"]:
+      _warn_identical(config, split, stats["identical_after_truncation"], stats["records"])
 
 
 def _missing_dirs(data_dir: str, name: str) -> list[str]:

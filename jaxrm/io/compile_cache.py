@@ -29,11 +29,13 @@ import platform
 from absl import logging
 import jax
 
+from jaxrm.data import dataset_cache
 from jaxrm.io import environment, program_cache
 
 ENV = "JAXRM_COMPILATION_CACHE"
 DEFAULT_DIR = os.path.join("~", ".cache", "jaxrm", "xla")
 PROGRAMS_DIR = "programs"  # beside the machine directories: jaxrm.io.program_cache
+DATASETS_DIR = "datasets"  # prepared datasets: jaxrm.data.dataset_cache
 
 
 def cache_dir_from_env() -> str | None:
@@ -61,7 +63,8 @@ def enable_compilation_cache(
 ) -> str | None:
   """Turns on JAX's persistent compilation cache; returns the directory it stores this host's
   programs in, ``<cache_dir>/<machine_tag()>`` (``None``: disabled). Lowered programs
-  (:mod:`jaxrm.io.program_cache`) are kept in ``<cache_dir>/programs``.
+  (:mod:`jaxrm.io.program_cache`) are kept in ``<cache_dir>/programs``, prepared datasets
+  (:mod:`jaxrm.data.dataset_cache`) in ``<cache_dir>/datasets``.
 
   Args:
     cache_dir: the cache's root directory (created if missing); default:
@@ -92,6 +95,7 @@ def enable_compilation_cache(
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
   program_cache.enable(os.path.join(os.path.dirname(path), PROGRAMS_DIR))
+  dataset_cache.enable(os.path.join(os.path.dirname(path), DATASETS_DIR))
   return path
 
 
