@@ -154,6 +154,20 @@ def test_a_cache_that_cannot_be_written_costs_only_the_build(sample, tmp_path, c
   assert "dataset cache: could not store" in caplog.text
 
 
+@pytest.mark.parametrize("damaged", ["metadata.json", "dataset_info.json"])
+def test_a_damaged_entry_costs_only_the_build(
+  cache, sample, tmp_path, monkeypatch, caplog, damaged
+):
+  builds = _Builds(monkeypatch)
+  first = _build(sample, tmp_path / "a")
+  (entry,) = _entries(cache)
+  (cache / entry / damaged).write_text('{"settings": ')  # cut short
+  with caplog.at_level(logging.WARNING):
+    second = _build(sample, tmp_path / "b")
+  assert builds.count == 4 and "is damaged" in caplog.text
+  _assert_same_records(_records(first), _records(second))
+
+
 def test_a_run_in_a_fresh_workdir_loads_the_same_pairs_from_the_cache(
   cache, sample, tmp_path, monkeypatch
 ):

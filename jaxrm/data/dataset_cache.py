@@ -1,9 +1,9 @@
 """Prepared datasets kept across runs, so that a second run on the same files does not tokenise them.
 
 A run tokenises its JSONL files into a TFDS dataset under its own ``<workdir>/data``
-(:func:`jaxrm.data.build_preference_dataset`); a fresh workdir built it again: about 1.1 s of
-the README's 16 s HH run on the 2-core CPU (BUILD_NOTES.md, "Issue 14, session 48"), and
-minutes for a large file with a subword tokenizer. With the cache on, a finished build is also
+(:func:`jaxrm.data.build_preference_dataset`), and a fresh workdir built it again: the README's
+HH run spent 0.9-1.2 s of its 15 s in that phase on the 2-core CPU, 0.4-0.6 s with the cache
+(BUILD_NOTES.md, "Issue 14, session 48"); a large file with a subword tokenizer takes minutes. With the cache on, a finished build is also
 copied to ``<cache>/<key>``, and a later build of the same dataset into an empty directory
 copies it from there instead. The run's directory still holds its own full copy, checked
 against the files' SHA-256 and the settings as before, so a run never depends on the cache.
@@ -12,8 +12,8 @@ against the files' SHA-256 and the settings as before, so a run never depends on
 settings and input fingerprints (the caller's), the source of every ``jaxrm/data`` module (the
 tokenisation and truncation code) and the TFDS version. Entries are written to a temporary
 directory and renamed, so a reader sees a complete entry or none, and two processes that build
-the same dataset at once both succeed. A cache that cannot be read or written costs only the
-build (a logged warning).
+the same dataset at once both succeed. A cache that cannot be read or written, or an entry
+damaged on disk, costs only the build (a logged warning).
 
 Enabled with the compilation cache by :func:`jaxrm.io.compile_cache.enable_compilation_cache`
 (every script), in ``<cache dir>/datasets``; a library user who never enables it builds in

@@ -365,10 +365,15 @@ def build_preference_dataset(
     }
   entry = dataset_cache.key(_portable(current, config.tokenizer_dir)) if cache else ""
   if entry and build and dataset_cache.fetch(entry, builder.data_path):
-    _adopt_metadata(builder.data_path, current)
-    builder = PreferencePairs(config=config, data_dir=data_dir, file_format="array_record")
-    _log_cached(builder, dataset_cache.directory())
-    build = False
+    try:
+      _adopt_metadata(builder.data_path, current)
+      builder = PreferencePairs(config=config, data_dir=data_dir, file_format="array_record")
+      _log_cached(builder, dataset_cache.directory())
+      build = False
+    except Exception as e:  # pylint: disable=broad-except  (an entry damaged on disk)
+      logging.warning("dataset cache entry %s is damaged (%r); building the dataset", entry, e)
+      shutil.rmtree(builder.data_path, ignore_errors=True)
+      builder = PreferencePairs(config=config, data_dir=data_dir, file_format="array_record")
   mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
   if not build:
     stored = dict(builder.info.metadata)
