@@ -17,7 +17,8 @@ damaged on disk, costs only the build (a logged warning).
 
 Enabled with the compilation cache by :func:`jaxrm.io.compile_cache.enable_compilation_cache`
 (every script), in ``<cache dir>/datasets``; a library user who never enables it builds in
-the data directory only. Entries are never removed; delete the directory to reclaim the space.
+the data directory only. An entry is a full copy (as large as the dataset in a workdir), and
+entries are never removed; delete the directory to reclaim the space.
 """
 
 from __future__ import annotations
