@@ -196,15 +196,21 @@ class PreferencePairs(tfds.core.GeneratorBasedBuilder):
       )
     _check_split(split, files, stats, config)
     self.info.metadata["splits"][split] = stats.to_dict()
-    logging.info(
-      "preference_pairs/%s %s: %d records, %d skipped %s, %d truncated",
-      config.name,
-      split,
-      stats.records,
-      stats.num_skipped,
-      stats.skipped,
-      stats.truncated_pairs,
-    )
+    _log_counts(config, split, stats.to_dict(), logging.INFO)
+
+
+def _log_counts(config: PreferencePairsConfig, split: str, stats: dict[str, Any], level: int):
+  """The build's summary line of a split, from its :class:`ReadStats` dict."""
+  logging.log(
+    level,
+    "preference_pairs/%s %s: %d records, %d skipped %s, %d truncated",
+    config.name,
+    split,
+    stats["records"],
+    sum(stats["skipped"].values()),
+    stats["skipped"],
+    stats["truncated_pairs"],
+  )
 
 
 def _fingerprinted_files(config: PreferencePairsConfig) -> tuple[str, ...]:
@@ -430,17 +436,7 @@ def _log_cached(builder: PreferencePairs, cache_dir: str | None) -> None:
   config = builder.builder_config
   logging.info("preference_pairs/%s: copied from the dataset cache %s", config.name, cache_dir)
   for split, stats in builder.info.metadata.get("splits", {}).items():
-    skipped = sum(stats["skipped"].values())
-    logging.log(
-      logging.WARNING if skipped else logging.INFO,
-      "preference_pairs/%s %s: %d records, %d skipped %s, %d truncated",
-      config.name,
-      split,
-      stats["records"],
-      skipped,
-      stats["skipped"],
-      stats["truncated_pairs"],
-    )
+    _log_counts(config, split, stats, logging.WARNING if stats["skipped"] else logging.INFO)
     if stats["identical_after_truncation"]:
       _warn_identical(config, split, stats["identical_after_truncation"], stats["records"])
 
