@@ -8,6 +8,7 @@ its ``metrics.jsonl`` into the report of :mod:`jaxrm.io.report`; :func:`restore_
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Sequence
 import functools
 import os
@@ -83,22 +84,31 @@ def score_pairs(
     max_len=max_len,
     train=False,
   )
-  for batch in iterator:
-    valid = batch["index"] >= 0
-    out = peval(params, peval.shard_batch({k: batch[k] for k in SCORE_KEYS}))
+  # A batch's rewards are fetched once the next batch is dispatched, so the host builds a
+  # batch while the device scores the one before; at most two batches are in flight.
+  in_flight: collections.deque = collections.deque()
+
+  def collect(cols, out, valid):
     out = jax.device_get(peval.unreplicate(out))
+    cols.update(rewards_chosen=out["rewards_chosen"], rewards_rejected=out["rewards_rejected"])
+    for key, value in cols.items():
+      parts.setdefault(key, []).append(np.asarray(value)[valid])
+
+  for batch in iterator:
+    out = peval(params, peval.shard_batch({k: batch[k] for k in SCORE_KEYS}))
     cols = {
       "index": batch["index"],
-      "rewards_chosen": out["rewards_chosen"],
-      "rewards_rejected": out["rewards_rejected"],
       "chosen_len": batch["chosen_mask"].sum(1),
       "rejected_len": batch["rejected_mask"].sum(1),
     }
     for key in ("prompt_len", "subset_id", "gold_chosen", "gold_rejected"):
       if key in batch:
         cols[key] = batch[key]
-    for key, value in cols.items():
-      parts.setdefault(key, []).append(np.asarray(value)[valid])
+    in_flight.append((cols, out, batch["index"] >= 0))
+    if len(in_flight) > 1:
+      collect(*in_flight.popleft())
+  while in_flight:
+    collect(*in_flight.popleft())
   arrays = {k: np.concatenate(v) for k, v in parts.items()}
   order = np.argsort(arrays.pop("index"), kind="stable")
   arrays = {k: v[order] for k, v in arrays.items()}
