@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrm.io import rundir
+from jaxrm.io import metrics_file, rundir
 
 
 @dataclasses.dataclass
@@ -142,6 +142,36 @@ def test_learning_curves_are_written_beside_the_metrics_one_png_per_split(tmp_pa
   for split in ("train", "eval"):
     data = (tmp_path / f"curves_{split}.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_curve_panels_group_quantiles_and_caption_the_columns_that_never_change():
+  rows = [
+    {"step": s, "split": "eval", "loss": 1.0 / s, "skipped": 0, "pairs": 230, "ok": True,
+     "margin_q10": -s, "margin_q50": 0.5 * s, "margin_q90": s, "reward_q50": 2.0 * s,
+     "gap_q10": 0.1, "gap_q90": 0.1 * s, "nan_at_2": None if s == 2 else 1.0}
+    for s in (1, 2, 3)
+  ]  # fmt: skip
+  panels, constants = metrics_file.curve_panels(rows)
+  assert panels == [
+    ("loss", ["loss"]),
+    ("margin quantiles", ["margin_q10", "margin_q50", "margin_q90"]),
+    ("reward_q50", ["reward_q50"]),  # a quantile alone keeps its name
+    ("gap_q90", ["gap_q90"]),  # its sibling gap_q10 never changes
+    ("nan_at_2", ["nan_at_2"]),  # not constant: non-finite (None) in one row
+  ]
+  assert constants == {"skipped": 0, "pairs": 230, "gap_q10": 0.1}
+  # One row: every column gets its panel (nothing to call constant); a column missing from a
+  # row is not constant either.
+  assert metrics_file.curve_panels(rows[:1])[1] == {}
+  assert "skipped" in dict(metrics_file.curve_panels([rows[0], {"step": 4}])[0])
+
+
+def test_curves_of_a_split_whose_columns_never_change_are_the_caption(tmp_path):
+  with rundir.MetricsWriter(tmp_path) as w:
+    for step in (1, 2):
+      w.write({"step": step, "split": "eval", "num_pairs": 230, "accuracy": 0.5})
+  data = (tmp_path / "curves_eval.png").read_bytes()
+  assert data[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_tensorboard_events_are_written_when_asked(tmp_path):

@@ -2,16 +2,20 @@
 
 The file of a run directory (:mod:`jaxrm.io.rundir`, which re-exports these names and holds
 the writer, :class:`jaxrm.io.rundir.MetricsWriter`): one strict-JSON object per line with at
-least ``step``; ``curves_<split>.png`` beside it plot each numeric column against the step.
+least ``step``; ``curves_<split>.png`` beside it plot its numeric columns against the step
+(:func:`curve_panels`: a quantity's quantiles in one panel, the columns that never change in
+a caption).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 import io
 import json
 import math
 import os
+import re
+import textwrap
 from typing import Any
 
 from absl import logging
@@ -68,8 +72,52 @@ def scalar_row(step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
   return row
 
 
+_QUANTILE = re.compile(r"(.+)_q(\d+)")  # ``margin_q10``: the 10% quantile of ``margin``
+
+
+def _is_number(v: Any) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def curve_panels(
+  rows: Sequence[Mapping[str, Any]],
+) -> tuple[list[tuple[str, list[str]]], dict[str, int | float]]:
+  """How :func:`plot_curves` lays out one split's rows: its panels, and the columns it states
+  in a caption instead.
+
+  Each numeric column (not ``step``, not a bool) gets a panel of its own, in the order the
+  columns first appear, except that:
+
+  - quantiles of one quantity (``<name>_q<NN>``, e.g. ``margin_q10``, ``margin_q50``,
+    ``margin_q90``) share the panel ``'<name> quantiles'``;
+  - a column with the same number in every one of at least two rows (a count that stayed 0,
+    the pairs of each evaluation) has no panel: it is returned with its value, for the
+    caption. A column missing or non-finite (``None``) in some row keeps its panel.
+
+  Returns:
+    ``(panels, constants)``: ``[(title, [column, ...]), ...]`` and ``{column: value}``.
+  """
+  columns = list(dict.fromkeys(k for r in rows for k, v in r.items() if _is_number(v)))
+  columns = [k for k in columns if k not in ("step", "split")]
+  constants = {}
+  if len(rows) >= 2:
+    for key in columns:
+      values = {r.get(key) for r in rows}
+      if len(values) == 1 and all(_is_number(r.get(key)) for r in rows):
+        constants[key] = rows[0][key]
+  panels: dict[str, list[str]] = {}
+  for key in columns:
+    if key not in constants:
+      match = _QUANTILE.fullmatch(key)
+      panels.setdefault(f"{match.group(1)} quantiles" if match else key, []).append(key)
+  # A lone quantile (the others constant) keeps its own name.
+  return [(keys[0], keys) if len(keys) == 1 else (t, keys) for t, keys in panels.items()], constants
+
+
 def plot_curves(workdir: str | os.PathLike, *, max_panels: int = 16) -> list[str]:
-  """Writes ``curves_<split>.png`` beside ``metrics.jsonl``: each numeric column against step.
+  """Writes ``curves_<split>.png`` beside ``metrics.jsonl``: the numeric columns against the
+  step, laid out by :func:`curve_panels` (the constant columns in a caption below the panels;
+  panels past ``max_panels`` are left out, with a log line naming them).
 
   Returns:
     The written paths (none when the file has no rows).
@@ -86,38 +134,63 @@ def plot_curves(workdir: str | os.PathLike, *, max_panels: int = 16) -> list[str
 
   paths = []
   for split, split_rows in splits.items():
-    keys = []
-    for row in split_rows:
-      for k, v in row.items():
-        numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if k not in ("step", "split") and numeric and k not in keys:
-          keys.append(k)
-    keys = keys[:max_panels]
-    if not keys:
+    panels, constants = curve_panels(split_rows)
+    if panels[max_panels:]:
+      logging.info(
+        "%s: curves_%s.png leaves out the panels %s (more than %d)",
+        workdir,
+        split,
+        [title for title, _ in panels[max_panels:]],
+        max_panels,
+      )
+    panels = panels[:max_panels]
+    if not panels and not constants:
       continue
-    cols = min(4, len(keys))
-    nrows = math.ceil(len(keys) / cols)
-    width, height = 3.2 * cols, 2.4 * nrows
-    fig, axes = plt.subplots(nrows, cols, figsize=(width, height), squeeze=False)
-    # Fixed margins (inches) for 7-point ticks and 9-point titles: matplotlib's tight_layout
-    # measured every label and took half of this function's time (BUILD_NOTES, session 35).
-    fig.subplots_adjust(
-      left=0.6 / width,
-      right=1 - 0.15 / width,
-      bottom=0.5 / height,
-      top=1 - 0.3 / height,
-      wspace=0.4,
-      hspace=0.75,
+    steps = [r["step"] for r in split_rows]
+    caption = (
+      textwrap.wrap(
+        f"The same in every row (steps {min(steps)}-{max(steps)}): "
+        + ", ".join(
+          f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in constants.items()
+        ),
+        width=120,
+      )
+      if constants
+      else []
     )
-    for ax, key in zip(axes.flat, keys):
-      pts = [(r["step"], r[key]) for r in split_rows if isinstance(r.get(key), (int, float))]
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
-      ax.set_title(key, fontsize=9, y=1.0)  # a fixed y: not placed by measuring the ticks
-      ax.set_xlabel("step", fontsize=8)
-      ax.tick_params(labelsize=7)
-      ax.locator_params(nbins=4)
-    for ax in list(axes.flat)[len(keys) :]:
-      ax.set_visible(False)
+    cols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / cols) if panels else 0
+    below = 0.2 + 0.15 * len(caption) if caption else 0.0  # inches for the caption
+    width, height = 3.2 * cols if panels else 9.0, 2.4 * nrows + below
+    fig = plt.figure(figsize=(width, height))
+    if panels:
+      axes = fig.subplots(nrows, cols, squeeze=False)
+      # Fixed margins (inches) for 7-point ticks and 9-point titles: matplotlib's tight_layout
+      # measured every label and took half of this function's time (BUILD_NOTES, session 35).
+      fig.subplots_adjust(
+        left=0.6 / width,
+        right=1 - 0.15 / width,
+        bottom=(0.5 + below) / height,
+        top=1 - 0.3 / height,
+        wspace=0.4,
+        hspace=0.75,
+      )
+      for ax, (title, keys) in zip(axes.flat, panels):
+        for key in keys:
+          pts = [(r["step"], r[key]) for r in split_rows if _is_number(r.get(key))]
+          marker = "." if len(pts) < 30 else None
+          label = f"q{_QUANTILE.fullmatch(key).group(2)}" if len(keys) > 1 else None
+          ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label)
+        if len(keys) > 1:
+          ax.legend(fontsize=6)
+        ax.set_title(title, fontsize=9, y=1.0)  # a fixed y: not placed by measuring the ticks
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.locator_params(nbins=4)
+      for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    if caption:
+      fig.text(0.15 / width, 0.1 / height, "\n".join(caption), fontsize=7, va="bottom")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=80)
     plt.close(fig)

@@ -9,7 +9,7 @@ Every training loop (:mod:`jaxrm.train`) and study writes everything about a run
   are removed on resume (:func:`truncate_metrics`), so the file never holds a step twice;
 * ``curves_<split>.png``: learning curves of the numeric columns of ``metrics.jsonl``, one
   file per ``split`` (rows without a split are ``train``), written beside it
-  (:func:`plot_curves`, matplotlib Agg);
+  (:func:`plot_curves`, matplotlib Agg; the columns that never change are named in a caption);
 * ``checkpoints/<step>``: :class:`jaxrm.io.checkpoint.CheckpointManager` checkpoints whose JSON
   ``extra`` holds at least ``config`` and ``metrics`` (:func:`checkpoint_extra`);
 * ``data/``: caches (:func:`save_tree` / :func:`load_tree`, keyed by a :func:`fingerprint`);
