@@ -26,6 +26,7 @@ import tensorflow_datasets as tfds
 from jaxrm.data import dataset_cache
 from jaxrm.data.preference_files import ReadStats, check_data_file, iter_preference_examples
 from jaxrm.data.preference_records import PreferenceDataError, line_split
+from jaxrm.io.files import atomic_write
 
 
 @dataclasses.dataclass(eq=False)
@@ -426,9 +427,7 @@ def _adopt_metadata(data_path: Any, current: dict[str, Any]) -> None:
   path = os.path.join(os.fspath(data_path), "metadata.json")
   with open(path) as f:
     metadata = json.load(f)
-  metadata.update(current)
-  with open(path, "w") as f:
-    json.dump(metadata, f)
+  atomic_write(path, json.dumps({**metadata, **current}))
 
 
 def _log_cached(builder: PreferencePairs, cache_dir: str | None) -> None:
