@@ -146,18 +146,15 @@ def plot_curves(workdir: str | os.PathLike, *, max_panels: int = 16) -> list[str
     panels = panels[:max_panels]
     if not panels and not constants:
       continue
-    steps = [r["step"] for r in split_rows]
-    caption = (
-      textwrap.wrap(
-        f"The same in every row (steps {min(steps)}-{max(steps)}): "
-        + ", ".join(
-          f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in constants.items()
-        ),
-        width=120,
+    caption = []
+    if constants:
+      steps = [r["step"] for r in split_rows]
+      values = ", ".join(
+        f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in constants.items()
       )
-      if constants
-      else []
-    )
+      caption = textwrap.wrap(
+        f"The same in every row (steps {min(steps)}-{max(steps)}): {values}", width=120
+      )
     cols = min(4, len(panels))
     nrows = math.ceil(len(panels) / cols) if panels else 0
     below = 0.2 + 0.15 * len(caption) if caption else 0.0  # inches for the caption
@@ -220,9 +217,7 @@ def plot_overlays(
         pts = [
           (r["step"], r[key])
           for r in rows
-          if str(r.get("split", "train")) == split
-          and isinstance(r.get(key), (int, float))
-          and not isinstance(r.get(key), bool)
+          if str(r.get("split", "train")) == split and _is_number(r.get(key))
         ]
         if pts:
           label = key if split == "train" else f"{key} ({split})"

@@ -8,7 +8,6 @@ its ``metrics.jsonl`` into the report of :mod:`jaxrm.io.report`; :func:`restore_
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Sequence
 import functools
 import os
@@ -86,7 +85,7 @@ def score_pairs(
   )
   # A batch's rewards are fetched once the next batch is dispatched, so the host builds a
   # batch while the device scores the one before; at most two batches are in flight.
-  in_flight: collections.deque = collections.deque()
+  pending = None  # the last dispatched batch: (its columns, its rewards on device, valid rows)
 
   def collect(cols, out, valid):
     out = jax.device_get(peval.unreplicate(out))
@@ -104,11 +103,11 @@ def score_pairs(
     for key in ("prompt_len", "subset_id", "gold_chosen", "gold_rejected"):
       if key in batch:
         cols[key] = batch[key]
-    in_flight.append((cols, out, batch["index"] >= 0))
-    if len(in_flight) > 1:
-      collect(*in_flight.popleft())
-  while in_flight:
-    collect(*in_flight.popleft())
+    if pending is not None:
+      collect(*pending)
+    pending = (cols, out, batch["index"] >= 0)
+  if pending is not None:
+    collect(*pending)
   arrays = {k: np.concatenate(v) for k, v in parts.items()}
   order = np.argsort(arrays.pop("index"), kind="stable")
   arrays = {k: v[order] for k, v in arrays.items()}
