@@ -97,8 +97,11 @@ def curve_panels(
   Returns:
     ``(panels, constants)``: ``[(title, [column, ...]), ...]`` and ``{column: value}``.
   """
-  columns = list(dict.fromkeys(k for r in rows for k, v in r.items() if _is_number(v)))
-  columns = [k for k in columns if k not in ("step", "split")]
+  columns = list(
+    dict.fromkeys(
+      k for r in rows for k, v in r.items() if k not in ("step", "split") and _is_number(v)
+    )
+  )
   constants = {}
   if len(rows) >= 2:
     for key in columns:
