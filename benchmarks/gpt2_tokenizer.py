@@ -39,9 +39,14 @@ GPT2_SHA256 = {
 END_OF_TEXT = "<|endoftext|>"
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("vocab", None, "GPT-2's encoder.json (the Hub's vocab.json).")
-flags.DEFINE_string("merges", None, "GPT-2's vocab.bpe (the Hub's merges.txt).")
-flags.DEFINE_string("out", None, "Folder to write tokenizer.json and tokenizer_config.json to.")
+
+
+def define_flags() -> None:
+  """The command line's flags (defined when run as a script, so that importing this module
+  next to another script's flags does not redefine theirs)."""
+  flags.DEFINE_string("vocab", None, "GPT-2's encoder.json (the Hub's vocab.json).")
+  flags.DEFINE_string("merges", None, "GPT-2's vocab.bpe (the Hub's merges.txt).")
+  flags.DEFINE_string("out", None, "Folder to write tokenizer.json and tokenizer_config.json to.")
 
 
 def sha256(path: str) -> str:
@@ -145,4 +150,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -1,7 +1,8 @@
 r"""jaxrm against TRL's ``RewardTrainer`` and HF ``generate`` on the same machine (issue 14).
 
-Same data (HH-RLHF JSONL via ``--data``, byte tokens: TRL gets jaxrm's own token ids, already
-truncated to the sequence length), same GPT-2-style shapes (layers, width, heads, sequence
+Same data (HH-RLHF JSONL via ``--data``; TRL gets jaxrm's own token ids, already truncated to
+the sequence length: jaxrm's byte tokens, or ``--tokenizer``'s subword tokens, e.g. GPT-2's from
+``benchmarks/gpt2_tokenizer.py``, the vocabulary's size on both sides), same GPT-2-style shapes (layers, width, heads, sequence
 length), same batch of pairs and steps. TRL's model is ``transformers.GPT2ForSequenceClassification``
 (random init, ``num_labels=1``, learned positions; jaxrm's presets use rotary positions).
 
@@ -63,6 +64,7 @@ Usage::
   python benchmarks/peer_trl.py --workdir=runs/peer --workloads=hh --jaxrm_cpu_devices=2
   python benchmarks/peer_trl.py --workdir=runs/peer --workloads=hh --trl_evaluate
   python benchmarks/peer_trl.py --workdir=runs/peer --workloads=hh --trl_evaluate --jaxrm_outputs=trl
+  python benchmarks/peer_trl.py --workdir=runs/peer --workloads=hh --tokenizer=/tmp/gpt2_tokenizer
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ from absl import app, flags  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = "/work/shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
 INSTALL_HINT = "pip install -e '.[peer]'"
-VOCAB_SIZE = 259  # jaxrm's byte tokenizer: pad 0, bos 1, eos 2, bytes 3..258
+BYTE_VOCAB = {"vocab_size": 259, "pad_id": 0, "bos_id": 1, "eos_id": 2}  # bytes are 3..258
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +215,13 @@ flags.DEFINE_enum(
   "scripts' defaults (learning-curve figures, the held-out report); 'trl', only what TRL's "
   "runs write (log.plots=False, eval.report=False).",
 )
+flags.DEFINE_string(
+  "tokenizer",
+  "",
+  "jaxrm's data.tokenizer for both sides' token ids: a tokenizer folder with tokenizer.json "
+  "(GPT-2's: benchmarks/gpt2_tokenizer.py); empty: jaxrm's byte tokenizer. TRL's model gets "
+  "its vocabulary size and pad/EOS ids. The sampler stays on bytes.",
+)
 flags.DEFINE_bool("quick", False, "Tiny shapes, 1 round, few steps: a smoke run.")
 flags.DEFINE_enum("child", "", ["", "jaxrm_train", "trl_train"], "Internal: subprocess role.")
 flags.DEFINE_string("ids_file", "", "Internal (trl_train): token ids JSONL.")
@@ -258,34 +267,64 @@ def resolve_workloads() -> dict[str, Workload]:
   return out
 
 
-def data_config(data: str, seq_len: int):
-  """jaxrm's HH data settings (variant 'hh': 10% held out) at ``seq_len`` tokens."""
+def data_config(data: str, seq_len: int, tokenizer: str = ""):
+  """jaxrm's HH data settings (variant 'hh': 10% held out) at ``seq_len`` tokens of
+  ``tokenizer`` (a folder; empty: bytes)."""
   from jaxrm.data.pairs import DataConfig
 
-  return DataConfig(files=(data,), test_fraction=0.1, max_len=seq_len)
+  return DataConfig(files=(data,), test_fraction=0.1, max_len=seq_len, tokenizer=tokenizer)
 
 
-def export_token_ids(data: str, seq_len: int, workdir: str) -> tuple[str, int]:
+def load_run_data(config, workdir: str):
+  """:func:`jaxrm.data.pairs.load_data` of the data settings ``config`` (:func:`data_config`)
+  with their tokenizer, as a run tokenises them, under ``<workdir>/tokens_<max_len>``."""
+  from jaxrm.data import pairs
+  from jaxrm.data.run_tokenizer import RunTokenizer
+
+  tok = RunTokenizer.from_source(config.tokenizer)
+  return pairs.load_data(config, os.path.join(workdir, f"tokens_{config.max_len}"), tok=tok)
+
+
+def run_vocab(tokenizer: str = "") -> dict[str, int]:
+  """``tokenizer``'s vocabulary size and pad, BOS and EOS ids (:data:`BYTE_VOCAB` for bytes;
+  a tokenizer without a pad token pads with EOS, as jaxrm does)."""
+  if not tokenizer:
+    return dict(BYTE_VOCAB)
+  from jaxrm.data.run_tokenizer import RunTokenizer
+
+  tok = RunTokenizer.from_source(tokenizer)
+  eos = tok.eos_id if tok.eos_id is not None else tok.pad_id
+  bos = tok.bos_id if tok.bos_id is not None else eos
+  return {"vocab_size": tok.vocab_size, "pad_id": tok.pad_id, "bos_id": bos, "eos_id": eos}
+
+
+def export_token_ids(data: str, seq_len: int, workdir: str, tokenizer: str = "") -> tuple[str, int]:
   """Writes jaxrm's training split as ``{"chosen_ids", "rejected_ids"}`` JSON lines (the
-  tokenised, truncated sequences, padding removed), and its test split the same way to
-  :func:`heldout_ids_path` of that file. Returns ``(path, number of training pairs)``."""
-  from jaxrm.data import pairs, preference_files
+  tokenised, truncated sequences, unpadded), its test split the same way to
+  :func:`heldout_ids_path` of that file, and :func:`run_vocab` to :func:`vocab_path` of it.
+  Returns ``(path, number of training pairs)``."""
+  from jaxrm.data import preference_files
 
-  run = pairs.load_data(data_config(data, seq_len), os.path.join(workdir, f"tokens_{seq_len}"))
+  run = load_run_data(data_config(data, seq_len, tokenizer), workdir)
   path = os.path.join(workdir, f"token_ids_{seq_len}.jsonl")
   for split, split_path in ((run.train, path), (run.test, heldout_ids_path(path))):
     with open(split_path, "w") as f:
       for e in preference_files.get_examples(split, range(len(split))):
-        ids = {
-          k + "_ids": [int(t) for t in getattr(e, k) if t != 0] for k in ("chosen", "rejected")
-        }
+        ids = {k + "_ids": [int(t) for t in getattr(e, k)] for k in ("chosen", "rejected")}
         f.write(json.dumps(ids) + "\n")
+  with open(vocab_path(path), "w") as f:
+    json.dump(dict(run_vocab(tokenizer), tokenizer=run.tokenizer), f)
   return path, len(run.train)
 
 
 def heldout_ids_path(ids_file: str) -> str:
   """Where :func:`export_token_ids` writes the test split beside the training split's file."""
   return ids_file[: -len(".jsonl")] + "_test.jsonl"
+
+
+def vocab_path(ids_file: str) -> str:
+  """Where :func:`export_token_ids` writes the ids' vocabulary (:func:`run_vocab`)."""
+  return ids_file[: -len(".jsonl")] + "_vocab.json"
 
 
 def trl_eval_steps(w: Workload) -> int:
@@ -318,7 +357,7 @@ def train_config(w: Workload, data: str, steps: int):
   from experiments.configs import reward_model as rm_configs
 
   config = rm_configs.get_config("hh")
-  config.data = data_config(data, w.seq_len)
+  config.data = data_config(data, w.seq_len, FLAGS.tokenizer)
   config.model.preset = register_preset(w)
   config.batch_size = w.batch_pairs
   config.steps = max(steps, 1)
@@ -351,7 +390,7 @@ def jaxrm_step_times(w: Workload, data: str, workdir: str, reps: int, cache: dic
   first_s = None
   if key not in cache:
     config = train_config(w, data, steps=1000)
-    run = pairs.load_data(config.data, os.path.join(workdir, f"tokens_{w.seq_len}"))
+    run = load_run_data(config.data, workdir)
     backbone = preset_backbone(config, vocab_size=run.vocab_size, max_len=w.seq_len)
     model = RewardModel(backbone, pooling=config.model.pooling)
     optimizer, _ = make_optimizer(config)
@@ -401,30 +440,35 @@ def jaxrm_train_child(w: Workload, data: str, run_dir: str, out: str) -> None:
 # ------------------------------------------------------------------------------- TRL side
 
 
-def byte_tokenizer(transformers):
-  """A Hugging Face tokenizer object with jaxrm's byte vocabulary (pad 0, bos 1, eos 2); TRL
-  only reads its pad/eos ids, as the dataset is already tokenised."""
+def ids_tokenizer(transformers, vocab: dict[str, int]):
+  """A Hugging Face tokenizer object over ``vocab``'s ids (:func:`run_vocab`), one placeholder
+  token per id; TRL only reads its pad/eos ids, as the dataset is already tokenised."""
   from tokenizers import Tokenizer, models
 
-  vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{f"<0x{b:02X}>": b + 3 for b in range(256)}}
-  tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<eos>"))
-  return transformers.PreTrainedTokenizerFast(
-    tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
-  )
+  names = {vocab["pad_id"]: "<pad>", vocab["bos_id"]: "<bos>", vocab["eos_id"]: "<eos>"}
+  table = {names.get(i, f"<{i}>"): i for i in range(vocab["vocab_size"])}
+  tok = Tokenizer(models.WordLevel(vocab=table, unk_token=names[vocab["eos_id"]]))
+  specials = {f"{k}_token": names[vocab[f"{k}_id"]] for k in ("pad", "bos", "eos")}
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
 
 
-def gpt2_config(transformers, w: Workload, *, n_positions: int, num_labels: int | None):
-  """GPT-2 configuration at the workload's shape over the byte vocabulary."""
+def gpt2_config(
+  transformers,
+  w: Workload,
+  *,
+  n_positions: int,
+  num_labels: int | None,
+  vocab: dict[str, int] = BYTE_VOCAB,
+):
+  """GPT-2 configuration at the workload's shape over ``vocab`` (:func:`run_vocab`)."""
   extra = {} if num_labels is None else {"num_labels": num_labels}
   return transformers.GPT2Config(
-    vocab_size=VOCAB_SIZE,
     n_positions=n_positions,
     n_embd=w.width,
     n_layer=w.layers,
     n_head=w.heads,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
+    vocab_size=vocab["vocab_size"],
+    **{f"{k}_token_id": vocab[f"{k}_id"] for k in ("pad", "bos", "eos")},
     **extra,
   )
 
@@ -454,8 +498,10 @@ def trl_train_child(
     def on_step_end(self, args, state, control, **kwargs):
       times.append(time.perf_counter() - marks["begin"])
 
+  with open(vocab_path(ids_file)) as f:
+    vocab = json.load(f)
   torch.manual_seed(0)
-  cfg = gpt2_config(transformers, w, n_positions=w.seq_len, num_labels=1)
+  cfg = gpt2_config(transformers, w, n_positions=w.seq_len, num_labels=1, vocab=vocab)
   model = transformers.GPT2ForSequenceClassification(cfg)
 
   def read(path):
@@ -489,7 +535,7 @@ def trl_train_child(
     args=args,
     train_dataset=read(ids_file),
     eval_dataset=read(eval_ids_file) if eval_ids_file else None,
-    processing_class=byte_tokenizer(transformers),
+    processing_class=ids_tokenizer(transformers, vocab),
     callbacks=[StepTimer()],
   )
   trainer.train()
@@ -526,7 +572,7 @@ def run_child(role: str, w: Workload, workdir: str, tag: str, **extra) -> tuple[
   cmd += [f"--jaxrm_matmul_dtype={FLAGS.jaxrm_matmul_dtype}"]
   cmd += [f"--jaxrm_cpu_devices={FLAGS.jaxrm_cpu_devices}"]
   cmd += [f"--jaxrm_pack_pairs={FLAGS.jaxrm_pack_pairs}"]
-  cmd += [f"--jaxrm_outputs={FLAGS.jaxrm_outputs}"]
+  cmd += [f"--jaxrm_outputs={FLAGS.jaxrm_outputs}", f"--tokenizer={FLAGS.tokenizer}"]
   cmd += [f"--{k}={v}" for k, v in dataclasses.asdict(w).items()]
   cmd += [f"--{k}={v}" for k, v in extra.items()]
   start = time.perf_counter()
@@ -548,7 +594,7 @@ def model_config(w: Workload, max_len: int):
   from jaxrm.models import presets
 
   shape = dict(num_layers=w.layers, width=w.width, num_heads=w.heads)
-  return presets.preset("tiny", vocab_size=VOCAB_SIZE, max_len=max_len, **shape)
+  return presets.preset("tiny", vocab_size=BYTE_VOCAB["vocab_size"], max_len=max_len, **shape)
 
 
 def rm_flops_per_pair(w: Workload) -> float:
@@ -638,7 +684,9 @@ def sampler_rows(w: Workload, batches: list[int], peak: float) -> list[dict]:
       row["jaxrm_thread_groups"] = groups
       row["jaxrm_threads_tokens_per_s"] = threads["sampler_tokens_per_s"]
       row["jaxrm_threads_mfu"] = threads["sampler_flops_per_s"] / peak
-    tokens, mask = sampler_prompts(vocab_size=VOCAB_SIZE, batch=b, prompt_len=FLAGS.prompt_len)
+    tokens, mask = sampler_prompts(
+      vocab_size=BYTE_VOCAB["vocab_size"], batch=b, prompt_len=FLAGS.prompt_len
+    )
     row["hf_tokens_per_s"] = (
       b * FLAGS.new_tokens / hf_generate_s(torch, model, tokens, mask, FLAGS.new_tokens)
     )
@@ -908,8 +956,15 @@ def run_benchmark(workloads: dict[str, Workload], precisions: list[str]) -> None
     print(f"bfloat16 (float32 sums) matmul ceiling: {peak_bf16 / 1e9:.1f} GFLOP/s")
   rows, cache = [], {}
   ids = {
-    w.seq_len: export_token_ids(FLAGS.data, w.seq_len, FLAGS.workdir) for w in workloads.values()
+    w.seq_len: export_token_ids(FLAGS.data, w.seq_len, FLAGS.workdir, FLAGS.tokenizer)
+    for w in workloads.values()
   }
+  with open(vocab_path(next(iter(ids.values()))[0])) as f:
+    vocab = json.load(f)
+  print(
+    f"tokens: {vocab['tokenizer']} ({vocab['vocab_size']:,} ids, pad {vocab['pad_id']}, "
+    f"eos {vocab['eos_id']}), jaxrm's ids on both sides"
+  )
   if FLAGS.jaxrm_cache_dir:  # what a second run of the same script finds
     for name, w in workloads.items():
       if w.steps:
@@ -938,6 +993,7 @@ def run_benchmark(workloads: dict[str, Workload], precisions: list[str]) -> None
         matmul_flops_per_s=peak,
         matmul_flops_per_s_bfloat16=peak_bf16,
         train_pairs={k: v[1] for k, v in ids.items()},
+        tokens=vocab,
         workloads=summary,
         sampler=sampler,
         sampler_shape=dataclasses.asdict(sampler_w),
@@ -1019,6 +1075,8 @@ def main(argv):
     raise app.UsageError(f"--jaxrm_pack_pairs must be >= 0, got {FLAGS.jaxrm_pack_pairs}")
   check_seed_sweep_flags()
   check_data_file(FLAGS.data)
+  if FLAGS.tokenizer and not os.path.isfile(os.path.join(FLAGS.tokenizer, "tokenizer.json")):
+    raise app.UsageError(f"--tokenizer: {FLAGS.tokenizer!r} is not a folder with tokenizer.json")
   workloads = resolve_workloads()
   bad = [n for n, w in workloads.items() if w.batch_pairs % FLAGS.jaxrm_cpu_devices]
   if bad:

@@ -47,11 +47,32 @@ def test_missing_peer_packages_name_the_install_command(tmp_path):
   assert "pip install -e '.[peer]'" in proc.stderr
 
 
-def test_exported_token_ids_are_jaxrms_training_and_test_batches(tmp_path):
-  from jaxrm.data import pairs
+def _gpt2_style_tokenizer(path) -> str:
+  """A byte-level BPE folder (benchmarks/gpt2_tokenizer.py) whose id 0 is a real token, the
+  space, as GPT-2's id 0 is "!"; no pad token, so EOS pads."""
+  import tokenizers
 
-  path, n = peer_trl.export_token_ids(SAMPLE, 48, str(tmp_path))
-  run = pairs.load_data(peer_trl.data_config(SAMPLE, 48), tmp_path / "tokens_48")
+  from benchmarks import gpt2_tokenizer
+
+  chars = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet(), key=lambda c: c != "Ġ")
+  vocab = {c: i for i, c in enumerate([*chars, "<|endoftext|>"])}
+  (path / "encoder.json").write_text(json.dumps(vocab))
+  (path / "vocab.bpe").write_text("#version: 0.2\n")
+  out = str(path / "tokenizer")
+  gpt2_tokenizer.write_folder(str(path / "encoder.json"), str(path / "vocab.bpe"), out)
+  return out
+
+
+@pytest.mark.parametrize("subword", [False, True], ids=["bytes", "gpt2_style"])
+def test_exported_token_ids_are_jaxrms_training_and_test_batches(tmp_path, subword):
+  from jaxrm.data import pairs
+  from jaxrm.data.run_tokenizer import RunTokenizer
+
+  tokenizer = _gpt2_style_tokenizer(tmp_path) if subword else ""
+  path, n = peer_trl.export_token_ids(SAMPLE, 48, str(tmp_path), tokenizer)
+  run = peer_trl.load_run_data(peer_trl.data_config(SAMPLE, 48, tokenizer), str(tmp_path))
+  tok = RunTokenizer.from_source(tokenizer)
+  saw_zero = False
   for split, split_path, train in (
     (run.train, path, True),
     (run.test, peer_trl.heldout_ids_path(path), False),
@@ -63,9 +84,30 @@ def test_exported_token_ids_are_jaxrms_training_and_test_batches(tmp_path):
     for j, i in enumerate(batch["index"]):
       for key in ("chosen", "rejected"):
         ids = rows[i][key + "_ids"]
-        assert 0 < len(ids) <= 48 and 0 not in ids
+        assert 0 < len(ids) <= 48 and max(ids) < tok.vocab_size
         np.testing.assert_array_equal(batch[key][j][batch[key + "_mask"][j]], ids)
+        saw_zero |= 0 in ids
+  # Id 0 is the byte tokenizer's pad, never a token; here the subword vocabulary's space.
+  assert saw_zero == subword
   assert n == len(run.train) and peer_trl.heldout_ids_path(path) != path
+  with open(peer_trl.vocab_path(path)) as f:
+    vocab = json.load(f)
+  assert run.tokenizer == ("byte" if not subword else tok.name) and vocab == {
+    "vocab_size": tok.vocab_size,
+    "pad_id": tok.pad_id,
+    "bos_id": tok.bos_id,
+    "eos_id": tok.eos_id,
+    "tokenizer": run.tokenizer,
+  }
+  assert (vocab["vocab_size"], vocab["pad_id"], vocab["eos_id"]) == (
+    (257, 256, 256) if subword else (259, 0, 2)
+  )
+
+
+def test_bad_tokenizer_flag_is_named(tmp_path):
+  proc = _run(f"--workdir={tmp_path}", f"--data={SAMPLE}", f"--tokenizer={tmp_path}")
+  assert proc.returncode != 0
+  assert "--tokenizer: " in proc.stderr and "not a folder with tokenizer.json" in proc.stderr
 
 
 def test_trl_child_imports_neither_jax_nor_jaxrm(tmp_path):
