@@ -41,6 +41,15 @@ def assert_unchanged(new, old):
 GRADS = {"w": jnp.array([0.5, -1.0, 2.0], jnp.float32), "b": jnp.float32(1.0)}
 
 
+@pytest.fixture(params=["select", "cond"])
+def guard_path(request, monkeypatch):
+  """Both ways apply_if_finite applies an update: every leaf small (computed once, selected)
+  and, with every leaf counted large, computed again under lax.cond."""
+  if request.param == "cond":
+    monkeypatch.setattr(ts, "CHECK_TOGETHER_MAX_SIZE", 0)
+  return request.param
+
+
 @pytest.mark.parametrize(
   "optimizer",
   [
@@ -51,7 +60,7 @@ GRADS = {"w": jnp.array([0.5, -1.0, 2.0], jnp.float32), "b": jnp.float32(1.0)}
   ],
   ids=["sgd_lr_inf", "adam_lr_inf", "adamw_weight_decay_inf", "sgd_lr_nan"],
 )
-def test_bad_learning_rate_leaves_params_unchanged_and_counts_the_skip(optimizer):
+def test_bad_learning_rate_leaves_params_unchanged_and_counts_the_skip(optimizer, guard_path):
   # Loss and gradients are finite: only the update (or the new parameters) is not.
   state = make_state(optimizer)
   fn = jax.jit(functools.partial(ts.apply_if_finite, optimizer=optimizer))
@@ -65,7 +74,7 @@ def test_bad_learning_rate_leaves_params_unchanged_and_counts_the_skip(optimizer
   assert not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(unguarded))
 
 
-def test_finite_update_that_overflows_the_parameters_is_refused():
+def test_finite_update_that_overflows_the_parameters_is_refused(guard_path):
   # The update 3e38 is finite, but 3e38 + 3e38 overflows float32 to inf.
   optimizer = optax.sgd(1.0)
   state = make_state(optimizer, {"w": jnp.array([3e38, 0.0], jnp.float32)})
@@ -79,7 +88,7 @@ def test_finite_update_that_overflows_the_parameters_is_refused():
   np.testing.assert_array_equal(new.params["w"], np.float32([3e38, 0.0]))
 
 
-def test_update_that_overflows_the_optimizer_state_is_refused():
+def test_update_that_overflows_the_optimizer_state_is_refused(guard_path):
   # Adam's second moment squares the gradient: 1e30^2 overflows float32, the params would not.
   optimizer = optax.adam(1e-3)
   state = make_state(optimizer)
@@ -91,7 +100,7 @@ def test_update_that_overflows_the_optimizer_state_is_refused():
   assert_unchanged(new, state)
 
 
-def test_raise_mode_keeps_the_input_state_and_the_host_check_names_the_step():
+def test_raise_mode_keeps_the_input_state_and_the_host_check_names_the_step(guard_path):
   optimizer = optax.sgd(jnp.inf)
   state = make_state(optimizer)
   new, flag = ts.apply_if_finite(state, GRADS, jnp.float32(1.0), optimizer, nonfinite="raise")
@@ -101,7 +110,7 @@ def test_raise_mode_keeps_the_input_state_and_the_host_check_names_the_step():
     ts.raise_if_nonfinite({"nonfinite": flag, "loss": jnp.float32(1.0)}, step=new.step)
 
 
-def test_good_update_is_applied_exactly():
+def test_good_update_is_applied_exactly(guard_path):
   optimizer = optax.sgd(0.5)
   state = make_state(optimizer)
   new, flag = ts.apply_if_finite(state, GRADS, jnp.float32(1.0), optimizer)
@@ -119,7 +128,7 @@ def place(mesh, state, per_device):
 
 
 @pytest.mark.parametrize("lr", [1e-1, jnp.inf], ids=["finite", "inf"])
-def test_shard_map_decision_matches_single_device(lr):
+def test_shard_map_decision_matches_single_device(lr, guard_path):
   """8 devices, each with its own gradient shard, pmean'd: same result as one device."""
   optimizer = optax.adam(lr)
   mesh = jax.make_mesh((NUM_DEVICES,), ("data",))
@@ -154,7 +163,7 @@ def test_shard_map_decision_matches_single_device(lr):
     assert_unchanged(multi, state)
 
 
-def test_one_device_overflowing_alone_makes_every_device_skip():
+def test_one_device_overflowing_alone_makes_every_device_skip(guard_path):
   """An un-averaged input that is bad on one device only: lax.pmin makes all devices skip."""
   optimizer = optax.sgd(1.0)
   mesh = jax.make_mesh((NUM_DEVICES,), ("data",))
@@ -182,15 +191,17 @@ def test_one_device_overflowing_alone_makes_every_device_skip():
 
 
 def _random_tree(rng, bad):
-  """Leaves of several dtypes and sizes; ``bad`` = (leaf index, flat index, value) or None."""
-  shapes = [(), (3,), (4, 5), (300,), (2, 3, 7), (1,), (0,)]
+  """Leaves of several dtypes and sizes, two shapes twice (a large leaf is checked with the
+  others of its shape); ``bad`` = (leaf index, flat index, value) or None."""
+  shapes = [(), (3,), (4, 5), (300,), (2, 3, 7), (1,), (0,), (300,), (4, 5)]
   dtypes = [np.float32, np.float16, jnp.bfloat16, np.float32, np.float64, np.int32, np.float32]
+  dtypes += [jnp.bfloat16, np.float32]
   leaves = [rng.normal(size=s).astype(d) for s, d in zip(shapes, dtypes)]
   if bad is not None:
     i, j, value = bad
     flat = leaves[i].reshape(-1)
     flat[j % flat.size] = value
-  return {"a": leaves[:3], "b": {"c": leaves[3], "d": tuple(leaves[4:])}}
+  return {"a": leaves[:3], "b": {"c": leaves[3], "d": tuple(leaves[4:7])}, "e": leaves[7:]}
 
 
 @pytest.mark.parametrize("together_max_size", [0, 10, 1 << 16])
@@ -201,7 +212,9 @@ def test_tree_all_finite_matches_numpy_for_every_leaf_dtype_and_size(
   monkeypatch.setattr(ts, "CHECK_TOGETHER_MAX_SIZE", together_max_size)
   rng = np.random.default_rng(0)
   cases = [None] + [
-    (i, int(rng.integers(1000)), v) for i in range(5) for v in (np.nan, np.inf, -np.inf)
+    (i, int(rng.integers(1000)), v)
+    for i in (0, 1, 2, 3, 4, 7, 8)
+    for v in (np.nan, np.inf, -np.inf)
   ]
   for bad in cases:
     tree = _random_tree(rng, bad)
@@ -240,3 +253,30 @@ def test_the_guard_program_grows_linearly_with_the_leaves(monkeypatch):
   # grew with the square of the leaf count (20 -> 40 leaves: 4x the instructions).
   small, large = _compiled_guard_instructions(20), _compiled_guard_instructions(40)
   assert large < 2.5 * small, (small, large)
+
+
+def test_both_guard_paths_write_the_same_state_bit_for_bit(monkeypatch):
+  """The README runs' optimizer (global-norm clipping, AdamW with a masked weight decay) for
+  three steps: computed once and selected, or computed again under lax.cond (every leaf
+  counted large), the same parameters and optimizer state."""
+  from jaxrm.train import rm_config
+
+  config = rm_config.TrainConfig(steps=10)
+  optimizer, _ = rm_config.make_optimizer(config)
+  rng = np.random.default_rng(0)
+  params = {"embed": rng.normal(size=(50, 8)), "w": rng.normal(size=(8, 8)), "b": np.zeros(8)}
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)]
+  grads += [jax.tree.map(lambda g: 50.0 * g, grads[0]), grads[0]]  # the second one clipped
+  step = lambda s, g: ts.apply_if_finite(s, g, jnp.float32(1.0), optimizer)
+  states = {}
+  for together_max_size in (ts.CHECK_TOGETHER_MAX_SIZE, 0):
+    monkeypatch.setattr(ts, "CHECK_TOGETHER_MAX_SIZE", together_max_size)
+    state = make_state(optimizer, params)
+    for g in grads:
+      state, flag = jax.jit(step)(state, g)
+      assert not bool(flag)
+    states[together_max_size] = host(state)
+  (a, b) = states.values()
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert not np.array_equal(a.params["w"], host(params)["w"])  # three updates were applied

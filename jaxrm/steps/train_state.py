@@ -15,6 +15,7 @@ Example::
   state, nonfinite = apply_if_finite(state, grads, loss, optimizer)
 """
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -91,13 +92,16 @@ def tree_all_finite(tree: Any) -> jax.Array:
   """Returns a bool scalar: True iff every inexact leaf of ``tree`` is finite everywhere.
 
   The leaves of at most :data:`CHECK_TOGETHER_MAX_SIZE` elements are flattened and checked as
-  one array per dtype; larger leaves are checked one by one, so no large leaf is copied. XLA
-  compiles a kernel per reduction, and a training step checks many small leaves (146 at the
-  README HH model): checked one by one, they added about 4 s to that step's first call
-  (BUILD_NOTES.md, "The non-finite guard's compile cost").
+  one array per dtype; larger leaves are checked in one reduction per shape, over the
+  elementwise ``and`` of their ``isfinite``, so no large leaf is copied. XLA compiles a kernel
+  per reduction, and a training step checks many small leaves (146 at the README HH model):
+  checked one by one, they added about 4 s to that step's first call (BUILD_NOTES.md, "The
+  non-finite guard's compile cost"). One reduction per shape reads a parameter, its gradient,
+  update and optimizer moments in one pass, into which XLA fuses the computation of the
+  values it checks (:func:`apply_if_finite`).
   """
   small: dict[Any, list[jax.Array]] = {}
-  flags = []
+  large: dict[tuple[int, ...], list[jax.Array]] = {}
   for x in jax.tree.leaves(tree):
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.inexact):
@@ -105,7 +109,8 @@ def tree_all_finite(tree: Any) -> jax.Array:
     if x.size <= CHECK_TOGETHER_MAX_SIZE:
       small.setdefault(x.dtype, []).append(jnp.ravel(x))
     else:
-      flags.append(jnp.all(jnp.isfinite(x)))
+      large.setdefault(x.shape, []).append(jnp.isfinite(x))
+  flags = [jnp.all(functools.reduce(jnp.logical_and, xs)) for xs in large.values()]
   flags += [jnp.all(jnp.isfinite(jnp.concatenate(xs))) for xs in small.values()]
   if not flags:
     return jnp.array(True)
@@ -128,10 +133,6 @@ def _replace(state: Any, **fields: Any) -> Any:
   )
 
 
-def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
-  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
-
-
 def apply_if_finite(
   state: Any,
   grads: Any,
@@ -149,8 +150,15 @@ def apply_if_finite(
   infinite update) and float overflow (a finite update that carries a parameter past the
   dtype's largest value).
 
-  Pure and jit-compatible: the decision is a traced boolean, the update is computed
-  unconditionally and selected with ``jnp.where`` (no host synchronisation).
+  Pure and jit-compatible: the decision is a traced boolean (no host synchronisation). When
+  every parameter leaf is small (at most :data:`CHECK_TOGETHER_MAX_SIZE` elements) the update
+  is computed once and selected with ``jnp.where``. With a larger leaf (an embedding of a
+  subword vocabulary) it is computed twice: once for the checks, which XLA fuses into their
+  reductions (:func:`tree_all_finite`: one pass over each shape's inputs, nothing stored),
+  and again under ``lax.cond`` where it is applied, so the large leaves' new state is written
+  once and never selected element by element; there the checks and the selection had cost
+  twice the update itself (BUILD_NOTES.md, "Issue 14, session 51"). Both give the same
+  state; under ``vmap`` the cond becomes a select of its two branches.
 
   Behaviour when the update is refused:
 
@@ -184,13 +192,21 @@ def apply_if_finite(
   loss = jnp.asarray(loss)
   if loss.shape != ():
     raise ValueError(f"loss must be a scalar, got shape {loss.shape}")
-  updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
+
+  def update():
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    return updates, optax.apply_updates(state.params, updates), new_opt_state
+
+  updates, new_params, new_opt_state = update()
   finite = tree_all_finite((loss, grads, updates, new_params, new_opt_state))
   if axis_name is not None:
     finite = lax.pmin(finite.astype(jnp.int32), axis_name).astype(bool)
-  params = _select(finite, new_params, state.params)
-  opt_state = _select(finite, new_opt_state, state.opt_state)
+  old = (state.params, state.opt_state)
+  if any(jnp.size(x) > CHECK_TOGETHER_MAX_SIZE for x in jax.tree.leaves(state.params)):
+    params, opt_state = lax.cond(finite, lambda: update()[1:], lambda: old)
+  else:
+    select = lambda new, old: jnp.where(finite, new, old)
+    params, opt_state = jax.tree.map(select, (new_params, new_opt_state), old)
   skipped = jnp.logical_not(finite).astype(jnp.int32)
   if nonfinite == "skip":
     step = state.step + 1
