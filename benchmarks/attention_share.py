@@ -12,7 +12,8 @@ with the attention varied (one freshly jitted step per variant):
   later position masks). The same attention; its losses are printed beside the full one's;
 - ``<variant>+noguard``: the variant with the non-finite guard
   (``train_state.apply_if_finite``: finiteness checks of the loss, gradients, update, new
-  parameters and optimizer state, and a select) replaced by a plain optax update, to measure
+  parameters and optimizer state, and a select or a ``lax.cond``) replaced by a plain optax
+  update, to measure
   what the guard costs. The same updates while they are finite; never train like this;
 - ``<variant>+remat``: the variant's attention under ``jax.checkpoint``: the backward pass
   recomputes the score and probability tensors instead of keeping them from the forward pass.
@@ -27,6 +28,8 @@ user and system CPU seconds per steady step, and the loss of the first and the l
 last one follows ``--reps`` updates). Command (figures in BUILD_NOTES.md)::
 
   python benchmarks/attention_share.py
+  python benchmarks/attention_share.py --variants=block64,block64+noguard --vocab_size=50257 \
+    --matmul_dtype=bfloat16 --layers=4 --width=256 --heads=4 --seq_len=128 --batch_pairs=16
 """
 
 import contextlib
@@ -52,6 +55,9 @@ _HEADS = flags.DEFINE_integer("heads", 2, "Attention heads (README HH model: 2).
 _SEQ = flags.DEFINE_integer("seq_len", 256, "Tokens per response (README HH run: 256).")
 _PAIRS = flags.DEFINE_integer("batch_pairs", 32, "Pairs per step (README HH run: 32).")
 _REPS = flags.DEFINE_integer("reps", 8, "Timed steady steps per variant.")
+_VOCAB = flags.DEFINE_integer(
+  "vocab_size", timing.VOCAB, "Token ids (259: jaxrm's bytes; 50257: GPT-2's tokenizer)."
+)
 _MATMUL = flags.DEFINE_enum(
   "matmul_dtype",
   "float32",
@@ -161,19 +167,23 @@ def main(argv):
   del argv
   if _REPS.value < 1:
     raise app.UsageError("--reps must be >= 1")
+  if _VOCAB.value < 4:
+    raise app.UsageError(f"--vocab_size must be >= 4 (ids 0..2 are special), got {_VOCAB.value}")
   backbone = transformer.TransformerConfig(
-    vocab_size=timing.VOCAB,
+    vocab_size=_VOCAB.value,
     num_layers=_LAYERS.value,
     width=_WIDTH.value,
     num_heads=_HEADS.value,
     max_len=_SEQ.value,
     dtype=jnp.dtype(_MATMUL.value),
   )
-  batches = timing.full_length_pairs(pairs=_PAIRS.value, seq_len=_SEQ.value, count=3)
+  batches = timing.full_length_pairs(
+    pairs=_PAIRS.value, seq_len=_SEQ.value, count=3, vocab_size=_VOCAB.value
+  )
   print(
     f"device: {jax.devices()[0].platform} | RM step {_LAYERS.value}x{_WIDTH.value} "
     f"({_HEADS.value} heads), {_PAIRS.value} pairs x {_SEQ.value} tokens | median of "
-    f"{_REPS.value} steps"
+    f"{_REPS.value} steps | vocabulary {_VOCAB.value:,}"
   )
   print(
     "variant | first call s | step s | pairs/s | user s/step | sys s/step | first loss | last loss"

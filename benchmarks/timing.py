@@ -30,15 +30,18 @@ from jaxrm.train.rm_config import init_state, make_optimizer
 VOCAB = 259  # the byte tokenizer's
 
 
-def full_length_pairs(*, pairs: int, seq_len: int, count: int) -> list[dict[str, np.ndarray]]:
-  """``count`` seeded batches of ``pairs`` random (chosen, rejected) pairs, no padding."""
+def full_length_pairs(
+  *, pairs: int, seq_len: int, count: int, vocab_size: int = VOCAB
+) -> list[dict[str, np.ndarray]]:
+  """``count`` seeded batches of ``pairs`` random (chosen, rejected) pairs of ids in ``[3,
+  vocab_size)``, no padding."""
   rng = np.random.default_rng(0)
   shape = (pairs, seq_len)
   return [
     {
-      "chosen": rng.integers(3, VOCAB, shape).astype(np.int32),
+      "chosen": rng.integers(3, vocab_size, shape).astype(np.int32),
       "chosen_mask": np.ones(shape, bool),
-      "rejected": rng.integers(3, VOCAB, shape).astype(np.int32),
+      "rejected": rng.integers(3, vocab_size, shape).astype(np.int32),
       "rejected_mask": np.ones(shape, bool),
       "weight": np.ones(pairs, np.float32),
     }

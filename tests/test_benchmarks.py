@@ -58,7 +58,10 @@ def test_attention_share_blocked_attention_gives_the_full_loss():
     "--batch_pairs=2",
     "--reps=3",
     "--variants=full,block4,identity,block4+noguard,block4+remat,block4+autodiff",
+    # An embedding of 4,200 x 16 > 2^16 elements: the guard's lax.cond path (train_state).
+    "--vocab_size=4200",
   )
+  assert "vocabulary 4,200" in out
   rows = {r[0].strip(): r for r in (line.split("|") for line in out.splitlines()) if len(r) == 8}
   names = ("full", "block4", "identity", "block4+noguard", "block4+remat", "block4+autodiff")
   assert set(rows) == {"variant", *names}
