@@ -1,10 +1,11 @@
 r"""jaxrm against TRL's ``RewardTrainer`` and HF ``generate`` on the same machine (issue 14).
 
 Same data (HH-RLHF JSONL via ``--data``; TRL gets jaxrm's own token ids, already truncated to
-the sequence length: jaxrm's byte tokens, or ``--tokenizer``'s subword tokens, e.g. GPT-2's from
-``benchmarks/gpt2_tokenizer.py``, the vocabulary's size on both sides), same GPT-2-style shapes (layers, width, heads, sequence
-length), same batch of pairs and steps. TRL's model is ``transformers.GPT2ForSequenceClassification``
-(random init, ``num_labels=1``, learned positions; jaxrm's presets use rotary positions).
+the sequence length: jaxrm's byte tokens, or ``--tokenizer``'s subword tokens, e.g. GPT-2's
+from ``benchmarks/gpt2_tokenizer.py``, the vocabulary's size on both sides), same GPT-2-style
+shapes (layers, width, heads, sequence length), same batch of pairs and steps. TRL's model is
+``transformers.GPT2ForSequenceClassification`` (random init, ``num_labels=1``, learned
+positions; jaxrm's presets use rotary positions).
 
 Per workload and round, interleaved (jaxrm, TRL, jaxrm, TRL, ...):
 
