@@ -109,17 +109,10 @@ def write_folder(vocab_path: str, merges_path: str, out: str) -> dict[str, objec
   (vocabulary size, merges, the files' digests and whether they are GPT-2's)."""
   vocab = read_vocab(vocab_path)
   merges = read_merges(merges_path, vocab)
+  from jaxrm.data.hf_tokenizer import HFTokenizer
+
   tok = gpt2_tokenizer(vocab, merges)
-  os.makedirs(out, exist_ok=True)
-  tok.save(os.path.join(out, "tokenizer.json"))
-  config = {
-    "bos_token": END_OF_TEXT,
-    "eos_token": END_OF_TEXT,
-    "unk_token": END_OF_TEXT,
-    "tokenizer_class": "GPT2Tokenizer",
-  }
-  with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
-    json.dump(config, f, indent=2)
+  HFTokenizer(tok, special_tokens={"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT}).save(out)
   digests = {"vocab": sha256(vocab_path), "merges": sha256(merges_path)}
   return {
     "vocab_size": tok.get_vocab_size(),
