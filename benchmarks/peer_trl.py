@@ -38,7 +38,8 @@ Per workload and round, interleaved (jaxrm, TRL, jaxrm, TRL, ...):
   length) per second over the float32 matmul ceiling measured at the start of this run.
 
 Ratios are jaxrm's speed over TRL's (TRL seconds / jaxrm seconds) per round; the table
-reports their medians. Then the sampler:
+reports their medians with the range of the rounds (the seed sweep's ratios likewise). Then
+the sampler:
 jaxrm's KV-cached :func:`jaxrm.models.sampling.sample` against HF ``generate`` (GPT-2 LM head,
 same shape, random init, the same left-padded prompts, temperature 1 sampling without top-k,
 ``--new_tokens`` tokens each) at each ``--sampler_batches``, jaxrm also with the batch split
@@ -779,7 +780,7 @@ def seed_sweep_rows(rounds: int) -> list[dict]:
 
 def summarise_seed_sweep(rows: list[dict]) -> list[dict]:
   """Per thread-group count and seed batch: medians over rounds of the times per step and of
-  the ratio."""
+  the ratio, and the per-round ratios in round order (``ratios``)."""
   med = statistics.median
   layout = lambda r: (r["thread_groups"], r["seed_batch"])
   times = ("one_seed_vmapped_step_s", "one_seed_alone_step_s", "one_seed_step_s", "seeds_step_s")
@@ -789,7 +790,7 @@ def summarise_seed_sweep(rows: list[dict]) -> list[dict]:
     out.append(
       {k: mine[0][k] for k in ("proxy", "batch_pairs", "seeds", "thread_groups", "seed_batch")}
       | {k: med(r[k] for r in mine) for k in (*times, "ratio")}
-      | dict(rounds=len(mine))
+      | dict(rounds=len(mine), ratios=[r["ratio"] for r in mine])
     )
   return out
 
@@ -800,7 +801,8 @@ def summarise(rows: list[dict], workloads: dict[str, Workload], peak: float) -> 
   jaxrm's figures are ``jaxrm_*``; each peer side ``P`` in the rows (``trl``, ``trl_float32``)
   gets ``P_step_pairs_s``, ``P_step_flop_util``, ``P_step_ratio`` (jaxrm's speed over P's) and,
   with end-to-end rows, ``P_e2e_pairs_s``, ``P_e2e_wall_s``, ``P_e2e_flop_util``,
-  ``P_e2e_ratio``, ``P_bf16``, ``P_gradient_checkpointing``.
+  ``P_e2e_ratio``, ``P_bf16``, ``P_gradient_checkpointing``. Each ratio is the median of the
+  per-round ratios, which are kept in round order as ``P_step_ratios`` and ``P_e2e_ratios``.
   """
   med = statistics.median
   out = []
@@ -822,13 +824,15 @@ def summarise(rows: list[dict], workloads: dict[str, Workload], peak: float) -> 
       ts, te = get(side, "step"), get(side, "e2e")
       s[f"{side}_step_pairs_s"] = med(w.batch_pairs / r["step_s"] for r in ts)
       s[f"{side}_step_flop_util"] = s[f"{side}_step_pairs_s"] * flops / peak
-      s[f"{side}_step_ratio"] = med(t["step_s"] / j["step_s"] for j, t in zip(js, ts))
+      s[f"{side}_step_ratios"] = [t["step_s"] / j["step_s"] for j, t in zip(js, ts)]
+      s[f"{side}_step_ratio"] = med(s[f"{side}_step_ratios"])
       if je:
         s[f"{side}_e2e_pairs_s"] = med(w.steps * w.batch_pairs / r["wall_s"] for r in te)
         s[f"{side}_e2e_wall_s"] = med(r["wall_s"] for r in te)
         s[f"{side}_e2e_exit_s"] = med(r["exit_s"] for r in te)
         s[f"{side}_e2e_flop_util"] = s[f"{side}_e2e_pairs_s"] * flops / peak
-        s[f"{side}_e2e_ratio"] = med(t["wall_s"] / j["wall_s"] for j, t in zip(je, te))
+        s[f"{side}_e2e_ratios"] = [t["wall_s"] / j["wall_s"] for j, t in zip(je, te)]
+        s[f"{side}_e2e_ratio"] = med(s[f"{side}_e2e_ratios"])
         s[f"{side}_bf16"] = te[0]["bf16"]
         s[f"{side}_gradient_checkpointing"] = te[0]["gradient_checkpointing"]
         s[f"{side}_eval_steps"] = te[0].get("eval_steps")
@@ -839,6 +843,16 @@ def summarise(rows: list[dict], workloads: dict[str, Workload], peak: float) -> 
 def peer_sides(summary: dict) -> list[str]:
   """The peer sides (``trl``, ``trl_float32``) of one workload's summary, in run order."""
   return [k[: -len("_step_ratio")] for k in summary if k.endswith("_step_ratio")]
+
+
+def ratio_cell(summary: dict, key: str, bold: bool = False) -> str:
+  """``summary[key]`` as ``'1.85x'`` (``**`` around it with ``bold``), and with more than one
+  round the range of the per-round ratios (``summary[key + 's']``): ``'1.85x (rounds
+  1.81-2.33)'``."""
+  text = f"{summary[key]:.2f}x"
+  text = f"**{text}**" if bold else text
+  rounds = summary[key + "s"]
+  return text + (f" (rounds {min(rounds):.2f}-{max(rounds):.2f})" if len(rounds) > 1 else "")
 
 
 def print_table(
@@ -863,7 +877,8 @@ def print_table(
       f"{s['workload']} ({s['layers']}x{s['width']}, seq {s['seq_len']}, {s['batch_pairs']} pairs)"
     )
     step = [
-      f"{s[p + '_step_pairs_s']:.3g} ({s[p + '_step_flop_util']:.0%}) | {s[p + '_step_ratio']:.2f}x"
+      f"{s[p + '_step_pairs_s']:.3g} ({s[p + '_step_flop_util']:.0%}) | "
+      + ratio_cell(s, f"{p}_step_ratio")
       for p in sides
     ]
     print(
@@ -876,7 +891,8 @@ def print_table(
     )
     if "jaxrm_e2e_wall_s" in s:
       e2e = [
-        f"{s[p + '_e2e_pairs_s']:.3g} ({s[p + '_e2e_wall_s']:.1f}) | **{s[p + '_e2e_ratio']:.2f}x**"
+        f"{s[p + '_e2e_pairs_s']:.3g} ({s[p + '_e2e_wall_s']:.1f}) | "
+        + ratio_cell(s, f"{p}_e2e_ratio", bold=True)
         for p in sides
       ]
       every = next((s[p + "_eval_steps"] for p in sides if s.get(p + "_eval_steps")), None)
@@ -910,7 +926,7 @@ def print_table(
       f"in {r['thread_groups']} thread group(s), {layout} | ms per step | "
       f"{r['seeds_step_s'] * 1e3:.2f} | 1 seed {r['one_seed_step_s'] * 1e3:.2f} (vmapped "
       f"{r['one_seed_vmapped_step_s'] * 1e3:.2f}, alone {r['one_seed_alone_step_s'] * 1e3:.2f}) | "
-      f"{r['ratio']:.2f}x one seed's time |" + fill
+      f"{ratio_cell(r, 'ratio')} one seed's time |" + fill
     )
 
 

@@ -154,7 +154,7 @@ def _rows(step_times, wall_times, side="trl"):
   return rows
 
 
-def test_summary_reports_medians_of_per_round_ratios():
+def test_summary_reports_medians_of_per_round_ratios(capsys):
   w = peer_trl.Workload(layers=2, width=32, heads=2, seq_len=64, batch_pairs=4, steps=10)
   # Per-round step ratios 4, 1, 1.5 -> median 1.5 (the ratio of the medians would be 4 / 2);
   # end to end 2, 0.5, 3 -> median 2 (the ratio of the medians would be 20 / 20).
@@ -162,6 +162,8 @@ def test_summary_reports_medians_of_per_round_ratios():
   (s,) = peer_trl.summarise(rows, {"w": w}, peak=1e12)
   assert s["trl_step_ratio"] == pytest.approx(1.5)
   assert s["trl_e2e_ratio"] == pytest.approx(2.0)
+  assert s["trl_step_ratios"] == pytest.approx([4.0, 1.0, 1.5])
+  assert s["trl_e2e_ratios"] == pytest.approx([2.0, 0.5, 3.0])
   assert s["jaxrm_step_pairs_s"] == pytest.approx(4 / 2.0)
   assert s["jaxrm_e2e_pairs_s"] == pytest.approx(10 * 4 / 20.0)
   assert s["trl_e2e_pairs_s"] == pytest.approx(10 * 4 / 20.0)
@@ -170,6 +172,11 @@ def test_summary_reports_medians_of_per_round_ratios():
   assert s["jaxrm_step_flop_util"] == pytest.approx(2.0 * flops / 1e12)
   assert s["jaxrm_first_step_s"] == 9.0
   assert s["trl_bf16"] is True and peer_trl.peer_sides(s) == ["trl"]
+  # The table shows each median with the range of its rounds.
+  peer_trl.print_table([s], [])
+  table = capsys.readouterr().out
+  assert "| 1.50x (rounds 1.00-4.00) |\n" in table
+  assert "| **2.00x** (rounds 0.50-3.00) |" in table
 
 
 def test_each_trl_setting_is_its_own_peer_with_its_own_ratios(capsys):
@@ -302,7 +309,7 @@ def test_seed_sweep_rows_time_one_seed_and_the_seeds_per_round_and_thread_groups
   assert f"{head}, vmapped |" in table and f"{head}, one after another |" in table
 
 
-def test_seed_sweep_summary_is_the_median_of_per_round_ratios():
+def test_seed_sweep_summary_is_the_median_of_per_round_ratios(capsys):
   rows = [
     dict(proxy="1x16x2", batch_pairs=64, seeds=8, thread_groups=2, seed_batch=1,
          one_seed_vmapped_step_s=o, one_seed_alone_step_s=o, one_seed_step_s=o,
@@ -312,6 +319,9 @@ def test_seed_sweep_summary_is_the_median_of_per_round_ratios():
   (s,) = peer_trl.summarise_seed_sweep(rows)
   # Per-round ratios 4, 1, 1.5 -> median 1.5 (the ratio of the medians would be 4 / 2).
   assert s["ratio"] == pytest.approx(1.5) and s["rounds"] == 3
+  assert s["ratios"] == pytest.approx([4.0, 1.0, 1.5])
+  peer_trl.print_table([], [], seed_sweep=[s])
+  assert "| 1.50x (rounds 1.00-4.00) one seed's time |" in capsys.readouterr().out
   assert s["one_seed_step_s"] == 2.0 and s["seeds_step_s"] == 4.0
 
 
