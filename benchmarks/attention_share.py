@@ -34,19 +34,23 @@ last one follows ``--reps`` updates). Command (figures in BUILD_NOTES.md)::
 import contextlib
 import dataclasses
 import functools
+import os
 import resource
 import statistics
+import sys
 import time
 
-from absl import app, flags
-import jax
-import jax.numpy as jnp
-import optax
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import timing
-from jaxrm.models import attention as attention_lib
-from jaxrm.models import transformer
-from jaxrm.steps import train_state
+from absl import app, flags  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+from benchmarks import timing  # noqa: E402
+from jaxrm.models import attention as attention_lib  # noqa: E402
+from jaxrm.models import transformer  # noqa: E402
+from jaxrm.steps import train_state  # noqa: E402
 
 _LAYERS = flags.DEFINE_integer("layers", 2, "Backbone layers (README HH model: 2).")
 _WIDTH = flags.DEFINE_integer("width", 64, "Backbone width (README HH model: 64).")

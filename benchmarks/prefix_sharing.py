@@ -31,14 +31,18 @@ step is bounded below by the library's step at the same rows and length: e.g. a 
 
 import collections
 import math
+import os
+import sys
 import tempfile
 
-from absl import app, flags
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.configs import reward_model as rm_configs
-from jaxrm.data import iterator, pairs
-from jaxrm.train.reward_model import run_tokenizer_for
+from absl import app, flags  # noqa: E402
+import numpy as np  # noqa: E402
+
+from experiments.configs import reward_model as rm_configs  # noqa: E402
+from jaxrm.data import iterator, pairs  # noqa: E402
+from jaxrm.train.reward_model import run_tokenizer_for  # noqa: E402
 
 _FILE = flags.DEFINE_string("file", rm_configs.HH_FILE, "HH-RLHF JSONL(.gz) file.")
 _PACKED_MULTIPLE = flags.DEFINE_integer(

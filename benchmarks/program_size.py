@@ -28,15 +28,19 @@ Commands (figures in BUILD_NOTES.md)::
 """
 
 import functools
+import os
 import statistics
+import sys
 import time
 
-from absl import app, flags
-import jax
-from jax.experimental import serialize_executable
-import jax.numpy as jnp
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import timing
+from absl import app, flags  # noqa: E402
+import jax  # noqa: E402
+from jax.experimental import serialize_executable  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks import timing  # noqa: E402
 
 _LAYERS = flags.DEFINE_integer("layers", 4, "Backbone layers.")
 _WIDTH = flags.DEFINE_integer("width", 256, "Backbone width.")

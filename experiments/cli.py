@@ -157,6 +157,9 @@ def resolve_field_types(config: Any) -> None:
 def print_help(argv: Sequence[str]) -> None:
   """The script's docstring, its flags and every config field with its default."""
   main_doc = (sys.modules["__main__"].__doc__ or "").strip()
+  if "config" not in flags.FLAGS:  # a script with flags of its own only (compare_results.py)
+    print(f"{main_doc}\n\nFlags:\n{flags.FLAGS.main_module_help()}\n  --helpfull: every absl flag")
+    return
   spec = _config_spec(argv)
   lines = [main_doc, "", "Flags:"]
   lines.append(f"  --config=FILE[:VARIANT]  config file (now {spec})")

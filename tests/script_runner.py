@@ -112,12 +112,15 @@ def one_device_env(**extra: str) -> dict[str, str]:
 def run_subprocess(path: str, *args: str) -> subprocess.CompletedProcess:
   """Runs the repository's script ``path`` (relative to the root) with ``args`` in a fresh
   Python process, as a user's command would: on one CPU device (the suite's forced host
-  devices removed from ``XLA_FLAGS``; :func:`one_device_env`)."""
+  devices removed from ``XLA_FLAGS``; :func:`one_device_env`) and without ``PYTHONPATH``, so
+  that a script finds the repository's ``experiments`` and ``benchmarks`` packages itself."""
+  env = one_device_env()
+  env.pop("PYTHONPATH", None)
   return subprocess.run(
     [sys.executable, os.path.join(ROOT, path), *args],
     capture_output=True,
     text=True,
-    env=one_device_env(PYTHONPATH=ROOT),
+    env=env,
     cwd=ROOT,
   )
 

@@ -89,3 +89,14 @@ def test_script_exit_status_and_bad_file(tmp_path):
   assert "a.json" in missing.stderr and "Traceback" not in missing.stderr
   err = run_subprocess("experiments/compare_results.py", str(a), str(bad))
   assert err.returncode == 2 and "bad.json" in err.stderr and "Traceback" not in err.stderr
+
+
+def test_help_prints_the_docstring_and_the_scripts_own_flags():
+  """A script without ``--config`` (compare_results.py) prints its docstring and its flags,
+  not ``experiments.cli``'s config listing (which raised a KeyError for it)."""
+  proc = run_subprocess("experiments/compare_results.py", "--help")
+  assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+  assert "Compares two studies' ``results.json``" in proc.stdout
+  for flag in ("--atol", "--ignore", "--select", "--helpfull"):
+    assert flag in proc.stdout, flag
+  assert "--config" not in proc.stdout
