@@ -155,9 +155,10 @@ def resolve_field_types(config: Any) -> None:
 
 
 def print_help(argv: Sequence[str]) -> None:
-  """The script's docstring, its flags and every config field with its default."""
+  """The script's docstring and its flags: with ``--config``, every config field with its
+  default; without (``compare_results.py``, ``export_hf.py``), the flags the script defines."""
   main_doc = (sys.modules["__main__"].__doc__ or "").strip()
-  if "config" not in flags.FLAGS:  # a script with flags of its own only (compare_results.py)
+  if "config" not in flags.FLAGS:
     print(f"{main_doc}\n\nFlags:\n{flags.FLAGS.main_module_help()}\n  --helpfull: every absl flag")
     return
   spec = _config_spec(argv)
