@@ -13,7 +13,8 @@ with the attention varied (one freshly jitted step per variant):
 - ``<variant>+noguard``: the variant with the non-finite guard
   (``train_state.apply_if_finite``: finiteness checks of the loss, gradients, update, new
   parameters and optimizer state, and a select or a ``lax.cond``) replaced by a plain optax
-  update, to measure what the guard costs. The same updates while they are finite; never train like this;
+  update, to measure what the guard costs. The same updates while they are finite; never
+  train like this;
 - ``<variant>+remat``: the variant's attention under ``jax.checkpoint``: the backward pass
   recomputes the score and probability tensors instead of keeping them from the forward pass.
   The same gradients;

@@ -99,11 +99,11 @@ def error_line(result: Result) -> str:
   return lines[0]
 
 
-def one_device_env(**extra: str) -> dict[str, str]:
+def one_device_env() -> dict[str, str]:
   """The environment for a script run as a user's command: this process's (the suite's
   compilation cache and compile settings, tests/conftest.py) on one CPU device, i.e. without
-  the forced host devices in ``XLA_FLAGS``; ``extra`` variables added."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+  the forced host devices in ``XLA_FLAGS``."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
   xla_flags = [f for f in env.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
   env["XLA_FLAGS"] = " ".join(xla_flags)
   return env
