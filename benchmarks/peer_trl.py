@@ -203,6 +203,12 @@ flags.DEFINE_integer(
   "(benchmarks/packed_step.py times the packed step).",
 )
 flags.DEFINE_integer(
+  "jaxrm_microbatch_size",
+  -1,
+  "jaxrm's microbatch_size in its steps and runs (pairs per forward and backward slice; 0: the "
+  "whole batch at once); -1: the hh config's (4).",
+)
+flags.DEFINE_integer(
   "jaxrm_cpu_devices",
   1,
   "jaxrm's processes split the CPU into this many JAX devices (jax_num_cpu_devices, "
@@ -368,6 +374,8 @@ def train_config(w: Workload, data: str, steps: int):
   if FLAGS.jaxrm_matmul_dtype != "float32":
     config.model.matmul_dtype = FLAGS.jaxrm_matmul_dtype
   config.model.pack_pairs = FLAGS.jaxrm_pack_pairs
+  if FLAGS.jaxrm_microbatch_size >= 0:
+    config.microbatch_size = FLAGS.jaxrm_microbatch_size
   if FLAGS.jaxrm_outputs == "trl":
     config.log.plots = False
     config.eval.report = False
@@ -574,6 +582,7 @@ def run_child(role: str, w: Workload, workdir: str, tag: str, **extra) -> tuple[
   cmd += [f"--jaxrm_matmul_dtype={FLAGS.jaxrm_matmul_dtype}"]
   cmd += [f"--jaxrm_cpu_devices={FLAGS.jaxrm_cpu_devices}"]
   cmd += [f"--jaxrm_pack_pairs={FLAGS.jaxrm_pack_pairs}"]
+  cmd += [f"--jaxrm_microbatch_size={FLAGS.jaxrm_microbatch_size}"]
   cmd += [f"--jaxrm_outputs={FLAGS.jaxrm_outputs}", f"--tokenizer={FLAGS.tokenizer}"]
   cmd += [f"--{k}={v}" for k, v in dataclasses.asdict(w).items()]
   cmd += [f"--{k}={v}" for k, v in extra.items()]
@@ -1019,6 +1028,7 @@ def run_benchmark(workloads: dict[str, Workload], precisions: list[str]) -> None
         jaxrm_matmul_dtype=FLAGS.jaxrm_matmul_dtype,
         jaxrm_cpu_devices=FLAGS.jaxrm_cpu_devices,
         jaxrm_pack_pairs=FLAGS.jaxrm_pack_pairs,
+        jaxrm_microbatch_size=FLAGS.jaxrm_microbatch_size,
         jaxrm_outputs=FLAGS.jaxrm_outputs,
         trl_precisions={p: TRL_PRECISIONS[p] for p in precisions},
         argv=sys.argv,
@@ -1090,6 +1100,11 @@ def main(argv):
     raise app.UsageError(f"--jaxrm_cpu_devices must be >= 1, got {FLAGS.jaxrm_cpu_devices}")
   if FLAGS.jaxrm_pack_pairs < 0:
     raise app.UsageError(f"--jaxrm_pack_pairs must be >= 0, got {FLAGS.jaxrm_pack_pairs}")
+  if FLAGS.jaxrm_microbatch_size < -1:
+    raise app.UsageError(
+      f"--jaxrm_microbatch_size must be >= -1 (-1: the hh config's), got "
+      f"{FLAGS.jaxrm_microbatch_size}"
+    )
   check_seed_sweep_flags()
   check_data_file(FLAGS.data)
   if FLAGS.tokenizer and not os.path.isfile(os.path.join(FLAGS.tokenizer, "tokenizer.json")):

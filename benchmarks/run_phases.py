@@ -73,6 +73,11 @@ _FREEZE = flags.DEFINE_bool(
 _PACK = flags.DEFINE_integer(
   "pack_pairs", 0, "model.pack_pairs: 0 two rows per pair; N one packed row, multiples of N."
 )
+_MICRO = flags.DEFINE_integer(
+  "microbatch_size",
+  None,
+  "microbatch_size: pairs per microbatch (0: the whole batch at once); default: the hh config's.",
+)
 _MATMUL = flags.DEFINE_enum(
   "matmul_dtype", "bfloat16", ["float32", "bfloat16"], "model.matmul_dtype (peer benchmark's)."
 )
@@ -135,6 +140,8 @@ def main(argv):
   )
   config.steps = _STEPS.value
   config.model.pack_pairs = _PACK.value
+  if _MICRO.value is not None:
+    config.microbatch_size = _MICRO.value
   seconds, ends = collections.defaultdict(float), {}
   for name, owner, attr in PHASES:
     setattr(owner, attr, timed(seconds, ends, name, getattr(owner, attr)))
@@ -158,6 +165,8 @@ def main(argv):
   rows["garbage collection"] = collecting["seconds"]
   shape = _SHAPE.value or "2x64x2 (tiny)"
   packed = f" packed (rows in multiples of {_PACK.value})" if _PACK.value else ""
+  if config.microbatch_size:
+    packed += f" in microbatches of {config.microbatch_size}"
   print(
     f"{_STEPS.value} steps of {_BATCH.value} pairs{packed}, backbone {shape}, steady "
     f"{summary['pairs_per_sec']:.1f} pairs/s"
@@ -167,7 +176,15 @@ def main(argv):
   with open(os.path.join(_WORKDIR.value, "run_phases.json"), "w") as f:
     extra = {"pairs_per_sec": summary["pairs_per_sec"], "num_steps": _STEPS.value}
     json.dump(
-      {**rows, **extra, "shape": shape, "batch_size": _BATCH.value, "pack_pairs": _PACK.value}, f
+      {
+        **rows,
+        **extra,
+        "shape": shape,
+        "batch_size": _BATCH.value,
+        "pack_pairs": _PACK.value,
+        "microbatch_size": config.microbatch_size,
+      },
+      f,
     )
 
 

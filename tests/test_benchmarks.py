@@ -210,13 +210,15 @@ def test_run_phases_times_every_phase_of_a_hh_run_within_the_run(tmp_path):
     "--max_len=64",
     "--shape=1x32x2",
     "--batch_size=8",
+    "--microbatch_size=2",
   )
   with open(tmp_path / "run" / "run_phases.json") as f:
     seconds = json.load(f)
-  assert "2 steps of 8 pairs, backbone 1x32x2" in out
-  assert (seconds["shape"], seconds["batch_size"]) == ("1x32x2", 8)
+  assert "2 steps of 8 pairs in microbatches of 2, backbone 1x32x2" in out
+  assert (seconds["shape"], seconds["batch_size"], seconds["microbatch_size"]) == ("1x32x2", 8, 2)
   with open(tmp_path / "run" / "config.json") as f:
-    assert '"phases_1x32x2"' in f.read()
+    config = f.read()
+  assert '"phases_1x32x2"' in config and '"microbatch_size": 2' in config
   phases = ["data", "init", "evaluation", "checkpoints", "curves", "report", "first step", "steps"]
   for name in ["imports", *phases, "run"]:
     assert seconds[name] >= 0 and f"{name:>15} | {seconds[name]:6.2f} s" in out, name

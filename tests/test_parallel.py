@@ -104,9 +104,22 @@ def test_conftest_provides_eight_devices():
 
 @pytest.mark.parametrize("mode, kwargs", MODES[1:], ids=MODE_IDS[1:])
 def test_parallel_step_matches_single_device_jit_step(mode, kwargs, reference):
-  ref_state, ref_metrics = reference
   pstep, state, metrics = run(mode, kwargs, [make_batch(i) for i in range(3)])
   assert pstep.mode == mode and pstep.num_devices == NUM_DEVICES
+  assert_matches(reference, pstep, state, metrics)
+
+
+@pytest.mark.parametrize("mode, kwargs", MODES, ids=MODE_IDS)
+def test_microbatched_step_matches_the_whole_batch_jit_step(mode, kwargs, reference):
+  # One pair per microbatch: 2 on each of the 8 devices, 16 under jit (weights unequal).
+  step_fn = functools.partial(STEP_FN, microbatch_size=1)
+  pstep, state, metrics = run(mode, kwargs, [make_batch(i) for i in range(3)], step_fn)
+  assert_matches(reference, pstep, state, metrics)
+
+
+def assert_matches(reference, pstep, state, metrics):
+  """The state and metrics of three steps equal the single-device jit step's (1e-5)."""
+  ref_state, ref_metrics = reference
   got = host(pstep.unreplicate(state))
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
@@ -143,12 +156,14 @@ def test_batch_mean_weighted_loss_matches_jit_with_weights_normalized_false():
   )
   batches = [make_batch(i) for i in range(2)]
   _, ref, _ = run("jit", {}, batches, step_fn=step_fn)
-  pstep, got, _ = run("shard_map", {}, batches, step_fn=step_fn)
-  jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-    host(pstep.unreplicate(got)),
-    host(ref),
-  )
+  for microbatch_size in (None, 1):
+    fn = functools.partial(step_fn, microbatch_size=microbatch_size)
+    pstep, got, _ = run("shard_map", {}, batches, step_fn=fn)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+      host(pstep.unreplicate(got)),
+      host(ref),
+    )
 
 
 @pytest.mark.parametrize(

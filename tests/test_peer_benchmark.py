@@ -233,6 +233,7 @@ def test_trl_step_time_drops_two_warmup_steps():
     ("--jaxrm_cpu_devices=0", "--jaxrm_cpu_devices must be >= 1, got 0"),
     ("--jaxrm_cpu_devices=3", "--jaxrm_cpu_devices=3 must divide the pairs per step of ['hh']"),
     ("--jaxrm_pack_pairs=-1", "--jaxrm_pack_pairs must be >= 0, got -1"),
+    ("--jaxrm_microbatch_size=-2", "--jaxrm_microbatch_size must be >= -1"),
   ],
 )
 def test_bad_jaxrm_cpu_devices_and_packing_are_named(tmp_path, flag, message):
@@ -263,17 +264,18 @@ def test_jaxrm_runs_write_what_jaxrm_outputs_names(tmp_path, outputs):
     assert "curves_train.png" in figures and (run / "rm_report.md").is_file()
 
 
-def test_jaxrm_pack_pairs_reaches_the_timed_run(tmp_path):
+def test_jaxrm_pack_pairs_and_microbatch_size_reach_the_timed_run(tmp_path):
   from absl.testing import flagsaver
 
   w = peer_trl.WORKLOADS["quick"]
   argv = ["peer_trl.py", f"--workdir={tmp_path}", f"--data={SAMPLE}", "--jaxrm_pack_pairs=16"]
   with flagsaver.flagsaver():
-    peer_trl.FLAGS(argv)
+    peer_trl.FLAGS([*argv, "--jaxrm_microbatch_size=2"])
     _, result = peer_trl.run_child("jaxrm_train", w, str(tmp_path), "run")
   assert result["step"] == w.steps
   with open(tmp_path / "runs" / "run" / "config.json") as f:
-    assert json.load(f)["config"]["model"]["pack_pairs"] == 16
+    config = json.load(f)["config"]
+  assert config["model"]["pack_pairs"] == 16 and config["microbatch_size"] == 2
 
 
 def test_seed_sweep_rows_time_one_seed_and_the_seeds_per_round_and_thread_groups(tmp_path, capsys):

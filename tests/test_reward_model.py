@@ -1,16 +1,20 @@
-"""Tests for jaxrm.models.reward_model: padding invariance, pooling, shapes and gradients."""
+"""Tests for jaxrm.models.reward_model: padding invariance, pooling, shapes and gradients, and its
+training step in microbatches (the whole batch's loss and gradients)."""
 
 import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
-from model_helpers import random_params
+from model_helpers import bt_loss, random_params
 import numpy as np
+import optax
 import pytest
 
 from jaxrm.models.reward_model import RewardModel, last_positions, pool_hidden
 from jaxrm.models.transformer import Transformer, TransformerConfig, init_cache
+from jaxrm.steps import rm_step
+from jaxrm.steps import train_state as ts
 
 VOCAB = 41
 CFG = TransformerConfig(vocab_size=VOCAB, num_layers=2, width=32, num_heads=2, max_len=16)
@@ -177,3 +181,41 @@ def test_reward_model_rejects_bad_input_naming_the_argument():
     )
   with pytest.raises(ValueError, match=r"hidden.*\[batch, seq, width\].*\(2, 3\)"):
     pool_hidden(np.ones((2, 3)), np.ones((2, 3), bool))
+
+
+def _preference_batch(*, b, s):
+  """``b`` random pairs of up to ``s`` tokens, right-padded, with unequal weights."""
+  rng = np.random.default_rng(5)
+  batch = {}
+  for name in ("chosen", "rejected"):
+    mask = np.arange(s)[None] < rng.integers(1, s + 1, size=b)[:, None]
+    batch[name] = np.where(mask, rng.integers(3, VOCAB, size=(b, s)), 0).astype(np.int32)
+    batch[f"{name}_mask"] = mask
+  batch["weight"] = rng.uniform(0.5, 1.5, size=b).astype(np.float32)
+  return batch
+
+
+def test_microbatched_transformer_step_gives_the_whole_batch_loss_metrics_and_gradients():
+  # The README HH model's settings (rotary positions, causal query blocks, last-token
+  # pooling) at a small shape, 8 pairs in slices of 2.
+  backbone = TransformerConfig(
+    vocab_size=VOCAB, width=32, num_layers=1, num_heads=2, max_len=16, attention_query_block=8
+  )
+  model = RewardModel(backbone)
+  batch = _preference_batch(b=8, s=16)
+  params = model.init(jax.random.key(2), batch["chosen"], batch["chosen_mask"])
+  state = ts.create_train_state(params, optax.sgd(1.0), jax.random.key(0))
+  step = functools.partial(
+    rm_step.reward_model_step, apply_fn=model.apply, loss_fn=bt_loss, optimizer=optax.sgd(1.0)
+  )
+  whole_state, whole = jax.jit(step)(state, batch)
+  sliced_state, sliced = jax.jit(functools.partial(step, microbatch_size=2))(state, batch)
+  for key in ("loss", "accuracy", "margin", "grad_norm"):
+    np.testing.assert_allclose(sliced[key], whole[key], rtol=1e-5, err_msg=key)
+  # sgd(1.0): the update is minus the gradient.
+  grads = jax.tree.map(lambda a, b: np.asarray(a - b), params, whole_state.params)
+  sliced_grads = jax.tree.map(lambda a, b: np.asarray(a - b), params, sliced_state.params)
+  scale = max(np.abs(g).max() for g in jax.tree.leaves(grads))
+  assert scale > 1e-3  # the step moved the parameters
+  for want, got in zip(jax.tree.leaves(grads), jax.tree.leaves(sliced_grads)):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)

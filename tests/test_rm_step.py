@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from jaxrm.math import preference
 from jaxrm.steps import rm_step
 from jaxrm.steps import train_state as ts
 
@@ -121,6 +122,69 @@ def test_sgd_step_matches_numpy_float64_reference():
     )
   assert int(new_state.step) == 1 and int(new_state.num_skipped) == 0
   assert not bool(metrics["nonfinite"])
+
+
+@pytest.mark.parametrize("microbatch_size", [1, 2, 3])
+def test_microbatched_step_matches_numpy_float64_reference(microbatch_size):
+  # The whole batch's weighted loss and gradient, from slices with unequal weight sums.
+  lr = 0.1
+  params = init_params(jax.random.key(0))
+  state = ts.create_train_state(params, optax.sgd(lr), jax.random.key(1))
+  batch = make_batch(0)
+  step = make_step(optax.sgd(lr), microbatch_size=microbatch_size)
+  new_state, metrics = step(state, batch)
+  loss, grads, rc, rr = np_loss_and_grads(params, batch)
+  np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+  np.testing.assert_allclose(metrics["margin"], np.mean(rc - rr), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(metrics["accuracy"], np.mean(rc > rr), rtol=1e-6)
+  gnorm = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))
+  np.testing.assert_allclose(metrics["grad_norm"], gnorm, rtol=1e-5)
+  for name in params:
+    np.testing.assert_allclose(
+      new_state.params[name],
+      np.asarray(params[name], np.float64) - lr * grads[name],
+      rtol=1e-5,
+      atol=1e-6,
+    )
+
+
+def test_microbatches_whose_weights_are_all_zero_add_nothing():
+  optimizer = optax.sgd(1.0)
+  params = init_params(jax.random.key(0))
+  state = ts.create_train_state(params, optimizer, jax.random.key(1))
+  batch = make_batch(2)
+  batch["weight"][:2] = 0.0  # the first slice of two pairs
+  batch["label"][0] = np.nan  # masked by its zero weight
+  loss_fn = preference.bradley_terry_loss  # 0, with zero gradients, for all-zero weights
+  step = functools.partial(
+    rm_step.reward_model_step, apply_fn=apply_fn, loss_fn=loss_fn, optimizer=optimizer
+  )
+  whole_state, whole = jax.jit(step)(state, batch)
+  sliced_state, sliced = jax.jit(functools.partial(step, microbatch_size=2))(state, batch)
+  for name in ("loss", "accuracy", "margin", "grad_norm"):
+    np.testing.assert_allclose(sliced[name], whole[name], rtol=1e-5, err_msg=name)
+  assert not bool(sliced["nonfinite"]) and float(whole["loss"]) > 0
+  for name in params:
+    np.testing.assert_allclose(sliced_state.params[name], whole_state.params[name], atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [4, 0, -2, 2.0, True])
+def test_microbatch_size_that_does_not_divide_the_batch_is_refused(size):
+  optimizer = optax.sgd(0.1)
+  state = ts.create_train_state(init_params(jax.random.key(0)), optimizer, jax.random.key(0))
+  with pytest.raises(
+    ValueError, match="microbatch_size must be a positive int dividing the batch of 6 pairs"
+  ):
+    make_step(optimizer, microbatch_size=size)(state, make_batch(0))
+
+
+@pytest.mark.parametrize("size", [BATCH, 4 * BATCH])
+def test_microbatch_size_of_at_least_the_batch_is_the_whole_batch(size):
+  optimizer = optax.sgd(0.1)
+  state = ts.create_train_state(init_params(jax.random.key(0)), optimizer, jax.random.key(0))
+  step = make_step(optimizer, microbatch_size=size)
+  want = jax.make_jaxpr(make_step(optimizer))(state, make_batch(0))
+  assert str(jax.make_jaxpr(step)(state, make_batch(0))) == str(want)
 
 
 def test_chosen_and_rejected_of_different_lengths_give_same_result_as_padded():
@@ -265,6 +329,36 @@ def test_step_key_is_fold_in_of_state_key_and_step_when_apply_takes_key():
     np.testing.assert_allclose(
       metrics["margin"], np.mean(rc + noise[:BATCH] - rr - noise[BATCH:]), rtol=1e-5, atol=1e-6
     )
+
+
+def test_each_microbatch_scores_with_its_own_fold_of_the_step_key():
+  optimizer = optax.sgd(0.0)
+  params = init_params(jax.random.key(0))
+
+  def noisy_apply(params, tokens, mask, *, key):
+    return apply_fn(params, tokens, mask) + jax.random.normal(key, (tokens.shape[0],))
+
+  step = jax.jit(
+    functools.partial(
+      rm_step.reward_model_step,
+      apply_fn=noisy_apply,
+      loss_fn=bt_loss,
+      optimizer=optimizer,
+      apply_takes_key=True,
+      microbatch_size=2,
+    )
+  )
+  state = ts.create_train_state(params, optimizer, jax.random.key(7))
+  batch = make_batch(0)
+  _, metrics = step(state, batch)
+  _, rc = np_rewards(params, batch["chosen"], batch["chosen_mask"])
+  _, rr = np_rewards(params, batch["rejected"], batch["rejected_mask"])
+  margins = []
+  for i in range(BATCH // 2):  # slice i: chosen then rejected rows, noise of fold_in(key, i)
+    noise = np.asarray(jax.random.normal(jax.random.fold_in(ts.step_key(state), i), (4,)))
+    rows = slice(2 * i, 2 * i + 2)
+    margins.append(rc[rows] + noise[:2] - rr[rows] - noise[2:])
+  np.testing.assert_allclose(metrics["margin"], np.mean(margins), rtol=1e-5, atol=1e-6)
 
 
 def test_eval_step_returns_per_example_rewards():

@@ -34,6 +34,7 @@ from jaxrm.data import pairs, preferences, synthetic
 from jaxrm.io import program_cache, rm_io, rundir
 from jaxrm.models import presets
 from jaxrm.models.reward_model import RewardModel
+from jaxrm.steps import rm_step
 from jaxrm.steps import train_state as train_state_lib
 from jaxrm.train import reward_model as rm_train
 from jaxrm.train import rm_config, rm_eval
@@ -219,6 +220,47 @@ def test_a_packed_pairs_run_trains_the_two_row_model(shard_map_run, tmp_path, sy
   a.pop(bias)
   for name, x in a.items():
     np.testing.assert_allclose(b[name], x, rtol=0, atol=1e-4, err_msg=name)
+
+
+def test_a_microbatched_run_trains_the_whole_batch_model(
+  shard_map_run, tmp_path, synthetic_npz, monkeypatch
+):
+  """``microbatch_size`` changes how the step runs, not what it computes: the same logged
+  losses and held-out metrics, and parameters within float rounding after 8 Adam steps, with
+  each device's 2 pairs one at a time under shard_map on 8 devices."""
+  workdir, summary = shard_map_run
+  sliced_dir = _seeded_workdir(tmp_path / "sliced", synthetic_npz)
+  sizes = []
+  accumulate = rm_step._accumulate
+  monkeypatch.setattr(rm_step, "_accumulate", lambda *a: sizes.append(a[6]) or accumulate(*a))
+  sliced = rm_train.train_and_evaluate(_config(parallel="shard_map", microbatch_size=1), sliced_dir)
+  assert sizes and set(sizes) == {1}  # the step was traced in slices of one pair
+  for row, want in zip(_rows(sliced_dir), _rows(workdir), strict=True):
+    for key in ("loss", "accuracy", "log_loss"):
+      if key in want:
+        np.testing.assert_allclose(row[key], want[key], rtol=1e-4, err_msg=f"{key} {row}")
+  assert sliced["eval"]["accuracy"] == summary["eval"]["accuracy"]
+  a = traverse_util.flatten_dict(rm_eval.restore_run(workdir).state.params, sep="/")
+  b = traverse_util.flatten_dict(rm_eval.restore_run(sliced_dir).state.params, sep="/")
+  assert a.keys() == b.keys()
+  # The head's bias: a zero gradient in exact arithmetic, which Adam turns into steps of up to
+  # the learning rate from rounding noise (see the packed run above).
+  bias = "params/head/bias"
+  assert np.abs(b.pop(bias) - a.pop(bias)).max() <= 8 * 1e-3
+  for name, x in a.items():
+    np.testing.assert_allclose(b[name], x, rtol=0, atol=1e-4, err_msg=name)
+
+
+def test_microbatch_size_may_change_on_resume(tmp_path):
+  saved = rm_train.TrainConfig().to_json()
+  del saved["microbatch_size"]  # a run saved before the field
+  rundir.check_resumable(
+    saved,
+    rm_train.TrainConfig(microbatch_size=4).to_json(),
+    changeable=rm_config.CHANGEABLE_ON_RESUME,
+    added=rm_config.ADDED_ON_RESUME,
+    workdir=tmp_path,
+  )
 
 
 def test_a_run_saved_before_pack_pairs_resumes_only_unpacked(tmp_path):
@@ -435,6 +477,8 @@ def test_hh_sample_trains_through_tfds_and_reports_without_the_source_files(tmp_
     ("model.matmul_dtype", "float16", "must be '' \\(model.dtype\\) or one of"),
     ("model.pack_pairs", -1, "must be an int >= 0"),
     ("model.pack_pairs", True, "must be an int >= 0"),
+    ("microbatch_size", -1, "must be an int >= 0"),
+    ("microbatch_size", 5, "must divide the 32 pairs of each device's batch"),
     ("loss.label_smoothing", 1.5, "must be in \\[0, 1\\]"),
     ("data.synthetic.world.vocab_size", 0, "vocab_size must be >= 1"),
     ("log.keep_checkpoints", 0, "must be an int >= 1"),
@@ -460,6 +504,20 @@ def test_batch_size_must_divide_among_the_devices_of_the_mode():
   rm_train.validate_config(rm_train.TrainConfig(batch_size=12, parallel="jit"), num_devices=8)
   with pytest.raises(rm_train.ConfigError, match="divisible by the 8 devices"):
     rm_train.validate_config(rm_train.TrainConfig(batch_size=12, parallel="auto"), num_devices=8)
+
+
+def test_microbatch_size_must_divide_each_devices_batch_or_cover_it():
+  def check(size, mode):
+    config = rm_train.TrainConfig(batch_size=32, parallel=mode, microbatch_size=size)
+    rm_train.validate_config(config, num_devices=8)
+
+  for size in (1, 2, 4, 8, 100):  # 4 pairs on each device; 4 and more: the whole batch
+    check(size, "shard_map")
+  check(16, "jit")
+  with pytest.raises(rm_train.ConfigError, match="divide the 32 pairs of each device's batch"):
+    check(12, "jit")
+  with pytest.raises(rm_train.ConfigError, match="divide the 4 pairs .*parallel mode pmap"):
+    check(3, "pmap")
 
 
 def test_init_state_and_schedule_equal_their_earlier_definitions():

@@ -51,6 +51,10 @@ def get_config(variant: str = "") -> TrainConfig:
     # Causal query blocks of 64 tokens: the same attention, 35% off the step at 256 tokens
     # (BUILD_NOTES.md, "Where the hh step's time goes").
     config.model.attention_query_block = 64
+    # Forward and backward over 4 pairs at a time (the same update): on a CPU their
+    # activations stay in cache, 10-15% off the step (BUILD_NOTES.md, session 54). On an
+    # accelerator --config.microbatch_size=0 runs the whole batch at once.
+    config.microbatch_size = 4
     config.optimizer.warmup_steps = 30
     config.log.checkpoint_every = 100
     config.log.log_every = 25

@@ -25,6 +25,7 @@ References:
 """
 
 from collections.abc import Callable, Mapping
+import functools
 from typing import Any
 
 import jax
@@ -202,6 +203,7 @@ def reward_model_step(
   nonfinite: str = "skip",
   weights_normalized: bool = True,
   apply_takes_key: bool = False,
+  microbatch_size: int | None = None,
 ) -> tuple[train_state_lib.TrainState, dict[str, jax.Array]]:
   """One optimizer step of a reward model on a batch of preference pairs.
 
@@ -218,10 +220,20 @@ def reward_model_step(
   gradients equal those of the global batch on one device. With ``weights_normalized=False``
   it is ``mean(w * l)`` and plain averaging is exact. Without ``'weight'`` both are the same.
 
+  Microbatches (``microbatch_size``): the forward and backward passes run over consecutive
+  slices of ``microbatch_size`` pairs one after another (``lax.scan``), and their gradients
+  are summed, each slice's loss weighted exactly as a device's is (by its share of the weight
+  with ``weights_normalized``, else of the pairs): the same update as the whole batch (up to
+  float rounding in the order of the sums), under the same condition on ``loss_fn``, with the
+  activations of one slice alive at a time. That is gradient accumulation for a model whose
+  batch does not fit in memory, and on a CPU a step whose activations stay in cache (the
+  README HH step: 15% faster in slices of 4 pairs, BUILD_NOTES.md, session 54).
+
   Randomness: the step key is ``jax.random.fold_in(state.key, state.step)``
   (:func:`jaxrm.steps.train_state.step_key`), folded with ``lax.axis_index(axis_name)`` under a
   mapped axis so devices draw different dropout masks. It is passed to ``apply_fn`` as
-  ``key=`` only when ``apply_takes_key=True`` (deterministic models need nothing).
+  ``key=`` only when ``apply_takes_key=True`` (deterministic models need nothing); each
+  microbatch gets ``fold_in(key, i)``, so dropout masks differ from the whole batch's.
 
   Args:
     state: the current :class:`jaxrm.steps.train_state.TrainState`.
@@ -237,6 +249,8 @@ def reward_model_step(
     weights_normalized: whether ``loss_fn`` divides by ``sum(weights)`` (True) or by the
       batch size (False); only matters with ``'weight'`` in the batch and a mapped axis.
     apply_takes_key: pass the step key to ``apply_fn`` as ``key=``.
+    microbatch_size: pairs per microbatch on each device, dividing the (per-device) batch;
+      ``None`` or at least the batch: the whole batch in one pass.
 
   Returns:
     ``(new_state, metrics)`` where metrics are scalars averaged over devices:
@@ -261,14 +275,21 @@ def reward_model_step(
     positive = w_mean > 0
     loss_scale = jnp.where(positive, w_local / jnp.where(positive, w_mean, 1.0), 0.0)
 
-  def objective(p):
-    rewards_c, rewards_r = _score_pairs(apply_fn, p, batch, key)
-    loss = loss_fn(rewards_c, rewards_r, weights=weights, labels=_labels(batch))
+  def objective(p, part, scale, part_key):
+    rewards_c, rewards_r = _score_pairs(apply_fn, p, part, part_key)
+    loss = loss_fn(rewards_c, rewards_r, weights=part.get("weight"), labels=_labels(part))
     if jnp.shape(loss) != ():
       raise ValueError(f"loss_fn must return a scalar, got shape {jnp.shape(loss)}")
-    return loss * loss_scale, (rewards_c, rewards_r)
+    return loss * scale, (rewards_c, rewards_r)
 
-  (loss, (rewards_c, rewards_r)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+  b = _check_batch(batch)
+  if microbatch_size is None or (_is_size(microbatch_size) and microbatch_size >= b):
+    (loss, (rewards_c, rewards_r)), grads = grad_fn(params, batch, loss_scale, key)
+  else:
+    loss, (rewards_c, rewards_r), grads = _accumulate(
+      grad_fn, params, batch, b, loss_scale, key, microbatch_size, weights_normalized, axis_name
+    )
   grads = _pmean(grads, axis_name)
   loss = _pmean(loss, axis_name)
   new_state, is_nonfinite = train_state_lib.apply_if_finite(
@@ -283,6 +304,46 @@ def reward_model_step(
     "num_skipped": new_state.num_skipped,
   }
   return new_state, metrics
+
+
+def _is_size(x: Any) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def _accumulate(grad_fn, params, batch, b, loss_scale, key, size, weights_normalized, axis_name):
+  """``grad_fn(params, part, scale, key)`` over consecutive slices of ``size`` of the ``b``
+  pairs in a ``lax.scan``: the summed loss, the rewards in batch order and the summed
+  gradients (added in float32 or wider, returned in the parameters' dtypes)."""
+  if not (_is_size(size) and b % size == 0):
+    raise ValueError(
+      f"microbatch_size must be a positive int dividing the batch of {b} pairs (on each "
+      f"device) or at least that batch, got {size!r}"
+    )
+  k = b // size
+  parts = {n: jnp.reshape(x, (k, size, *jnp.shape(x)[1:])) for n, x in batch.items()}
+  if batch.get("weight") is not None and weights_normalized:
+    # Each slice's weighted mean counts by its share of the weight, as a device's does.
+    part_weight = jnp.sum(jnp.asarray(parts["weight"], jnp.float32), axis=1)
+    total = jnp.sum(part_weight)
+    shares = part_weight / jnp.where(total > 0, total, 1.0)
+  else:
+    shares = jnp.full((k,), 1.0 / k, jnp.float32)
+  keys = (
+    None if key is None else jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(k))
+  )
+
+  def body(grad_sum, xs):
+    part, share, part_key = xs
+    (loss, rewards), grads = grad_fn(params, part, share * loss_scale, part_key)
+    return jax.tree.map(lambda a, g: a + g.astype(a.dtype), grad_sum, grads), (loss, rewards)
+
+  zeros = jax.tree.map(
+    lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(p.dtype, jnp.float32)), params
+  )
+  zeros = _mark_varying(zeros, axis_name)  # the gradients' type under shard_map's check_vma
+  grads, (losses, (rewards_c, rewards_r)) = lax.scan(body, zeros, (parts, shares, keys))
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+  return jnp.sum(losses), (jnp.reshape(rewards_c, (b,)), jnp.reshape(rewards_r, (b,))), grads
 
 
 def reward_model_eval_step(

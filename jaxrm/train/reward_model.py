@@ -45,7 +45,7 @@ after the restored step are removed (they belong to the interrupted part, which 
 so the file never holds a step twice. A resumed run ends with parameters bitwise identical to
 an uninterrupted one (same machine, same mode). Settings that change the trained parameters
 (data, model, loss, optimizer, ``steps``, ``seed``, ...) must equal the checkpointed run's;
-the ``eval`` and ``log`` sections, ``parallel`` and ``nonfinite`` may change
+the ``eval`` and ``log`` sections, ``parallel``, ``microbatch_size`` and ``nonfinite`` may change
 (:data:`CHANGEABLE_ON_RESUME`, checked by :func:`jaxrm.io.rundir.check_resumable`).
 
 Randomness: the parameters are initialised from ``fold_in(key(seed), 0)``; the step keys
@@ -175,6 +175,7 @@ def step_fn(config: TrainConfig, model: RewardModel, optimizer) -> Any:
     loss_fn=make_loss_fn(config.loss),
     optimizer=optimizer,
     nonfinite=config.nonfinite,
+    microbatch_size=config.microbatch_size or None,
   )
 
 

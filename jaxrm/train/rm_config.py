@@ -32,7 +32,14 @@ PARALLEL_MODES = ("auto", "jit", "shard_map", "pmap")
 POOLINGS = ("last", "mean")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Sections and fields that do not change the trained parameters: they may differ on resume.
-CHANGEABLE_ON_RESUME = ("eval", "log", "parallel", "nonfinite", "max_consecutive_skips")
+CHANGEABLE_ON_RESUME = (
+  "eval",
+  "log",
+  "parallel",
+  "microbatch_size",
+  "nonfinite",
+  "max_consecutive_skips",
+)
 # Fields added after runs were saved without them, with the value those runs computed with
 # (:func:`jaxrm.io.rundir.check_resumable`).
 ADDED_ON_RESUME = {"model.matmul_dtype": "", "model.pack_pairs": 0}
@@ -141,6 +148,12 @@ class TrainConfig:
     log: metrics rows, checkpoints, plots, TensorBoard / W&B.
     steps: optimizer steps.
     batch_size: pairs per step (global; divisible by the devices in multi-device modes).
+    microbatch_size: pairs per microbatch on each device (0: the whole batch at once). The
+      step runs forward and backward over slices of this many pairs one after another and
+      sums their gradients (:func:`jaxrm.steps.rm_step.reward_model_step`): the same update
+      up to float rounding, the activations of one slice at a time (gradient accumulation;
+      on a CPU, activations that stay in cache). Must divide the pairs each device gets, or
+      be at least that many (the whole batch). Like ``parallel``, it may change on resume.
     seed: seed of the initialisation, the step keys and the data order.
     parallel: ``'auto'``, ``'jit'``, ``'shard_map'`` or ``'pmap'``
       (:func:`jaxrm.steps.parallel.make_parallel_step`).
@@ -158,6 +171,7 @@ class TrainConfig:
   log: rundir.LogConfig = dataclasses.field(default_factory=rundir.LogConfig)
   steps: int = 1000
   batch_size: int = 32
+  microbatch_size: int = 0
   seed: int = 0
   parallel: str = "auto"
   nonfinite: str = "skip"
@@ -295,14 +309,27 @@ def validate_config(config: TrainConfig, *, num_devices: int | None = None) -> N
     "max_consecutive_skips",
     "must be an int >= 0 (0: never stop)",
   )
+  need(
+    rundir.is_int(c.microbatch_size) and c.microbatch_size >= 0,
+    "microbatch_size",
+    "must be an int >= 0 (0: the whole batch at once)",
+  )
   n = jax.device_count() if num_devices is None else num_devices
   mode = c.parallel if c.parallel != "auto" else ("shard_map" if n > 1 else "jit")
+  local = c.batch_size
   if mode in ("shard_map", "pmap"):
     need(
       c.batch_size % n == 0,
       "batch_size",
       f"must be divisible by the {n} devices of --config.parallel={mode}",
     )
+    local = c.batch_size // n
+  need(
+    not c.microbatch_size or c.microbatch_size >= local or local % c.microbatch_size == 0,
+    "microbatch_size",
+    f"must divide the {local} pairs of each device's batch (batch_size {c.batch_size}, "
+    f"parallel mode {mode}) or be at least that many",
+  )
 
 
 def make_optimizer(config: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
