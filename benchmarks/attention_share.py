@@ -21,15 +21,23 @@ with the attention varied (one freshly jitted step per variant):
 - ``<variant>+autodiff``: the library's attention differentiated by JAX's autodiff (the
   probabilities kept from the forward pass, the softmax's row sums taken over the score
   tensors) instead of its own backward (probabilities recomputed from the saved
-  log-sum-exp, row sums from the output): the lever off. The same gradients.
+  log-sum-exp, row sums from the output): the lever off. The same gradients;
+- ``<variant>+microN``: the step over slices of ``N`` pairs (``TrainConfig.microbatch_size``;
+  ``micro0``: the whole batch at once) instead of ``--microbatch_size``'s. The same update.
 
 Per variant: first call (compile included), median steady step, pairs/s, the process's
 user and system CPU seconds per steady step, and the loss of the first and the last step (the
-last one follows ``--reps`` updates). Command (figures in BUILD_NOTES.md)::
+last one follows ``--rounds`` x ``--reps`` updates). With ``--rounds`` above 1 the variants are
+timed in interleaved rounds of ``--reps`` steps each, so that a drift in the machine's speed
+reaches them all, and each variant after the first gets its speed-up over the first: the
+first's median step over its own, per round (median and range). Commands (figures in
+BUILD_NOTES.md)::
 
   python benchmarks/attention_share.py
   python benchmarks/attention_share.py --variants=block64,block64+noguard --vocab_size=50257 \
     --matmul_dtype=bfloat16 --layers=4 --width=256 --heads=4 --seq_len=128 --batch_pairs=16
+  python benchmarks/attention_share.py --variants=block64+micro0,block64+micro4 --rounds=8 \
+    --reps=20 --matmul_dtype=bfloat16
 """
 
 import contextlib
@@ -40,6 +48,7 @@ import resource
 import statistics
 import sys
 import time
+from typing import Any, NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -68,20 +77,38 @@ _MATMUL = flags.DEFINE_enum(
   ["float32", "bfloat16"],
   "The backbone's matmul dtype (bfloat16: mixed precision, model.matmul_dtype).",
 )
+_MICRO = flags.DEFINE_integer("microbatch_size", -1, timing.MICROBATCH_HELP)
+_ROUNDS = flags.DEFINE_integer(
+  "rounds", 1, "Interleaved rounds of --reps steps per variant (above 1: speed-ups per round)."
+)
 _VARIANTS = flags.DEFINE_list(
   "variants", ["full", "identity", "block128", "block64", "block32"], "Attention variants."
 )
 
 
-MODIFIERS = ("noguard", "remat", "autodiff")
+MODIFIERS = ("noguard", "remat", "autodiff", "microN")
 
 
-def variant(name: str, backbone: transformer.TransformerConfig):
-  """The variant's backbone, the attention function to run it with, whether the non-finite
-  guard stays and whether the attention's own backward does."""
+class Variant(NamedTuple):
+  backbone: transformer.TransformerConfig
+  attend: Any  # the attention function to run the backbone with
+  guard: bool  # whether the non-finite guard stays
+  own_backward: bool  # whether the attention's own backward does
+  micro: int  # pairs per microbatch (0: the whole batch)
+
+
+def variant(name: str, backbone: transformer.TransformerConfig, micro: int) -> Variant:
+  """The variant called ``name``; ``micro`` unless a ``microN`` modifier says otherwise."""
   attention, *modifiers = name.split("+")
   for modifier in modifiers:
-    if modifier not in MODIFIERS:
+    size = modifier[5:]
+    if modifier.startswith("micro") and size.isdigit():
+      micro = int(size)
+      if 0 < micro < _PAIRS.value and _PAIRS.value % micro:
+        raise app.UsageError(
+          f"--variants: {modifier!r} in {name!r} must divide the {_PAIRS.value} of --batch_pairs"
+        )
+    elif modifier not in MODIFIERS:
       raise app.UsageError(
         f"--variants: unknown modifier {modifier!r} in {name!r} ({', '.join(MODIFIERS)})"
       )
@@ -97,7 +124,7 @@ def variant(name: str, backbone: transformer.TransformerConfig):
     )
   if "remat" in modifiers:
     attend = rematerialised(attend)
-  return backbone, attend, guard, "autodiff" not in modifiers
+  return Variant(backbone, attend, guard, "autodiff" not in modifiers, micro)
 
 
 def rematerialised(attend):
@@ -140,37 +167,64 @@ def cpu_seconds() -> tuple[float, float]:
   return r.ru_utime, r.ru_stime
 
 
-def time_variant(attend, guard, batches, backbone, own_backward: bool = True) -> dict:
-  with patched(attend, guard, own_backward):
-    step, state = timing.hh_reward_model_step(backbone, _SEQ.value)
-    batches = [step.shard_batch(b) for b in batches]
-    start = time.perf_counter()
-    state, m = step(state, batches[0])
-    first_loss = float(jax.device_get(m["loss"]))
-    first_s = time.perf_counter() - start
-    times = []
-    cpu0 = cpu_seconds()
-    for i in range(_REPS.value):
+class Timed:
+  """One variant's compiled step, state and batches, and what its calls measured."""
+
+  def __init__(self, v: Variant, batches):
+    self.variant = v
+    with self.patched():
+      self.step, self.state = timing.hh_reward_model_step(
+        v.backbone, _SEQ.value, microbatch_size=v.micro
+      )
+      self.batches = [self.step.shard_batch(b) for b in batches]
       start = time.perf_counter()
-      state, m = step(state, batches[i % len(batches)])
-      jax.block_until_ready(m)
-      times.append(time.perf_counter() - start)
-    cpu1 = cpu_seconds()
-  n = _REPS.value
-  return {
-    "first_s": first_s,
-    "step_s": statistics.median(times),
-    "user_s": (cpu1[0] - cpu0[0]) / n,
-    "sys_s": (cpu1[1] - cpu0[1]) / n,
-    "loss": first_loss,
-    "last_loss": float(jax.device_get(m["loss"])),
-  }
+      self.state, m = self.step(self.state, self.batches[0])
+      self.first_loss = float(jax.device_get(m["loss"]))
+      self.first_s = time.perf_counter() - start
+    self.rounds, self.cpu, self.last_loss = [], [0.0, 0.0], self.first_loss
+
+  def patched(self):
+    v = self.variant
+    return patched(v.attend, v.guard, v.own_backward)
+
+  def time_round(self, reps: int) -> None:
+    """``reps`` steady steps."""
+    times = []
+    with self.patched():
+      cpu0 = cpu_seconds()
+      for i in range(reps):
+        start = time.perf_counter()
+        self.state, m = self.step(self.state, self.batches[i % len(self.batches)])
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - start)
+      cpu1 = cpu_seconds()
+    self.rounds.append(times)
+    self.cpu = [self.cpu[0] + cpu1[0] - cpu0[0], self.cpu[1] + cpu1[1] - cpu0[1]]
+    self.last_loss = float(jax.device_get(m["loss"]))
+
+  def row(self, name: str) -> str:
+    times = [t for r in self.rounds for t in r]
+    step_s, n = statistics.median(times), len(times)
+    return (
+      f"{name} | {self.first_s:.2f} | {step_s:.4f} | {_PAIRS.value / step_s:.1f} | "
+      f"{self.cpu[0] / n:.3f} | {self.cpu[1] / n:.3f} | {self.first_loss:.7f} | "
+      f"{self.last_loss:.7f}"
+    )
+
+
+def speedups(first: Timed, other: Timed) -> list[float]:
+  """``first``'s median step over ``other``'s, round by round."""
+  return [
+    statistics.median(a) / statistics.median(b)
+    for a, b in zip(first.rounds, other.rounds, strict=True)
+  ]
 
 
 def main(argv):
   del argv
-  if _REPS.value < 1:
-    raise app.UsageError("--reps must be >= 1")
+  for flag in (_REPS, _ROUNDS):
+    if flag.value < 1:
+      raise app.UsageError(f"--{flag.name} must be >= 1")
   if _VOCAB.value < 4:
     raise app.UsageError(f"--vocab_size must be >= 4 (ids 0..2 are special), got {_VOCAB.value}")
   backbone = transformer.TransformerConfig(
@@ -181,25 +235,34 @@ def main(argv):
     max_len=_SEQ.value,
     dtype=jnp.dtype(_MATMUL.value),
   )
+  micro = timing.microbatch_size(_MICRO, _PAIRS.value)
   batches = timing.full_length_pairs(
     pairs=_PAIRS.value, seq_len=_SEQ.value, count=3, vocab_size=_VOCAB.value
   )
   print(
     f"device: {jax.devices()[0].platform} | RM step {_LAYERS.value}x{_WIDTH.value} "
-    f"({_HEADS.value} heads), {_PAIRS.value} pairs x {_SEQ.value} tokens | median of "
-    f"{_REPS.value} steps | vocabulary {_VOCAB.value:,}"
+    f"({_HEADS.value} heads), {_PAIRS.value} pairs x {_SEQ.value} tokens, microbatches of "
+    f"{micro or _PAIRS.value} | median of {_ROUNDS.value} x {_REPS.value} steps | vocabulary "
+    f"{_VOCAB.value:,}"
   )
+  variants = {name: variant(name, backbone, micro) for name in _VARIANTS.value}
+  timed = {name: Timed(v, batches) for name, v in variants.items()}
+  for _ in range(_ROUNDS.value):
+    for t in timed.values():
+      t.time_round(_REPS.value)
   print(
     "variant | first call s | step s | pairs/s | user s/step | sys s/step | first loss | last loss"
   )
-  variants = {name: variant(name, backbone) for name in _VARIANTS.value}
-  for name, (variant_backbone, attend, guard, own_backward) in variants.items():
-    r = time_variant(attend, guard, batches, variant_backbone, own_backward)
-    print(
-      f"{name} | {r['first_s']:.2f} | {r['step_s']:.4f} | {_PAIRS.value / r['step_s']:.1f} | "
-      f"{r['user_s']:.3f} | {r['sys_s']:.3f} | {r['loss']:.7f} | {r['last_loss']:.7f}",
-      flush=True,
-    )
+  for name, t in timed.items():
+    print(t.row(name), flush=True)
+  (first_name, first), *others = timed.items()
+  if _ROUNDS.value > 1:
+    for name, t in others:
+      ratios = speedups(first, t)
+      print(
+        f"{name} over {first_name}: {statistics.median(ratios):.3f}x per round "
+        f"(rounds {min(ratios):.3f}-{max(ratios):.3f})"
+      )
 
 
 if __name__ == "__main__":

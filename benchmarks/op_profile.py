@@ -72,6 +72,7 @@ _HEADS = flags.DEFINE_integer(
 )
 _SEQ = flags.DEFINE_integer("seq_len", 256, "rm_step: tokens per response (README HH run: 256).")
 _PAIRS = flags.DEFINE_integer("batch_pairs", 32, "rm_step: pairs per step (README HH run: 32).")
+_MICRO = flags.DEFINE_integer("microbatch_size", -1, timing.MICROBATCH_HELP)
 _MATMUL = flags.DEFINE_enum(
   "matmul_dtype",
   "float32",
@@ -102,7 +103,9 @@ def rm_step_program():
     seq_len=_SEQ.value,
     matmul_dtype=_MATMUL.value,
   )
-  step, state = timing.hh_reward_model_step(backbone, _SEQ.value)
+  step, state = timing.hh_reward_model_step(
+    backbone, _SEQ.value, microbatch_size=timing.microbatch_size(_MICRO, _PAIRS.value)
+  )
   (batch,) = timing.full_length_pairs(pairs=_PAIRS.value, seq_len=_SEQ.value, count=1)
   batch = step.shard_batch(batch)
 

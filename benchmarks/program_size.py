@@ -56,6 +56,8 @@ _MATMUL = flags.DEFINE_enum(
   "The backbone's matmul dtype (bfloat16: mixed precision, model.matmul_dtype).",
 )
 
+_MICRO = flags.DEFINE_integer("microbatch_size", -1, timing.MICROBATCH_HELP)
+
 
 def seconds(fn):
   start = time.perf_counter()
@@ -79,7 +81,8 @@ def main(argv):
     )
   except ValueError as e:  # heads not dividing the width, ...
     raise app.UsageError(str(e)) from None
-  step_fn, state = timing.hh_step_fn(backbone, _SEQ.value)
+  micro = timing.microbatch_size(_MICRO, _PAIRS.value)
+  step_fn, state = timing.hh_step_fn(backbone, _SEQ.value, microbatch_size=micro)
   step = jax.jit(functools.partial(step_fn, axis_name=None), donate_argnums=0)
   (batch,) = timing.full_length_pairs(pairs=_PAIRS.value, seq_len=_SEQ.value, count=1)
   batch = jax.tree.map(jnp.asarray, batch)
@@ -102,7 +105,8 @@ def main(argv):
     steps.append(step_s)
   print(
     f"RM step {_LAYERS.value}x{_WIDTH.value} ({_HEADS.value} heads), {_PAIRS.value} pairs x "
-    f"{_SEQ.value} tokens, {_MATMUL.value} matmuls, {jax.devices()[0].platform}"
+    f"{_SEQ.value} tokens, microbatches of {micro or _PAIRS.value}, {_MATMUL.value} matmuls, "
+    f"{jax.devices()[0].platform}"
   )
   print(
     "trace and lower s | compile s | instructions | executable bytes | load s | "

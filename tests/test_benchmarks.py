@@ -3,8 +3,12 @@
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
+import types
+
+import pytest
 
 from tests import script_runner
 
@@ -49,6 +53,8 @@ def test_rl_chunk_compile_prints_one_row_per_opt_level():
 
 
 def test_attention_share_blocked_attention_gives_the_full_loss():
+  names = ("full", "block4", "identity", "block4+noguard", "block4+remat", "block4+autodiff")
+  names += ("block4+micro0",)
   out = _run(
     "attention_share.py",
     "--layers=1",
@@ -56,28 +62,39 @@ def test_attention_share_blocked_attention_gives_the_full_loss():
     "--heads=2",
     "--seq_len=16",
     "--batch_pairs=2",
-    "--reps=3",
-    "--variants=full,block4,identity,block4+noguard,block4+remat,block4+autodiff",
+    "--reps=2",
+    "--rounds=2",
+    f"--variants={','.join(names)}",
     # An embedding of 4,200 x 16 > 2^16 elements: the guard's lax.cond path (train_state).
     "--vocab_size=4200",
+    "--microbatch_size=1",  # each variant's step over its two pairs one at a time but micro0's
   )
+  assert "microbatches of 1 |" in out and "median of 2 x 2 steps" in out
   assert "vocabulary 4,200" in out
   rows = {r[0].strip(): r for r in (line.split("|") for line in out.splitlines()) if len(r) == 8}
-  names = ("full", "block4", "identity", "block4+noguard", "block4+remat", "block4+autodiff")
   assert set(rows) == {"variant", *names}
   loss = {k: float(rows[k][6]) for k in names}
   last = {k: float(rows[k][7]) for k in names}
   assert abs(loss["block4"] - loss["full"]) <= 1e-5 and abs(last["block4"] - last["full"]) <= 1e-5
-  assert last["block4"] != loss["block4"]  # three updates were applied
+  assert last["block4"] != loss["block4"]  # four updates were applied
   # Without the non-finite guard the (finite) updates are the same; so are they when the
-  # attention is recomputed in the backward pass.
-  assert abs(last["block4+noguard"] - last["block4"]) <= 1e-6
-  assert abs(loss["block4+remat"] - loss["block4"]) <= 1e-6
-  assert abs(last["block4+remat"] - last["block4"]) <= 1e-6
-  # The attention's own backward against autodiff's: the same loss after three updates.
+  # attention is recomputed in the backward pass, and for the whole batch at once.
+  for other in ("block4+noguard", "block4+remat", "block4+micro0"):
+    assert abs(loss[other] - loss["block4"]) <= 1e-6 and abs(last[other] - last["block4"]) <= 1e-6
+  # The attention's own backward against autodiff's: the same loss after four updates.
   assert abs(loss["block4+autodiff"] - loss["block4"]) <= 1e-6
   assert abs(last["block4+autodiff"] - last["block4"]) <= 1e-6
   assert loss["identity"] != loss["full"]  # the lower bound is not the model
+  for name in names[1:]:  # each variant's speed-up over the first, round by round
+    assert f"\n{name} over full: " in out and "x per round (rounds " in out
+  proc = script_runner.run_subprocess(
+    "benchmarks/attention_share.py",
+    "--batch_pairs=6",
+    "--microbatch_size=0",
+    "--variants=block4+micro4",
+  )
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert "'micro4' in 'block4+micro4' must divide the 6 of --batch_pairs" in proc.stderr
 
 
 def _op_tables(out: str) -> dict[str, dict[str, float]]:
@@ -288,7 +305,36 @@ def test_program_size_names_a_bad_flag_in_one_line():
   for args, message in (
     (["--loads=0"], "--loads must be >= 1, got 0"),
     (["--width=10", "--heads=4"], "heads"),
+    (
+      ["--microbatch_size=3", "--batch_pairs=4"],
+      "--microbatch_size=3: pairs per slice must divide the 4 of --batch_pairs",
+    ),
   ):
     proc = script_runner.run_subprocess("benchmarks/program_size.py", *args)
     assert proc.returncode != 0 and message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+  "value, batch_pairs, want",
+  [
+    (-1, 32, 4),  # the hh config's
+    (0, 6, 0),
+    (3, 6, 3),
+    (8, 6, 8),  # at least the batch: the whole batch
+    (-1, 6, "--microbatch_size=-1 (the hh config's 4): pairs per slice must divide the 6 of"),
+    (4, 6, "--microbatch_size=4: pairs per slice must divide the 6 of --batch_pairs"),
+    (-2, 6, "--microbatch_size must be >= -1 (-1: the hh config's), got -2"),
+  ],
+)
+def test_the_benchmarks_microbatch_flag_is_resolved_or_named(value, batch_pairs, want):
+  from absl import app
+
+  from benchmarks import timing
+
+  flag = types.SimpleNamespace(name="microbatch_size", value=value)
+  if isinstance(want, int):
+    assert timing.microbatch_size(flag, batch_pairs) == want
+  else:
+    with pytest.raises(app.UsageError, match=re.escape(want)):
+      timing.microbatch_size(flag, batch_pairs)
