@@ -94,19 +94,18 @@ def host(tree):
 
 
 def make_step(optimizer, **kw):
-  return jax.jit(
-    functools.partial(
-      rm_step.reward_model_step, apply_fn=apply_fn, loss_fn=bt_loss, optimizer=optimizer, **kw
-    )
-  )
+  kw = {"apply_fn": apply_fn, "loss_fn": bt_loss, **kw}
+  return jax.jit(functools.partial(rm_step.reward_model_step, optimizer=optimizer, **kw))
 
 
-def test_sgd_step_matches_numpy_float64_reference():
+@pytest.mark.parametrize("microbatch_size", [None, 1, 2, 3])
+def test_sgd_step_matches_numpy_float64_reference(microbatch_size):
+  # In microbatches: the whole batch's weighted loss and gradient, from slices of unequal weight.
   lr = 0.1
   params = init_params(jax.random.key(0))
   state = ts.create_train_state(params, optax.sgd(lr), jax.random.key(1))
   batch = make_batch(0)
-  new_state, metrics = make_step(optax.sgd(lr))(state, batch)
+  new_state, metrics = make_step(optax.sgd(lr), microbatch_size=microbatch_size)(state, batch)
   loss, grads, rc, rr = np_loss_and_grads(params, batch)
   np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
   np.testing.assert_allclose(metrics["margin"], np.mean(rc - rr), rtol=1e-5, atol=1e-6)
@@ -122,30 +121,6 @@ def test_sgd_step_matches_numpy_float64_reference():
     )
   assert int(new_state.step) == 1 and int(new_state.num_skipped) == 0
   assert not bool(metrics["nonfinite"])
-
-
-@pytest.mark.parametrize("microbatch_size", [1, 2, 3])
-def test_microbatched_step_matches_numpy_float64_reference(microbatch_size):
-  # The whole batch's weighted loss and gradient, from slices with unequal weight sums.
-  lr = 0.1
-  params = init_params(jax.random.key(0))
-  state = ts.create_train_state(params, optax.sgd(lr), jax.random.key(1))
-  batch = make_batch(0)
-  step = make_step(optax.sgd(lr), microbatch_size=microbatch_size)
-  new_state, metrics = step(state, batch)
-  loss, grads, rc, rr = np_loss_and_grads(params, batch)
-  np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
-  np.testing.assert_allclose(metrics["margin"], np.mean(rc - rr), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(metrics["accuracy"], np.mean(rc > rr), rtol=1e-6)
-  gnorm = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))
-  np.testing.assert_allclose(metrics["grad_norm"], gnorm, rtol=1e-5)
-  for name in params:
-    np.testing.assert_allclose(
-      new_state.params[name],
-      np.asarray(params[name], np.float64) - lr * grads[name],
-      rtol=1e-5,
-      atol=1e-6,
-    )
 
 
 def test_microbatches_whose_weights_are_all_zero_add_nothing():
@@ -300,22 +275,19 @@ def test_apply_if_finite_is_generic_over_state_types():
     ts.apply_if_finite(state, params, jnp.ones(2), optimizer)
 
 
+def noisy_apply(params, tokens, mask, *, key):
+  return apply_fn(params, tokens, mask) + jax.random.normal(key, (tokens.shape[0],))
+
+
+def noisy_step(optimizer, **kw):
+  """The step of a model that adds the step key's noise to each reward."""
+  return make_step(optimizer, apply_fn=noisy_apply, apply_takes_key=True, **kw)
+
+
 def test_step_key_is_fold_in_of_state_key_and_step_when_apply_takes_key():
   optimizer = optax.sgd(0.0)
   params = init_params(jax.random.key(0))
-
-  def noisy_apply(params, tokens, mask, *, key):
-    return apply_fn(params, tokens, mask) + jax.random.normal(key, (tokens.shape[0],))
-
-  step = jax.jit(
-    functools.partial(
-      rm_step.reward_model_step,
-      apply_fn=noisy_apply,
-      loss_fn=bt_loss,
-      optimizer=optimizer,
-      apply_takes_key=True,
-    )
-  )
+  step = noisy_step(optimizer)
   state = ts.create_train_state(params, optimizer, jax.random.key(7))
   batch = make_batch(0)
   for t in range(2):
@@ -334,20 +306,7 @@ def test_step_key_is_fold_in_of_state_key_and_step_when_apply_takes_key():
 def test_each_microbatch_scores_with_its_own_fold_of_the_step_key():
   optimizer = optax.sgd(0.0)
   params = init_params(jax.random.key(0))
-
-  def noisy_apply(params, tokens, mask, *, key):
-    return apply_fn(params, tokens, mask) + jax.random.normal(key, (tokens.shape[0],))
-
-  step = jax.jit(
-    functools.partial(
-      rm_step.reward_model_step,
-      apply_fn=noisy_apply,
-      loss_fn=bt_loss,
-      optimizer=optimizer,
-      apply_takes_key=True,
-      microbatch_size=2,
-    )
-  )
+  step = noisy_step(optimizer, microbatch_size=2)
   state = ts.create_train_state(params, optimizer, jax.random.key(7))
   batch = make_batch(0)
   _, metrics = step(state, batch)

@@ -192,34 +192,45 @@ def test_runs_through_stored_programs_train_the_same_model(shard_map_run, tmp_pa
     rm_config._jitted_init.cache_clear()
 
 
+def _same_model(reference, other_dir, other):
+  """Asserts that the run in ``other_dir`` (summary ``other``) logged the ``reference`` run's
+  losses and held-out metrics; returns both runs' final parameters by path."""
+  workdir, summary = reference
+  for row, want in zip(_rows(other_dir), _rows(workdir), strict=True):
+    for key in ("loss", "accuracy", "log_loss"):
+      if key in want:
+        np.testing.assert_allclose(row[key], want[key], rtol=1e-4, err_msg=f"{key} {row}")
+  assert other["eval"]["accuracy"] == summary["eval"]["accuracy"]
+  a = traverse_util.flatten_dict(rm_eval.restore_run(workdir).state.params, sep="/")
+  b = traverse_util.flatten_dict(rm_eval.restore_run(other_dir).state.params, sep="/")
+  assert a.keys() == b.keys()
+  return a, b
+
+
+def _assert_close_but_the_bias(a, b):
+  """The parameters within float rounding after 8 Adam steps, but the head's bias: it adds to
+  both rewards of a pair, so the Bradley-Terry loss's gradient with respect to it is zero in
+  exact arithmetic, and Adam turns rounding noise there into steps of up to the learning rate."""
+  for name, x in a.items():
+    if name != "params/head/bias":
+      np.testing.assert_allclose(b[name], x, rtol=0, atol=1e-4, err_msg=name)
+
+
 def test_a_packed_pairs_run_trains_the_two_row_model(shard_map_run, tmp_path, synthetic_npz):
   """``model.pack_pairs`` (jaxrm.data.packing) changes how the step lays out the pairs, not
   what it computes: the same logged losses and held-out metrics, and parameters within float
   rounding after 8 Adam steps, under shard_map on 8 devices."""
-  workdir, summary = shard_map_run
   packed_dir = _seeded_workdir(tmp_path / "packed", synthetic_npz)
   packed = rm_train.train_and_evaluate(
     _config(parallel="shard_map", model__pack_pairs=8), packed_dir
   )
   with open(packed_dir / rundir.CONFIG_FILE) as f:
     assert json.load(f)["config"]["model"]["pack_pairs"] == 8
-  for row, want in zip(_rows(packed_dir), _rows(workdir), strict=True):
-    for key in ("loss", "accuracy", "log_loss"):
-      if key in want:
-        np.testing.assert_allclose(row[key], want[key], rtol=1e-4, err_msg=f"{key} {row}")
-  assert packed["eval"]["accuracy"] == summary["eval"]["accuracy"]
-  a = traverse_util.flatten_dict(rm_eval.restore_run(workdir).state.params, sep="/")
-  b = traverse_util.flatten_dict(rm_eval.restore_run(packed_dir).state.params, sep="/")
-  assert a.keys() == b.keys()
-  # The head's bias adds to both rewards of a pair, so the Bradley-Terry loss's gradient with
-  # respect to it is zero in exact arithmetic: Adam turns two rows' rounding noise there into
-  # steps of the learning rate's size (1.3e-4 after these 8 steps); in the packed step a
-  # pair's two rewards share the head's output array, and their cotangents cancelled (0 here).
-  bias = "params/head/bias"
-  assert np.abs(b.pop(bias)).max() <= 1e-4
-  a.pop(bias)
-  for name, x in a.items():
-    np.testing.assert_allclose(b[name], x, rtol=0, atol=1e-4, err_msg=name)
+  a, b = _same_model(shard_map_run, packed_dir, packed)
+  _assert_close_but_the_bias(a, b)
+  # Two rows' rounding noise moved the bias by 1.3e-4 after these 8 steps; in the packed step
+  # a pair's two rewards share the head's output array, and their cotangents cancelled (0 here).
+  assert np.abs(b["params/head/bias"]).max() <= 1e-4
 
 
 def test_a_microbatched_run_trains_the_whole_batch_model(
@@ -228,27 +239,13 @@ def test_a_microbatched_run_trains_the_whole_batch_model(
   """``microbatch_size`` changes how the step runs, not what it computes: the same logged
   losses and held-out metrics, and parameters within float rounding after 8 Adam steps, with
   each device's 2 pairs one at a time under shard_map on 8 devices."""
-  workdir, summary = shard_map_run
   sliced_dir = _seeded_workdir(tmp_path / "sliced", synthetic_npz)
   sizes = []
   accumulate = rm_step._accumulate
   monkeypatch.setattr(rm_step, "_accumulate", lambda *a: sizes.append(a[6]) or accumulate(*a))
   sliced = rm_train.train_and_evaluate(_config(parallel="shard_map", microbatch_size=1), sliced_dir)
   assert sizes and set(sizes) == {1}  # the step was traced in slices of one pair
-  for row, want in zip(_rows(sliced_dir), _rows(workdir), strict=True):
-    for key in ("loss", "accuracy", "log_loss"):
-      if key in want:
-        np.testing.assert_allclose(row[key], want[key], rtol=1e-4, err_msg=f"{key} {row}")
-  assert sliced["eval"]["accuracy"] == summary["eval"]["accuracy"]
-  a = traverse_util.flatten_dict(rm_eval.restore_run(workdir).state.params, sep="/")
-  b = traverse_util.flatten_dict(rm_eval.restore_run(sliced_dir).state.params, sep="/")
-  assert a.keys() == b.keys()
-  # The head's bias: a zero gradient in exact arithmetic, which Adam turns into steps of up to
-  # the learning rate from rounding noise (see the packed run above).
-  bias = "params/head/bias"
-  assert np.abs(b.pop(bias) - a.pop(bias)).max() <= 8 * 1e-3
-  for name, x in a.items():
-    np.testing.assert_allclose(b[name], x, rtol=0, atol=1e-4, err_msg=name)
+  _assert_close_but_the_bias(*_same_model(shard_map_run, sliced_dir, sliced))
 
 
 def test_microbatch_size_may_change_on_resume(tmp_path):
