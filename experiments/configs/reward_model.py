@@ -4,8 +4,8 @@ Returns a :class:`jaxrm.train.reward_model.TrainConfig`. Run::
 
   python experiments/train_reward_model.py --workdir=runs/rm_synthetic
 
-Variant ``hh`` (HH-RLHF harmless-base, 10% held out; 63 s for the whole process on the idle
-2-core CPU in session 53, from an empty compilation cache; see BUILD_NOTES.md for the measured
+Variant ``hh`` (HH-RLHF harmless-base, 10% held out; 46 s for the whole process on the idle
+2-core CPU in session 54, from an empty compilation cache; see BUILD_NOTES.md for the measured
 accuracy)::
 
   python experiments/train_reward_model.py \
