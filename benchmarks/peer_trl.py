@@ -275,6 +275,28 @@ def resolve_workloads() -> dict[str, Workload]:
   return out
 
 
+def check_microbatch_size(workloads: dict[str, Workload]) -> None:
+  """Refuses a ``--jaxrm_microbatch_size`` (for -1 the hh config's) that splits a workload's
+  pairs on each device unevenly, naming the flag and the workloads."""
+  size = FLAGS.jaxrm_microbatch_size
+  if size == -1:
+    from experiments.configs import reward_model as rm_configs
+
+    size = rm_configs.get_config("hh").microbatch_size
+  devices = FLAGS.jaxrm_cpu_devices
+  bad = [
+    n
+    for n, w in workloads.items()
+    if 0 < size < w.batch_pairs // devices and (w.batch_pairs // devices) % size
+  ]
+  if bad:
+    raise app.UsageError(
+      f"--jaxrm_microbatch_size={FLAGS.jaxrm_microbatch_size} (slices of {size} pairs) must "
+      f"divide each device's pairs per step of {bad} or be at least that many (0: the whole "
+      "batch at once)"
+    )
+
+
 def data_config(data: str, seq_len: int, tokenizer: str = ""):
   """jaxrm's HH data settings (variant 'hh': 10% held out) at ``seq_len`` tokens of
   ``tokenizer`` (a folder; empty: bytes)."""
@@ -1115,6 +1137,8 @@ def main(argv):
     raise app.UsageError(
       f"--jaxrm_cpu_devices={FLAGS.jaxrm_cpu_devices} must divide the pairs per step of {bad}"
     )
+  if not FLAGS.child:
+    check_microbatch_size(workloads)
   precisions = trl_precisions()
   if FLAGS.child:
     w = Workload(**{k: FLAGS[k].value for k in Workload.__dataclass_fields__})

@@ -234,6 +234,7 @@ def test_trl_step_time_drops_two_warmup_steps():
     ("--jaxrm_cpu_devices=3", "--jaxrm_cpu_devices=3 must divide the pairs per step of ['hh']"),
     ("--jaxrm_pack_pairs=-1", "--jaxrm_pack_pairs must be >= 0, got -1"),
     ("--jaxrm_microbatch_size=-2", "--jaxrm_microbatch_size must be >= -1"),
+    ("--batch_pairs=6", "--jaxrm_microbatch_size=-1 (slices of 4 pairs) must divide each"),
   ],
 )
 def test_bad_jaxrm_cpu_devices_and_packing_are_named(tmp_path, flag, message):
