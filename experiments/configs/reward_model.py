@@ -52,7 +52,7 @@ def get_config(variant: str = "") -> TrainConfig:
     # (BUILD_NOTES.md, "Where the hh step's time goes").
     config.model.attention_query_block = 64
     # Forward and backward over 4 pairs at a time (the same update): on a CPU their
-    # activations stay in cache, the step 1.13x as fast (BUILD_NOTES.md, session 54). On an
+    # activations can stay in cache, the step 1.13x as fast (BUILD_NOTES.md, session 54). On an
     # accelerator --config.microbatch_size=0 runs the whole batch at once.
     config.microbatch_size = 4
     config.optimizer.warmup_steps = 30

@@ -226,7 +226,7 @@ def reward_model_step(
   with ``weights_normalized``, else of the pairs): the same update as the whole batch (up to
   float rounding in the order of the sums), under the same condition on ``loss_fn``, with the
   activations of one slice alive at a time. That is gradient accumulation for a model whose
-  batch does not fit in memory, and on a CPU a step whose activations stay in cache (the
+  batch does not fit in memory, and on a CPU a step whose activations can stay in cache (the
   README HH step 1.13x as fast in slices of 4 pairs, BUILD_NOTES.md, session 54).
 
   Randomness: the step key is ``jax.random.fold_in(state.key, state.step)``

@@ -152,7 +152,7 @@ class TrainConfig:
       step runs forward and backward over slices of this many pairs one after another and
       sums their gradients (:func:`jaxrm.steps.rm_step.reward_model_step`): the same update
       up to float rounding, the activations of one slice at a time (gradient accumulation;
-      on a CPU, activations that stay in cache). Must divide the pairs each device gets, or
+      on a CPU, activations that can stay in cache). Must divide the pairs each device gets, or
       be at least that many (the whole batch). Like ``parallel``, it may change on resume.
     seed: seed of the initialisation, the step keys and the data order.
     parallel: ``'auto'``, ``'jit'``, ``'shard_map'`` or ``'pmap'``
