@@ -24,12 +24,15 @@ the scripts, the objects alive after the imports are frozen
 phases above. With a warm compilation cache (``--cache_dir`` filled by an earlier run) this
 is the second run of the same command, as in the peer benchmark. ``--shape`` and
 ``--batch_size`` time another backbone and batch on the same data (the peer benchmark's
-``gpt2_4x256``: ``--shape=4x256x4 --batch_size=16 --max_len=128 --steps=20``). Commands
-(figures in BUILD_NOTES.md)::
+``gpt2_4x256``: ``--shape=4x256x4 --batch_size=16 --max_len=128 --steps=20``);
+``--microbatch_size=0`` runs the step over the whole batch at once instead of the config's
+slices. Commands (figures in BUILD_NOTES.md)::
 
   python benchmarks/run_phases.py --workdir=/tmp/phases --cache_dir=/tmp/phases_cache
   python benchmarks/run_phases.py --workdir=/tmp/phases --cache_dir=/tmp/phases_cache \
     --shape=4x256x4 --batch_size=16 --max_len=128 --steps=20
+  python benchmarks/run_phases.py --workdir=/tmp/phases --cache_dir=/tmp/phases_cache \
+    --microbatch_size=0
 """
 
 import time
