@@ -57,7 +57,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks import timing  # noqa: E402
+from benchmarks import shapes, timing  # noqa: E402
 from jaxrm.models import attention as attention_lib  # noqa: E402
 from jaxrm.models import transformer  # noqa: E402
 from jaxrm.steps import train_state  # noqa: E402
@@ -77,7 +77,7 @@ _MATMUL = flags.DEFINE_enum(
   ["float32", "bfloat16"],
   "The backbone's matmul dtype (bfloat16: mixed precision, model.matmul_dtype).",
 )
-_MICRO = flags.DEFINE_integer("microbatch_size", -1, timing.MICROBATCH_HELP)
+_MICRO = flags.DEFINE_integer("microbatch_size", -1, shapes.MICROBATCH_HELP)
 _ROUNDS = flags.DEFINE_integer(
   "rounds", 1, "Interleaved rounds of --reps steps per variant (above 1: speed-ups per round)."
 )
@@ -172,7 +172,7 @@ class Timed:
 
   def __init__(self, v: Variant, batches):
     self.variant = v
-    with self.patched():
+    with self.patching():
       self.step, self.state = timing.hh_reward_model_step(
         v.backbone, _SEQ.value, microbatch_size=v.micro
       )
@@ -183,14 +183,15 @@ class Timed:
       self.first_s = time.perf_counter() - start
     self.rounds, self.cpu, self.last_loss = [], [0.0, 0.0], self.first_loss
 
-  def patched(self):
+  def patching(self):
+    """The context in which the variant's functions stand in for the library's."""
     v = self.variant
     return patched(v.attend, v.guard, v.own_backward)
 
   def time_round(self, reps: int) -> None:
     """``reps`` steady steps."""
     times = []
-    with self.patched():
+    with self.patching():
       cpu0 = cpu_seconds()
       for i in range(reps):
         start = time.perf_counter()
@@ -235,7 +236,7 @@ def main(argv):
     max_len=_SEQ.value,
     dtype=jnp.dtype(_MATMUL.value),
   )
-  micro = timing.microbatch_size(_MICRO, _PAIRS.value)
+  micro = shapes.microbatch_size(_MICRO, _PAIRS.value)
   batches = timing.full_length_pairs(
     pairs=_PAIRS.value, seq_len=_SEQ.value, count=3, vocab_size=_VOCAB.value
   )

@@ -53,7 +53,7 @@ from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks import timing  # noqa: E402
+from benchmarks import shapes, timing  # noqa: E402
 from jaxrm.models.policy import PolicyModel  # noqa: E402
 from jaxrm.models.presets import preset  # noqa: E402
 from jaxrm.models.sampling import sample  # noqa: E402
@@ -72,7 +72,7 @@ _HEADS = flags.DEFINE_integer(
 )
 _SEQ = flags.DEFINE_integer("seq_len", 256, "rm_step: tokens per response (README HH run: 256).")
 _PAIRS = flags.DEFINE_integer("batch_pairs", 32, "rm_step: pairs per step (README HH run: 32).")
-_MICRO = flags.DEFINE_integer("microbatch_size", -1, timing.MICROBATCH_HELP)
+_MICRO = flags.DEFINE_integer("microbatch_size", -1, shapes.MICROBATCH_HELP)
 _MATMUL = flags.DEFINE_enum(
   "matmul_dtype",
   "float32",
@@ -104,7 +104,7 @@ def rm_step_program():
     matmul_dtype=_MATMUL.value,
   )
   step, state = timing.hh_reward_model_step(
-    backbone, _SEQ.value, microbatch_size=timing.microbatch_size(_MICRO, _PAIRS.value)
+    backbone, _SEQ.value, microbatch_size=shapes.microbatch_size(_MICRO, _PAIRS.value)
   )
   (batch,) = timing.full_length_pairs(pairs=_PAIRS.value, seq_len=_SEQ.value, count=1)
   batch = step.shard_batch(batch)

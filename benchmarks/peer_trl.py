@@ -278,11 +278,9 @@ def resolve_workloads() -> dict[str, Workload]:
 def check_microbatch_size(workloads: dict[str, Workload]) -> None:
   """Refuses a ``--jaxrm_microbatch_size`` (for -1 the hh config's) that splits a workload's
   pairs on each device unevenly, naming the flag and the workloads."""
-  size = FLAGS.jaxrm_microbatch_size
-  if size == -1:
-    from experiments.configs import reward_model as rm_configs
+  from benchmarks.shapes import hh_microbatch_size
 
-    size = rm_configs.get_config("hh").microbatch_size
+  size = hh_microbatch_size(FLAGS.jaxrm_microbatch_size)
   devices = FLAGS.jaxrm_cpu_devices
   bad = [
     n

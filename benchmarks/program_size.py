@@ -40,7 +40,7 @@ import jax  # noqa: E402
 from jax.experimental import serialize_executable  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks import timing  # noqa: E402
+from benchmarks import shapes, timing  # noqa: E402
 
 _LAYERS = flags.DEFINE_integer("layers", 4, "Backbone layers.")
 _WIDTH = flags.DEFINE_integer("width", 256, "Backbone width.")
@@ -56,7 +56,7 @@ _MATMUL = flags.DEFINE_enum(
   "The backbone's matmul dtype (bfloat16: mixed precision, model.matmul_dtype).",
 )
 
-_MICRO = flags.DEFINE_integer("microbatch_size", -1, timing.MICROBATCH_HELP)
+_MICRO = flags.DEFINE_integer("microbatch_size", -1, shapes.MICROBATCH_HELP)
 
 
 def seconds(fn):
@@ -81,7 +81,7 @@ def main(argv):
     )
   except ValueError as e:  # heads not dividing the width, ...
     raise app.UsageError(str(e)) from None
-  micro = timing.microbatch_size(_MICRO, _PAIRS.value)
+  micro = shapes.microbatch_size(_MICRO, _PAIRS.value)
   step_fn, state = timing.hh_step_fn(backbone, _SEQ.value, microbatch_size=micro)
   step = jax.jit(functools.partial(step_fn, axis_name=None), donate_argnums=0)
   (batch,) = timing.full_length_pairs(pairs=_PAIRS.value, seq_len=_SEQ.value, count=1)

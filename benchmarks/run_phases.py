@@ -51,6 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from benchmarks import shapes  # noqa: E402
 from benchmarks.shapes import hh_config  # noqa: E402
 from experiments import cli  # noqa: E402
 from experiments.configs import reward_model as rm_configs  # noqa: E402
@@ -76,11 +77,7 @@ _FREEZE = flags.DEFINE_bool(
 _PACK = flags.DEFINE_integer(
   "pack_pairs", 0, "model.pack_pairs: 0 two rows per pair; N one packed row, multiples of N."
 )
-_MICRO = flags.DEFINE_integer(
-  "microbatch_size",
-  None,
-  "microbatch_size: pairs per microbatch (0: the whole batch at once); default: the hh config's.",
-)
+_MICRO = flags.DEFINE_integer("microbatch_size", -1, shapes.MICROBATCH_HELP)
 _MATMUL = flags.DEFINE_enum(
   "matmul_dtype", "bfloat16", ["float32", "bfloat16"], "model.matmul_dtype (peer benchmark's)."
 )
@@ -143,8 +140,7 @@ def main(argv):
   )
   config.steps = _STEPS.value
   config.model.pack_pairs = _PACK.value
-  if _MICRO.value is not None:
-    config.microbatch_size = _MICRO.value
+  config.microbatch_size = shapes.microbatch_size(_MICRO, _BATCH.value, batch_flag="batch_size")
   seconds, ends = collections.defaultdict(float), {}
   for name, owner, attr in PHASES:
     setattr(owner, attr, timed(seconds, ends, name, getattr(owner, attr)))

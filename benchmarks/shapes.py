@@ -1,5 +1,5 @@
 """The benchmarks' HH run config, its backbone shape given on the command line
-(``--shape=LAYERSxWIDTHxHEADS``) as a preset."""
+(``--shape=LAYERSxWIDTHxHEADS``) as a preset, and its ``--microbatch_size`` flag."""
 
 import re
 
@@ -34,3 +34,30 @@ def hh_config(*, data: str, max_len: int, batch_size: int, matmul_dtype: str, sh
   if shape:
     config.model.preset = shape_preset(shape, max_len)
   return config
+
+
+def hh_microbatch_size(value: int) -> int:
+  """A benchmark's microbatch setting: -1 is the hh config's, else ``value`` itself."""
+  return rm_configs.get_config("hh").microbatch_size if value == -1 else value
+
+
+MICROBATCH_HELP = (
+  "Pairs per forward and backward slice of the step (TrainConfig.microbatch_size; 0: the whole "
+  "batch at once); -1: the hh config's."
+)
+
+
+def microbatch_size(flag, batch_pairs: int, *, batch_flag: str = "batch_pairs") -> int:
+  """The ``--microbatch_size`` flag (:data:`MICROBATCH_HELP`) resolved, -1 as the hh config's;
+  raises ``app.UsageError`` naming it when it is below -1 or splits the ``batch_pairs`` of
+  ``--<batch_flag>`` unevenly."""
+  if flag.value < -1:
+    raise app.UsageError(f"--{flag.name} must be >= -1 (-1: the hh config's), got {flag.value}")
+  size = hh_microbatch_size(flag.value)
+  if 0 < size < batch_pairs and batch_pairs % size:
+    hh = f" (the hh config's {size})" if flag.value == -1 else ""
+    raise app.UsageError(
+      f"--{flag.name}={flag.value}{hh}: pairs per slice must divide the {batch_pairs} of "
+      f"--{batch_flag} or be at least that many (0: the whole batch)"
+    )
+  return size

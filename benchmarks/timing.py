@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import shapes
 from experiments.configs import reward_model as rm_configs
 from jaxrm.data import synthetic
 from jaxrm.math import preference
@@ -65,36 +66,12 @@ def hh_backbone(
   )
 
 
-MICROBATCH_HELP = (
-  "Pairs per forward and backward slice of the step (TrainConfig.microbatch_size; 0: the whole "
-  "batch at once); -1: the hh config's."
-)
-
-
-def microbatch_size(flag, batch_pairs: int) -> int:
-  """The ``--microbatch_size`` flag (:data:`MICROBATCH_HELP`) resolved, -1 as the hh config's;
-  raises ``app.UsageError`` naming it when it is below -1 or splits ``batch_pairs`` unevenly."""
-  from absl import app
-
-  if flag.value < -1:
-    raise app.UsageError(f"--{flag.name} must be >= -1 (-1: the hh config's), got {flag.value}")
-  size = rm_configs.get_config("hh").microbatch_size if flag.value == -1 else flag.value
-  if 0 < size < batch_pairs and batch_pairs % size:
-    hh = f" (the hh config's {size})" if flag.value == -1 else ""
-    raise app.UsageError(
-      f"--{flag.name}={flag.value}{hh}: pairs per slice must divide the {batch_pairs} of "
-      "--batch_pairs or be at least that many (0: the whole batch)"
-    )
-  return size
-
-
 def hh_step_fn(backbone, seq_len: int, *, microbatch_size: int = -1):
   """``(step_fn, state)``: the README HH run's training step function (``reward_model.py:hh``:
   optimizer, non-finite guard, microbatches; not jitted) on ``backbone``, and its initial
   state; ``microbatch_size`` >= 0 replaces the config's."""
   config = rm_configs.get_config("hh")
-  if microbatch_size >= 0:
-    config.microbatch_size = microbatch_size
+  config.microbatch_size = shapes.hh_microbatch_size(microbatch_size)
   model = RewardModel(backbone, pooling=config.model.pooling)
   optimizer, _ = make_optimizer(config)
   return rm_train.step_fn(config, model, optimizer), init_state(config, model, optimizer, seq_len)

@@ -330,11 +330,11 @@ def test_program_size_names_a_bad_flag_in_one_line():
 def test_the_benchmarks_microbatch_flag_is_resolved_or_named(value, batch_pairs, want):
   from absl import app
 
-  from benchmarks import timing
+  from benchmarks import shapes
 
   flag = types.SimpleNamespace(name="microbatch_size", value=value)
   if isinstance(want, int):
-    assert timing.microbatch_size(flag, batch_pairs) == want
+    assert shapes.microbatch_size(flag, batch_pairs) == want
   else:
     with pytest.raises(app.UsageError, match=re.escape(want)):
-      timing.microbatch_size(flag, batch_pairs)
+      shapes.microbatch_size(flag, batch_pairs)

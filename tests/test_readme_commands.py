@@ -51,9 +51,13 @@ def script_flags(path: str) -> tuple[set[str], str | None]:
   return names, default
 
 
-def test_readme_commands_are_found():
+def _cases():
   with open(os.path.join(ROOT, "README.md")) as f:
-    commands = readme_commands(f.read())
+    return readme_commands(f.read())
+
+
+def test_readme_commands_are_found():
+  commands = _cases()
   scripts = {script for script, _ in commands}
   assert len(commands) >= 20 and "experiments/overoptimization.py" in scripts
   # A continuation line and a trailing comment:
@@ -62,11 +66,6 @@ def test_readme_commands_are_found():
     ("experiments/a.py", ["--x=1", "--y=2"]),
     ("benchmarks/b.py", []),
   ]
-
-
-def _cases():
-  with open(os.path.join(ROOT, "README.md")) as f:
-    return readme_commands(f.read())
 
 
 @pytest.mark.parametrize("script, args", _cases(), ids=lambda v: v if isinstance(v, str) else "")
