@@ -8,6 +8,7 @@ import jax
 import pytest
 
 from jaxrm.io import rundir
+from jaxrm.steps import microbatch
 
 LOWERING = "/jax/core/compile/jaxpr_to_mlir_module_duration"  # jax.monitoring's event names
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
@@ -70,3 +71,17 @@ def recorded(event: str):
     yield seen
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def slice_sizes(monkeypatch) -> list[int]:
+  """From here on, each trace of a microbatched step appends the examples per slice
+  (:func:`jaxrm.steps.microbatch.accumulate`'s parts) to the list returned."""
+  sizes = []
+  accumulate = microbatch.accumulate
+
+  def traced(grad_fn, params, parts, *args, **kwargs):
+    sizes.append(jax.tree.leaves(parts)[0].shape[1])
+    return accumulate(grad_fn, params, parts, *args, **kwargs)
+
+  monkeypatch.setattr(microbatch, "accumulate", traced)
+  return sizes

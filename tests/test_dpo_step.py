@@ -105,15 +105,17 @@ def test_sequence_logps_and_reference_logps_match_numpy():
   np.testing.assert_allclose(batch["ref_chosen_logps"], want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("microbatch_size", [None, 2])
 @pytest.mark.parametrize("loss", ["dpo", "ipo", "simpo"])
-def test_step_loss_is_the_math_loss_of_the_policy_sequence_logps(loss):
+def test_step_loss_is_the_math_loss_of_the_policy_sequence_logps(loss, microbatch_size):
   config = dpo.DPOConfig(loss=loss, beta=0.5, label_smoothing=0.1, gamma=0.3)
   params = init_params(1)  # policy != reference
   batch = paired_batch(1, b=8)
   state = ts.create_train_state(params, OPT, jax.random.key(0))
-  _, metrics = jax.jit(
-    functools.partial(dpo.dpo_step, apply_fn=APPLY, config=config, optimizer=OPT)
-  )(state, batch)
+  step = functools.partial(
+    dpo.dpo_step, apply_fn=APPLY, config=config, optimizer=OPT, microbatch_size=microbatch_size
+  )
+  _, metrics = jax.jit(step)(state, batch)
   lc = np_sequence_logps(
     params, batch["chosen"], batch["chosen_mask"], batch["chosen_response_mask"]
   )
@@ -167,15 +169,18 @@ def test_dpo_starts_at_log_two_and_learns_the_preferences():
   assert expected_gold[1] > expected_gold[0] + 0.5
 
 
+@pytest.mark.parametrize("microbatch_size", [None, 1])
 @pytest.mark.parametrize("loss", ["dpo", "kto"])
-def test_shard_map_step_matches_single_device_step(loss):
+def test_shard_map_step_matches_single_device_step(loss, microbatch_size):
+  # microbatch_size=1: each device's two examples one at a time, against the whole batch.
   config = dpo.DPOConfig(loss=loss, beta=0.5)
   step_fn = functools.partial(dpo.dpo_step, apply_fn=APPLY, config=config, optimizer=OPT)
+  sliced_fn = functools.partial(step_fn, microbatch_size=microbatch_size)
   make = paired_batch if loss == "dpo" else kto_batch
   batches = [make(10 + i) for i in range(2)]
   results = {}
-  for mode in ("jit", "shard_map"):
-    pstep = parallel.make_parallel_step(step_fn, mode=mode)
+  for mode, fn in (("jit", step_fn), ("shard_map", sliced_fn)):
+    pstep = parallel.make_parallel_step(fn, mode=mode)
     state = pstep.put_state(ts.create_train_state(init_params(1), OPT, jax.random.key(0)))
     for batch in batches:
       state, metrics = pstep(state, pstep.shard_batch(batch))
@@ -185,6 +190,43 @@ def test_shard_map_step_matches_single_device_step(loss):
   for k in want_m:
     np.testing.assert_allclose(got_m[k], want_m[k], atol=1e-5, err_msg=k)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got.params, want.params)
+
+
+@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "simpo", "kto"])
+def test_microbatched_step_gives_the_whole_batch_metrics_and_update(loss, size):
+  """Slices of ``size`` of 8 examples, three Adam steps: the same metrics (KTO's reference
+  point and class means are the whole batch's) and parameters as the whole batch."""
+  config = dpo.DPOConfig(loss=loss, beta=0.5, label_smoothing=0.1)
+  step = functools.partial(dpo.dpo_step, apply_fn=APPLY, config=config, optimizer=OPT)
+  make = kto_batch if loss == "kto" else paired_batch
+  batches = [make(20 + i, b=8) for i in range(3)]
+  results = []
+  for fn in (jax.jit(step), jax.jit(functools.partial(step, microbatch_size=size))):
+    state = ts.create_train_state(init_params(1), OPT, jax.random.key(0))
+    history = []
+    for batch in batches:
+      state, metrics = fn(state, batch)
+      history.append(jax.device_get(metrics))
+    results.append((jax.device_get(state.params), history))
+  (want, want_m), (got, got_m) = results
+  for w, g in zip(want_m, got_m):
+    assert set(g) == set(w)
+    for k in w:
+      np.testing.assert_allclose(g[k], w[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got, want)
+
+
+@pytest.mark.parametrize("size", [3, 0, 2.0])
+def test_microbatch_size_that_does_not_divide_the_batch_is_refused(size):
+  state = ts.create_train_state(init_params(), OPT, jax.random.key(0))
+  step = functools.partial(
+    dpo.dpo_step, apply_fn=APPLY, config=dpo.DPOConfig(), optimizer=OPT, microbatch_size=size
+  )
+  with pytest.raises(
+    ValueError, match="microbatch_size must be a positive int dividing the batch of 8 pairs"
+  ):
+    jax.eval_shape(step, state, paired_batch(0, b=8))
 
 
 def test_nan_reference_logps_skip_the_update_and_never_reach_the_params():

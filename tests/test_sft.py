@@ -108,13 +108,18 @@ def _state(optimizer):
   return ts.create_train_state(params, optimizer, jax.random.key(1))
 
 
-def test_sgd_step_lowers_loss_and_follows_the_gradient_of_the_reference_loss():
+@pytest.mark.parametrize("microbatch_size", [None, 4, 5])
+def test_sgd_step_lowers_loss_and_follows_the_gradient_of_the_reference_loss(microbatch_size):
+  # In slices of 4 sequences (their token counts differ): still the whole batch's token mean.
   opt = optax.sgd(0.5)
   state = _state(opt)
   batch = make_batch(4)
-  new, metrics = jax.jit(functools.partial(sft_step, apply_fn=MODEL.apply, optimizer=opt))(
-    state, batch
-  )
+  step = functools.partial(sft_step, apply_fn=MODEL.apply, optimizer=opt)
+  if microbatch_size is not None and BATCH % microbatch_size:
+    with pytest.raises(ValueError, match="microbatch_size must be a positive int dividing the"):
+      step(state, batch, microbatch_size=microbatch_size)
+    return
+  new, metrics = jax.jit(functools.partial(step, microbatch_size=microbatch_size))(state, batch)
   logits, _ = jax.jit(MODEL.apply)(state.params, batch["tokens"], batch["mask"])
   want, count = np_sft_loss(logits, batch["tokens"], batch["response_mask"])
   np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
@@ -163,13 +168,17 @@ def test_malformed_batch_raises_value_error_naming_the_field(mutate, message):
     sft_step(_state(optax.sgd(0.1)), batch, apply_fn=MODEL.apply, optimizer=optax.sgd(0.1))
 
 
-@pytest.mark.parametrize("mode, kwargs", [("shard_map", {}), ("fsdp", {"fsdp_min_size": 64})])
-def test_parallel_sft_step_matches_single_device(mode, kwargs):
+@pytest.mark.parametrize(
+  "mode, kwargs, microbatch_size",
+  [("shard_map", {}, None), ("shard_map", {}, 1), ("fsdp", {"fsdp_min_size": 64}, None)],
+)
+def test_parallel_sft_step_matches_single_device(mode, kwargs, microbatch_size):
+  # microbatch_size=1: each device's two sequences one at a time, against the whole batch.
   opt = optax.adamw(1e-2)
   step = functools.partial(sft_step, apply_fn=MODEL.apply, optimizer=opt)
   batches = [make_batch(10 + i) for i in range(2)]  # uneven token counts per device
 
-  def run(mode, **kw):
+  def run(step, mode, **kw):
     pstep = parallel.make_parallel_step(step, mode=mode, **kw)
     state = pstep.put_state(_state(opt))
     out = []
@@ -178,8 +187,9 @@ def test_parallel_sft_step_matches_single_device(mode, kwargs):
       out.append(jax.device_get(pstep.unreplicate(m)))
     return pstep, jax.device_get(pstep.unreplicate(state)), out, state
 
-  _, ref, ref_m, _ = run("jit")
-  pstep, got, got_m, live = run(mode, **kwargs)
+  _, ref, ref_m, _ = run(step, "jit")
+  sliced = functools.partial(step, microbatch_size=microbatch_size)
+  pstep, got, got_m, live = run(sliced, mode, **kwargs)
   assert pstep.num_devices == 8
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got.params, ref.params

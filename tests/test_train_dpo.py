@@ -255,6 +255,43 @@ def test_a_run_saved_before_matmul_dtype_resumes(tmp_path, monkeypatch):
   assert summary["resumed_from"] == 1
 
 
+@pytest.mark.parametrize("loss", ["dpo", "kto"])
+def test_a_microbatched_run_trains_the_whole_batch_policy(tmp_path, monkeypatch, loss):
+  """Slices of 8 of the 32 pairs (KTO: their 16 examples), reference log-probs included: the
+  same logged metrics and, after two Adam steps, the same parameters up to float rounding
+  (Adam divides by each gradient's RMS, so rounding in a tiny gradient moves its parameter
+  by more than the gradients differ: 1e-4, as the reward-model runs' test). The field may
+  change on resume."""
+  whole = _short(loss__name=loss)
+  sliced = dataclasses.replace(whole, microbatch_size=8)
+  dpo.train_and_evaluate(whole, str(tmp_path / "whole"))
+  sizes = run_helpers.slice_sizes(monkeypatch)
+  dpo.train_and_evaluate(sliced, str(tmp_path / "sliced"))
+  assert sizes and set(sizes) == {16 if loss == "kto" else 8}
+  rows = [read_rows(tmp_path / name) for name in ("whole", "sliced")]
+  assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]]
+  for want, got in zip(*rows):
+    for k in want:
+      # At step 1 the policy is its reference: every implicit reward is 0 up to rounding, and
+      # the training accuracy counts how that rounding breaks the ties.
+      tie = want["step"] == 1 and want["split"] == "train" and k == "accuracy"
+      if k != "pairs_per_sec" and isinstance(want[k], float) and not tie:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  world = pairs.world_for_seed(whole.data.synthetic.world, whole.data.synthetic.seed)
+  params = []
+  for name in ("whole", "sliced"):
+    with CheckpointManager(str(tmp_path / name / rundir.CHECKPOINT_DIR)) as ckpt:
+      params.append(jax.device_get(ckpt.restore_latest(template=_template(whole, world))[0].params))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), *params)
+  rundir.check_resumable(
+    whole.to_json(),
+    sliced.to_json(),
+    changeable=dpo.CHANGEABLE_ON_RESUME,
+    added=dpo.ADDED_ON_RESUME,
+    workdir=str(tmp_path),
+  )
+
+
 def test_mismatched_completions_match_the_steps_version_for_fixed_prompts():
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 9, size=(5, 7)).astype(np.int32)
@@ -286,6 +323,8 @@ def test_mismatched_completions_match_the_steps_version_for_fixed_prompts():
     (dict(eval__bon_samples=0), "eval.bon_samples"),
     (dict(batch_size=12, parallel="shard_map"), "batch_size"),
     (dict(matmul_dtype="float16"), "matmul_dtype"),
+    (dict(microbatch_size=-1), "microbatch_size"),
+    (dict(microbatch_size=3, parallel="shard_map"), "microbatch_size"),  # 4 pairs per device
   ],
 )
 def test_bad_settings_raise_a_config_error_naming_the_field(overrides, field):

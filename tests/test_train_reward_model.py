@@ -34,7 +34,6 @@ from jaxrm.data import pairs, preferences, synthetic
 from jaxrm.io import program_cache, rm_io, rundir
 from jaxrm.models import presets
 from jaxrm.models.reward_model import RewardModel
-from jaxrm.steps import rm_step
 from jaxrm.steps import train_state as train_state_lib
 from jaxrm.train import reward_model as rm_train
 from jaxrm.train import rm_config, rm_eval
@@ -240,9 +239,7 @@ def test_a_microbatched_run_trains_the_whole_batch_model(
   losses and held-out metrics, and parameters within float rounding after 8 Adam steps, with
   each device's 2 pairs one at a time under shard_map on 8 devices."""
   sliced_dir = _seeded_workdir(tmp_path / "sliced", synthetic_npz)
-  sizes = []
-  accumulate = rm_step._accumulate
-  monkeypatch.setattr(rm_step, "_accumulate", lambda *a: sizes.append(a[6]) or accumulate(*a))
+  sizes = run_helpers.slice_sizes(monkeypatch)
   sliced = rm_train.train_and_evaluate(_config(parallel="shard_map", microbatch_size=1), sliced_dir)
   assert sizes and set(sizes) == {1}  # the step was traced in slices of one pair
   _assert_close_but_the_bias(*_same_model(shard_map_run, sliced_dir, sliced))

@@ -117,6 +117,27 @@ def test_a_run_saved_before_matmul_dtype_resumes_bitwise_equal(sft_run, tmp_path
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_microbatched_run_trains_the_whole_batch_policy(sft_run, tmp_path, monkeypatch):
+  """Slices of 2 of the 4 sequences: the same logged metrics and, after four Adam steps, the
+  same parameters up to float rounding (1e-4, as the DPO and reward-model runs' tests). The
+  field may change on resume."""
+  workdir, _ = sft_run
+  sizes = run_helpers.slice_sizes(monkeypatch)
+  sliced = str(tmp_path / "sliced")
+  sft.train_and_evaluate(tiny_sft_config(microbatch_size=2), sliced)
+  assert sizes and set(sizes) == {2}
+  rows = [rundir.read_metrics(os.path.join(d, rundir.METRICS_FILE)) for d in (workdir, sliced)]
+  assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]]
+  for want, got in zip(*rows):
+    for k in ("loss", "perplexity", "num_tokens", "grad_norm"):
+      if k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, err_msg=k)
+  for a, b in zip(jax.tree.leaves(_params(workdir)), jax.tree.leaves(_params(sliced))):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-4)
+  shutil.rmtree(os.path.join(sliced, rundir.CHECKPOINT_DIR, "4"))  # resumed with other slices
+  assert sft.train_and_evaluate(tiny_sft_config(microbatch_size=4), sliced)["resumed_from"] == 2
+
+
 def test_resume_with_another_policy_is_refused_before_any_restore(sft_run, tmp_path):
   workdir, _ = sft_run
   moved = str(tmp_path / "run")
@@ -214,6 +235,7 @@ def test_demonstrations_read_both_forms_and_name_bad_lines(tmp_path):
     ("batch_size", 0, "must be an int >= 1"),
     ("parallel", "tpu", "must be one of"),
     ("matmul_dtype", "float16", r"must be '' \(dtype\) or one of"),
+    ("microbatch_size", 3, "must divide the 4 sequences of each device's batch"),
   ],
 )
 def test_bad_settings_are_config_errors_naming_the_field(tmp_path, field, value, message):

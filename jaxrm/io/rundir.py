@@ -204,6 +204,27 @@ def check(config: Any, ok: bool, field: str, message: str) -> None:
     raise ConfigError(field, value, message)
 
 
+def check_microbatch_size(config: Any, *, local: int, unit: str, mode: str) -> None:
+  """Raises :class:`ConfigError` for ``config.microbatch_size`` unless it is 0 (the whole
+  batch) or a positive int that divides the ``local`` examples (``unit``) each device's step
+  sees in parallel ``mode``, or is at least that many (the steps'
+  :func:`jaxrm.steps.microbatch.num_slices`)."""
+  size = config.microbatch_size
+  check(
+    config,
+    is_int(size) and size >= 0,
+    "microbatch_size",
+    "must be an int >= 0 (0: the whole batch at once)",
+  )
+  check(
+    config,
+    not size or size >= local or local % size == 0,
+    "microbatch_size",
+    f"must divide the {local} {unit} of each device's batch (batch_size {config.batch_size}, "
+    f"parallel mode {mode}) or be at least that many",
+  )
+
+
 def validate_log_config(log: LogConfig, *, prefix: str = "log") -> None:
   """Raises :class:`ConfigError` naming the first bad field of ``log``."""
   for name in ("log_every", "checkpoint_every", "keep_checkpoints"):

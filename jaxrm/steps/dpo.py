@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -49,6 +50,7 @@ import optax
 
 from jaxrm.math import dpo as dpo_lib
 from jaxrm.models.policy import sequence_logprobs
+from jaxrm.steps import microbatch
 from jaxrm.steps import train_state as train_state_lib
 
 LOSSES = ("dpo", "ipo", "simpo", "kto")
@@ -225,11 +227,15 @@ def _pmean(x: Any, axis_name: Any) -> Any:
   return x if axis_name is None else lax.pmean(x, axis_name)
 
 
-def _paired_objective(params, batch, *, apply_fn, config: DPOConfig):
+def _paired_keys(config: DPOConfig) -> tuple[str, ...]:
   keys = ("chosen", "chosen_mask", "rejected", "rejected_mask")
-  if config.loss != "simpo":
-    keys += ("ref_chosen_logps", "ref_rejected_logps")
-  _require(batch, keys, config.loss)
+  return keys if config.loss == "simpo" else (*keys, "ref_chosen_logps", "ref_rejected_logps")
+
+
+_KTO_KEYS = ("tokens", "mask", "desirable", "ref_logps", "kl_tokens", "kl_mask", "ref_kl_logps")
+
+
+def _paired_objective(params, batch, *, apply_fn, config: DPOConfig):
   lc, lr, nc, nr = _paired_logps(apply_fn, params, batch)
   c = config
   if c.loss == "simpo":
@@ -257,49 +263,44 @@ def _paired_objective(params, batch, *, apply_fn, config: DPOConfig):
   return loss, aux
 
 
-def _kto_objective(params, batch, *, apply_fn, config: DPOConfig, axis_name):
-  _require(
-    batch,
-    ("tokens", "mask", "desirable", "ref_logps", "kl_tokens", "kl_mask", "ref_kl_logps"),
-    "kto",
-  )
+def _kto_reference_point(apply_fn, params, batch, k: int, axis_name) -> jax.Array:
+  """KTO's ``z0`` from the whole batch's mismatched completions (forward passes only, in
+  ``k`` slices one after another): a constant for differentiation."""
+  kl = {n: batch[n] for n in ("kl_tokens", "kl_mask", "kl_response_mask") if n in batch}
+
+  def logps(part):
+    return sequence_logps(
+      apply_fn, params, part["kl_tokens"], part["kl_mask"], part.get("kl_response_mask")
+    )
+
+  kl_logps = logps(kl) if k == 1 else microbatch.join(lax.map(logps, microbatch.split(kl, k)))
+  return dpo_lib.kto_reference_point(kl_logps, batch["ref_kl_logps"], axis_name=axis_name)
+
+
+def _kto_objective(params, batch, *, apply_fn, config: DPOConfig, reference_point):
   logps = sequence_logps(
     apply_fn, params, batch["tokens"], batch["mask"], batch.get("response_mask")
   )
-  kl_logps = sequence_logps(
-    apply_fn, params, batch["kl_tokens"], batch["kl_mask"], batch.get("kl_response_mask")
-  )
-  z0 = dpo_lib.kto_reference_point(kl_logps, batch["ref_kl_logps"], axis_name=axis_name)
   loss = dpo_lib.kto_loss(
     logps,
     batch["ref_logps"],
     batch["desirable"],
     beta=config.beta,
-    reference_point=z0,
+    reference_point=reference_point,
     desirable_weight=config.desirable_weight,
     undesirable_weight=config.undesirable_weight,
   )
   reward = dpo_lib.implicit_reward(logps, batch["ref_logps"], beta=config.beta)
   desirable = jnp.asarray(batch["desirable"]).astype(bool)
-  # Class means over the global batch: ratios of averaged sums and counts.
-  sums = _pmean(
-    jnp.stack(
-      [
-        jnp.sum(jnp.where(desirable, reward, 0.0)),
-        jnp.sum(desirable, dtype=jnp.float32),
-        jnp.sum(jnp.where(desirable, 0.0, reward)),
-        jnp.sum(~desirable, dtype=jnp.float32),
-      ]
-    ),
-    axis_name,
+  sums = jnp.stack(
+    [
+      jnp.sum(jnp.where(desirable, reward, 0.0)),
+      jnp.sum(desirable, dtype=jnp.float32),
+      jnp.sum(jnp.where(desirable, 0.0, reward)),
+      jnp.sum(~desirable, dtype=jnp.float32),
+    ]
   )
-  gap = sums[0] / jnp.maximum(sums[1], 1e-9) - sums[2] / jnp.maximum(sums[3], 1e-9)
-  aux = {
-    "reference_point": z0,
-    "reward": jnp.mean(reward),
-    "reward_desirable_minus_undesirable": gap,
-  }
-  return loss, aux
+  return loss, {"reward": jnp.mean(reward), "class_sums": sums}
 
 
 def dpo_step(
@@ -310,8 +311,17 @@ def dpo_step(
   config: DPOConfig,
   optimizer: optax.GradientTransformation,
   axis_name: Any = None,
+  microbatch_size: int | None = None,
 ) -> tuple[train_state_lib.TrainState, dict[str, jax.Array]]:
   """One optimizer step of a direct preference loss (see the module docstring for ``batch``).
+
+  Microbatches (``microbatch_size``): the forward and backward passes run over consecutive
+  slices of ``microbatch_size`` pairs (KTO: examples) one after another and their gradients
+  are summed, each slice's loss scaled by ``1 / slices``
+  (:func:`jaxrm.steps.microbatch.accumulate`): the whole batch's loss, gradients and metrics
+  up to float rounding, with one slice's activations alive at a time (gradient
+  accumulation). KTO's reference point is a whole-batch statistic: it is computed first, from
+  the whole batch's mismatched completions (forward passes only, in the same slices).
 
   Args:
     state: :class:`jaxrm.steps.train_state.TrainState` of the policy.
@@ -321,6 +331,8 @@ def dpo_step(
     config: :class:`DPOConfig` (static).
     optimizer: optax transformation matching ``state.opt_state``.
     axis_name: mapped axis to average over (None under plain jit).
+    microbatch_size: pairs (KTO: examples) per microbatch on each device, dividing the
+      (per-device) batch; ``None`` or at least the batch: the whole batch in one pass.
 
   Returns:
     ``(state, metrics)``; metrics are global scalars: ``loss``, ``grad_norm``,
@@ -332,14 +344,37 @@ def dpo_step(
   """
   if not isinstance(config, DPOConfig):
     raise ValueError(f"config must be a DPOConfig, got {type(config).__name__}")
+  kto = config.loss == "kto"
+  _require(batch, _KTO_KEYS if kto else _paired_keys(config), config.loss)
+  b = jnp.shape(batch["tokens" if kto else "chosen"])[0]
+  k = microbatch.num_slices(microbatch_size, b, unit="examples" if kto else "pairs")
+  if kto:
+    z0 = _kto_reference_point(apply_fn, state.params, batch, k, axis_name)
+    objective = functools.partial(
+      _kto_objective, apply_fn=apply_fn, config=config, reference_point=z0
+    )
+  else:
+    objective = functools.partial(_paired_objective, apply_fn=apply_fn, config=config)
 
-  def objective(params):
-    if config.loss == "kto":
-      return _kto_objective(params, batch, apply_fn=apply_fn, config=config, axis_name=axis_name)
-    return _paired_objective(params, batch, apply_fn=apply_fn, config=config)
+  def scaled(params, part, share, _key):
+    loss, aux = objective(params, part)
+    return loss * share, aux
 
-  (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+  grad_fn = jax.value_and_grad(scaled, has_aux=True)
+  if k == 1:
+    (loss, aux), grads = grad_fn(state.params, batch, 1.0, None)
+  else:
+    parts = microbatch.split({n: x for n, x in batch.items() if x is not None}, k)
+    shares = jnp.full((k,), 1.0 / k, jnp.float32)
+    loss, aux, grads = microbatch.accumulate(
+      grad_fn, state.params, parts, shares, axis_name=axis_name
+    )
+    aux = jax.tree.map(lambda v: jnp.mean(v, axis=0), aux)  # equal slices: means of means
   grads, loss, aux = _pmean((grads, loss, aux), axis_name)
+  if kto:
+    sums = aux.pop("class_sums")  # class means over the global batch: ratios of averaged sums
+    gap = sums[0] / jnp.maximum(sums[1], 1e-9) - sums[2] / jnp.maximum(sums[3], 1e-9)
+    aux.update(reference_point=z0, reward_desirable_minus_undesirable=gap)
   new_state, bad = train_state_lib.apply_if_finite(
     state, grads, loss, optimizer, nonfinite=config.nonfinite, axis_name=axis_name
   )

@@ -25,7 +25,6 @@ References:
 """
 
 from collections.abc import Callable, Mapping
-import functools
 from typing import Any
 
 import jax
@@ -33,6 +32,7 @@ from jax import lax
 import jax.numpy as jnp
 import optax
 
+from jaxrm.steps import microbatch
 from jaxrm.steps import train_state as train_state_lib
 
 _REQUIRED_KEYS = ("chosen", "chosen_mask", "rejected", "rejected_mask")
@@ -145,26 +145,6 @@ def _score_pairs(
   return rewards_c, rewards_r
 
 
-def _mark_varying(tree: Any, axis_name: Any) -> Any:
-  """Marks device-invariant leaves as varying over ``axis_name`` (``lax.pcast``).
-
-  Under ``shard_map`` with ``check_vma=True``, the gradient with respect to an invariant
-  input is implicitly summed over the axis; marking the parameters varying first keeps the
-  gradients per-device, exactly as under ``pmap``, so the explicit ``pmean`` is correct in
-  every mode.
-  """
-  if axis_name is None:
-    return tree
-  axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-
-  def cast(x):
-    varying = getattr(getattr(jax.typeof(x), "mat", None), "varying", frozenset())
-    missing = tuple(a for a in axes if a not in varying)
-    return lax.pcast(x, missing, to="varying") if missing else x
-
-  return jax.tree.map(cast, tree)
-
-
 def _pmean(x: Any, axis_name: Any) -> Any:
   return x if axis_name is None else lax.pmean(x, axis_name)
 
@@ -265,7 +245,7 @@ def reward_model_step(
     if axis_name is not None:
       key = jax.random.fold_in(key, lax.axis_index(axis_name))
 
-  params = _mark_varying(state.params, axis_name)
+  params = microbatch.mark_varying(state.params, axis_name)
   weights = batch.get("weight")
   loss_scale = jnp.float32(1.0)
   if axis_name is not None and weights is not None and weights_normalized:
@@ -284,12 +264,27 @@ def reward_model_step(
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
   b = _check_batch(batch)
-  if microbatch_size is None or (_is_size(microbatch_size) and microbatch_size >= b):
+  k = microbatch.num_slices(microbatch_size, b, unit="pairs")
+  if k == 1:
     (loss, (rewards_c, rewards_r)), grads = grad_fn(params, batch, loss_scale, key)
   else:
-    loss, (rewards_c, rewards_r), grads = _accumulate(
-      grad_fn, params, batch, b, loss_scale, key, microbatch_size, weights_normalized, axis_name
+    parts = microbatch.split(dict(batch), k)
+    if weights is not None and weights_normalized:
+      # Each slice's weighted mean counts by its share of the weight, as a device's does.
+      part_weight = jnp.sum(jnp.asarray(parts["weight"], jnp.float32), axis=1)
+      total = jnp.sum(part_weight)
+      shares = part_weight / jnp.where(total > 0, total, 1.0)
+    else:
+      shares = jnp.full((k,), 1.0 / k, jnp.float32)
+    loss, (rewards_c, rewards_r), grads = microbatch.accumulate(
+      grad_fn,
+      params,
+      parts,
+      shares * loss_scale,
+      microbatch.slice_keys(key, k),
+      axis_name=axis_name,
     )
+    rewards_c, rewards_r = microbatch.join((rewards_c, rewards_r))
   grads = _pmean(grads, axis_name)
   loss = _pmean(loss, axis_name)
   new_state, is_nonfinite = train_state_lib.apply_if_finite(
@@ -304,46 +299,6 @@ def reward_model_step(
     "num_skipped": new_state.num_skipped,
   }
   return new_state, metrics
-
-
-def _is_size(x: Any) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool) and x >= 1
-
-
-def _accumulate(grad_fn, params, batch, b, loss_scale, key, size, weights_normalized, axis_name):
-  """``grad_fn(params, part, scale, key)`` over consecutive slices of ``size`` of the ``b``
-  pairs in a ``lax.scan``: the summed loss, the rewards in batch order and the summed
-  gradients (added in float32 or wider, returned in the parameters' dtypes)."""
-  if not (_is_size(size) and b % size == 0):
-    raise ValueError(
-      f"microbatch_size must be a positive int dividing the batch of {b} pairs (on each "
-      f"device) or at least that batch, got {size!r}"
-    )
-  k = b // size
-  parts = {n: jnp.reshape(x, (k, size, *jnp.shape(x)[1:])) for n, x in batch.items()}
-  if batch.get("weight") is not None and weights_normalized:
-    # Each slice's weighted mean counts by its share of the weight, as a device's does.
-    part_weight = jnp.sum(jnp.asarray(parts["weight"], jnp.float32), axis=1)
-    total = jnp.sum(part_weight)
-    shares = part_weight / jnp.where(total > 0, total, 1.0)
-  else:
-    shares = jnp.full((k,), 1.0 / k, jnp.float32)
-  keys = (
-    None if key is None else jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(k))
-  )
-
-  def body(grad_sum, xs):
-    part, share, part_key = xs
-    (loss, rewards), grads = grad_fn(params, part, share * loss_scale, part_key)
-    return jax.tree.map(lambda a, g: a + g.astype(a.dtype), grad_sum, grads), (loss, rewards)
-
-  zeros = jax.tree.map(
-    lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(p.dtype, jnp.float32)), params
-  )
-  zeros = _mark_varying(zeros, axis_name)  # the gradients' type under shard_map's check_vma
-  grads, (losses, (rewards_c, rewards_r)) = lax.scan(body, zeros, (parts, shares, keys))
-  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-  return jnp.sum(losses), (jnp.reshape(rewards_c, (b,)), jnp.reshape(rewards_r, (b,))), grads
 
 
 def reward_model_eval_step(

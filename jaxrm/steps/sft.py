@@ -35,8 +35,9 @@ import jax.numpy as jnp
 import optax
 
 from jaxrm.models.policy import token_logprobs
+from jaxrm.steps import microbatch
 from jaxrm.steps import train_state as train_state_lib
-from jaxrm.steps.rm_step import _mark_varying, _pmean
+from jaxrm.steps.rm_step import _pmean
 
 _KEYS = ("tokens", "mask", "response_mask")
 
@@ -101,8 +102,15 @@ def sft_step(
   optimizer: optax.GradientTransformation,
   axis_name: Any = None,
   nonfinite: str = "skip",
+  microbatch_size: int | None = None,
 ) -> tuple[train_state_lib.TrainState, dict[str, jax.Array]]:
   """One optimizer step of supervised fine-tuning on response tokens.
+
+  Microbatches (``microbatch_size``): the forward and backward passes run over consecutive
+  slices of ``microbatch_size`` sequences one after another and their gradients are summed
+  (:func:`jaxrm.steps.microbatch.accumulate`); each slice's summed log-likelihood is divided
+  by the whole batch's token count, so the sum is the whole batch's loss and gradient up to
+  float rounding, with one slice's activations alive at a time (gradient accumulation).
 
   Args:
     state: the current :class:`jaxrm.steps.train_state.TrainState`.
@@ -112,6 +120,8 @@ def sft_step(
     optimizer: optax gradient transformation matching ``state.opt_state``.
     axis_name: mapped axis to average over (``None`` under plain ``jit`` / FSDP).
     nonfinite: ``'skip'`` or ``'raise'``, see :func:`jaxrm.steps.train_state.apply_if_finite`.
+    microbatch_size: sequences per microbatch on each device, dividing the (per-device)
+      batch; ``None`` or at least the batch: the whole batch in one pass.
 
   Returns:
     ``(new_state, metrics)`` with scalar metrics over the global batch: ``loss`` (mean NLL
@@ -119,17 +129,26 @@ def sft_step(
     ``grad_norm``, ``nonfinite`` and ``num_skipped``.
   """
   _check_batch(batch)
-  params = _mark_varying(state.params, axis_name)
+  params = microbatch.mark_varying(state.params, axis_name)
   count_local = jnp.sum(jnp.asarray(batch["response_mask"])[:, 1:]).astype(jnp.float32)
   count_mean = _pmean(count_local, axis_name)  # global count / num devices
   denom = jnp.maximum(count_mean, 1e-9)
 
-  def objective(p):
-    logits = _logits(apply_fn(p, batch["tokens"], batch["mask"]))
-    nll, _ = response_nll(logits, batch["tokens"], batch["response_mask"])
-    return nll / denom
+  def objective(p, part, share, _key):
+    logits = _logits(apply_fn(p, part["tokens"], part["mask"]))
+    nll, _ = response_nll(logits, part["tokens"], part["response_mask"])
+    return nll * share / denom, ()
 
-  loss, grads = jax.value_and_grad(objective)(params)
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+  k = microbatch.num_slices(microbatch_size, jnp.shape(batch["tokens"])[0], unit="sequences")
+  batch = {n: batch[n] for n in _KEYS}
+  if k == 1:
+    (loss, _), grads = grad_fn(params, batch, 1.0, None)
+  else:  # a slice's summed NLL over the whole batch's count: no share to apply
+    ones = jnp.ones((k,), jnp.float32)
+    loss, _, grads = microbatch.accumulate(
+      grad_fn, params, microbatch.split(batch, k), ones, axis_name=axis_name
+    )
   grads = _pmean(grads, axis_name)
   loss = _pmean(loss, axis_name)
   new_state, is_nonfinite = train_state_lib.apply_if_finite(

@@ -30,8 +30,8 @@ of best-of-n of ``pi_init`` samples for each n, and the gold of the DPO policy's
 
 Resuming: re-running in a workdir with a checkpoint restores it and continues with the batch
 an uninterrupted run would take next; the parameters end bitwise equal to an uninterrupted
-run's. Only ``eval``, ``log``, ``parallel`` and ``nonfinite`` may differ from the checkpointed
-config (:data:`jaxrm.train.dpo_config.CHANGEABLE_ON_RESUME`).
+run's. Only ``eval``, ``log``, ``parallel``, ``microbatch_size`` and ``nonfinite`` may differ
+from the checkpointed config (:data:`jaxrm.train.dpo_config.CHANGEABLE_ON_RESUME`).
 
 Randomness: a preset policy is initialised from ``fold_in(key(seed), 0)``; step keys from
 ``fold_in(key(seed), 1)``; the data order from ``seed``; best-of-n from
@@ -47,6 +47,7 @@ from typing import Any
 
 from absl import logging
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
@@ -58,7 +59,7 @@ from jaxrm.math import best_of_n as bon_lib
 from jaxrm.models import presets
 from jaxrm.models.policy import PolicyModel
 from jaxrm.steps import dpo as dpo_steps
-from jaxrm.steps import parallel
+from jaxrm.steps import microbatch, parallel
 from jaxrm.steps import train_state as train_state_lib
 from jaxrm.train import rm_config, rm_eval
 from jaxrm.train.dpo_config import (  # noqa: F401  (the config types live beside the loop's API)
@@ -133,14 +134,37 @@ def step_batch(batch: dict[str, np.ndarray], loss: str) -> dict[str, np.ndarray]
   }
 
 
-def _train_step(carry, batch, *, apply_fn, config: dpo_steps.DPOConfig, optimizer, axis_name=None):
+def _train_step(
+  carry,
+  batch,
+  *,
+  apply_fn,
+  config: dpo_steps.DPOConfig,
+  optimizer,
+  microbatch_size: int = 0,
+  axis_name=None,
+):
   """``((state, ref_params), batch) -> ((state, ref_params), metrics)``: the reference
-  log-probs of the batch, then :func:`jaxrm.steps.dpo.dpo_step`."""
+  log-probs of the batch, then :func:`jaxrm.steps.dpo.dpo_step`. ``microbatch_size`` pairs
+  (0: the whole batch) per slice of both (KTO: twice as many examples, a pair's two)."""
   state, ref_params = carry
+  size = microbatch_size * (2 if config.loss == "kto" else 1) or None
   if config.loss != "simpo":
-    batch = dpo_steps.add_reference_logps(batch, ref_params, apply_fn=apply_fn, loss=config.loss)
+    add = functools.partial(
+      dpo_steps.add_reference_logps, ref_params=ref_params, apply_fn=apply_fn, loss=config.loss
+    )
+    kto = config.loss == "kto"
+    b = jnp.shape(batch["tokens" if kto else "chosen"])[0]
+    k = microbatch.num_slices(size, b, unit="examples" if kto else "pairs")
+    batch = add(batch) if k == 1 else microbatch.join(lax.map(add, microbatch.split(batch, k)))
   state, metrics = dpo_steps.dpo_step(
-    state, batch, apply_fn=apply_fn, config=config, optimizer=optimizer, axis_name=axis_name
+    state,
+    batch,
+    apply_fn=apply_fn,
+    config=config,
+    optimizer=optimizer,
+    axis_name=axis_name,
+    microbatch_size=size,
   )
   return (state, ref_params), metrics
 
@@ -301,7 +325,11 @@ def train_and_evaluate(
     rundir.write_config(workdir, c, **description)
 
     step_fn = functools.partial(
-      _train_step, apply_fn=apply_fn, config=step_config, optimizer=optimizer
+      _train_step,
+      apply_fn=apply_fn,
+      config=step_config,
+      optimizer=optimizer,
+      microbatch_size=c.microbatch_size,
     )
     pstep = parallel.make_parallel_step(step_fn, mode=c.parallel)
     peval = rm_eval.make_eval_step(implicit, mode=pstep.mode)

@@ -26,7 +26,7 @@ from jaxrm.train.rm_config import DTYPES, OptimizerConfig
 LOSSES = ("dpo", "cdpo", "ipo", "simpo", "kto")
 PARALLEL_MODES = ("auto", "jit", "shard_map", "pmap")
 # Sections and fields that do not change the trained parameters: they may differ on resume.
-CHANGEABLE_ON_RESUME = ("eval", "log", "parallel", "nonfinite")
+CHANGEABLE_ON_RESUME = ("eval", "log", "parallel", "microbatch_size", "nonfinite")
 # Fields added after runs were saved without them, each with the value those runs computed with
 # (:func:`jaxrm.io.rundir.check_resumable`).
 ADDED_ON_RESUME = {"matmul_dtype": ""}
@@ -108,6 +108,12 @@ class DPOTrainConfig:
     log: metrics rows, checkpoints, plots, TensorBoard / W&B.
     steps: optimizer steps.
     batch_size: pairs per step (global).
+    microbatch_size: pairs per microbatch on each device (0: the whole batch at once): the
+      reference log-probs and the step's forward and backward passes run over slices of this
+      many pairs (KTO: their two examples each) one after another, and the step sums their
+      gradients (:func:`jaxrm.steps.dpo.dpo_step`), the same update up to float rounding with
+      one slice's activations at a time (gradient accumulation). Must divide the pairs each
+      device gets, or be at least that many.
     seed: seed of the initialisation, the step keys, the data order and the evaluation.
     parallel: ``'auto'``, ``'jit'``, ``'shard_map'`` or ``'pmap'``.
     nonfinite: ``'skip'`` a step with a non-finite loss or gradient, or ``'raise'``.
@@ -127,6 +133,7 @@ class DPOTrainConfig:
   log: rundir.LogConfig = dataclasses.field(default_factory=rundir.LogConfig)
   steps: int = 300
   batch_size: int = 32
+  microbatch_size: int = 0
   seed: int = 0
   parallel: str = "auto"
   nonfinite: str = "skip"
@@ -220,3 +227,5 @@ def validate_config(c: DPOTrainConfig, *, num_devices: int | None = None) -> Non
       "batch_size",
       f"must be divisible by the {n} devices of --config.parallel={mode}",
     )
+  local = c.batch_size // n if mode in ("shard_map", "pmap") else c.batch_size
+  rundir.check_microbatch_size(c, local=local, unit="pairs", mode=mode)

@@ -309,11 +309,6 @@ def validate_config(config: TrainConfig, *, num_devices: int | None = None) -> N
     "max_consecutive_skips",
     "must be an int >= 0 (0: never stop)",
   )
-  need(
-    rundir.is_int(c.microbatch_size) and c.microbatch_size >= 0,
-    "microbatch_size",
-    "must be an int >= 0 (0: the whole batch at once)",
-  )
   n = jax.device_count() if num_devices is None else num_devices
   mode = c.parallel if c.parallel != "auto" else ("shard_map" if n > 1 else "jit")
   local = c.batch_size
@@ -324,12 +319,7 @@ def validate_config(config: TrainConfig, *, num_devices: int | None = None) -> N
       f"must be divisible by the {n} devices of --config.parallel={mode}",
     )
     local = c.batch_size // n
-  need(
-    not c.microbatch_size or c.microbatch_size >= local or local % c.microbatch_size == 0,
-    "microbatch_size",
-    f"must divide the {local} pairs of each device's batch (batch_size {c.batch_size}, "
-    f"parallel mode {mode}) or be at least that many",
-  )
+  rundir.check_microbatch_size(c, local=local, unit="pairs", mode=mode)
 
 
 def make_optimizer(config: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:

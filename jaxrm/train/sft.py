@@ -27,8 +27,9 @@ Everything about a run lives under ``workdir`` (:mod:`jaxrm.io.rundir`):
 Batches: step ``s`` takes positions ``s*b .. s*b+b-1`` of a sequence of permutations of the
 training demonstrations (one per epoch, seeded by ``(seed, epoch)``), so the batch of a step is
 a function of the step alone and a resumed run ends bitwise equal to an uninterrupted one
-(same machine and mode). Only ``eval_every``, ``log``, ``parallel`` and ``nonfinite`` may
-change on resume (:data:`CHANGEABLE_ON_RESUME`; ``steps`` sets the learning-rate schedule).
+(same machine and mode). Only ``eval_every``, ``log``, ``parallel``, ``microbatch_size`` and
+``nonfinite`` may change on resume (:data:`CHANGEABLE_ON_RESUME`; ``steps`` sets the
+learning-rate schedule).
 
 Example::
 
@@ -61,7 +62,7 @@ from jaxrm.train import rm_eval
 from jaxrm.train.rm_config import DTYPES, OptimizerConfig, make_optimizer
 
 PARALLEL_MODES = ("auto", "jit", "shard_map", "pmap", "fsdp")
-CHANGEABLE_ON_RESUME = ("eval_every", "log", "parallel", "nonfinite")
+CHANGEABLE_ON_RESUME = ("eval_every", "log", "parallel", "microbatch_size", "nonfinite")
 # Fields added after runs were saved without them, with the value those runs computed with
 # (:func:`jaxrm.io.rundir.check_resumable`).
 ADDED_ON_RESUME = {"matmul_dtype": ""}
@@ -99,6 +100,12 @@ class SFTConfig:
     optimizer: AdamW, warm-up and cosine decay (:func:`jaxrm.train.rm_config.make_optimizer`).
     steps: optimizer steps.
     batch_size: sequences per step (global).
+    microbatch_size: sequences per microbatch on each device (0: the whole batch at once):
+      the step runs forward and backward over slices of this many sequences one after
+      another and sums their gradients (:func:`jaxrm.steps.sft.sft_step`), the same update up
+      to float rounding with one slice's activations at a time (gradient accumulation). Must
+      divide the sequences each device's step gets (``fsdp`` and ``jit``: the whole batch),
+      or be at least that many.
     eval_every: held-out evaluation period in steps (also at the end).
     seed: seed of the data order, the step keys and a preset's initialisation.
     parallel: ``'auto'``, ``'jit'``, ``'shard_map'``, ``'pmap'`` or ``'fsdp'``.
@@ -121,6 +128,7 @@ class SFTConfig:
   )
   steps: int = 200
   batch_size: int = 16
+  microbatch_size: int = 0
   eval_every: int = 50
   seed: int = 0
   parallel: str = "auto"
@@ -192,6 +200,8 @@ def validate_config(c: SFTConfig, *, num_devices: int | None = None) -> None:
   mode = c.parallel if c.parallel != "auto" else ("shard_map" if n > 1 else "jit")
   if mode != "jit":
     need(c.batch_size % n == 0, "batch_size", f"must be divisible by the {n} devices of {mode}")
+  local = c.batch_size // n if mode in ("shard_map", "pmap") else c.batch_size
+  rundir.check_microbatch_size(c, local=local, unit="sequences", mode=mode)
 
 
 def _resolve(c: SFTConfig) -> SFTConfig:
@@ -305,7 +315,11 @@ def train_and_evaluate(config: SFTConfig, workdir: str | os.PathLike) -> dict[st
     "policy_source": policy.kind,
   }
   step_fn = functools.partial(
-    sft.sft_step, apply_fn=model.apply, optimizer=optimizer, nonfinite=c.nonfinite
+    sft.sft_step,
+    apply_fn=model.apply,
+    optimizer=optimizer,
+    nonfinite=c.nonfinite,
+    microbatch_size=c.microbatch_size or None,
   )
   log = c.log
   with checkpoint_lib.CheckpointManager(
