@@ -148,12 +148,12 @@ def _train_step(
   log-probs of the batch, then :func:`jaxrm.steps.dpo.dpo_step`. ``microbatch_size`` pairs
   (0: the whole batch) per slice of both (KTO: twice as many examples, a pair's two)."""
   state, ref_params = carry
-  size = microbatch_size * (2 if config.loss == "kto" else 1) or None
+  kto = config.loss == "kto"
+  size = microbatch_size * (2 if kto else 1) or None
   if config.loss != "simpo":
     add = functools.partial(
       dpo_steps.add_reference_logps, ref_params=ref_params, apply_fn=apply_fn, loss=config.loss
     )
-    kto = config.loss == "kto"
     b = jnp.shape(batch["tokens" if kto else "chosen"])[0]
     k = microbatch.num_slices(size, b, unit="examples" if kto else "pairs")
     batch = add(batch) if k == 1 else microbatch.join(lax.map(add, microbatch.split(batch, k)))
