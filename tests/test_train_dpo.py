@@ -257,7 +257,7 @@ def test_a_run_saved_before_matmul_dtype_resumes(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("loss", ["dpo", "kto"])
 def test_a_microbatched_run_trains_the_whole_batch_policy(tmp_path, monkeypatch, loss):
-  """Slices of 8 of the 32 pairs (KTO: their 16 examples), reference log-probs included: the
+  """Slices of 8 of the 32 pairs (KTO: 16 of its 64 examples), reference log-probs included: the
   same logged metrics and, after two Adam steps, the same parameters up to float rounding
   (Adam divides by each gradient's RMS, so rounding in a tiny gradient moves its parameter
   by more than the gradients differ: 1e-4, as the reward-model runs' test). The field may

@@ -146,7 +146,7 @@ def _train_step(
 ):
   """``((state, ref_params), batch) -> ((state, ref_params), metrics)``: the reference
   log-probs of the batch, then :func:`jaxrm.steps.dpo.dpo_step`. ``microbatch_size`` pairs
-  (0: the whole batch) per slice of both (KTO: twice as many examples, a pair's two)."""
+  (0: the whole batch) per slice of both (KTO: twice as many examples)."""
   state, ref_params = carry
   kto = config.loss == "kto"
   size = microbatch_size * (2 if kto else 1) or None

@@ -110,7 +110,7 @@ class DPOTrainConfig:
     batch_size: pairs per step (global).
     microbatch_size: pairs per microbatch on each device (0: the whole batch at once): the
       reference log-probs and the step's forward and backward passes run over slices of this
-      many pairs (KTO: their two examples each) one after another, and the step sums their
+      many pairs (KTO: twice as many examples) one after another, and the step sums their
       gradients (:func:`jaxrm.steps.dpo.dpo_step`), the same update up to float rounding with
       one slice's activations at a time (gradient accumulation). Must divide the pairs each
       device gets, or be at least that many.
