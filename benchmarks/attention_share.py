@@ -60,7 +60,7 @@ import optax  # noqa: E402
 from benchmarks import shapes, timing  # noqa: E402
 from jaxrm.models import attention as attention_lib  # noqa: E402
 from jaxrm.models import transformer  # noqa: E402
-from jaxrm.steps import train_state  # noqa: E402
+from jaxrm.steps import microbatch, train_state  # noqa: E402
 
 _LAYERS = flags.DEFINE_integer("layers", 2, "Backbone layers (README HH model: 2).")
 _WIDTH = flags.DEFINE_integer("width", 64, "Backbone width (README HH model: 64).")
@@ -104,7 +104,7 @@ def variant(name: str, backbone: transformer.TransformerConfig, micro: int) -> V
     size = modifier[5:]
     if modifier.startswith("micro") and size.isdigit():
       micro = int(size)
-      if 0 < micro < _PAIRS.value and _PAIRS.value % micro:
+      if not microbatch.is_valid_size(micro, _PAIRS.value):
         raise app.UsageError(
           f"--variants: {modifier!r} in {name!r} must divide the {_PAIRS.value} of --batch_pairs"
         )

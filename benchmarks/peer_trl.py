@@ -279,13 +279,12 @@ def check_microbatch_size(workloads: dict[str, Workload]) -> None:
   """Refuses a ``--jaxrm_microbatch_size`` (for -1 the hh config's) that splits a workload's
   pairs on each device unevenly, naming the flag and the workloads."""
   from benchmarks.shapes import hh_microbatch_size
+  from jaxrm.steps import microbatch
 
   size = hh_microbatch_size(FLAGS.jaxrm_microbatch_size)
   devices = FLAGS.jaxrm_cpu_devices
   bad = [
-    n
-    for n, w in workloads.items()
-    if 0 < size < w.batch_pairs // devices and (w.batch_pairs // devices) % size
+    n for n, w in workloads.items() if not microbatch.is_valid_size(size, w.batch_pairs // devices)
   ]
   if bad:
     raise app.UsageError(

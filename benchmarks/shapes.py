@@ -7,6 +7,7 @@ from absl import app
 
 from experiments.configs import reward_model as rm_configs
 from jaxrm.models import presets
+from jaxrm.steps import microbatch
 
 
 def shape_preset(shape: str, max_len: int) -> str:
@@ -54,7 +55,7 @@ def microbatch_size(flag, batch_pairs: int, *, batch_flag: str = "batch_pairs") 
   if flag.value < -1:
     raise app.UsageError(f"--{flag.name} must be >= -1 (-1: the hh config's), got {flag.value}")
   size = hh_microbatch_size(flag.value)
-  if 0 < size < batch_pairs and batch_pairs % size:
+  if not microbatch.is_valid_size(size, batch_pairs):
     hh = f" (the hh config's {size})" if flag.value == -1 else ""
     raise app.UsageError(
       f"--{flag.name}={flag.value}{hh}: pairs per slice must divide the {batch_pairs} of "

@@ -70,6 +70,7 @@ from jaxrm.io.metrics_file import (  # noqa: F401  (re-exported: the run directo
   truncate_metrics,
 )
 from jaxrm.math._arrays import is_int  # noqa: F401  (a config's integer fields)
+from jaxrm.steps import microbatch
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -207,8 +208,8 @@ def check(config: Any, ok: bool, field: str, message: str) -> None:
 def check_microbatch_size(config: Any, *, local: int, unit: str, mode: str) -> None:
   """Raises :class:`ConfigError` for ``config.microbatch_size`` unless it is 0 (the whole
   batch) or a positive int that divides the ``local`` examples (``unit``) each device's step
-  sees in parallel ``mode``, or is at least that many (the steps'
-  :func:`jaxrm.steps.microbatch.num_slices`)."""
+  sees in parallel ``mode``, or is at least that many
+  (:func:`jaxrm.steps.microbatch.is_valid_size`)."""
   size = config.microbatch_size
   check(
     config,
@@ -218,7 +219,7 @@ def check_microbatch_size(config: Any, *, local: int, unit: str, mode: str) -> N
   )
   check(
     config,
-    not size or size >= local or local % size == 0,
+    microbatch.is_valid_size(size, local),
     "microbatch_size",
     f"must divide the {local} {unit} of each device's batch (batch_size {config.batch_size}, "
     f"parallel mode {mode}) or be at least that many",

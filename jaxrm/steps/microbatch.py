@@ -39,6 +39,12 @@ def mark_varying(tree: Any, axis_name: Any) -> Any:
   return jax.tree.map(cast, tree)
 
 
+def is_valid_size(size: int, batch: int) -> bool:
+  """Whether slices of ``size`` examples (an int >= 0) run a (per-device) batch of ``batch``:
+  0 (the whole batch, as the loops' configs write it), at least the batch, or a divisor."""
+  return size == 0 or size >= batch or batch % size == 0
+
+
 def num_slices(size: Any, batch: int, *, unit: str) -> int:
   """How many slices of ``size`` examples a step runs over its ``batch`` (per device) of
   ``unit`` (``'pairs'``, ``'sequences'``): 1 for ``None`` or a size of at least the batch.
@@ -50,7 +56,7 @@ def num_slices(size: Any, batch: int, *, unit: str) -> int:
   if size is None:
     return 1
   is_size = isinstance(size, int) and not isinstance(size, bool) and size >= 1
-  if not (is_size and (size >= batch or batch % size == 0)):
+  if not (is_size and is_valid_size(size, batch)):
     raise ValueError(
       f"microbatch_size must be a positive int dividing the batch of {batch} {unit} (on each "
       f"device) or at least that batch, got {size!r}"
