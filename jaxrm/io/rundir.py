@@ -205,12 +205,13 @@ def check(config: Any, ok: bool, field: str, message: str) -> None:
     raise ConfigError(field, value, message)
 
 
-def check_microbatch_size(config: Any, *, local: int, unit: str, mode: str) -> None:
+def check_microbatch_size(config: Any, *, devices: int, mode: str, unit: str) -> None:
   """Raises :class:`ConfigError` for ``config.microbatch_size`` unless it is 0 (the whole
-  batch) or a positive int that divides the ``local`` examples (``unit``) each device's step
-  sees in parallel ``mode``, or is at least that many
-  (:func:`jaxrm.steps.microbatch.is_valid_size`)."""
+  batch) or a positive int that divides the examples (``unit``) each device's step sees in
+  parallel ``mode`` on ``devices`` (``shard_map`` and ``pmap`` split ``config.batch_size``
+  among them), or is at least that many (:func:`jaxrm.steps.microbatch.is_valid_size`)."""
   size = config.microbatch_size
+  local = config.batch_size // devices if mode in ("shard_map", "pmap") else config.batch_size
   check(
     config,
     is_int(size) and size >= 0,

@@ -364,7 +364,7 @@ def dpo_step(
   if k == 1:
     (loss, aux), grads = grad_fn(state.params, batch, 1.0, None)
   else:
-    parts = microbatch.split({n: x for n, x in batch.items() if x is not None}, k)
+    parts = microbatch.split(dict(batch), k)
     shares = jnp.full((k,), 1.0 / k, jnp.float32)
     loss, aux, grads = microbatch.accumulate(
       grad_fn, state.params, parts, shares, axis_name=axis_name

@@ -227,5 +227,4 @@ def validate_config(c: DPOTrainConfig, *, num_devices: int | None = None) -> Non
       "batch_size",
       f"must be divisible by the {n} devices of --config.parallel={mode}",
     )
-  local = c.batch_size // n if mode in ("shard_map", "pmap") else c.batch_size
-  rundir.check_microbatch_size(c, local=local, unit="pairs", mode=mode)
+  rundir.check_microbatch_size(c, devices=n, mode=mode, unit="pairs")

@@ -311,15 +311,13 @@ def validate_config(config: TrainConfig, *, num_devices: int | None = None) -> N
   )
   n = jax.device_count() if num_devices is None else num_devices
   mode = c.parallel if c.parallel != "auto" else ("shard_map" if n > 1 else "jit")
-  local = c.batch_size
   if mode in ("shard_map", "pmap"):
     need(
       c.batch_size % n == 0,
       "batch_size",
       f"must be divisible by the {n} devices of --config.parallel={mode}",
     )
-    local = c.batch_size // n
-  rundir.check_microbatch_size(c, local=local, unit="pairs", mode=mode)
+  rundir.check_microbatch_size(c, devices=n, mode=mode, unit="pairs")
 
 
 def make_optimizer(config: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -200,8 +200,7 @@ def validate_config(c: SFTConfig, *, num_devices: int | None = None) -> None:
   mode = c.parallel if c.parallel != "auto" else ("shard_map" if n > 1 else "jit")
   if mode != "jit":
     need(c.batch_size % n == 0, "batch_size", f"must be divisible by the {n} devices of {mode}")
-  local = c.batch_size // n if mode in ("shard_map", "pmap") else c.batch_size
-  rundir.check_microbatch_size(c, local=local, unit="sequences", mode=mode)
+  rundir.check_microbatch_size(c, devices=n, mode=mode, unit="sequences")
 
 
 def _resolve(c: SFTConfig) -> SFTConfig:
